@@ -1,0 +1,166 @@
+"""`pernode` command line: generate, chat, report (and the measurement, serving and planning tools)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20, "g": 1e9,
+          "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MiB', '1e9'-free integers: sizes as people write them."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: use e.g. 2GiB, 512MiB or a byte count")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default="smollm2-135m", help="known name, a .gguf file or a Hugging Face folder")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument("--num-blocks", type=int, default=None, help="KV blocks (wins over --kv-cache-bytes)")
+    g.add_argument("--kv-cache-bytes", type=parse_bytes, default=None, help="KV cache size, e.g. 2GiB")
+    g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output, in tokens")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one step")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch")
+
+
+def engine_config_from_args(args):
+    from pernode.config import EngineConfig
+
+    return EngineConfig(model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
+                        num_blocks=args.num_blocks, kv_cache_bytes=args.kv_cache_bytes,
+                        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens,
+                        enable_prefix_caching=not args.no_prefix_caching, num_threads=args.num_threads)
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--stop", action="append", default=[])
+
+
+def sampling_params_from_args(args):
+    from pernode.sampling.params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, seed=args.seed,
+                          repetition_penalty=args.repetition_penalty, stop=args.stop)
+
+
+def _stream(engine, request_id: str, prompt, params) -> None:
+    engine.add_request(request_id, prompt, params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            sys.stdout.write(out.outputs[0].delta_text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_generate(args) -> int:
+    from pernode.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(engine_config_from_args(args))
+    prompt = args.prompt
+    if args.chat_template:
+        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    _stream(engine, "generate", prompt, sampling_params_from_args(args))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from rich.console import Console
+
+    from pernode.engine.llm_engine import LLMEngine
+
+    console = Console()
+    engine = LLMEngine(engine_config_from_args(args))
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    console.print("[dim]chat with the model; an empty line or Ctrl-D ends[/dim]")
+    turn = 0
+    while True:
+        try:
+            user = console.input("[bold]you> [/bold]")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        console.print("[bold]model> [/bold]", end="")
+        reply = []
+        engine.add_request(f"chat-{turn}", prompt, sampling_params_from_args(args))
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                reply.append(out.outputs[0].delta_text)
+                sys.stdout.write(out.outputs[0].delta_text)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+        turn += 1
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pernode.report import run_report
+
+    return run_report(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pernode", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate a continuation of a prompt, streaming")
+    p.add_argument("prompt")
+    p.add_argument("--chat-template", action="store_true", help="wrap the prompt as a user turn")
+    add_engine_arguments(p)
+    add_sampling_arguments(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat, streaming")
+    p.add_argument("--system", default=None, help="system prompt")
+    add_engine_arguments(p)
+    add_sampling_arguments(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("report", help="the main job: measure the node and write an HTML report")
+    p.add_argument("--quick", action="store_true", help="a run of a couple of minutes")
+    p.add_argument("--out", default="pernode-report", help="output folder")
+    add_engine_arguments(p)
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(show_path=False, show_time=False)])
+    try:
+        return args.func(args)
+    except ValueError as exc:  # user errors: one clear line, no traceback
+        logging.getLogger("pernode").error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Configuration of a model's shapes and of the engine that serves it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    """The shapes of a Llama-family decoder (Llama, Mistral, Qwen2, SmolLM)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2 has q/k/v biases
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    architecture: str = "llama"
+    name: str = "model"
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """Bytes of K and V one token occupies across all layers."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
+
+
+@dataclass
+class EngineConfig:
+    """How the engine runs a model. None means: pick a sensible default for the device."""
+
+    model: str = "smollm2-135m"
+    device: str | None = None  # "cpu" | "cuda" | "cuda:1"; default cuda when available
+    dtype: str | None = None  # "float32" | "bfloat16" | "float16"; default fp32 on CPU, bf16 on CUDA
+    block_size: int = 16
+    num_blocks: int | None = None  # wins over kv_cache_bytes
+    kv_cache_bytes: int | None = None  # default: 2 GiB on CPU, half the free memory on CUDA
+    max_model_len: int | None = None  # default: the model's context length
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # default 512 on CPU (keeps decode steps short), 4096 on CUDA
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    num_threads: int | None = None  # CPU threads for torch

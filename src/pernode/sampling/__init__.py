@@ -1,0 +1,3 @@
+from pernode.sampling.params import SamplingParams
+
+__all__ = ["SamplingParams"]

@@ -1,0 +1,100 @@
+"""Turns a batch of logits into next tokens, each row under its own request's sampling parameters."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pernode.engine.request import Request
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float | None]  # log-probability of each sampled token under the raw model distribution
+    top_logprobs: list[list[tuple[int, float]] | None]  # top-N (token, logprob) per row where requested
+
+
+def apply_penalties(logits: torch.Tensor, request: Request) -> torch.Tensor:
+    """Repetition penalty over prompt and output (CTRL, as HF applies it); presence and frequency penalties over
+    the output only (OpenAI's definitions)."""
+    p = request.params
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(request.all_token_ids)), dtype=torch.long, device=logits.device)
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and request.output_token_ids:
+        out = torch.tensor(request.output_token_ids, dtype=torch.long, device=logits.device)
+        counts = torch.zeros_like(logits).index_add_(0, out, torch.ones_like(out, dtype=logits.dtype))
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """Mask tokens outside top-k, outside the top-p nucleus, or below min_p times the top probability."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if min_p > 0.0:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        # drop a token when the mass before it already reaches top_p; the top token always stays
+        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop_sorted[0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
+    return logits
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        greedy_rows = [i for i, r in enumerate(requests) if r.params.greedy and not self._needs_processing(r)]
+        token_ids = [0] * len(requests)
+        if greedy_rows:
+            idx = torch.tensor(greedy_rows, device=logits.device)
+            for row, tok in zip(greedy_rows, logits[idx].argmax(dim=-1).tolist()):
+                token_ids[row] = tok
+        for i, request in enumerate(requests):
+            if i in greedy_rows:
+                continue
+            token_ids[i] = self._sample_row(logits[i].clone(), request)
+
+        chosen = torch.tensor(token_ids, device=logits.device)
+        sampled_lp = raw_logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
+        top: list[list[tuple[int, float]] | None] = [None] * len(requests)
+        want = [r.params.logprobs for r in requests]
+        k_max = max((k for k in want if k), default=0)
+        if k_max:
+            vals, ids = raw_logprobs.topk(k_max, dim=-1)
+            vals, ids = vals.tolist(), ids.tolist()
+            for i, k in enumerate(want):
+                if k:
+                    top[i] = list(zip(ids[i][:k], vals[i][:k]))
+        for i, k in enumerate(want):
+            if k == 0:
+                top[i] = []
+        return SampleResult(token_ids, sampled_lp, top)
+
+    @staticmethod
+    def _needs_processing(request: Request) -> bool:
+        return request.params.uses_penalties or request.num_output_tokens < request.params.min_tokens
+
+    def _sample_row(self, logits: torch.Tensor, request: Request) -> int:
+        p = request.params
+        logits = apply_penalties(logits, request)
+        if request.num_output_tokens < p.min_tokens:  # not allowed to stop yet
+            banned = [t for t in request.eos_token_ids + p.stop_token_ids if t < logits.shape[0]]
+            if banned:
+                logits[banned] = float("-inf")
+        if p.greedy:
+            return int(logits.argmax())
+        logits = filter_logits(logits / p.temperature, p.top_k, p.top_p, p.min_p)
+        probs = torch.softmax(logits, dim=-1)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, and the draw depends only on this
+        # request's own generator, so a seeded request samples the same tokens whatever batch it is in.
+        # The noise is drawn on the CPU so the same generator works whatever device the logits are on.
+        noise = torch.empty(probs.shape).exponential_(generator=request.generator).to(probs.device)
+        return int((probs / noise).argmax())
