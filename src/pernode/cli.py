@@ -117,6 +117,72 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from pernode.engine.llm_engine import LLMEngine
+    from pernode.measure.profile_schema import save_profile
+    from pernode.measure.profiler import print_profile, run_profile
+    from pernode.measure.report_html import write_report_html
+
+    engine = LLMEngine(engine_config_from_args(args))
+    profile = run_profile(engine, quick=args.quick, batch_sizes=_int_list(args.batch_sizes),
+                          prompt_lens=_int_list(args.prompt_lens), context_len=args.context_len)
+    if args.serve_results:
+        import json
+
+        for path in args.serve_results:
+            with open(path) as f:
+                profile["serve_runs"].append(json.load(f))
+    save_profile(args.out, profile)
+    print_profile(profile)
+    if args.html:
+        write_report_html(args.html, profile)
+    logging.getLogger("pernode").info("profile written to %s%s", args.out, f" and {args.html}" if args.html else "")
+    return 0
+
+
+def _int_list(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def cmd_bench_serve(args) -> int:
+    from pernode.measure.bench_serve import print_bench_table, run_bench_serve
+
+    result = run_bench_serve(args)
+    print_bench_table(result)
+    return 0 if not result.get("failed_requests") else 1
+
+
+def cmd_bench_offline(args) -> int:
+    from pernode.engine.llm_engine import LLMEngine
+    from pernode.llm import LLM
+    from pernode.measure.bench_offline import print_results, run_bench_offline
+    from pernode.models.registry import resolve_model
+
+    engine = LLMEngine(engine_config_from_args(args))
+    results = run_bench_offline(LLM.from_engine(engine), resolve_model(args.model), args)
+    print_results(results)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from pernode.fleet.plan_cli import run_plan
+
+    return run_plan(args)
+
+
+def cmd_serve(args) -> int:
+    from pernode.server.options import settings_from_args
+    from pernode.server.serve import run_server
+
+    return run_server(engine_config_from_args(args), settings_from_args(args), host=args.host, port=args.port,
+                      log_level=args.log_level)
+
+
 def cmd_report(args) -> int:
     from pernode.report import run_report
 
@@ -140,6 +206,44 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_arguments(p)
     add_sampling_arguments(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("profile", help="measure the node: TPOT/throughput vs batch, TTFT vs prompt, roofline")
+    p.add_argument("--quick", action="store_true", help="a sweep of a minute or two")
+    p.add_argument("--out", default="profile.json")
+    p.add_argument("--html", default=None, help="also write an HTML report here")
+    p.add_argument("--batch-sizes", default=None, help="e.g. 1,2,4,8,16,32,64,128,256")
+    p.add_argument("--prompt-lens", default=None, help="e.g. 64,128,256,512,1024,2048")
+    p.add_argument("--context-len", type=int, default=None, help="context of the decode sweep, tokens")
+    p.add_argument("--serve-results", nargs="*", help="bench serve JSON results to include (latency CDFs)")
+    add_engine_arguments(p)
+    p.set_defaults(func=cmd_profile)
+
+    bench = sub.add_parser("bench", help="benchmarks: serve (any OpenAI server), offline (pernode vs peers)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    from pernode.measure import bench_serve
+
+    p = bench_sub.add_parser("serve", help="load-test an OpenAI-compatible server")
+    bench_serve.add_arguments(p)
+    p.set_defaults(func=cmd_bench_serve)
+    from pernode.measure import bench_offline
+
+    p = bench_sub.add_parser("offline", help="one seeded workload on pernode and its peers, with ratios")
+    bench_offline.add_arguments(p)
+    add_engine_arguments(p)
+    p.set_defaults(func=cmd_bench_offline)
+
+    from pernode.fleet import plan_cli
+
+    p = sub.add_parser("plan", help="replicas and cost for a workload under latency SLOs, from a profile")
+    plan_cli.add_arguments(p)
+    p.set_defaults(func=cmd_plan)
+
+    from pernode.server import options as server_options
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, metrics)")
+    server_options.add_arguments(p)
+    add_engine_arguments(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("report", help="the main job: measure the node and write an HTML report")
     p.add_argument("--quick", action="store_true", help="a run of a couple of minutes")

@@ -5,6 +5,7 @@ brings `query_len` new tokens that sit at the end of its `seq_len` tokens of con
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -84,3 +85,65 @@ def paged_attention_reference(
         probs = torch.softmax(scores, dim=-1)
         out[q0:q1] = torch.matmul(probs, v).transpose(0, 1).to(query.dtype)
     return out
+
+
+def paged_attention_sdpa(
+    query: torch.Tensor,  # [T, Hq, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Per-sequence gather, then torch's fused `scaled_dot_product_attention`: correct on any device.
+
+    The causal mask is bottom-right aligned (queries are the last positions), which SDPA's `is_causal` is not, so chunks
+    with cached prefixes pass an explicit mask.
+    """
+    _, block_size, hkv, d = k_cache.shape
+    hq = query.shape[1]
+    out = torch.empty_like(query)
+    qsl = meta.query_start_loc_cpu or meta.query_start_loc.tolist()
+    seq_lens = meta.seq_lens_cpu or meta.seq_lens.tolist()
+    for s, seq_len in enumerate(seq_lens):
+        q0, q1 = qsl[s], qsl[s + 1]
+        if q1 == q0:
+            continue
+        n_blocks = (seq_len + block_size - 1) // block_size
+        blocks = meta.block_tables[s, :n_blocks].long()
+        # 4-D [1, H, L, D]: with 3-D inputs SDPA skips its fused kernels for the math path
+        k = k_cache[blocks].reshape(-1, hkv, d)[:seq_len].transpose(0, 1)[None].to(query.dtype)  # [1, Hkv, Lk, D]
+        v = v_cache[blocks].reshape(-1, hkv, d)[:seq_len].transpose(0, 1)[None].to(query.dtype)
+        q = query[q0:q1].transpose(0, 1)[None]  # [1, Hq, Lq, D]
+        q_len = q1 - q0
+        mask = None
+        if 1 < q_len < seq_len:
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
+            mask = torch.arange(seq_len, device=query.device)[None, :] <= q_pos[:, None]
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=q_len == seq_len and q_len > 1, scale=scale, enable_gqa=hq != hkv
+        )
+        out[q0:q1] = o[0].transpose(0, 1)
+    return out
+
+
+def paged_attention(
+    query: torch.Tensor,  # [T, Hq, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Paged attention by the fastest path that is correct for the device; the result of `paged_attention_reference`.
+
+    CPU: the C++ kernel (`pernode.kernels.paged_attention_cpu`) if it built and handles the shapes, else the reference.
+    Other devices: `paged_attention_sdpa`. `PERNODE_ATTENTION=reference` forces the reference everywhere.
+    """
+    if os.environ.get("PERNODE_ATTENTION", "").lower() == "reference":
+        return paged_attention_reference(query, k_cache, v_cache, meta, scale)
+    if query.device.type == "cpu":
+        from pernode.kernels import paged_attention_cpu as cpu  # lazy: it imports this module and may compile
+
+        if cpu.kernel_supports(query, k_cache) and cpu.load_kernel() is not None:
+            return cpu.paged_attention_cpu(query, k_cache, v_cache, meta, scale)
+        return paged_attention_reference(query, k_cache, v_cache, meta, scale)
+    return paged_attention_sdpa(query, k_cache, v_cache, meta, scale)

@@ -13,11 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pernode.config import ModelConfig
-from pernode.kernels.attention import AttentionMetadata, write_kv_cache
-try:  # TEMP until the dispatcher lands
-    from pernode.kernels.attention import paged_attention
-except ImportError:
-    from pernode.kernels.attention import paged_attention_reference as paged_attention
+from pernode.kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
 
 
 class RMSNorm(nn.Module):
@@ -161,14 +157,22 @@ class LlamaForCausalLM(nn.Module):
             x = x[logits_indices]
         return self.lm_head(self.norm(x)).float()
 
+    def apply_quantization(self, scheme) -> None:
+        """Swap the decoder's projections for empty quantized layers (a `pernode.compress.QuantScheme`), before
+        `load_weights` fills them from a quantized checkpoint (weight_packed / weight, weight_scale, ...)."""
+        from pernode.kernels.quant_linear import replace_linears
+
+        replace_linears(self, scheme)
+
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load HF-named tensors, fusing q/k/v and gate/up as they arrive."""
+        """Load HF-named tensors, fusing q/k/v and gate/up as they arrive (quantized tensors fuse along rows too)."""
         params = dict(self.named_parameters())
+        params.update((n, b) for n, b in self.named_buffers() if n.rsplit(".", 1)[-1].startswith("weight"))
         loaded: set[str] = set()
         for name, tensor in weights:
             name = name.removeprefix("model.")
-            if "rotary_emb" in name:
+            if "rotary_emb" in name or name.endswith(".weight_shape"):
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
@@ -190,15 +194,19 @@ class LlamaForCausalLM(nn.Module):
             loaded.add(name)
         expected = set()
         for name in params:
-            if name.endswith(("qkv_proj.weight", "qkv_proj.bias")):
+            owner = name.split(".")[-2] if "." in name else ""
+            if owner == "qkv_proj":
                 expected |= {f"{name}#{i}" for i in range(3)}
-            elif name.endswith("gate_up_proj.weight"):
+            elif owner == "gate_up_proj":
                 expected |= {f"{name}#{i}" for i in range(2)}
             elif not (name == "lm_head.weight" and self.config.tie_word_embeddings):
                 expected.add(name)
         missing = sorted(expected - loaded)
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:4]}")
+        for module in self.modules():
+            if hasattr(module, "post_load"):  # quantized layers derive their kernel's operands
+                module.post_load()
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights in Hugging Face naming, q/k/v and gate/up split again: what checkpoints are saved as."""

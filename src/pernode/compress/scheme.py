@@ -1,0 +1,135 @@
+"""Integer weight formats: the quantization scheme, quantize/dequantize, int4 packing (compressed-tensors layout).
+
+Values are signed integers in [-2^(b-1), 2^(b-1) - 1]; w ~= (q - zero_point) * scale, one scale per output row
+(strategy "channel") or per `group_size` consecutive input columns of a row (strategy "group").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ALLOWED_BITS = (4, 8)
+ALLOWED_GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How weights (and, for W8A8, activations) are quantized."""
+
+    num_bits: int = 8
+    group_size: int | None = None  # None: one scale per output channel
+    symmetric: bool = True
+    activations: str | None = None  # None (weight-only) | "int8-token" (dynamic per-token int8, W8A8)
+    outlier_threshold: float | None = None  # LLM.int8(): input columns with |x| >= this run in float
+
+    def __post_init__(self) -> None:
+        if self.num_bits not in ALLOWED_BITS:
+            raise ValueError(f"num_bits={self.num_bits} is not supported: allowed {ALLOWED_BITS}")
+        if self.group_size is not None and self.group_size not in ALLOWED_GROUP_SIZES:
+            raise ValueError(f"group_size={self.group_size} is not supported: allowed {ALLOWED_GROUP_SIZES} "
+                             "or none (per-channel)")
+        if self.activations not in (None, "int8-token"):
+            raise ValueError(f"activations={self.activations!r} is not supported: allowed None, 'int8-token'")
+        if self.activations and self.num_bits != 8:
+            raise ValueError("W8A8 needs num_bits=8 weights")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.num_bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.num_bits - 1) - 1
+
+    @property
+    def strategy(self) -> str:
+        return "channel" if self.group_size is None else "group"
+
+    def label(self) -> str:
+        w = f"w{self.num_bits}" + ("" if self.symmetric else "-asym")
+        g = "ch" if self.group_size is None else f"g{self.group_size}"
+        a = "a8" if self.activations else ""
+        return f"{w}{a}-{g}"
+
+    def check_shape(self, name: str, in_features: int) -> None:
+        """ValueError naming the layer, its input size and the group sizes that would work."""
+        if self.group_size is not None and in_features % self.group_size:
+            ok = [g for g in ALLOWED_GROUP_SIZES if in_features % g == 0]
+            hint = f"use --group-size {' or '.join(map(str, ok))}" if ok else "no supported group size divides it"
+            raise ValueError(f"group_size={self.group_size} does not divide the input size {in_features} of "
+                             f"{name}: {hint}, or per-channel (no --group-size)")
+        if self.num_bits == 4 and in_features % 8:
+            raise ValueError(f"{name}: int4 packs 8 values per int32 along the input, so its input size "
+                             f"{in_features} must be a multiple of 8")
+
+
+def group_view(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """[N, K] -> [N, G, gs]."""
+    n, k = w.shape
+    gs = group_size or k
+    return w.reshape(n, k // gs, gs)
+
+
+def compute_qparams(w: torch.Tensor, scheme: QuantScheme, clip_ratio: float | torch.Tensor = 1.0
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale [N, G] (fp32) and zero point [N, G] (int, None when symmetric) from min/max of each group."""
+    g = group_view(w.float(), scheme.group_size)
+    if scheme.symmetric:
+        absmax = g.abs().amax(-1) * clip_ratio
+        scale = (absmax / scheme.qmax).clamp(min=1e-10)
+        return scale, None
+    wmax = (g.amax(-1).clamp(min=0)) * clip_ratio
+    wmin = (g.amin(-1).clamp(max=0)) * clip_ratio
+    scale = ((wmax - wmin) / (scheme.qmax - scheme.qmin)).clamp(min=1e-10)
+    zero = (scheme.qmin - torch.round(wmin / scale)).clamp(scheme.qmin, scheme.qmax)
+    return scale, zero
+
+
+def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme
+                  ) -> torch.Tensor:
+    """Integer values (int8 tensor holding the signed range) of w [N, K] for given qparams [N, G]."""
+    g = group_view(w.float(), scheme.group_size)
+    q = torch.round(g / scale[..., None])
+    if zero is not None:
+        q = q + zero[..., None]
+    return q.clamp(scheme.qmin, scheme.qmax).reshape(w.shape).to(torch.int8)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int | None
+               ) -> torch.Tensor:
+    """fp32 weights [N, K] from integer values [N, K] and qparams [N, G]."""
+    g = group_view(q.float(), group_size)
+    if zero is not None:
+        g = g - zero.float()[..., None]
+    return (g * scale.float()[..., None]).reshape(q.shape)
+
+
+def quantize_weight(w: torch.Tensor, scheme: QuantScheme, clip_ratio: float | torch.Tensor = 1.0
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest: (q int8 [N, K], scale [N, G], zero point [N, G] or None)."""
+    scale, zero = compute_qparams(w, scheme, clip_ratio)
+    return quantize_with(w, scale, zero, scheme), scale, zero
+
+
+def fake_quantize(w: torch.Tensor, scheme: QuantScheme, clip_ratio: float | torch.Tensor = 1.0) -> torch.Tensor:
+    q, scale, zero = quantize_weight(w, scheme, clip_ratio)
+    return dequantize(q, scale, zero, scheme.group_size).to(w.dtype)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Signed int4 values [N, K] -> int32 [N, K/8]: value k at bits 4*(k%8) of word k//8, stored as q + 8."""
+    n, k = q.shape
+    u = (q.to(torch.int64) + 8).reshape(n, k // 8, 8)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=q.device)
+    # Sum in int64 then wrap to int32's two's complement: the top nibble sets the sign bit.
+    packed = (u << shifts).sum(-1)
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed)
+    return packed.to(torch.int32)
+
+
+def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """int32 [N, K/8] -> signed int4 values as int8 [N, K]."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    u = (packed[..., None] >> shifts).bitwise_and(0xF)
+    return (u - 8).reshape(packed.shape[0], -1)[:, :in_features].to(torch.int8)

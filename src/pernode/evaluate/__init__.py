@@ -1,0 +1,1 @@
+"""Quality measurements of a (possibly quantized) model on real text."""

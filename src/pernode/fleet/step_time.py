@@ -1,0 +1,175 @@
+"""How long one engine step of a replica takes, and how big a batch a replica can run, from its profile.
+
+One step with b running decodes and p scheduled prompt tokens lasts decode_step_s(b) + p / prefill_tokens_per_s:
+the decode part is read off the measured decode[] curve in batch size, the prefill part off prefill[] in prompt length.
+This additive model is the one DistServe (Zhong et al., arXiv 2401.09670) and Sarathi-Serve (Agrawal et al.,
+arXiv 2403.02310) reason with for mixed prefill/decode batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def _number(row: Mapping[str, Any], key: str, where: str, minimum_exclusive: float = 0.0) -> float:
+    if key not in row:
+        raise ValueError(f"profile {where}.{key} is missing; re-run `pernode profile` to write a complete profile")
+    v = row[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= minimum_exclusive:
+        raise ValueError(f"profile {where}.{key} = {v!r}: must be a finite number > {minimum_exclusive:g}")
+    return float(v)
+
+
+@dataclass(frozen=True, eq=False)
+class StepTimeModel:
+    """Piecewise-linear decode step time in batch size plus prompt tokens at a length-dependent rate."""
+
+    decode_batch_sizes: np.ndarray  # float64, increasing
+    decode_step_s_points: np.ndarray  # float64, non-decreasing
+    prefill_prompt_lens: np.ndarray  # float64, increasing
+    prefill_tokens_per_s_points: np.ndarray
+    decode_context_len: int | None = None  # the profile's context length the decode points were taken at
+
+    @classmethod
+    def from_points(cls, decode: Mapping[int, float], prefill: Mapping[int, float]) -> "StepTimeModel":
+        """decode: {batch_size: step_s}; prefill: {prompt_len: prefill_tokens_per_s}. Handy for tests and what-ifs."""
+        rows_d = [{"batch_size": b, "step_s": s} for b, s in decode.items()]
+        rows_p = [{"prompt_len": n, "prefill_tokens_per_s": r} for n, r in prefill.items()]
+        return cls.from_profile({"decode": rows_d, "prefill": rows_p})
+
+    @classmethod
+    def from_profile(cls, profile: Mapping[str, Any], context_tokens: float | None = None) -> "StepTimeModel":
+        """Read decode[] and prefill[]; when decode[] covers several context lengths, use the one nearest
+        `context_tokens` (ties go to the longer context, which is slower: the safe side)."""
+        decode_rows = profile.get("decode")
+        prefill_rows = profile.get("prefill")
+        if not isinstance(decode_rows, list) or not decode_rows:
+            raise ValueError("profile decode[] is missing or empty: the planner needs at least one decode point "
+                             "(batch_size, step_s); re-run `pernode profile`")
+        if not isinstance(prefill_rows, list) or not prefill_rows:
+            raise ValueError("profile prefill[] is missing or empty: the planner needs at least one prefill point "
+                             "(prompt_len, prefill_tokens_per_s); re-run `pernode profile`")
+        points: list[tuple[int | None, float, float]] = []
+        for i, row in enumerate(decode_rows):
+            b = _number(row, "batch_size", f"decode[{i}]")
+            s = _number(row, "step_s", f"decode[{i}]")
+            ctx = row.get("context_len")
+            points.append((int(ctx) if isinstance(ctx, (int, float)) and not isinstance(ctx, bool) else None, b, s))
+        contexts = sorted({c for c, _, _ in points if c is not None})
+        chosen_ctx = None
+        if len(contexts) > 1:
+            target = context_tokens if context_tokens is not None else contexts[-1]
+            chosen_ctx = min(contexts, key=lambda c: (abs(c - target), -c))
+            points = [p for p in points if p[0] == chosen_ctx]
+        elif contexts:
+            chosen_ctx = contexts[0]
+        batch, step = _merge_duplicates([p[1] for p in points], [p[2] for p in points])
+        # A bigger batch never steps faster; measurement noise would otherwise make the TPOT limit jump about.
+        step = np.maximum.accumulate(step)
+
+        lens, rates = [], []
+        for i, row in enumerate(prefill_rows):
+            lens.append(_number(row, "prompt_len", f"prefill[{i}]"))
+            rates.append(_number(row, "prefill_tokens_per_s", f"prefill[{i}]"))
+        lens_a, rates_a = _merge_duplicates(lens, rates)
+        return cls(batch, step, lens_a, rates_a, chosen_ctx)
+
+    @property
+    def max_measured_batch(self) -> int:
+        return int(self.decode_batch_sizes[-1])
+
+    def decode_step_s(self, batch_size: int) -> float:
+        """Seconds of one step that gives `batch_size` running requests one token each; 0 for no decodes.
+
+        Between points: linear. Below the first point: the first point's time (slower than truth, the safe side).
+        Beyond the last: the last segment's slope carries on; with a single point the time stays flat, which is
+        right only while decode is bound by reading the weights.
+        """
+        if batch_size <= 0:
+            return 0.0
+        b, s = self.decode_batch_sizes, self.decode_step_s_points
+        if batch_size <= b[-1]:
+            return float(np.interp(batch_size, b, s))
+        slope = (s[-1] - s[-2]) / (b[-1] - b[-2]) if b.size >= 2 else 0.0
+        return float(s[-1] + max(slope, 0.0) * (batch_size - b[-1]))
+
+    def prefill_tokens_per_s(self, prompt_len: float) -> float:
+        """Prefill throughput for a prompt of this length; clamped to the end points outside the measured range."""
+        return float(np.interp(prompt_len, self.prefill_prompt_lens, self.prefill_tokens_per_s_points))
+
+    def prefill_s_per_token(self, prompt_len: np.ndarray | float) -> np.ndarray | float:
+        return 1.0 / np.interp(prompt_len, self.prefill_prompt_lens, self.prefill_tokens_per_s_points)
+
+    def prefill_s(self, prompt_len: float) -> float:
+        """Seconds of prefill work for a whole prompt (without the decode share of the step it rides in)."""
+        return prompt_len / self.prefill_tokens_per_s(prompt_len)
+
+    def step_s(self, num_decodes: int, prompt_tokens: int = 0, prompt_len: float | None = None) -> float:
+        """One step: `num_decodes` decodes plus `prompt_tokens` prompt tokens of prompts `prompt_len` long."""
+        if prompt_tokens <= 0:
+            return self.decode_step_s(num_decodes)
+        rate = self.prefill_tokens_per_s(prompt_len if prompt_len is not None else prompt_tokens)
+        return self.decode_step_s(num_decodes) + prompt_tokens / rate
+
+
+def _merge_duplicates(xs: list[float], ys: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Sort by x and average y over repeated x (repeated measurements of one point)."""
+    x = np.asarray(xs, dtype=np.float64)
+    y = np.asarray(ys, dtype=np.float64)
+    ux, inverse = np.unique(x, return_inverse=True)
+    sums = np.zeros_like(ux)
+    counts = np.zeros_like(ux)
+    np.add.at(sums, inverse, y)
+    np.add.at(counts, inverse, 1.0)
+    return ux, sums / counts
+
+
+@dataclass(frozen=True)
+class MaxBatch:
+    """The largest batch one replica should run, and which limit set it."""
+
+    batch_size: int  # 0 when no batch meets the limits
+    limited_by: str  # "tpot_slo" | "kv_cache" | "token_budget"
+    tpot_limit: int | None  # largest batch whose pure-decode step meets the TPOT SLO; None without a TPOT SLO
+    kv_limit: int  # largest batch whose mean context fits in kv_cache.max_tokens
+    decode_step_s: float  # step time at batch_size
+    extrapolated: bool  # batch_size lies beyond the largest measured decode batch
+
+
+def kv_max_tokens(profile: Mapping[str, Any]) -> int:
+    kv = profile.get("kv_cache")
+    if not isinstance(kv, Mapping):
+        raise ValueError("profile kv_cache is missing: the planner needs kv_cache.max_tokens; re-run `pernode profile`")
+    return int(_number(kv, "max_tokens", "kv_cache"))
+
+
+def max_batch_size(step_model: StepTimeModel, kv_max_tokens: int, mean_context_tokens: float,
+                   tpot_slo_s: float | None = None, token_budget: int | None = None) -> MaxBatch:
+    """Largest b with decode_step_s(b) <= TPOT SLO and b * mean context <= KV tokens.
+
+    The profile's max_concurrent_seqs is the same KV bound taken at kv_cache.context_len; at the workload's own
+    context it is max_tokens // mean context, which is what we use. The pure-decode step is the best TPOT a batch
+    can give; prefill chunks riding along stretch it, which the simulator measures.
+    """
+    kv_limit = int(kv_max_tokens // max(mean_context_tokens, 1.0))
+    limit, limited_by = kv_limit, "kv_cache"
+    if token_budget is not None and token_budget - 1 < limit:
+        # Decodes take one budget token each; keep at least one for prompts so admissions never starve.
+        limit, limited_by = token_budget - 1, "token_budget"
+    tpot_limit = None
+    if tpot_slo_s is not None:
+        lo, hi = 0, max(limit, 0)
+        while lo < hi:  # largest b in [0, hi] with step <= slo; decode_step_s is non-decreasing
+            mid = (lo + hi + 1) // 2
+            if step_model.decode_step_s(mid) <= tpot_slo_s:
+                lo = mid
+            else:
+                hi = mid - 1
+        tpot_limit = lo
+        if tpot_limit < limit:
+            limit, limited_by = tpot_limit, "tpot_slo"
+    limit = max(limit, 0)
+    return MaxBatch(limit, limited_by, tpot_limit, kv_limit, step_model.decode_step_s(limit),
+                    limit > step_model.max_measured_batch)

@@ -1,0 +1,270 @@
+"""Quantized linear layers: weight-only int8/int4 (group) and W8A8 (int8 weights x dynamic per-token int8
+activations, with LLM.int8()'s float path for outlier columns, arXiv 2208.07339).
+
+Weight-only layers call the C++ kernel in csrc/quant_linear.cpp (built on first use like the paged attention kernel:
+-O3 -march=native, cached per source/flags/torch/CPU); `woq_linear_reference` is the plain-torch result it is held
+to, and the fallback where it cannot build. W8A8 layers use `torch._int_mm` (oneDNN's VNNI int8 GEMM on CPU).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pernode.compress.scheme import QuantScheme, dequantize, unpack_int4
+from pernode.kernels.paged_attention_cpu import _cpu_signature, kernel_cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "quant_linear.cpp"
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+def build_name() -> str:
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), torch.__version__.encode(), _cpu_signature().encode()):
+        h.update(part)
+        h.update(b"\0")
+    return f"pernode_quant_linear_{h.hexdigest()[:16]}"
+
+
+@functools.lru_cache(maxsize=None)
+def load_kernel() -> Callable | None:
+    """`torch.ops.pernode.woq_linear`, building it if needed; None (one warning) if it can't be built."""
+    if os.environ.get("PERNODE_QUANT_KERNEL", "").lower() == "reference":
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        name = build_name()
+        build_dir = kernel_cache_dir() / name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(build_dir),
+                           is_python_module=False, verbose=False)
+        return torch.ops.pernode.woq_linear
+    except Exception as exc:  # no compiler: the reference path still serves, slowly
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("pernode: C++ quantized linear kernel unavailable (%s); using the plain-torch reference", reason)
+        return None
+
+
+# ---- weight-only ------------------------------------------------------------------------------------------------
+def unpacked_weight(weight: torch.Tensor, num_bits: int, in_features: int) -> torch.Tensor:
+    """Signed integer values [N, K] (int8) from the stored int8 weight or int4 words."""
+    return weight if num_bits == 8 else unpack_int4(weight, in_features)
+
+
+def woq_linear_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                         num_bits: int, group_size: int | None) -> torch.Tensor:
+    """Plain torch: dequantize the whole weight to fp32, then a float matmul."""
+    w = dequantize(unpacked_weight(weight, num_bits, x.shape[-1]), scale, zero_point, group_size)
+    return F.linear(x.float(), w)
+
+
+def zero_term(scale: torch.Tensor, zero_point: torch.Tensor | None, num_bits: int) -> torch.Tensor | None:
+    """-(offset + zero_point) * scale: the per-group term the kernel adds times the group's sum of x.
+
+    The kernel multiplies raw stored integers; int4 words hold q + 8, so offset is 8 for int4 and 0 for int8."""
+    offset = 8.0 if num_bits == 4 else 0.0
+    if zero_point is None:
+        return None if offset == 0 else (-offset * scale.float()).contiguous()
+    return (-(offset + zero_point.float()) * scale.float()).contiguous()
+
+
+class QuantLinear(nn.Module):
+    """Weight-only int8/int4 linear; tensors named as compressed-tensors checkpoints name them."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, bias: bool = False,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        groups = 1 if scheme.group_size is None else in_features // scheme.group_size
+        if scheme.num_bits == 4:
+            self.register_buffer("weight_packed", torch.zeros(out_features, in_features // 8, dtype=torch.int32,
+                                                              device=device))
+        else:
+            self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, device=device))
+        if not scheme.symmetric:
+            self.register_buffer("weight_zero_point", torch.zeros(out_features, groups, dtype=torch.int8,
+                                                                  device=device))
+        else:
+            self.weight_zero_point = None
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        self._scale: torch.Tensor | None = None
+        self._zero_term: torch.Tensor | None = None
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        return self.weight_packed if self.scheme.num_bits == 4 else self.weight
+
+    def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
+        """Store integer values q [N, K] (signed) with their qparams."""
+        from pernode.compress.scheme import pack_int4
+
+        self.qweight.copy_(pack_int4(q) if self.scheme.num_bits == 4 else q)
+        self.weight_scale.copy_(scale)
+        if self.weight_zero_point is not None:
+            self.weight_zero_point.copy_(zero)
+        self.post_load()
+
+    def post_load(self) -> None:
+        """Derive what the kernel reads (fp32 scales, the zero term) once the stored tensors are in place."""
+        self._scale = self.weight_scale.float().contiguous()
+        self._zero_term = zero_term(self._scale, self.weight_zero_point, self.scheme.num_bits)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        q = unpacked_weight(self.qweight, self.scheme.num_bits, self.in_features)
+        return dequantize(q, self.weight_scale, self.weight_zero_point, self.scheme.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._scale is None:
+            self.post_load()
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        op = load_kernel() if x.device.type == "cpu" else None
+        if op is not None:
+            y = op(x2.float(), self.qweight, self._scale, self._zero_term, self.scheme.num_bits,
+                   self.scheme.group_size or 0)
+        else:
+            y = woq_linear_reference(x2, self.qweight, self.weight_scale, self.weight_zero_point,
+                                     self.scheme.num_bits, self.scheme.group_size)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.scheme.label()}"
+
+
+# ---- W8A8 ---------------------------------------------------------------------------------------------------------
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric int8 per row: (int8 [M, K], scale [M, 1])."""
+    scale = (x.abs().amax(-1, keepdim=True) / 127.0).clamp(min=1e-10)
+    return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+def w8a8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                          outlier_threshold: float | None = None) -> torch.Tensor:
+    """Plain torch, float64: the int8 x int8 products and (LLM.int8()) the float outlier columns."""
+    x = x.double()
+    w = weight.double() * weight_scale.double().reshape(-1, 1)
+    outliers = torch.zeros(x.shape[-1], dtype=torch.bool)
+    if outlier_threshold is not None:
+        outliers = (x.abs() >= outlier_threshold).any(0)
+    x_in = x.masked_fill(outliers, 0.0)
+    scale = (x_in.abs().amax(-1, keepdim=True) / 127.0).clamp(min=1e-10)
+    xq = torch.round(x_in / scale).clamp(-127, 127)
+    y = (xq @ weight.double().t()) * scale * weight_scale.double().reshape(1, -1)
+    return (y + x[:, outliers] @ w[:, outliers].t()).float()
+
+
+class W8A8Linear(nn.Module):
+    """int8 per-channel weights x dynamic per-token int8 activations through `torch._int_mm`.
+
+    With `outlier_threshold` (LLM.int8()), input columns where any token has |x| >= threshold are multiplied in
+    float against the dequantized weight columns; counts of such columns are kept for reporting."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, bias: bool = False,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, 1, device=device))
+        self.weight_zero_point = None
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        self.outlier_threshold = scheme.outlier_threshold
+        self._wt: torch.Tensor | None = None
+        self.num_calls = 0
+        self.num_outlier_columns = 0
+        self.max_outlier_columns = 0
+
+    def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> None:
+        self.weight = q.to(torch.int8).contiguous()
+        self.weight_scale.copy_(scale)
+        self.post_load()
+
+    def post_load(self) -> None:
+        # _int_mm is ~1.6x faster with B stored [K, N]; keep only that copy and view it back as [N, K].
+        wt = self.weight.t().contiguous()
+        self._wt = wt
+        self.weight = wt.t()
+        self._scale_row = self.weight_scale.float().reshape(1, -1)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight.float() * self.weight_scale.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._wt is None:
+            self.post_load()
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()
+        outlier_cols = None
+        if self.outlier_threshold is not None:
+            mask = (x2.abs() >= self.outlier_threshold).any(0)
+            outlier_cols = mask.nonzero().flatten()
+            n_out = int(outlier_cols.numel())
+            self.num_calls += 1
+            self.num_outlier_columns += n_out
+            self.max_outlier_columns = max(self.max_outlier_columns, n_out)
+            if n_out:
+                x_out = x2[:, outlier_cols]
+                x2 = x2.index_fill(1, outlier_cols, 0.0)
+            else:
+                outlier_cols = None
+        xq, xs = quantize_per_token(x2)
+        y = torch._int_mm(xq, self._wt).float().mul_(xs).mul_(self._scale_row)
+        if outlier_cols is not None:
+            w_out = self._wt[outlier_cols].float() * self._scale_row  # [n_out, N]
+            y += x_out @ w_out
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        extra = f", outliers |x|>={self.outlier_threshold}" if self.outlier_threshold is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, w8a8-token{extra}"
+
+
+QUANTIZED_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def make_quantized_linear(linear: nn.Linear, scheme: QuantScheme, name: str = "linear") -> nn.Module:
+    """An empty quantized layer shaped like `linear`, on its device (meta included)."""
+    scheme.check_shape(name, linear.in_features)
+    cls = W8A8Linear if scheme.activations else QuantLinear
+    return cls(linear.in_features, linear.out_features, scheme, bias=linear.bias is not None,
+               device=linear.weight.device)
+
+
+def replace_linears(model: nn.Module, scheme: QuantScheme) -> nn.Module:
+    """Swap every decoder-layer projection for an (empty) quantized layer; lm_head and embeddings stay float."""
+    for layer_idx, layer in enumerate(model.layers):
+        for parent in (layer.self_attn, layer.mlp):
+            for attr in QUANTIZED_LINEARS:
+                linear = getattr(parent, attr, None)
+                if isinstance(linear, nn.Linear):
+                    setattr(parent, attr, make_quantized_linear(linear, scheme, f"layers.{layer_idx}.{attr}"))
+    return model
+
+
+def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, W8A8Linear))}
+
+
+if __name__ == "__main__":
+    import sys
+    import time
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    t0 = time.perf_counter()
+    if load_kernel() is None:
+        sys.exit("quantized linear kernel: build failed")
+    print(f"quantized linear kernel: {kernel_cache_dir() / build_name()} ({time.perf_counter() - t0:.1f} s)")

@@ -1,0 +1,101 @@
+"""`pernode report`: the main job. Load the model, show it answering, profile the node, measure offline
+throughput, plan a fleet from the profile, and write everything into one HTML report."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+from rich.console import Console
+
+log = logging.getLogger("pernode.report")
+
+DEFAULT_WORKLOAD = dict(rate_rps=2.0, input_len=(128, 512), output_len=(64, 256))
+DEFAULT_SLO = "ttft_ms=2000,tpot_ms=200"
+
+
+def run_report(args) -> int:
+    from pernode.cli import engine_config_from_args
+    from pernode.engine.llm_engine import LLMEngine
+    from pernode.fleet.planner import plan
+    from pernode.fleet.report import plot_plan, render_plan
+    from pernode.fleet.slo import SLO
+    from pernode.fleet.workload import LengthDist, Workload
+    from pernode.llm import LLM
+    from pernode.measure.offline_throughput import random_workload, run_pernode
+    from pernode.measure.profile_schema import save_profile
+    from pernode.measure.profiler import print_profile, run_profile
+    from pernode.measure.report_html import write_report_html
+    from pernode.sampling.params import SamplingParams
+
+    console = Console()
+    os.makedirs(args.out, exist_ok=True)
+    config = engine_config_from_args(args)
+    if config.max_model_len is None:
+        config.max_model_len = 2048  # the profile's context range; the model's 8k would only shrink the batch
+    started = time.perf_counter()
+    llm = LLM.from_engine(LLMEngine(config))
+    engine = llm.engine
+
+    console.rule("[bold]1. the model answers")
+    question = "What is the capital of France, and why is it famous?"
+    answer = llm.chat([{"role": "user", "content": question}], SamplingParams(temperature=0.0, max_tokens=64))[0]
+    console.print(f"[dim]user:[/dim] {question}\n[dim]model:[/dim] {answer.outputs[0].text}")
+
+    console.rule("[bold]2. the per-node profile")
+    profile = run_profile(engine, quick=args.quick)
+    save_profile(os.path.join(args.out, "profile.json"), profile)
+    print_profile(profile, console)
+
+    console.rule("[bold]3. offline throughput")
+    n = 32 if args.quick else 128
+    workload = random_workload(n, engine.model_config.vocab_size, (32, 256 if args.quick else 512),
+                               (16, 128 if args.quick else 256), seed=0, avoid_ids=tuple(range(17)))
+    tput = run_pernode(llm, workload)
+    console.print(f"{tput.num_requests} requests ({tput.prompt_tokens} prompt + {tput.output_tokens} output tokens) "
+                  f"in {tput.elapsed_s:.1f} s: [bold]{tput.output_tokens_per_s:.1f} output tok/s[/bold], "
+                  f"{tput.requests_per_s:.2f} req/s")
+
+    console.rule("[bold]4. the fleet for a default workload")
+    wl = Workload(DEFAULT_WORKLOAD["rate_rps"], LengthDist.uniform(*DEFAULT_WORKLOAD["input_len"]),
+                  LengthDist.uniform(*DEFAULT_WORKLOAD["output_len"]))
+    fleet = plan(profile, wl, SLO.parse(DEFAULT_SLO), instance="aws-c7i.large", num_requests=1000 if args.quick else 4000)
+    render_plan(fleet, console)
+    plot_plan(fleet, os.path.join(args.out, "plan.png"))
+    with open(os.path.join(args.out, "plan.json"), "w") as f:
+        json.dump(fleet.to_dict(), f, indent=1)
+
+    sections = [
+        {"title": "The model answers", "text": f"user: {question}\nmodel: {answer.outputs[0].text}"},
+        {"title": "Offline throughput (all requests submitted at once)",
+         "columns": ["requests", "prompt tokens", "output tokens", "elapsed s", "output tok/s", "req/s"],
+         "rows": [[tput.num_requests, tput.prompt_tokens, tput.output_tokens, round(tput.elapsed_s, 1),
+                   round(tput.output_tokens_per_s, 1), round(tput.requests_per_s, 2)]]},
+        _plan_section(fleet, DEFAULT_SLO),
+    ]
+    path = write_report_html(os.path.join(args.out, "report.html"), profile, extra_sections=sections,
+                             title=f"pernode report: {engine.model_config.name} on {profile['hardware']['name']}")
+    console.print(f"\n[bold green]report written:[/bold green] {path} "
+                  f"(profile.json, plan.json, plan.png beside it; {time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+def _plan_section(fleet, slo_text: str) -> dict:
+    d = fleet.to_dict()
+    lat = d.get("latency_s") or {}
+
+    def p99_ms(kind):
+        v = (lat.get(kind) or {}).get("p99")
+        return None if v is None else round(v * 1e3, 1)
+
+    return {"title": f"Fleet plan: {d['workload']['description']} at {d['workload']['rate_rps']} req/s, SLO {slo_text}",
+            "columns": ["replicas", "max batch", "utilisation", "TTFT p99 ms", "TPOT p99 ms", "attainment",
+                        "$/hour", "$/month", "$/M output tokens"],
+            "rows": [[d["replicas"], d["max_batch_per_replica"].get("batch_size"), _round(d["utilisation"], 3),
+                      p99_ms("ttft"), p99_ms("tpot"), _round(d["attainment"], 4), _round(d["cost_per_hour_usd"], 3),
+                      _round(d["cost_per_month_usd"], 0), _round(d["cost_per_million_output_tokens_usd"], 3)]]}
+
+
+def _round(v, digits):
+    return None if v is None else round(v, digits)

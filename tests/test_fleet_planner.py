@@ -1,0 +1,200 @@
+"""The planner: a case worked by hand, the search, prices, projections, comparison, rendering and the CLI."""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+
+import pytest
+
+from pernode.fleet.plan_cli import add_arguments, run_plan
+from pernode.fleet.planner import compare_plans, plan
+from pernode.fleet.pricing import PRICES, resolve_price
+from pernode.fleet.report import plot_plan, render_comparison, render_plan
+from pernode.fleet.slo import SLO
+from pernode.fleet.workload import LengthDist, Workload
+
+
+def toy_profile(step_s: float = 0.05, **overrides) -> dict:
+    """A node whose decode step is a flat `step_s` at every batch and whose prefill runs at 10,000 tokens/s."""
+    prof = {
+        "schema_version": 1, "kind": "measured", "projected_from": None, "created_at": "2026-11-28T20:00:00Z",
+        "pernode_version": "0.1.0",
+        "model": {"name": "toy-135m", "dtype": "float32", "kv_bytes_per_token": 92160, "max_model_len": 2048},
+        "hardware": {"name": "toy accelerator", "device": "cpu"},
+        "kv_cache": {"kv_cache_bytes": 294912000, "block_size": 16, "num_blocks": 200, "max_tokens": 3200,
+                     "context_len": 2048, "max_concurrent_seqs": 1},
+        "decode": [{"batch_size": b, "context_len": 512, "step_s": step_s, "output_tokens_per_s": b / step_s}
+                   for b in (1, 8, 16, 32)],
+        "prefill": [{"prompt_len": n, "ttft_s": n / 10_000, "prefill_tokens_per_s": 10_000.0} for n in (64, 512)],
+        "serve_runs": [],
+    }
+    prof.update(overrides)
+    return prof
+
+
+WORKLOAD = Workload(10.0, LengthDist.fixed(100), LengthDist.fixed(100))
+SLO_LOOSE = SLO(ttft_s=2.0, tpot_s=0.1)
+
+
+def test_plan_worked_by_hand():
+    # Worked by hand:
+    #   max batch: KV 3200 tokens // (100 in + 100 out) = 16; every batch meets TPOT (50 ms <= 100 ms) -> 16, KV-bound.
+    #   a request holds a slot 100 steps * 0.05 s + 16 prompts * 100 tokens / 10,000 tok/s = 5.16 s
+    #   capacity = 16 / 5.16 = 3.1008 req/s per replica
+    #   utilisation < 1 needs N > 10 / 3.1008 = 3.22 -> N >= 4 (3 replicas would run at 107.5%, an unbounded queue)
+    #   at N = 4, utilisation = 10 / (4 * 3.1008) = 0.80625; the simulator confirms the 2 s TTFT SLO holds.
+    #   cost: 4 x $2 = $8/h; x 730 h = $5,840/month;
+    #   output tokens: 10 req/s x 100 x 3600 = 3.6M/h -> $8 / 3.6 = $2.2222 per million output tokens.
+    p = plan(toy_profile(), WORKLOAD, SLO_LOOSE, 2.0)
+    assert p.feasible and p.replicas == 4
+    assert (p.max_batch.batch_size, p.max_batch.limited_by) == (16, "kv_cache")
+    assert p.request_service_s == pytest.approx(5.16)
+    assert p.capacity_rps_per_replica == pytest.approx(16 / 5.16)
+    assert p.min_replicas_for_utilisation == 4
+    assert p.utilisation == pytest.approx(10 / (4 * 16 / 5.16))
+    assert p.cost_per_hour_usd == pytest.approx(8.0)
+    assert p.cost_per_month_usd == pytest.approx(5840.0)
+    assert p.cost_per_million_output_tokens_usd == pytest.approx(8.0 / 3.6)
+    assert p.attainment >= 0.99
+    # The curve shows the neighbours: 3 replicas fail badly, more replicas cost more and still meet the SLO.
+    by_n = {pt.replicas: pt for pt in p.curve}
+    assert by_n[3].attainment < 0.5 and by_n[5].meets_target
+    assert by_n[5].cost_per_hour_usd == pytest.approx(10.0)
+
+
+def test_headroom_raises_the_floor():
+    # headroom 0.25: N > 10 / (3.1008 * 0.75) = 4.30 -> 5 replicas, $10/h.
+    p = plan(toy_profile(), WORKLOAD, SLO_LOOSE, 2.0, headroom=0.25)
+    assert p.replicas == 5 and p.cost_per_hour_usd == pytest.approx(10.0)
+    assert p.utilisation < 0.75
+
+
+def test_simulation_corrects_the_queueing_guess_downward():
+    # With a 500 ms TTFT SLO the M/M/c estimate (exponential service) wants 5; the simulated fleet,
+    # whose service times are fixed, already meets it with 4.
+    p = plan(toy_profile(), WORKLOAD, SLO(ttft_s=0.5, tpot_s=0.1), 2.0)
+    assert p.queueing["first_guess_replicas"] == 5
+    assert p.replicas == 4
+
+
+def test_unreachable_slos_are_reported_not_raised():
+    p = plan(toy_profile(), WORKLOAD, SLO(tpot_s=0.04), 2.0)  # a lone decode step takes 50 ms
+    assert not p.feasible and "tpot" in p.reason and p.replicas is None
+    p = plan(toy_profile(), WORKLOAD, SLO(ttft_s=0.005), 2.0, max_replicas=8)  # prefill alone takes 10 ms
+    assert not p.feasible and "max_replicas = 8" in p.reason
+    json.dumps(p.to_dict(), allow_nan=False)
+
+
+def test_projected_profile_is_labelled():
+    prof = toy_profile(kind="projected", projected_from="cpu (2 cores)", hardware={"name": "H200"})
+    p = plan(prof, WORKLOAD, SLO_LOOSE, 2.0)
+    assert "projected from cpu (2 cores) to H200" in p.profile_label
+    assert p.to_dict()["profile"]["projected_from"] == "cpu (2 cores)"
+    assert any("projected" in n for n in p.notes)
+
+
+def test_prices_table_and_user_figure_wins():
+    assert resolve_price(instance="aws-p5.48xlarge").per_node_hour_usd == pytest.approx(98.32 / 8)
+    assert resolve_price(3.5, instance="aws-p5.48xlarge").per_node_hour_usd == 3.5
+    for entry in PRICES.values():
+        assert entry.source and entry.as_of and entry.per_node_hour_usd > 0
+    p = plan(toy_profile(), WORKLOAD, SLO_LOOSE, instance="gcp-g2-standard-4")
+    assert p.cost_per_hour_usd == pytest.approx(4 * PRICES["gcp-g2-standard-4"].per_node_hour_usd)
+
+
+def test_compare_plans_ranks_cheapest_first(capsys):
+    # fast: 25 ms steps -> slot 2.66 s, capacity 6.02 req/s, N >= 2 -> 2 x $3 = $6/h; slow: 4 x $2 = $8/h.
+    profiles = {"slow": toy_profile(0.05), "fast": toy_profile(0.025), "hopeless": toy_profile(0.2)}
+    comp = compare_plans(profiles, WORKLOAD, SLO_LOOSE, {"slow": 2.0, "fast": 3.0, "hopeless": 1.0})
+    ranked = [label for label, _ in comp.ranked()]
+    assert ranked == ["fast", "slow", "hopeless"]
+    assert comp.plans["fast"].replicas == 2 and comp.plans["fast"].cost_per_hour_usd == pytest.approx(6.0)
+    assert not comp.plans["hopeless"].feasible  # 200 ms steps miss the 100 ms TPOT at any batch
+    json.dumps(comp.to_dict(), allow_nan=False)
+    render_comparison(comp)
+    assert "fast" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="hopeless"):
+        compare_plans(profiles, WORKLOAD, SLO_LOOSE, {"slow": 2.0, "fast": 3.0})
+
+
+def test_render_and_plot(tmp_path, capsys):
+    p = plan(toy_profile(), WORKLOAD, SLO_LOOSE, 2.0)
+    render_plan(p)
+    assert "replicas" in capsys.readouterr().out
+    png = tmp_path / "plan.png"
+    plot_plan(p, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_planner_inputs():
+    with pytest.raises(ValueError, match="attainment_target"):
+        plan(toy_profile(), WORKLOAD, SLO_LOOSE, 2.0, attainment_target=1.5)
+    with pytest.raises(ValueError, match="headroom"):
+        plan(toy_profile(), WORKLOAD, SLO_LOOSE, 2.0, headroom=1.0)
+    with pytest.raises(ValueError, match="policy"):
+        plan(toy_profile(), WORKLOAD, SLO_LOOSE, 2.0, policy="random")
+    with pytest.raises(ValueError, match="price"):
+        plan(toy_profile(), WORKLOAD, SLO_LOOSE, -1.0)
+    with pytest.raises(ValueError, match="max_model_len"):
+        plan(toy_profile(), Workload(1.0, LengthDist.fixed(2000), LengthDist.fixed(100)), SLO_LOOSE, 2.0)
+    with pytest.raises(ValueError, match="kv_cache.max_tokens"):
+        plan(toy_profile(model={"name": "long", "max_model_len": 8192}),
+             Workload(1.0, LengthDist.fixed(2000), LengthDist.fixed(2000)), SLO_LOOSE, 2.0)
+    broken = copy.deepcopy(toy_profile())
+    del broken["kv_cache"]["max_tokens"]
+    with pytest.raises(ValueError, match="kv_cache.max_tokens"):
+        plan(broken, WORKLOAD, SLO_LOOSE, 2.0)
+    with pytest.raises(ValueError, match="tpot_ms"):
+        SLO.parse("tpot_ms=-3")
+    with pytest.raises(ValueError, match="KEY=MILLISECONDS"):
+        SLO.parse("ttft=5")
+
+
+def _cli(argv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return run_plan(parser.parse_args(argv))
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    prof = tmp_path / "profile.json"
+    prof.write_text(json.dumps(toy_profile()))
+    out, png = tmp_path / "plan.json", tmp_path / "plan.png"
+    rc = _cli(["--profile", str(prof), "--rate", "10", "--input-len", "100", "--output-len", "100",
+               "--slo", "ttft_ms=2000,tpot_ms=100", "--price-per-hour", "2", "--out", str(out), "--plot", str(png)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["replicas"] == 4 and data["cost_per_month_usd"] == pytest.approx(5840.0)
+    assert data["slo_ms"] == {"ttft_ms": 2000.0, "tpot_ms": 100.0, "e2e_ms": None}
+    assert png.stat().st_size > 0
+    assert _cli(["--profile", str(prof), "--rate", "10", "--input-len", "100", "--output-len", "100",
+                 "--slo", "tpot_ms=40", "--price-per-hour", "2"]) == 1
+
+
+@pytest.mark.parametrize("bad, field", [
+    (["--rate", "-1"], "--rate"),
+    (["--attainment", "1.5"], "--attainment"),
+    (["--headroom", "1"], "--headroom"),
+    (["--input-len", "x:y"], "--input-len"),
+    (["--slo", "ttft=5"], "KEY=MILLISECONDS"),
+    (["--burstiness", "0"], "--burstiness"),
+])
+def test_cli_bad_inputs_name_the_field(tmp_path, capsys, bad, field):
+    prof = tmp_path / "profile.json"
+    prof.write_text(json.dumps(toy_profile()))
+    args = {"--profile": str(prof), "--rate": "10", "--input-len": "100", "--output-len": "100",
+            "--slo": "ttft_ms=2000", "--price-per-hour": "2"}
+    args.update(dict(zip(bad[::2], bad[1::2])))
+    assert _cli([x for kv in args.items() for x in kv]) == 2
+    assert field in " ".join(capsys.readouterr().err.split())
+
+
+def test_cli_needs_a_price_and_a_readable_profile(tmp_path, capsys):
+    base = ["--rate", "10", "--input-len", "100", "--output-len", "100", "--slo", "ttft_ms=2000"]
+    assert _cli(["--profile", str(tmp_path / "missing.json"), "--price-per-hour", "2"] + base) == 2
+    assert "--profile" in capsys.readouterr().err
+    prof = tmp_path / "profile.json"
+    prof.write_text(json.dumps(toy_profile()))
+    assert _cli(["--profile", str(prof)] + base) == 2
+    assert "--price-per-hour" in " ".join(capsys.readouterr().err.split())
