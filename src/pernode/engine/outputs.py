@@ -21,7 +21,7 @@ class CompletionOutput:
     delta_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     delta_logprobs: list[TokenLogprob] | None = None
-    cumulative_logprob: float = 0.0
+    cumulative_logprob: float | None = None  # set when logprobs were requested
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
 

@@ -51,7 +51,7 @@ class Request:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.times = RequestTimes()
-        self.cumulative_logprob = 0.0
+        self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None
         self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
         self.generator: torch.Generator | None = None
         if seed is not None:

@@ -11,7 +11,7 @@ from pernode.engine.request import Request
 @dataclass
 class SampleResult:
     token_ids: list[int]
-    logprobs: list[float | None]  # log-probability of each sampled token under the raw model distribution
+    logprobs: list[float | None]  # log-probability of each sampled token (rows that asked for logprobs)
     top_logprobs: list[list[tuple[int, float]] | None]  # top-N (token, logprob) per row where requested
 
 
@@ -50,32 +50,33 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
         greedy_rows = [i for i, r in enumerate(requests) if r.params.greedy and not self._needs_processing(r)]
         token_ids = [0] * len(requests)
         if greedy_rows:
             idx = torch.tensor(greedy_rows, device=logits.device)
             for row, tok in zip(greedy_rows, logits[idx].argmax(dim=-1).tolist()):
                 token_ids[row] = tok
+        greedy = set(greedy_rows)
         for i, request in enumerate(requests):
-            if i in greedy_rows:
-                continue
-            token_ids[i] = self._sample_row(logits[i].clone(), request)
+            if i not in greedy:
+                token_ids[i] = self._sample_row(logits[i].clone(), request)
 
-        chosen = torch.tensor(token_ids, device=logits.device)
-        sampled_lp = raw_logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
+        # Logprobs (of the raw model distribution) only for the rows that asked: a full-vocab log_softmax per
+        # row is not free at large batch.
+        sampled_lp: list[float | None] = [None] * len(requests)
         top: list[list[tuple[int, float]] | None] = [None] * len(requests)
-        want = [r.params.logprobs for r in requests]
-        k_max = max((k for k in want if k), default=0)
-        if k_max:
-            vals, ids = raw_logprobs.topk(k_max, dim=-1)
-            vals, ids = vals.tolist(), ids.tolist()
-            for i, k in enumerate(want):
-                if k:
-                    top[i] = list(zip(ids[i][:k], vals[i][:k]))
-        for i, k in enumerate(want):
-            if k == 0:
-                top[i] = []
+        rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+        if rows:
+            idx = torch.tensor(rows, device=logits.device)
+            logprobs = torch.log_softmax(logits[idx], dim=-1)
+            chosen = torch.tensor([token_ids[i] for i in rows], device=logits.device)
+            picked = logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
+            k_max = max(requests[i].params.logprobs for i in rows)
+            vals, ids = (logprobs.topk(k_max, dim=-1) if k_max else (None, None))
+            for j, i in enumerate(rows):
+                sampled_lp[i] = picked[j]
+                k = requests[i].params.logprobs
+                top[i] = list(zip(ids[j, :k].tolist(), vals[j, :k].tolist())) if k else []
         return SampleResult(token_ids, sampled_lp, top)
 
     @staticmethod
