@@ -189,6 +189,58 @@ def cmd_report(args) -> int:
     return run_report(args)
 
 
+def cmd_quantize(args) -> int:
+    import json
+
+    from pernode.compress import CALIBRATED, quantize_model
+    from pernode.compress.checkpoint import checkpoint_bytes, load_model, save_quantized
+    from pernode.compress.scheme import QuantScheme
+    from pernode.evaluate.perplexity import calibration_windows
+
+    w8a8 = args.method in ("smoothquant", "w8a8", "llm-int8")
+    if w8a8 and (args.bits != 8 or args.group_size or args.asymmetric):
+        raise ValueError(f"--method {args.method} runs int8 per-channel symmetric weights x int8 activations: "
+                         "drop --bits/--group-size/--asymmetric")
+    scheme = QuantScheme(num_bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
+                         activations="int8-token" if w8a8 else None)
+    model, source = load_model(args.model)
+    calib = None
+    if args.method in CALIBRATED:
+        calib = calibration_windows(source.tokenizer, args.calib_seq_len, args.calib_windows, args.corpus)
+    options = {"act_order": args.act_order, "damp_ratio": args.damp, "alpha": args.alpha, "clip": not args.no_clip}
+    report = quantize_model(model, args.method, scheme, calib, **options)
+    save_quantized(model, source, args.out, scheme, args.method, extra={k: v for k, v in report.items()
+                                                                         if k != "outliers"})
+    if report.get("outliers"):
+        print("LLM.int8() outlier input columns (|x| >= %.1f) per layer on the calibration text:" % report["threshold"])
+        for name, st in report["outliers"].items():
+            print(f"  {name:32s} mean {st['mean_outlier_columns']:6.1f}  max {st['max_outlier_columns']:4d}"
+                  f"  of {st['in_features']}")
+        with open(f"{args.out}/outlier_stats.json", "w") as f:
+            json.dump(report["outliers"], f, indent=1)
+    print(f"wrote {args.out} ({checkpoint_bytes(args.out) / 1e6:.1f} MB of weights, {scheme.label()}, {args.method})")
+    return 0
+
+
+def cmd_eval_ppl(args) -> int:
+    from pernode.compress.checkpoint import load_model
+    from pernode.evaluate.perplexity import DEFAULT_SEQ_LEN, QUICK_SEQ_LEN, evaluate_perplexity
+
+    if args.num_threads:
+        import torch
+
+        torch.set_num_threads(args.num_threads)
+    seq_len = args.seq_len or (QUICK_SEQ_LEN if args.quick else DEFAULT_SEQ_LEN)
+    max_windows = args.max_windows if args.max_windows is not None else (8 if args.quick else None)
+    model, source = load_model(args.model, max_positions=seq_len)
+    result = evaluate_perplexity(
+        model, source.tokenizer, seq_len=seq_len, max_windows=max_windows, corpus=args.corpus,
+        progress=lambda i, n, ppl: print(f"  window {i}/{n}: running ppl {ppl:.4f}", file=sys.stderr))
+    print(f"perplexity {result.perplexity:.4f} (mean NLL {result.mean_nll:.5f} nats) over {result.num_tokens} "
+          f"predictions in {result.num_windows} windows of {result.seq_len} tokens; {result.tokens_per_s:.0f} tok/s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pernode", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -250,15 +302,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="pernode-report", help="output folder")
     add_engine_arguments(p)
     p.set_defaults(func=cmd_report)
+
+    from pernode.compress import METHODS
+
+    p = sub.add_parser("quantize", help="quantize a model and write a compressed-tensors checkpoint folder")
+    p.add_argument("--model", default="smollm2-135m", help="known name, a .gguf file or a Hugging Face folder")
+    p.add_argument("--method", default="rtn", help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--bits", type=int, default=8, choices=[4, 8])
+    p.add_argument("--group-size", type=int, default=None, help="32, 64 or 128 (default: per output channel)")
+    p.add_argument("--asymmetric", action="store_true", help="zero points (default symmetric)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--calib-windows", type=int, default=16, help="calibration windows (GPTQ/AWQ/SmoothQuant)")
+    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--corpus", default=None, help="UTF-8 text file (default: pydoc topics; first 10%% calibrates)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by descending Hessian diagonal")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ: damping, fraction of the mean Hessian diagonal")
+    p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
+    p.add_argument("--no-clip", action="store_true", help="AWQ: skip the clip search")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval", help="quality evaluations")
+    eval_sub = p.add_subparsers(dest="eval_command", required=True)
+    p = eval_sub.add_parser("ppl", help="perplexity on real text (pydoc topics, evaluation split)")
+    p.add_argument("--model", default="smollm2-135m", help="known name, a .gguf file or an HF (quantized) folder")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default 2048, 512 with --quick)")
+    p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (--quick: 8)")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--corpus", default=None, help="UTF-8 text file instead of the pydoc topics")
+    p.add_argument("--num-threads", type=int, default=None)
+    p.set_defaults(func=cmd_eval_ppl)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from rich.console import Console
     from rich.logging import RichHandler
 
+    # logs go to stderr so stdout carries only what the command produces (generated text, tables)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(show_path=False, show_time=False)])
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False, show_time=False)])
     try:
         return args.func(args)
     except ValueError as exc:  # user errors: one clear line, no traceback
