@@ -175,6 +175,24 @@ def cmd_plan(args) -> int:
     return run_plan(args)
 
 
+def cmd_fleet_up(args) -> int:
+    from pernode.fleet.ray_fleet import run_up
+
+    return run_up(args)
+
+
+def cmd_fleet_down(args) -> int:
+    from pernode.fleet.ray_fleet import run_down
+
+    return run_down(args)
+
+
+def cmd_fleet_validate(args) -> int:
+    from pernode.fleet.validate import run_validate
+
+    return run_validate(args)
+
+
 def cmd_serve(args) -> int:
     from pernode.server.options import settings_from_args
     from pernode.server.serve import run_server
@@ -296,6 +314,26 @@ def build_parser() -> argparse.ArgumentParser:
     server_options.add_arguments(p)
     add_engine_arguments(p)
     p.set_defaults(func=cmd_serve)
+
+    from pernode.fleet import ray_fleet, validate as fleet_validate
+
+    p = sub.add_parser("fleet", help="engine replicas on Ray Serve behind one OpenAI route: up, down, validate")
+    fleet_sub = p.add_subparsers(dest="fleet_command", required=True)
+    p = fleet_sub.add_parser("up", help="deploy N replicas on Ray Serve (local Ray, or --address); Ctrl-C stops")
+    server_options.add_arguments(p)
+    add_engine_arguments(p)
+    ray_fleet.add_fleet_arguments(p)
+    p.add_argument("--detach", action="store_true", help="leave the fleet running; `pernode fleet down` stops it")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
+    p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for every replica")
+    p.set_defaults(func=cmd_fleet_up)
+    p = fleet_sub.add_parser("down", help="stop a detached fleet: Serve, and the local Ray `up --detach` started")
+    p.add_argument("--address", default=None, help="the Ray cluster (default: the one `up --detach` recorded)")
+    p.add_argument("--app-name", default=None, help="delete only this Serve application")
+    p.set_defaults(func=cmd_fleet_down)
+    p = fleet_sub.add_parser("validate", help="run a plan's workload on a fleet: predicted vs measured latencies")
+    fleet_validate.add_arguments(p)
+    p.set_defaults(func=cmd_fleet_validate)
 
     p = sub.add_parser("report", help="the main job: measure the node and write an HTML report")
     p.add_argument("--quick", action="store_true", help="a run of a couple of minutes")

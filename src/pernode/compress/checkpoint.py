@@ -8,6 +8,7 @@ W8A8 checkpoints add `input_activations` (dynamic per-token int8); LLM.int8() ad
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -125,6 +126,9 @@ def save_quantized(model: LlamaForCausalLM, source, folder: str, scheme: QuantSc
                    extra: dict | None = None) -> str:
     """Write `folder`: model.safetensors, config.json (+ quantization_config) and the tokenizer files."""
     os.makedirs(folder, exist_ok=True)
+    thresholds = {m.outlier_threshold for m in model.modules() if isinstance(m, W8A8Linear)} - {None}
+    if thresholds:  # LLM.int8(): the layers, not the caller's scheme, know the outlier threshold
+        scheme = dataclasses.replace(scheme, outlier_threshold=thresholds.pop())
     tensors = quantized_state_dict(model)
     save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     if source.format == "hf":

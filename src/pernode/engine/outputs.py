@@ -14,6 +14,10 @@ class TokenLogprob:
 
 @dataclass
 class CompletionOutput:
+    """One sample of a request. `text`, `token_ids` and `logprobs` are the whole output so far; `token_ids` and
+    `logprobs` are the engine's own lists (no copy per step), final once `finish_reason` is set. Streaming
+    consumers read the `delta_*` fields."""
+
     index: int
     text: str
     token_ids: list[int]

@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated trace")
     parser.add_argument("--token-budget", type=int, default=2048, help="tokens one replica schedules per step")
     parser.add_argument("--max-replicas", type=int, help="largest fleet to try (default max(64, 16 x first guess))")
+    parser.add_argument("--project", metavar="ACCELERATOR",
+                        help="first project the (measured) profile onto a published accelerator by the roofline, "
+                             "e.g. 'H200 SXM' (see measure/accelerators.py); the plan is labelled projected")
     parser.add_argument("--out", help="write the plan as JSON here")
     parser.add_argument("--plot", help="write a PNG of cost and attainment against replicas here")
 
@@ -92,6 +95,10 @@ def run_plan(args: argparse.Namespace) -> int:
             raise ValueError(f"--profile {args.profile}: not valid JSON ({e.msg}, line {e.lineno})") from None
         if not isinstance(profile, dict):
             raise ValueError(f"--profile {args.profile}: expected a JSON object (see docs/profile_schema.md)")
+        if getattr(args, "project", None):
+            from pernode.measure.projection import project_profile
+
+            profile = project_profile(profile, args.project)
         result = plan(profile, workload, slo, args.price_per_hour, headroom=args.headroom, policy=args.policy,
                       attainment_target=args.attainment, instance=args.instance, num_requests=args.num_requests,
                       seed=args.seed, token_budget=args.token_budget, max_replicas=args.max_replicas)

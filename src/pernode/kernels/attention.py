@@ -143,7 +143,7 @@ def paged_attention(
     if query.device.type == "cpu":
         from pernode.kernels import paged_attention_cpu as cpu  # lazy: it imports this module and may compile
 
-        if cpu.kernel_supports(query, k_cache) and cpu.load_kernel() is not None:
+        if cpu.kernel_supports(query, k_cache, v_cache) and cpu.load_kernel() is not None:
             return cpu.paged_attention_cpu(query, k_cache, v_cache, meta, scale)
         return paged_attention_reference(query, k_cache, v_cache, meta, scale)
     return paged_attention_sdpa(query, k_cache, v_cache, meta, scale)

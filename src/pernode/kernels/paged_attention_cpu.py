@@ -70,21 +70,24 @@ def load_kernel() -> Callable | None:
         )
         return torch.ops.pernode.paged_attention
     except Exception as exc:  # a missing compiler or ninja must not stop serving: the reference still works
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        log.warning("pernode: C++ paged attention kernel unavailable (%s); using the plain-torch reference", reason)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        log.warning(
+            "pernode: C++ paged attention kernel unavailable (%s); using the plain-torch reference", reason
+        )
         return None
 
 
-def kernel_supports(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
+def kernel_supports(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Shapes and dtypes the C++ kernel handles; anything else goes to the reference."""
     return (
-        query.device.type == "cpu"
-        and k_cache.device.type == "cpu"
+        query.device.type == k_cache.device.type == v_cache.device.type == "cpu"
         and query.dtype in SUPPORTED_DTYPES
+        and k_cache.dtype == v_cache.dtype
         and k_cache.dtype in SUPPORTED_DTYPES
         and query.shape[-1] % 16 == 0
         and query.shape[-1] <= 512
         and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
     )
 
 

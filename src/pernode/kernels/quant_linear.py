@@ -27,6 +27,13 @@ SOURCE = Path(__file__).parent / "csrc" / "quant_linear.cpp"
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
+def gemv_threads() -> int:
+    """Threads of the small-batch GEMV: $PERNODE_QUANT_THREADS, else 0 (torch's intra-op thread count).
+
+    1 is the robust choice on a CPU shared with other busy processes (see the kernel's comment)."""
+    return int(os.environ.get("PERNODE_QUANT_THREADS", "0"))
+
+
 def build_name() -> str:
     h = hashlib.sha256()
     for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), torch.__version__.encode(), _cpu_signature().encode()):
@@ -132,7 +139,7 @@ class QuantLinear(nn.Module):
         op = load_kernel() if x.device.type == "cpu" else None
         if op is not None:
             y = op(x2.float(), self.qweight, self._scale, self._zero_term, self.scheme.num_bits,
-                   self.scheme.group_size or 0)
+                   self.scheme.group_size or 0, gemv_threads())
         else:
             y = woq_linear_reference(x2, self.qweight, self.weight_scale, self.weight_zero_point,
                                      self.scheme.num_bits, self.scheme.group_size)

@@ -45,6 +45,7 @@ constexpr int kRowVectorMinRows = 12;  // from here the row-vectorised matmul be
 constexpr int64_t kMinParallelWork = 1 << 18;  // rows x keys x head_dim under which one thread does it all
 constexpr int kSplitMinTokens = 256;   // a kv slice shorter than this is not worth its merge
 constexpr int kPrefetchBlocks = 2;     // how far ahead K/V blocks are requested: enough to cover DRAM latency
+constexpr int kPvColumns = 64;         // head_dim columns whose accumulators stay in registers during o += p v
 constexpr int kKeysPerPass = 8;        // keys whose scores are accumulated together in the row-vectorised path
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -57,23 +58,27 @@ inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline vf vsplat(float x) { return vf{} + x; }
 inline vi viota() { return vi{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
 
+// Two-input shuffle of 16-lane vectors (lanes 0-15 from a, 16-31 from b): gcc and clang spell it differently.
+#if defined(__clang__)
+#define PERNODE_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define PERNODE_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, vi{__VA_ARGS__})
+#endif
+
 inline float hsum(vf v) {
-  typedef float v8 __attribute__((vector_size(32)));
-  typedef float v4 __attribute__((vector_size(16)));
-  v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
+  v += PERNODE_SHUFFLE(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += PERNODE_SHUFFLE(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += PERNODE_SHUFFLE(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  return v[0] + v[1];
 }
 
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+
 inline float hmax(vf v) {
-  typedef float v8 __attribute__((vector_size(32)));
-  typedef float v4 __attribute__((vector_size(16)));
-  v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  a = a > b ? a : b;
-  v4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3), e = __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  c = c > e ? c : e;
-  return std::max(std::max(c[0], c[1]), std::max(c[2], c[3]));
+  v = vmax(v, PERNODE_SHUFFLE(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  v = vmax(v, PERNODE_SHUFFLE(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  v = vmax(v, PERNODE_SHUFFLE(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  return std::max(v[0], v[1]);
 }
 
 // Lane t of the result = the sum of all lanes of a[t]: 16 horizontal sums for the price of ~3.
@@ -81,20 +86,18 @@ inline vf reduce16(const float* a) {  // a: 16 vectors, one after another
   vf z[8], s[4], r[2];
   for (int i = 0; i < 8; ++i) {  // lane 2k+e: pair k of a[2i+e]
     const vf x = vload(a + (2 * i) * kLanes), y = vload(a + (2 * i + 1) * kLanes);
-    z[i] = __builtin_shufflevector(x, y, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
-           __builtin_shufflevector(x, y, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+    z[i] = PERNODE_SHUFFLE(x, y, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+           PERNODE_SHUFFLE(x, y, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
   }
   for (int i = 0; i < 4; ++i)  // lane 4k+e: quad k of a[4i+e]
-    s[i] = __builtin_shufflevector(z[2 * i], z[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
-           __builtin_shufflevector(z[2 * i], z[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    s[i] = PERNODE_SHUFFLE(z[2 * i], z[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           PERNODE_SHUFFLE(z[2 * i], z[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
   for (int i = 0; i < 2; ++i)  // lane 8k+e: half k of a[8i+e]
-    r[i] = __builtin_shufflevector(s[2 * i], s[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
-           __builtin_shufflevector(s[2 * i], s[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-  return __builtin_shufflevector(r[0], r[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-         __builtin_shufflevector(r[0], r[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    r[i] = PERNODE_SHUFFLE(s[2 * i], s[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           PERNODE_SHUFFLE(s[2 * i], s[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  return PERNODE_SHUFFLE(r[0], r[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+         PERNODE_SHUFFLE(r[0], r[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
 }
-
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 
 // exp(x) for x <= 0 (Cephes expf: x = n ln2 + r, degree-5 polynomial in r, ~1 ulp); plain vector ops, no libm call.
 inline vf vexp_nonpos(vf x) {
@@ -224,7 +227,8 @@ struct Partials {
   std::vector<float> o, m, l;  // [rows, D], [rows], [rows]
 };
 
-// Per-thread buffers, sized once per call for the largest tile.
+// Per-thread buffers, sized once per call for the largest tile: q, q transposed, o, scores, m, l, alpha, widened
+// K and V blocks (prefill), partial dot products (decode); positions of the rows.
 struct Scratch {
   std::unique_ptr<float[]> mem;
   float *q, *qt, *o, *s, *m, *l, *alpha, *k, *v, *tmp;
@@ -234,7 +238,7 @@ struct Scratch {
   Scratch(int max_rows, int d, int bs) {
     const int mp = round_up(max_rows, kLanes), bsp = round_up(bs, kLanes);
     const size_t sizes[] = {size_t(max_rows) * d, size_t(d) * mp, size_t(max_rows) * d,
-                            size_t(std::max(mp * bsp, (bsp + kKeysPerPass) * mp)), size_t(mp), size_t(mp),
+                            size_t(mp) * bsp, size_t(mp), size_t(mp),
                             size_t(mp), size_t(bs) * d, size_t(bs) * d,
                             size_t(kRowVectorMinRows) * kLanes * kLanes};
     size_t total = 0;
@@ -252,10 +256,11 @@ struct Scratch {
   static int round_up(int x, int m) { return (x + m - 1) / m * m; }
 };
 
-// ---- scores of one block ------------------------------------------------------------------------------------------
+// ---- prefetch -----------------------------------------------------------------------------------------------------
 
-// Where the item's next K/V block lies, so its rows can be fetched while this block is computed. Blocks sit at
-// random places in the cache, out of reach of the hardware prefetchers.
+// A K/V block a little ahead of the one being computed, whose rows are requested meanwhile: blocks sit at random
+// places in the cache, out of the hardware prefetchers' reach. Into L2 (T1 hint): into L1, the requests stall on its
+// few miss buffers.
 struct NextBlock {
   const char* k = nullptr;
   const char* v = nullptr;
@@ -277,8 +282,8 @@ struct NextBlock {
 // ---- decode path: few rows, vectorised over head_dim and keys ------------------------------------------------------
 
 // s[r * ld + t] = q_r . k_t: per (row, key) a vector of partial sums, parked in `tmp` and reduced 16 keys at a time.
-// K is read straight from the cache and widened in registers, once per key for all rows. The next block's rows are
-// requested one per key: spread out, the requests overlap with the math instead of stalling on full miss buffers.
+// K is read straight from the cache and widened in registers, once per key for all rows. The rows of the block ahead
+// are requested one per key: spread out, the requests overlap with the math instead of stalling on full miss buffers.
 template <int kD, typename T>
 void scores_by_key(const float* q, int rows, int d_rt, const T* k, int64_t k_stride, int nk, float* s, int ld,
                    float* tmp, const NextBlock& next) {
@@ -390,7 +395,8 @@ inline void softmax_rows(float* s, int mp, int nk, int key0, const int32_t* pos,
 
 // ---- o += p v (both paths) ----------------------------------------------------------------------------------------
 
-// o[r] += sum_t p[r * p_r + t * p_t] * v_t for kRows rows held in registers while the block's values stream by.
+// o[r] += sum_t p[r * p_r + t * p_t] * v_t for kRows rows held in registers while the block's values stream by,
+// over a slice of up to 64 columns of head_dim (4 rows x 4 vectors of accumulators, half the vector registers).
 template <int kD, typename T, int kRows>
 inline void pv_rows(const float* p, int64_t p_r, int64_t p_t, const T* v, int64_t v_stride, int nk, float* o,
                     int d_rt) {
@@ -403,20 +409,22 @@ inline void pv_rows(const float* p, int64_t p_r, int64_t p_t, const T* v, int64_
           vstore(o + i * d_rt + j, vload(o + i * d_rt + j) + p[i * p_r + t * p_t] * vt);
       }
   } else {
-    constexpr int kNv = kD / kLanes;
-    vf acc[kRows][kNv];
-    for (int i = 0; i < kRows; ++i)
-      for (int j = 0; j < kNv; ++j) acc[i][j] = vload(o + i * kD + j * kLanes);
-    for (int t = 0; t < nk; ++t) {
-      vf vt[kNv];
-      for (int j = 0; j < kNv; ++j) vt[j] = vload_as(v + t * v_stride + j * kLanes);
-      for (int i = 0; i < kRows; ++i) {
-        const float pt = p[i * p_r + t * p_t];
-        for (int j = 0; j < kNv; ++j) acc[i][j] += pt * vt[j];
+    constexpr int kNv = std::min(kD, kPvColumns) / kLanes;
+    for (int c = 0; c < kD; c += kNv * kLanes) {
+      vf acc[kRows][kNv];
+      for (int i = 0; i < kRows; ++i)
+        for (int j = 0; j < kNv; ++j) acc[i][j] = vload(o + i * kD + c + j * kLanes);
+      for (int t = 0; t < nk; ++t) {
+        vf vt[kNv];
+        for (int j = 0; j < kNv; ++j) vt[j] = vload_as(v + t * v_stride + c + j * kLanes);
+        for (int i = 0; i < kRows; ++i) {
+          const float pt = p[i * p_r + t * p_t];
+          for (int j = 0; j < kNv; ++j) acc[i][j] += pt * vt[j];
+        }
       }
+      for (int i = 0; i < kRows; ++i)
+        for (int j = 0; j < kNv; ++j) vstore(o + i * kD + c + j * kLanes, acc[i][j]);
     }
-    for (int i = 0; i < kRows; ++i)
-      for (int j = 0; j < kNv; ++j) vstore(o + i * kD + j * kLanes, acc[i][j]);
   }
 }
 
@@ -432,8 +440,7 @@ inline void pv_rest(int rest, const float* p, int64_t p_r, int64_t p_t, const T*
 
 template <int kD, typename T>
 void pv(const float* p, int64_t p_r, int64_t p_t, const T* v, int64_t v_stride, int nk, float* o, int rows, int d) {
-  // Rows per register block: their accumulators take about half of the 32 vector registers.
-  constexpr int kRows = kD ? std::max(1, 256 / kD) : 4;
+  constexpr int kRows = 4;
   int r = 0;
   for (; r + kRows <= rows; r += kRows) pv_rows<kD, T, kRows>(p + r * p_r, p_r, p_t, v, v_stride, nk, o + r * d, d);
   pv_rest<kD, T, kRows - 1>(rows - r, p + r * p_r, p_r, p_t, v, v_stride, nk, o + r * d, d);

@@ -163,7 +163,8 @@ void dequant_all(const at::Tensor& w, const float* scale, const float* bias, int
 }
 
 at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale_in,
-                      const c10::optional<at::Tensor>& bias_in, int64_t bits, int64_t group_size) {
+                      const c10::optional<at::Tensor>& bias_in, int64_t bits, int64_t group_size,
+                      int64_t num_threads) {
   TORCH_CHECK(bits == 4 || bits == 8, "woq_linear: bits must be 4 or 8");
   TORCH_CHECK(w.is_contiguous() && w.dim() == 2, "woq_linear: weight must be a contiguous 2-D tensor");
   auto x = x_in.to(at::kFloat).contiguous();
@@ -206,7 +207,7 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
   }
   float* yp = y.data_ptr<float>();
   const float* sp = scale.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+  auto rows = [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < M; m0 += kMaxGemvRows) {
       int64_t mb = std::min(kMaxGemvRows, M - m0);
       const float* xsm = bp ? xsum.data() + m0 * G : nullptr;
@@ -233,14 +234,20 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
         }
       }
     }
-  });
+  };
+  // num_threads == 1 runs on the caller's thread: on an oversubscribed CPU a fork-join per layer waits for the
+  // slowest, descheduled thread, which costs far more than the second core gains for a memory-bound GEMV.
+  if (num_threads == 1)
+    rows(0, N);
+  else
+    at::parallel_for(0, N, 16, rows);
   return y;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pernode, m) {
-  m.def("woq_linear(Tensor x, Tensor weight, Tensor scale, Tensor? zero_term, int bits, int group_size) -> Tensor");
+  m.def("woq_linear(Tensor x, Tensor weight, Tensor scale, Tensor? zero_term, int bits, int group_size, int num_threads=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pernode, CPU, m) { m.impl("woq_linear", &woq_linear); }

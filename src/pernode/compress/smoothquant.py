@@ -1,0 +1,76 @@
+"""SmoothQuant: move activation outliers into the weights with per-channel scales s = max|X|^a / max|W|^(1-a),
+folded into the preceding op, so both int8 weights and dynamic per-token int8 activations quantize well
+(arXiv 2211.10438).
+
+Smoothed: input_layernorm -> q/k/v and post_attention_layernorm -> gate/up (the paper's choice), and, by default,
+up_proj -> down_proj (silu(gate) * up is linear in up), where Llama's largest activation outliers sit. o_proj runs
+plain W8A8 (GQA keeps v -> o from folding exactly). `quantize_w8a8` is the naive baseline: the same int8 GEMM,
+no smoothing. Executed by `W8A8Linear` (torch._int_mm).
+"""
+from __future__ import annotations
+
+import torch
+
+from pernode.compress.calibration import capture_inputs, run_sequential
+from pernode.compress.common import check_model, install, projections
+from pernode.compress.scheme import QuantScheme, quantize_weight
+
+W8A8 = QuantScheme(num_bits=8, group_size=None, symmetric=True, activations="int8-token")
+
+
+def _w8a8_scheme(scheme: QuantScheme) -> QuantScheme:
+    if scheme.num_bits != 8 or scheme.group_size is not None or not scheme.symmetric or not scheme.activations:
+        raise ValueError(f"W8A8 methods need 8-bit symmetric per-channel weights with int8 activations, got "
+                         f"{scheme.label()}: drop --bits/--group-size/--asymmetric")
+    return scheme
+
+
+def smoothing_scale(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    w_absmax = weight.abs().amax(0).float().clamp(min=1e-5)
+    return (act_absmax.clamp(min=1e-5).pow(alpha) / w_absmax.pow(1 - alpha)).clamp(min=1e-5)
+
+
+@torch.no_grad()
+def quantize_w8a8(model, scheme: QuantScheme = W8A8, **_) -> dict:
+    """Naive W8A8: per-channel int8 weights (round to nearest), dynamic per-token int8 activations."""
+    scheme = _w8a8_scheme(scheme)
+    for i, layer in enumerate(model.layers):
+        for parent, attr, linear in list(projections(layer)):
+            install(parent, attr, *quantize_weight(linear.weight.data, scheme), scheme, f"layers.{i}.{attr}")
+    return {}
+
+
+def quantize_smoothquant(model, scheme: QuantScheme, calibration: torch.Tensor, alpha: float = 0.5,
+                         smooth_down: bool = True, quiet: bool = False, **_) -> dict:
+    """Smooth, then W8A8-quantize every decoder projection in place, layer by layer."""
+    scheme = _w8a8_scheme(scheme)
+    check_model(model, scheme)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha} is out of range: allowed 0..1 (the paper's default is 0.5)")
+
+    def process(i, layer, x, fwd):
+        attn, mlp = layer.self_attn, layer.mlp
+        absmax: dict[str, torch.Tensor] = {}
+
+        def track(name, inp):
+            m = inp.abs().amax(0).float()
+            absmax[name] = torch.maximum(absmax[name], m) if name in absmax else m
+
+        with capture_inputs({"qkv_proj": attn.qkv_proj, "gate_up_proj": mlp.gate_up_proj,
+                             "down_proj": mlp.down_proj}, track):
+            fwd.layer(layer, x)
+        for norm, lin, name in ((layer.input_layernorm, attn.qkv_proj, "qkv_proj"),
+                                (layer.post_attention_layernorm, mlp.gate_up_proj, "gate_up_proj")):
+            s = smoothing_scale(absmax[name], lin.weight.data, alpha)
+            norm.weight.data.div_(s.to(norm.weight.dtype))
+            lin.weight.data.mul_(s.to(lin.weight.dtype))
+        if smooth_down:
+            s = smoothing_scale(absmax["down_proj"], mlp.down_proj.weight.data, alpha)
+            mlp.gate_up_proj.weight.data[mlp.intermediate_size:].div_(s[:, None].to(mlp.gate_up_proj.weight.dtype))
+            mlp.down_proj.weight.data.mul_(s.to(mlp.down_proj.weight.dtype))
+        for parent, attr, linear in list(projections(layer)):
+            install(parent, attr, *quantize_weight(linear.weight.data, scheme), scheme, f"layers.{i}.{attr}")
+        return f"max|x| qkv {absmax['qkv_proj'].max():.1f} down {absmax['down_proj'].max():.1f}"
+
+    run_sequential(model, calibration, process, "SmoothQuant", quiet)
+    return {"alpha": alpha, "smooth_down": smooth_down}

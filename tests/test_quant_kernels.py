@@ -1,0 +1,73 @@
+"""Quantized linear kernels held to their plain-torch references, and the int4 packing held to compressed-tensors'."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pernode.compress.scheme import QuantScheme, dequantize, pack_int4, quantize_weight, unpack_int4
+from pernode.kernels.quant_linear import (QuantLinear, W8A8Linear, load_kernel, w8a8_linear_reference,
+                                          woq_linear_reference)
+
+
+def test_int4_packing_is_compressed_tensors_layout():
+    q = torch.tensor([[-8, -7, 0, 1, 2, 3, 6, 7] * 2], dtype=torch.int8)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.int32 and packed.shape == (1, 2)
+    word = packed[0, 0].item() & 0xFFFFFFFF
+    assert [(word >> (4 * i)) & 0xF for i in range(8)] == [v + 8 for v in q[0, :8].tolist()]
+    assert torch.equal(unpack_int4(packed, 16), q)
+    r = torch.randint(-8, 8, (5, 64), dtype=torch.int8)
+    assert torch.equal(unpack_int4(pack_int4(r), 64), r)
+
+
+def test_quantize_dequantize_error_is_bounded_by_half_a_step():
+    w = torch.randn(8, 128)
+    for scheme in (QuantScheme(8), QuantScheme(4, 32), QuantScheme(4, 64, symmetric=False)):
+        q, s, z = quantize_weight(w, scheme)
+        err = (dequantize(q, s, z, scheme.group_size) - w).abs()
+        step = s.repeat_interleave(scheme.group_size or 128, dim=1)
+        assert (err <= step * 0.5 + 1e-6).all(), scheme
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (8, 64, False), (4, 64, True),
+                                                        (4, 32, False), (4, None, True), (4, 128, False)])
+@pytest.mark.parametrize("in_features", [576, 1536])
+def test_weight_only_kernel_matches_reference(bits, group_size, symmetric, in_features):
+    if group_size and in_features % group_size:
+        pytest.skip("group does not divide")
+    if load_kernel() is None:
+        pytest.skip("C++ kernel unavailable: the reference is what runs")
+    torch.manual_seed(0)
+    scheme = QuantScheme(bits, group_size, symmetric)
+    layer = QuantLinear(in_features, 80, scheme)
+    layer.set_quantized(*quantize_weight(torch.randn(80, in_features), scheme))
+    for m in (1, 2, 3, 5, 8, 9, 33):  # GEMV row chunks of 1..4, then the dequantize + matmul path
+        x = torch.randn(m, in_features)
+        ref = woq_linear_reference(x, layer.qweight, layer.weight_scale, layer.weight_zero_point, bits, group_size)
+        torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_weight_only_kernel_single_thread_matches(monkeypatch):
+    if load_kernel() is None:
+        pytest.skip("C++ kernel unavailable")
+    monkeypatch.setenv("PERNODE_QUANT_THREADS", "1")
+    scheme = QuantScheme(4, 64)
+    layer = QuantLinear(576, 200, scheme)
+    layer.set_quantized(*quantize_weight(torch.randn(200, 576), scheme))
+    x = torch.randn(1, 576)
+    ref = woq_linear_reference(x, layer.qweight, layer.weight_scale, None, 4, 64)
+    torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("threshold", [None, 2.0])
+@pytest.mark.parametrize("m", [1, 17, 64])
+def test_w8a8_matches_reference(threshold, m):
+    torch.manual_seed(0)
+    scheme = QuantScheme(8, activations="int8-token", outlier_threshold=threshold)
+    layer = W8A8Linear(96, 48, scheme)
+    layer.set_quantized(*quantize_weight(torch.randn(48, 96), QuantScheme(8))[:2])
+    x = torch.randn(m, 96)
+    ref = w8a8_linear_reference(x, layer.weight, layer.weight_scale, threshold)
+    torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    if threshold is not None:
+        assert layer.num_outlier_columns == int((x.abs() >= threshold).any(0).sum())

@@ -1,0 +1,160 @@
+"""Quantization methods, their user errors, and their checkpoints as the engine serves them (tiny models)."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from pernode.compress import METHODS, quantize_model
+from pernode.compress.awq import search_scale
+from pernode.compress.checkpoint import load_model, save_quantized
+from pernode.compress.gptq import gptq_quantize_weight
+from pernode.compress.scheme import QuantScheme, dequantize, fake_quantize, quantize_weight
+from pernode.compress.smoothquant import W8A8
+from pernode.evaluate.perplexity import final_hidden_states
+from pernode.kernels.quant_linear import QuantLinear, W8A8Linear
+from tiny_model import tiny_config, write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return write_tiny_model(str(tmp_path_factory.mktemp("q") / "tiny"), tiny_config())
+
+
+def _calib(n=2, seq_len=32):
+    return torch.randint(0, 49152, (n, seq_len), generator=torch.Generator().manual_seed(0))
+
+
+@torch.inference_mode()
+def _logits(model, ids):
+    return model.lm_head(final_hidden_states(model, ids[None]))
+
+
+def test_group_size_that_does_not_divide_names_the_layer_and_the_sizes_that_do():
+    from pernode.models.llama import LlamaForCausalLM
+
+    model = LlamaForCausalLM(tiny_config(hidden_size=96, num_attention_heads=6, head_dim=16, intermediate_size=192,
+                                         vocab_size=256))
+    with pytest.raises(ValueError, match=r"group_size=64 does not divide the input size 96 of layers\.0\.qkv_proj: "
+                                         r"use --group-size 32"):
+        quantize_model(model, "rtn", QuantScheme(4, 64))
+    with pytest.raises(ValueError, match="group_size=48 is not supported: allowed"):
+        QuantScheme(4, 48)
+
+
+def test_unknown_method_lists_the_methods(tiny_folder):
+    model, _ = load_model(tiny_folder)
+    with pytest.raises(ValueError, match="allowed " + ", ".join(METHODS)):
+        quantize_model(model, "bogus", QuantScheme(8))
+
+
+def test_gptq_beats_rtn_on_correlated_inputs():
+    torch.manual_seed(0)
+    x = torch.randn(4096, 128) @ torch.randn(128, 128) * 0.3 + torch.randn(4096, 128)
+    w = torch.randn(48, 128)
+    h = 2 * x.t() @ x / x.shape[0]
+    for scheme in (QuantScheme(4, 32), QuantScheme(4, None, symmetric=False)):
+        rtn = ((x @ (w - fake_quantize(w, scheme)).t()) ** 2).mean()
+        for act_order in (False, True):
+            q, s, z = gptq_quantize_weight(w, h, scheme, act_order=act_order)
+            gptq = ((x @ (w - dequantize(q, s, z, scheme.group_size)).t()) ** 2).mean()
+            assert gptq < 0.8 * rtn, (scheme, act_order, gptq, rtn)
+
+
+def test_gptq_raises_damping_when_cholesky_fails(caplog):
+    x = torch.randn(256, 8) @ torch.randn(8, 64)  # rank 8 of 64 -> singular without damping
+    h = 2 * x.t() @ x / 256
+    with caplog.at_level(logging.WARNING, logger="pernode.compress"):
+        q, _, _ = gptq_quantize_weight(torch.randn(16, 64), h, QuantScheme(4, 32), damp_ratio=0.0)
+    assert "raising damping" in caplog.text and q.shape == (16, 64)
+
+
+def test_awq_scale_search_never_loses_to_plain_rounding():
+    torch.manual_seed(0)
+    x = torch.randn(512, 128) * torch.logspace(-1, 1, 128)
+    w = torch.randn(64, 128)
+    scheme = QuantScheme(4, 32)
+    s, _ = search_scale(x, w, scheme)
+    ref = x @ w.t()
+    awq = (((x / s) @ fake_quantize(w * s, scheme).t() - ref) ** 2).mean()
+    rtn = ((x @ fake_quantize(w, scheme).t() - ref) ** 2).mean()
+    assert awq <= rtn
+
+
+def test_int4_checkpoint_layout_and_engine_serving(tiny_folder, tmp_path):
+    from pernode.engine.llm_engine import LLMEngine
+    from pernode.models.registry import resolve_model
+    from pernode.sampling.params import SamplingParams
+
+    scheme = QuantScheme(4, 32, symmetric=False)
+    model, source = load_model(tiny_folder)
+    quantize_model(model, "rtn", scheme)
+    out = save_quantized(model, source, str(tmp_path / "int4"), scheme, "rtn")
+
+    cfg = json.load(open(f"{out}/config.json"))["quantization_config"]
+    assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
+    assert cfg["ignore"] == ["lm_head"]
+    group = cfg["config_groups"]["group_0"]
+    assert group["targets"] == ["Linear"]
+    assert {k: group["weights"][k] for k in ("num_bits", "type", "symmetric", "strategy", "group_size")} == \
+        {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 32}
+    with safe_open(f"{out}/model.safetensors", "pt") as f:
+        names = set(f.keys())
+        prefix = "model.layers.0.self_attn.k_proj"
+        assert f.get_tensor(f"{prefix}.weight_packed").dtype == torch.int32
+        assert tuple(f.get_tensor(f"{prefix}.weight_packed").shape) == (32, 64 // 8)
+        assert tuple(f.get_tensor(f"{prefix}.weight_scale").shape) == (32, 2)
+        assert tuple(f.get_tensor(f"{prefix}.weight_zero_point").shape) == (32, 2)
+        assert f.get_tensor(f"{prefix}.weight_shape").tolist() == [32, 64]
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    assert not any(n.endswith("proj.weight") for n in names)
+
+    source2 = resolve_model(out)
+    assert source2.quantization_config == cfg
+    reloaded, _ = load_model(out)
+    assert isinstance(reloaded.layers[1].mlp.gate_up_proj, QuantLinear)
+    ids = torch.arange(100, 140)
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids))
+
+    engine = LLMEngine(model=out, num_blocks=32)
+    assert isinstance(engine.model.layers[0].self_attn.qkv_proj, QuantLinear)
+    engine.add_request("a", "The capital of France is", SamplingParams(max_tokens=4, temperature=0.0))
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+    assert len(outputs[0].outputs[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("method,scheme", [("gptq", QuantScheme(4, 32)), ("awq", QuantScheme(4, 32)),
+                                           ("smoothquant", W8A8), ("llm-int8", W8A8), ("w8a8", W8A8),
+                                           ("rtn", QuantScheme(8))])
+def test_methods_round_trip_through_their_checkpoint(tiny_folder, tmp_path, method, scheme):
+    model, source = load_model(tiny_folder)
+    fp_logits = _logits(model, torch.arange(200, 232))
+    report = quantize_model(model, method, scheme, _calib(), quiet=True)
+    out = save_quantized(model, source, str(tmp_path / method), scheme, method)
+    reloaded, _ = load_model(out)
+    layer_type = W8A8Linear if scheme.activations else QuantLinear
+    assert isinstance(reloaded.layers[0].mlp.down_proj, layer_type)
+    ids = torch.arange(200, 232)
+    q_logits = _logits(reloaded, ids)
+    torch.testing.assert_close(q_logits, _logits(model, ids))
+    # quantization perturbs but does not wreck the tiny model's predictions
+    assert (q_logits - fp_logits).abs().mean() < 0.25 * fp_logits.abs().mean()
+    if method == "llm-int8":
+        assert reloaded.layers[0].mlp.down_proj.outlier_threshold == 6.0
+        assert report["outliers"] and all("mean_outlier_columns" in v for v in report["outliers"].values())
+
+
+def test_qwen2_biases_survive_quantization(tmp_path):
+    folder = write_tiny_model(str(tmp_path / "qwen"), tiny_config("qwen2"))
+    model, source = load_model(folder)
+    with torch.no_grad():
+        model.layers[0].self_attn.qkv_proj.bias.normal_()
+    quantize_model(model, "rtn", QuantScheme(8))
+    out = save_quantized(model, source, str(tmp_path / "q"), QuantScheme(8), "rtn")
+    reloaded, _ = load_model(out)
+    ids = torch.arange(10, 30)
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids))
