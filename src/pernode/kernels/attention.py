@@ -47,6 +47,25 @@ def write_kv_cache(
     v_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
 
+def _sequences(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata):
+    """Per sequence with queries: (q0, q1, keys, values, causal mask), the sequence's K/V gathered from its blocks
+    ([Lk, Hkv, D]) and the mask bottom-right aligned: query i sits at position seq_len - q_len + i and sees
+    keys 0..that position ([Lq, Lk])."""
+    _, block_size, hkv, d = k_cache.shape
+    qsl = meta.query_start_loc_cpu or meta.query_start_loc.tolist()
+    seq_lens = meta.seq_lens_cpu or meta.seq_lens.tolist()
+    for s, seq_len in enumerate(seq_lens):
+        q0, q1 = qsl[s], qsl[s + 1]
+        if q1 == q0:
+            continue
+        blocks = meta.block_tables[s, :-(-seq_len // block_size)].long()
+        k = k_cache[blocks].reshape(-1, hkv, d)[:seq_len]
+        v = v_cache[blocks].reshape(-1, hkv, d)[:seq_len]
+        q_pos = torch.arange(seq_len - (q1 - q0), seq_len, device=query.device)
+        mask = torch.arange(seq_len, device=query.device)[None, :] <= q_pos[:, None]
+        yield q0, q1, k, v, mask
+
+
 def paged_attention_reference(
     query: torch.Tensor,  # [T, Hq, D]
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
@@ -54,35 +73,17 @@ def paged_attention_reference(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Plain-torch reference: gathers each sequence's blocks, then exact causal softmax attention.
+    """Plain-torch reference: gathers each sequence's blocks, then exact causal softmax attention in fp32.
 
     Slow and copy-heavy by design; fast kernels are held to it by the tests.
     """
-    _, block_size, hkv, d = k_cache.shape
-    hq = query.shape[1]
-    group = hq // hkv
+    group = query.shape[1] // k_cache.shape[2]
     out = torch.empty_like(query)
-    qsl = meta.query_start_loc_cpu or meta.query_start_loc.tolist()
-    seq_lens = meta.seq_lens_cpu or meta.seq_lens.tolist()
-    for s, seq_len in enumerate(seq_lens):
-        q0, q1 = qsl[s], qsl[s + 1]
-        if q1 == q0:
-            continue
-        n_blocks = (seq_len + block_size - 1) // block_size
-        blocks = meta.block_tables[s, :n_blocks].long()
-        k = k_cache[blocks].reshape(-1, hkv, d)[:seq_len]
-        v = v_cache[blocks].reshape(-1, hkv, d)[:seq_len]
-        q = query[q0:q1]  # [Lq, Hq, D]
-        q_len = q1 - q0
-        # query i sits at absolute position seq_len - q_len + i and sees keys 0..that position
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
-        k_pos = torch.arange(seq_len, device=query.device)
-        mask = k_pos[None, :] <= q_pos[:, None]  # [Lq, Lk]
+    for q0, q1, k, v, mask in _sequences(query, k_cache, v_cache, meta):
         k = k.repeat_interleave(group, dim=1).transpose(0, 1).float()  # [Hq, Lk, D]
         v = v.repeat_interleave(group, dim=1).transpose(0, 1).float()
-        scores = torch.matmul(q.transpose(0, 1).float(), k.transpose(1, 2)) * scale  # [Hq, Lq, Lk]
-        scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+        scores = torch.matmul(query[q0:q1].transpose(0, 1).float(), k.transpose(1, 2)) * scale  # [Hq, Lq, Lk]
+        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
         out[q0:q1] = torch.matmul(probs, v).transpose(0, 1).to(query.dtype)
     return out
 
@@ -94,34 +95,16 @@ def paged_attention_sdpa(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Per-sequence gather, then torch's fused `scaled_dot_product_attention`: correct on any device.
-
-    The causal mask is bottom-right aligned (queries are the last positions), which SDPA's `is_causal` is not, so chunks
-    with cached prefixes pass an explicit mask.
-    """
-    _, block_size, hkv, d = k_cache.shape
-    hq = query.shape[1]
+    """Per-sequence gather, then torch's fused `scaled_dot_product_attention`: correct on any device."""
+    hq, hkv = query.shape[1], k_cache.shape[2]
     out = torch.empty_like(query)
-    qsl = meta.query_start_loc_cpu or meta.query_start_loc.tolist()
-    seq_lens = meta.seq_lens_cpu or meta.seq_lens.tolist()
-    for s, seq_len in enumerate(seq_lens):
-        q0, q1 = qsl[s], qsl[s + 1]
-        if q1 == q0:
-            continue
-        n_blocks = (seq_len + block_size - 1) // block_size
-        blocks = meta.block_tables[s, :n_blocks].long()
+    for q0, q1, k, v, mask in _sequences(query, k_cache, v_cache, meta):
         # 4-D [1, H, L, D]: with 3-D inputs SDPA skips its fused kernels for the math path
-        k = k_cache[blocks].reshape(-1, hkv, d)[:seq_len].transpose(0, 1)[None].to(query.dtype)  # [1, Hkv, Lk, D]
-        v = v_cache[blocks].reshape(-1, hkv, d)[:seq_len].transpose(0, 1)[None].to(query.dtype)
-        q = query[q0:q1].transpose(0, 1)[None]  # [1, Hq, Lq, D]
-        q_len = q1 - q0
-        mask = None
-        if 1 < q_len < seq_len:
-            q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
-            mask = torch.arange(seq_len, device=query.device)[None, :] <= q_pos[:, None]
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=q_len == seq_len and q_len > 1, scale=scale, enable_gqa=hq != hkv
-        )
+        k = k.transpose(0, 1)[None].to(query.dtype)
+        v = v.transpose(0, 1)[None].to(query.dtype)
+        q = query[q0:q1].transpose(0, 1)[None]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if q1 - q0 > 1 else None, scale=scale,
+                                           enable_gqa=hq != hkv)
         out[q0:q1] = o[0].transpose(0, 1)
     return out
 
