@@ -52,7 +52,15 @@ def run_report(args) -> int:
     n = 32 if args.quick else 128
     workload = random_workload(n, engine.model_config.vocab_size, (32, 256 if args.quick else 512),
                                (16, 128 if args.quick else 256), seed=0, avoid_ids=tuple(range(17)))
-    tput = run_pernode(llm, workload)
+    results = [run_pernode(llm, workload)]
+    if not args.quick:  # the peer on the same workload, in the same run
+        from pernode.measure.bench_offline import print_results, run_hf_best
+        from pernode.models.registry import resolve_model
+
+        pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
+        results.append(run_hf_best(resolve_model(config.model), workload, [8, 16, 32], 32, pad))
+        print_results(results, console)
+    tput = results[0]
     console.print(f"{tput.num_requests} requests ({tput.prompt_tokens} prompt + {tput.output_tokens} output tokens) "
                   f"in {tput.elapsed_s:.1f} s: [bold]{tput.output_tokens_per_s:.1f} output tok/s[/bold], "
                   f"{tput.requests_per_s:.2f} req/s")
@@ -68,10 +76,12 @@ def run_report(args) -> int:
 
     sections = [
         {"title": "The model answers", "text": f"user: {question}\nmodel: {answer.outputs[0].text}"},
-        {"title": "Offline throughput (all requests submitted at once)",
-         "columns": ["requests", "prompt tokens", "output tokens", "elapsed s", "output tok/s", "req/s"],
-         "rows": [[tput.num_requests, tput.prompt_tokens, tput.output_tokens, round(tput.elapsed_s, 1),
-                   round(tput.output_tokens_per_s, 1), round(tput.requests_per_s, 2)]]},
+        {"title": "Offline throughput (all requests submitted at once, same seeded workload for every system)",
+         "columns": ["system", "requests", "prompt tokens", "output tokens", "elapsed s", "output tok/s", "req/s",
+                     "pernode ×"],
+         "rows": [[r.system, r.num_requests, r.prompt_tokens, r.output_tokens, round(r.elapsed_s, 1),
+                   round(r.output_tokens_per_s, 1), round(r.requests_per_s, 2),
+                   round(tput.output_tokens_per_s / r.output_tokens_per_s, 2)] for r in results]},
         _plan_section(fleet, DEFAULT_SLO),
     ]
     path = write_report_html(os.path.join(args.out, "report.html"), profile, extra_sections=sections,
