@@ -24,6 +24,7 @@ def add_arguments(p) -> None:
     p.add_argument("--peers", default="hf,llama.cpp", help="comma list of hf, llama.cpp, or 'none'")
     p.add_argument("--hf-batch-sizes", default="8,16,32", help="static batch sizes HF is swept over")
     p.add_argument("--hf-sweep-prompts", type=int, default=32, help="requests used to pick HF's best batch")
+    p.add_argument("--also-dtypes", default="", help="also run pernode in these dtypes, e.g. bfloat16")
 
 
 def parse_range(text: str, name: str) -> tuple[int, int]:
@@ -90,6 +91,15 @@ def run_bench_offline(llm, source, args) -> list[ThroughputResult]:
     workload = random_workload(args.num_prompts, cfg.vocab_size, parse_range(args.input_len, "input_len"),
                                parse_range(args.output_len, "output_len"), seed=args.seed, avoid_ids=special)
     results = [run_pernode(llm, workload)]
+    for dtype in filter(None, (d.strip() for d in args.also_dtypes.split(","))):
+        import dataclasses
+
+        from pernode.engine.llm_engine import LLMEngine
+        from pernode.llm import LLM
+
+        other = LLM.from_engine(LLMEngine(dataclasses.replace(llm.engine.config, dtype=dtype)))
+        results.append(run_pernode(other, workload))
+        del other
     peers = {p.strip() for p in args.peers.split(",")} - {"none", ""}
     unknown = peers - {"hf", "llama.cpp"}
     if unknown:
@@ -117,6 +127,6 @@ def print_results(results: list[ThroughputResult], console=None) -> None:
         t.add_column(col, justify="right" if col not in ("system", "note") else "left")
     for r in results:
         ratio = ours.output_tokens_per_s / r.output_tokens_per_s
-        t.add_row(r.system, f"{r.output_tokens_per_s:.1f}", f"{r.requests_per_s:.2f}", f"{r.total_tokens_per_s:.1f}",
+        t.add_row(r.system if r.system != "pernode" else f"pernode ({r.note.split(', ')[-1]})", f"{r.output_tokens_per_s:.1f}", f"{r.requests_per_s:.2f}", f"{r.total_tokens_per_s:.1f}",
                   f"{r.elapsed_s:.1f}", f"{ratio:.2f}", r.note)
     console.print(t)
