@@ -143,7 +143,7 @@ def profile_label(profile: Mapping[str, Any]) -> tuple[str, str, str, str, str |
     kind = str(profile.get("kind", "measured"))
     src = profile.get("projected_from")
     if isinstance(src, Mapping):
-        src = src.get("name") or src.get("hardware") or str(dict(src))
+        src = src.get("hardware_name") or src.get("name") or src.get("hardware") or str(dict(src))
     projected_from = None if src is None else str(src)
     label = f"{model_name} on {hw_name}"
     if kind == "projected":
