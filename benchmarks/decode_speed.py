@@ -48,11 +48,14 @@ def decode_tokens_per_s(model, batch: int, steps: int, prompt_len: int = 32, war
 
 
 def weight_bytes_per_token(model) -> int:
-    """Bytes of weights a batch-1 decode step reads: every parameter/buffer except the embedding table rows it
-    does not touch (the tied lm_head reads the table once, so it counts once)."""
+    """Bytes of weights a batch-1 decode step reads: every parameter/buffer except the embedding table, whose one
+    row per token is noise, unless it is also the (tied) lm_head, which reads all of it once."""
+    tied = getattr(model.lm_head, "weight", None) is model.embed_tokens.weight
     seen, total = set(), 0
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.data_ptr() in seen or name.startswith("rotary") or ".rotary." in name:
+            continue
+        if name == "embed_tokens.weight" and not tied:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()

@@ -22,18 +22,23 @@ import torch  # noqa: E402
 
 from decode_speed import decode_tokens_per_s, weight_bytes_per_token  # noqa: E402
 from pernode.compress import CALIBRATED, quantize_model  # noqa: E402
+from pernode.compress.lm_head import quantize_lm_head  # noqa: E402
 from pernode.compress.checkpoint import checkpoint_bytes, load_model, save_quantized  # noqa: E402
 from pernode.compress.scheme import QuantScheme  # noqa: E402
 from pernode.compress.smoothquant import W8A8  # noqa: E402
 from pernode.evaluate.perplexity import calibration_windows, evaluate_perplexity  # noqa: E402
 
-CONFIGS = {  # name -> (method, scheme)
+CONFIGS = {  # name -> (method, scheme); "+lm8": the lm_head quantized too (int8 g32, `--quantize-lm-head`)
     "fp32": (None, None),
     "rtn-int8": ("rtn", QuantScheme(8)),
+    "rtn-int8+lm8": ("rtn", QuantScheme(8)),
     "rtn-int4-g64": ("rtn", QuantScheme(4, 64)),
+    "rtn-int4-g64+lm8": ("rtn", QuantScheme(4, 64)),
     "rtn-int4-g32": ("rtn", QuantScheme(4, 32)),
     "gptq-int4-g64": ("gptq", QuantScheme(4, 64)),
+    "gptq-int4-g64+lm8": ("gptq", QuantScheme(4, 64)),
     "awq-int4-g64": ("awq", QuantScheme(4, 64)),
+    "awq-int4-g64+lm8": ("awq", QuantScheme(4, 64)),
     "w8a8": ("w8a8", W8A8),
     "smoothquant-w8a8": ("smoothquant", W8A8),
     "llm-int8": ("llm-int8", W8A8),
@@ -117,6 +122,8 @@ def main() -> int:
             if method in CALIBRATED and calib is None:
                 calib = calibration_windows(source.tokenizer, 512, args.calib_windows)
             report = quantize_model(model, method, scheme, calib, quiet=True)
+            if name.endswith("+lm8"):
+                quantize_lm_head(model)
             quant_s = time.perf_counter() - t0
             path = os.path.join(out, name)
             save_quantized(model, source, path, scheme, method)
@@ -125,7 +132,8 @@ def main() -> int:
         size_mb = checkpoint_bytes(path) / 1e6 if method else sum(
             t.numel() * 4 for t in model.hf_state_dict().values()) / 1e6
         ppl = evaluate_perplexity(model, source.tokenizer, seq_len=seq_len, max_windows=windows)
-        row = {"name": name, "method": method or "fp32", "scheme": scheme.label() if scheme else "fp32",
+        label = (scheme.label() + (" + lm_head w8-g32" if name.endswith("+lm8") else "")) if scheme else "fp32"
+        row = {"name": name, "method": method or "fp32", "scheme": label,
                "path": path, "checkpoint_mb": size_mb, "ppl": ppl.perplexity, "nll": ppl.mean_nll,
                "ppl_tokens": ppl.num_tokens, "quantize_s": quant_s}
         if report.get("outliers"):

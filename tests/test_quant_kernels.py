@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from pernode.compress.scheme import QuantScheme, dequantize, pack_int4, quantize_weight, unpack_int4
-from pernode.kernels.quant_linear import (QuantLinear, W8A8Linear, load_kernel, w8a8_linear_reference,
-                                          woq_linear_reference)
+from pernode.kernels.quant_linear import (GEMV_MAX_ROWS, QuantLinear, W8A8Linear, load_kernel,
+                                          quantize_input_blocks, w8a8_linear_reference, woq_linear_reference)
 
 
 def test_int4_packing_is_compressed_tensors_layout():
@@ -41,10 +41,35 @@ def test_weight_only_kernel_matches_reference(bits, group_size, symmetric, in_fe
     scheme = QuantScheme(bits, group_size, symmetric)
     layer = QuantLinear(in_features, 80, scheme)
     layer.set_quantized(*quantize_weight(torch.randn(80, in_features), scheme))
-    for m in (1, 2, 3, 5, 8, 9, 33):  # GEMV row chunks of 1..4, then the dequantize + matmul path
+    for m in (1, 2, 3, 5, 8, 9, 33, 300):  # GEMV row chunks of 1..4, then dequantized tiles (128 rows) + matmul
         x = torch.randn(m, in_features)
-        ref = woq_linear_reference(x, layer.qweight, layer.weight_scale, layer.weight_zero_point, bits, group_size)
+        int8_x = bits == 4 and m <= GEMV_MAX_ROWS  # int4 decode GEMV quantizes x per 32 values (VNNI)
+        ref = woq_linear_reference(x, layer.qweight, layer.weight_scale, layer.weight_zero_point, bits, group_size,
+                                   quantize_input=int8_x)
         torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_int8_input_quantization_is_per_32_block_and_close_to_float(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(3, 128) * torch.logspace(-2, 2, 128)  # blocks of very different scales
+    xq = quantize_input_blocks(x)
+    err = (xq - x).abs().reshape(3, 4, 32)
+    step = x.abs().reshape(3, 4, 32).amax(-1, keepdim=True) / 127
+    assert (err <= step / 2 + 1e-7).all()  # half a step of the block's own scale, not the row's
+    assert torch.equal(quantize_input_blocks(torch.zeros(1, 32)), torch.zeros(1, 32))
+    if load_kernel() is None:
+        pytest.skip("C++ kernel unavailable")
+    scheme = QuantScheme(4, 64)
+    layer = QuantLinear(576, 300, scheme)
+    layer.set_quantized(*quantize_weight(torch.randn(300, 576), scheme))
+    x = torch.randn(2, 576)
+    exact = woq_linear_reference(x, layer.qweight, layer.weight_scale, None, 4, 64)
+    y = layer(x)
+    rel = ((y - exact).norm() / exact.norm()).item()
+    assert 0 < rel < 1e-2  # quantized x: close to, but not, the float result
+    monkeypatch.setenv("PERNODE_QUANT_INPUT", "float")
+    layer.post_load()
+    torch.testing.assert_close(layer(x), exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
 
 
 def test_weight_only_kernel_single_thread_matches(monkeypatch):
@@ -55,7 +80,7 @@ def test_weight_only_kernel_single_thread_matches(monkeypatch):
     layer = QuantLinear(576, 200, scheme)
     layer.set_quantized(*quantize_weight(torch.randn(200, 576), scheme))
     x = torch.randn(1, 576)
-    ref = woq_linear_reference(x, layer.qweight, layer.weight_scale, None, 4, 64)
+    ref = woq_linear_reference(x, layer.qweight, layer.weight_scale, None, 4, 64, quantize_input=True)
     torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 

@@ -227,6 +227,10 @@ def cmd_quantize(args) -> int:
         calib = calibration_windows(source.tokenizer, args.calib_seq_len, args.calib_windows, args.corpus)
     options = {"act_order": args.act_order, "damp_ratio": args.damp, "alpha": args.alpha, "clip": not args.no_clip}
     report = quantize_model(model, args.method, scheme, calib, **options)
+    if args.quantize_lm_head:
+        from pernode.compress.lm_head import quantize_lm_head
+
+        quantize_lm_head(model)
     save_quantized(model, source, args.out, scheme, args.method, extra={k: v for k, v in report.items()
                                                                          if k != "outliers"})
     if report.get("outliers"):
@@ -236,7 +240,9 @@ def cmd_quantize(args) -> int:
                   f"  of {st['in_features']}")
         with open(f"{args.out}/outlier_stats.json", "w") as f:
             json.dump(report["outliers"], f, indent=1)
-    print(f"wrote {args.out} ({checkpoint_bytes(args.out) / 1e6:.1f} MB of weights, {scheme.label()}, {args.method})")
+    head = " + int8-g32 lm_head" if args.quantize_lm_head else ""
+    print(f"wrote {args.out} ({checkpoint_bytes(args.out) / 1e6:.1f} MB of weights, {scheme.label()}{head}, "
+          f"{args.method})")
     return 0
 
 
@@ -353,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-windows", type=int, default=16, help="calibration windows (GPTQ/AWQ/SmoothQuant)")
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--corpus", default=None, help="UTF-8 text file (default: pydoc topics; first 10%% calibrates)")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="also quantize the lm_head (untied; int8 per group of 32, GGUF Q8_0's precision); "
+                        "default: it stays float")
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by descending Hessian diagonal")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ: damping, fraction of the mean Hessian diagonal")
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")

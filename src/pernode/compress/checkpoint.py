@@ -2,7 +2,8 @@
 
 Per quantized HF linear (q/k/v/o/gate/up/down_proj): `weight_packed` (int4, 8 per int32 along the input dim, stored
 q + 8) or `weight` (int8), `weight_scale` [out, groups], `weight_zero_point` [out, groups] (asymmetric only) and
-`weight_shape` ([out, in], int64). Embeddings, norms and lm_head stay float (`ignore: ["lm_head"]`).
+`weight_shape` ([out, in], int64). Embeddings and norms stay float; so does the lm_head (`ignore: ["lm_head"]`)
+unless quantized on request (a second config group targeting "lm_head", tie_word_embeddings false).
 W8A8 checkpoints add `input_activations` (dynamic per-token int8); LLM.int8() adds the non-standard
 `outlier_threshold` there.
 """
@@ -16,6 +17,7 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
+from pernode.compress.lm_head import lm_head_scheme
 from pernode.compress.scheme import QuantScheme
 from pernode.kernels.quant_linear import QuantLinear, W8A8Linear
 from pernode.models.llama import _FUSED, LlamaForCausalLM
@@ -23,7 +25,11 @@ from pernode.models.llama import _FUSED, LlamaForCausalLM
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
-def quantization_config_from_scheme(scheme: QuantScheme, method: str) -> dict:
+def _format(scheme: QuantScheme) -> str:
+    return "pack-quantized" if scheme.num_bits == 4 else "int-quantized"
+
+
+def _config_group(scheme: QuantScheme, targets: list[str]) -> dict:
     weights = {"num_bits": scheme.num_bits, "type": "int", "symmetric": scheme.symmetric,
                "strategy": scheme.strategy, "group_size": scheme.group_size, "dynamic": False, "actorder": None,
                "observer": "minmax"}
@@ -32,38 +38,71 @@ def quantization_config_from_scheme(scheme: QuantScheme, method: str) -> dict:
         activations = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token"}
         if scheme.outlier_threshold is not None:
             activations["outlier_threshold"] = scheme.outlier_threshold
+    return {"targets": targets, "weights": weights, "input_activations": activations, "output_activations": None,
+            "format": _format(scheme)}
+
+
+def quantization_config_from_scheme(scheme: QuantScheme, method: str, lm_head: QuantScheme | None = None) -> dict:
+    """compressed-tensors `quantization_config`: the decoder's Linears in group_0; a quantized lm_head (named
+    explicitly, which takes precedence over the class target) in group_1, else `ignore: ["lm_head"]`."""
+    groups = {"group_0": _config_group(scheme, ["Linear"])}
+    if lm_head is not None:
+        groups["group_1"] = _config_group(lm_head, ["lm_head"])
+    formats = {g["format"] for g in groups.values()}
     return {
         "quant_method": "compressed-tensors",
-        "format": "pack-quantized" if scheme.num_bits == 4 else "int-quantized",
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations,
-                                      "output_activations": None}},
-        "ignore": ["lm_head"],
+        "config_groups": groups,
+        "ignore": [] if lm_head is not None else ["lm_head"],
         "kv_cache_scheme": None,
         "pernode_method": method,
     }
 
 
-def scheme_from_quantization_config(qc: dict) -> QuantScheme:
-    """The QuantScheme of a compressed-tensors `quantization_config`; ValueError for what we cannot run."""
+def _groups_by_target(qc: dict) -> tuple[dict, dict | None]:
+    """(the decoder's config group, the lm_head's or None); ValueError for layouts we cannot run."""
     if qc.get("quant_method") != "compressed-tensors":
         raise ValueError(f"quantization_config.quant_method is {qc.get('quant_method')!r}: allowed "
                          "'compressed-tensors' (write one with `pernode quantize`)")
     groups = list((qc.get("config_groups") or {}).values())
-    if len(groups) != 1:
-        raise ValueError(f"quantization_config has {len(groups)} config_groups: allowed exactly 1")
-    w = groups[0].get("weights") or {}
+    head = [g for g in groups if g.get("targets") == ["lm_head"]]
+    body = [g for g in groups if g.get("targets") != ["lm_head"]]
+    if len(body) != 1 or len(head) > 1:
+        raise ValueError(f"quantization_config has {len(groups)} config_groups: allowed one for the decoder's "
+                         "Linear layers, plus optionally one targeting exactly ['lm_head']")
+    return body[0], (head[0] if head else None)
+
+
+def scheme_from_quantization_config(qc: dict) -> QuantScheme:
+    """The decoder's QuantScheme of a compressed-tensors `quantization_config`; ValueError for what we cannot run."""
+    return _scheme_of_group(_groups_by_target(qc)[0])
+
+
+def lm_head_scheme_from_quantization_config(qc: dict) -> QuantScheme | None:
+    """The quantized lm_head's QuantScheme, or None when the lm_head is float (ignored)."""
+    head = _groups_by_target(qc)[1]
+    return None if head is None else _scheme_of_group(head)
+
+
+def _scheme_of_group(group: dict) -> QuantScheme:
+    w = group.get("weights") or {}
     if w.get("type", "int") != "int" or w.get("strategy") not in ("channel", "group"):
         raise ValueError(f"quantization_config weights {w}: allowed type 'int', strategy 'channel' or 'group'")
     if w.get("actorder") not in (None, "weight", False):
         raise ValueError(f"quantization_config weights.actorder={w.get('actorder')!r}: allowed null or 'weight' "
                          "(group act-order needs g_idx, which is not supported)")
-    a = groups[0].get("input_activations")
+    a = group.get("input_activations")
     return QuantScheme(num_bits=int(w["num_bits"]),
                        group_size=int(w["group_size"]) if w.get("strategy") == "group" else None,
                        symmetric=bool(w.get("symmetric", True)),
                        activations="int8-token" if a else None,
                        outlier_threshold=(a or {}).get("outlier_threshold"))
+
+
+def schemes_of(qc: dict) -> tuple[QuantScheme, QuantScheme | None]:
+    """(decoder scheme, lm_head scheme or None): what `LlamaForCausalLM.apply_quantization` takes."""
+    return scheme_from_quantization_config(qc), lm_head_scheme_from_quantization_config(qc)
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, max_positions: int | None = None):
@@ -74,7 +113,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, max_positi
     with torch.device("meta"):
         model = LlamaForCausalLM(source.config, max_positions=max_positions or 4096)
         if source.quantization_config:
-            model.apply_quantization(scheme_from_quantization_config(source.quantization_config))
+            model.apply_quantization(*schemes_of(source.quantization_config))
     model = model.to_empty(device="cpu").to(dtype)
     model.rotary.reset_cache()
     model.tie_weights()
@@ -100,7 +139,7 @@ def quantized_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
         shards = [(hf, shard) for hf, (fused, shard) in _FUSED.items() if fused == parts[-1]]
         for hf_name, shard in shards or [(parts[-1], None)]:
             rows = model._shard_range(parts[-1], shard) if shard is not None else (0, module.out_features)
-            key = ".".join(["model"] + parts[:-1] + [hf_name])
+            key = ".".join(([] if parts[0] == "lm_head" else ["model"]) + parts[:-1] + [hf_name])
             for suffix, t in tensors.items():
                 out[f"{key}.{suffix}"] = t[rows[0]:rows[0] + rows[1]].contiguous()
             out[f"{key}.weight_shape"] = torch.tensor([rows[1], module.in_features], dtype=torch.int64)
@@ -143,7 +182,8 @@ def save_quantized(model: LlamaForCausalLM, source, folder: str, scheme: QuantSc
         tok.backend.save(os.path.join(folder, "tokenizer.json"))
         with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump({"bos_token": tok.bos_token, "eos_token": tok.eos_token, "chat_template": tok.chat_template}, f)
-    cfg["quantization_config"] = quantization_config_from_scheme(scheme, method)
+    cfg["tie_word_embeddings"] = model.config.tie_word_embeddings  # a quantized lm_head is untied
+    cfg["quantization_config"] = quantization_config_from_scheme(scheme, method, lm_head_scheme(model))
     if extra:
         cfg["quantization_config"]["pernode_details"] = extra
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:

@@ -96,9 +96,9 @@ class LLMEngine:
         with torch.device("meta"):  # no memory and no random init for weights about to be overwritten
             model = LlamaForCausalLM(self.model_config, max_positions=self.max_model_len)
             if source.quantization_config:
-                from pernode.compress.checkpoint import scheme_from_quantization_config
+                from pernode.compress.checkpoint import schemes_of
 
-                model.apply_quantization(scheme_from_quantization_config(source.quantization_config))
+                model.apply_quantization(*schemes_of(source.quantization_config))
         model = model.to_empty(device=self.device).to(self.dtype)
         model.rotary.reset_cache()
         model.tie_weights()

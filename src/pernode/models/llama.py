@@ -157,12 +157,17 @@ class LlamaForCausalLM(nn.Module):
             x = x[logits_indices]
         return self.lm_head(self.norm(x)).float()
 
-    def apply_quantization(self, scheme) -> None:
-        """Swap the decoder's projections for empty quantized layers (a `pernode.compress.QuantScheme`), before
-        `load_weights` fills them from a quantized checkpoint (weight_packed / weight, weight_scale, ...)."""
-        from pernode.kernels.quant_linear import replace_linears
+    def apply_quantization(self, scheme, lm_head_scheme=None) -> None:
+        """Swap the decoder's projections (and, with `lm_head_scheme`, the untied lm_head) for empty quantized
+        layers (`pernode.compress.QuantScheme`s), before `load_weights` fills them from a quantized checkpoint
+        (weight_packed / weight, weight_scale, ...)."""
+        from pernode.kernels.quant_linear import make_quantized_linear, replace_linears
 
         replace_linears(self, scheme)
+        if lm_head_scheme is not None:
+            if self.config.tie_word_embeddings:
+                raise ValueError("a quantized lm_head needs tie_word_embeddings=false in config.json")
+            self.lm_head = make_quantized_linear(self.lm_head, lm_head_scheme, "lm_head")
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -4,12 +4,19 @@
 // Dequantisation factors out of each group's dot product:
 //   y[m, n] = sum_g scale[n, g] * dot_g(u[n], x[m]) + bias[n, g] * sum_g(x[m])
 // where u is the stored integer (signed int8, or the unsigned nibble) and bias = -(offset + zero_point) * scale.
-// So the inner loop is convert-and-FMA on raw integers; scales are applied once per group.
+// So the inner loop multiplies raw integers; scales are applied once per group (or per 16-lane chunk).
 //
-// Small batches (decode): a GEMV that streams each weight row once and reuses it for up to 4 activation rows;
-// OpenMP (at::parallel_for) over output rows. int4 rows are read 64 bytes (128 values) at a time: lane i holds
-// word i, and shifting by 4j exposes value 8i + j, so x is permuted once per call to match.
-// Large batches: dequantise W to fp32 in one parallel pass and hand it to at::mm.
+// Small batches (decode) run a GEMV that streams each weight row once and reuses it for up to 4 activation rows;
+// OpenMP (at::parallel_for) over output rows. Two flavours:
+//  * float x: convert each weight to fp32 and FMA (exact up to fp32 rounding).
+//  * int8 x (`quantize_input`, the decode default): x is quantized per 32-value block (q = rint(x * 127/amax)),
+//    as llama.cpp does for its Q8 activations, so a VNNI `vpdpbusd` multiplies 64 weight bytes by 64 x bytes and
+//    sums groups of 4 in one instruction: ~4x fewer instructions than unpack + convert + FMA, which lets the int4
+//    GEMV run at memory speed. u8 x s8: the unsigned operand is the weight (the int4 nibble, or int8 XOR 0x80 =
+//    w + 128, whose extra 128 * sum(x) is subtracted per group).
+// int4 rows are read 64 bytes (128 values) at a time: lane i holds word i (values 8i..8i+7); x is laid out once
+// per call to match (permuted floats, or low/high-nibble byte planes for VNNI).
+// Large batches: dequantise W to fp32 a cache-sized tile at a time, each tile one at::mm.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -19,6 +26,9 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
+#include <functional>
+#include <memory>
 #include <cstdint>
 #include <vector>
 
@@ -136,35 +146,255 @@ void gemv_int4_rows(const float* xp, int64_t ldxp, const int32_t* w, const float
   }
 }
 
-void dequant_all(const at::Tensor& w, const float* scale, const float* bias, int64_t bits, int64_t N, int64_t K,
-                 int64_t G, int64_t gs, float* dst) {
-  at::parallel_for(0, N, 16, [&](int64_t a, int64_t e) {
-    for (int64_t n = a; n < e; ++n) {
-      float* d = dst + n * K;
-      const float* sr = scale + n * G;
-      const float* br = bias ? bias + n * G : nullptr;
+// ---- int8 activations -----------------------------------------------------------------------------------------
+constexpr int64_t kActBlock = 32;  // x values sharing one int8 scale
+
+// x quantized per 32-value block and laid out for one weight format's 64-byte chunks.
+struct QuantizedInput {
+  int64_t chunk_values;  // weight values per 64-byte chunk: 128 (int4) or 64 (int8)
+  int64_t chunks, row_bytes, row_lanes;
+  std::vector<int8_t> bytes;       // [M][chunks][64 or 2 x 64]: int4 chunks hold a low- then a high-nibble plane
+  std::vector<float> lane_scale;   // [M][chunks][16]: x scale of the block each 32-bit lane's values come from
+  std::vector<float> group_sum;    // [M][G]: sum of the dequantized x over each weight group
+  std::vector<float> dequantized;  // [M][K]: q * scale, for the float GEMV where VNNI is missing
+};
+
+QuantizedInput quantize_input_blocks(const float* x, int64_t M, int64_t K, int64_t bits, int64_t G, int64_t gs) {
+  QuantizedInput qi;
+  qi.chunk_values = bits == 4 ? 128 : 64;
+  qi.chunks = (K + qi.chunk_values - 1) / qi.chunk_values;
+  qi.row_bytes = qi.chunks * (bits == 4 ? 128 : 64);
+  qi.row_lanes = qi.chunks * 16;
+  qi.bytes.assign(M * qi.row_bytes, 0);  // padding lanes stay 0 so masked-off weights add nothing
+  qi.lane_scale.assign(M * qi.row_lanes, 0.f);
+  qi.group_sum.assign(M * G, 0.f);
+  qi.dequantized.resize(M * K);
+  std::vector<int8_t> q(K);
+  std::vector<float> block_scale(K / kActBlock);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    for (int64_t b = 0; b < K / kActBlock; ++b) {
+      float amax = 0.f;
+      for (int64_t k = b * kActBlock; k < (b + 1) * kActBlock; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f, s = amax / 127.f;
+      int32_t sum = 0;
+      for (int64_t k = b * kActBlock; k < (b + 1) * kActBlock; ++k) {
+        q[k] = int8_t(std::max(-127.f, std::min(127.f, std::nearbyint(xr[k] * inv))));
+        qi.dequantized[m * K + k] = float(q[k]) * s;
+        sum += q[k];
+      }
+      block_scale[b] = s;
+      qi.group_sum[m * G + b * kActBlock / gs] += s * float(sum);
+    }
+    int8_t* dst = qi.bytes.data() + m * qi.row_bytes;
+    float* ls = qi.lane_scale.data() + m * qi.row_lanes;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t c = k / qi.chunk_values, r = k % qi.chunk_values;
+      if (bits == 4) {  // lane i = word i of the chunk; value j of the word sits in byte 4i + j/2, nibble j%2
+        const int64_t i = r / 8, j = r % 8;
+        dst[c * 128 + (j & 1) * 64 + 4 * i + j / 2] = q[k];
+        ls[c * 16 + i] = block_scale[k / kActBlock];
+      } else {  // lane i holds values 4i..4i+3 in order
+        dst[c * 64 + r] = q[k];
+        ls[c * 16 + r / 4] = block_scale[k / kActBlock];
+      }
+    }
+  }
+  return qi;
+}
+
+// Per 64-byte chunk of a weight row: how many 32-bit lanes are real, the first weight group it touches, and each
+// lane's group relative to that one (to gather the 16 lanes' scales with one permute).
+struct ChunkGroups {
+  std::vector<int32_t> lanes, first, lane_group;
+  ChunkGroups(int64_t row_lanes_total, int64_t values_per_lane, int64_t G, int64_t gs) {
+    const int64_t chunks = (row_lanes_total + 15) / 16;
+    lanes.resize(chunks), first.resize(chunks), lane_group.resize(chunks * 16);
+    for (int64_t c = 0; c < chunks; ++c) {
+      first[c] = int32_t(c * 16 * values_per_lane / gs);
+      lanes[c] = int32_t(std::min<int64_t>(16, row_lanes_total - c * 16));
+      for (int i = 0; i < 16; ++i)
+        lane_group[c * 16 + i] =
+            int32_t(std::min<int64_t>((c * 16 + i) * values_per_lane / gs, G - 1) - first[c]);
+    }
+  }
+};
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define PERNODE_VNNI 1
+// bits 4: w is int32 words, 16 per chunk; bits 8: w is int8, 64 per chunk (XOR 0x80 makes it unsigned).
+template <int MB, int BITS>
+void gemv_vnni_rows(const QuantizedInput& qi, int64_t m0, const void* w, const float* scale, const float* bias,
+                    const ChunkGroups& cg, int64_t K, int64_t G, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F), sign = _mm512_set1_epi8(char(0x80));
+  const int64_t row_stride = BITS == 4 ? K / 8 * 4 : K;  // bytes per weight row
+  for (int64_t n = n0; n < n1; ++n) {
+    const char* wr = static_cast<const char*>(w) + n * row_stride;
+    const float* sr = scale + n * G;
+    __m512 tot[MB];
+    for (int m = 0; m < MB; ++m) tot[m] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < qi.chunks; ++c) {
+      const __mmask16 lane_mask = (__mmask16)((1u << cg.lanes[c]) - 1u);
+      const __m512i v = _mm512_maskz_loadu_epi32(lane_mask, wr + c * 64);
+      const int64_t ng = std::min<int64_t>(16, G - cg.first[c]);
+      const __m512 sw = _mm512_permutexvar_ps(_mm512_loadu_si512(cg.lane_group.data() + c * 16),
+                                              _mm512_maskz_loadu_ps((__mmask16)((1u << ng) - 1u), sr + cg.first[c]));
+      __m512i lo, hi;
+      if (BITS == 4) {
+        lo = _mm512_and_si512(v, nibble);
+        hi = _mm512_and_si512(_mm512_srli_epi32(v, 4), nibble);
+      } else {
+        lo = _mm512_maskz_mov_epi32(lane_mask, _mm512_xor_si512(v, sign));  // padding lanes stay 0, not 128
+      }
+      for (int m = 0; m < MB; ++m) {
+        const int8_t* xq = qi.bytes.data() + (m0 + m) * qi.row_bytes + c * (BITS == 4 ? 128 : 64);
+        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq));
+        if (BITS == 4) d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xq + 64));
+        const __m512 sx = _mm512_loadu_ps(qi.lane_scale.data() + (m0 + m) * qi.row_lanes + c * 16);
+        tot[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, sx), tot[m]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      const float* gsum = qi.group_sum.data() + (m0 + m) * G;
+      float out = _mm512_reduce_add_ps(tot[m]);
       for (int64_t g = 0; g < G; ++g) {
-        const float s = sr[g], z = br ? br[g] : 0.f;
-        float* dg = d + g * gs;
-        if (bits == 8) {
-          const int8_t* wg = w.data_ptr<int8_t>() + n * K + g * gs;
-          for (int64_t k = 0; k < gs; ++k) dg[k] = float(wg[k]) * s + z;
-        } else {
-          const int32_t* wg = w.data_ptr<int32_t>() + n * (K / 8) + g * gs / 8;
-          for (int64_t k8 = 0; k8 < gs / 8; ++k8) {
-            const int32_t v = wg[k8];
+        float zero_term = bias ? bias[n * G + g] : 0.f;
+        if (BITS == 8) zero_term -= 128.f * sr[g];  // undo the XOR's +128
+        out += zero_term * gsum[g];
+      }
+      y[(m0 + m) * ldy + n] = out;
+    }
+  }
+}
+#endif
+
+// fp32 rows [n0, n1) of W into dst ([n1 - n0][K]).
+void dequant_rows(const at::Tensor& w, const float* scale, const float* bias, int64_t bits, int64_t K, int64_t G,
+                  int64_t gs, int64_t n0, int64_t n1, float* dst) {
+  for (int64_t n = n0; n < n1; ++n) {
+    float* d = dst + (n - n0) * K;
+    const float* sr = scale + n * G;
+    const float* br = bias ? bias + n * G : nullptr;
+    for (int64_t g = 0; g < G; ++g) {
+      const float s = sr[g], z = br ? br[g] : 0.f;
+      float* dg = d + g * gs;
+      if (bits == 8) {
+        const int8_t* wg = w.data_ptr<int8_t>() + n * K + g * gs;
+        for (int64_t k = 0; k < gs; ++k) dg[k] = float(wg[k]) * s + z;
+      } else {
+        const int32_t* wg = w.data_ptr<int32_t>() + n * (K / 8) + g * gs / 8;
+        for (int64_t k8 = 0; k8 < gs / 8; ++k8) {
+          const int32_t v = wg[k8];
 #pragma GCC unroll 8
-            for (int j = 0; j < 8; ++j) dg[8 * k8 + j] = float((v >> (4 * j)) & 0xF) * s + z;
-          }
+          for (int j = 0; j < 8; ++j) dg[8 * k8 + j] = float((v >> (4 * j)) & 0xF) * s + z;
         }
       }
     }
-  });
+  }
 }
+
+// Batches: W is dequantised kTileRows output rows at a time into a buffer that stays in cache, each tile one fp32
+// GEMM, so no fp32 copy of the whole W is written (113 MB for SmolLM2's quantized lm_head).
+constexpr int64_t kTileRows = 128;
+
+at::Tensor tiled_matmul(const at::Tensor& x, const at::Tensor& w, const float* scale, const float* bias,
+                        int64_t bits, int64_t N, int64_t K, int64_t G, int64_t gs) {
+  auto yt = at::empty({N, x.size(0)}, x.options());  // y^T: each tile fills whole rows
+  const auto xt = x.t();
+  at::parallel_for(0, (N + kTileRows - 1) / kTileRows, 1, [&](int64_t t0, int64_t t1) {
+    auto tile = at::empty({kTileRows, K}, x.options());
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kTileRows, rows = std::min(kTileRows, N - n0);
+      dequant_rows(w, scale, bias, bits, K, G, gs, n0, n0 + rows, tile.data_ptr<float>());
+      auto out = yt.narrow(0, n0, rows);
+      at::mm_out(out, tile.narrow(0, 0, rows), xt);
+    }
+  });
+  return yt.t().contiguous();
+}
+
+// Float x laid out once per call as the float GEMV reads it.
+struct FloatInput {
+  const float* x;            // [M][K] (int8 GEMV)
+  std::vector<float> xsum;   // [M][G] per-group sums, for the zero-point/offset term (only with a bias)
+  std::vector<float> xp;     // [M][NB][128] permuted per 128-value block (int4 GEMV)
+};
+
+FloatInput prepare_float_input(const float* xs, int64_t M, int64_t K, int64_t bits, int64_t G, int64_t gs,
+                               bool with_sums) {
+  FloatInput fi{xs, {}, {}};
+  if (with_sums) {
+    fi.xsum.assign(M * G, 0.f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) fi.xsum[m * G + k / gs] += xs[m * K + k];
+  }
+  if (bits == 4) {
+    const int64_t NB = (K + 127) / 128;
+    fi.xp.assign(M * NB * 128, 0.f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) {
+        int64_t b = k / 128, i = (k % 128) / 8, j = k % 8;
+        fi.xp[m * NB * 128 + b * 128 + j * 16 + i] = xs[m * K + k];
+      }
+  }
+  return fi;
+}
+
+// The float GEMV over output rows [n0, n1).
+void gemv_float(const FloatInput& fi, int64_t M, int64_t K, int64_t bits, const at::Tensor& w, const float* sp,
+                const float* bp, int64_t G, int64_t gs, float* yp, int64_t N, int64_t n0, int64_t n1) {
+  const float* xs = fi.x;
+  const int64_t NB = (K + 127) / 128;
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxGemvRows) {
+    int64_t mb = std::min(kMaxGemvRows, M - m0);
+    const float* xsm = bp ? fi.xsum.data() + m0 * G : nullptr;
+    float* ym = yp + m0 * N;
+    if (bits == 8) {
+      const int8_t* wp = w.data_ptr<int8_t>();
+      const float* xm = xs + m0 * K;
+      switch (mb) {
+        case 1: gemv_int8_rows<1>(xm, K, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        case 2: gemv_int8_rows<2>(xm, K, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        case 3: gemv_int8_rows<3>(xm, K, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        default: gemv_int8_rows<4>(xm, K, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+      }
+    } else {
+      const int32_t* wp = w.data_ptr<int32_t>();
+      const int64_t ld = NB * 128;
+      const float* xm = fi.xp.data() + m0 * ld;
+      switch (mb) {
+        case 1: gemv_int4_rows<1>(xm, ld, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        case 2: gemv_int4_rows<2>(xm, ld, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        case 3: gemv_int4_rows<3>(xm, ld, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        default: gemv_int4_rows<4>(xm, ld, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+      }
+    }
+  }
+}
+
+#if defined(PERNODE_VNNI)
+void gemv_vnni(const QuantizedInput& qi, int64_t M, int64_t K, int64_t bits, const at::Tensor& w, const float* sp,
+               const float* bp, const ChunkGroups& cg, int64_t G, float* yp, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxGemvRows) {
+    const int64_t mb = std::min(kMaxGemvRows, M - m0);
+    const void* wp = w.data_ptr();
+#define PERNODE_VNNI_CASE(MBV)                                                                 \
+  if (bits == 4) gemv_vnni_rows<MBV, 4>(qi, m0, wp, sp, bp, cg, K, G, yp, N, n0, n1);          \
+  else gemv_vnni_rows<MBV, 8>(qi, m0, wp, sp, bp, cg, K, G, yp, N, n0, n1);
+    switch (mb) {
+      case 1: PERNODE_VNNI_CASE(1) break;
+      case 2: PERNODE_VNNI_CASE(2) break;
+      case 3: PERNODE_VNNI_CASE(3) break;
+      default: PERNODE_VNNI_CASE(4) break;
+    }
+#undef PERNODE_VNNI_CASE
+  }
+}
+#endif
 
 at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale_in,
                       const c10::optional<at::Tensor>& bias_in, int64_t bits, int64_t group_size,
-                      int64_t num_threads) {
+                      int64_t num_threads, bool quantize_input) {
   TORCH_CHECK(bits == 4 || bits == 8, "woq_linear: bits must be 4 or 8");
   TORCH_CHECK(w.is_contiguous() && w.dim() == 2, "woq_linear: weight must be a contiguous 2-D tensor");
   auto x = x_in.to(at::kFloat).contiguous();
@@ -177,64 +407,32 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
   TORCH_CHECK(K % gs == 0 && K / gs == G, "woq_linear: scale has ", G, " groups, expected ", K / gs);
   TORCH_CHECK(bits == 8 ? w.size(1) == K : w.size(1) * 8 == K, "woq_linear: weight shape does not match x");
   TORCH_CHECK(bits == 8 ? w.scalar_type() == at::kChar : w.scalar_type() == at::kInt, "woq_linear: weight dtype");
+  TORCH_CHECK(!quantize_input || (K % kActBlock == 0 && gs % kActBlock == 0),
+              "woq_linear: quantize_input needs the input size and group size to be multiples of ", kActBlock);
   auto y = at::empty({M, N}, x.options());
 
-  if (M > 2 * kMaxGemvRows) {  // batch: the matmul's compute dwarfs one pass that dequantises W to fp32
-    auto wf = at::empty({N, K}, x.options());
-    dequant_all(w, scale.data_ptr<float>(), bp, bits, N, K, G, gs, wf.data_ptr<float>());
-    return at::mm(x, wf.t());
-  }
+  if (!quantize_input && M > 2 * kMaxGemvRows)  // batch: the matmul's compute dwarfs dequantising W
+    return tiled_matmul(x, w, scale.data_ptr<float>(), bp, bits, N, K, G, gs);
 
-  // Per-group sums of x, for the zero-point/offset term.
-  std::vector<float> xsum(bp ? M * G : 0);
-  if (bp)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t g = 0; g < G; ++g) {
-        float s = 0.f;
-        for (int64_t k = g * gs; k < (g + 1) * gs; ++k) s += x.data_ptr<float>()[m * K + k];
-        xsum[m * G + g] = s;
-      }
-  const float* xs = x.data_ptr<float>();
-  std::vector<float> xp;
-  const int64_t NB = (K + 127) / 128;
-  if (bits == 4) {
-    xp.assign(M * NB * 128, 0.f);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) {
-        int64_t b = k / 128, i = (k % 128) / 8, j = k % 8;
-        xp[m * NB * 128 + b * 128 + j * 16 + i] = xs[m * K + k];
-      }
-  }
   float* yp = y.data_ptr<float>();
   const float* sp = scale.data_ptr<float>();
-  auto rows = [&](int64_t n0, int64_t n1) {
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxGemvRows) {
-      int64_t mb = std::min(kMaxGemvRows, M - m0);
-      const float* xsm = bp ? xsum.data() + m0 * G : nullptr;
-      if (bits == 8) {
-        const int8_t* wp = w.data_ptr<int8_t>();
-        const float* xm = xs + m0 * K;
-        float* ym = yp + m0 * N;
-        switch (mb) {
-          case 1: gemv_int8_rows<1>(xm, K, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
-          case 2: gemv_int8_rows<2>(xm, K, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
-          case 3: gemv_int8_rows<3>(xm, K, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
-          default: gemv_int8_rows<4>(xm, K, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
-        }
-      } else {
-        const int32_t* wp = w.data_ptr<int32_t>();
-        const int64_t ld = NB * 128;
-        const float* xm = xp.data() + m0 * ld;
-        float* ym = yp + m0 * N;
-        switch (mb) {
-          case 1: gemv_int4_rows<1>(xm, ld, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
-          case 2: gemv_int4_rows<2>(xm, ld, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
-          case 3: gemv_int4_rows<3>(xm, ld, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
-          default: gemv_int4_rows<4>(xm, ld, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
-        }
-      }
-    }
-  };
+  std::function<void(int64_t, int64_t)> rows;
+  FloatInput fi;
+  QuantizedInput qi;
+  std::unique_ptr<ChunkGroups> cg;
+  if (!quantize_input) {
+    fi = prepare_float_input(x.data_ptr<float>(), M, K, bits, G, gs, bp != nullptr);
+    rows = [&](int64_t n0, int64_t n1) { gemv_float(fi, M, K, bits, w, sp, bp, G, gs, yp, N, n0, n1); };
+  } else {
+    qi = quantize_input_blocks(x.data_ptr<float>(), M, K, bits, G, gs);
+#if defined(PERNODE_VNNI)
+    cg = std::make_unique<ChunkGroups>(bits == 4 ? K / 8 : K / 4, bits == 4 ? 8 : 4, G, gs);
+    rows = [&](int64_t n0, int64_t n1) { gemv_vnni(qi, M, K, bits, w, sp, bp, *cg, G, yp, N, n0, n1); };
+#else  // no VNNI: the float GEMV on the dequantized int8 x gives the same numbers, slower
+    fi = prepare_float_input(qi.dequantized.data(), M, K, bits, G, gs, bp != nullptr);
+    rows = [&](int64_t n0, int64_t n1) { gemv_float(fi, M, K, bits, w, sp, bp, G, gs, yp, N, n0, n1); };
+#endif
+  }
   // num_threads == 1 runs on the caller's thread: on an oversubscribed CPU a fork-join per layer waits for the
   // slowest, descheduled thread, which costs far more than the second core gains for a memory-bound GEMV.
   if (num_threads == 1)
@@ -247,7 +445,7 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pernode, m) {
-  m.def("woq_linear(Tensor x, Tensor weight, Tensor scale, Tensor? zero_term, int bits, int group_size, int num_threads=0) -> Tensor");
+  m.def("woq_linear(Tensor x, Tensor weight, Tensor scale, Tensor? zero_term, int bits, int group_size, int num_threads=0, bool quantize_input=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pernode, CPU, m) { m.impl("woq_linear", &woq_linear); }
