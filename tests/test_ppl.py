@@ -71,3 +71,18 @@ def test_cli_eval_ppl(tiny_folder, tmp_path, capsys):
     assert main(["eval", "ppl", "--model", tiny_folder, "--seq-len", "32", "--max-windows", "2",
                  "--corpus", str(corpus)]) == 0
     assert "perplexity" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("step_tokens", [1, 5])
+def test_stepped_forward_matches_one_forward_per_window(tiny_folder, tmp_path, step_tokens):
+    """Feeding a window a few tokens at a time through the carried KV cache is the same computation."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    model, source = load_model(tiny_folder)
+    kw = dict(seq_len=40, max_windows=2, corpus=str(corpus), split=False)
+    whole = evaluate_perplexity(model, source.tokenizer, **kw)
+    stepped = evaluate_perplexity(model, source.tokenizer, step_tokens=step_tokens, **kw)
+    assert stepped.num_tokens == whole.num_tokens == 2 * 39
+    assert stepped.mean_nll == pytest.approx(whole.mean_nll, rel=1e-5)
+    with pytest.raises(ValueError, match="step_tokens=0"):
+        evaluate_perplexity(model, source.tokenizer, step_tokens=0, **kw)

@@ -10,6 +10,9 @@ Protocol (fixed, so numbers compare across methods and runs):
              keeps the first N windows.
   score      in each window, tokens 2..L are predicted from all tokens before them in the window (L - 1 predictions);
              ppl = exp(mean NLL over all predictions of all windows), NLL in float64 from fp32 log-softmax.
+  path       one full-sequence forward per window (default), or `step_tokens=N`: the window fed N tokens per
+             forward with its KV cache carried, as the engine decodes. The numbers agree in exact arithmetic; they
+             differ where a kernel treats small batches differently (the int4 GEMV quantizes x to int8).
 """
 from __future__ import annotations
 
@@ -122,6 +125,32 @@ def window_nll(model, window: torch.Tensor, chunk: int = 512) -> tuple[float, in
     return total, targets.numel()
 
 
+@torch.inference_mode()
+def window_nll_stepped(model, window: torch.Tensor, step_tokens: int) -> tuple[float, int]:
+    """`window_nll` with the window fed `step_tokens` tokens per forward through a carried paged KV cache."""
+    c = model.config
+    dev, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    seq_len = window.numel()
+    num_blocks = -(-seq_len // _BLOCK)
+    shape = (num_blocks, _BLOCK, c.num_key_value_heads, c.head_dim)
+    caches = [(torch.zeros(shape, dtype=dtype, device=dev), torch.zeros(shape, dtype=dtype, device=dev))
+              for _ in range(c.num_hidden_layers)]
+    table = torch.arange(num_blocks, dtype=torch.int32, device=dev)[None]
+    window = window.to(dev)
+    total = 0.0
+    for start in range(0, seq_len - 1, step_tokens):
+        n = min(step_tokens, seq_len - 1 - start)
+        pos = torch.arange(start, start + n, device=dev)
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([start + n], dtype=torch.int32, device=dev), block_tables=table,
+            slot_mapping=table[0, pos // _BLOCK].long() * _BLOCK + pos % _BLOCK, max_query_len=n,
+            max_seq_len=start + n, query_start_loc_cpu=[0, n], seq_lens_cpu=[start + n])
+        logits = model(window[start:start + n], pos, caches, meta).float()
+        total += F.cross_entropy(logits, window[start + 1:start + n + 1], reduction="sum").double().item()
+    return total, seq_len - 1
+
+
 @dataclass
 class PerplexityResult:
     perplexity: float
@@ -137,8 +166,12 @@ class PerplexityResult:
 
 
 def evaluate_perplexity(model, tokenizer, seq_len: int = DEFAULT_SEQ_LEN, max_windows: int | None = None,
-                        corpus: str | None = None, split: bool = True, progress=None) -> PerplexityResult:
-    """Perplexity of `model` on the evaluation split (or the whole `corpus` file when split=False)."""
+                        corpus: str | None = None, split: bool = True, progress=None,
+                        step_tokens: int | None = None) -> PerplexityResult:
+    """Perplexity of `model` on the evaluation split (or the whole `corpus` file when split=False); with
+    `step_tokens`, each window is fed that many tokens per forward, the way decode runs."""
+    if step_tokens is not None and step_tokens < 1:
+        raise ValueError(f"step_tokens={step_tokens} is out of range: allowed >= 1")
     text = corpus_text(corpus)
     if split:
         text = split_corpus(text)[1]
@@ -146,7 +179,7 @@ def evaluate_perplexity(model, tokenizer, seq_len: int = DEFAULT_SEQ_LEN, max_wi
     started = time.perf_counter()
     nll, count = 0.0, 0
     for i, window in enumerate(windows):
-        s, n = window_nll(model, window)
+        s, n = window_nll(model, window) if step_tokens is None else window_nll_stepped(model, window, step_tokens)
         nll, count = nll + s, count + n
         if progress:
             progress(i + 1, len(windows), math.exp(nll / count))
