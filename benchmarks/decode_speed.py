@@ -60,3 +60,23 @@ def weight_bytes_per_token(model) -> int:
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     return total
+
+
+def llama_cpp_decode_tokens_per_s(gguf_path: str, threads: int, steps: int, prompt_len: int = 32) -> float | None:
+    """llama.cpp's batch-1 decode of a GGUF (its own kernels and weights), greedy, after a `prompt_len` prefill;
+    None when llama-cpp-python is not installed (`pip install '.[peers]'`)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=gguf_path, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    prompt = list(range(1000, 1000 + prompt_len))
+    produced, started = 0, None
+    for _ in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        if started is None:  # the first token ends the prefill
+            started = time.perf_counter()
+        else:
+            produced += 1
+        if produced >= steps:
+            break
+    return produced / (time.perf_counter() - started)

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from decode_speed import decode_tokens_per_s, weight_bytes_per_token  # noqa: E402
+from decode_speed import decode_tokens_per_s, llama_cpp_decode_tokens_per_s, weight_bytes_per_token  # noqa: E402
 from pernode.compress import CALIBRATED, quantize_model  # noqa: E402
 from pernode.compress.lm_head import quantize_lm_head  # noqa: E402
 from pernode.compress.checkpoint import checkpoint_bytes, load_model, save_quantized  # noqa: E402
@@ -77,16 +77,24 @@ def linear_throughput(batches=(64, 256), shapes=((576, 3072), (1536, 576)), repe
     return rows
 
 
-def interleaved_speeds(paths: dict[str, str], steps1: int, steps64: int, rounds: int = 2) -> dict[str, tuple]:
+def interleaved_speeds(paths: dict[str, str], steps1: int, steps64: int, rounds: int = 2,
+                       peer_gguf: str | None = None, threads: int = 1) -> dict[str, tuple]:
     """Best-of-`rounds` (b1 tok/s, b64 tok/s, weight bytes/token) per model, measured round-robin so that load from
-    other processes hits every method alike."""
+    other processes hits every method alike; with `peer_gguf`, llama.cpp's batch-1 decode of it in each round."""
     models = {name: load_model(path)[0] for name, path in paths.items()}
     best = {name: [0.0, 0.0, weight_bytes_per_token(m)] for name, m in models.items()}
+    peer = None
     for _ in range(rounds):
         for name, m in models.items():
             best[name][0] = max(best[name][0], decode_tokens_per_s(m, 1, steps1))
             best[name][1] = max(best[name][1], decode_tokens_per_s(m, 64, steps64, prompt_len=4, warmup=1))
-    return {name: tuple(v) for name, v in best.items()}
+        if peer_gguf:
+            tps = llama_cpp_decode_tokens_per_s(peer_gguf, threads, max(steps1, 32))
+            peer = tps if peer is None or tps is None else max(peer, tps)
+    out = {name: tuple(v) for name, v in best.items()}
+    if peer:
+        out["llama.cpp"] = (peer, None, os.path.getsize(peer_gguf))
+    return out
 
 
 def main() -> int:
@@ -97,6 +105,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch and kernel threads (default 1: robust on a CPU shared with other jobs)")
     ap.add_argument("--calib-windows", type=int, default=16)
+    ap.add_argument("--no-peer", action="store_true", help="skip llama.cpp's batch-1 decode of the same GGUF")
     ap.add_argument("--linear-only", action="store_true", help="only the single-projection W8A8 throughput table")
     ap.add_argument("--out", default=None, help="folder for checkpoints and results.json (default: a temp dir)")
     args = ap.parse_args()
@@ -148,8 +157,15 @@ def main() -> int:
         print(json.dumps(row), flush=True)
         del model
 
+    peer_gguf = None
+    if rows and not args.no_peer:
+        from pernode.models.registry import resolve_model
+
+        src = resolve_model(args.model)
+        peer_gguf = src.path if src.format == "gguf" else None
     if rows:  # speeds last, all models interleaved: load from other jobs varies ~2x over minutes
-        speeds = interleaved_speeds({r["name"]: r["path"] for r in rows}, steps1, steps64)
+        speeds = interleaved_speeds({r["name"]: r["path"] for r in rows}, steps1, steps64, peer_gguf=peer_gguf,
+                                    threads=args.threads)
         for r in rows:
             tps1, tps64, bytes_tok = speeds[r["name"]]
             r.update(decode_b1_tok_s=tps1, decode_b1_gbs=tps1 * bytes_tok / 1e9, weight_mb_per_token=bytes_tok / 1e6,
@@ -175,6 +191,13 @@ def main() -> int:
               f"{r['decode_b1_tok_s'] / base['decode_b1_tok_s']:.2f} | {r['decode_b1_gbs']:.1f} "
               f"({r['weight_mb_per_token']:.0f} MB) | {r['decode_b64_tok_s']:.0f} | "
               f"{r['decode_b64_tok_s'] / base['decode_b64_tok_s']:.2f} |")
+    if "llama.cpp" in speeds:
+        tps, _, size = speeds["llama.cpp"]
+        print(f"| llama.cpp (peer) | its GGUF as shipped | {size / 1e6:.0f} | | | | {tps:.1f} | "
+              f"{tps / base['decode_b1_tok_s']:.2f} | | | |")
+        rows.append({"name": "llama.cpp", "decode_b1_tok_s": tps, "gguf_mb": size / 1e6})
+    else:
+        print("llama.cpp peer: not measured (llama-cpp-python missing, --no-peer, or not a GGUF model)")
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(rows, f, indent=1)
     print(f"\ncheckpoints and results.json in {out}")

@@ -259,6 +259,7 @@ def cmd_eval_ppl(args) -> int:
     model, source = load_model(args.model, max_positions=seq_len)
     result = evaluate_perplexity(
         model, source.tokenizer, seq_len=seq_len, max_windows=max_windows, corpus=args.corpus,
+        step_tokens=args.step_tokens,
         progress=lambda i, n, ppl: print(f"  window {i}/{n}: running ppl {ppl:.4f}", file=sys.stderr))
     print(f"perplexity {result.perplexity:.4f} (mean NLL {result.mean_nll:.5f} nats) over {result.num_tokens} "
           f"predictions in {result.num_windows} windows of {result.seq_len} tokens; {result.tokens_per_s:.0f} tok/s")
@@ -376,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (--quick: 8)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--corpus", default=None, help="UTF-8 text file instead of the pydoc topics")
+    p.add_argument("--step-tokens", type=int, default=None,
+                   help="feed each window N tokens per forward with its KV cache carried, as decode runs (the "
+                        "int4 decode kernel quantizes x; default: one forward per window)")
     p.add_argument("--num-threads", type=int, default=None)
     p.set_defaults(func=cmd_eval_ppl)
     return parser
