@@ -393,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     # logs go to stderr so stdout carries only what the command produces (generated text, tables)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=Console(stderr=True), show_path=False, show_time=False)])
+    if not args.verbose:  # httpx logs one INFO line per request, which buries `bench serve`'s progress
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except ValueError as exc:  # user errors: one clear line, no traceback
