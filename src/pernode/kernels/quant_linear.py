@@ -152,6 +152,10 @@ class QuantLinear(nn.Module):
         self._scale = self.weight_scale.float().contiguous()
         self._zero_term = zero_term(self._scale, self.weight_zero_point, self.scheme.num_bits)
         self._int8_input = use_int8_input(self.scheme.num_bits, self.in_features, self.scheme.group_size)
+        # A decode step calls ~120 of these layers: resolve the kernel and its constant operands once, not per call.
+        self._op = load_kernel() if self.qweight.device.type == "cpu" else None
+        self._op_args = (self.qweight, self._scale, self._zero_term, self.scheme.num_bits,
+                         self.scheme.group_size or 0, gemv_threads())
 
     def dequantized_weight(self) -> torch.Tensor:
         q = unpacked_weight(self.qweight, self.scheme.num_bits, self.in_features)
@@ -161,18 +165,17 @@ class QuantLinear(nn.Module):
         if self._scale is None:
             self.post_load()
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        op = load_kernel() if x.device.type == "cpu" else None
-        if op is not None:
-            int8_x = x2.shape[0] <= GEMV_MAX_ROWS and self._int8_input
-            y = op(x2.float(), self.qweight, self._scale, self._zero_term, self.scheme.num_bits,
-                   self.scheme.group_size or 0, gemv_threads(), int8_x)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if self._op is not None and x.device.type == "cpu":
+            y = self._op(x2.float(), *self._op_args, x2.shape[0] <= GEMV_MAX_ROWS and self._int8_input)
         else:
             y = woq_linear_reference(x2, self.qweight, self.weight_scale, self.weight_zero_point,
                                      self.scheme.num_bits, self.scheme.group_size)
         if self.bias is not None:
             y = y + self.bias
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y if x.dim() == 2 else y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.scheme.label()}"
