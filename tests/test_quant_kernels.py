@@ -98,8 +98,9 @@ def test_w8a8_matches_reference(threshold, m):
         assert layer.num_outlier_columns == int((x.abs() >= threshold).any(0).sum())
 
 
-@pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (8, 32, False), (4, 128, True)])
-def test_int8_input_gemv_matches_reference_for_every_weight_format(bits, group_size, symmetric):
+@pytest.mark.parametrize("bits,group_size,symmetric,k", [(8, None, True, 608), (8, 32, False, 608),
+                                                          (4, 32, True, 608), (4, 128, False, 640)])
+def test_int8_input_gemv_matches_reference_for_every_weight_format(bits, group_size, symmetric, k):
     """The VNNI path also serves int8 weights (unsigned via XOR 0x80, the +128 undone per lane): held to the
     reference directly, since layers pick it only for int4."""
     op = load_kernel()
@@ -107,10 +108,10 @@ def test_int8_input_gemv_matches_reference_for_every_weight_format(bits, group_s
         pytest.skip("C++ kernel unavailable")
     torch.manual_seed(1)
     scheme = QuantScheme(bits, group_size, symmetric)
-    layer = QuantLinear(640, 72, scheme)  # 640: a partial last chunk for both int4 (128) and int8 (64) layouts
-    layer.set_quantized(*quantize_weight(torch.randn(72, 640), scheme))
+    layer = QuantLinear(k, 72, scheme)  # 608: a partial last chunk in both the int4 (128) and int8 (64) layouts
+    layer.set_quantized(*quantize_weight(torch.randn(72, k), scheme))
     for m in (1, 4, 7):
-        x = torch.randn(m, 640)
+        x = torch.randn(m, k)
         y = op(x, layer.qweight, layer._scale, layer._zero_term, bits, group_size or 0, 1, True)
         ref = woq_linear_reference(x, layer.qweight, layer.weight_scale, layer.weight_zero_point, bits, group_size,
                                    quantize_input=True)
