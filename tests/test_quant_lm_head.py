@@ -93,3 +93,18 @@ def test_cli_quantize_lm_head(tiny_folder, tmp_path, capsys):
     assert "w4-g32 + int8-g32 lm_head" in capsys.readouterr().out
     model, _ = load_model(out)
     assert isinstance(model.lm_head, QuantLinear) and model.lm_head.scheme.num_bits == 8
+
+
+def test_cli_quantize_with_own_calibration_file(tiny_folder, tmp_path, caplog):
+    from pernode.cli import main
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Calibration text of the user's own, about ships and harbours.\n" * 40)
+    out = str(tmp_path / "gptq")
+    assert main(["quantize", "--model", tiny_folder, "--method", "gptq", "--bits", "4", "--group-size", "32",
+                 "--calib", str(calib), "--calib-windows", "2", "--calib-seq-len", "64", "--out", out]) == 0
+    details = json.load(open(f"{out}/config.json"))["quantization_config"]["pernode_details"]
+    assert details["calibration_tokens"] == 2 * 64
+    assert main(["quantize", "--model", tiny_folder, "--method", "gptq", "--calib", str(calib),
+                 "--corpus", str(calib), "--out", out]) == 2
+    assert "--calib FILE" in caplog.text

@@ -224,7 +224,11 @@ def cmd_quantize(args) -> int:
     model, source = load_model(args.model)
     calib = None
     if args.method in CALIBRATED:
-        calib = calibration_windows(source.tokenizer, args.calib_seq_len, args.calib_windows, args.corpus)
+        if args.calib and args.corpus:
+            raise ValueError("--calib FILE (all of it calibrates) and --corpus FILE (its first 10% calibrates) "
+                             "are alternatives: give one")
+        calib = calibration_windows(source.tokenizer, args.calib_seq_len, args.calib_windows, args.corpus,
+                                    args.calib)
     options = {"act_order": args.act_order, "damp_ratio": args.damp, "alpha": args.alpha, "clip": not args.no_clip}
     report = quantize_model(model, args.method, scheme, calib, **options)
     if args.quantize_lm_head:
@@ -360,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-windows", type=int, default=16, help="calibration windows (GPTQ/AWQ/SmoothQuant)")
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--corpus", default=None, help="UTF-8 text file (default: pydoc topics; first 10%% calibrates)")
+    p.add_argument("--calib", default=None, metavar="FILE",
+                   help="your own calibration text (UTF-8): all of it calibrates GPTQ/AWQ/SmoothQuant/LLM.int8()")
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="also quantize the lm_head (untied; int8 per group of 32, GGUF Q8_0's precision); "
                         "default: it stays float")

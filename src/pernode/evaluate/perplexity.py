@@ -62,9 +62,10 @@ def token_windows(token_ids: list[int], seq_len: int, max_windows: int | None = 
 
 
 def calibration_windows(tokenizer, seq_len: int = 512, max_windows: int | None = None,
-                        corpus: str | None = None) -> torch.Tensor:
-    """Token windows of the calibration split (disjoint from what `evaluate_perplexity` scores)."""
-    calib, _ = split_corpus(corpus_text(corpus))
+                        corpus: str | None = None, calib_file: str | None = None) -> torch.Tensor:
+    """Token windows of the calibration split (disjoint from what `evaluate_perplexity` scores), or of all of
+    `calib_file`, the user's own calibration text."""
+    calib = corpus_text(calib_file) if calib_file else split_corpus(corpus_text(corpus))[0]
     return token_windows(tokenizer.encode(calib, add_special_tokens=False), seq_len, max_windows)
 
 
