@@ -17,33 +17,12 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-
-from decode_speed import decode_tokens_per_s, llama_cpp_decode_tokens_per_s, weight_bytes_per_token  # noqa: E402
-from pernode.compress import CALIBRATED, quantize_model  # noqa: E402
-from pernode.compress.lm_head import quantize_lm_head  # noqa: E402
-from pernode.compress.checkpoint import checkpoint_bytes, load_model, save_quantized  # noqa: E402
-from pernode.compress.scheme import QuantScheme  # noqa: E402
-from pernode.compress.smoothquant import W8A8  # noqa: E402
-from pernode.evaluate.perplexity import calibration_windows, evaluate_perplexity  # noqa: E402
-
-CONFIGS = {  # name -> (method, scheme); "+lm8": the lm_head quantized too (int8 g32, `--quantize-lm-head`)
-    "fp32": (None, None),
-    "rtn-int8": ("rtn", QuantScheme(8)),
-    "rtn-int8+lm8": ("rtn", QuantScheme(8)),
-    "rtn-int4-g64": ("rtn", QuantScheme(4, 64)),
-    "rtn-int4-g64+lm8": ("rtn", QuantScheme(4, 64)),
-    "rtn-int4-g32": ("rtn", QuantScheme(4, 32)),
-    "gptq-int4-g64": ("gptq", QuantScheme(4, 64)),
-    "gptq-int4-g64+lm8": ("gptq", QuantScheme(4, 64)),
-    "awq-int4-g64": ("awq", QuantScheme(4, 64)),
-    "awq-int4-g64+lm8": ("awq", QuantScheme(4, 64)),
-    "w8a8": ("w8a8", W8A8),
-    "smoothquant-w8a8": ("smoothquant", W8A8),
-    "llm-int8": ("llm-int8", W8A8),
-}
+from pernode.compress.compare import CONFIGS, build_and_score, check_names, measure_speeds
+from pernode.compress.scheme import QuantScheme
+from pernode.compress.smoothquant import W8A8
+from pernode.models.registry import resolve_model
 
 
 def linear_throughput(batches=(64, 256), shapes=((576, 3072), (1536, 576)), repeats: int = 20) -> list[dict]:
@@ -77,26 +56,6 @@ def linear_throughput(batches=(64, 256), shapes=((576, 3072), (1536, 576)), repe
     return rows
 
 
-def interleaved_speeds(paths: dict[str, str], steps1: int, steps64: int, rounds: int = 2,
-                       peer_gguf: str | None = None, threads: int = 1) -> dict[str, tuple]:
-    """Best-of-`rounds` (b1 tok/s, b64 tok/s, weight bytes/token) per model, measured round-robin so that load from
-    other processes hits every method alike; with `peer_gguf`, llama.cpp's batch-1 decode of it in each round."""
-    models = {name: load_model(path)[0] for name, path in paths.items()}
-    best = {name: [0.0, 0.0, weight_bytes_per_token(m)] for name, m in models.items()}
-    peer = None
-    for _ in range(rounds):
-        for name, m in models.items():
-            best[name][0] = max(best[name][0], decode_tokens_per_s(m, 1, steps1))
-            best[name][1] = max(best[name][1], decode_tokens_per_s(m, 64, steps64, prompt_len=4, warmup=1))
-        if peer_gguf:
-            tps = llama_cpp_decode_tokens_per_s(peer_gguf, threads, max(steps1, 32))
-            peer = tps if peer is None or tps is None else max(peer, tps)
-    out = {name: tuple(v) for name, v in best.items()}
-    if peer:
-        out["llama.cpp"] = (peer, None, os.path.getsize(peer_gguf))
-    return out
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -115,61 +74,20 @@ def main() -> int:
     steps1, steps64 = (16, 2) if args.quick else (64, 4)
     out = args.out or tempfile.mkdtemp(prefix="pernode-quant-")
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        raise SystemExit(f"unknown --methods {unknown}: allowed {', '.join(CONFIGS)}")
+    try:
+        check_names(names)
+    except ValueError as exc:
+        raise SystemExit(f"--methods: {exc}")
 
-    if args.linear_only:
-        names = []
-    rows = []
-    calib = None
-    for name in names:
-        method, scheme = CONFIGS[name]
-        t0 = time.perf_counter()
-        model, source = load_model(args.model)
-        path, quant_s, report = args.model, 0.0, {}
-        if method:
-            if method in CALIBRATED and calib is None:
-                calib = calibration_windows(source.tokenizer, 512, args.calib_windows)
-            report = quantize_model(model, method, scheme, calib, quiet=True)
-            if name.endswith("+lm8"):
-                quantize_lm_head(model)
-            quant_s = time.perf_counter() - t0
-            path = os.path.join(out, name)
-            save_quantized(model, source, path, scheme, method)
-            del model
-            model, source = load_model(path)  # what gets served
-        size_mb = checkpoint_bytes(path) / 1e6 if method else sum(
-            t.numel() * 4 for t in model.hf_state_dict().values()) / 1e6
-        ppl = evaluate_perplexity(model, source.tokenizer, seq_len=seq_len, max_windows=windows)
-        # the same windows fed 8 tokens per forward: the decode kernels' numerics (int4: int8 x)
-        ppl_decode = evaluate_perplexity(model, source.tokenizer, seq_len=seq_len, max_windows=windows,
-                                         step_tokens=8)
-        label = (scheme.label() + (" + lm_head w8-g32" if name.endswith("+lm8") else "")) if scheme else "fp32"
-        row = {"name": name, "method": method or "fp32", "scheme": label,
-               "path": path, "checkpoint_mb": size_mb, "ppl": ppl.perplexity, "nll": ppl.mean_nll,
-               "ppl_decode_path": ppl_decode.perplexity,
-               "ppl_tokens": ppl.num_tokens, "quantize_s": quant_s}
-        if report.get("outliers"):
-            row["outlier_columns_mean"] = sum(v["mean_outlier_columns"] for v in report["outliers"].values()) / len(
-                report["outliers"])
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        del model
-
-    peer_gguf = None
-    if rows and not args.no_peer:
-        from pernode.models.registry import resolve_model
-
-        src = resolve_model(args.model)
-        peer_gguf = src.path if src.format == "gguf" else None
-    if rows:  # speeds last, all models interleaved: load from other jobs varies ~2x over minutes
-        speeds = interleaved_speeds({r["name"]: r["path"] for r in rows}, steps1, steps64, peer_gguf=peer_gguf,
-                                    threads=args.threads)
-        for r in rows:
-            tps1, tps64, bytes_tok = speeds[r["name"]]
-            r.update(decode_b1_tok_s=tps1, decode_b1_gbs=tps1 * bytes_tok / 1e9, weight_mb_per_token=bytes_tok / 1e6,
-                     decode_b64_tok_s=tps64)
+    rows, peer = [], None
+    if not args.linear_only:
+        rows = build_and_score(args.model, names, out, seq_len, windows, args.calib_windows,
+                               progress=lambda row: print(json.dumps(row), flush=True))
+        peer_gguf = None
+        if not args.no_peer:
+            src = resolve_model(args.model)
+            peer_gguf = src.path if src.format == "gguf" else None
+        peer = measure_speeds(rows, steps1, steps64, peer_gguf=peer_gguf, threads=args.threads)
     lin = linear_throughput()
     print("\nsingle projection, batch m: GFLOP/s (W8A8 includes quantizing x per token)")
     print("| K x N | m | fp32 | W8A8 int8 GEMM | x fp32 | int8 weight-only |")
@@ -191,11 +109,10 @@ def main() -> int:
               f"{r['decode_b1_tok_s'] / base['decode_b1_tok_s']:.2f} | {r['decode_b1_gbs']:.1f} "
               f"({r['weight_mb_per_token']:.0f} MB) | {r['decode_b64_tok_s']:.0f} | "
               f"{r['decode_b64_tok_s'] / base['decode_b64_tok_s']:.2f} |")
-    if "llama.cpp" in speeds:
-        tps, _, size = speeds["llama.cpp"]
-        print(f"| llama.cpp (peer) | its GGUF as shipped | {size / 1e6:.0f} | | | | {tps:.1f} | "
-              f"{tps / base['decode_b1_tok_s']:.2f} | | | |")
-        rows.append({"name": "llama.cpp", "decode_b1_tok_s": tps, "gguf_mb": size / 1e6})
+    if peer:
+        print(f"| llama.cpp (peer) | its GGUF as shipped | {peer['gguf_mb']:.0f} | | | | "
+              f"{peer['decode_b1_tok_s']:.1f} | {peer['decode_b1_tok_s'] / base['decode_b1_tok_s']:.2f} | | | |")
+        rows.append(peer)
     else:
         print("llama.cpp peer: not measured (llama-cpp-python missing, --no-peer, or not a GGUF model)")
     with open(os.path.join(out, "results.json"), "w") as f:

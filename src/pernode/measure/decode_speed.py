@@ -1,4 +1,5 @@
-"""Decode speed of a model by direct forwards through a paged KV cache (no scheduler/sampler overhead).
+"""Decode speed of a model by direct forwards through a paged KV cache (no scheduler/sampler overhead), and
+llama.cpp's on a GGUF for comparison.
 
 Batch-1 decode streams every weight once per token, so tok/s x weight bytes is the achieved bandwidth.
 """
