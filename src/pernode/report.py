@@ -1,5 +1,6 @@
 """`pernode report`: the main job. Load the model, show it answering, profile the node, measure offline
-throughput, plan a fleet from the profile, and write everything into one HTML report."""
+throughput, shrink the model (quantized checkpoints with their perplexity and decode speed), plan a fleet from the
+profile, and write everything into one HTML report."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,10 @@ log = logging.getLogger("pernode.report")
 
 DEFAULT_WORKLOAD = dict(rate_rps=2.0, input_len=(128, 512), output_len=(64, 256))
 DEFAULT_SLO = "ttft_ms=2000,tpot_ms=200"
+# Quantized checkpoints the report builds: quick keeps the fast (calibration-free) ones
+QUICK_QUANT = ["fp32", "rtn-int8", "rtn-int4-g64", "rtn-int4-g64+lm8"]
+FULL_QUANT = ["fp32", "rtn-int8", "rtn-int4-g64", "gptq-int4-g64", "awq-int4-g64", "awq-int4-g64+lm8",
+              "smoothquant-w8a8"]
 
 
 def run_report(args) -> int:
@@ -65,7 +70,10 @@ def run_report(args) -> int:
                   f"in {tput.elapsed_s:.1f} s: [bold]{tput.output_tokens_per_s:.1f} output tok/s[/bold], "
                   f"{tput.requests_per_s:.2f} req/s")
 
-    console.rule("[bold]4. the fleet for a default workload")
+    console.rule("[bold]4. shrinking the model")
+    quant_rows = _quantization(engine, config.model, args, console)
+
+    console.rule("[bold]5. the fleet for a default workload")
     wl = Workload(DEFAULT_WORKLOAD["rate_rps"], LengthDist.uniform(*DEFAULT_WORKLOAD["input_len"]),
                   LengthDist.uniform(*DEFAULT_WORKLOAD["output_len"]))
     fleet = plan(profile, wl, SLO.parse(DEFAULT_SLO), instance="aws-c7i.large", num_requests=1000 if args.quick else 4000)
@@ -82,6 +90,7 @@ def run_report(args) -> int:
          "rows": [[r.system, r.num_requests, r.prompt_tokens, r.output_tokens, round(r.elapsed_s, 1),
                    round(r.output_tokens_per_s, 1), round(r.requests_per_s, 2),
                    round(tput.output_tokens_per_s / r.output_tokens_per_s, 2)] for r in results]},
+        _quantization_section(quant_rows),
         _plan_section(fleet, DEFAULT_SLO),
     ]
     path = write_report_html(os.path.join(args.out, "report.html"), profile, extra_sections=sections,
@@ -89,6 +98,44 @@ def run_report(args) -> int:
     console.print(f"\n[bold green]report written:[/bold green] {path} "
                   f"(profile.json, plan.json, plan.png beside it; {time.perf_counter() - started:.0f} s)")
     return 0
+
+
+def _quantization(engine, model: str, args, console) -> list[dict]:
+    """Quantized checkpoints of the served model under out/checkpoints, each re-loaded, scored and timed."""
+    import torch
+
+    from pernode.compress.compare import build_and_score, measure_speeds
+
+    names = QUICK_QUANT if args.quick else FULL_QUANT
+    windows = 2 if args.quick else 4
+    rows = build_and_score(model, names, os.path.join(args.out, "checkpoints"), seq_len=512, windows=windows,
+                           decode_path_ppl=False,
+                           progress=lambda r: console.print(f"  {r['name']}: {r['checkpoint_mb']:.0f} MB, "
+                                                            f"ppl {r['ppl']:.3f}"))
+    measure_speeds(rows, steps1=16, steps64=None if args.quick else 2, rounds=1 if args.quick else 2,
+                   threads=torch.get_num_threads())
+    base = rows[0]
+    for r in rows:
+        console.print(f"  {r['name']:20s} {r['checkpoint_mb']:6.0f} MB  ppl {r['ppl']:8.3f} "
+                      f"({100 * (r['ppl'] / base['ppl'] - 1):+6.2f}%)  batch-1 decode {r['decode_b1_tok_s']:6.1f} "
+                      f"tok/s ({r['decode_b1_tok_s'] / base['decode_b1_tok_s']:.2f}x)")
+    return rows
+
+
+def _quantization_section(rows: list[dict]) -> dict:
+    from pernode.measure.report_html import quantization_chart_png
+
+    base = rows[0]
+    ppl_windows = base["ppl_tokens"]
+    return {"title": "Shrinking the model: quantized checkpoints as served (perplexity on held-out pydoc text, "
+                     f"{ppl_windows} predictions; decode by direct forwards)",
+            "columns": ["config", "weights", "checkpoint MB", "perplexity", "Δ ppl", "batch-1 tok/s", "× fp32",
+                        "weights read/token MB", "batch-64 tok/s"],
+            "rows": [[r["name"], r["scheme"], round(r["checkpoint_mb"]), round(r["ppl"], 3),
+                      f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}%", round(r["decode_b1_tok_s"], 1),
+                      round(r["decode_b1_tok_s"] / base["decode_b1_tok_s"], 2), round(r["weight_mb_per_token"]),
+                      None if r.get("decode_b64_tok_s") is None else round(r["decode_b64_tok_s"])] for r in rows],
+            "html": quantization_chart_png(rows)}
 
 
 def _plan_section(fleet, slo_text: str) -> dict:

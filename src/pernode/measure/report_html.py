@@ -57,6 +57,21 @@ def _img(b64: str, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
 
 
+def quantization_chart_png(rows: Sequence[dict]) -> str:
+    """Quality against speed: perplexity vs batch-1 decode tok/s per quantized checkpoint, as an <img>."""
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.add_subplot(111)
+    for r in rows:
+        ax.scatter(r["decode_b1_tok_s"], r["ppl"], s=20 + r["checkpoint_mb"] / 5, alpha=0.7)
+        ax.annotate(r["name"], (r["decode_b1_tok_s"], r["ppl"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+    ax.set_xlabel("batch-1 decode, tokens/s (higher is better)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title("quantized checkpoints: quality vs speed (marker area ~ checkpoint size)")
+    ax.grid(alpha=0.3)
+    return _img(_png(fig), "perplexity vs decode speed")
+
+
 def roofline_chart_png(profile: dict) -> str:
     """Log-log roofline: the bandwidth roof, one compute roof per known peak, measured points labelled (base64 PNG)."""
     hw = profile["hardware"]
