@@ -116,3 +116,22 @@ def test_int8_input_gemv_matches_reference_for_every_weight_format(bits, group_s
         ref = woq_linear_reference(x, layer.qweight, layer.weight_scale, layer.weight_zero_point, bits, group_size,
                                    quantize_input=True)
         torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_batch_path_under_inference_mode_with_worker_threads():
+    """Tiles are written by at::parallel_for's workers: they must run in the caller's inference mode."""
+    if load_kernel() is None:
+        pytest.skip("C++ kernel unavailable")
+    scheme = QuantScheme(4, 64)
+    layer = QuantLinear(576, 1000, scheme)
+    layer.set_quantized(*quantize_weight(torch.randn(1000, 576), scheme))
+    x = torch.randn(64, 576)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            y = layer(x)
+    finally:
+        torch.set_num_threads(threads)
+    ref = woq_linear_reference(x, layer.qweight, layer.weight_scale, None, 4, 64)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())

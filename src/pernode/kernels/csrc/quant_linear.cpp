@@ -20,6 +20,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -337,7 +338,11 @@ at::Tensor tiled_matmul(const at::Tensor& x, const at::Tensor& w, const float* s
                         int64_t bits, int64_t N, int64_t K, int64_t G, int64_t gs) {
   auto yt = at::empty({N, x.size(0)}, x.options());  // y^T: each tile fills whole rows
   const auto xt = x.t();
+  // Inference mode is thread-local: worker threads must share the caller's, or writing into yt (an inference
+  // tensor when the caller runs under torch.inference_mode) is refused.
+  const bool inference_mode = c10::InferenceMode::is_enabled();
   at::parallel_for(0, (N + kTileRows - 1) / kTileRows, 1, [&](int64_t t0, int64_t t1) {
+    c10::InferenceMode guard(inference_mode);
     auto tile = at::empty({kTileRows, K}, x.options());
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * kTileRows, rows = std::min(kTileRows, N - n0);
