@@ -12,7 +12,8 @@ from pernode.compress import METHODS, quantize_model
 from pernode.compress.awq import search_scale
 from pernode.compress.checkpoint import load_model, save_quantized
 from pernode.compress.gptq import gptq_quantize_weight
-from pernode.compress.scheme import QuantScheme, dequantize, fake_quantize, quantize_weight
+from pernode.compress.scheme import (QuantScheme, compute_qparams, dequantize, fake_quantize, mse_qparams,
+                                     quantize_with, quantize_weight)
 from pernode.compress.smoothquant import W8A8
 from pernode.evaluate.perplexity import final_hidden_states
 from pernode.kernels.quant_linear import QuantLinear, W8A8Linear
@@ -62,6 +63,66 @@ def test_gptq_beats_rtn_on_correlated_inputs():
             q, s, z = gptq_quantize_weight(w, h, scheme, act_order=act_order)
             gptq = ((x @ (w - dequantize(q, s, z, scheme.group_size)).t()) ** 2).mean()
             assert gptq < 0.8 * rtn, (scheme, act_order, gptq, rtn)
+
+
+def _outlier_weights(n=64, k=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    mask = torch.rand(n, k, generator=g) < 0.01  # ~1% outliers at 4-8x the typical magnitude
+    return torch.where(mask, w * (4 + 4 * torch.rand(n, k, generator=g)), w)
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 64), QuantScheme(4, 32, symmetric=False), QuantScheme(4),
+                                    QuantScheme(8, 64)])
+def test_mse_observer_never_loses_to_min_max_and_wins_with_outliers(scheme):
+    w = _outlier_weights()
+
+    def group_err(scale, zero):
+        dq = dequantize(quantize_with(w, scale, zero, scheme), scale, zero, scheme.group_size)
+        return (w - dq).pow(2).reshape(w.shape[0], -1, scheme.group_size or w.shape[1]).sum(-1)
+
+    s0, z0 = compute_qparams(w, scheme)
+    s1, z1 = mse_qparams(w, scheme, norm=2.0)
+    assert s1.shape == s0.shape and (z1 is None) == (z0 is None)
+    assert torch.all(s1 <= s0 * (1 + 1e-6))  # only ever shrinks the range
+    minmax, mse = group_err(s0, z0), group_err(s1, z1)
+    assert torch.all(mse <= minmax * (1 + 1e-5))  # per group: shrink 1.0 (min-max) is in the grid
+    assert mse.sum() < 0.98 * minmax.sum(), (mse.sum(), minmax.sum())  # measured 0.63-0.972 of min-max
+
+
+def test_mse_observer_column_weights_steer_the_error():
+    w = _outlier_weights(32, 64)
+    scheme = QuantScheme(4, 64)
+    cw = torch.ones(64)
+    cw[:8] = 100.0  # the first 8 columns matter most
+
+    def err(scale, zero):
+        return (w - dequantize(quantize_with(w, scale, zero, scheme), scale, zero, 64)).pow(2)
+
+    plain, weighted = err(*mse_qparams(w, scheme, norm=2.0)), err(*mse_qparams(w, scheme, norm=2.0, col_weight=cw))
+    assert (weighted * cw).sum() <= (plain * cw).sum()
+    assert weighted[:, :8].sum() < plain[:, :8].sum()
+
+
+def test_gptq_with_mse_observers_beats_min_max_gptq():
+    torch.manual_seed(0)
+    x = torch.randn(4096, 128) @ torch.randn(128, 128) * 0.3 + torch.randn(4096, 128)
+    x = x * torch.logspace(-0.5, 0.5, 128)  # uneven input channels, so act-order has something to order
+    w = _outlier_weights(48, 128, seed=1)
+    h = 2 * x.t() @ x / x.shape[0]
+
+    def out_err(q, s, z, scheme):
+        return ((x @ (w - dequantize(q, s, z, scheme.group_size)).t()) ** 2).mean()
+
+    for scheme in (QuantScheme(4, 64), QuantScheme(4, 32, symmetric=False)):
+        rtn = out_err(*quantize_weight(w, scheme), scheme)
+        base = out_err(*gptq_quantize_weight(w, h, scheme, observer="minmax", act_order=False), scheme)
+        for act_order in (False, True):
+            for observer in ("mse", "hmse"):
+                best = out_err(*gptq_quantize_weight(w, h, scheme, act_order=act_order, observer=observer), scheme)
+                assert best < 0.97 * base and base < 0.9 * rtn, (scheme, act_order, observer, best, base, rtn)
+    with pytest.raises(ValueError, match="observer='bogus' is unknown: allowed minmax, mse, hmse"):
+        gptq_quantize_weight(w, h, QuantScheme(4, 64), observer="bogus")
 
 
 def test_gptq_raises_damping_when_cholesky_fails(caplog):

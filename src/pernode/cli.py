@@ -229,7 +229,8 @@ def cmd_quantize(args) -> int:
                              "are alternatives: give one")
         calib = calibration_windows(source.tokenizer, args.calib_seq_len, args.calib_windows, args.corpus,
                                     args.calib)
-    options = {"act_order": args.act_order, "damp_ratio": args.damp, "alpha": args.alpha, "clip": not args.no_clip}
+    options = {"act_order": args.act_order, "damp_ratio": args.damp, "observer": args.observer, "alpha": args.alpha,
+               "clip": not args.no_clip}
     report = quantize_model(model, args.method, scheme, calib, **options)
     if args.quantize_lm_head:
         from pernode.compress.lm_head import quantize_lm_head
@@ -369,8 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="also quantize the lm_head (untied; int8 per group of 32, GGUF Q8_0's precision); "
                         "default: it stays float")
-    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by descending Hessian diagonal")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ: columns by descending Hessian diagonal, group scales fixed up front (default on)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ: damping, fraction of the mean Hessian diagonal")
+    p.add_argument("--observer", default="hmse", choices=["minmax", "mse", "hmse"],
+                   help="GPTQ group scales: minmax (the group's range), mse (range shrink minimising the group's "
+                        "|w - deq(w)|^2.4), hmse (default: mse with each column weighted by its Hessian diagonal)")
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
     p.add_argument("--no-clip", action="store_true", help="AWQ: skip the clip search")
     p.set_defaults(func=cmd_quantize)

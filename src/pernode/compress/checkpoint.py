@@ -186,6 +186,8 @@ def save_quantized(model: LlamaForCausalLM, source, folder: str, scheme: QuantSc
     cfg["quantization_config"] = quantization_config_from_scheme(scheme, method, lm_head_scheme(model))
     if extra:
         cfg["quantization_config"]["pernode_details"] = extra
+        if extra.get("observer") in ("mse", "hmse"):  # GPTQ's scale search
+            cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["observer"] = "mse"
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=1)
     return folder

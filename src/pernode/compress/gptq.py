@@ -3,8 +3,13 @@ columns through the inverse Hessian of the layer's calibration inputs (arXiv 221
 
 Per layer: H = 2/n sum x x^T from calibration inputs that went through the already-quantized earlier layers;
 damping (1% of mean diag by default, raised x10 with a message when Cholesky fails); lazy batch updates of 128
-columns; optional act-order (columns by descending diag(H)); groups. With act-order, group qparams are fixed up
-front from each group's original weights ("static groups"), so no g_idx is needed in the checkpoint.
+columns; act-order (columns by descending diag(H), on by default); groups. With act-order, group qparams are fixed
+up front from each group's original weights ("static groups"), so no g_idx is needed in the checkpoint.
+
+Group scales come from an observer: "minmax" (the group's range), "mse" (the range shrunk by the factor minimising
+sum |w - deq(w)|^2.4 over the group, as the reference code's Quantizer(mse=True)), or "hmse" (the default: the same
+with each column's error weighted by its Hessian diagonal, i.e. the mean square of its input, so columns that see
+large activations get the tighter fit).
 """
 from __future__ import annotations
 
@@ -14,9 +19,11 @@ import torch
 
 from pernode.compress.calibration import capture_inputs, run_sequential
 from pernode.compress.common import check_model, install, projections
-from pernode.compress.scheme import QuantScheme, compute_qparams
+from pernode.compress.scheme import QuantScheme, compute_qparams, mse_qparams
 
 log = logging.getLogger("pernode.compress")
+
+OBSERVERS = ("minmax", "mse", "hmse")
 
 
 def inverse_hessian_cholesky(h: torch.Tensor, damp_ratio: float, name: str = "layer") -> torch.Tensor:
@@ -38,9 +45,11 @@ def inverse_hessian_cholesky(h: torch.Tensor, damp_ratio: float, name: str = "la
 
 @torch.no_grad()
 def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, damp_ratio: float = 0.01,
-                         block_size: int = 128, act_order: bool = False, name: str = "layer"
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                         block_size: int = 128, act_order: bool = True, name: str = "layer",
+                         observer: str = "hmse") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(q int8 [N, K], scale [N, G], zero [N, G] | None) minimising ||W X - Q X|| for the inputs behind `hessian`."""
+    if observer not in OBSERVERS:
+        raise ValueError(f"observer={observer!r} is unknown: allowed {', '.join(OBSERVERS)}")
     w = weight.detach().float().clone()
     n, k = w.shape
     h = hessian.float().clone()
@@ -49,8 +58,15 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, scheme: Qu
     w[:, dead] = 0.0
     gs = scheme.group_size or k
     static = act_order or scheme.group_size is None
+    col_weight = torch.diag(h).clamp(min=1e-12) if observer == "hmse" else None  # original column order
+
+    def observe(ws, sch, cw):
+        if observer == "minmax":
+            return compute_qparams(ws, sch)
+        return mse_qparams(ws, sch, col_weight=cw)
+
     if static:  # qparams from the original weights, per group in original column order
-        scale_all, zero_all = compute_qparams(w, scheme)
+        scale_all, zero_all = observe(w, scheme, col_weight)
     else:
         scale_all = torch.zeros(n, k // gs)
         zero_all = None if scheme.symmetric else torch.zeros(n, k // gs)
@@ -72,7 +88,8 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, scheme: Qu
             col = i1 + i
             if not static and col % gs == 0:  # group qparams from the error-updated weights of this group
                 g = col // gs
-                s, z = compute_qparams(w1[:, i:i + gs], QuantScheme(scheme.num_bits, None, scheme.symmetric))
+                s, z = observe(w1[:, i:i + gs], QuantScheme(scheme.num_bits, None, scheme.symmetric),
+                               None if col_weight is None else col_weight[col:col + gs])  # perm is identity
                 scale_all[:, g] = s[:, 0]
                 if zero_all is not None:
                     zero_all[:, g] = z[:, 0]
@@ -92,10 +109,14 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, scheme: Qu
 
 
 def quantize_gptq(model, scheme: QuantScheme, calibration: torch.Tensor, damp_ratio: float = 0.01,
-                  block_size: int = 128, act_order: bool = False, quiet: bool = False, **_) -> dict:
+                  block_size: int = 128, act_order: bool = True, observer: str = "hmse", quiet: bool = False,
+                  **_) -> dict:
     """GPTQ every decoder projection in place, layer by layer."""
     check_model(model, scheme)
-    report = {"damp_ratio": damp_ratio, "act_order": act_order, "calibration_tokens": calibration.numel()}
+    if observer not in OBSERVERS:
+        raise ValueError(f"observer={observer!r} is unknown: allowed {', '.join(OBSERVERS)}")
+    report = {"damp_ratio": damp_ratio, "act_order": act_order, "observer": observer,
+              "calibration_tokens": calibration.numel()}
 
     def process(i, layer, x, fwd):
         linears = {attr: (parent, lin) for parent, attr, lin in projections(layer)}
@@ -112,7 +133,7 @@ def quantize_gptq(model, scheme: QuantScheme, calibration: torch.Tensor, damp_ra
         for attr, (parent, lin) in linears.items():
             h = hessians[attr] / counts[attr]
             q, s, z = gptq_quantize_weight(lin.weight.data, h, scheme, damp_ratio, block_size, act_order,
-                                           f"layers.{i}.{attr}")
+                                           f"layers.{i}.{attr}", observer)
             install(parent, attr, q, s, z, scheme, f"layers.{i}.{attr}")
         return f"layer {i}"
 

@@ -133,3 +133,36 @@ def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
     u = (packed[..., None] >> shifts).bitwise_and(0xF)
     return (u - 8).reshape(packed.shape[0], -1)[:, :in_features].to(torch.int8)
+
+
+def mse_qparams(w: torch.Tensor, scheme: QuantScheme, grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4,
+                col_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale [N, G] and zero [N, G] | None like `compute_qparams`, but each group's range shrunk by the factor in
+    1, 1 - 1/grid, ... (down to 1 - max_shrink) that minimises sum_k c_k |w_k - deq(q(w_k))|^norm over the group
+    (the MSE observer of the GPTQ reference code; c = `col_weight` [K], default 1). Shrink 1 is min-max, so the
+    error is never above min-max's."""
+    w = w.float()
+    g = group_view(w, scheme.group_size)  # [N, G, gs]
+    cw = None if col_weight is None else group_view(col_weight.float().reshape(1, -1), scheme.group_size)
+    best_err = best_scale = best_zero = None
+    for i in range(max(1, int(round(max_shrink * grid)))):
+        ratio = 1.0 - i / grid
+        scale, zero = compute_qparams(w, scheme, ratio)
+        q = torch.round(g / scale[..., None])
+        if zero is not None:
+            q = (q + zero[..., None]).clamp_(scheme.qmin, scheme.qmax).sub_(zero[..., None])
+        else:
+            q = q.clamp_(scheme.qmin, scheme.qmax)
+        err = (q.mul_(scale[..., None]).sub_(g)).abs_().pow_(norm)
+        if cw is not None:
+            err = err.mul_(cw)
+        err = err.sum(-1)  # [N, G]
+        if best_err is None:
+            best_err, best_scale, best_zero = err, scale, zero
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        if zero is not None:
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
