@@ -219,3 +219,31 @@ def test_qwen2_biases_survive_quantization(tmp_path):
     reloaded, _ = load_model(out)
     ids = torch.arange(10, 30)
     torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids))
+
+
+def test_smoothquant_alpha_search_never_loses_to_the_default_on_its_sample():
+    from pernode.compress.smoothquant import search_alpha, simulated_w8a8, smoothing_scale
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g)
+    x[:, 3] *= 40.0  # an outlier channel, as in LLM activations
+    w = torch.randn(48, 64, generator=g) * 0.05
+    absmax = x.abs().amax(0)
+    ref = x @ w.t()
+
+    def err(s):
+        return (simulated_w8a8(x / s, w * s) - ref).pow(2).mean().item()
+
+    alpha, s = search_alpha(x, w, absmax)
+    assert 0.0 <= alpha <= 1.0
+    assert err(s) <= err(smoothing_scale(absmax, w, 0.5)) + 1e-12
+    assert err(s) < err(torch.ones(64))  # smoothing beats none with an outlier channel
+
+
+def test_smoothquant_auto_alpha_reports_its_choices(tiny_folder):
+    model, _ = load_model(tiny_folder)
+    report = quantize_model(model, "smoothquant", W8A8, _calib(), alpha="auto", quiet=True)
+    assert set(report["alpha_chosen"]) == {"qkv_proj", "gate_up_proj", "down_proj"}
+    assert all(len(v) == 2 and all(0.0 <= a <= 1.0 for a in v) for v in report["alpha_chosen"].values())
+    with pytest.raises(ValueError, match="alpha=1.5 is out of range"):
+        quantize_model(load_model(tiny_folder)[0], "smoothquant", W8A8, _calib(), alpha=1.5, quiet=True)

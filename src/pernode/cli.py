@@ -207,6 +207,16 @@ def cmd_report(args) -> int:
     return run_report(args)
 
 
+def _alpha(text: str) -> float | str:
+    """--alpha: a number (range-checked by the method, with its message) or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"alpha={text!r}: allowed a number in 0..1 or 'auto'") from None
+
+
 def cmd_quantize(args) -> int:
     import json
 
@@ -376,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--observer", default="hmse", choices=["minmax", "mse", "hmse"],
                    help="GPTQ group scales: minmax (the group's range), mse (range shrink minimising the group's "
                         "|w - deq(w)|^2.4), hmse (default: mse with each column weighted by its Hessian diagonal)")
-    p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
+    p.add_argument("--alpha", type=_alpha, default=0.5,
+                   help="SmoothQuant migration strength: 0..1 (default 0.5) or 'auto' (searched per projection)")
     p.add_argument("--no-clip", action="store_true", help="AWQ: skip the clip search")
     p.set_defaults(func=cmd_quantize)
 

@@ -36,8 +36,10 @@ CONFIGS: dict[str, tuple[str | None, QuantScheme | None]] = {
     "awq-int4-g64+lm8": ("awq", QuantScheme(4, 64)),
     "w8a8": ("w8a8", W8A8),
     "smoothquant-w8a8": ("smoothquant", W8A8),
+    "smoothquant-w8a8-auto": ("smoothquant", W8A8),
     "llm-int8": ("llm-int8", W8A8),
 }
+OPTIONS = {"smoothquant-w8a8-auto": {"alpha": "auto"}}  # method options beyond the defaults
 
 
 def check_names(names: list[str]) -> None:
@@ -61,7 +63,7 @@ def build_and_score(model_name: str, names: list[str], out_dir: str, seq_len: in
         if method:
             if method in CALIBRATED and calib is None:
                 calib = calibration_windows(source.tokenizer, 512, calib_windows)
-            report = quantize_model(model, method, scheme, calib, quiet=True)
+            report = quantize_model(model, method, scheme, calib, quiet=True, **OPTIONS.get(name, {}))
             if name.endswith("+lm8"):
                 quantize_lm_head(model)
             quantize_s = time.perf_counter() - started
