@@ -108,3 +108,23 @@ def test_cli_quantize_with_own_calibration_file(tiny_folder, tmp_path, caplog):
     assert main(["quantize", "--model", tiny_folder, "--method", "gptq", "--calib", str(calib),
                  "--corpus", str(calib), "--out", out]) == 2
     assert "--calib FILE" in caplog.text
+
+
+def test_bench_offline_on_a_quantized_checkpoint_skips_hf(tiny_folder, tmp_path, caplog):
+    import argparse
+    import logging
+
+    from pernode.llm import LLM
+    from pernode.measure import bench_offline
+    from pernode.models.registry import resolve_model
+
+    model, source = load_model(tiny_folder)
+    quantize_model(model, "rtn", QuantScheme(4, 32))
+    out = save_quantized(model, source, str(tmp_path / "q"), QuantScheme(4, 32), "rtn")
+    p = argparse.ArgumentParser()
+    bench_offline.add_arguments(p)
+    args = p.parse_args(["--num-prompts", "3", "--input-len", "8:16", "--output-len", "4", "--peers", "hf"])
+    with caplog.at_level(logging.INFO, logger="pernode.bench"):
+        results = bench_offline.run_bench_offline(LLM(out, num_blocks=64), resolve_model(out), args)
+    assert [r.system for r in results] == ["pernode"] and results[0].output_tokens == 3 * 4
+    assert "HF transformers skipped" in caplog.text

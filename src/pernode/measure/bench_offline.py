@@ -25,6 +25,9 @@ def add_arguments(p) -> None:
     p.add_argument("--hf-batch-sizes", default="8,16,32", help="static batch sizes HF is swept over")
     p.add_argument("--hf-sweep-prompts", type=int, default=32, help="requests used to pick HF's best batch")
     p.add_argument("--also-dtypes", default="", help="also run pernode in these dtypes, e.g. bfloat16")
+    p.add_argument("--llama-cpp-gguf", default=None, metavar="PATH",
+                   help="the GGUF llama.cpp runs (default: --model when it is a GGUF), e.g. to set the packaged "
+                        "Q4_1 beside a `pernode quantize` int4 checkpoint")
 
 
 def parse_range(text: str, name: str) -> tuple[int, int]:
@@ -104,12 +107,15 @@ def run_bench_offline(llm, source, args) -> list[ThroughputResult]:
     unknown = peers - {"hf", "llama.cpp"}
     if unknown:
         raise ValueError(f"peers={sorted(unknown)} unknown: allowed hf, llama.cpp, none")
-    if "hf" in peers:
+    if "hf" in peers and source.quantization_config:
+        log.info("HF transformers skipped: %s is a quantized (compressed-tensors) checkpoint", source.path)
+    elif "hf" in peers:
         sizes = [int(b) for b in args.hf_batch_sizes.split(",")]
         pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else cfg.eos_token_ids[0]
         results.append(run_hf_best(source, workload, sizes, args.hf_sweep_prompts, pad))
-    if "llama.cpp" in peers and source.format == "gguf":
-        r = run_llama_cpp(source.path, workload, torch.get_num_threads())
+    gguf = args.llama_cpp_gguf or (source.path if source.format == "gguf" else None)
+    if "llama.cpp" in peers and gguf:
+        r = run_llama_cpp(gguf, workload, torch.get_num_threads())
         if r:
             results.append(r)
     return results
