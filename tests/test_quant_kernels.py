@@ -9,6 +9,13 @@ from pernode.kernels.quant_linear import (GEMV_MAX_ROWS, QuantLinear, W8A8Linear
                                           quantize_input_blocks, w8a8_linear_reference, woq_linear_reference)
 
 
+
+def _random_layer(scheme: QuantScheme, in_features: int, out_features: int) -> QuantLinear:
+    """A QuantLinear holding RTN-quantized random weights."""
+    layer = QuantLinear(in_features, out_features, scheme)
+    layer.set_quantized(*quantize_weight(torch.randn(out_features, in_features), scheme))
+    return layer
+
 def test_int4_packing_is_compressed_tensors_layout():
     q = torch.tensor([[-8, -7, 0, 1, 2, 3, 6, 7] * 2], dtype=torch.int8)
     packed = pack_int4(q)
@@ -38,9 +45,7 @@ def test_weight_only_kernel_matches_reference(bits, group_size, symmetric, in_fe
     if load_kernel() is None:
         pytest.skip("C++ kernel unavailable: the reference is what runs")
     torch.manual_seed(0)
-    scheme = QuantScheme(bits, group_size, symmetric)
-    layer = QuantLinear(in_features, 80, scheme)
-    layer.set_quantized(*quantize_weight(torch.randn(80, in_features), scheme))
+    layer = _random_layer(QuantScheme(bits, group_size, symmetric), in_features, 80)
     for m in (1, 2, 3, 5, 8, 9, 33, 300):  # GEMV row chunks of 1..4, then dequantized tiles (128 rows) + matmul
         x = torch.randn(m, in_features)
         int8_x = bits == 4 and m <= GEMV_MAX_ROWS  # int4 decode GEMV quantizes x per 32 values (VNNI)
@@ -59,9 +64,7 @@ def test_int8_input_quantization_is_per_32_block_and_close_to_float(monkeypatch)
     assert torch.equal(quantize_input_blocks(torch.zeros(1, 32)), torch.zeros(1, 32))
     if load_kernel() is None:
         pytest.skip("C++ kernel unavailable")
-    scheme = QuantScheme(4, 64)
-    layer = QuantLinear(576, 300, scheme)
-    layer.set_quantized(*quantize_weight(torch.randn(300, 576), scheme))
+    layer = _random_layer(QuantScheme(4, 64), 576, 300)
     x = torch.randn(2, 576)
     exact = woq_linear_reference(x, layer.qweight, layer.weight_scale, None, 4, 64)
     y = layer(x)
@@ -76,9 +79,7 @@ def test_weight_only_kernel_single_thread_matches(monkeypatch):
     if load_kernel() is None:
         pytest.skip("C++ kernel unavailable")
     monkeypatch.setenv("PERNODE_QUANT_THREADS", "1")
-    scheme = QuantScheme(4, 64)
-    layer = QuantLinear(576, 200, scheme)
-    layer.set_quantized(*quantize_weight(torch.randn(200, 576), scheme))
+    layer = _random_layer(QuantScheme(4, 64), 576, 200)
     x = torch.randn(1, 576)
     ref = woq_linear_reference(x, layer.qweight, layer.weight_scale, None, 4, 64, quantize_input=True)
     torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
@@ -107,9 +108,8 @@ def test_int8_input_gemv_matches_reference_for_every_weight_format(bits, group_s
     if op is None:
         pytest.skip("C++ kernel unavailable")
     torch.manual_seed(1)
-    scheme = QuantScheme(bits, group_size, symmetric)
-    layer = QuantLinear(k, 72, scheme)  # 608: a partial last chunk in both the int4 (128) and int8 (64) layouts
-    layer.set_quantized(*quantize_weight(torch.randn(72, k), scheme))
+    # 608: a partial last chunk in both the int4 (128) and int8 (64) layouts
+    layer = _random_layer(QuantScheme(bits, group_size, symmetric), k, 72)
     for m in (1, 4, 7):
         x = torch.randn(m, k)
         y = op(x, layer.qweight, layer._scale, layer._zero_term, bits, group_size or 0, 1, True)
@@ -122,9 +122,7 @@ def test_batch_path_under_inference_mode_with_worker_threads():
     """Tiles are written by at::parallel_for's workers: they must run in the caller's inference mode."""
     if load_kernel() is None:
         pytest.skip("C++ kernel unavailable")
-    scheme = QuantScheme(4, 64)
-    layer = QuantLinear(576, 1000, scheme)
-    layer.set_quantized(*quantize_weight(torch.randn(1000, 576), scheme))
+    layer = _random_layer(QuantScheme(4, 64), 576, 1000)
     x = torch.randn(64, 576)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
