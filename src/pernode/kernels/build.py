@@ -9,7 +9,7 @@ import logging
 import sys
 
 # modules that expose build_kernels() -> Path | None
-KERNEL_MODULES = ["pernode.kernels.paged_attention_cpu", "pernode.kernels.quant_linear"]
+KERNEL_MODULES = ["pernode.kernels.paged_attention_cpu", "pernode.kernels.quant_linear", "pernode.kernels.layer_ops"]
 
 
 def main() -> int:

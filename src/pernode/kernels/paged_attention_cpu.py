@@ -6,75 +6,24 @@ pernode.kernels.paged_attention_cpu` builds it ahead of time and prints where.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
-import os
-import platform
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from pernode.kernels.attention import AttentionMetadata
+from pernode.kernels.jit import build_path, load_extension
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
-# -march=native: the vector code is specialised for the CPU it runs on, which is why the CPU is in the build key.
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+SOURCE = "paged_attention.cpp"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def kernel_cache_dir() -> Path:
-    """Where compiled kernels live: $PERNODE_KERNEL_CACHE, else ~/.cache/pernode/kernels."""
-    env = os.environ.get("PERNODE_KERNEL_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "pernode" / "kernels"
-
-
-def _cpu_signature() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        wanted = ("model name", "flags", "Features", "CPU part")
-        return "\n".join(sorted({ln for ln in lines if ln.split(":")[0].strip() in wanted}))
-    except OSError:
-        return platform.processor() + platform.machine()
-
-
-def build_name() -> str:
-    """Extension name, keyed by everything that changes the binary: source, flags, torch version, CPU."""
-    h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), torch.__version__.encode(), _cpu_signature().encode()):
-        h.update(part)
-        h.update(b"\0")
-    return f"pernode_paged_attention_{h.hexdigest()[:16]}"
-
-
-@functools.lru_cache(maxsize=None)
 def load_kernel() -> Callable | None:
-    """The compiled op `torch.ops.pernode.paged_attention`, building it if needed; None (one warning) if it can't."""
-    try:
-        from torch.utils import cpp_extension
-
-        name = build_name()
-        build_dir = kernel_cache_dir() / name
-        build_dir.mkdir(parents=True, exist_ok=True)
-        # is_python_module=False: the op registers itself with the dispatcher, so no pybind11/Python headers to compile.
-        cpp_extension.load(
-            name=name,
-            sources=[str(SOURCE)],
-            extra_cflags=CFLAGS,
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=False,
-        )
-        return torch.ops.pernode.paged_attention
-    except Exception as exc:  # a missing compiler or ninja must not stop serving: the reference still works
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        log.warning(
-            "pernode: C++ paged attention kernel unavailable (%s); using the plain-torch reference", reason
-        )
-        return None
+    """The compiled op `torch.ops.pernode.paged_attention`, building it if needed; None if it can't be built."""
+    return torch.ops.pernode.paged_attention if load_extension(SOURCE) else None
 
 
 def kernel_supports(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
@@ -118,9 +67,7 @@ def paged_attention_cpu(
 
 def build_kernels() -> Path | None:
     """Build the kernel now (e.g. from the Makefile) and return its build folder, or None if it failed."""
-    if load_kernel() is None:
-        return None
-    return kernel_cache_dir() / build_name()
+    return build_path(SOURCE)
 
 
 if __name__ == "__main__":

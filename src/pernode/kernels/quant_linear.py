@@ -1,16 +1,14 @@
 """Quantized linear layers: weight-only int8/int4 (group) and W8A8 (int8 weights x dynamic per-token int8
 activations, with LLM.int8()'s float path for outlier columns, arXiv 2208.07339).
 
-Weight-only layers call the C++ kernel in csrc/quant_linear.cpp (built on first use like the paged attention kernel:
--O3 -march=native, cached per source/flags/torch/CPU); `woq_linear_reference` is the plain-torch result it is held
-to, and the fallback where it cannot build. For int4 weights at decode batch sizes (<= 8 rows) the kernel quantizes
-x to int8 per 32-value block and multiplies integers with VNNI (llama.cpp's Q8 activations do the same); larger
-batches, int8 weights and `PERNODE_QUANT_INPUT=float` keep x in fp32. W8A8 layers use `torch._int_mm` (oneDNN's VNNI int8 GEMM on CPU).
+Weight-only layers call the C++ kernel in csrc/quant_linear.cpp (built by kernels/jit.py); `woq_linear_reference`
+is the plain-torch result it is held to, and the fallback where it cannot build. For int4 weights at decode batch
+sizes (<= 8 rows) the kernel quantizes x to int8 per 32-value block and multiplies integers with VNNI (llama.cpp's
+Q8 activations do the same); larger batches, int8 weights and `PERNODE_QUANT_INPUT=float` keep x in fp32. W8A8
+layers use `torch._int_mm` (oneDNN's VNNI int8 GEMM on CPU).
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -21,12 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pernode.compress.scheme import QuantScheme, dequantize, unpack_int4
-from pernode.kernels.paged_attention_cpu import _cpu_signature, kernel_cache_dir
+from pernode.kernels.jit import build_path, load_extension
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "quant_linear.cpp"
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+SOURCE = "quant_linear.cpp"
 
 
 GEMV_MAX_ROWS = 8  # up to this many rows per call: the GEMV (int8 x); more: dequantize + fp32 matmul
@@ -40,32 +37,17 @@ def gemv_threads() -> int:
     return int(os.environ.get("PERNODE_QUANT_THREADS", "0"))
 
 
-def build_name() -> str:
-    h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), torch.__version__.encode(), _cpu_signature().encode()):
-        h.update(part)
-        h.update(b"\0")
-    return f"pernode_quant_linear_{h.hexdigest()[:16]}"
-
-
-@functools.lru_cache(maxsize=None)
 def load_kernel() -> Callable | None:
-    """`torch.ops.pernode.woq_linear`, building it if needed; None (one warning) if it can't be built."""
+    """`torch.ops.pernode.woq_linear`, building it if needed; None if it can't be built (or
+    PERNODE_QUANT_KERNEL=reference)."""
     if os.environ.get("PERNODE_QUANT_KERNEL", "").lower() == "reference":
         return None
-    try:
-        from torch.utils import cpp_extension
+    return torch.ops.pernode.woq_linear if load_extension(SOURCE) else None
 
-        name = build_name()
-        build_dir = kernel_cache_dir() / name
-        build_dir.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(build_dir),
-                           is_python_module=False, verbose=False)
-        return torch.ops.pernode.woq_linear
-    except Exception as exc:  # no compiler: the reference path still serves, slowly
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        log.warning("pernode: C++ quantized linear kernel unavailable (%s); using the plain-torch reference", reason)
-        return None
+
+def build_kernels() -> Path | None:
+    """Build the kernel now (e.g. from the Makefile) and return its build folder, or None if it failed."""
+    return build_path(SOURCE)
 
 
 # ---- weight-only ------------------------------------------------------------------------------------------------
@@ -302,6 +284,7 @@ if __name__ == "__main__":
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.perf_counter()
-    if load_kernel() is None:
+    where = build_kernels()
+    if where is None:
         sys.exit("quantized linear kernel: build failed")
-    print(f"quantized linear kernel: {kernel_cache_dir() / build_name()} ({time.perf_counter() - t0:.1f} s)")
+    print(f"quantized linear kernel: {where} ({time.perf_counter() - t0:.1f} s)")

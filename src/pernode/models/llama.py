@@ -14,6 +14,7 @@ from torch import nn
 
 from pernode.config import ModelConfig
 from pernode.kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
+from pernode.kernels.layer_ops import rms_norm, rotary_embedding_
 
 
 class RMSNorm(nn.Module):
@@ -24,10 +25,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 as the reference implementations do; bf16 variance loses digits.
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused op
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        x32 = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -67,11 +65,9 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(positions, rope_inv_freq(self.config).to(positions.device))
         self.cos, self.sin = freqs.cos(), freqs.sin()
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # x: [T, H, D]
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    def rotate_(self, positions: torch.Tensor, qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+        """Rotate the first `num_heads` heads (q then k) of each row of a fused qkv output, in place."""
+        return rotary_embedding_(qkv, positions, self.cos, self.sin, num_heads, self.config.head_dim)
 
 
 class Attention(nn.Module):
@@ -89,10 +85,11 @@ class Attention(nn.Module):
         self.scale = self.head_dim ** -0.5
 
     def forward(self, x, positions, kv_cache, meta: AttentionMetadata):
-        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        # q and k heads rotate as one [T, Hq + Hkv, D] tensor: one set of small ops instead of two
-        qk = self.rotary(positions, qk.unflatten(-1, (self.num_heads + self.num_kv_heads, self.head_dim)))
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        # q and k heads rotate together, in place in the projection's output
+        qkv = self.rotary.rotate_(positions, self.qkv_proj(x), self.num_heads + self.num_kv_heads)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)

@@ -1,0 +1,71 @@
+"""Building and loading the native CPU kernels (csrc/*.cpp) as torch JIT extensions, cached per binary.
+
+Each kernel is compiled on first use (or ahead of time by `make`, see build.py) for this very CPU with
+-march=native, into ~/.cache/pernode/kernels/<name>_<hash>, the hash keyed by everything that changes the binary:
+source, flags, torch version, CPU. The sources register their ops with torch's dispatcher (`torch.ops.pernode.*`),
+so no pybind11/Python headers are compiled. A kernel that cannot build logs one warning and its caller falls back
+to plain torch.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).parent / "csrc"
+CFLAGS = ("-O3", "-march=native", "-fopenmp")
+
+
+def kernel_cache_dir() -> Path:
+    """Where compiled kernels live: $PERNODE_KERNEL_CACHE, else ~/.cache/pernode/kernels."""
+    env = os.environ.get("PERNODE_KERNEL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "pernode" / "kernels"
+
+
+def cpu_signature() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        wanted = ("model name", "flags", "Features", "CPU part")
+        return "\n".join(sorted({ln for ln in lines if ln.split(":")[0].strip() in wanted}))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def build_name(source: str) -> str:
+    """pernode_<source stem>_<hash of source, flags, torch version, CPU>."""
+    path = CSRC / source
+    h = hashlib.sha256()
+    for part in (path.read_bytes(), " ".join(CFLAGS).encode(), torch.__version__.encode(), cpu_signature().encode()):
+        h.update(part)
+        h.update(b"\0")
+    return f"pernode_{path.stem}_{h.hexdigest()[:16]}"
+
+
+@functools.lru_cache(maxsize=None)
+def load_extension(source: str) -> bool:
+    """Build (if needed) and load csrc/<source>, registering its torch.ops.pernode.* ops; False if it failed."""
+    try:
+        from torch.utils import cpp_extension
+
+        name = build_name(source)
+        build_dir = kernel_cache_dir() / name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(name=name, sources=[str(CSRC / source)], extra_cflags=list(CFLAGS),
+                           build_directory=str(build_dir), is_python_module=False, verbose=False)
+        return True
+    except Exception as exc:  # a missing compiler or ninja must not stop serving: the references still work
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        log.warning("pernode: C++ kernels in %s unavailable (%s); using the plain-torch reference", source, reason)
+        return False
+
+
+def build_path(source: str) -> Path | None:
+    """Build csrc/<source> now and return its build folder, or None if it failed (for `make`)."""
+    return kernel_cache_dir() / build_name(source) if load_extension(source) else None
