@@ -7,7 +7,6 @@ rate, stops the server with SIGTERM. Usage:
 """
 import argparse
 import json
-import os
 import signal
 import socket
 import subprocess

@@ -29,8 +29,9 @@ def decode_tokens_per_s(model, batch: int, steps: int, prompt_len: int = 32, war
         pos = torch.arange(start, start + n)
         slots = (tables[:, pos // BLOCK].long() * BLOCK + pos % BLOCK).flatten()
         qsl = [i * n for i in range(batch + 1)]
-        meta = AttentionMetadata(torch.tensor(qsl, dtype=torch.int32), torch.full((batch,), start + n, dtype=torch.int32),
-                                 tables, slots, n, start + n, qsl, [start + n] * batch)
+        seq_lens = torch.full((batch,), start + n, dtype=torch.int32)
+        meta = AttentionMetadata(torch.tensor(qsl, dtype=torch.int32), seq_lens, tables, slots, n, start + n, qsl,
+                                 [start + n] * batch)
         last = torch.tensor([i * n + n - 1 for i in range(batch)])
         return model(ids.flatten(), pos.repeat(batch), caches, meta, last).argmax(-1)
 
