@@ -9,7 +9,8 @@ import logging
 import sys
 
 # modules that expose build_kernels() -> Path | None
-KERNEL_MODULES = ["pernode.kernels.paged_attention_cpu", "pernode.kernels.quant_linear", "pernode.kernels.layer_ops"]
+KERNEL_MODULES = ["pernode.kernels.paged_attention_cpu", "pernode.kernels.quant_linear", "pernode.kernels.layer_ops",
+                  "pernode.kernels.dense_linear"]
 
 
 def main() -> int:
