@@ -83,12 +83,13 @@ def woq_linear_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Ten
 
 
 def zero_term(scale: torch.Tensor, zero_point: torch.Tensor | None, num_bits: int) -> torch.Tensor | None:
-    """-(offset + zero_point) * scale: the per-group term the kernel adds times the group's sum of x.
+    """-(offset + zero_point) * scale: the per-group term the kernel adds times the group's sum of x; None without a
+    zero point (the kernel then applies int4's offset itself, which lets its GEMV fold it into the x side).
 
     The kernel multiplies raw stored integers; int4 words hold q + 8, so offset is 8 for int4 and 0 for int8."""
-    offset = 8.0 if num_bits == 4 else 0.0
     if zero_point is None:
-        return None if offset == 0 else (-offset * scale.float()).contiguous()
+        return None
+    offset = 8.0 if num_bits == 4 else 0.0
     return (-(offset + zero_point.float()) * scale.float()).contiguous()
 
 

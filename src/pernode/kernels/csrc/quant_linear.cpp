@@ -4,6 +4,7 @@
 // Dequantisation factors out of each group's dot product:
 //   y[m, n] = sum_g scale[n, g] * dot_g(u[n], x[m]) + bias[n, g] * sum_g(x[m])
 // where u is the stored integer (signed int8, or the unsigned nibble) and bias = -(offset + zero_point) * scale.
+// A missing bias (zero_term) means no zero point: for int4 the nibbles' offset alone, bias = -8 * scale.
 // So the inner loop multiplies raw integers; scales are applied once per group (or per 16-lane chunk).
 //
 // Small batches (decode) run a GEMV that streams each weight row once and reuses it for up to 4 activation rows;
@@ -145,10 +146,9 @@ void gemv_int4_rows(const float* xp, int64_t ldxp, const int32_t* w, const float
       }
     }
 #endif
-    if (bias) {
-      const float* br = bias + n * G;
+    {  // zero-point/offset term; without a bias, the int4 offset alone
       for (int m = 0; m < MB; ++m)
-        for (int64_t g = 0; g < G; ++g) out[m] += br[g] * xsum[m * G + g];
+        for (int64_t g = 0; g < G; ++g) out[m] += (bias ? bias[n * G + g] : -8.f * sr[g]) * xsum[m * G + g];
     }
     for (int m = 0; m < MB; ++m) y[m * ldy + n] = out[m];
   }
@@ -164,6 +164,7 @@ struct QuantizedInput {
   std::vector<int8_t> bytes;       // [M][chunks][64 or 2 x 64]: int4 chunks hold a low- then a high-nibble plane
   std::vector<float> lane_scale;   // [M][chunks][16]: x scale of the block each 32-bit lane's values come from
   std::vector<float> lane_sum;     // [M][chunks][16]: sum of the dequantized x of each lane's values
+  std::vector<float> lane_offset;  // lane_sum * -(the weights' stored offset: 8 for int4, 128 for int8 XOR 0x80)
   std::vector<float> dequantized;  // [M][K]: q * scale, for the float GEMV where VNNI is missing
 };
 
@@ -181,7 +182,9 @@ QuantizedInput quantize_input_blocks_t(const float* x, int64_t M, int64_t K) {
   qi.bytes.assign(M * qi.row_bytes, 0);  // padding stays 0 so masked-off weights add nothing
   qi.lane_scale.assign(M * qi.row_lanes, 0.f);
   qi.lane_sum.assign(M * qi.row_lanes, 0.f);
+  qi.lane_offset.assign(M * qi.row_lanes, 0.f);
   qi.dequantized.resize(M * K);
+  constexpr float kOffset = BITS == 4 ? 8.f : 128.f;
   int8_t q[kActBlock];
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * K;
@@ -223,6 +226,7 @@ QuantizedInput quantize_input_blocks_t(const float* x, int64_t M, int64_t K) {
         for (int t = 0; t < kValuesPerLane; ++t) sum += q[l * kValuesPerLane + t];
         qi.lane_scale[lane0 + l] = s;
         qi.lane_sum[lane0 + l] = float(sum) * s;
+        qi.lane_offset[lane0 + l] = -kOffset * float(sum) * s;
       }
     }
   }
@@ -263,11 +267,12 @@ void gemv_vnni_rows(const QuantizedInput& qi, int64_t m0, const void* w, const f
   const __m512i nibble = _mm512_set1_epi8(0x0F), sign = _mm512_set1_epi8(char(0x80));
   const int64_t row_stride = BITS == 4 ? K / 2 : K;  // bytes per weight row
   const int8_t* xq[MB];
-  const float *sx[MB], *xs[MB];
+  const float *sx[MB], *xs[MB], *xo[MB];
   for (int m = 0; m < MB; ++m) {
     xq[m] = qi.bytes.data() + (m0 + m) * qi.row_bytes;
     sx[m] = qi.lane_scale.data() + (m0 + m) * qi.row_lanes;
     xs[m] = qi.lane_sum.data() + (m0 + m) * qi.row_lanes;
+    xo[m] = qi.lane_offset.data() + (m0 + m) * qi.row_lanes;
   }
   for (int64_t n = n0; n < n1; ++n) {
     const char* wr = static_cast<const char*>(w) + n * row_stride;
@@ -281,16 +286,26 @@ void gemv_vnni_rows(const QuantizedInput& qi, int64_t m0, const void* w, const f
       _mm_prefetch(wr + c * 64 + kPrefetchBytes, _MM_HINT_T0);
       const __m512i v = _mm512_maskz_loadu_epi32(lanes, wr + c * 64);
       const __m512 sw = _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(groups, sr + cg.first[c]));
-      __m512 zt = br ? _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(groups, br + cg.first[c]))
-                     : _mm512_setzero_ps();
       __m512i lo, hi;
       if (BITS == 4) {
         lo = _mm512_and_si512(v, nibble);
         hi = _mm512_and_si512(_mm512_srli_epi32(v, 4), nibble);
       } else {
         lo = _mm512_maskz_mov_epi32(lanes, _mm512_xor_si512(v, sign));  // padding lanes stay 0, not 128
-        zt = _mm512_fnmadd_ps(_mm512_set1_ps(128.f), sw, zt);           // undo the XOR's +128
       }
+      if (!br) {  // no zero point: the offset term is x-side only, sw * (sx * dot - offset * sum(x))
+        for (int m = 0; m < MB; ++m) {
+          const int8_t* xc = xq[m] + c * (BITS == 4 ? 128 : 64);
+          __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xc));
+          if (BITS == 4) d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xc + 64));
+          const __m512 part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(sx[m] + c * 16),
+                                              _mm512_loadu_ps(xo[m] + c * 16));
+          tot[m] = _mm512_fmadd_ps(sw, part, tot[m]);
+        }
+        continue;
+      }
+      __m512 zt = _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(groups, br + cg.first[c]));
+      if (BITS == 8) zt = _mm512_fnmadd_ps(_mm512_set1_ps(128.f), sw, zt);  // undo the XOR's +128
       for (int m = 0; m < MB; ++m) {
         const int8_t* xc = xq[m] + c * (BITS == 4 ? 128 : 64);
         __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xc));
@@ -313,7 +328,7 @@ void dequant_rows(const at::Tensor& w, const float* scale, const float* bias, in
     const float* sr = scale + n * G;
     const float* br = bias ? bias + n * G : nullptr;
     for (int64_t g = 0; g < G; ++g) {
-      const float s = sr[g], z = br ? br[g] : 0.f;
+      const float s = sr[g], z = br ? br[g] : (bits == 4 ? -8.f * s : 0.f);
       float* dg = d + g * gs;
       if (bits == 8) {
         const int8_t* wg = w.data_ptr<int8_t>() + n * K + g * gs;
@@ -389,7 +404,7 @@ void gemv_float(const FloatInput& fi, int64_t M, int64_t K, int64_t bits, const 
   const int64_t NB = (K + 127) / 128;
   for (int64_t m0 = 0; m0 < M; m0 += kMaxGemvRows) {
     int64_t mb = std::min(kMaxGemvRows, M - m0);
-    const float* xsm = bp ? fi.xsum.data() + m0 * G : nullptr;
+    const float* xsm = fi.xsum.empty() ? nullptr : fi.xsum.data() + m0 * G;
     float* ym = yp + m0 * N;
     if (bits == 8) {
       const int8_t* wp = w.data_ptr<int8_t>();
@@ -463,7 +478,7 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
   QuantizedInput qi;
   std::unique_ptr<ChunkGroups> cg;
   if (!quantize_input) {
-    fi = prepare_float_input(x.data_ptr<float>(), M, K, bits, G, gs, bp != nullptr);
+    fi = prepare_float_input(x.data_ptr<float>(), M, K, bits, G, gs, bp != nullptr || bits == 4);
     rows = [&](int64_t n0, int64_t n1) { gemv_float(fi, M, K, bits, w, sp, bp, G, gs, yp, N, n0, n1); };
   } else {
     qi = quantize_input_blocks(x.data_ptr<float>(), M, K, bits);
@@ -471,7 +486,7 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
     cg = std::make_unique<ChunkGroups>(bits == 4 ? K / 8 : K / 4, bits == 4 ? 8 : 4, G, gs);
     rows = [&](int64_t n0, int64_t n1) { gemv_vnni(qi, M, K, bits, w, sp, bp, *cg, G, yp, N, n0, n1); };
 #else  // no VNNI: the float GEMV on the dequantized int8 x gives the same numbers, slower
-    fi = prepare_float_input(qi.dequantized.data(), M, K, bits, G, gs, bp != nullptr);
+    fi = prepare_float_input(qi.dequantized.data(), M, K, bits, G, gs, bp != nullptr || bits == 4);
     rows = [&](int64_t n0, int64_t n1) { gemv_float(fi, M, K, bits, w, sp, bp, G, gs, yp, N, n0, n1); };
 #endif
   }
