@@ -71,7 +71,7 @@ def run_report(args) -> int:
                   f"{tput.requests_per_s:.2f} req/s")
 
     console.rule("[bold]4. shrinking the model")
-    quant_rows = _quantization(engine, config.model, args, console)
+    quant_rows = _quantization(config.model, args, console)
 
     console.rule("[bold]5. the fleet for a default workload")
     wl = Workload(DEFAULT_WORKLOAD["rate_rps"], LengthDist.uniform(*DEFAULT_WORKLOAD["input_len"]),
@@ -100,7 +100,7 @@ def run_report(args) -> int:
     return 0
 
 
-def _quantization(engine, model: str, args, console) -> list[dict]:
+def _quantization(model: str, args, console) -> list[dict]:
     """Quantized checkpoints of the served model under out/checkpoints, each re-loaded, scored and timed."""
     import torch
 

@@ -7,7 +7,6 @@ moves absolute numbers by ~2x over minutes on a shared CPU, and interleaving hit
 """
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -19,8 +18,6 @@ from pernode.compress.scheme import QuantScheme
 from pernode.compress.smoothquant import W8A8
 from pernode.evaluate.perplexity import calibration_windows, evaluate_perplexity
 from pernode.measure.decode_speed import decode_tokens_per_s, llama_cpp_decode_tokens_per_s, weight_bytes_per_token
-
-log = logging.getLogger("pernode.compress")
 
 # name -> (method, scheme); "+lm8": the lm_head quantized too (int8 g32, `--quantize-lm-head`)
 CONFIGS: dict[str, tuple[str | None, QuantScheme | None]] = {
