@@ -20,12 +20,14 @@ install: $(STAMP) kernels
 
 # Native CPU kernels are compiled once and cached; pernode falls back to plain torch if the build fails.
 kernels: $(STAMP)
-	-$(PY) -m pernode.kernels.build
+	-$(PY) -m pernode.serve.kernels.build
 
 demo: install
 	$(VENV)/bin/pernode report --quick --out pernode-report
 
+# The layer contract (pyproject.toml [tool.importlinter]) first: imports point one way, cli -> ... -> core.
 test: install
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
 
 clean:

@@ -12,12 +12,12 @@ import time
 
 import torch
 
-from pernode.kernels.attention import (
+from pernode.serve.kernels.attention import (
     AttentionMetadata,
     paged_attention_reference,
     paged_attention_sdpa,
 )
-from pernode.kernels.paged_attention_cpu import load_kernel, paged_attention_cpu
+from pernode.serve.kernels.paged_attention_cpu import load_kernel, paged_attention_cpu
 
 SHAPES = {"smollm": (9, 3, 64), "llama": (32, 8, 128)}  # (Hq, Hkv, head_dim)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -8,7 +8,7 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from pernode.measure.hardware import PUBLISHED_ACCELERATORS, measure_peaks
+from pernode.measure.profile.hardware import PUBLISHED_ACCELERATORS, measure_peaks
 
 
 def main() -> None:

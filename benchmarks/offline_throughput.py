@@ -10,10 +10,10 @@ import logging
 import sys
 
 from pernode.cli import add_engine_arguments, engine_config_from_args
-from pernode.engine.llm_engine import LLMEngine
-from pernode.llm import LLM
-from pernode.measure import bench_offline
-from pernode.models.registry import resolve_model
+from pernode.serve.engine.llm_engine import LLMEngine
+from pernode.serve.llm import LLM
+from pernode.measure.bench import bench_offline
+from pernode.serve.models.registry import resolve_model
 
 
 def main(argv=None) -> int:

@@ -19,17 +19,17 @@ import time
 
 import torch
 
-from pernode.compress.compare import CONFIGS, build_and_score, check_names, measure_speeds
-from pernode.compress.scheme import QuantScheme
-from pernode.compress.smoothquant import W8A8
-from pernode.models.registry import resolve_model
+from pernode.jobs.compare_quantized import CONFIGS, build_and_score, check_names, measure_speeds
+from pernode.quant_format import QuantScheme
+from pernode.shrink.methods.smoothquant import W8A8
+from pernode.serve.models.registry import resolve_model
 
 
 def linear_throughput(batches=(64, 256), shapes=((576, 3072), (1536, 576)), repeats: int = 20) -> list[dict]:
     """One projection in isolation: fp32 F.linear vs W8A8 (dynamic per-token int8 x int8 via torch._int_mm,
     quantization of x included) vs int8/int4 weight-only, in GFLOP/s."""
-    from pernode.kernels.quant_linear import QuantLinear, W8A8Linear
-    from pernode.compress.scheme import quantize_weight
+    from pernode.serve.kernels.quant_linear import QuantLinear, W8A8Linear
+    from pernode.quant_format import quantize_weight
 
     def timed(fn):
         fn()

@@ -17,7 +17,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from pernode.measure import bench_serve
+from pernode.measure.bench import bench_serve
 
 
 def free_port() -> int:

@@ -35,7 +35,7 @@ def default_gguf_path() -> str:
 @pytest.fixture(scope="session")
 def default_model_source(default_gguf_path):
     """pernode's ModelSource for the default model (config, tokenizer, lazy weights)."""
-    from pernode.models.registry import resolve_model
+    from pernode.serve.models.registry import resolve_model
 
     return resolve_model(default_gguf_path)
 

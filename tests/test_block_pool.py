@@ -1,10 +1,10 @@
 """Block pool and KV cache manager: prefix hashing, ref counts, LRU eviction, no leaks."""
 import pytest
 
-from pernode.engine.block_pool import BlockPool
-from pernode.engine.kv_cache_manager import KVCacheManager
-from pernode.engine.request import Request
-from pernode.sampling.params import SamplingParams
+from pernode.serve.engine.block_pool import BlockPool
+from pernode.serve.engine.kv_cache_manager import KVCacheManager
+from pernode.serve.engine.request import Request
+from pernode.serve.sampling.params import SamplingParams
 
 
 def make_request(tokens, rid="r"):

@@ -45,4 +45,4 @@ def test_bad_input_gives_one_clear_line_and_status_2(tiny_dir):
     assert r.returncode == 2
     assert "smollm2-135m" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("generate", "x", "--model", tiny_dir, "--temperature", "-1", "--num-blocks", "8")
-    assert r.returncode == 2 and "temperature=-1.0" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "--temperature -1.0" in r.stderr and "Traceback" not in r.stderr  # the setting, shown as its flag

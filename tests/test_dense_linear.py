@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pernode.kernels import dense_linear
-from pernode.kernels.jit import load_extension
+from pernode.serve.kernels import dense_linear
+from pernode.serve.kernels.jit import load_extension
 
 pytestmark = pytest.mark.skipif(not load_extension(dense_linear.SOURCE), reason="C++ GEMV unavailable")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pernode import LLM, SamplingParams
-from pernode.engine.llm_engine import LLMEngine
+from pernode.serve.engine.llm_engine import LLMEngine
 from tiny_model import write_tiny_model
 
 PROMPTS = [

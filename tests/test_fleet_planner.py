@@ -7,12 +7,12 @@ import json
 
 import pytest
 
-from pernode.fleet.plan_cli import add_arguments, run_plan
-from pernode.fleet.planner import compare_plans, plan
-from pernode.fleet.pricing import PRICES, resolve_price
-from pernode.fleet.report import plot_plan, render_comparison, render_plan
-from pernode.fleet.slo import SLO
-from pernode.fleet.workload import LengthDist, Workload
+from pernode.cli.plan import add_arguments, run_plan
+from pernode.price.planner import compare_plans, plan
+from pernode.price.pricing import PRICES, resolve_price
+from pernode.price.report import plot_plan, render_comparison, render_plan
+from pernode.slo import SLO
+from pernode.price.workload import LengthDist, Workload
 
 
 def toy_profile(step_s: float = 0.05, **overrides) -> dict:

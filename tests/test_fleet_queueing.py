@@ -6,12 +6,12 @@ import math
 import numpy as np
 import pytest
 
-from pernode.fleet.queueing import (erlang_c, littles_law_mean_in_system, littles_law_mean_time_s, mm1_mean_sojourn_s,
+from pernode.price.queueing import (erlang_c, littles_law_mean_in_system, littles_law_mean_time_s, mm1_mean_sojourn_s,
                                     mm1_mean_wait_s, mmc_mean_wait_s, mmc_wait_quantile_s, mmc_wait_tail,
                                     replica_capacity_rps, request_service_s, time_average_in_system)
-from pernode.fleet.simulator import simulate_fifo_servers
-from pernode.fleet.step_time import StepTimeModel
-from pernode.fleet.workload import LengthDist, Workload
+from pernode.price.simulator import simulate_fifo_servers
+from pernode.price.step_time import StepTimeModel
+from pernode.price.workload import LengthDist, Workload
 
 
 def erlang_c_textbook(c: int, a: float) -> float:

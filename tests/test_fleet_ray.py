@@ -9,9 +9,9 @@ import socket
 import pytest
 
 from pernode.config import EngineConfig
-from pernode.fleet.ray_fleet import (ROUTER_POLICY, Autoscale, FleetSpec, LocalFleet, build_application,
+from pernode.serve.deploy.ray_fleet import (ROUTER_POLICY, Autoscale, FleetSpec, LocalFleet, build_application,
                                      replica_states, still_running)
-from pernode.fleet.validate import errors_pct, workload_from_plan
+from pernode.jobs.validate import errors_pct, workload_from_plan
 
 PLAN = {"feasible": True, "replicas": 2, "policy": "least_outstanding",
         "workload": {"description": "3 req/s (Poisson), input uniform 32..128, output 48 [synthetic]",
@@ -128,9 +128,9 @@ def test_two_replicas_behind_openai_route(tmp_path):
 def test_same_trace_prediction_replays_the_requests_sent():
     from test_fleet_planner import SLO_LOOSE, WORKLOAD, toy_profile
 
-    from pernode.fleet.planner import plan
-    from pernode.fleet.validate import predicted_from_plan, predicted_same_trace
-    from pernode.measure.datasets import BenchRequest
+    from pernode.price.planner import plan
+    from pernode.jobs.validate import predicted_from_plan, predicted_same_trace
+    from pernode.measure.bench.datasets import BenchRequest
 
     prof = toy_profile(step_s=0.05)
     p = plan(prof, WORKLOAD, SLO_LOOSE, 2.0).to_dict()
@@ -147,7 +147,7 @@ def test_same_trace_prediction_replays_the_requests_sent():
 
 def test_fleet_up_flags_take_the_plan(tmp_path):
     from pernode.cli import build_parser
-    from pernode.fleet.ray_fleet import spec_from_args
+    from pernode.cli.fleet import spec_from_args
 
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(PLAN))
@@ -159,4 +159,4 @@ def test_fleet_up_flags_take_the_plan(tmp_path):
     args = build_parser().parse_args(["fleet", "up", "--model", "m", "--replicas", "3", "--autoscale", "1,3,5"])
     spec = spec_from_args(args)
     assert spec.replicas == 3 and spec.engine.max_num_seqs == 256 and spec.autoscale == Autoscale(1, 3, 5.0)
-    assert build_parser().parse_args(["fleet", "down"]).func.__name__ == "cmd_fleet_down"
+    assert build_parser().parse_args(["fleet", "down"]).func.__name__ == "run_down"

@@ -8,11 +8,11 @@ from collections import deque
 import numpy as np
 import pytest
 
-from pernode.fleet.queueing import replica_capacity_rps, time_average_in_system
-from pernode.fleet.simulator import ReplicaConfig, simulate_fleet
-from pernode.fleet.slo import SLO
-from pernode.fleet.step_time import StepTimeModel
-from pernode.fleet.workload import LengthDist, RequestTrace, Workload
+from pernode.price.queueing import replica_capacity_rps, time_average_in_system
+from pernode.price.simulator import ReplicaConfig, simulate_fleet
+from pernode.slo import SLO
+from pernode.price.step_time import StepTimeModel
+from pernode.price.workload import LengthDist, RequestTrace, Workload
 
 
 def reference_simulate(trace: RequestTrace, cfg: ReplicaConfig, num_replicas: int, policy: str):

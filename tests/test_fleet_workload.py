@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from pernode.fleet.step_time import StepTimeModel, max_batch_size
-from pernode.fleet.workload import LengthDist, Workload
+from pernode.price.step_time import StepTimeModel, max_batch_size
+from pernode.price.workload import LengthDist, Workload
 
 
 def test_generation_is_seeded_and_has_the_right_rate():

@@ -10,8 +10,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from pernode.models.gguf_file import GGUFFile, dequantize
-from pernode.models.registry import hf_tensor_names, resolve_model
+from pernode.serve.models.gguf_file import GGUFFile, dequantize
+from pernode.serve.models.registry import hf_tensor_names, resolve_model
 
 # ---------------------------------------------------------------------------------------------------------------
 # Plain block decoders, written from ggml's dequantize_row_* (ggml-quants.c), independent of gguf.quants.

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pernode.models import registry
-from pernode.models.registry import KNOWN_MODELS, resolve_model
+from pernode.serve.models import registry
+from pernode.serve.models.registry import KNOWN_MODELS, resolve_model
 
 SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)

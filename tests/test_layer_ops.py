@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pernode.kernels import layer_ops
-from pernode.kernels.jit import load_extension
+from pernode.serve.kernels import layer_ops
+from pernode.serve.kernels.jit import load_extension
 
 pytestmark = pytest.mark.skipif(not load_extension(layer_ops.SOURCE), reason="C++ layer ops unavailable")
 

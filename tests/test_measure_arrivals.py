@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from pernode.measure.arrivals import arrival_gaps_s, arrival_offsets_s
+from pernode.measure.bench.arrivals import arrival_gaps_s, arrival_offsets_s
 
 
 @pytest.mark.parametrize("burstiness", [1.0, 0.5, 2.0])

@@ -4,6 +4,7 @@ The server waits 50 ms before the first chunk and 10 ms between its 5 chunks, so
 E2E ~ 90 ms; a prompt containing FAIL gets HTTP 500. Bounds are loose (the CI machine is shared).
 """
 import argparse
+import dataclasses
 import asyncio
 import io
 import json
@@ -17,7 +18,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from rich.console import Console
 
-from pernode.measure.bench_serve import add_arguments, print_bench_table, run_bench_serve
+from pernode.cli.bench import add_serve_arguments as add_arguments, bench_config_from_args
+from pernode.measure.bench.bench_serve import print_bench_table, run_bench
 
 FIRST_CHUNK_S, BETWEEN_CHUNKS_S, NUM_CHUNKS, PROMPT_TOKENS = 0.05, 0.01, 5, 7
 
@@ -82,7 +84,7 @@ def server():
 
 
 def parse(argv):
-    return add_arguments(argparse.ArgumentParser()).parse_args(argv)
+    return bench_config_from_args(add_arguments(argparse.ArgumentParser()).parse_args(argv))
 
 
 def test_completions_timings_and_failure(server, tmp_path):
@@ -92,7 +94,7 @@ def test_completions_timings_and_failure(server, tmp_path):
     prompts.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "result.json"
     received.clear()
-    result = run_bench_serve(parse([
+    result = run_bench(parse([
         "--base-url", base_url + "/v1", "--dataset", "jsonl", "--dataset-path", str(prompts), "--num-prompts", "6",
         "--max-concurrency", "3", "--ignore-eos", "--slo", "ttft_ms=1000,tpot_ms=200", "--out", str(out),
         "--no-progress"]))
@@ -136,7 +138,7 @@ def test_completions_timings_and_failure(server, tmp_path):
 def test_chat_without_usage_counts_chunks(server):
     base_url, received = server
     received.clear()
-    result = run_bench_serve(parse([
+    result = run_bench(parse([
         "--base-url", base_url, "--model", "fake-model", "--dataset", "chat", "--num-prompts", "4",
         "--request-rate", "40", "--burstiness", "0.5", "--seed", "3", "--num-warmup", "0", "--no-progress"]))
     assert result["endpoint"] == "chat" and result["completed"] == 4 and result["failed"] == 0
@@ -153,9 +155,8 @@ def test_unreachable_server_fails_are_counted():
     args = parse(["--base-url", f"http://127.0.0.1:{port}", "--model", "m", "--num-prompts", "3",
                   "--random-input-len", "8", "--random-output-len", "4", "--no-progress"])
     with pytest.raises(RuntimeError, match=f"warm-up request to http://127.0.0.1:{port} failed"):
-        run_bench_serve(args)
-    args.num_warmup = 0
-    result = run_bench_serve(args)
+        run_bench(args)
+    result = run_bench(dataclasses.replace(args, num_warmup=0))
     assert (result["completed"], result["failed"]) == (0, 3)
     assert [f["index"] for f in result["failed_requests"]] == [0, 1, 2]
     assert all("ConnectError" in f["error"] for f in result["failed_requests"])
@@ -165,8 +166,8 @@ def test_unreachable_server_fails_are_counted():
 def test_bad_flags_name_the_flag(server):
     base_url, _ = server
     with pytest.raises(ValueError, match="--max-concurrency 0"):
-        run_bench_serve(parse(["--base-url", base_url, "--max-concurrency", "0", "--no-progress"]))
+        run_bench(parse(["--base-url", base_url, "--max-concurrency", "0", "--no-progress"]))
     with pytest.raises(ValueError, match="--base-url"):
-        run_bench_serve(parse(["--base-url", "localhost:8000", "--no-progress"]))
+        run_bench(parse(["--base-url", "localhost:8000", "--no-progress"]))
     with pytest.raises(ValueError, match="--dataset-path"):
-        run_bench_serve(parse(["--base-url", base_url, "--dataset", "jsonl", "--no-progress"]))
+        run_bench(parse(["--base-url", base_url, "--dataset", "jsonl", "--no-progress"]))

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from pernode.measure.datasets import (ONE_TOKEN_WORDS, chat_requests, jsonl_requests, parse_len_range,
+from pernode.measure.bench.datasets import (ONE_TOKEN_WORDS, chat_requests, jsonl_requests, parse_len_range,
                                       random_requests, word_prompt)
 
 

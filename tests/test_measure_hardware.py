@@ -1,6 +1,6 @@
 """Measured peaks: positive, with the kernel that set each recorded, usable as a profile's hardware section."""
-from pernode.measure.hardware import measure_peaks
-from pernode.measure.profile_schema import _check_section, _HARDWARE_FIELDS
+from pernode.measure.profile.hardware import measure_peaks
+from pernode.measure.profile.profile_schema import _check_section, _HARDWARE_FIELDS
 
 
 def test_measure_peaks_quick():

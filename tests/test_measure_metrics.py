@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from pernode.measure.serving_metrics import (RequestTimeline, compute_serving_metrics, parse_slo,
+from pernode.measure.bench.serving_metrics import (RequestTimeline, compute_serving_metrics, parse_slo,
                                              per_request_records, summarize_ms)
 
 

@@ -6,11 +6,11 @@ import math
 import pytest
 
 from pernode.config import ModelConfig
-from pernode.measure.accelerators import PUBLISHED_ACCELERATORS, get_accelerator
-from pernode.measure.hardware import project_profile
-from pernode.measure.profile_schema import (decode_point, kv_cache_section, load_profile, make_profile,
+from pernode.measure.profile.accelerators import PUBLISHED_ACCELERATORS, get_accelerator
+from pernode.measure.profile.hardware import project_profile
+from pernode.measure.profile.profile_schema import (decode_point, kv_cache_section, load_profile, make_profile,
                                             model_section, prefill_point, save_profile, validate_profile)
-from pernode.measure.roofline import (crossover_batch_size, decode_step_cost, prefill_cost, roofline_time_s)
+from pernode.measure.profile.roofline import (crossover_batch_size, decode_step_cost, prefill_cost, roofline_time_s)
 
 CPU = {"name": "test cpu", "device": "cpu", "memory_bytes": 24 * 2**30, "peak_bandwidth_gbs": 20.0,
        "peak_flops": {"fp32": 1.5e11, "bf16": None, "int8": 6.0e11}, "peak_source": "measured"}

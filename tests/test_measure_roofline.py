@@ -2,7 +2,7 @@
 import pytest
 
 from pernode.config import ModelConfig
-from pernode.measure.roofline import (count_params, crossover_batch_size, decode_step_cost, place_on_roofline,
+from pernode.measure.profile.roofline import (count_params, crossover_batch_size, decode_step_cost, place_on_roofline,
                                       prefill_cost, ridge_intensity, roofline_time_s, weight_bytes)
 
 

@@ -37,8 +37,8 @@ def test_logprobs_match_hf_for_a_batch_of_prompts(llm, hf_reference_model):
 
 def test_full_vocab_logprobs_of_a_batched_prefill_match_hf(llm, hf_reference_model):
     """All positions, all vocab: one batched forward through the paged path against HF's per-prompt forward."""
-    from pernode.engine.request import Request
-    from pernode.engine.scheduler import ScheduledBatch
+    from pernode.serve.engine.request import Request
+    from pernode.serve.engine.scheduler import ScheduledBatch
 
     engine = llm.engine
     requests = []

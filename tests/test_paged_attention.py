@@ -4,14 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pernode.kernels.attention import (
+from pernode.serve.kernels.attention import (
     AttentionMetadata,
     paged_attention,
     paged_attention_reference,
     paged_attention_sdpa,
     write_kv_cache,
 )
-from pernode.kernels.paged_attention_cpu import load_kernel, paged_attention_cpu
+from pernode.serve.kernels.paged_attention_cpu import load_kernel, paged_attention_cpu
 
 
 def make_problem(
@@ -150,7 +150,7 @@ def test_dispatcher_cpu(kernel):
 def test_dispatcher_forced_reference(monkeypatch):
     query, k_cache, v_cache, meta, scale = make_problem(MIXED[:4], 9, 3, 64, 16)
     monkeypatch.setenv("PERNODE_ATTENTION", "reference")
-    import pernode.kernels.paged_attention_cpu as cpu
+    import pernode.serve.kernels.paged_attention_cpu as cpu
 
     monkeypatch.setattr(cpu, "paged_attention_cpu", lambda *a: pytest.fail("kernel used despite PERNODE_ATTENTION"))
     out = paged_attention(query, k_cache, v_cache, meta, scale)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from pernode.compress.checkpoint import load_model
-from pernode.evaluate.perplexity import corpus_text, evaluate_perplexity, split_corpus, token_windows
+from pernode.shrink.checkpoint import load_model
+from pernode.shrink.evaluate.perplexity import corpus_text, evaluate_perplexity, split_corpus, token_windows
 from tiny_model import tiny_config, write_tiny_model
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "\n") * 40

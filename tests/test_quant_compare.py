@@ -1,12 +1,12 @@
-"""Quantize-and-measure runs (`pernode.compress.compare`), as the report and the benchmark use them (tiny model)."""
+"""Quantize-and-measure runs (`pernode.jobs.compare_quantized`), as the report and the benchmark use them (tiny model)."""
 from __future__ import annotations
 
 import os
 
 import pytest
 
-from pernode.compress.compare import build_and_score, check_names, measure_speeds
-from pernode.kernels.quant_linear import QuantLinear
+from pernode.jobs.compare_quantized import build_and_score, check_names, measure_speeds
+from pernode.serve.kernels.quant_linear import QuantLinear
 from tiny_model import tiny_config, write_tiny_model
 
 
@@ -16,8 +16,8 @@ def tiny_folder(tmp_path_factory):
 
 
 def test_build_score_and_time_checkpoints(tiny_folder, tmp_path):
-    from pernode.compress.checkpoint import load_model
-    from pernode.report import _quantization_section
+    from pernode.shrink.checkpoint import load_model
+    from pernode.jobs.report import _quantization_section
 
     seen = []
     rows = build_and_score(tiny_folder, ["fp32", "rtn-int8", "rtn-int4-g64+lm8"], str(tmp_path), seq_len=64,

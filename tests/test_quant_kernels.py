@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pernode.compress.scheme import QuantScheme, dequantize, pack_int4, quantize_weight, unpack_int4
-from pernode.kernels.quant_linear import (GEMV_MAX_ROWS, QuantLinear, W8A8Linear, load_kernel,
+from pernode.quant_format import QuantScheme, dequantize, pack_int4, quantize_weight, unpack_int4
+from pernode.serve.kernels.quant_linear import (GEMV_MAX_ROWS, QuantLinear, W8A8Linear, load_kernel,
                                           quantize_input_blocks, w8a8_linear_reference, woq_linear_reference)
 
 

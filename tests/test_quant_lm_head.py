@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pernode.compress import quantize_model
-from pernode.compress.checkpoint import load_model, save_quantized
-from pernode.compress.lm_head import LM_HEAD_SCHEME, quantize_lm_head
-from pernode.compress.scheme import QuantScheme
-from pernode.evaluate.perplexity import final_hidden_states
-from pernode.kernels.quant_linear import QuantLinear
+from pernode.shrink import quantize_model
+from pernode.shrink.checkpoint import load_model, save_quantized
+from pernode.shrink.methods.lm_head import LM_HEAD_SCHEME, quantize_lm_head
+from pernode.quant_format import QuantScheme
+from pernode.shrink.evaluate.perplexity import final_hidden_states
+from pernode.serve.kernels.quant_linear import QuantLinear
 from tiny_model import tiny_config, write_tiny_model
 
 
@@ -28,8 +28,8 @@ def _logits(model, ids):
 
 
 def test_quantized_lm_head_round_trips_and_serves(tiny_folder, tmp_path):
-    from pernode.engine.llm_engine import LLMEngine
-    from pernode.sampling.params import SamplingParams
+    from pernode.serve.engine.llm_engine import LLMEngine
+    from pernode.serve.sampling.params import SamplingParams
 
     model, source = load_model(tiny_folder)
     ids = torch.arange(300, 340)
@@ -73,7 +73,7 @@ def test_quantized_lm_head_round_trips_and_serves(tiny_folder, tmp_path):
 def test_int8_g32_lm_head_is_lossless_on_a_q8_0_grid():
     """Weights already on GGUF Q8_0's grid (int8 x one scale per 32) come back exactly: the packaged SmolLM2's
     embedding is Q8_0, so quantizing its lm_head this way costs nothing."""
-    from pernode.compress.scheme import dequantize, quantize_weight
+    from pernode.quant_format import dequantize, quantize_weight
 
     g = torch.Generator().manual_seed(0)
     q = torch.randint(-127, 128, (64, 96), generator=g, dtype=torch.int8)
@@ -114,15 +114,16 @@ def test_bench_offline_on_a_quantized_checkpoint_skips_hf(tiny_folder, tmp_path,
     import argparse
     import logging
 
-    from pernode.llm import LLM
-    from pernode.measure import bench_offline
-    from pernode.models.registry import resolve_model
+    from pernode.serve.llm import LLM
+    from pernode.cli.bench import add_offline_arguments
+    from pernode.measure.bench import bench_offline
+    from pernode.serve.models.registry import resolve_model
 
     model, source = load_model(tiny_folder)
     quantize_model(model, "rtn", QuantScheme(4, 32))
     out = save_quantized(model, source, str(tmp_path / "q"), QuantScheme(4, 32), "rtn")
     p = argparse.ArgumentParser()
-    bench_offline.add_arguments(p)
+    add_offline_arguments(p)
     args = p.parse_args(["--num-prompts", "3", "--input-len", "8:16", "--output-len", "4", "--peers", "hf"])
     with caplog.at_level(logging.INFO, logger="pernode.bench"):
         results = bench_offline.run_bench_offline(LLM(out, num_blocks=64), resolve_model(out), args)

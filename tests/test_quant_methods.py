@@ -8,15 +8,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pernode.compress import METHODS, quantize_model
-from pernode.compress.awq import search_scale
-from pernode.compress.checkpoint import load_model, save_quantized
-from pernode.compress.gptq import gptq_quantize_weight
-from pernode.compress.scheme import (QuantScheme, compute_qparams, dequantize, fake_quantize, mse_qparams,
+from pernode.shrink import METHODS, quantize_model
+from pernode.shrink.methods.awq import search_scale
+from pernode.shrink.checkpoint import load_model, save_quantized
+from pernode.shrink.methods.gptq import gptq_quantize_weight
+from pernode.quant_format import (QuantScheme, compute_qparams, dequantize, fake_quantize, mse_qparams,
                                      quantize_with, quantize_weight)
-from pernode.compress.smoothquant import W8A8
-from pernode.evaluate.perplexity import final_hidden_states
-from pernode.kernels.quant_linear import QuantLinear, W8A8Linear
+from pernode.shrink.methods.smoothquant import W8A8
+from pernode.shrink.evaluate.perplexity import final_hidden_states
+from pernode.serve.kernels.quant_linear import QuantLinear, W8A8Linear
 from tiny_model import tiny_config, write_tiny_model
 
 
@@ -35,7 +35,7 @@ def _logits(model, ids):
 
 
 def test_group_size_that_does_not_divide_names_the_layer_and_the_sizes_that_do():
-    from pernode.models.llama import LlamaForCausalLM
+    from pernode.serve.models.llama import LlamaForCausalLM
 
     model = LlamaForCausalLM(tiny_config(hidden_size=96, num_attention_heads=6, head_dim=16, intermediate_size=192,
                                          vocab_size=256))
@@ -128,7 +128,7 @@ def test_gptq_with_mse_observers_beats_min_max_gptq():
 def test_gptq_raises_damping_when_cholesky_fails(caplog):
     x = torch.randn(256, 8) @ torch.randn(8, 64)  # rank 8 of 64 -> singular without damping
     h = 2 * x.t() @ x / 256
-    with caplog.at_level(logging.WARNING, logger="pernode.compress"):
+    with caplog.at_level(logging.WARNING, logger="pernode.shrink"):
         q, _, _ = gptq_quantize_weight(torch.randn(16, 64), h, QuantScheme(4, 32), damp_ratio=0.0)
     assert "raising damping" in caplog.text and q.shape == (16, 64)
 
@@ -146,9 +146,9 @@ def test_awq_scale_search_never_loses_to_plain_rounding():
 
 
 def test_int4_checkpoint_layout_and_engine_serving(tiny_folder, tmp_path):
-    from pernode.engine.llm_engine import LLMEngine
-    from pernode.models.registry import resolve_model
-    from pernode.sampling.params import SamplingParams
+    from pernode.serve.engine.llm_engine import LLMEngine
+    from pernode.serve.models.registry import resolve_model
+    from pernode.serve.sampling.params import SamplingParams
 
     scheme = QuantScheme(4, 32, symmetric=False)
     model, source = load_model(tiny_folder)
@@ -222,7 +222,7 @@ def test_qwen2_biases_survive_quantization(tmp_path):
 
 
 def test_smoothquant_alpha_search_never_loses_to_the_default_on_its_sample():
-    from pernode.compress.smoothquant import search_alpha, simulated_w8a8, smoothing_scale
+    from pernode.shrink.methods.smoothquant import search_alpha, simulated_w8a8, smoothing_scale
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 64, generator=g)

@@ -1,6 +1,6 @@
 import pytest
 
-from pernode.sampling.params import SamplingParams
+from pernode.serve.sampling.params import SamplingParams
 
 
 @pytest.mark.parametrize("field,value,fragment", [

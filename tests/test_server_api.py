@@ -9,11 +9,12 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pernode.engine.llm_engine import LLMEngine
-from pernode.measure.bench_serve import add_arguments, run_bench_serve
-from pernode.server.app import build_app
-from pernode.server.options import ServerSettings
-from pernode.server.serve import ServerThread
+from pernode.serve.engine.llm_engine import LLMEngine
+from pernode.cli.bench import add_serve_arguments as add_arguments, bench_config_from_args
+from pernode.measure.bench.bench_serve import run_bench
+from pernode.serve.server.app import build_app
+from pernode.serve.server.options import ServerSettings
+from pernode.serve.server.serve import ServerThread
 from tiny_model import write_tiny_model
 
 PROMPT = "The capital of France is"
@@ -197,7 +198,7 @@ def test_bench_serve_against_our_server(server):
     args = add_arguments(argparse.ArgumentParser()).parse_args([
         "--base-url", server.url + "/v1", "--num-prompts", "6", "--random-input-len", "12",
         "--random-output-len", "8", "--max-concurrency", "3", "--ignore-eos", "--no-progress"])
-    result = run_bench_serve(args)
+    result = run_bench(bench_config_from_args(args))
     assert result["model"] == "tiny-llama"
     assert (result["completed"], result["failed"]) == (6, 0)
     assert result["total_output_tokens"] == 6 * 8  # from the usage chunk
@@ -219,7 +220,7 @@ def test_api_key_guards_v1_only(tiny_folder):
 
 def test_serve_flags_and_api_key_from_env(monkeypatch):
     from pernode.cli import build_parser
-    from pernode.server.options import settings_from_args
+    from pernode.cli.serve import settings_from_args
 
     monkeypatch.setenv("PERNODE_API_KEY", "from-env")
     args = build_parser().parse_args(["serve", "--max-n", "3", "--max-body-bytes", "2MiB", "--port", "9000"])

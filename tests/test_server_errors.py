@@ -10,10 +10,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pernode.engine.llm_engine import LLMEngine
-from pernode.server.app import build_app
-from pernode.server.options import ServerSettings
-from pernode.server.serve import ServerThread
+from pernode.serve.engine.llm_engine import LLMEngine
+from pernode.serve.server.app import build_app
+from pernode.serve.server.options import ServerSettings
+from pernode.serve.server.serve import ServerThread
 from tiny_model import write_tiny_model
 
 MAX_MODEL_LEN = 128
@@ -266,7 +266,7 @@ def test_dead_engine_loop_turns_health_503(tiny_folder, monkeypatch):
 
 
 def test_health_is_503_while_loading_and_when_loading_failed(tiny_folder, monkeypatch):
-    import pernode.server.app as app_module
+    import pernode.serve.server.app as app_module
     from pernode.config import EngineConfig
 
     gate = threading.Event()

@@ -10,9 +10,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pernode.engine.llm_engine import LLMEngine
-from pernode.server.app import build_app
-from pernode.server.serve import ServerThread
+from pernode.serve.engine.llm_engine import LLMEngine
+from pernode.serve.server.app import build_app
+from pernode.serve.server.serve import ServerThread
 from tiny_model import write_tiny_model
 
 NUM_REQUESTS, CONCURRENCY, DISCONNECT_FRACTION = 200, 32, 0.2

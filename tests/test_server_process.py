@@ -14,9 +14,9 @@ import openai
 import pytest
 
 from pernode.config import EngineConfig
-from pernode.engine.llm_engine import LLMEngine
-from pernode.server.app import build_app
-from pernode.server.serve import ServerThread
+from pernode.serve.engine.llm_engine import LLMEngine
+from pernode.serve.server.app import build_app
+from pernode.serve.server.serve import ServerThread
 from tiny_model import tiny_config, write_tiny_model
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")

@@ -6,7 +6,7 @@ import jinja2
 import pytest
 import tokenizers
 
-from pernode.tokenizer import IncrementalDetokenizer, Tokenizer
+from pernode.serve.tokenizer import IncrementalDetokenizer, Tokenizer
 
 TEXTS = [
     "Hello, world!",

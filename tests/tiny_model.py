@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from pernode.config import ModelConfig
-from pernode.models.llama import LlamaForCausalLM
+from pernode.serve.models.gguf_file import GGUFFile
+from pernode.serve.models.llama import LlamaForCausalLM
 
 
 def default_gguf_path() -> str:
@@ -31,7 +32,7 @@ def tiny_config(architecture: str = "llama", **overrides) -> ModelConfig:
 
 def write_tiny_model(folder: str, config: ModelConfig | None = None, seed: int = 0) -> str:
     """Random weights (seeded), saved as config.json + model.safetensors + tokenizer files."""
-    from pernode.tokenizer import Tokenizer
+    from pernode.serve.tokenizer import Tokenizer
 
     config = config or tiny_config()
     torch.manual_seed(seed)
@@ -53,7 +54,7 @@ def write_tiny_model(folder: str, config: ModelConfig | None = None, seed: int =
     }
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=1)
-    tok = Tokenizer.from_gguf(default_gguf_path())
+    tok = Tokenizer.from_gguf(GGUFFile(default_gguf_path()))
     tok.backend.save(os.path.join(folder, "tokenizer.json"))
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump({"bos_token": tok.bos_token, "eos_token": tok.eos_token, "chat_template": tok.chat_template}, f)

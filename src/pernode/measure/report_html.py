@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pernode.measure.profile_schema import peak_flops_for, validate_profile
+from pernode.measure.profile.profile_schema import peak_flops_for, validate_profile
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }

@@ -1,0 +1,5 @@
+import sys
+
+from pernode.cli import main
+
+sys.exit(main())

@@ -1,0 +1,140 @@
+"""`pernode profile`: measure one node serving one model and place every point on the roofline.
+
+Decode steps are timed over a KV cache filled to the target context with placeholder values: a step's time
+depends on the shapes it moves, not on the values, so the batch sweep needs no long prefill per point.
+"""
+from __future__ import annotations
+
+import logging
+import resource
+import statistics
+import time
+
+import torch
+from rich.progress import Progress
+
+from pernode.serve.engine.llm_engine import LLMEngine
+from pernode.measure.profile import profile_schema as schema
+from pernode.measure.profile.hardware import measure_peaks
+from pernode.measure.profile.roofline import crossover_batch_size, decode_step_cost, dtype_bytes, prefill_cost
+from pernode.serve.sampling.params import SamplingParams
+
+log = logging.getLogger("pernode.profile")
+
+QUICK = dict(batch_sizes=(1, 4, 16, 64), prompt_lens=(64, 256, 1024), context_len=256, decode_steps=4)
+FULL = dict(batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256), prompt_lens=(64, 128, 256, 512, 1024, 2048),
+            context_len=512, decode_steps=8)
+
+
+def _random_prompt(engine: LLMEngine, n: int, g: torch.Generator) -> list[int]:
+    # ids above the special tokens, fresh per call so the prefix cache never hits
+    return torch.randint(1000, engine.model_config.vocab_size, (n,), generator=g).tolist()
+
+
+def time_decode_step_s(engine: LLMEngine, batch_size: int, context_len: int, num_steps: int,
+                       g: torch.Generator) -> float | None:
+    """Median time of one decode step (forward + sampling) for `batch_size` sequences at `context_len`.
+    None when the KV cache cannot hold the batch."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+    times = engine.time_decode_steps(batch_size, context_len, num_steps, seed)
+    if times is None:
+        return None
+    return statistics.median(times[1:] if len(times) > 2 else times)  # the first step warms caches
+
+
+def time_ttft_s(engine: LLMEngine, prompt_len: int, g: torch.Generator) -> float:
+    """Time to first token of one fresh prompt on an idle engine, chunked by its token budget as in serving."""
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    start = time.perf_counter()
+    engine.add_request(f"ttft-{prompt_len}-{time.monotonic_ns()}", _random_prompt(engine, prompt_len, g), params)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return time.perf_counter() - start
+
+
+def memory_high_water_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run_profile(engine: LLMEngine, quick: bool = False, hardware: dict | None = None, seed: int = 0,
+                batch_sizes=None, prompt_lens=None, context_len: int | None = None, max_step_s: float = 5.0) -> dict:
+    """Measure the node and return a validated profile dict (docs/profile_schema.md)."""
+    plan = dict(QUICK if quick else FULL)
+    if batch_sizes:
+        plan["batch_sizes"] = tuple(batch_sizes)
+    if prompt_lens:
+        plan["prompt_lens"] = tuple(prompt_lens)
+    if context_len:
+        plan["context_len"] = context_len
+    g = torch.Generator().manual_seed(seed)
+    dtype = str(engine.dtype).removeprefix("torch.")
+    cfg = engine.model_config
+    hardware = hardware or measure_peaks(str(engine.device), quick=quick)
+    wbytes, kvbytes = dtype_bytes(dtype), dtype_bytes(dtype)
+    ctx = min(plan["context_len"], engine.max_model_len - plan["decode_steps"] - 1)
+    prompt_lens = [p for p in plan["prompt_lens"] if p < engine.max_model_len]
+
+    decode, prefill = [], []
+    with Progress(transient=True) as bar:
+        task = bar.add_task("decode: TPOT vs batch", total=len(plan["batch_sizes"]))
+        for b in plan["batch_sizes"]:
+            step_s = time_decode_step_s(engine, b, ctx, plan["decode_steps"], g)
+            bar.advance(task)
+            if step_s is None:
+                log.info("batch %d at context %d does not fit the KV cache: sweep stops", b, ctx)
+                break
+            cost = decode_step_cost(cfg, [ctx] * b, wbytes, kvbytes)
+            decode.append(schema.decode_point(b, ctx, step_s, cost, hardware, dtype))
+            if step_s > max_step_s:
+                log.info("batch %d takes %.2f s per step (cap %.1f s): sweep stops", b, step_s, max_step_s)
+                break
+        task = bar.add_task("prefill: TTFT vs prompt length", total=len(prompt_lens))
+        time_ttft_s(engine, 16, g)  # warm-up
+        for p in prompt_lens:
+            ttft = time_ttft_s(engine, p, g)
+            prefill.append(schema.prefill_point(p, ttft, prefill_cost(cfg, p, wbytes, kvbytes), hardware, dtype))
+            bar.advance(task)
+
+    peak, _ = schema.peak_flops_for(hardware, dtype)
+    model = schema.model_section(cfg, dtype)
+    model["max_model_len"] = engine.max_model_len
+    kv_section = schema.kv_cache_section(engine.kv_cache_bytes, engine.block_size, engine.kv_bytes_per_token,
+                                         engine.max_model_len)
+    return schema.make_profile(
+        model, hardware, kv_section, decode, prefill,
+        crossover_batch_size=crossover_batch_size(cfg, ctx, hardware["peak_bandwidth_gbs"], peak, wbytes, kvbytes),
+        memory_high_water_bytes=memory_high_water_bytes(engine.device))
+
+
+def print_profile(profile: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    m, hw, kv = profile["model"], profile["hardware"], profile["kv_cache"]
+    console.print(f"[bold]{m['name']}[/bold] {m['dtype']}: {m['num_params'] / 1e6:.1f} M params, "
+                  f"{m['weight_bytes'] / 2**20:.0f} MiB weights, {m['kv_bytes_per_token']} KV bytes/token")
+    console.print(f"KV cache {kv['kv_cache_bytes'] / 2**30:.2f} GiB = {kv['max_tokens']} tokens: "
+                  f"{kv['max_concurrent_seqs']} concurrent sequences of {kv['context_len']} tokens")
+    console.print(f"hardware {hw['name']}: {hw['peak_bandwidth_gbs']:.1f} GB/s, "
+                  + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in hw["peak_flops"].items() if v))
+    t = Table(title="decode: TPOT and throughput vs batch")
+    for col in ("batch", "context", "TPOT ms", "tok/s", "GB/s", "GFLOP/s", "intensity", "% of peak", "bound"):
+        t.add_column(col, justify="right")
+    for p in profile["decode"]:
+        t.add_row(str(p["batch_size"]), str(p["context_len"]), f"{p['step_s'] * 1e3:.1f}",
+                  f"{p['output_tokens_per_s']:.1f}", f"{p['achieved_gbs']:.2f}", f"{p['achieved_flops'] / 1e9:.1f}",
+                  f"{p['arithmetic_intensity']:.1f}", f"{p['fraction_of_peak'] * 100:.0f}%", p["bound"])
+    console.print(t)
+    t = Table(title="prefill: TTFT vs prompt length")
+    for col in ("prompt", "TTFT ms", "tok/s", "GFLOP/s", "% of peak", "bound"):
+        t.add_column(col, justify="right")
+    for p in profile["prefill"]:
+        t.add_row(str(p["prompt_len"]), f"{p['ttft_s'] * 1e3:.0f}", f"{p['prefill_tokens_per_s']:.0f}",
+                  f"{p['achieved_flops'] / 1e9:.1f}", f"{p['fraction_of_peak'] * 100:.0f}%", p["bound"])
+    console.print(t)
+    if profile.get("crossover_batch_size"):
+        console.print(f"memory-bound below batch {profile['crossover_batch_size']}, compute-bound above "
+                      "(at the profiled context)")

@@ -1,0 +1,382 @@
+"""From a per-node profile, a workload and an SLO to the cheapest replica count that meets it, and its bill.
+
+Two stages: queueing theory gives a first guess (the fleet as M/M/c with c = replicas x batch slots, Erlang C for
+the wait; Kleinrock 1975, see queueing.py), then the discrete-event simulator (simulator.py) replays one seeded trace
+at each candidate size and the search keeps the smallest size whose SLO attainment reaches the target. The same
+trace at every size (common random numbers) makes sizes comparable and the search stable.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from pernode.price.pricing import Price, resolve_price
+from pernode.price.queueing import (erlang_c, mmc_wait_quantile_s, replica_capacity_rps, request_service_s)
+from pernode.price.simulator import POLICIES, FleetSimResult, ReplicaConfig, simulate_fleet
+from pernode.slo import SLO
+from pernode.price.step_time import MaxBatch, StepTimeModel, kv_max_tokens, max_batch_size
+from pernode.price.workload import Workload
+
+HOURS_PER_MONTH = 730.0  # 8760 h / 12, the cloud providers' billing month
+
+
+@dataclass(frozen=True)
+class PlanPoint:
+    """One fleet size as simulated: the curve a plot draws."""
+
+    replicas: int
+    attainment: float
+    ttft_p99_s: float
+    tpot_p99_s: float
+    e2e_p99_s: float
+    utilisation: float
+    cost_per_hour_usd: float
+    meets_target: bool
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Plan:
+    """The recommended fleet and what it is predicted to do and cost."""
+
+    feasible: bool
+    reason: str | None
+    replicas: int | None
+    profile_label: str
+    profile_kind: str
+    model_name: str
+    hardware_name: str
+    projected_from: str | None
+    workload: str
+    rate_rps: float
+    mean_input_tokens: float
+    mean_output_tokens: float
+    slo: SLO
+    attainment_target: float
+    headroom: float
+    policy: str
+    max_batch: MaxBatch
+    capacity_rps_per_replica: float | None
+    request_service_s: float | None  # mean time a request holds a batch slot at full batch
+    min_replicas_for_utilisation: int | None
+    queueing: dict = field(default_factory=dict)
+    utilisation: float | None = None
+    latency_s: dict = field(default_factory=dict)  # {"ttft": {"p50":..}, "tpot": .., "e2e": ..} from the simulator
+    attainment: float | None = None
+    goodput_rps: float | None = None
+    goodput_output_tokens_per_s: float | None = None
+    busy_fraction: float | None = None
+    slot_occupancy: float | None = None
+    price: Price | None = None
+    cost_per_hour_usd: float | None = None
+    cost_per_month_usd: float | None = None
+    cost_per_million_output_tokens_usd: float | None = None
+    curve: list[PlanPoint] = field(default_factory=list)
+    simulated_requests: int = 0
+    seed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able data; times in seconds as in the field names, SLO in milliseconds as the CLI takes it.
+        NaN (e.g. TPOT when every output is one token) becomes null, since JSON has no NaN."""
+        return _json_clean({
+            "feasible": self.feasible,
+            "reason": self.reason,
+            "replicas": self.replicas,
+            "profile": {"label": self.profile_label, "kind": self.profile_kind, "model": self.model_name,
+                        "hardware": self.hardware_name, "projected_from": self.projected_from},
+            "workload": {"description": self.workload, "rate_rps": self.rate_rps,
+                         "mean_input_tokens": self.mean_input_tokens,
+                         "mean_output_tokens": self.mean_output_tokens},
+            "slo_ms": self.slo.to_dict(),
+            "attainment_target": self.attainment_target,
+            "headroom": self.headroom,
+            "policy": self.policy,
+            "max_batch_per_replica": dict(self.max_batch.__dict__),
+            "capacity_rps_per_replica": self.capacity_rps_per_replica,
+            "request_service_s": self.request_service_s,
+            "min_replicas_for_utilisation": self.min_replicas_for_utilisation,
+            "queueing": self.queueing,
+            "utilisation": self.utilisation,
+            "latency_s": self.latency_s,
+            "attainment": self.attainment,
+            "goodput_rps": self.goodput_rps,
+            "goodput_output_tokens_per_s": self.goodput_output_tokens_per_s,
+            "busy_fraction": self.busy_fraction,
+            "slot_occupancy": self.slot_occupancy,
+            "price": None if self.price is None else self.price.to_dict(),
+            "cost_per_hour_usd": self.cost_per_hour_usd,
+            "cost_per_month_usd": self.cost_per_month_usd,
+            "cost_per_million_output_tokens_usd": self.cost_per_million_output_tokens_usd,
+            "curve": [p.to_dict() for p in self.curve],
+            "simulated_requests": self.simulated_requests,
+            "seed": self.seed,
+            "notes": list(self.notes),
+        })
+
+
+def _json_clean(o: Any) -> Any:
+    if isinstance(o, dict):
+        return {k: _json_clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_json_clean(v) for v in o]
+    if isinstance(o, bool) or o is None or isinstance(o, str):
+        return o
+    if isinstance(o, (int, np.integer)):
+        return int(o)
+    if isinstance(o, (float, np.floating)):
+        return float(o) if math.isfinite(o) else None
+    return o
+
+
+def profile_label(profile: Mapping[str, Any]) -> tuple[str, str, str, str, str | None]:
+    """(label, kind, model name, hardware name, projected_from) for display; projections always say so."""
+    model = profile.get("model") or {}
+    hardware = profile.get("hardware") or {}
+    model_name = str(model.get("name", "unknown model"))
+    hw_name = str(hardware.get("name", "unknown hardware"))
+    kind = str(profile.get("kind", "measured"))
+    src = profile.get("projected_from")
+    if isinstance(src, Mapping):
+        src = src.get("hardware_name") or src.get("name") or src.get("hardware") or str(dict(src))
+    projected_from = None if src is None else str(src)
+    label = f"{model_name} on {hw_name}"
+    if kind == "projected":
+        label += f" (projected from {projected_from or 'another node'} to {hw_name})"
+    return label, kind, model_name, hw_name, projected_from
+
+
+def _check_fraction(value: Any, name: str, lo_open: bool, lo: float, hi: float, hi_open: bool) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ValueError(f"{name} = {value!r}: must lie in {rng}")
+    return float(value)
+
+
+def min_replicas_for_utilisation(rate_rps: float, capacity_rps: float, headroom: float) -> int:
+    """Smallest N with rate / (N capacity) < 1 - headroom.
+
+    Enforced on the final answer too: a finite simulated trace can hide an overloaded fleet whose queue grows
+    slowly, and headroom is the user's spare capacity for bursts the trace does not contain.
+    """
+    return math.floor(rate_rps / (capacity_rps * (1.0 - headroom))) + 1
+
+
+def plan(profile: Mapping[str, Any], workload: Workload, slo: SLO, price_per_node_hour: float | None = None,
+         headroom: float = 0.0, policy: str = "least_outstanding", attainment_target: float = 0.99, *,
+         instance: str | None = None, num_requests: int = 4000, seed: int = 0, token_budget: int = 2048,
+         max_replicas: int | None = None) -> Plan:
+    """The smallest replica count whose simulated SLO attainment reaches `attainment_target`, and its cost."""
+    headroom = _check_fraction(headroom, "headroom", False, 0.0, 1.0, True)
+    attainment_target = _check_fraction(attainment_target, "attainment_target", True, 0.0, 1.0, False)
+    if policy not in POLICIES:
+        raise ValueError(f"policy = {policy!r}: one of {', '.join(POLICIES)}")
+    if isinstance(num_requests, bool) or not isinstance(num_requests, int) or num_requests < 100:
+        raise ValueError(f"num_requests = {num_requests!r}: must be a whole number >= 100 (more is steadier)")
+    if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 2:
+        raise ValueError(f"token_budget = {token_budget!r}: must be a whole number of tokens per step >= 2")
+    if slo.is_empty:
+        raise ValueError("slo: set at least one of ttft_s, tpot_s, e2e_s (CLI: --slo ttft_ms=..,tpot_ms=..)")
+    price = resolve_price(price_per_node_hour, instance)
+
+    label, kind, model_name, hw_name, projected_from = profile_label(profile)
+    notes = list(workload.notes)
+    if kind == "projected":
+        notes.append(f"profile is projected, not measured: {label}; the plan inherits the projection's error")
+    # Decode runs over a request's whole life, so its mean context is the prompt plus half the output.
+    mean_decode_context = workload.mean_input_tokens + workload.mean_output_tokens / 2.0
+    step_model = StepTimeModel.from_profile(profile, context_tokens=mean_decode_context)
+    if step_model.decode_context_len is not None:
+        notes.append(f"decode step times taken at context {step_model.decode_context_len} tokens "
+                     f"(workload mean decode context {mean_decode_context:.0f})")
+    kv_tokens = kv_max_tokens(profile)
+    max_model_len = (profile.get("model") or {}).get("max_model_len")
+    if isinstance(max_model_len, int) and workload.max_context_tokens > max_model_len:
+        raise ValueError(f"workload: the longest request needs {workload.max_context_tokens} tokens "
+                         f"(input + output) but model.max_model_len = {max_model_len}; shorten --input-len/"
+                         f"--output-len or filter the trace")
+    if workload.max_context_tokens > kv_tokens:
+        raise ValueError(f"workload: the longest request needs {workload.max_context_tokens} tokens of KV but "
+                         f"kv_cache.max_tokens = {kv_tokens} on one replica; shorten the lengths or profile "
+                         f"with a larger KV cache")
+    mb = max_batch_size(step_model, kv_tokens, workload.mean_context_tokens, slo.tpot_s, token_budget)
+    if mb.extrapolated:
+        notes.append(f"max batch {mb.batch_size} is beyond the largest profiled decode batch "
+                     f"{step_model.max_measured_batch}: its step time is extrapolated")
+        if step_model.decode_batch_sizes.size == 1:
+            notes.append("decode[] has one batch size, so the step time is taken as flat in batch size: true only "
+                         "while decode is memory-bound; profile larger batches before trusting this plan")
+
+    common = dict(profile_label=label, profile_kind=kind, model_name=model_name, hardware_name=hw_name,
+                  projected_from=projected_from, workload=workload.describe(), rate_rps=workload.rate_rps,
+                  mean_input_tokens=workload.mean_input_tokens, mean_output_tokens=workload.mean_output_tokens,
+                  slo=slo, attainment_target=attainment_target, headroom=headroom, policy=policy, max_batch=mb,
+                  price=price, seed=seed, notes=notes)
+    if mb.batch_size < 1:
+        if mb.limited_by == "tpot_slo":
+            why = (f"no batch meets tpot {slo.tpot_s * 1000:g} ms: one decode step at batch 1 takes "
+                   f"{step_model.decode_step_s(1) * 1000:.1f} ms on this node")
+        else:
+            why = (f"the KV cache ({kv_tokens} tokens) cannot hold one request of mean context "
+                   f"{workload.mean_context_tokens:.0f} tokens")
+        return Plan(feasible=False, reason=why, replicas=None, capacity_rps_per_replica=None,
+                    request_service_s=None, min_replicas_for_utilisation=None, **common)
+
+    b = mb.batch_size
+    service_s = request_service_s(step_model, b, workload)
+    capacity = replica_capacity_rps(step_model, b, workload)
+    n_util = min_replicas_for_utilisation(workload.rate_rps, capacity, headroom)
+    n_queue, queue_info = _queueing_first_guess(step_model, workload, slo, b, service_s, n_util)
+
+    trace = workload.generate(num_requests, seed)
+    replica = ReplicaConfig(step_model, b, kv_tokens, token_budget)
+    results: dict[int, FleetSimResult] = {}
+
+    def run(n: int) -> FleetSimResult:
+        if n not in results:
+            results[n] = simulate_fleet(trace, replica, n, policy)
+        return results[n]
+
+    def meets(n: int) -> bool:
+        return run(n).attainment(slo) >= attainment_target
+
+    cap_n = max_replicas if max_replicas is not None else max(64, 16 * n_queue)
+    if cap_n < n_util:
+        raise ValueError(f"max_replicas = {cap_n}: below the {n_util} replicas needed to keep utilisation under "
+                         f"{1 - headroom:g}; raise max_replicas")
+    start = min(max(n_queue, n_util), cap_n)
+    if meets(start):  # search down to the utilisation floor
+        lo, hi = n_util - 1, start  # hi meets; lo is below the floor
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if meets(mid) else (mid, hi)
+        chosen: int | None = hi
+    else:  # double until it meets, then bisect
+        lo, hi = start, min(2 * start, cap_n)
+        while not meets(hi) and hi < cap_n:
+            lo, hi = hi, min(2 * hi, cap_n)
+        if meets(hi):
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if meets(mid) else (mid, hi)
+            chosen = hi
+        else:
+            chosen = None
+
+    # The curve for the plot: a few sizes either side of the answer (or of the largest tried), plus all tried.
+    centre = chosen if chosen is not None else max(results)
+    for n in range(max(1, centre - 3), min(centre + 3, cap_n) + 1):
+        run(n)
+    curve = [_point(n, results[n], slo, attainment_target, workload.rate_rps, capacity, price.per_node_hour_usd)
+             for n in sorted(results)]
+
+    plan_ = Plan(feasible=chosen is not None, reason=None, replicas=chosen, capacity_rps_per_replica=capacity,
+                 request_service_s=service_s, min_replicas_for_utilisation=n_util, queueing=queue_info,
+                 curve=curve, simulated_requests=num_requests, **common)
+    if chosen is None:
+        best = results[cap_n]
+        zero_load = _zero_load_ttft_s(step_model, workload)
+        plan_.reason = (f"attainment {best.attainment(slo):.3f} < target {attainment_target:g} even at "
+                        f"max_replicas = {cap_n}; an unloaded replica's TTFT p99 is about {zero_load * 1000:.0f} ms "
+                        f"and its TPOT {step_model.decode_step_s(1) * 1000:.1f} ms, so the SLO may be out of reach "
+                        f"on this node at any fleet size")
+        _fill_outcome(plan_, cap_n, best, slo, workload, capacity, price)
+        plan_.replicas = None
+        return plan_
+    _fill_outcome(plan_, chosen, results[chosen], slo, workload, capacity, price)
+    return plan_
+
+
+def _queueing_first_guess(step_model: StepTimeModel, workload: Workload, slo: SLO, batch: int,
+                          service_s: float, n_util: int) -> tuple[int, dict]:
+    """Smallest N >= n_util whose M/M/(N*batch) TTFT p99 estimate meets the TTFT SLO.
+
+    TTFT estimate = wait p99 (Erlang C tail) + the in-flight step a newcomer waits out + its own prefill step.
+    Exponential service overstates the spread of real service times, so the wait is on the high side.
+    """
+    rate, mu = workload.rate_rps, 1.0 / service_s
+    own_step_s = step_model.decode_step_s(batch)
+    prefill_p99_s = step_model.prefill_s(workload.input_len.quantile(0.99))
+
+    def estimate(n: int) -> tuple[float, float, float]:
+        c = n * batch
+        wait = mmc_wait_quantile_s(0.99, rate, mu, c)
+        return wait + 2 * own_step_s + prefill_p99_s, wait, erlang_c(c, rate / mu)
+
+    n = n_util
+    ttft, wait, pw = estimate(n)
+    if slo.ttft_s is not None:
+        while ttft > slo.ttft_s and wait > 0.0:
+            n += 1
+            ttft, wait, pw = estimate(n)
+    info = {"model": "M/M/c with c = replicas x max batch, mu = 1 / request_service_s",
+            "first_guess_replicas": n, "probability_of_waiting": pw, "wait_p99_s": wait,
+            "ttft_p99_estimate_s": ttft, "utilisation": rate / (n * batch * mu)}
+    return n, info
+
+
+def _zero_load_ttft_s(step_model: StepTimeModel, workload: Workload) -> float:
+    return step_model.decode_step_s(1) + step_model.prefill_s(workload.input_len.quantile(0.99))
+
+
+def _point(n: int, res: FleetSimResult, slo: SLO, target: float, rate: float, capacity: float,
+           price_per_node_hour: float) -> PlanPoint:
+    att = res.attainment(slo)
+    return PlanPoint(n, att, res.percentiles_s("ttft")["p99"], res.percentiles_s("tpot")["p99"],
+                     res.percentiles_s("e2e")["p99"], rate / (n * capacity), n * price_per_node_hour,
+                     att >= target)
+
+
+def _fill_outcome(p: Plan, n: int, res: FleetSimResult, slo: SLO, workload: Workload, capacity: float,
+                  price: Price) -> None:
+    p.utilisation = workload.rate_rps / (n * capacity)
+    p.latency_s = {m: res.percentiles_s(m) for m in ("ttft", "tpot", "e2e")}
+    p.attainment = res.attainment(slo)
+    p.goodput_rps = res.goodput_rps(slo)
+    p.goodput_output_tokens_per_s = res.goodput_output_tokens_per_s(slo)
+    p.busy_fraction = res.busy_fraction()
+    p.slot_occupancy = res.slot_occupancy()
+    p.cost_per_hour_usd = n * price.per_node_hour_usd
+    p.cost_per_month_usd = p.cost_per_hour_usd * HOURS_PER_MONTH
+    # The fleet serves every request, so its bill spreads over the offered output tokens.
+    output_tokens_per_hour = workload.rate_rps * workload.mean_output_tokens * 3600.0
+    p.cost_per_million_output_tokens_usd = p.cost_per_hour_usd / output_tokens_per_hour * 1e6
+
+
+@dataclass
+class Comparison:
+    """The cheapest fleet meeting the SLO for each profile, cheapest first; infeasible ones last."""
+
+    plans: dict[str, Plan]
+
+    def ranked(self) -> list[tuple[str, Plan]]:
+        return sorted(self.plans.items(), key=lambda kv: (not kv[1].feasible, kv[1].cost_per_hour_usd or math.inf))
+
+    def to_dict(self) -> dict:
+        return {"ranked": [{"label": k, **p.to_dict()} for k, p in self.ranked()]}
+
+
+def compare_plans(profiles: Mapping[str, Mapping[str, Any]], workload: Workload, slo: SLO,
+                  prices_per_node_hour: float | Mapping[str, float] | None = None,
+                  instances: str | Mapping[str, str] | None = None, **plan_kwargs: Any) -> Comparison:
+    """Plan each profile against the same workload and SLO. Prices and instances are one value for all or a
+    {label: value} mapping; a label's own price wins over its instance's table price."""
+    if not profiles:
+        raise ValueError("profiles: give at least one {label: profile}")
+    plans: dict[str, Plan] = {}
+    for label, prof in profiles.items():
+        price = prices_per_node_hour.get(label) if isinstance(prices_per_node_hour, Mapping) else prices_per_node_hour
+        inst = instances.get(label) if isinstance(instances, Mapping) else instances
+        if price is None and inst is None:
+            raise ValueError(f"profile {label!r}: no price; give prices_per_node_hour[{label!r}] or "
+                             f"instances[{label!r}]")
+        plans[label] = plan(prof, workload, slo, price, instance=inst, **plan_kwargs)
+    return Comparison(plans)

@@ -1,3 +1,0 @@
-from pernode.sampling.params import SamplingParams
-
-__all__ = ["SamplingParams"]

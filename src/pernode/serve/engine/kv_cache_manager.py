@@ -1,0 +1,93 @@
+"""Maps requests to KV blocks: prefix-cache lookup at admission, growth as tokens are computed, release."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pernode.serve.engine.block_pool import Block, BlockPool, hash_block
+from pernode.serve.engine.request import Request
+
+
+@dataclass
+class PrefixCacheStats:
+    queries_tokens: int = 0
+    hits_tokens: int = 0
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks)
+        self.enable_prefix_caching = enable_prefix_caching
+        self.stats = PrefixCacheStats()
+
+    def usage(self) -> float:
+        return self.pool.usage()
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _full_block_hash(self, request: Request, index: int) -> tuple[int, tuple[int, ...]]:
+        """Hash of the request's `index`-th full block, memoised on the request."""
+        while len(request.block_hashes) <= index:
+            i = len(request.block_hashes)
+            parent = request.block_hashes[i - 1] if i else None
+            tokens = tuple(request.all_token_ids[i * self.block_size:(i + 1) * self.block_size])
+            request.block_hashes.append(hash_block(parent, tokens))
+        tokens = tuple(request.all_token_ids[index * self.block_size:(index + 1) * self.block_size])
+        return request.block_hashes[index], tokens
+
+    def find_cached_prefix(self, request: Request) -> list[Block]:
+        """The longest run of cached full blocks matching the request's tokens. At least one token is always
+        left to compute, since its logits are needed to sample."""
+        if not self.enable_prefix_caching:
+            return []
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[Block] = []
+        for i in range(max_blocks):
+            block = self.pool.lookup(*self._full_block_hash(request, i))
+            if block is None:
+                break
+            hits.append(block)
+        self.stats.queries_tokens += request.num_tokens
+        self.stats.hits_tokens += len(hits) * self.block_size
+        return hits
+
+    def allocate(self, request: Request, num_new_tokens: int, cached_prefix: list[Block] = ()) -> bool:
+        """Give the request room for `num_new_tokens` more tokens. False (and nothing changed) if blocks are short.
+
+        Cached prefix blocks that sit in the free queue count as free: taking them removes them from it.
+        """
+        num_reused = len(cached_prefix)
+        total_tokens = (num_reused * self.block_size if num_reused else request.num_computed_tokens) + num_new_tokens
+        num_new_blocks = self.blocks_needed(total_tokens) - len(request.block_ids) - num_reused
+        revived = sum(1 for b in cached_prefix if b.ref_count == 0)
+        if num_new_blocks + revived > self.pool.num_free:
+            return False
+        for block in cached_prefix:
+            self.pool.take(block)
+        request.block_ids.extend(b.block_id for b in cached_prefix)
+        request.num_hashed_blocks = max(request.num_hashed_blocks, num_reused)
+        if num_new_blocks > 0:
+            request.block_ids.extend(b.block_id for b in self.pool.allocate(num_new_blocks))
+        return True
+
+    def cache_computed_blocks(self, request: Request) -> None:
+        """Register blocks that are now full of computed tokens, so later requests can share them."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = request.num_computed_tokens // self.block_size
+        for i in range(request.num_hashed_blocks, num_full):
+            block_hash, tokens = self._full_block_hash(request, i)
+            self.pool.register(self.pool.blocks[request.block_ids[i]], block_hash, tokens)
+        request.num_hashed_blocks = max(request.num_hashed_blocks, num_full)
+
+    def free(self, request: Request) -> None:
+        self.pool.free([self.pool.blocks[b] for b in reversed(request.block_ids)])
+        request.block_ids = []
+        request.num_hashed_blocks = 0
+
+    def check_no_leak(self) -> None:
+        """Every block free: for tests and for the server's idle invariant."""
+        held = [b.block_id for b in self.pool.blocks if b.ref_count]
+        if held or self.pool.num_free != self.pool.num_blocks:
+            raise AssertionError(f"{len(held)} KV blocks still referenced: {held[:10]}")

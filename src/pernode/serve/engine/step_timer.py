@@ -1,0 +1,52 @@
+"""Timed synthetic decode steps: what one step of `batch_size` sequences at `context_len` costs, measured through the
+engine's own runner and sampler over a KV cache filled to that length (step time depends on shapes, not values)."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from pernode.serve.engine.kv_cache_manager import KVCacheManager
+from pernode.serve.engine.model_runner import ModelRunner
+from pernode.serve.engine.request import Request
+from pernode.serve.engine.scheduler import ScheduledBatch
+from pernode.serve.sampling.params import SamplingParams
+from pernode.serve.sampling.sampler import Sampler
+
+
+def random_prompt(vocab_size: int, n: int, g: torch.Generator) -> list[int]:
+    # ids above the special tokens, fresh per call so the prefix cache never hits
+    return torch.randint(1000, vocab_size, (n,), generator=g).tolist()
+
+
+def decode_step_times_s(kv: KVCacheManager, runner: ModelRunner, sampler: Sampler, vocab_size: int,
+                        batch_size: int, context_len: int, num_steps: int, g: torch.Generator) -> list[float] | None:
+    """Wall time of each of `num_steps` decode steps (forward + sampling); None when the free KV blocks cannot
+    hold the batch. The blocks are taken from the pool and given back, so a live engine can be measured idle."""
+    if batch_size * kv.blocks_needed(context_len + num_steps) > kv.pool.num_free:
+        return None
+    requests = []
+    params = SamplingParams(temperature=0.0, max_tokens=num_steps + 1, ignore_eos=True)
+    device = runner.device
+    try:
+        for i in range(batch_size):
+            r = Request(f"profile-{i}", random_prompt(vocab_size, context_len, g), params, [])
+            kv.allocate(r, context_len + num_steps)
+            r.num_computed_tokens = context_len - 1  # placeholder K/V up to here; one new token per step
+            requests.append(r)
+        times = []
+        for _ in range(num_steps):
+            batch = ScheduledBatch(requests, [1] * batch_size)
+            start = time.perf_counter()
+            logits, sampling = runner.execute(batch)
+            result = sampler(logits, sampling)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+            for r, tok in zip(requests, result.token_ids):
+                r.num_computed_tokens += 1
+                r.append_token(tok)
+        return times
+    finally:
+        for r in requests:
+            kv.free(r)

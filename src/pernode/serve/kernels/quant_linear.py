@@ -1,0 +1,291 @@
+"""Quantized linear layers: weight-only int8/int4 (group) and W8A8 (int8 weights x dynamic per-token int8
+activations, with LLM.int8()'s float path for outlier columns, arXiv 2208.07339).
+
+Weight-only layers call the C++ kernel in csrc/quant_linear.cpp (built by kernels/jit.py); `woq_linear_reference`
+is the plain-torch result it is held to, and the fallback where it cannot build. For int4 weights at decode batch
+sizes (<= 8 rows) the kernel quantizes x to int8 per 32-value block and multiplies integers with VNNI (llama.cpp's
+Q8 activations do the same); larger batches, int8 weights and `PERNODE_QUANT_INPUT=float` keep x in fp32. W8A8
+layers use `torch._int_mm` (oneDNN's VNNI int8 GEMM on CPU).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pernode.quant_format import QuantScheme, dequantize, unpack_int4
+from pernode.serve.kernels.jit import build_path, load_extension
+
+log = logging.getLogger(__name__)
+
+SOURCE = "quant_linear.cpp"
+
+
+GEMV_MAX_ROWS = 8  # up to this many rows per call: the GEMV (int8 x); more: dequantize + fp32 matmul
+ACT_BLOCK = 32  # x values sharing one int8 scale in the GEMV
+
+
+def gemv_threads() -> int:
+    """Threads of the small-batch GEMV: $PERNODE_QUANT_THREADS, else 0 (torch's intra-op thread count).
+
+    1 is the robust choice on a CPU shared with other busy processes (see the kernel's comment)."""
+    return int(os.environ.get("PERNODE_QUANT_THREADS", "0"))
+
+
+def load_kernel() -> Callable | None:
+    """`torch.ops.pernode.woq_linear`, building it if needed; None if it can't be built (or
+    PERNODE_QUANT_KERNEL=reference)."""
+    if os.environ.get("PERNODE_QUANT_KERNEL", "").lower() == "reference":
+        return None
+    return torch.ops.pernode.woq_linear if load_extension(SOURCE) else None
+
+
+def build_kernels() -> Path | None:
+    """Build the kernel now (e.g. from the Makefile) and return its build folder, or None if it failed."""
+    return build_path(SOURCE)
+
+
+# ---- weight-only ------------------------------------------------------------------------------------------------
+def unpacked_weight(weight: torch.Tensor, num_bits: int, in_features: int) -> torch.Tensor:
+    """Signed integer values [N, K] (int8) from the stored int8 weight or int4 words."""
+    return weight if num_bits == 8 else unpack_int4(weight, in_features)
+
+
+def quantize_input_blocks(x: torch.Tensor, block: int = ACT_BLOCK) -> torch.Tensor:
+    """x as the GEMV sees it: symmetric int8 per `block` values of a row (rint(x * 127/amax)), dequantized."""
+    xb = x.float().reshape(*x.shape[:-1], -1, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(xb * inv).clamp(-127, 127)
+    return (q * (amax / 127.0)).reshape(x.shape)
+
+
+def use_int8_input(num_bits: int, in_features: int, group_size: int | None) -> bool:
+    """Whether the GEMV quantizes x: for int4 weights, where unpack + convert + FMA would make it compute-bound
+    (measured 6 GB/s vs 9.5 with VNNI, 1 thread). int8 weights keep fp32 x: that GEMV already streams faster
+    than memory. PERNODE_QUANT_INPUT=float turns it off."""
+    if num_bits != 4 or os.environ.get("PERNODE_QUANT_INPUT", "int8").lower() == "float":
+        return False
+    return in_features % ACT_BLOCK == 0 and (group_size or in_features) % ACT_BLOCK == 0
+
+
+def woq_linear_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                         num_bits: int, group_size: int | None, quantize_input: bool = False) -> torch.Tensor:
+    """Plain torch: dequantize the whole weight to fp32 (and x per block to int8 if asked), then a matmul."""
+    w = dequantize(unpacked_weight(weight, num_bits, x.shape[-1]), scale, zero_point, group_size)
+    x = quantize_input_blocks(x) if quantize_input else x.float()
+    return F.linear(x, w)
+
+
+def zero_term(scale: torch.Tensor, zero_point: torch.Tensor | None, num_bits: int) -> torch.Tensor | None:
+    """-(offset + zero_point) * scale: the per-group term the kernel adds times the group's sum of x; None without a
+    zero point (the kernel then applies int4's offset itself, which lets its GEMV fold it into the x side).
+
+    The kernel multiplies raw stored integers; int4 words hold q + 8, so offset is 8 for int4 and 0 for int8."""
+    if zero_point is None:
+        return None
+    offset = 8.0 if num_bits == 4 else 0.0
+    return (-(offset + zero_point.float()) * scale.float()).contiguous()
+
+
+class QuantLinear(nn.Module):
+    """Weight-only int8/int4 linear; tensors named as compressed-tensors checkpoints name them."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, bias: bool = False,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        groups = 1 if scheme.group_size is None else in_features // scheme.group_size
+        if scheme.num_bits == 4:
+            self.register_buffer("weight_packed", torch.zeros(out_features, in_features // 8, dtype=torch.int32,
+                                                              device=device))
+        else:
+            self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, device=device))
+        if not scheme.symmetric:
+            self.register_buffer("weight_zero_point", torch.zeros(out_features, groups, dtype=torch.int8,
+                                                                  device=device))
+        else:
+            self.weight_zero_point = None
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        self._scale: torch.Tensor | None = None
+        self._zero_term: torch.Tensor | None = None
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        return self.weight_packed if self.scheme.num_bits == 4 else self.weight
+
+    def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
+        """Store integer values q [N, K] (signed) with their qparams."""
+        from pernode.quant_format import pack_int4
+
+        self.qweight.copy_(pack_int4(q) if self.scheme.num_bits == 4 else q)
+        self.weight_scale.copy_(scale)
+        if self.weight_zero_point is not None:
+            self.weight_zero_point.copy_(zero)
+        self.post_load()
+
+    def post_load(self) -> None:
+        """Derive what the kernel reads (fp32 scales, the zero term) once the stored tensors are in place."""
+        self._scale = self.weight_scale.float().contiguous()
+        self._zero_term = zero_term(self._scale, self.weight_zero_point, self.scheme.num_bits)
+        self._int8_input = use_int8_input(self.scheme.num_bits, self.in_features, self.scheme.group_size)
+        # A decode step calls ~120 of these layers: resolve the kernel and its constant operands once, not per call.
+        self._op = load_kernel() if self.qweight.device.type == "cpu" else None
+        self._op_args = (self.qweight, self._scale, self._zero_term, self.scheme.num_bits,
+                         self.scheme.group_size or 0, gemv_threads())
+
+    def dequantized_weight(self) -> torch.Tensor:
+        q = unpacked_weight(self.qweight, self.scheme.num_bits, self.in_features)
+        return dequantize(q, self.weight_scale, self.weight_zero_point, self.scheme.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._scale is None:
+            self.post_load()
+        shape = x.shape
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if self._op is not None and x.device.type == "cpu":
+            y = self._op(x2.float(), *self._op_args, x2.shape[0] <= GEMV_MAX_ROWS and self._int8_input)
+        else:
+            y = woq_linear_reference(x2, self.qweight, self.weight_scale, self.weight_zero_point,
+                                     self.scheme.num_bits, self.scheme.group_size)
+        if self.bias is not None:
+            y = y + self.bias
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y if x.dim() == 2 else y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.scheme.label()}"
+
+
+# ---- W8A8 ---------------------------------------------------------------------------------------------------------
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric int8 per row: (int8 [M, K], scale [M, 1])."""
+    scale = (x.abs().amax(-1, keepdim=True) / 127.0).clamp(min=1e-10)
+    return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+def w8a8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                          outlier_threshold: float | None = None) -> torch.Tensor:
+    """Plain torch, float64: the int8 x int8 products and (LLM.int8()) the float outlier columns."""
+    x = x.double()
+    w = weight.double() * weight_scale.double().reshape(-1, 1)
+    outliers = torch.zeros(x.shape[-1], dtype=torch.bool)
+    if outlier_threshold is not None:
+        outliers = (x.abs() >= outlier_threshold).any(0)
+    x_in = x.masked_fill(outliers, 0.0)
+    scale = (x_in.abs().amax(-1, keepdim=True) / 127.0).clamp(min=1e-10)
+    xq = torch.round(x_in / scale).clamp(-127, 127)
+    y = (xq @ weight.double().t()) * scale * weight_scale.double().reshape(1, -1)
+    return (y + x[:, outliers] @ w[:, outliers].t()).float()
+
+
+class W8A8Linear(nn.Module):
+    """int8 per-channel weights x dynamic per-token int8 activations through `torch._int_mm`.
+
+    With `outlier_threshold` (LLM.int8()), input columns where any token has |x| >= threshold are multiplied in
+    float against the dequantized weight columns; counts of such columns are kept for reporting."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, bias: bool = False,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, 1, device=device))
+        self.weight_zero_point = None
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        self.outlier_threshold = scheme.outlier_threshold
+        self._wt: torch.Tensor | None = None
+        self.num_calls = 0
+        self.num_outlier_columns = 0
+        self.max_outlier_columns = 0
+
+    def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> None:
+        self.weight = q.to(torch.int8).contiguous()
+        self.weight_scale.copy_(scale)
+        self.post_load()
+
+    def post_load(self) -> None:
+        # _int_mm is ~1.6x faster with B stored [K, N]; keep only that copy and view it back as [N, K].
+        wt = self.weight.t().contiguous()
+        self._wt = wt
+        self.weight = wt.t()
+        self._scale_row = self.weight_scale.float().reshape(1, -1)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight.float() * self.weight_scale.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._wt is None:
+            self.post_load()
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()
+        outlier_cols = None
+        if self.outlier_threshold is not None:
+            mask = (x2.abs() >= self.outlier_threshold).any(0)
+            outlier_cols = mask.nonzero().flatten()
+            n_out = int(outlier_cols.numel())
+            self.num_calls += 1
+            self.num_outlier_columns += n_out
+            self.max_outlier_columns = max(self.max_outlier_columns, n_out)
+            if n_out:
+                x_out = x2[:, outlier_cols]
+                x2 = x2.index_fill(1, outlier_cols, 0.0)
+            else:
+                outlier_cols = None
+        xq, xs = quantize_per_token(x2)
+        y = torch._int_mm(xq, self._wt).float().mul_(xs).mul_(self._scale_row)
+        if outlier_cols is not None:
+            w_out = self._wt[outlier_cols].float() * self._scale_row  # [n_out, N]
+            y += x_out @ w_out
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        extra = f", outliers |x|>={self.outlier_threshold}" if self.outlier_threshold is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, w8a8-token{extra}"
+
+
+QUANTIZED_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def make_quantized_linear(linear: nn.Linear, scheme: QuantScheme, name: str = "linear") -> nn.Module:
+    """An empty quantized layer shaped like `linear`, on its device (meta included)."""
+    scheme.check_shape(name, linear.in_features)
+    cls = W8A8Linear if scheme.activations else QuantLinear
+    return cls(linear.in_features, linear.out_features, scheme, bias=linear.bias is not None,
+               device=linear.weight.device)
+
+
+def replace_linears(model: nn.Module, scheme: QuantScheme) -> nn.Module:
+    """Swap every decoder-layer projection for an (empty) quantized layer; lm_head and embeddings stay float."""
+    for layer_idx, layer in enumerate(model.layers):
+        for parent in (layer.self_attn, layer.mlp):
+            for attr in QUANTIZED_LINEARS:
+                linear = getattr(parent, attr, None)
+                if isinstance(linear, nn.Linear):
+                    setattr(parent, attr, make_quantized_linear(linear, scheme, f"layers.{layer_idx}.{attr}"))
+    return model
+
+
+def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, W8A8Linear))}
+
+
+if __name__ == "__main__":
+    import sys
+    import time
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    t0 = time.perf_counter()
+    where = build_kernels()
+    if where is None:
+        sys.exit("quantized linear kernel: build failed")
+    print(f"quantized linear kernel: {where} ({time.perf_counter() - t0:.1f} s)")

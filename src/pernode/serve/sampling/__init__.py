@@ -1,0 +1,3 @@
+from pernode.serve.sampling.params import SamplingParams
+
+__all__ = ["SamplingParams"]

@@ -1,0 +1,120 @@
+"""Turns a batch of logits into next tokens, each row under its own request's sampling parameters."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from pernode.serve.sampling.params import SamplingParams
+
+
+class SamplingState(Protocol):
+    """What the sampler reads of a request (the engine's `Request` is one)."""
+
+    params: SamplingParams
+    eos_token_ids: list[int]
+    generator: torch.Generator | None
+
+    @property
+    def all_token_ids(self) -> Sequence[int]: ...
+
+    @property
+    def output_token_ids(self) -> Sequence[int]: ...
+
+    @property
+    def num_output_tokens(self) -> int: ...
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float | None]  # log-probability of each sampled token (rows that asked for logprobs)
+    top_logprobs: list[list[tuple[int, float]] | None]  # top-N (token, logprob) per row where requested
+
+
+def apply_penalties(logits: torch.Tensor, request: SamplingState) -> torch.Tensor:
+    """Repetition penalty over prompt and output (CTRL, as HF applies it); presence and frequency penalties over
+    the output only (OpenAI's definitions)."""
+    p = request.params
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(request.all_token_ids)), dtype=torch.long, device=logits.device)
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and request.output_token_ids:
+        out = torch.tensor(request.output_token_ids, dtype=torch.long, device=logits.device)
+        counts = torch.zeros_like(logits).index_add_(0, out, torch.ones_like(out, dtype=logits.dtype))
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """Mask tokens outside top-k, outside the top-p nucleus, or below min_p times the top probability."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if min_p > 0.0:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        # drop a token when the mass before it already reaches top_p; the top token always stays
+        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop_sorted[0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
+    return logits
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, requests: list[SamplingState]) -> SampleResult:
+        greedy_rows = [i for i, r in enumerate(requests) if r.params.greedy and not self._needs_processing(r)]
+        token_ids = [0] * len(requests)
+        if greedy_rows:
+            idx = torch.tensor(greedy_rows, device=logits.device)
+            for row, tok in zip(greedy_rows, logits[idx].argmax(dim=-1).tolist()):
+                token_ids[row] = tok
+        greedy = set(greedy_rows)
+        for i, request in enumerate(requests):
+            if i not in greedy:
+                token_ids[i] = self._sample_row(logits[i].clone(), request)
+
+        # Logprobs (of the raw model distribution) only for the rows that asked: a full-vocab log_softmax per
+        # row is not free at large batch.
+        sampled_lp: list[float | None] = [None] * len(requests)
+        top: list[list[tuple[int, float]] | None] = [None] * len(requests)
+        rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+        if rows:
+            idx = torch.tensor(rows, device=logits.device)
+            logprobs = torch.log_softmax(logits[idx], dim=-1)
+            chosen = torch.tensor([token_ids[i] for i in rows], device=logits.device)
+            picked = logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
+            k_max = max(requests[i].params.logprobs for i in rows)
+            vals, ids = (logprobs.topk(k_max, dim=-1) if k_max else (None, None))
+            for j, i in enumerate(rows):
+                sampled_lp[i] = picked[j]
+                k = requests[i].params.logprobs
+                top[i] = list(zip(ids[j, :k].tolist(), vals[j, :k].tolist())) if k else []
+        return SampleResult(token_ids, sampled_lp, top)
+
+    @staticmethod
+    def _needs_processing(request: SamplingState) -> bool:
+        return request.params.uses_penalties or request.num_output_tokens < request.params.min_tokens
+
+    def _sample_row(self, logits: torch.Tensor, request: SamplingState) -> int:
+        p = request.params
+        logits = apply_penalties(logits, request)
+        if request.num_output_tokens < p.min_tokens:  # not allowed to stop yet
+            banned = [t for t in request.eos_token_ids + p.stop_token_ids if t < logits.shape[0]]
+            if banned:
+                logits[banned] = float("-inf")
+        if p.greedy:
+            return int(logits.argmax())
+        logits = filter_logits(logits / p.temperature, p.top_k, p.top_p, p.min_p)
+        probs = torch.softmax(logits, dim=-1)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, and the draw depends only on this
+        # request's own generator, so a seeded request samples the same tokens whatever batch it is in.
+        # The noise is drawn on the CPU so the same generator works whatever device the logits are on.
+        noise = torch.empty(probs.shape).exponential_(generator=request.generator).to(probs.device)
+        return int((probs / noise).argmax())

@@ -1,0 +1,304 @@
+"""The FastAPI app: OpenAI routes, health, metrics, tokenizer routes, API-key and body-size guards.
+
+`build_app(engine_or_config, settings)` takes a loaded `LLMEngine` (ready at once) or an `EngineConfig` (loaded
+in a thread after startup, /health answering 503 until it is ready).
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from pernode.config import EngineConfig
+from pernode.serve.engine.llm_engine import LLMEngine
+from pernode.serve.sampling.params import SamplingParams
+from pernode.serve.server.async_engine import AsyncEngine
+from pernode.serve.server.errors import APIError, bad_request, install_error_handlers
+from pernode.serve.server.metrics import CONTENT_TYPE, ServerMetrics
+from pernode.serve.server.options import ServerSettings
+from pernode.serve.server.protocol import (Caps, DetokenizeRequest, TokenizeRequest, chat_messages, check_model,
+                                     parse_body)
+from pernode.serve.server.serving import OpenAIServing
+
+log = logging.getLogger("pernode.serve.server")
+
+
+class ServerState:
+    """Loading -> ready -> draining; `failed` if loading failed. The engine loop's death shows as not ready."""
+
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.status = "loading"
+        self.load_error: str | None = None
+        self.engine: LLMEngine | None = None
+        self.async_engine: AsyncEngine | None = None
+        self.serving: OpenAIServing | None = None
+        self.metrics: ServerMetrics | None = None
+        self.served_names: tuple[str, ...] = ()
+        self.created = int(time.time())
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready" and self.async_engine is not None and not self.async_engine.dead
+
+    def health(self) -> str:
+        if self.async_engine is not None and self.async_engine.dead:
+            return "dead"
+        return "ok" if self.status == "ready" else self.status
+
+    def attach(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop) -> None:
+        s = self.settings
+        names = [s.served_model_name or engine.model_config.name, engine.config.model, engine.model_config.name]
+        self.served_names = tuple(dict.fromkeys(names))
+        self.engine = engine
+        self.metrics = ServerMetrics(self.served_names[0])
+        self.async_engine = AsyncEngine(engine, s.max_queued_requests, self.metrics)
+        self.metrics.attach(self.async_engine)
+        self.async_engine.start(loop)
+        self.serving = OpenAIServing(self.async_engine, self.served_names,
+                                     Caps(max_n=s.max_n, max_logprobs=s.max_logprobs, max_stop=s.max_stop))
+        if self.status == "loading":
+            self.status = "ready"
+
+    def serving_or_503(self) -> OpenAIServing:
+        if self.serving is None or not self.ready:
+            reason = {"loading": "the model is still loading; retry in a few seconds",
+                      "draining": "the server is shutting down and takes no new requests",
+                      "failed": f"the model failed to load ({self.load_error})"}.get(self.status)
+            if self.async_engine is not None and self.async_engine.dead:
+                reason = f"the engine stopped ({self.async_engine.dead_reason}); restart the server"
+            raise APIError(503, reason or "the server is not ready", code="unavailable",
+                           headers={"Retry-After": "1"} if self.status == "loading" else None)
+        return self.serving
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop admitting, let requests in flight finish for up to `timeout_s`, abort the rest."""
+        self.status = "draining"
+        e = self.async_engine
+        if e is None:
+            return
+        e.accepting = False
+        if e.num_in_flight:
+            log.info("draining: %d requests in flight, waiting up to %.0f s", e.num_in_flight, timeout_s)
+        if not await e.wait_idle(timeout_s):
+            log.info("draining: aborting %d requests still in flight", e.num_in_flight)
+            e.abort_all()
+            await e.wait_idle(10.0)
+
+    def close(self) -> None:
+        if self.async_engine is not None:
+            self.async_engine.shutdown()
+
+
+def warm_up(engine: LLMEngine) -> None:
+    """One 1-token request through the engine before serving: the first forward loads (or builds) the attention
+    kernel and touches the weights, which the first user should not wait for."""
+    if engine.has_unfinished_requests():
+        return
+    token = engine.tokenizer.bos_token_id or 0
+    engine.add_request("pernode-warm-up", [token], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(max_bytes: int) -> APIError:
+    return APIError(413, f"the request body is larger than {max_bytes} bytes, the most this server takes "
+                         f"(--max-body-bytes)", code="request_too_large")
+
+
+async def _until_disconnect(request: Request, handler):
+    """Run a handler; if the client goes away first, cancel it (its cleanup aborts its engine requests)."""
+    task = asyncio.ensure_future(handler)
+
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # we were cancelled (server shutdown): take the handler down with us
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        try:
+            await task
+        except BaseException:  # noqa: BLE001 - the client is gone; nothing to report to
+            pass
+        return Response(status_code=499)
+    return task.result()
+
+
+class _Guard:
+    """Pure ASGI (streams pass through untouched): API key on /v1 routes, and the declared body size."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            path = scope["path"]
+            headers = dict(scope["headers"])
+            if self.api_key is not None and (path == "/v1" or path.startswith("/v1/")):
+                auth = headers.get(b"authorization", b"")
+                scheme, _, key = auth.partition(b" ")
+                # compare_digest: the time taken does not tell how much of a guessed key was right
+                if scheme.lower() != b"bearer" or not hmac.compare_digest(key.strip(), self.api_key):
+                    error = APIError(401, "missing or invalid API key: send the header 'Authorization: Bearer "
+                                          "<key>' with the key the server was started with",
+                                     code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                    return await error.response()(scope, receive, send)
+            length = headers.get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+                return await _too_large(self.max_body_bytes).response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def build_app(engine_or_config: LLMEngine | EngineConfig, settings: ServerSettings | None = None,
+              on_ready: Callable[[LLMEngine], None] | None = None,
+              on_load_failed: Callable[[str], None] | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    settings.validate()
+    state = ServerState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+
+        def ready(engine: LLMEngine) -> None:
+            state.attach(engine, loop)
+            if on_ready is not None:
+                on_ready(engine)
+
+        def failed(message: str) -> None:
+            state.status, state.load_error = "failed", message
+            if on_load_failed is not None:
+                on_load_failed(message)
+
+        if isinstance(engine_or_config, LLMEngine):
+            await asyncio.to_thread(warm_up, engine_or_config)
+            ready(engine_or_config)
+        else:
+            def load() -> None:
+                try:
+                    engine = LLMEngine(engine_or_config)
+                    warm_up(engine)
+                except ValueError as exc:  # a user error (unknown model, bad size): one line, no traceback
+                    log.error("loading the model failed: %s", exc)
+                    outcome = (failed, str(exc))
+                except Exception as exc:  # noqa: BLE001 - reported through /health and the log
+                    log.exception("loading the model failed")
+                    outcome = (failed, f"{type(exc).__name__}: {exc}")
+                else:
+                    outcome = (ready, engine)
+                try:
+                    loop.call_soon_threadsafe(*outcome)
+                except RuntimeError:  # the server stopped while the model loaded
+                    pass
+
+            threading.Thread(target=load, name="pernode-load", daemon=True).start()
+        try:
+            yield
+        finally:
+            state.close()
+
+    app = FastAPI(title="pernode", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+    install_error_handlers(app)
+    app.add_middleware(_Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+
+    @app.get("/health")
+    async def health():
+        status = state.health()
+        return JSONResponse({"status": status}, status_code=200 if status == "ok" else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        body = state.metrics.exposition() if state.metrics is not None else b""
+        return Response(body, media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models():
+        if state.engine is None:
+            state.serving_or_503()
+        return {"object": "list", "data": [{
+            "id": state.served_names[0], "object": "model", "created": state.created, "owned_by": "pernode",
+            "root": state.engine.config.model, "max_model_len": state.engine.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        arrival_s = time.monotonic()  # queue time and TTFT count from here, body and tokenization included
+        serving = state.serving_or_503()
+        raw = await read_body(request, settings.max_body_bytes)
+        return await _until_disconnect(request, serving.completions(raw, arrival_s))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        arrival_s = time.monotonic()  # queue time and TTFT count from here, body and tokenization included
+        serving = state.serving_or_503()
+        raw = await read_body(request, settings.max_body_bytes)
+        return await _until_disconnect(request, serving.chat(raw, arrival_s))
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        serving = state.serving_or_503()
+        req = parse_body(TokenizeRequest, await read_body(request, settings.max_body_bytes))
+        check_model(req.model, state.served_names)
+        if (req.prompt is None) == (req.messages is None):
+            raise bad_request("give exactly one of prompt (a string) or messages (a chat)", param="prompt")
+        tok = serving.tokenizer
+        if req.messages is not None:
+            messages = chat_messages(req.messages)
+            add_gen = True if req.add_generation_prompt is None else req.add_generation_prompt
+
+            def run() -> list[int]:
+                try:
+                    text = tok.apply_chat_template(messages, add_generation_prompt=add_gen)
+                except Exception as exc:  # noqa: BLE001 - the template rejected the conversation
+                    raise bad_request(f"messages: the model's chat template rejected them ({exc})",
+                                      param="messages") from None
+                return tok.encode(text, add_special_tokens=bool(req.add_special_tokens))
+        else:
+            def run() -> list[int]:
+                add = True if req.add_special_tokens is None else req.add_special_tokens
+                return tok.encode(req.prompt, add_special_tokens=add)
+        ids = await asyncio.to_thread(run)
+        return {"tokens": ids, "count": len(ids), "max_model_len": state.engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        serving = state.serving_or_503()
+        req = parse_body(DetokenizeRequest, await read_body(request, settings.max_body_bytes))
+        check_model(req.model, state.served_names)
+        vocab = state.engine.model_config.vocab_size
+        bad = [(i, t) for i, t in enumerate(req.tokens) if not 0 <= t < vocab]
+        if bad:
+            i, t = bad[0]
+            raise bad_request(f"tokens[{i}]={t} is out of range: allowed token ids in [0, {vocab})",
+                              param="tokens")
+        text = await asyncio.to_thread(serving.tokenizer.decode, req.tokens)
+        return {"prompt": text}
+
+    return app

@@ -1,0 +1,30 @@
+"""The server's own settings (light: no FastAPI or torch imports here)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pernode.serve.sampling.params import MAX_LOGPROBS
+
+
+@dataclass
+class ServerSettings:
+    """What `pernode serve` adds to the engine's own configuration."""
+
+    served_model_name: str | None = None  # default: the model's name
+    api_key: str | None = None  # /v1 routes need `Authorization: Bearer KEY` when set
+    max_n: int = 8
+    max_logprobs: int = 20
+    max_stop: int = 8
+    max_body_bytes: int = 1 << 20
+    max_queued_requests: int = 256
+    shutdown_timeout_s: float = 30.0
+
+    def validate(self) -> None:
+        checks = [("--max-n", self.max_n, 1, None), ("--max-logprobs", self.max_logprobs, 0, MAX_LOGPROBS),
+                  ("--max-stop", self.max_stop, 0, None), ("--max-body-bytes", self.max_body_bytes, 1, None),
+                  ("--max-queued-requests", self.max_queued_requests, 1, None),
+                  ("--shutdown-timeout", self.shutdown_timeout_s, 0, None)]
+        for name, value, low, high in checks:
+            if value < low or (high is not None and value > high):
+                allowed = f"{low}..{high}" if high is not None else f">= {low}"
+                raise ValueError(f"{name} {value} is out of range: allowed {allowed}")

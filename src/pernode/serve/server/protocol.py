@@ -1,0 +1,243 @@
+"""OpenAI request bodies as pydantic models, and their translation into the engine's `SamplingParams`.
+
+Types are checked strictly here (a string is not a number); ranges are checked by `SamplingParams` and by the
+server's caps, so each rule lives in one place and every 400 names the field, the value and what is allowed.
+Unknown fields are ignored, as OpenAI-compatible servers do; fields of OpenAI's API that this server does not
+implement are typed, and rejected when set to something other than their neutral value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pernode.serve.sampling.params import SamplingParams
+from pernode.serve.server.errors import APIError, bad_request, from_validation_error, param_of
+
+PromptInput = Union[str, list[str], list[int], list[list[int]]]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = False
+
+
+class _SamplingFields(_Strict):
+    model: str | None = None
+    n: int | None = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = False
+    min_tokens: int | None = 0
+    skip_special_tokens: bool | None = True
+    user: str | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    # OpenAI fields this server does not implement: accepted only at their neutral value.
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: PromptInput
+    max_tokens: int | None = 16  # OpenAI's default for the legacy endpoint
+    logprobs: int | None = None
+    echo: bool | None = False
+    suffix: str | None = None
+
+
+class TextPart(_Strict):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool | None = True
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+
+
+class TokenizeRequest(_Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = True
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
+_MODELS = (StreamOptions, CompletionRequest, TextPart, ChatMessage, ChatCompletionRequest, TokenizeRequest,
+           DetokenizeRequest)
+FIELD_NAMES = {name for m in _MODELS for name in m.model_fields}
+TYPE_HINTS = {
+    "prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
+    "stop": "a string or a list of strings",
+    "content": "a string or a list of {\"type\": \"text\", \"text\": ...} parts",
+    "tool_choice": "a string or an object",
+}
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def parse_body(model: type[BaseModel], raw: bytes):
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise from_validation_error(exc, FIELD_NAMES, TYPE_HINTS) from None
+
+
+@dataclass
+class Caps:
+    """Per-request limits of this server (flags of `pernode serve`)."""
+
+    max_n: int = 8
+    max_logprobs: int = 20
+    max_stop: int = 8
+
+
+def _check_cap(name: str, value: int | None, low: int, high: int, flag: str) -> None:
+    if value is not None and not low <= value <= high:
+        raise bad_request(f"{name}={value} is out of range: allowed {low}..{high} on this server ({flag})",
+                          param=name)
+
+
+def sampling_params(req: _SamplingFields, caps: Caps, max_tokens: int | None, logprobs: int | None,
+                    logprobs_field: str) -> SamplingParams:
+    """The engine's parameters for a request; APIError(400) naming the field when one is out of range."""
+    _check_cap("n", req.n, 1, caps.max_n, "--max-n")
+    _check_cap(logprobs_field, logprobs, 0, caps.max_logprobs, "--max-logprobs")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > caps.max_stop:
+        raise bad_request(f"stop has {len(stop)} strings: allowed at most {caps.max_stop} on this server "
+                          f"(--max-stop)", param="stop")
+    if req.logit_bias:
+        raise bad_request("logit_bias is not supported by this server: remove it", param="logit_bias")
+    if req.best_of is not None and req.best_of != (req.n or 1):
+        raise bad_request(f"best_of={req.best_of} is not supported: allowed only best_of = n ({req.n or 1}) or "
+                          f"leave it out", param="best_of")
+    fields = dict(n=req.n if req.n is not None else 1,
+                  temperature=1.0 if req.temperature is None else req.temperature,
+                  top_p=1.0 if req.top_p is None else req.top_p,
+                  top_k=-1 if req.top_k is None else req.top_k,
+                  min_p=0.0 if req.min_p is None else req.min_p,
+                  seed=req.seed,
+                  presence_penalty=req.presence_penalty or 0.0,
+                  frequency_penalty=req.frequency_penalty or 0.0,
+                  repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                  max_tokens=max_tokens, min_tokens=req.min_tokens or 0, stop=stop,
+                  stop_token_ids=list(req.stop_token_ids or []), ignore_eos=bool(req.ignore_eos),
+                  logprobs=logprobs,
+                  skip_special_tokens=True if req.skip_special_tokens is None else req.skip_special_tokens)
+    try:
+        return SamplingParams(**fields)
+    except ValueError as exc:
+        message = str(exc)
+        param = param_of(message)
+        if param == "logprobs" and logprobs_field != "logprobs":
+            message, param = message.replace("logprobs=", f"{logprobs_field}=", 1), logprobs_field
+        raise bad_request(message, param=param) from None
+
+
+def completion_params(req: CompletionRequest, caps: Caps) -> SamplingParams:
+    if req.suffix:
+        raise bad_request("suffix is not supported by this server: remove it", param="suffix")
+    return sampling_params(req, caps, req.max_tokens, req.logprobs, "logprobs")
+
+
+def chat_params(req: ChatCompletionRequest, caps: Caps) -> SamplingParams:
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request(f"top_logprobs={req.top_logprobs} needs logprobs=true", param="top_logprobs")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise bad_request(f"response_format={req.response_format!r} is not supported: allowed only "
+                          f"{{\"type\": \"text\"}}", param="response_format")
+    if req.tools:
+        raise bad_request("tools are not supported by this server: remove them", param="tools")
+    if req.tool_choice not in (None, "none", "auto"):
+        raise bad_request(f"tool_choice={req.tool_choice!r} is not supported: no tools on this server",
+                          param="tool_choice")
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    return sampling_params(req, caps, max_tokens, logprobs, "top_logprobs")
+
+
+def prompt_list(prompt: PromptInput) -> list[str | list[int]]:
+    """The prompts of a completion request: one string or token-id list each. 400 for an empty one."""
+    if isinstance(prompt, str):
+        prompts: list = [prompt]
+    elif not prompt:
+        raise bad_request("prompt is empty: give a string, a list of strings, token ids or lists of token ids",
+                          param="prompt")
+    elif isinstance(prompt[0], int):
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            raise bad_request(f"{where} is empty: give at least one character or token id", param="prompt")
+    return prompts
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict]:
+    """Messages as the chat template expects them: role and text content."""
+    if not messages:
+        raise bad_request("messages is empty: give at least one {\"role\", \"content\"} message", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if m.role not in CHAT_ROLES:
+            raise bad_request(f"messages[{i}].role={m.role!r} is invalid: allowed {', '.join(CHAT_ROLES)}",
+                              param="messages")
+        if isinstance(m.content, list):
+            texts = []
+            for j, part in enumerate(m.content):
+                if part.type != "text" or part.text is None:
+                    raise bad_request(f"messages[{i}].content[{j}].type={part.type!r} is not supported: this "
+                                      f"server takes only text parts ({{\"type\": \"text\", \"text\": ...}})",
+                                      param="messages")
+                texts.append(part.text)
+            content = "".join(texts)
+        else:
+            content = m.content or ""
+        message = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if m.name is not None:
+            message["name"] = m.name
+        out.append(message)
+    return out
+
+
+
+def check_model(requested: str | None, served: tuple[str, ...]) -> None:
+    if requested is not None and requested not in served:
+        raise APIError(404, f"model={requested!r} does not exist on this server: it serves {served[0]!r} "
+                            f"(GET /v1/models)", param="model", code="model_not_found")

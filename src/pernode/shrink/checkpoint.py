@@ -1,0 +1,101 @@
+"""Quantized checkpoints: safetensors + config.json whose `quantization_config` follows compressed-tensors.
+
+Per quantized HF linear (q/k/v/o/gate/up/down_proj): `weight_packed` (int4, 8 per int32 along the input dim, stored
+q + 8) or `weight` (int8), `weight_scale` [out, groups], `weight_zero_point` [out, groups] (asymmetric only) and
+`weight_shape` ([out, in], int64). Embeddings and norms stay float; so does the lm_head (`ignore: ["lm_head"]`)
+unless quantized on request (a second config group targeting "lm_head", tie_word_embeddings false).
+W8A8 checkpoints add `input_activations` (dynamic per-token int8); LLM.int8() adds the non-standard
+`outlier_threshold` there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+from pernode.quant_format import QuantScheme, quantization_config_from_scheme
+from pernode.serve.kernels.quant_linear import QuantLinear, W8A8Linear
+from pernode.serve.models.llama import _FUSED, LlamaForCausalLM
+from pernode.serve.models.loader import load_model  # noqa: F401  (re-exported: shrink loads what it rewrites)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def quantized_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
+    """HF-named tensors of a model whose projections may be quantized; fused layers split by rows again."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.hf_state_dict().items():
+        out[name] = tensor  # float parameters (quantized layers contribute only their biases here)
+    for mod_name, module in model.named_modules():
+        if not isinstance(module, (QuantLinear, W8A8Linear)):
+            continue
+        out.pop(f"model.{mod_name}.weight", None)
+        tensors = {"weight_packed" if module.scheme.num_bits == 4 else "weight": module.qweight
+                   if isinstance(module, QuantLinear) else module.weight,
+                   "weight_scale": module.weight_scale}
+        if module.weight_zero_point is not None:
+            tensors["weight_zero_point"] = module.weight_zero_point
+        parts = mod_name.split(".")
+        shards = [(hf, shard) for hf, (fused, shard) in _FUSED.items() if fused == parts[-1]]
+        for hf_name, shard in shards or [(parts[-1], None)]:
+            rows = model._shard_range(parts[-1], shard) if shard is not None else (0, module.out_features)
+            key = ".".join(([] if parts[0] == "lm_head" else ["model"]) + parts[:-1] + [hf_name])
+            for suffix, t in tensors.items():
+                out[f"{key}.{suffix}"] = t[rows[0]:rows[0] + rows[1]].contiguous()
+            out[f"{key}.weight_shape"] = torch.tensor([rows[1], module.in_features], dtype=torch.int64)
+    return out
+
+
+def _hf_config_json(config) -> dict:
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    return {
+        "architectures": [arch[config.architecture]], "model_type": config.architecture,
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim, "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta,
+        "rope_scaling": config.rope_scaling, "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": config.tie_word_embeddings, "attention_bias": config.attention_bias,
+        "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_ids, "hidden_act": "silu",
+        "torch_dtype": "float32",
+    }
+
+
+def save_quantized(model: LlamaForCausalLM, source, folder: str, scheme: QuantScheme, method: str,
+                   extra: dict | None = None) -> str:
+    """Write `folder`: model.safetensors, config.json (+ quantization_config) and the tokenizer files."""
+    os.makedirs(folder, exist_ok=True)
+    thresholds = {m.outlier_threshold for m in model.modules() if isinstance(m, W8A8Linear)} - {None}
+    if thresholds:  # LLM.int8(): the layers, not the caller's scheme, know the outlier threshold
+        scheme = dataclasses.replace(scheme, outlier_threshold=thresholds.pop())
+    tensors = quantized_state_dict(model)
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    if source.format == "hf":
+        with open(os.path.join(source.path, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(source.path, name)):
+                shutil.copy(os.path.join(source.path, name), os.path.join(folder, name))
+    else:  # GGUF: config and tokenizer come from its metadata
+        cfg = _hf_config_json(source.config)
+        tok = source.tokenizer
+        tok.backend.save(os.path.join(folder, "tokenizer.json"))
+        with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"bos_token": tok.bos_token, "eos_token": tok.eos_token, "chat_template": tok.chat_template}, f)
+    cfg["tie_word_embeddings"] = model.config.tie_word_embeddings  # a quantized lm_head is untied
+    cfg["quantization_config"] = quantization_config_from_scheme(scheme, method, getattr(model.lm_head, "scheme", None))
+    if extra:
+        cfg["quantization_config"]["pernode_details"] = extra
+        if extra.get("observer") in ("mse", "hmse"):  # GPTQ's scale search
+            cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["observer"] = "mse"
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=1)
+    return folder
+
+
+def checkpoint_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder) if n.endswith(".safetensors"))
