@@ -12,11 +12,8 @@ import time
 
 import torch
 
-from pernode.serve.kernels.attention import (
-    AttentionMetadata,
-    paged_attention_reference,
-    paged_attention_sdpa,
-)
+from pernode.serve.kernels.attention import paged_attention_reference, paged_attention_sdpa
+from pernode.serve.kernels.attention_metadata import AttentionMetadata
 from pernode.serve.kernels.paged_attention_cpu import load_kernel, paged_attention_cpu
 
 SHAPES = {"smollm": (9, 3, 64), "llama": (32, 8, 128)}  # (Hq, Hkv, head_dim)

@@ -8,7 +8,8 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from pernode.measure.profile.hardware import PUBLISHED_ACCELERATORS, measure_peaks
+from pernode.measure.profile.accelerators import PUBLISHED_ACCELERATORS
+from pernode.measure.profile.hardware import measure_peaks
 
 
 def main() -> None:

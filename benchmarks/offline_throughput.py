@@ -9,22 +9,24 @@ import argparse
 import logging
 import sys
 
-from pernode.cli import add_engine_arguments, engine_config_from_args
+from pernode.cli.bench import add_offline_arguments, offline_config_from_args
+from pernode.cli.options import add_engine_arguments, engine_config_from_args
+from pernode.measure.bench.bench_offline import print_results, run_bench_offline
 from pernode.serve.engine.llm_engine import LLMEngine
 from pernode.serve.llm import LLM
-from pernode.measure.bench import bench_offline
 from pernode.serve.models.registry import resolve_model
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench_offline.add_arguments(parser)
+    add_offline_arguments(parser)
     add_engine_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = offline_config_from_args(args)
     engine = LLMEngine(engine_config_from_args(args))
-    results = bench_offline.run_bench_offline(LLM.from_engine(engine), resolve_model(args.model), args)
-    bench_offline.print_results(results)
+    results = run_bench_offline(LLM.from_engine(engine), resolve_model(args.model), config)
+    print_results(results)
     return 0
 
 

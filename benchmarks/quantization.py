@@ -19,18 +19,16 @@ import time
 
 import torch
 
-from pernode.jobs.compare_quantized import CONFIGS, build_and_score, check_names, measure_speeds
-from pernode.quant_format import QuantScheme
-from pernode.shrink.methods.smoothquant import W8A8
+from pernode.jobs.compare_quantized import build_and_score, measure_speeds
+from pernode.quant_format import W8A8_SCHEME, QuantScheme, quantize_weight
+from pernode.serve.kernels.quant_linear import QuantLinear, W8A8Linear
 from pernode.serve.models.registry import resolve_model
+from pernode.shrink.recipes import RECIPES, recipes_named
 
 
 def linear_throughput(batches=(64, 256), shapes=((576, 3072), (1536, 576)), repeats: int = 20) -> list[dict]:
     """One projection in isolation: fp32 F.linear vs W8A8 (dynamic per-token int8 x int8 via torch._int_mm,
     quantization of x included) vs int8/int4 weight-only, in GFLOP/s."""
-    from pernode.serve.kernels.quant_linear import QuantLinear, W8A8Linear
-    from pernode.quant_format import quantize_weight
-
     def timed(fn):
         fn()
         t = time.perf_counter()
@@ -41,7 +39,7 @@ def linear_throughput(batches=(64, 256), shapes=((576, 3072), (1536, 576)), repe
     rows = []
     for k, n in shapes:
         w = torch.randn(n, k)
-        w8a8 = W8A8Linear(k, n, W8A8)
+        w8a8 = W8A8Linear(k, n, W8A8_SCHEME)
         w8a8.set_quantized(*quantize_weight(w, QuantScheme(8))[:2])
         woq8 = QuantLinear(k, n, QuantScheme(8))
         woq8.set_quantized(*quantize_weight(w, QuantScheme(8)))
@@ -60,7 +58,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--quick", action="store_true", help="4 windows of 512 tokens, short decode runs")
-    ap.add_argument("--methods", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
+    ap.add_argument("--methods", default=",".join(RECIPES), help=f"comma list of {', '.join(RECIPES)}")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch and kernel threads (default 1: robust on a CPU shared with other jobs)")
     ap.add_argument("--calib-windows", type=int, default=16)
@@ -75,13 +73,13 @@ def main() -> int:
     out = args.out or tempfile.mkdtemp(prefix="pernode-quant-")
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     try:
-        check_names(names)
+        recipes = recipes_named(names)
     except ValueError as exc:
         raise SystemExit(f"--methods: {exc}")
 
     rows, peer = [], None
     if not args.linear_only:
-        rows = build_and_score(args.model, names, out, seq_len, windows, args.calib_windows,
+        rows = build_and_score(args.model, recipes, out, seq_len, windows, args.calib_windows,
                                progress=lambda row: print(json.dumps(row), flush=True))
         peer_gguf = None
         if not args.no_peer:

@@ -17,7 +17,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from pernode.measure.bench import bench_serve
+from pernode.measure.bench.bench_serve import run_bench
+from pernode.measure.bench.config import BenchConfig
 
 
 def free_port() -> int:
@@ -54,15 +55,10 @@ def main(argv=None) -> int:
         else:
             raise SystemExit("server did not become healthy in 300 s")
         for rate in [float(r) for r in args.rates.split(",")]:
-            parser = argparse.ArgumentParser()
-            bench_serve.add_arguments(parser)
-            bench_args = parser.parse_args([
-                "--base-url", base, "--num-prompts", str(args.num_prompts), "--request-rate", str(rate),
-                "--random-input-len", args.input_len, "--random-output-len", args.output_len, "--ignore-eos",
-                "--seed", "0", "--no-progress"])
-            result = bench_serve.run_bench_serve(bench_args)
-            result["request_rate"] = rate
-            results.append(result)
+            config = BenchConfig(base_url=base, num_prompts=args.num_prompts, request_rate=rate,
+                                 random_input_len=args.input_len, random_output_len=args.output_len,
+                                 ignore_eos=True, seed=0, no_progress=True)
+            results.append(run_bench(config).to_dict())
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)

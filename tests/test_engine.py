@@ -1,10 +1,18 @@
 """Engine invariants on a tiny random model: batching, chunking, prefix caching and preemption never change
 what a request generates, and every block comes back."""
+import json
+import re
+
 import pytest
 import torch
 
 from pernode import LLM, SamplingParams
+from pernode.cli import command_flags, with_flags
+from pernode.config import EngineConfig
 from pernode.serve.engine.llm_engine import LLMEngine
+from pernode.serve.engine.outputs import FinishReason
+from pernode.serve.engine.request import Request
+from pernode.serve.engine.stop_checker import check_stop
 from tiny_model import write_tiny_model
 
 PROMPTS = [
@@ -217,3 +225,54 @@ def test_bad_prompts_raise_clear_errors(tiny_dir):
     engine.add_request("d", "ok", greedy(4))
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request("d", "ok", greedy(4))
+
+
+# ---- settings, stop rules and finish reasons, without a model ----------------------------------------------------
+@pytest.mark.parametrize("setting,value,allowed", [
+    ("max_num_seqs", 0, ">= 1"), ("max_num_batched_tokens", -5, ">= 1"), ("block_size", 0, "1..256"),
+    ("block_size", 300, "1..256"), ("num_blocks", 0, ">= 1"), ("kv_cache_bytes", 0, ">= 1"),
+    ("max_model_len", 1, ">= 2"), ("num_threads", 0, ">= 1"), ("max_num_seqs", True, ">= 1"),
+])
+def test_engine_config_rejects_out_of_range_settings_by_name(setting, value, allowed):
+    with pytest.raises(ValueError, match=rf"^{setting}={value!r} is out of range: allowed .*{re.escape(allowed)}"):
+        EngineConfig(**{setting: value})
+
+
+def test_engine_rejects_bad_settings_before_loading_and_cli_names_the_flag():
+    with pytest.raises(ValueError, match="max_num_seqs=0"):
+        LLMEngine(model="/nonexistent/model", max_num_seqs=0)  # the setting, not the missing model, is reported
+    with pytest.raises(ValueError, match="dtype='int3'"):
+        EngineConfig(dtype="int3")
+    message = str(pytest.raises(ValueError, EngineConfig, max_num_seqs=0).value)
+    assert with_flags(message, command_flags("generate")).startswith("--max-num-seqs 0 is out of range")
+
+
+def test_engine_config_round_trips_through_a_dict():
+    config = EngineConfig(model="m", device="cpu", num_blocks=8, max_num_seqs=4, enable_prefix_caching=False)
+    assert EngineConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown engine settings"):
+        EngineConfig.from_dict({**config.to_dict(), "max_num_sequences": 4})
+
+
+def test_finish_reason_compares_and_serialises_as_its_string():
+    assert FinishReason.STOP == "stop" and f"{FinishReason.LENGTH}" == "length"
+    assert json.dumps({"finish_reason": FinishReason.ABORT}) == '{"finish_reason": "abort"}'
+
+
+def test_check_stop_token_rules_win_over_length_and_wait_for_min_tokens():
+    eos = 2
+
+    def after(tokens, **params):
+        request = Request("r", [5, 6, 7], SamplingParams(**params), [eos])
+        for t in tokens:
+            request.append_token(t)
+        return check_stop(request, max_model_len=8), request.stop_reason
+
+    assert after([9]) == (None, None)
+    assert after([eos]) == (FinishReason.STOP, None)
+    assert after([eos], min_tokens=2) == (None, None)
+    assert after([9, 4], stop_token_ids=[4]) == (FinishReason.STOP, 4)
+    assert after([9, 4], stop_token_ids=[4], max_tokens=2) == (FinishReason.STOP, 4)
+    assert after([9, 9], max_tokens=2) == (FinishReason.LENGTH, None)
+    assert after([9] * 5, max_tokens=None) == (FinishReason.LENGTH, None)  # 3 + 5 tokens fill max_model_len
+    assert after([eos], ignore_eos=True) == (None, None)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from pernode.cli.plan import add_arguments, run_plan
-from pernode.price.planner import compare_plans, plan
+from pernode.price.planner import Plan, compare_plans, plan
 from pernode.price.pricing import PRICES, resolve_price
 from pernode.price.report import plot_plan, render_comparison, render_plan
 from pernode.slo import SLO
@@ -168,6 +168,8 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert data["replicas"] == 4 and data["cost_per_month_usd"] == pytest.approx(5840.0)
     assert data["slo_ms"] == {"ttft_ms": 2000.0, "tpot_ms": 100.0, "e2e_ms": None}
     assert png.stat().st_size > 0
+    loaded = Plan.load(out)  # what `pernode fleet` reads back
+    assert loaded.replicas == 4 and loaded.max_batch.batch_size == 16 and loaded.workload.rate_rps == 10.0
     assert _cli(["--profile", str(prof), "--rate", "10", "--input-len", "100", "--output-len", "100",
                  "--slo", "tpot_ms=40", "--price-per-hour", "2"]) == 1
 
@@ -179,6 +181,9 @@ def test_cli_end_to_end(tmp_path, capsys):
     (["--input-len", "x:y"], "--input-len"),
     (["--slo", "ttft=5"], "KEY=MILLISECONDS"),
     (["--burstiness", "0"], "--burstiness"),
+    (["--max-replicas", "0"], "--max-replicas 0"),  # library rules, shown with the flag that set them
+    (["--price-per-hour", "-1"], "--price-per-hour -1.0"),
+    (["--num-requests", "5"], "--num-requests 5"),
 ])
 def test_cli_bad_inputs_name_the_field(tmp_path, capsys, bad, field):
     prof = tmp_path / "profile.json"
@@ -198,3 +203,52 @@ def test_cli_needs_a_price_and_a_readable_profile(tmp_path, capsys):
     prof.write_text(json.dumps(toy_profile()))
     assert _cli(["--profile", str(prof)] + base) == 2
     assert "--price-per-hour" in " ".join(capsys.readouterr().err.split())
+
+
+def test_plan_round_trips_through_json(tmp_path):
+    p = plan(toy_profile(), Workload(10.0, LengthDist.uniform(50, 150), LengthDist.fixed(100), burstiness=0.8),
+             SLO_LOOSE, 2.0)
+    assert Plan.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    path = tmp_path / "plan.json"
+    p.save(path)
+    back = Plan.load(path)
+    assert back == p
+    # The typed surface other jobs use.
+    assert (back.replicas, back.max_batch.batch_size, back.policy, back.seed) == (p.replicas, 16, p.policy, 0)
+    assert back.workload.input_len.kind == "uniform" and (back.workload.input_len.lo, back.workload.input_len.hi) == \
+        (50, 150)
+    assert back.workload.burstiness == 0.8 and back.slo.to_dict()["ttft_ms"] == 2000.0
+    assert back.latency_s["ttft"]["p99"] == p.latency_s["ttft"]["p99"] and back.simulated_requests == 4000
+    # Readers and the HTML report keep their keys beside the structure.
+    w = json.loads(path.read_text())["workload"]
+    assert w["description"] == p.workload.describe() and w["rate_rps"] == 10.0
+    assert (w["mean_input_tokens"], w["mean_output_tokens"]) == (100.0, 100.0)
+    assert w["input_len"] == {"kind": "uniform", "lo": 50, "hi": 150}
+
+
+def test_infeasible_plan_round_trips_and_bad_files_name_themselves(tmp_path):
+    p = plan(toy_profile(), WORKLOAD, SLO(tpot_s=0.04), 2.0)
+    assert Plan.from_dict(p.to_dict()) == p and not p.curve
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        Plan.load(bad)
+    with pytest.raises(ValueError, match="missing.json: cannot read"):
+        Plan.load(tmp_path / "missing.json")
+    d = p.to_dict()
+    del d["max_batch_per_replica"]
+    bad.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="bad.json: plan: missing key 'max_batch_per_replica'"):
+        Plan.load(bad)
+
+
+def test_slo_round_trips_and_names_the_setting():
+    slo = SLO.parse("ttft_ms=1001, tpot_ms=63.7")
+    assert slo.to_dict() == {"ttft_ms": 1001.0, "tpot_ms": 63.7, "e2e_ms": None}  # as typed, not 1000.9999
+    assert SLO.from_dict(slo.to_dict()) == slo
+    with pytest.raises(ValueError, match="^slo='x': expected KEY=MILLISECONDS"):
+        SLO.parse("x")
+    with pytest.raises(ValueError, match="unknown keys"):
+        SLO.from_dict({"ttft_s": 1.0})
+    with pytest.raises(ValueError, match="max_replicas=0"):
+        plan(toy_profile(), WORKLOAD, SLO_LOOSE, 2.0, max_replicas=0)

@@ -15,51 +15,73 @@ from pernode.price.step_time import StepTimeModel
 from pernode.price.workload import LengthDist, RequestTrace, Workload
 
 
-def reference_simulate(trace: RequestTrace, cfg: ReplicaConfig, num_replicas: int, policy: str):
-    """One event per engine step, every token counted: slow and obviously the scheduling rule.
+class _Req:
+    def __init__(self, rid, prompt, output, s_per_token):
+        self.rid, self.prompt, self.output, self.spt = rid, prompt, output, s_per_token
+        self.num_tokens, self.computed, self.sampled, self.decoding, self.preemptions = prompt, 0, 0, False, 0
 
-    Same rule as the simulator: decodes first (one token each), then prompt chunks fill the token budget,
-    continuing partial prompts first, admitting waiting requests FIFO while batch and KV allow.
+
+def reference_simulate(trace: RequestTrace, cfg: ReplicaConfig, num_replicas: int, policy: str):
+    """One event per engine step, every token counted: slow and obviously the engine's scheduling rule.
+
+    A line-by-line copy of serve/engine/scheduler.py with one-token KV blocks: running requests in admission order
+    each get min(uncomputed tokens, budget left); when the KV cannot hold them, the newest running request is
+    preempted (KV freed, back to the head of the queue to recompute); then, if nothing was preempted, waiting
+    requests are admitted FIFO while the batch and the KV allow their next chunk.
     """
     n = len(trace)
-    prompt, output = trace.prompt_tokens.tolist(), trace.output_tokens.tolist()
-    need = [p + o for p, o in zip(prompt, output)]
     spt = cfg.step_model.prefill_s_per_token(trace.prompt_tokens.astype(float)).tolist()
+    reqs = [_Req(i, int(p), int(o), spt[i]) for i, (p, o) in enumerate(zip(trace.prompt_tokens, trace.output_tokens))]
     first, finish = [math.nan] * n, [math.nan] * n
     waiting = [deque() for _ in range(num_replicas)]
-    prefilling = [[] for _ in range(num_replicas)]  # [rid, remaining prompt]
-    decoding = [[] for _ in range(num_replicas)]  # [rid, remaining output tokens]
+    running = [[] for _ in range(num_replicas)]
     kv = [0] * num_replicas
     outstanding = [0] * num_replicas
-    step_end = [None] * num_replicas  # (end time, decodes, chunks)
+    step_end = [None] * num_replicas  # (end time, [(request, new tokens)])
     rr = 0
 
+    def preempt(r, victim):
+        kv[r] -= victim.computed
+        victim.computed, victim.decoding = 0, False
+        victim.preemptions += 1
+        victim.spt = float(cfg.step_model.prefill_s_per_token(victim.num_tokens))
+        waiting[r].appendleft(victim)
+
     def start(r, t):
-        b = len(decoding[r])
-        budget = cfg.token_budget - b
-        chunks = []
-        for e in prefilling[r]:
-            if budget <= 0:
-                break
-            take = min(e[1], budget)
-            chunks.append((e, take))
-            budget -= take
-        while waiting[r] and budget > 0 and len(prefilling[r]) + len(decoding[r]) < cfg.max_batch:
-            rid = waiting[r][0]
-            if kv[r] + need[rid] > cfg.kv_max_tokens:
+        budget, scheduled, preempted = cfg.token_budget, [], False
+        i = 0
+        while i < len(running[r]) and budget > 0:
+            req = running[r][i]
+            new = min(req.num_tokens - req.computed, budget)
+            while kv[r] + new > cfg.kv_max_tokens:
+                victim = running[r].pop()  # the newest request gives its KV back
+                preempt(r, victim)
+                preempted = True
+                if victim is req:
+                    break
+            else:
+                kv[r] += new
+                scheduled.append((req, new))
+                budget -= new
+                i += 1
+                continue
+            break
+        while waiting[r] and budget > 0 and not preempted and len(running[r]) < cfg.max_batch:
+            req = waiting[r][0]
+            new = min(req.num_tokens, budget)
+            if kv[r] + new > cfg.kv_max_tokens:
                 break
             waiting[r].popleft()
-            kv[r] += need[rid]
-            e = [rid, prompt[rid]]
-            prefilling[r].append(e)
-            take = min(e[1], budget)
-            chunks.append((e, take))
-            budget -= take
-        if not chunks and not b:
+            kv[r] += new
+            running[r].append(req)
+            scheduled.append((req, new))
+            budget -= new
+        if not scheduled:
             step_end[r] = None
             return
-        dur = cfg.step_model.decode_step_s(b) + sum(take * spt[e[0]] for e, take in chunks)
-        step_end[r] = (t + dur, list(decoding[r]), chunks)
+        decodes = sum(1 for req, _ in scheduled if req.decoding)
+        dur = cfg.step_model.decode_step_s(decodes) + sum(new * req.spt for req, new in scheduled if not req.decoding)
+        step_end[r] = (t + dur, scheduled)
 
     i = 0
     while True:
@@ -75,7 +97,7 @@ def reference_simulate(trace: RequestTrace, cfg: ReplicaConfig, num_replicas: in
                 while outstanding[r] != low:
                     r = (r + 1) % num_replicas
                 rr = (r + 1) % num_replicas
-            waiting[r].append(i)
+            waiting[r].append(reqs[i])
             outstanding[r] += 1
             i += 1
             if step_end[r] is None:
@@ -83,28 +105,25 @@ def reference_simulate(trace: RequestTrace, cfg: ReplicaConfig, num_replicas: in
             continue
         if r_step < 0:
             break
-        t, decodes, chunks = step_end[r_step]
+        t, scheduled = step_end[r_step]
         r = r_step
-        for d in decodes:
-            d[1] -= 1
-            if d[1] == 0:
-                finish[d[0]] = t
-                decoding[r].remove(d)
-                kv[r] -= need[d[0]]
+        for req, new in scheduled:
+            req.computed += new
+            if req.computed < req.num_tokens:
+                continue  # a prompt chunk
+            req.sampled += 1
+            if math.isnan(first[req.rid]):
+                first[req.rid] = t
+            if req.sampled == req.output:
+                finish[req.rid] = t
+                running[r].remove(req)
+                kv[r] -= req.computed
                 outstanding[r] -= 1
-        for e, take in chunks:
-            e[1] -= take
-            if e[1] == 0:
-                prefilling[r].remove(e)
-                first[e[0]] = t
-                if output[e[0]] == 1:
-                    finish[e[0]] = t
-                    kv[r] -= need[e[0]]
-                    outstanding[r] -= 1
-                else:
-                    decoding[r].append([e[0], output[e[0]] - 1])
+            else:
+                req.num_tokens += 1
+                req.decoding = True
         start(r, t)
-    return np.asarray(first), np.asarray(finish)
+    return np.asarray(first), np.asarray(finish), np.asarray([req.preemptions for req in reqs])
 
 
 STEP = StepTimeModel.from_points({1: 0.010, 4: 0.012, 16: 0.020}, {32: 2000.0, 256: 5000.0})
@@ -113,14 +132,16 @@ STEP = StepTimeModel.from_points({1: 0.010, 4: 0.012, 16: 0.020}, {32: 2000.0, 2
 @pytest.mark.parametrize("policy", ["least_outstanding", "round_robin"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_matches_step_by_step_reference(policy, seed):
-    # Short budget and tight KV so that chunked prefill, batch caps and KV blocking all happen.
+    # Short budget and tight KV so that chunked prefill, batch caps, KV blocking and preemption all happen.
     wl = Workload(60.0, LengthDist.uniform(1, 300), LengthDist.uniform(1, 40), burstiness=0.5)
     trace = wl.generate(400, seed=seed)
     cfg = ReplicaConfig(STEP, max_batch=6, kv_max_tokens=900, token_budget=128)
     res = simulate_fleet(trace, cfg, 3, policy)
-    first, finish = reference_simulate(trace, cfg, 3, policy)
+    first, finish, preemptions = reference_simulate(trace, cfg, 3, policy)
     np.testing.assert_allclose(res.first_token_s, first, rtol=0, atol=1e-9)
     np.testing.assert_allclose(res.finish_s, finish, rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(res.preemptions, preemptions)
+    assert preemptions.sum() > 0  # the KV is tight enough that preemption is exercised
 
 
 def test_single_request_alone_by_hand():
@@ -201,3 +222,27 @@ def test_bad_inputs_name_the_field():
         simulate_fleet(RequestTrace(np.array([1.0, 0.0]), np.array([5, 5]), np.array([5, 5])), cfg, 1)
     with pytest.raises(ValueError, match="smallest output 0"):
         simulate_fleet(RequestTrace(np.array([0.0]), np.array([5]), np.array([0])), cfg, 1)
+
+
+def test_kv_limited_replica_preempts_the_newest_request():
+    # Worked by hand: 10 ms decode steps at any batch, 1 ms per prompt token, 40 tokens of KV, two requests of
+    # 10 prompt + 20 output tokens arriving together.
+    #   t = 0.01  A's prompt computed (its first token); B waits for the step to end.
+    #   t = 0.03  A decodes and B's prompt rides along (10 + 10 ms): KV 11 + 10 = 21 tokens.
+    #   t = 0.12  nine steps, two tokens each: KV 39; the next step needs 2 more and only 1 is free.
+    #   t = 0.13  the engine's rule: the newest (B, holding 19 tokens, 10 sampled) is preempted; A steps alone.
+    #             B may not come back yet: recomputing its 20 tokens beside A's 21 + 1 would need 42.
+    #   t = 0.21  A's 20th token: A finishes and frees its KV.
+    #   t = 0.23  B recomputes prompt + 10 sampled tokens (20 ms) and samples its 11th; t = 0.32 its 20th.
+    step = StepTimeModel.from_points({1: 0.010, 8: 0.010}, {16: 1000.0, 1024: 1000.0})
+    trace = RequestTrace(np.zeros(2), np.array([10, 10]), np.array([20, 20]))
+    res = simulate_fleet(trace, ReplicaConfig(step, max_batch=4, kv_max_tokens=40, token_budget=64), 1)
+    assert res.preemptions.tolist() == [0, 1]
+    np.testing.assert_allclose(res.first_token_s, [0.01, 0.03], atol=1e-12)
+    np.testing.assert_allclose(res.finish_s, [0.21, 0.32], atol=1e-12)
+    assert res.summary(SLO(ttft_s=1.0))["preemptions"] == 1
+    # With room for both nobody is preempted: A finishes at the same 0.21 s (the older request never waits) and
+    # B at 0.22 s; preempted, B lost 100 ms: it sat out A's last 9 steps and recomputed for 20 ms, not 10.
+    roomy = simulate_fleet(trace, ReplicaConfig(step, max_batch=4, kv_max_tokens=60, token_budget=64), 1)
+    assert roomy.preemptions.tolist() == [0, 0]
+    np.testing.assert_allclose(roomy.finish_s, [0.21, 0.22], atol=1e-12)

@@ -102,3 +102,33 @@ def test_max_batch_from_tpot_and_kv():
     mb = max_batch_size(m, 5_000, 250.0, tpot_slo_s=0.040)
     assert (mb.batch_size, mb.limited_by) == (20, "kv_cache")
     assert max_batch_size(m, 10_000, 250.0, tpot_slo_s=0.005).batch_size == 0
+
+
+def test_workload_round_trips_through_its_dict(tmp_path):
+    synthetic = Workload(5.0, LengthDist.parse("128:512"), LengthDist.fixed(64), burstiness=0.5)
+    d = synthetic.to_dict()
+    assert d["input_len"] == {"kind": "uniform", "lo": 128, "hi": 512}
+    assert d["output_len"] == {"kind": "fixed", "lo": 64, "hi": 64}
+    assert (d["arrival_process"], d["burstiness"], d["rate_rps"]) == ("gamma", 0.5, 5.0)
+    assert Workload.from_dict(json.loads(json.dumps(d))) == synthetic
+    p = tmp_path / "t.jsonl"
+    p.write_text(json.dumps({"prompt_tokens": 10, "output_tokens": 3}) + "\n"
+                 + json.dumps({"prompt": "x" * 41, "max_tokens": 7}) + "\n")
+    trace = Workload.from_trace(p, rate_rps=2.0)
+    back = Workload.from_dict(json.loads(json.dumps(trace.to_dict())))
+    assert back == trace and back.paired and back.input_len.kind == "empirical"
+    assert (back.input_len.lo, back.input_len.hi) == (10, 11)
+    assert back.generate(50, seed=1).prompt_tokens.tolist() == trace.generate(50, seed=1).prompt_tokens.tolist()
+    assert Workload.from_dict(d) != Workload.from_dict(dict(d, rate_rps=6.0))
+
+
+def test_workload_from_dict_errors_name_the_field():
+    d = Workload(5.0, LengthDist.fixed(8), LengthDist.fixed(8)).to_dict()
+    with pytest.raises(ValueError, match="workload.input_len.kind='normal'"):
+        Workload.from_dict(dict(d, input_len={"kind": "normal", "lo": 1, "hi": 2}))
+    with pytest.raises(ValueError, match="workload.output_len.lo"):
+        Workload.from_dict(dict(d, output_len={"kind": "uniform", "lo": 0, "hi": 2}))
+    with pytest.raises(ValueError, match="rate_rps"):
+        Workload.from_dict({k: v for k, v in d.items() if k != "rate_rps"})
+    with pytest.raises(ValueError, match="arrival_process"):
+        Workload.from_dict(dict(d, arrival_process="hawkes"))

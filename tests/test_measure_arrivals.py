@@ -34,10 +34,10 @@ def test_seeded_reproducible():
     assert arrival_gaps_s(100, 3.0, 0.5, seed=7) != arrival_gaps_s(100, 3.0, 0.5, seed=8)
 
 
-def test_bad_inputs_name_the_flag():
-    with pytest.raises(ValueError, match="--request-rate 0"):
+def test_bad_inputs_name_the_setting():
+    with pytest.raises(ValueError, match="request_rate=0.0"):
         arrival_gaps_s(3, 0.0)
-    with pytest.raises(ValueError, match="--burstiness -1"):
+    with pytest.raises(ValueError, match="burstiness=-1.0"):
         arrival_gaps_s(3, 1.0, -1.0)
     with pytest.raises(ValueError, match="num_requests"):
         arrival_gaps_s(-1, 1.0)

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from rich.console import Console
 
 from pernode.cli.bench import add_serve_arguments as add_arguments, bench_config_from_args
+from pernode.measure.bench.bench_result import BenchResult
 from pernode.measure.bench.bench_serve import print_bench_table, run_bench
 
 FIRST_CHUNK_S, BETWEEN_CHUNKS_S, NUM_CHUNKS, PROMPT_TOKENS = 0.05, 0.01, 5, 7
@@ -94,10 +95,11 @@ def test_completions_timings_and_failure(server, tmp_path):
     prompts.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "result.json"
     received.clear()
-    result = run_bench(parse([
+    run = run_bench(parse([
         "--base-url", base_url + "/v1", "--dataset", "jsonl", "--dataset-path", str(prompts), "--num-prompts", "6",
         "--max-concurrency", "3", "--ignore-eos", "--slo", "ttft_ms=1000,tpot_ms=200", "--out", str(out),
         "--no-progress"]))
+    result = run.to_dict()
 
     assert result["model"] == "fake-model"  # from GET /v1/models
     assert result["endpoint"] == "completions"
@@ -128,9 +130,11 @@ def test_completions_timings_and_failure(server, tmp_path):
     assert len(failing) == 1 and failing[0]["max_tokens"] == 256  # the line gave none: --jsonl-max-tokens
     # The JSON file holds the same result, failures listed; the table prints.
     saved = json.loads(out.read_text())
-    assert saved["failed_requests"] == result["failed_requests"] and saved["request_rate"] == "inf"
+    assert saved == result and saved["request_rate"] == "inf"
+    assert BenchResult.from_dict(saved) == run  # the file reads back as the typed result
+    assert run.metrics.failed == 1 and run.metrics.ttft.percentile_ms(99) == result["p99_ttft_ms"]
     console = Console(file=io.StringIO(), width=120)
-    print_bench_table(result, console)
+    print_bench_table(run, console)
     table = console.file.getvalue()
     assert "TTFT" in table and "failed request 5" in table
 
@@ -140,7 +144,7 @@ def test_chat_without_usage_counts_chunks(server):
     received.clear()
     result = run_bench(parse([
         "--base-url", base_url, "--model", "fake-model", "--dataset", "chat", "--num-prompts", "4",
-        "--request-rate", "40", "--burstiness", "0.5", "--seed", "3", "--num-warmup", "0", "--no-progress"]))
+        "--request-rate", "40", "--burstiness", "0.5", "--seed", "3", "--num-warmup", "0", "--no-progress"])).to_dict()
     assert result["endpoint"] == "chat" and result["completed"] == 4 and result["failed"] == 0
     assert result["total_output_tokens"] == 4 * NUM_CHUNKS  # no usage: one token per content chunk
     assert any("no usage" in n for n in result["notes"])
@@ -156,18 +160,18 @@ def test_unreachable_server_fails_are_counted():
                   "--random-input-len", "8", "--random-output-len", "4", "--no-progress"])
     with pytest.raises(RuntimeError, match=f"warm-up request to http://127.0.0.1:{port} failed"):
         run_bench(args)
-    result = run_bench(dataclasses.replace(args, num_warmup=0))
+    result = run_bench(dataclasses.replace(args, num_warmup=0)).to_dict()
     assert (result["completed"], result["failed"]) == (0, 3)
     assert [f["index"] for f in result["failed_requests"]] == [0, 1, 2]
     assert all("ConnectError" in f["error"] for f in result["failed_requests"])
     assert result["mean_ttft_ms"] is None
 
 
-def test_bad_flags_name_the_flag(server):
+def test_bad_settings_name_the_setting(server):
     base_url, _ = server
-    with pytest.raises(ValueError, match="--max-concurrency 0"):
+    with pytest.raises(ValueError, match="max_concurrency=0"):
         run_bench(parse(["--base-url", base_url, "--max-concurrency", "0", "--no-progress"]))
-    with pytest.raises(ValueError, match="--base-url"):
+    with pytest.raises(ValueError, match="base_url='localhost:8000'"):
         run_bench(parse(["--base-url", "localhost:8000", "--no-progress"]))
-    with pytest.raises(ValueError, match="--dataset-path"):
+    with pytest.raises(ValueError, match="dataset_path"):
         run_bench(parse(["--base-url", base_url, "--dataset", "jsonl", "--no-progress"]))

@@ -3,8 +3,7 @@ import json
 
 import pytest
 
-from pernode.measure.bench.datasets import (ONE_TOKEN_WORDS, chat_requests, jsonl_requests, parse_len_range,
-                                      random_requests, word_prompt)
+from pernode.measure.bench.datasets import ONE_TOKEN_WORDS, chat_requests, jsonl_requests, random_requests, word_prompt
 
 
 def test_random_lengths_in_range_and_seeded():
@@ -26,13 +25,6 @@ def test_word_prompt_corrects_with_a_tokenizer():
     text, n = word_prompt(np.random.default_rng(0), 100, tokenize)
     assert n == len(tokenize(text)) and abs(n - 100) <= 1
     assert all(w in ONE_TOKEN_WORDS for w in text.split())
-
-
-def test_len_range():
-    assert parse_len_range("512", "--x") == (512, 512)
-    assert parse_len_range("16:64", "--x") == (16, 64)
-    with pytest.raises(ValueError, match="--random-input-len '64:16'"):
-        parse_len_range("64:16", "--random-input-len")
 
 
 def test_jsonl(tmp_path):

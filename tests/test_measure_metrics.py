@@ -5,6 +5,7 @@ import pytest
 
 from pernode.measure.bench.serving_metrics import (RequestTimeline, compute_serving_metrics, parse_slo,
                                              per_request_records, summarize_ms)
+from pernode.slo import SLO
 
 
 def timelines():
@@ -61,20 +62,23 @@ def test_latency_statistics():
 
 def test_goodput():
     # ttft <= 250 and tpot <= 30: A fails TPOT (33.3), B fails TTFT (300), C passes (TPOT counts 0) -> 1 good.
-    m = compute_serving_metrics(timelines(), 2.0, slo={"ttft_ms": 250, "tpot_ms": 30})
+    m = compute_serving_metrics(timelines(), 2.0, slo=SLO.from_dict({"ttft_ms": 250, "tpot_ms": 30}))
     assert m["good_requests"] == 1
+    assert m["slo"] == {"ttft_ms": 250.0, "tpot_ms": 30.0}  # the result JSON keeps the user's milliseconds
     assert m["request_goodput_per_s"] == pytest.approx(0.5)
     # Adding e2e <= 150 ms fails C as well.
     m = compute_serving_metrics(timelines(), 2.0, slo=parse_slo("ttft_ms=250,tpot_ms=30,e2e_ms=150"))
     assert m["good_requests"] == 0
     # A generous SLO keeps every completed request.
-    m = compute_serving_metrics(timelines(), 2.0, slo={"e2e_ms": 1000})
+    m = compute_serving_metrics(timelines(), 2.0, slo=SLO(e2e_s=1.0))
     assert m["good_requests"] == 3
 
 
 def test_parse_slo_errors_name_the_field():
-    assert parse_slo("ttft_ms=500, tpot_ms=50") == {"ttft_ms": 500.0, "tpot_ms": 50.0}
-    assert parse_slo(None) == {}
+    assert parse_slo("ttft_ms=500, tpot_ms=50") == SLO(ttft_s=0.5, tpot_s=0.05)
+    assert parse_slo(None) is None and parse_slo("") is None
+    with pytest.raises(ValueError, match="^slo="):  # the setting's name, which the CLI turns into --slo
+        parse_slo("x")
     with pytest.raises(ValueError, match="ttft_s=1"):
         parse_slo("ttft_s=1")
     with pytest.raises(ValueError, match="tpot_ms"):

@@ -2,15 +2,17 @@
 import copy
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
 from pernode.config import ModelConfig
 from pernode.measure.profile.accelerators import PUBLISHED_ACCELERATORS, get_accelerator
-from pernode.measure.profile.hardware import project_profile
 from pernode.measure.profile.profile_schema import (decode_point, kv_cache_section, load_profile, make_profile,
-                                            model_section, prefill_point, save_profile, validate_profile)
-from pernode.measure.profile.roofline import (crossover_batch_size, decode_step_cost, prefill_cost, roofline_time_s)
+                                                   model_section, prefill_point, save_profile, validate_profile)
+from pernode.measure.profile.projection import project_profile
+from pernode.measure.profile.roofline import crossover_batch_size, decode_step_cost, prefill_cost, roofline_time_s
 
 CPU = {"name": "test cpu", "device": "cpu", "memory_bytes": 24 * 2**30, "peak_bandwidth_gbs": 20.0,
        "peak_flops": {"fp32": 1.5e11, "bf16": None, "int8": 6.0e11}, "peak_source": "measured"}
@@ -61,6 +63,25 @@ def test_round_trip(tmp_path):
     path = save_profile(tmp_path / "sub" / "profile.json", d)
     assert load_profile(path) == d
     assert json.loads(path.read_text())["decode"][2]["batch_size"] == 4
+    # A projection (with its provenance) and a profile holding a bench serve run come back equal too.
+    proj = project_profile(d, "H100 SXM")
+    assert load_profile(save_profile(tmp_path / "proj.json", proj)) == proj
+    from test_measure_bench_result import a_result
+
+    with_runs = {**d, "serve_runs": [a_result(request_rate=2.0).to_dict()]}
+    assert load_profile(save_profile(tmp_path / "runs.json", with_runs)) == with_runs
+
+
+def test_load_names_an_unreadable_file(tmp_path):
+    with pytest.raises(ValueError, match="missing.json: cannot read it"):
+        load_profile(tmp_path / "missing.json")
+
+
+def test_what_the_planner_reads_needs_no_torch():
+    code = ("import sys; import pernode.measure.profile.profile_schema, pernode.measure.profile.projection; "
+            "print('torch' in sys.modules or 'matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 @pytest.mark.parametrize("mutate, field", [

@@ -4,13 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pernode.serve.kernels import paged_attention_cpu as cpu_module
 from pernode.serve.kernels.attention import (
-    AttentionMetadata,
     paged_attention,
     paged_attention_reference,
     paged_attention_sdpa,
     write_kv_cache,
 )
+from pernode.serve.kernels.attention_metadata import AttentionMetadata
 from pernode.serve.kernels.paged_attention_cpu import load_kernel, paged_attention_cpu
 
 
@@ -150,9 +151,8 @@ def test_dispatcher_cpu(kernel):
 def test_dispatcher_forced_reference(monkeypatch):
     query, k_cache, v_cache, meta, scale = make_problem(MIXED[:4], 9, 3, 64, 16)
     monkeypatch.setenv("PERNODE_ATTENTION", "reference")
-    import pernode.serve.kernels.paged_attention_cpu as cpu
-
-    monkeypatch.setattr(cpu, "paged_attention_cpu", lambda *a: pytest.fail("kernel used despite PERNODE_ATTENTION"))
+    monkeypatch.setattr(cpu_module, "paged_attention_cpu",
+                        lambda *a: pytest.fail("kernel used despite PERNODE_ATTENTION"))
     out = paged_attention(query, k_cache, v_cache, meta, scale)
     assert torch.equal(out, paged_attention_reference(query, k_cache, v_cache, meta, scale))
 

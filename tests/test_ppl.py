@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from pernode.shrink.checkpoint import load_model
+from pernode.cli import main
+from pernode.serve.models.loader import load_model
 from pernode.shrink.evaluate.perplexity import corpus_text, evaluate_perplexity, split_corpus, token_windows
 from tiny_model import tiny_config, write_tiny_model
 
@@ -64,8 +65,6 @@ def test_perplexity_matches_hand_computation_with_transformers(tiny_folder, tmp_
 
 
 def test_cli_eval_ppl(tiny_folder, tmp_path, capsys):
-    from pernode.cli import main
-
     corpus = tmp_path / "c.txt"
     corpus.write_text(TEXT)
     assert main(["eval", "ppl", "--model", tiny_folder, "--seq-len", "32", "--max-windows", "2",

@@ -5,8 +5,11 @@ import os
 
 import pytest
 
-from pernode.jobs.compare_quantized import build_and_score, check_names, measure_speeds
+from pernode.jobs.compare_quantized import build_and_score, measure_speeds
+from pernode.jobs.report import _quantization_section
 from pernode.serve.kernels.quant_linear import QuantLinear
+from pernode.serve.models.loader import load_model
+from pernode.shrink.recipes import recipes_named
 from tiny_model import tiny_config, write_tiny_model
 
 
@@ -16,11 +19,9 @@ def tiny_folder(tmp_path_factory):
 
 
 def test_build_score_and_time_checkpoints(tiny_folder, tmp_path):
-    from pernode.shrink.checkpoint import load_model
-    from pernode.jobs.report import _quantization_section
-
     seen = []
-    rows = build_and_score(tiny_folder, ["fp32", "rtn-int8", "rtn-int4-g64+lm8"], str(tmp_path), seq_len=64,
+    recipes = recipes_named(["fp32", "rtn-int8", "rtn-int4-g64+lm8"])
+    rows = build_and_score(tiny_folder, recipes, str(tmp_path), seq_len=64,
                            windows=2, progress=lambda r: seen.append(r["name"]))
     assert seen == ["fp32", "rtn-int8", "rtn-int4-g64+lm8"]
     fp32, int8, int4 = rows
@@ -41,4 +42,4 @@ def test_build_score_and_time_checkpoints(tiny_folder, tmp_path):
 
 def test_unknown_configuration_lists_the_known_ones():
     with pytest.raises(ValueError, match="allowed fp32, rtn-int8"):
-        check_names(["fp32", "rtn-int3"])
+        recipes_named(["fp32", "rtn-int3"])

@@ -8,12 +8,16 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pernode.shrink import quantize_model
-from pernode.shrink.checkpoint import load_model, save_quantized
-from pernode.shrink.methods.lm_head import LM_HEAD_SCHEME, quantize_lm_head
-from pernode.quant_format import QuantScheme
-from pernode.shrink.evaluate.perplexity import final_hidden_states
+from pernode.cli import main
+from pernode.quant_format import QuantScheme, dequantize, quantize_weight
+from pernode.serve.engine.llm_engine import LLMEngine
 from pernode.serve.kernels.quant_linear import QuantLinear
+from pernode.serve.models.loader import load_model
+from pernode.serve.sampling.params import SamplingParams
+from pernode.shrink import RTN, Recipe
+from pernode.shrink.checkpoint import save_quantized
+from pernode.shrink.evaluate.perplexity import final_hidden_states
+from pernode.shrink.methods.lm_head import LM_HEAD_SCHEME
 from tiny_model import tiny_config, write_tiny_model
 
 
@@ -28,20 +32,16 @@ def _logits(model, ids):
 
 
 def test_quantized_lm_head_round_trips_and_serves(tiny_folder, tmp_path):
-    from pernode.serve.engine.llm_engine import LLMEngine
-    from pernode.serve.sampling.params import SamplingParams
-
     model, source = load_model(tiny_folder)
     ids = torch.arange(300, 340)
     fp_logits = _logits(model, ids)
     embedding = model.embed_tokens.weight.detach().clone()
-    scheme = QuantScheme(4, 32)
-    quantize_model(model, "rtn", scheme)
-    quantize_lm_head(model)
+    recipe = Recipe("rtn-int4-g32+lm8", QuantScheme(4, 32), RTN(), lm_head=LM_HEAD_SCHEME)
+    recipe.apply(model)  # the method, then the lm_head step
     assert isinstance(model.lm_head, QuantLinear) and model.lm_head.scheme == LM_HEAD_SCHEME
     assert not model.config.tie_word_embeddings and source.config.tie_word_embeddings  # a copy, not the source's
     assert torch.equal(model.embed_tokens.weight, embedding)  # the lookup table stays float
-    out = save_quantized(model, source, str(tmp_path / "q"), scheme, "rtn")
+    out = save_quantized(model, source, str(tmp_path / "q"), recipe)
 
     cfg = json.load(open(f"{out}/config.json"))
     assert cfg["tie_word_embeddings"] is False
@@ -73,8 +73,6 @@ def test_quantized_lm_head_round_trips_and_serves(tiny_folder, tmp_path):
 def test_int8_g32_lm_head_is_lossless_on_a_q8_0_grid():
     """Weights already on GGUF Q8_0's grid (int8 x one scale per 32) come back exactly: the packaged SmolLM2's
     embedding is Q8_0, so quantizing its lm_head this way costs nothing."""
-    from pernode.quant_format import dequantize, quantize_weight
-
     g = torch.Generator().manual_seed(0)
     q = torch.randint(-127, 128, (64, 96), generator=g, dtype=torch.int8)
     q[:, ::32] = 127  # every Q8_0 block reaches +-127: its scale is amax / 127
@@ -85,8 +83,6 @@ def test_int8_g32_lm_head_is_lossless_on_a_q8_0_grid():
 
 
 def test_cli_quantize_lm_head(tiny_folder, tmp_path, capsys):
-    from pernode.cli import main
-
     out = str(tmp_path / "cli")
     assert main(["quantize", "--model", tiny_folder, "--method", "rtn", "--bits", "4", "--group-size", "32",
                  "--quantize-lm-head", "--out", out]) == 0
@@ -96,8 +92,6 @@ def test_cli_quantize_lm_head(tiny_folder, tmp_path, capsys):
 
 
 def test_cli_quantize_with_own_calibration_file(tiny_folder, tmp_path, caplog):
-    from pernode.cli import main
-
     calib = tmp_path / "calib.txt"
     calib.write_text("Calibration text of the user's own, about ships and harbours.\n" * 40)
     out = str(tmp_path / "gptq")
@@ -115,17 +109,19 @@ def test_bench_offline_on_a_quantized_checkpoint_skips_hf(tiny_folder, tmp_path,
     import logging
 
     from pernode.serve.llm import LLM
-    from pernode.cli.bench import add_offline_arguments
+    from pernode.cli.bench import add_offline_arguments, offline_config_from_args
     from pernode.measure.bench import bench_offline
     from pernode.serve.models.registry import resolve_model
 
     model, source = load_model(tiny_folder)
-    quantize_model(model, "rtn", QuantScheme(4, 32))
-    out = save_quantized(model, source, str(tmp_path / "q"), QuantScheme(4, 32), "rtn")
+    recipe = Recipe("rtn-int4-g32", QuantScheme(4, 32), RTN())
+    recipe.apply(model)
+    out = save_quantized(model, source, str(tmp_path / "q"), recipe)
     p = argparse.ArgumentParser()
     add_offline_arguments(p)
     args = p.parse_args(["--num-prompts", "3", "--input-len", "8:16", "--output-len", "4", "--peers", "hf"])
     with caplog.at_level(logging.INFO, logger="pernode.bench"):
-        results = bench_offline.run_bench_offline(LLM(out, num_blocks=64), resolve_model(out), args)
+        results = bench_offline.run_bench_offline(LLM(out, num_blocks=64), resolve_model(out),
+                                                  offline_config_from_args(args))
     assert [r.system for r in results] == ["pernode"] and results[0].output_tokens == 3 * 4
     assert "HF transformers skipped" in caplog.text

@@ -8,15 +8,20 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pernode.shrink import METHODS, quantize_model
-from pernode.shrink.methods.awq import search_scale
-from pernode.shrink.checkpoint import load_model, save_quantized
-from pernode.shrink.methods.gptq import gptq_quantize_weight
-from pernode.quant_format import (QuantScheme, compute_qparams, dequantize, fake_quantize, mse_qparams,
-                                     quantize_with, quantize_weight)
-from pernode.shrink.methods.smoothquant import W8A8
-from pernode.shrink.evaluate.perplexity import final_hidden_states
+from pernode.quant_format import (W8A8_SCHEME, QuantScheme, compute_qparams, dequantize, fake_quantize, mse_qparams,
+                                  quantize_weight, quantize_with)
+from pernode.serve.engine.llm_engine import LLMEngine
 from pernode.serve.kernels.quant_linear import QuantLinear, W8A8Linear
+from pernode.serve.models.llama import LlamaForCausalLM
+from pernode.serve.models.loader import load_model
+from pernode.serve.models.registry import resolve_model
+from pernode.serve.sampling.params import SamplingParams
+from pernode.shrink import AWQ, GPTQ, METHODS, RTN, W8A8, LLMInt8, Recipe, SmoothQuant, method_named, quantize_model
+from pernode.shrink.checkpoint import save_quantized
+from pernode.shrink.evaluate.perplexity import final_hidden_states
+from pernode.shrink.methods.awq import search_scale
+from pernode.shrink.methods.gptq import gptq_quantize_weight
+from pernode.shrink.methods.smoothquant import search_alpha, simulated_w8a8, smoothing_scale
 from tiny_model import tiny_config, write_tiny_model
 
 
@@ -35,21 +40,20 @@ def _logits(model, ids):
 
 
 def test_group_size_that_does_not_divide_names_the_layer_and_the_sizes_that_do():
-    from pernode.serve.models.llama import LlamaForCausalLM
-
     model = LlamaForCausalLM(tiny_config(hidden_size=96, num_attention_heads=6, head_dim=16, intermediate_size=192,
                                          vocab_size=256))
     with pytest.raises(ValueError, match=r"group_size=64 does not divide the input size 96 of layers\.0\.qkv_proj: "
-                                         r"use --group-size 32"):
-        quantize_model(model, "rtn", QuantScheme(4, 64))
+                                         r"allowed group_size=32"):
+        quantize_model(model, RTN(), QuantScheme(4, 64))
     with pytest.raises(ValueError, match="group_size=48 is not supported: allowed"):
         QuantScheme(4, 48)
 
 
 def test_unknown_method_lists_the_methods(tiny_folder):
-    model, _ = load_model(tiny_folder)
     with pytest.raises(ValueError, match="allowed " + ", ".join(METHODS)):
-        quantize_model(model, "bogus", QuantScheme(8))
+        method_named("bogus")
+    with pytest.raises(TypeError, match="allowed a method object"):
+        quantize_model(load_model(tiny_folder)[0], "rtn", QuantScheme(8))
 
 
 def test_gptq_beats_rtn_on_correlated_inputs():
@@ -121,7 +125,7 @@ def test_gptq_with_mse_observers_beats_min_max_gptq():
             for observer in ("mse", "hmse"):
                 best = out_err(*gptq_quantize_weight(w, h, scheme, act_order=act_order, observer=observer), scheme)
                 assert best < 0.97 * base and base < 0.9 * rtn, (scheme, act_order, observer, best, base, rtn)
-    with pytest.raises(ValueError, match="observer='bogus' is unknown: allowed minmax, mse, hmse"):
+    with pytest.raises(ValueError, match="observer='bogus': allowed minmax, mse, hmse"):
         gptq_quantize_weight(w, h, QuantScheme(4, 64), observer="bogus")
 
 
@@ -146,14 +150,11 @@ def test_awq_scale_search_never_loses_to_plain_rounding():
 
 
 def test_int4_checkpoint_layout_and_engine_serving(tiny_folder, tmp_path):
-    from pernode.serve.engine.llm_engine import LLMEngine
-    from pernode.serve.models.registry import resolve_model
-    from pernode.serve.sampling.params import SamplingParams
-
     scheme = QuantScheme(4, 32, symmetric=False)
     model, source = load_model(tiny_folder)
-    quantize_model(model, "rtn", scheme)
-    out = save_quantized(model, source, str(tmp_path / "int4"), scheme, "rtn")
+    recipe = Recipe("rtn-int4-g32-asym", scheme, RTN())
+    recipe.apply(model)
+    out = save_quantized(model, source, str(tmp_path / "int4"), recipe)
 
     cfg = json.load(open(f"{out}/config.json"))["quantization_config"]
     assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
@@ -170,6 +171,7 @@ def test_int4_checkpoint_layout_and_engine_serving(tiny_folder, tmp_path):
         assert tuple(f.get_tensor(f"{prefix}.weight_scale").shape) == (32, 2)
         assert tuple(f.get_tensor(f"{prefix}.weight_zero_point").shape) == (32, 2)
         assert f.get_tensor(f"{prefix}.weight_shape").tolist() == [32, 64]
+    assert Recipe.from_dict(cfg["pernode_recipe"]) == recipe
     assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
     assert not any(n.endswith("proj.weight") for n in names)
 
@@ -188,14 +190,15 @@ def test_int4_checkpoint_layout_and_engine_serving(tiny_folder, tmp_path):
     assert len(outputs[0].outputs[0].token_ids) == 4
 
 
-@pytest.mark.parametrize("method,scheme", [("gptq", QuantScheme(4, 32)), ("awq", QuantScheme(4, 32)),
-                                           ("smoothquant", W8A8), ("llm-int8", W8A8), ("w8a8", W8A8),
-                                           ("rtn", QuantScheme(8))])
-def test_methods_round_trip_through_their_checkpoint(tiny_folder, tmp_path, method, scheme):
+@pytest.mark.parametrize("modifier,scheme", [(GPTQ(), QuantScheme(4, 32)), (AWQ(), QuantScheme(4, 32)),
+                                             (SmoothQuant(), W8A8_SCHEME), (LLMInt8(), W8A8_SCHEME),
+                                             (W8A8(), W8A8_SCHEME), (RTN(), QuantScheme(8))])
+def test_methods_round_trip_through_their_checkpoint(tiny_folder, tmp_path, modifier, scheme):
+    method = modifier.name
     model, source = load_model(tiny_folder)
     fp_logits = _logits(model, torch.arange(200, 232))
-    report = quantize_model(model, method, scheme, _calib(), quiet=True)
-    out = save_quantized(model, source, str(tmp_path / method), scheme, method)
+    report = quantize_model(model, modifier, scheme, _calib(), quiet=True)
+    out = save_quantized(model, source, str(tmp_path / method), Recipe(method, scheme, modifier))
     reloaded, _ = load_model(out)
     layer_type = W8A8Linear if scheme.activations else QuantLinear
     assert isinstance(reloaded.layers[0].mlp.down_proj, layer_type)
@@ -214,16 +217,14 @@ def test_qwen2_biases_survive_quantization(tmp_path):
     model, source = load_model(folder)
     with torch.no_grad():
         model.layers[0].self_attn.qkv_proj.bias.normal_()
-    quantize_model(model, "rtn", QuantScheme(8))
-    out = save_quantized(model, source, str(tmp_path / "q"), QuantScheme(8), "rtn")
+    quantize_model(model, RTN(), QuantScheme(8))
+    out = save_quantized(model, source, str(tmp_path / "q"), Recipe("rtn-int8", QuantScheme(8), RTN()))
     reloaded, _ = load_model(out)
     ids = torch.arange(10, 30)
     torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids))
 
 
 def test_smoothquant_alpha_search_never_loses_to_the_default_on_its_sample():
-    from pernode.shrink.methods.smoothquant import search_alpha, simulated_w8a8, smoothing_scale
-
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 64, generator=g)
     x[:, 3] *= 40.0  # an outlier channel, as in LLM activations
@@ -242,8 +243,8 @@ def test_smoothquant_alpha_search_never_loses_to_the_default_on_its_sample():
 
 def test_smoothquant_auto_alpha_reports_its_choices(tiny_folder):
     model, _ = load_model(tiny_folder)
-    report = quantize_model(model, "smoothquant", W8A8, _calib(), alpha="auto", quiet=True)
+    report = quantize_model(model, SmoothQuant(alpha="auto"), W8A8_SCHEME, _calib(), quiet=True)
     assert set(report["alpha_chosen"]) == {"qkv_proj", "gate_up_proj", "down_proj"}
     assert all(len(v) == 2 and all(0.0 <= a <= 1.0 for a in v) for v in report["alpha_chosen"].values())
-    with pytest.raises(ValueError, match="alpha=1.5 is out of range"):
-        quantize_model(load_model(tiny_folder)[0], "smoothquant", W8A8, _calib(), alpha=1.5, quiet=True)
+    with pytest.raises(ValueError, match=r"alpha=1.5: allowed a number in 0..1"):
+        SmoothQuant(alpha=1.5)

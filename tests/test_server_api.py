@@ -15,6 +15,7 @@ from pernode.measure.bench.bench_serve import run_bench
 from pernode.serve.server.app import build_app
 from pernode.serve.server.options import ServerSettings
 from pernode.serve.server.serve import ServerThread
+from pernode.serve.server.state import ServerStatus
 from tiny_model import write_tiny_model
 
 PROMPT = "The capital of France is"
@@ -198,7 +199,7 @@ def test_bench_serve_against_our_server(server):
     args = add_arguments(argparse.ArgumentParser()).parse_args([
         "--base-url", server.url + "/v1", "--num-prompts", "6", "--random-input-len", "12",
         "--random-output-len", "8", "--max-concurrency", "3", "--ignore-eos", "--no-progress"])
-    result = run_bench(bench_config_from_args(args))
+    result = run_bench(bench_config_from_args(args)).to_dict()
     assert result["model"] == "tiny-llama"
     assert (result["completed"], result["failed"]) == (6, 0)
     assert result["total_output_tokens"] == 6 * 8  # from the usage chunk
@@ -219,7 +220,7 @@ def test_api_key_guards_v1_only(tiny_folder):
 
 
 def test_serve_flags_and_api_key_from_env(monkeypatch):
-    from pernode.cli import build_parser
+    from pernode.cli import build_parser, command_flags, with_flags
     from pernode.cli.serve import settings_from_args
 
     monkeypatch.setenv("PERNODE_API_KEY", "from-env")
@@ -227,5 +228,20 @@ def test_serve_flags_and_api_key_from_env(monkeypatch):
     settings = settings_from_args(args)
     assert (settings.api_key, settings.max_n, settings.max_body_bytes, args.port) == ("from-env", 3, 2 * 2**20, 9000)
     assert settings_from_args(build_parser().parse_args(["serve", "--api-key", "flag"])).api_key == "flag"
-    with pytest.raises(ValueError, match=r"--max-logprobs 50 is out of range: allowed 0\.\.20"):
+    with pytest.raises(ValueError, match=r"max_logprobs=50 is out of range: allowed 0\.\.20") as exc:
         settings_from_args(build_parser().parse_args(["serve", "--max-logprobs", "50"]))
+    flags = command_flags("serve")  # the library names settings; the command line shows the flags
+    assert with_flags(str(exc.value), flags).startswith("--max-logprobs 50 is out of range")
+    with pytest.raises(ValueError, match=r"shutdown_timeout_s=-1.0") as exc:
+        settings_from_args(build_parser().parse_args(["serve", "--shutdown-timeout", "-1"]))
+    assert with_flags(str(exc.value), flags).startswith("--shutdown-timeout -1.0 is out of range")
+
+
+def test_server_settings_round_trip_and_status_compares_as_strings():
+    settings = ServerSettings(served_model_name="m", api_key="k", max_n=2, shutdown_timeout_s=5.0)
+    assert ServerSettings.from_dict(settings.to_dict()) == settings
+    with pytest.raises(ValueError, match="unknown server settings"):
+        ServerSettings.from_dict({"max_n": 2, "max_choices": 3})
+    with pytest.raises(ValueError, match=r"^max_n=0 is out of range: allowed >= 1"):
+        ServerSettings(max_n=0)
+    assert ServerStatus.READY == "ready" and f"{ServerStatus.DRAINING}" == "draining"

@@ -115,11 +115,11 @@ COMPLETION_CASES = [
     ({"prompt": "hi", "min_tokens": 9, "max_tokens": 4}, "min_tokens", "<= max_tokens"),
     ({"prompt": "hi", "seed": -1}, "seed", "seed=-1"),
     ({"prompt": "hi", "n": 0}, "n", "1..4"),
-    ({"prompt": "hi", "n": 5}, "n", "--max-n"),
+    ({"prompt": "hi", "n": 5}, "n", "server setting max_n"),
     ({"prompt": "hi", "n": True}, "n", "valid integer"),
     ({"prompt": "hi", "logprobs": -1}, "logprobs", "0..5"),
-    ({"prompt": "hi", "logprobs": 6}, "logprobs", "--max-logprobs"),
-    ({"prompt": "hi", "stop": ["a", "b", "c"]}, "stop", "--max-stop"),
+    ({"prompt": "hi", "logprobs": 6}, "logprobs", "server setting max_logprobs"),
+    ({"prompt": "hi", "stop": ["a", "b", "c"]}, "stop", "server setting max_stop"),
     ({"prompt": "hi", "stop": 5}, "stop", "a string or a list of strings"),
     ({"prompt": "hi", "stop": [""]}, "stop", "non-empty"),
     ({"prompt": "hi", "echo": "yes"}, "echo", "valid boolean"),
@@ -140,7 +140,7 @@ CHAT_CASES = [
      "only text parts"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs", "logprobs=true"),
     ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 6}, "top_logprobs",
-     "--max-logprobs"),
+     "server setting max_logprobs"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, "max_tokens", ">= 1"),
     ({"messages": [{"role": "user", "content": "hi " * 200}]}, "messages", "max_model_len"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools", "not supported"),
@@ -181,7 +181,7 @@ def test_unknown_model_and_route_get_404(url):
 
 def test_body_above_max_body_bytes_gets_413(url):
     big = {"prompt": "x" * 10_000}
-    assert_openai_error(httpx.post(url + "/v1/completions", json=big), 413, None, "--max-body-bytes")
+    assert_openai_error(httpx.post(url + "/v1/completions", json=big), 413, None, "max_body_bytes=")
 
     def chunked():  # no Content-Length: the server counts as it reads
         yield b'{"prompt": "'
@@ -206,7 +206,7 @@ def test_queue_at_max_queued_requests_gets_429_with_retry_after(tiny_folder, mon
             with b.stream("POST", srv.url + "/v1/completions", json=body) as waiting:
                 assert waiting.status_code == 200  # queued behind it
                 r = httpx.post(srv.url + "/v1/completions", json=body)
-                err = assert_openai_error(r, 429, None, "--max-queued-requests 1")
+                err = assert_openai_error(r, 429, None, "max_queued_requests=1")
                 assert err["type"] == "rate_limit_error" and r.headers["Retry-After"] == "1"
         # Both clients hung up mid-stream: their requests are aborted and every block comes back.
         m = wait_idle(srv.url, engine)

@@ -6,7 +6,8 @@ __all__ = ["LLM", "LLMEngine", "SamplingParams", "__version__"]
 
 
 def __getattr__(name: str):
-    # torch-heavy classes load on first use so `pernode --help` stays fast
+    # lazy (PEP 562): every `import pernode.x` runs this file, and the planner or the bench client must not pay
+    # for torch and the model code just because the package exports the engine
     if name == "LLM":
         from pernode.serve.llm import LLM
         return LLM

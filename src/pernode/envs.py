@@ -1,0 +1,120 @@
+"""Every `PERNODE_*` environment variable pernode reads, in one place. Nothing else in pernode reads the environment
+for its own settings.
+
+When: each function reads its variable when it is called; nothing is cached here, so `monkeypatch.setenv` takes
+effect at the next call. Layers that resolve their kernel once (`QuantLinear.post_load`) read at load time.
+
+Kernel switches share one vocabulary, `native` (the default: the C++/fused kernel where it applies) or
+`reference` (the plain-torch path the kernel is held to); `off` is accepted for `reference`:
+
+  PERNODE_ATTENTION      paged attention (kernels/attention.py)
+  PERNODE_LAYER_OPS      RMSNorm and rotary embedding (kernels/layer_ops.py)
+  PERNODE_DENSE_GEMV     fp32 decode GEMV of dense linears (kernels/dense_linear.py)
+  PERNODE_QUANT_KERNEL   weight-only int8/int4 linear (kernels/quant_linear.py)
+
+Other settings:
+
+  PERNODE_QUANT_INPUT    int8 (default) | float: whether the int4 GEMV quantizes x to int8 per 32 values
+  PERNODE_QUANT_THREADS  threads of the small-batch quantized and dense GEMVs; 0 (default): torch's thread count
+  PERNODE_KERNEL_CACHE   folder of compiled kernels (default ~/.cache/pernode/kernels)
+  PERNODE_API_KEY        `pernode serve`'s API key when --api-key is not given (default: none)
+  PERNODE_FLEET_STATE    file where `pernode fleet` keeps its deployment's state
+                         (default /tmp/pernode-fleet-<uid>.json)
+
+A value outside a variable's vocabulary raises ValueError naming the variable and what it allows.
+"""
+from __future__ import annotations
+
+import enum
+import os
+from pathlib import Path
+
+
+class KernelChoice(str, enum.Enum):
+    NATIVE = "native"
+    REFERENCE = "reference"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class QuantInput(str, enum.Enum):
+    INT8 = "int8"
+    FLOAT = "float"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_KERNEL_ALIASES = {"": KernelChoice.NATIVE, "native": KernelChoice.NATIVE, "reference": KernelChoice.REFERENCE,
+                   "off": KernelChoice.REFERENCE}
+
+
+def _raw(name: str) -> str:
+    return os.environ.get(name, "")
+
+
+def _kernel_choice(name: str) -> KernelChoice:
+    value = _raw(name)
+    choice = _KERNEL_ALIASES.get(value.strip().lower())
+    if choice is None:
+        raise ValueError(f"{name}={value!r} is not a kernel choice: allowed native or reference (or unset)")
+    return choice
+
+
+def attention_kernel() -> KernelChoice:
+    """PERNODE_ATTENTION: `reference` forces plain-torch paged attention on every device."""
+    return _kernel_choice("PERNODE_ATTENTION")
+
+
+def layer_ops_kernel() -> KernelChoice:
+    """PERNODE_LAYER_OPS: `reference` keeps RMSNorm and rotary embedding in plain torch."""
+    return _kernel_choice("PERNODE_LAYER_OPS")
+
+
+def dense_gemv_kernel() -> KernelChoice:
+    """PERNODE_DENSE_GEMV: `reference` (or `off`) keeps dense linears on F.linear at decode."""
+    return _kernel_choice("PERNODE_DENSE_GEMV")
+
+
+def quant_kernel() -> KernelChoice:
+    """PERNODE_QUANT_KERNEL: `reference` dequantizes and multiplies in plain torch instead of the C++ GEMV."""
+    return _kernel_choice("PERNODE_QUANT_KERNEL")
+
+
+def quant_input() -> QuantInput:
+    """PERNODE_QUANT_INPUT: `float` keeps x in fp32 in the int4 GEMV (default `int8`)."""
+    value = _raw("PERNODE_QUANT_INPUT")
+    try:
+        return QuantInput(value.strip().lower() or QuantInput.INT8.value)
+    except ValueError:
+        raise ValueError(f"PERNODE_QUANT_INPUT={value!r} is not allowed: allowed int8 or float (or unset)") from None
+
+
+def quant_threads() -> int:
+    """PERNODE_QUANT_THREADS: threads of the small-batch GEMVs; 0 (default) means torch's intra-op thread count."""
+    value = _raw("PERNODE_QUANT_THREADS")
+    try:
+        threads = int(value or "0")
+    except ValueError:
+        threads = -1
+    if threads < 0:
+        raise ValueError(f"PERNODE_QUANT_THREADS={value!r} is not allowed: allowed an integer >= 0 (or unset)")
+    return threads
+
+
+def kernel_cache_dir() -> Path:
+    """PERNODE_KERNEL_CACHE: where compiled kernels live, else ~/.cache/pernode/kernels."""
+    value = _raw("PERNODE_KERNEL_CACHE")
+    return Path(value) if value else Path.home() / ".cache" / "pernode" / "kernels"
+
+
+def api_key() -> str | None:
+    """PERNODE_API_KEY: the server's API key when none is given explicitly; None when unset or empty."""
+    return _raw("PERNODE_API_KEY") or None
+
+
+def fleet_state_path() -> Path:
+    """PERNODE_FLEET_STATE: the fleet's state file, else /tmp/pernode-fleet-<uid>.json."""
+    value = _raw("PERNODE_FLEET_STATE")
+    return Path(value) if value else Path(f"/tmp/pernode-fleet-{os.getuid()}.json")

@@ -7,7 +7,7 @@ Values are signed integers in [-2^(b-1), 2^(b-1) - 1]; w ~= (q - zero_point) * s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -54,16 +54,31 @@ class QuantScheme:
         a = "a8" if self.activations else ""
         return f"{w}{a}-{g}"
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantScheme:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"scheme fields {unknown} are unknown: allowed {', '.join(sorted(known))}")
+        return cls(**d)
+
     def check_shape(self, name: str, in_features: int) -> None:
         """ValueError naming the layer, its input size and the group sizes that would work."""
         if self.group_size is not None and in_features % self.group_size:
             ok = [g for g in ALLOWED_GROUP_SIZES if in_features % g == 0]
-            hint = f"use --group-size {' or '.join(map(str, ok))}" if ok else "no supported group size divides it"
+            hint = f"allowed group_size={' or '.join(map(str, ok))}" if ok else "no supported group size divides it"
             raise ValueError(f"group_size={self.group_size} does not divide the input size {in_features} of "
-                             f"{name}: {hint}, or per-channel (no --group-size)")
+                             f"{name}: {hint}, or per channel (no group size)")
         if self.num_bits == 4 and in_features % 8:
             raise ValueError(f"{name}: int4 packs 8 values per int32 along the input, so its input size "
                              f"{in_features} must be a multiple of 8")
+
+
+# W8A8 (SmoothQuant, LLM.int8(), naive W8A8): int8 symmetric per-channel weights x dynamic per-token int8 inputs
+W8A8_SCHEME = QuantScheme(num_bits=8, group_size=None, symmetric=True, activations="int8-token")
 
 
 def group_view(w: torch.Tensor, group_size: int | None) -> torch.Tensor:

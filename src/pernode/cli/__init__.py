@@ -27,16 +27,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def flags_of(parser: argparse.ArgumentParser) -> dict[str, str]:
-    """setting name -> the flag that sets it, over every subcommand (`kv_cache_bytes` -> `--kv-cache-bytes`)."""
-    flags: dict[str, str] = {}
+def chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser of the command that `args` came from: `pernode fleet up` -> the `up` parser."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for child in action.choices.values():
-                flags.update(flags_of(child))
-        elif action.option_strings:
-            flags.setdefault(action.dest, max(action.option_strings, key=len))
-    return flags
+            name = getattr(args, action.dest, None)
+            if name in action.choices:
+                return chosen_parser(action.choices[name], args)
+    return parser
+
+
+def flags_of(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """setting name -> the flag of this command that sets it (`kv_cache_bytes` -> `--kv-cache-bytes`)."""
+    return {action.dest: max(action.option_strings, key=len) for action in parser._actions if action.option_strings}
+
+
+def command_flags(*command: str) -> dict[str, str]:
+    """`flags_of` the parser of `pernode COMMAND...`, e.g. command_flags("bench", "serve")."""
+    parser = build_parser()
+    for word in command:
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[word]
+    return flags_of(parser)
 
 
 def with_flags(message: str, flags: dict[str, str]) -> str:
@@ -58,5 +69,5 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ValueError as exc:  # user errors: one clear line, no traceback
-        logging.getLogger("pernode").error("%s", with_flags(str(exc), flags_of(parser)))
+        logging.getLogger("pernode").error("%s", with_flags(str(exc), flags_of(chosen_parser(parser, args))))
         return 2

@@ -9,7 +9,7 @@ import math
 from pernode.cli.options import add_engine_arguments, engine_config_from_args
 from pernode.measure.bench.bench_offline import print_results, run_bench_offline
 from pernode.measure.bench.bench_serve import print_bench_table, run_bench
-from pernode.measure.bench.config import BenchConfig
+from pernode.measure.bench.config import BenchConfig, OfflineBenchConfig
 from pernode.measure.bench.datasets import DATASETS
 from pernode.serve.engine.llm_engine import LLMEngine
 from pernode.serve.llm import LLM
@@ -68,34 +68,53 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
-
-def add_offline_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--num-prompts", type=int, default=128)
-    p.add_argument("--input-len", default="32:512", help="prompt length range MIN:MAX (tokens)")
-    p.add_argument("--output-len", default="16:256", help="output length range MIN:MAX (tokens)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--peers", default="hf,llama.cpp", help="comma list of hf, llama.cpp, or 'none'")
-    p.add_argument("--hf-batch-sizes", default="8,16,32", help="static batch sizes HF is swept over")
-    p.add_argument("--hf-sweep-prompts", type=int, default=32, help="requests used to pick HF's best batch")
+def add_offline_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    d = OfflineBenchConfig()
+    p.add_argument("--num-prompts", type=int, default=d.num_prompts)
+    p.add_argument("--input-len", default=d.input_len, help="prompt length range MIN:MAX or N (tokens)")
+    p.add_argument("--output-len", default=d.output_len, help="output length range MIN:MAX or N (tokens)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--peers", default=",".join(d.peers), help="comma list of hf, llama.cpp, or 'none'")
+    p.add_argument("--hf-batch-sizes", default=",".join(map(str, d.hf_batch_sizes)),
+                   help="static batch sizes HF is swept over")
+    p.add_argument("--hf-sweep-prompts", type=int, default=d.hf_sweep_prompts,
+                   help="requests used to pick HF's best batch")
     p.add_argument("--also-dtypes", default="", help="also run pernode in these dtypes, e.g. bfloat16")
     p.add_argument("--llama-cpp-gguf", default=None, metavar="PATH",
                    help="the GGUF llama.cpp runs (default: --model when it is a GGUF), e.g. to set the packaged "
                         "Q4_1 beside a `pernode quantize` int4 checkpoint")
+    return p
 
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 def bench_config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)})
 
 
+def offline_config_from_args(args: argparse.Namespace) -> OfflineBenchConfig:
+    try:
+        batch_sizes = tuple(int(b) for b in _comma_list(args.hf_batch_sizes))
+    except ValueError:
+        raise ValueError(f"--hf-batch-sizes {args.hf_batch_sizes!r}: expected comma-separated integers, "
+                         f"e.g. 8,16,32") from None
+    return OfflineBenchConfig(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
+                              seed=args.seed, peers=tuple(p for p in _comma_list(args.peers) if p != "none"),
+                              hf_batch_sizes=batch_sizes, hf_sweep_prompts=args.hf_sweep_prompts,
+                              also_dtypes=_comma_list(args.also_dtypes), llama_cpp_gguf=args.llama_cpp_gguf)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     result = run_bench(bench_config_from_args(args))
     print_bench_table(result)
-    return 0 if not result.get("failed_requests") else 1
+    return 0 if not result.metrics.failed_requests else 1
 
 
 def run_offline(args: argparse.Namespace) -> int:
+    config = offline_config_from_args(args)  # before the engine loads: a bad flag fails at once
     engine = LLMEngine(engine_config_from_args(args))
-    results = run_bench_offline(LLM.from_engine(engine), resolve_model(args.model), args)
+    results = run_bench_offline(LLM.from_engine(engine), resolve_model(args.model), config)
     print_results(results)
     return 0

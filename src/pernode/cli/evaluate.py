@@ -7,7 +7,7 @@ import sys
 import torch
 
 from pernode.cli.options import add_model_argument
-from pernode.shrink.checkpoint import load_model
+from pernode.serve.models.loader import load_model
 from pernode.shrink.evaluate.perplexity import DEFAULT_SEQ_LEN, QUICK_SEQ_LEN, evaluate_perplexity
 
 

@@ -1,23 +1,25 @@
 """`pernode plan`: read a profile, describe the workload and SLO, print the fleet and its bill.
 
 Exit status: 0 a fleet meets the SLO, 1 none does up to --max-replicas, 2 the input was invalid.
+Each flag's dest is the library setting it sets, so a library error (`headroom=1.0: ...`) is shown with the flag.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import re
 from typing import Callable
 
 from rich.console import Console
+from tokenizers import Tokenizer
 
 from pernode.measure.profile.projection import project_profile
 from pernode.price.planner import plan
 from pernode.price.pricing import PRICES
 from pernode.price.report import plot_plan, render_plan
 from pernode.price.simulator import POLICIES
-from pernode.slo import SLO
 from pernode.price.workload import LengthDist, Workload
+from pernode.slo import SLO
 
 
 def add_parsers(sub) -> None:
@@ -28,7 +30,8 @@ def add_parsers(sub) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", required=True, help="profile.json written by `pernode profile`")
-    parser.add_argument("--rate", type=float, required=True, help="mean request rate, requests per second (> 0)")
+    parser.add_argument("--rate", dest="rate_rps", type=float, required=True,
+                        help="mean request rate, requests per second (> 0)")
     parser.add_argument("--input-len", help="prompt tokens: N or LO:HI (uniform); ignored with --trace")
     parser.add_argument("--output-len", help="output tokens: N or LO:HI (uniform); ignored with --trace")
     parser.add_argument("--trace", help="JSONL with prompt_tokens/output_tokens, or prompt/max_tokens, per line")
@@ -37,10 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--burstiness", type=float, default=1.0,
                         help="gamma shape of inter-arrival times: 1 Poisson, < 1 burstier (default 1)")
     parser.add_argument("--slo", required=True, help="latency limits in ms, e.g. ttft_ms=500,tpot_ms=50,e2e_ms=20000")
-    parser.add_argument("--attainment", type=float, default=0.99,
+    parser.add_argument("--attainment", dest="attainment_target", type=float, default=0.99,
                         help="fraction of requests that must meet every SLO, in (0, 1] (default 0.99)")
-    parser.add_argument("--price-per-hour", type=float, help="USD per node-hour (one replica's node); wins over "
-                                                             "--instance")
+    parser.add_argument("--price-per-hour", dest="price_per_node_hour", type=float,
+                        help="USD per node-hour (one replica's node); wins over --instance")
     parser.add_argument("--instance", choices=sorted(PRICES), help="take the node-hour price from the built-in table")
     parser.add_argument("--headroom", type=float, default=0.0,
                         help="keep utilisation below 1 - headroom, in [0, 1) (default 0)")
@@ -56,64 +59,70 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", help="write a PNG of cost and attainment against replicas here")
 
 
-def _tokenizer_counter(path: str) -> Callable[[str], int]:
-    from tokenizers import Tokenizer  # optional: only for exact counts of raw-text traces
+def _flags_by_setting() -> dict[str, str]:
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    return {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.option_strings}
 
+
+FLAGS_BY_SETTING = _flags_by_setting()
+
+
+def with_flags(message: str) -> str:
+    """`rate_rps=-1.0: ...` -> `--rate -1.0: ...`: the library names settings, the user typed flags."""
+    def flag(m: re.Match) -> str:
+        name = m.group(1)
+        return f"{FLAGS_BY_SETTING[name]} {m.group(2)}" if name in FLAGS_BY_SETTING else m.group(0)
+    return re.sub(r"\b([a-z][a-z0-9_]*)=(\S+)", flag, message)
+
+
+def _tokenizer_counter(path: str) -> Callable[[str], int]:
     tok = Tokenizer.from_file(path)
     return lambda text: len(tok.encode(text, add_special_tokens=False).ids)
 
 
 def _build_workload(args: argparse.Namespace) -> Workload:
-    rate = args.rate
-    if not (math.isfinite(rate) and rate > 0):
-        raise ValueError(f"--rate = {rate!r}: must be a number of requests per second > 0")
     if args.trace:
         count = _tokenizer_counter(args.tokenizer) if args.tokenizer else None
-        return Workload.from_trace(args.trace, rate, args.burstiness, count)
+        return Workload.from_trace(args.trace, args.rate_rps, args.burstiness, count)
     if not args.input_len or not args.output_len:
         raise ValueError("--input-len and --output-len are required without --trace (N or LO:HI tokens, "
                          "e.g. --input-len 128:512 --output-len 64:256)")
-    return Workload(rate, LengthDist.parse(args.input_len, "--input-len"),
-                    LengthDist.parse(args.output_len, "--output-len"), args.burstiness)
+    return Workload(args.rate_rps, LengthDist.parse(args.input_len, "input_len"),
+                    LengthDist.parse(args.output_len, "output_len"), args.burstiness)
+
+
+def _read_profile(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            profile = json.load(f)
+    except OSError as e:
+        raise ValueError(f"--profile {path}: cannot read it ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--profile {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(profile, dict):
+        raise ValueError(f"--profile {path}: expected a JSON object (see docs/profile_schema.md)")
+    return profile
 
 
 def run_plan(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     try:
-        if args.price_per_hour is None and args.instance is None:
-            raise ValueError(f"give --price-per-hour USD or --instance NAME (one of {', '.join(sorted(PRICES))})")
-        if not 0.0 < args.attainment <= 1.0:
-            raise ValueError(f"--attainment = {args.attainment!r}: must lie in (0, 1], e.g. 0.99")
-        if not 0.0 <= args.headroom < 1.0:
-            raise ValueError(f"--headroom = {args.headroom!r}: must lie in [0, 1), e.g. 0.1 for 10% spare")
-        if not (math.isfinite(args.burstiness) and args.burstiness > 0):
-            raise ValueError(f"--burstiness = {args.burstiness!r}: must be > 0 (1 = Poisson)")
-        if args.max_replicas is not None and args.max_replicas < 1:
-            raise ValueError(f"--max-replicas = {args.max_replicas}: must be >= 1")
         slo = SLO.parse(args.slo)
         workload = _build_workload(args)
-        try:
-            with open(args.profile, encoding="utf-8") as f:
-                profile = json.load(f)
-        except OSError as e:
-            raise ValueError(f"--profile {args.profile}: cannot read it ({e.strerror})") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--profile {args.profile}: not valid JSON ({e.msg}, line {e.lineno})") from None
-        if not isinstance(profile, dict):
-            raise ValueError(f"--profile {args.profile}: expected a JSON object (see docs/profile_schema.md)")
+        profile = _read_profile(args.profile)
         if getattr(args, "project", None):
             profile = project_profile(profile, args.project)
-        result = plan(profile, workload, slo, args.price_per_hour, headroom=args.headroom, policy=args.policy,
-                      attainment_target=args.attainment, instance=args.instance, num_requests=args.num_requests,
-                      seed=args.seed, token_budget=args.token_budget, max_replicas=args.max_replicas)
+        result = plan(profile, workload, slo, args.price_per_node_hour, headroom=args.headroom, policy=args.policy,
+                      attainment_target=args.attainment_target, instance=args.instance,
+                      num_requests=args.num_requests, seed=args.seed, token_budget=args.token_budget,
+                      max_replicas=args.max_replicas)
     except (ValueError, OSError) as e:
-        err.print(f"[red]pernode plan: {e}[/red]")
+        err.print(f"[red]pernode plan: {with_flags(str(e))}[/red]")
         return 2
     render_plan(result)
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(result.to_dict(), f, indent=2, allow_nan=False)
-            f.write("\n")
+        result.save(args.out)
     if args.plot and result.curve:
         plot_plan(result, args.plot)
     return 0 if result.feasible else 1

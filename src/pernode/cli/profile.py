@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 
 from pernode.cli.options import add_engine_arguments, engine_config_from_args, int_list
+from pernode.measure.bench.bench_result import BenchResult
 from pernode.measure.profile.profile_schema import save_profile
 from pernode.measure.profile.profiler import print_profile, run_profile
 from pernode.measure.report_html import write_report_html
@@ -26,12 +26,11 @@ def add_parsers(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    serve_runs = [BenchResult.load(path).to_dict() for path in args.serve_results or ()]  # fail before measuring
     engine = LLMEngine(engine_config_from_args(args))
     profile = run_profile(engine, quick=args.quick, batch_sizes=int_list(args.batch_sizes),
                           prompt_lens=int_list(args.prompt_lens), context_len=args.context_len)
-    for path in args.serve_results or ():
-        with open(path) as f:
-            profile["serve_runs"].append(json.load(f))
+    profile["serve_runs"].extend(serve_runs)
     save_profile(args.out, profile)
     print_profile(profile)
     if args.html:

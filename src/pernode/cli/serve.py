@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 
+from pernode import envs
 from pernode.cli.options import add_engine_arguments, engine_config_from_args, parse_bytes
 from pernode.serve.sampling.params import MAX_LOGPROBS
 from pernode.serve.server.options import ServerSettings
@@ -31,19 +31,18 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-body-bytes", type=parse_bytes, default=1 << 20, help="largest request body (default 1MiB)")
     g.add_argument("--max-queued-requests", type=int, default=256,
                    help="waiting requests beyond which new ones get 429 (default %(default)s)")
-    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+    g.add_argument("--shutdown-timeout", dest="shutdown_timeout_s", type=float, default=30.0,
                    help="on SIGTERM, seconds to let requests in flight finish before aborting them "
                         "(default %(default)s)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="uvicorn's log level; debug also logs every request (default %(default)s)")
 
 
-
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     settings = ServerSettings(
-        served_model_name=args.served_model_name, api_key=args.api_key or os.environ.get("PERNODE_API_KEY") or None,
+        served_model_name=args.served_model_name, api_key=args.api_key or envs.api_key(),
         max_n=args.max_n, max_logprobs=args.max_logprobs, max_stop=args.max_stop, max_body_bytes=args.max_body_bytes,
-        max_queued_requests=args.max_queued_requests, shutdown_timeout_s=args.shutdown_timeout)
+        max_queued_requests=args.max_queued_requests, shutdown_timeout_s=args.shutdown_timeout_s)
     settings.validate()
     return settings
 

@@ -4,8 +4,8 @@ profile, and write everything into one HTML report."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
+import math
 import os
 import time
 
@@ -19,7 +19,7 @@ from pernode.measure.bench.offline_throughput import random_workload, run_pernod
 from pernode.measure.profile.profile_schema import save_profile
 from pernode.measure.profile.profiler import print_profile, run_profile
 from pernode.measure.report_html import quantization_chart_png, write_report_html
-from pernode.price.planner import plan
+from pernode.price.planner import Plan, plan
 from pernode.price.report import plot_plan, render_plan
 from pernode.slo import SLO
 from pernode.price.workload import LengthDist, Workload
@@ -27,15 +27,16 @@ from pernode.serve.engine.llm_engine import LLMEngine
 from pernode.serve.llm import LLM
 from pernode.serve.models.registry import resolve_model
 from pernode.serve.sampling.params import SamplingParams
+from pernode.shrink.recipes import recipes_named
 
 log = logging.getLogger("pernode.report")
 
 DEFAULT_WORKLOAD = dict(rate_rps=2.0, input_len=(128, 512), output_len=(64, 256))
 DEFAULT_SLO = "ttft_ms=2000,tpot_ms=200"
 # Quantized checkpoints the report builds (quick: GPTQ on 8 calibration windows instead of 16)
-QUICK_QUANT = ["fp32", "rtn-int8", "rtn-int4-g64", "gptq-int4-g64+lm8"]
-FULL_QUANT = ["fp32", "rtn-int8", "rtn-int4-g64", "gptq-int4-g64", "awq-int4-g64", "awq-int4-g64+lm8",
-              "smoothquant-w8a8"]
+QUICK_QUANT = recipes_named(["fp32", "rtn-int8", "rtn-int4-g64", "gptq-int4-g64+lm8"])
+FULL_QUANT = recipes_named(["fp32", "rtn-int8", "rtn-int4-g64", "gptq-int4-g64", "awq-int4-g64", "awq-int4-g64+lm8",
+                            "smoothquant-w8a8"])
 
 
 def run_report(config: EngineConfig, out_dir: str = "pernode-report", quick: bool = False) -> int:
@@ -80,8 +81,7 @@ def run_report(config: EngineConfig, out_dir: str = "pernode-report", quick: boo
     fleet = plan(profile, wl, SLO.parse(DEFAULT_SLO), instance="aws-c7i.large", num_requests=1000 if quick else 4000)
     render_plan(fleet, console)
     plot_plan(fleet, os.path.join(out_dir, "plan.png"))
-    with open(os.path.join(out_dir, "plan.json"), "w") as f:
-        json.dump(fleet.to_dict(), f, indent=1)
+    fleet.save(os.path.join(out_dir, "plan.json"))
 
     sections = [
         {"title": "The model answers", "text": f"user: {question}\nmodel: {answer.outputs[0].text}"},
@@ -103,9 +103,9 @@ def run_report(config: EngineConfig, out_dir: str = "pernode-report", quick: boo
 
 def _quantization(model: str, out_dir: str, quick: bool, console) -> list[dict]:
     """Quantized checkpoints of the served model under out/checkpoints, each re-loaded, scored and timed."""
-    names = QUICK_QUANT if quick else FULL_QUANT
+    recipes = QUICK_QUANT if quick else FULL_QUANT
     windows = 2 if quick else 4
-    rows = build_and_score(model, names, os.path.join(out_dir, "checkpoints"), seq_len=512, windows=windows,
+    rows = build_and_score(model, recipes, os.path.join(out_dir, "checkpoints"), seq_len=512, windows=windows,
                            calib_windows=8 if quick else 16, decode_path_ppl=False,
                            progress=lambda r: console.print(f"  {r['name']}: {r['checkpoint_mb']:.0f} MB, "
                                                             f"ppl {r['ppl']:.3f}"))
@@ -133,20 +133,17 @@ def _quantization_section(rows: list[dict]) -> dict:
             "html": quantization_chart_png(rows)}
 
 
-def _plan_section(fleet, slo_text: str) -> dict:
-    d = fleet.to_dict()
-    lat = d.get("latency_s") or {}
-
+def _plan_section(fleet: Plan, slo_text: str) -> dict:
     def p99_ms(kind):
-        v = (lat.get(kind) or {}).get("p99")
-        return None if v is None else round(v * 1e3, 1)
+        v = (fleet.latency_s.get(kind) or {}).get("p99")
+        return None if v is None or math.isnan(v) else round(v * 1e3, 1)
 
-    return {"title": f"Fleet plan: {d['workload']['description']} at {d['workload']['rate_rps']} req/s, SLO {slo_text}",
+    return {"title": f"Fleet plan: {fleet.workload.describe()} at {fleet.workload.rate_rps} req/s, SLO {slo_text}",
             "columns": ["replicas", "max batch", "utilisation", "TTFT p99 ms", "TPOT p99 ms", "attainment",
                         "$/hour", "$/month", "$/M output tokens"],
-            "rows": [[d["replicas"], d["max_batch_per_replica"].get("batch_size"), _round(d["utilisation"], 3),
-                      p99_ms("ttft"), p99_ms("tpot"), _round(d["attainment"], 4), _round(d["cost_per_hour_usd"], 3),
-                      _round(d["cost_per_month_usd"], 0), _round(d["cost_per_million_output_tokens_usd"], 3)]]}
+            "rows": [[fleet.replicas, fleet.max_batch.batch_size, _round(fleet.utilisation, 3), p99_ms("ttft"),
+                      p99_ms("tpot"), _round(fleet.attainment, 4), _round(fleet.cost_per_hour_usd, 3),
+                      _round(fleet.cost_per_month_usd, 0), _round(fleet.cost_per_million_output_tokens_usd, 3)]]}
 
 
 def _round(v, digits):

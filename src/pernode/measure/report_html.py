@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pernode.measure.profile.profile_schema import peak_flops_for, validate_profile
+from pernode.measure.profile.profile_schema import Profile, peak_flops_for, validate_profile
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -207,9 +207,10 @@ def _extra_section(sec: dict) -> str:
     return out
 
 
-def render_report_html(profile: dict, bench_results: Sequence[dict] | None = None,
+def render_report_html(profile: Profile, bench_results: Sequence[dict] | None = None,
                        extra_sections: Sequence[dict] | None = None, title: str | None = None) -> str:
-    """The report as one HTML string (see write_report_html)."""
+    """The report as one HTML string (see write_report_html). `bench_results` are `BenchResult.to_dict()`s, as a
+    profile's `serve_runs` holds them."""
     validate_profile(profile)
     runs = list(bench_results or [])
     runs += [r for r in profile.get("serve_runs", []) if r not in runs]  # the profile may already hold them
@@ -265,7 +266,7 @@ def render_report_html(profile: dict, bench_results: Sequence[dict] | None = Non
     return "\n".join(parts)
 
 
-def write_report_html(path: str | os.PathLike, profile: dict, bench_results: Sequence[dict] | None = None,
+def write_report_html(path: str | os.PathLike, profile: Profile, bench_results: Sequence[dict] | None = None,
                       extra_sections: Sequence[dict] | None = None, title: str | None = None) -> Path:
     """Write the report to `path`: summary, roofline, decode and prefill charts and tables, KV capacity,
     bench serve tables and latency CDFs (from `bench_results` and the profile's `serve_runs`), extra sections

@@ -8,133 +8,26 @@ trace at every size (common random numbers) makes sizes comparable and the searc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
-import numpy as np
-
+from pernode.measure.profile.profile_schema import Profile
+from pernode.price.fleet_plan import Plan, PlanPoint
+from pernode.price.fleet_result import FleetSimResult
 from pernode.price.pricing import Price, resolve_price
-from pernode.price.queueing import (erlang_c, mmc_wait_quantile_s, replica_capacity_rps, request_service_s)
-from pernode.price.simulator import POLICIES, FleetSimResult, ReplicaConfig, simulate_fleet
-from pernode.slo import SLO
-from pernode.price.step_time import MaxBatch, StepTimeModel, kv_max_tokens, max_batch_size
+from pernode.price.queueing import erlang_c, mmc_wait_quantile_s, replica_capacity_rps, request_service_s
+from pernode.price.simulator import ROUTERS, ReplicaConfig, simulate_fleet
+from pernode.price.step_time import BatchLimit, StepTimeModel, kv_max_tokens, max_batch_size
 from pernode.price.workload import Workload
+from pernode.slo import SLO
+
+__all__ = ["HOURS_PER_MONTH", "Comparison", "Plan", "PlanPoint", "compare_plans", "min_replicas_for_utilisation",
+           "plan", "profile_label"]
 
 HOURS_PER_MONTH = 730.0  # 8760 h / 12, the cloud providers' billing month
 
 
-@dataclass(frozen=True)
-class PlanPoint:
-    """One fleet size as simulated: the curve a plot draws."""
-
-    replicas: int
-    attainment: float
-    ttft_p99_s: float
-    tpot_p99_s: float
-    e2e_p99_s: float
-    utilisation: float
-    cost_per_hour_usd: float
-    meets_target: bool
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-@dataclass
-class Plan:
-    """The recommended fleet and what it is predicted to do and cost."""
-
-    feasible: bool
-    reason: str | None
-    replicas: int | None
-    profile_label: str
-    profile_kind: str
-    model_name: str
-    hardware_name: str
-    projected_from: str | None
-    workload: str
-    rate_rps: float
-    mean_input_tokens: float
-    mean_output_tokens: float
-    slo: SLO
-    attainment_target: float
-    headroom: float
-    policy: str
-    max_batch: MaxBatch
-    capacity_rps_per_replica: float | None
-    request_service_s: float | None  # mean time a request holds a batch slot at full batch
-    min_replicas_for_utilisation: int | None
-    queueing: dict = field(default_factory=dict)
-    utilisation: float | None = None
-    latency_s: dict = field(default_factory=dict)  # {"ttft": {"p50":..}, "tpot": .., "e2e": ..} from the simulator
-    attainment: float | None = None
-    goodput_rps: float | None = None
-    goodput_output_tokens_per_s: float | None = None
-    busy_fraction: float | None = None
-    slot_occupancy: float | None = None
-    price: Price | None = None
-    cost_per_hour_usd: float | None = None
-    cost_per_month_usd: float | None = None
-    cost_per_million_output_tokens_usd: float | None = None
-    curve: list[PlanPoint] = field(default_factory=list)
-    simulated_requests: int = 0
-    seed: int = 0
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        """Plain JSON-able data; times in seconds as in the field names, SLO in milliseconds as the CLI takes it.
-        NaN (e.g. TPOT when every output is one token) becomes null, since JSON has no NaN."""
-        return _json_clean({
-            "feasible": self.feasible,
-            "reason": self.reason,
-            "replicas": self.replicas,
-            "profile": {"label": self.profile_label, "kind": self.profile_kind, "model": self.model_name,
-                        "hardware": self.hardware_name, "projected_from": self.projected_from},
-            "workload": {"description": self.workload, "rate_rps": self.rate_rps,
-                         "mean_input_tokens": self.mean_input_tokens,
-                         "mean_output_tokens": self.mean_output_tokens},
-            "slo_ms": self.slo.to_dict(),
-            "attainment_target": self.attainment_target,
-            "headroom": self.headroom,
-            "policy": self.policy,
-            "max_batch_per_replica": dict(self.max_batch.__dict__),
-            "capacity_rps_per_replica": self.capacity_rps_per_replica,
-            "request_service_s": self.request_service_s,
-            "min_replicas_for_utilisation": self.min_replicas_for_utilisation,
-            "queueing": self.queueing,
-            "utilisation": self.utilisation,
-            "latency_s": self.latency_s,
-            "attainment": self.attainment,
-            "goodput_rps": self.goodput_rps,
-            "goodput_output_tokens_per_s": self.goodput_output_tokens_per_s,
-            "busy_fraction": self.busy_fraction,
-            "slot_occupancy": self.slot_occupancy,
-            "price": None if self.price is None else self.price.to_dict(),
-            "cost_per_hour_usd": self.cost_per_hour_usd,
-            "cost_per_month_usd": self.cost_per_month_usd,
-            "cost_per_million_output_tokens_usd": self.cost_per_million_output_tokens_usd,
-            "curve": [p.to_dict() for p in self.curve],
-            "simulated_requests": self.simulated_requests,
-            "seed": self.seed,
-            "notes": list(self.notes),
-        })
-
-
-def _json_clean(o: Any) -> Any:
-    if isinstance(o, dict):
-        return {k: _json_clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_json_clean(v) for v in o]
-    if isinstance(o, bool) or o is None or isinstance(o, str):
-        return o
-    if isinstance(o, (int, np.integer)):
-        return int(o)
-    if isinstance(o, (float, np.floating)):
-        return float(o) if math.isfinite(o) else None
-    return o
-
-
-def profile_label(profile: Mapping[str, Any]) -> tuple[str, str, str, str, str | None]:
+def profile_label(profile: Profile) -> tuple[str, str, str, str, str | None]:
     """(label, kind, model name, hardware name, projected_from) for display; projections always say so."""
     model = profile.get("model") or {}
     hardware = profile.get("hardware") or {}
@@ -157,8 +50,13 @@ def _check_fraction(value: Any, name: str, lo_open: bool, lo: float, hi: float, 
         ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
     if not ok:
         rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        raise ValueError(f"{name} = {value!r}: must lie in {rng}")
+        raise ValueError(f"{name}={value!r}: must lie in {rng}")
     return float(value)
+
+
+def _check_whole(value: Any, name: str, minimum: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r}: must be a whole number{what} >= {minimum}")
 
 
 def min_replicas_for_utilisation(rate_rps: float, capacity_rps: float, headroom: float) -> int:
@@ -170,21 +68,21 @@ def min_replicas_for_utilisation(rate_rps: float, capacity_rps: float, headroom:
     return math.floor(rate_rps / (capacity_rps * (1.0 - headroom))) + 1
 
 
-def plan(profile: Mapping[str, Any], workload: Workload, slo: SLO, price_per_node_hour: float | None = None,
+def plan(profile: Profile, workload: Workload, slo: SLO, price_per_node_hour: float | None = None,
          headroom: float = 0.0, policy: str = "least_outstanding", attainment_target: float = 0.99, *,
          instance: str | None = None, num_requests: int = 4000, seed: int = 0, token_budget: int = 2048,
          max_replicas: int | None = None) -> Plan:
     """The smallest replica count whose simulated SLO attainment reaches `attainment_target`, and its cost."""
     headroom = _check_fraction(headroom, "headroom", False, 0.0, 1.0, True)
     attainment_target = _check_fraction(attainment_target, "attainment_target", True, 0.0, 1.0, False)
-    if policy not in POLICIES:
-        raise ValueError(f"policy = {policy!r}: one of {', '.join(POLICIES)}")
-    if isinstance(num_requests, bool) or not isinstance(num_requests, int) or num_requests < 100:
-        raise ValueError(f"num_requests = {num_requests!r}: must be a whole number >= 100 (more is steadier)")
-    if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 2:
-        raise ValueError(f"token_budget = {token_budget!r}: must be a whole number of tokens per step >= 2")
+    if policy not in ROUTERS:
+        raise ValueError(f"policy={policy!r}: one of {', '.join(ROUTERS)}")
+    _check_whole(num_requests, "num_requests", 100, " (more is steadier)")
+    _check_whole(token_budget, "token_budget", 2, " of tokens per step")
+    if max_replicas is not None:
+        _check_whole(max_replicas, "max_replicas", 1, "")
     if slo.is_empty:
-        raise ValueError("slo: set at least one of ttft_s, tpot_s, e2e_s (CLI: --slo ttft_ms=..,tpot_ms=..)")
+        raise ValueError("slo=none: set at least one of ttft_ms, tpot_ms, e2e_ms")
     price = resolve_price(price_per_node_hour, instance)
 
     label, kind, model_name, hw_name, projected_from = profile_label(profile)
@@ -198,15 +96,7 @@ def plan(profile: Mapping[str, Any], workload: Workload, slo: SLO, price_per_nod
         notes.append(f"decode step times taken at context {step_model.decode_context_len} tokens "
                      f"(workload mean decode context {mean_decode_context:.0f})")
     kv_tokens = kv_max_tokens(profile)
-    max_model_len = (profile.get("model") or {}).get("max_model_len")
-    if isinstance(max_model_len, int) and workload.max_context_tokens > max_model_len:
-        raise ValueError(f"workload: the longest request needs {workload.max_context_tokens} tokens "
-                         f"(input + output) but model.max_model_len = {max_model_len}; shorten --input-len/"
-                         f"--output-len or filter the trace")
-    if workload.max_context_tokens > kv_tokens:
-        raise ValueError(f"workload: the longest request needs {workload.max_context_tokens} tokens of KV but "
-                         f"kv_cache.max_tokens = {kv_tokens} on one replica; shorten the lengths or profile "
-                         f"with a larger KV cache")
+    _check_fits(profile, workload, kv_tokens)
     mb = max_batch_size(step_model, kv_tokens, workload.mean_context_tokens, slo.tpot_s, token_budget)
     if mb.extrapolated:
         notes.append(f"max batch {mb.batch_size} is beyond the largest profiled decode batch "
@@ -216,19 +106,17 @@ def plan(profile: Mapping[str, Any], workload: Workload, slo: SLO, price_per_nod
                          "while decode is memory-bound; profile larger batches before trusting this plan")
 
     common = dict(profile_label=label, profile_kind=kind, model_name=model_name, hardware_name=hw_name,
-                  projected_from=projected_from, workload=workload.describe(), rate_rps=workload.rate_rps,
-                  mean_input_tokens=workload.mean_input_tokens, mean_output_tokens=workload.mean_output_tokens,
-                  slo=slo, attainment_target=attainment_target, headroom=headroom, policy=policy, max_batch=mb,
-                  price=price, seed=seed, notes=notes)
+                  projected_from=projected_from, workload=workload, slo=slo, attainment_target=attainment_target,
+                  headroom=headroom, policy=policy, max_batch=mb, token_budget=token_budget, price=price, seed=seed,
+                  notes=tuple(notes))
     if mb.batch_size < 1:
-        if mb.limited_by == "tpot_slo":
+        if mb.limited_by == BatchLimit.TPOT_SLO:
             why = (f"no batch meets tpot {slo.tpot_s * 1000:g} ms: one decode step at batch 1 takes "
                    f"{step_model.decode_step_s(1) * 1000:.1f} ms on this node")
         else:
             why = (f"the KV cache ({kv_tokens} tokens) cannot hold one request of mean context "
                    f"{workload.mean_context_tokens:.0f} tokens")
-        return Plan(feasible=False, reason=why, replicas=None, capacity_rps_per_replica=None,
-                    request_service_s=None, min_replicas_for_utilisation=None, **common)
+        return Plan(feasible=False, reason=why, replicas=None, **common)
 
     b = mb.batch_size
     service_s = request_service_s(step_model, b, workload)
@@ -245,54 +133,66 @@ def plan(profile: Mapping[str, Any], workload: Workload, slo: SLO, price_per_nod
             results[n] = simulate_fleet(trace, replica, n, policy)
         return results[n]
 
-    def meets(n: int) -> bool:
-        return run(n).attainment(slo) >= attainment_target
-
     cap_n = max_replicas if max_replicas is not None else max(64, 16 * n_queue)
     if cap_n < n_util:
-        raise ValueError(f"max_replicas = {cap_n}: below the {n_util} replicas needed to keep utilisation under "
+        raise ValueError(f"max_replicas={cap_n}: below the {n_util} replicas needed to keep utilisation under "
                          f"{1 - headroom:g}; raise max_replicas")
-    start = min(max(n_queue, n_util), cap_n)
-    if meets(start):  # search down to the utilisation floor
-        lo, hi = n_util - 1, start  # hi meets; lo is below the floor
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if meets(mid) else (mid, hi)
-        chosen: int | None = hi
-    else:  # double until it meets, then bisect
-        lo, hi = start, min(2 * start, cap_n)
-        while not meets(hi) and hi < cap_n:
-            lo, hi = hi, min(2 * hi, cap_n)
-        if meets(hi):
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                lo, hi = (lo, mid) if meets(mid) else (mid, hi)
-            chosen = hi
-        else:
-            chosen = None
+    chosen = _smallest_meeting(lambda n: run(n).attainment(slo) >= attainment_target,
+                               min(max(n_queue, n_util), cap_n), n_util, cap_n)
 
     # The curve for the plot: a few sizes either side of the answer (or of the largest tried), plus all tried.
     centre = chosen if chosen is not None else max(results)
     for n in range(max(1, centre - 3), min(centre + 3, cap_n) + 1):
         run(n)
-    curve = [_point(n, results[n], slo, attainment_target, workload.rate_rps, capacity, price.per_node_hour_usd)
-             for n in sorted(results)]
-
-    plan_ = Plan(feasible=chosen is not None, reason=None, replicas=chosen, capacity_rps_per_replica=capacity,
-                 request_service_s=service_s, min_replicas_for_utilisation=n_util, queueing=queue_info,
-                 curve=curve, simulated_requests=num_requests, **common)
+    curve = tuple(_point(n, results[n], slo, attainment_target, workload.rate_rps, capacity,
+                         price.per_node_hour_usd) for n in sorted(results))
+    searched = dict(capacity_rps_per_replica=capacity, request_service_s=service_s,
+                    min_replicas_for_utilisation=n_util, queueing=queue_info, curve=curve,
+                    simulated_requests=num_requests, **common)
     if chosen is None:
         best = results[cap_n]
         zero_load = _zero_load_ttft_s(step_model, workload)
-        plan_.reason = (f"attainment {best.attainment(slo):.3f} < target {attainment_target:g} even at "
-                        f"max_replicas = {cap_n}; an unloaded replica's TTFT p99 is about {zero_load * 1000:.0f} ms "
-                        f"and its TPOT {step_model.decode_step_s(1) * 1000:.1f} ms, so the SLO may be out of reach "
-                        f"on this node at any fleet size")
-        _fill_outcome(plan_, cap_n, best, slo, workload, capacity, price)
-        plan_.replicas = None
-        return plan_
-    _fill_outcome(plan_, chosen, results[chosen], slo, workload, capacity, price)
-    return plan_
+        why = (f"attainment {best.attainment(slo):.3f} < target {attainment_target:g} even at "
+               f"max_replicas = {cap_n}; an unloaded replica's TTFT p99 is about {zero_load * 1000:.0f} ms "
+               f"and its TPOT {step_model.decode_step_s(1) * 1000:.1f} ms, so the SLO may be out of reach "
+               f"on this node at any fleet size")
+        return Plan(feasible=False, reason=why, replicas=None,
+                    **_outcome(cap_n, best, slo, workload, capacity, price), **searched)
+    return Plan(feasible=True, reason=None, replicas=chosen,
+                **_outcome(chosen, results[chosen], slo, workload, capacity, price), **searched)
+
+
+def _check_fits(profile: Profile, workload: Workload, kv_tokens: int) -> None:
+    """The longest request must fit the model's context and one replica's KV cache."""
+    max_model_len = (profile.get("model") or {}).get("max_model_len")
+    if isinstance(max_model_len, int) and workload.max_context_tokens > max_model_len:
+        raise ValueError(f"workload: the longest request needs {workload.max_context_tokens} tokens "
+                         f"(input + output) but model.max_model_len = {max_model_len}; shorten input_len/"
+                         f"output_len or filter the trace")
+    if workload.max_context_tokens > kv_tokens:
+        raise ValueError(f"workload: the longest request needs {workload.max_context_tokens} tokens of KV but "
+                         f"kv_cache.max_tokens = {kv_tokens} on one replica; shorten the lengths or profile "
+                         f"with a larger KV cache")
+
+
+def _smallest_meeting(meets: Callable[[int], bool], start: int, n_util: int, cap_n: int) -> int | None:
+    """Smallest N in [n_util, cap_n] that meets the target, searching from `start`; None if even cap_n fails.
+
+    Attainment grows with N on a fixed trace (more replicas never make a request later), so: if `start` meets,
+    bisect down to the utilisation floor; else double until one meets, then bisect.
+    """
+    if meets(start):
+        lo, hi = n_util - 1, start  # hi meets; lo is below the floor
+    else:
+        lo, hi = start, min(2 * start, cap_n)
+        while not meets(hi) and hi < cap_n:
+            lo, hi = hi, min(2 * hi, cap_n)
+        if not meets(hi):
+            return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if meets(mid) else (mid, hi)
+    return hi
 
 
 def _queueing_first_guess(step_model: StepTimeModel, workload: Workload, slo: SLO, batch: int,
@@ -335,23 +235,21 @@ def _point(n: int, res: FleetSimResult, slo: SLO, target: float, rate: float, ca
                      att >= target)
 
 
-def _fill_outcome(p: Plan, n: int, res: FleetSimResult, slo: SLO, workload: Workload, capacity: float,
-                  price: Price) -> None:
-    p.utilisation = workload.rate_rps / (n * capacity)
-    p.latency_s = {m: res.percentiles_s(m) for m in ("ttft", "tpot", "e2e")}
-    p.attainment = res.attainment(slo)
-    p.goodput_rps = res.goodput_rps(slo)
-    p.goodput_output_tokens_per_s = res.goodput_output_tokens_per_s(slo)
-    p.busy_fraction = res.busy_fraction()
-    p.slot_occupancy = res.slot_occupancy()
-    p.cost_per_hour_usd = n * price.per_node_hour_usd
-    p.cost_per_month_usd = p.cost_per_hour_usd * HOURS_PER_MONTH
+def _outcome(n: int, res: FleetSimResult, slo: SLO, workload: Workload, capacity: float, price: Price) -> dict:
+    """What the simulated fleet of n replicas did and what it costs: the Plan's outcome fields."""
+    cost_per_hour_usd = n * price.per_node_hour_usd
     # The fleet serves every request, so its bill spreads over the offered output tokens.
     output_tokens_per_hour = workload.rate_rps * workload.mean_output_tokens * 3600.0
-    p.cost_per_million_output_tokens_usd = p.cost_per_hour_usd / output_tokens_per_hour * 1e6
+    return dict(utilisation=workload.rate_rps / (n * capacity),
+                latency_s={m: res.percentiles_s(m) for m in ("ttft", "tpot", "e2e")},
+                attainment=res.attainment(slo), goodput_rps=res.goodput_rps(slo),
+                goodput_output_tokens_per_s=res.goodput_output_tokens_per_s(slo),
+                busy_fraction=res.busy_fraction(), slot_occupancy=res.slot_occupancy(),
+                cost_per_hour_usd=cost_per_hour_usd, cost_per_month_usd=cost_per_hour_usd * HOURS_PER_MONTH,
+                cost_per_million_output_tokens_usd=cost_per_hour_usd / output_tokens_per_hour * 1e6)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Comparison:
     """The cheapest fleet meeting the SLO for each profile, cheapest first; infeasible ones last."""
 
@@ -364,7 +262,7 @@ class Comparison:
         return {"ranked": [{"label": k, **p.to_dict()} for k, p in self.ranked()]}
 
 
-def compare_plans(profiles: Mapping[str, Mapping[str, Any]], workload: Workload, slo: SLO,
+def compare_plans(profiles: Mapping[str, Profile], workload: Workload, slo: SLO,
                   prices_per_node_hour: float | Mapping[str, float] | None = None,
                   instances: str | Mapping[str, str] | None = None, **plan_kwargs: Any) -> Comparison:
     """Plan each profile against the same workload and SLO. Prices and instances are one value for all or a

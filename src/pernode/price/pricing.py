@@ -2,12 +2,13 @@
 
 A "node" is what one replica runs on: one accelerator (an 8-GPU instance's price is divided by 8) or one small CPU
 instance. Cloud prices change often and differ by region; every figure here is a dated starting point, and a figure
-the user passes (--price-per-hour) always wins.
+the user passes (price_per_node_hour) always wins.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 
 @dataclass(frozen=True)
@@ -64,23 +65,30 @@ class Price:
     def to_dict(self) -> dict:
         return {"per_node_hour_usd": self.per_node_hour_usd, "source": self.source, "instance": self.instance}
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Price":
+        try:
+            return cls(float(d["per_node_hour_usd"]), str(d["source"]), d.get("instance"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"price={d!r}: expected per_node_hour_usd and source ({e})") from None
+
 
 def resolve_price(price_per_node_hour: float | None = None, instance: str | None = None) -> Price:
     """The user's figure if given, else the table's entry for `instance`."""
     if price_per_node_hour is not None:
         if (isinstance(price_per_node_hour, bool) or not isinstance(price_per_node_hour, (int, float))
                 or not math.isfinite(price_per_node_hour) or price_per_node_hour <= 0):
-            raise ValueError(f"price_per_node_hour = {price_per_node_hour!r}: must be a finite price in USD > 0")
+            raise ValueError(f"price_per_node_hour={price_per_node_hour!r}: must be a finite price in USD > 0")
         src = "user-supplied"
         if instance is not None:
             src += f" (overrides the table's figure for {instance})"
         return Price(float(price_per_node_hour), src, instance)
     if instance is None:
-        raise ValueError(f"no price: pass price_per_node_hour (--price-per-hour USD) or instance (--instance NAME), "
-                         f"one of {', '.join(PRICES)}")
+        raise ValueError(f"price_per_node_hour=None, instance=None: no price; give a USD figure per node-hour, or an "
+                         f"instance from the table: one of {', '.join(sorted(PRICES))}")
     if instance not in PRICES:
-        raise ValueError(f"instance = {instance!r}: not in the price table; known: {', '.join(PRICES)}; "
-                         f"or pass --price-per-hour")
+        raise ValueError(f"instance={instance!r}: not in the price table; known: {', '.join(PRICES)}; "
+                         f"or give price_per_node_hour")
     p = PRICES[instance]
     src = f"{p.name}: {p.node}, ${p.instance_hour_usd:g}/h / {p.nodes_per_instance}; {p.source}; as of {p.as_of}"
     if p.note:

@@ -25,7 +25,7 @@ def plan_table(p: Plan) -> Table:
     t = Table(title=title, show_header=False, title_justify="left")
     t.add_column("what", style="bold")
     t.add_column("value")
-    t.add_row("workload", p.workload)
+    t.add_row("workload", p.workload.describe())
     t.add_row("SLO", f"{p.slo.describe()} (ms), attainment >= {p.attainment_target:g}, headroom {p.headroom:g}")
     if not p.feasible:
         t.add_row("result", f"[red]no fleet meets the SLO[/red]: {p.reason}")
@@ -92,7 +92,7 @@ def render_comparison(c: Comparison, console: Console | None = None) -> None:
 
 def plot_plan(p: Plan, path: str | os.PathLike) -> None:
     """Cost per hour (bars) and simulated SLO attainment (line) against replicas; the chosen size marked."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib takes about a second to import and only --plot needs it
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
     import matplotlib.pyplot as plt

@@ -7,10 +7,13 @@ arXiv 2403.02310) reason with for mixed prefill/decode batches.
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
+
+from pernode.measure.profile.profile_schema import Profile
 
 
 def _number(row: Mapping[str, Any], key: str, where: str, minimum_exclusive: float = 0.0) -> float:
@@ -18,7 +21,7 @@ def _number(row: Mapping[str, Any], key: str, where: str, minimum_exclusive: flo
         raise ValueError(f"profile {where}.{key} is missing; re-run `pernode profile` to write a complete profile")
     v = row[key]
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= minimum_exclusive:
-        raise ValueError(f"profile {where}.{key} = {v!r}: must be a finite number > {minimum_exclusive:g}")
+        raise ValueError(f"profile {where}.{key}={v!r}: must be a finite number > {minimum_exclusive:g}")
     return float(v)
 
 
@@ -40,7 +43,7 @@ class StepTimeModel:
         return cls.from_profile({"decode": rows_d, "prefill": rows_p})
 
     @classmethod
-    def from_profile(cls, profile: Mapping[str, Any], context_tokens: float | None = None) -> "StepTimeModel":
+    def from_profile(cls, profile: Profile, context_tokens: float | None = None) -> "StepTimeModel":
         """Read decode[] and prefill[]; when decode[] covers several context lengths, use the one nearest
         `context_tokens` (ties go to the longer context, which is slower: the safe side)."""
         decode_rows = profile.get("decode")
@@ -126,19 +129,45 @@ def _merge_duplicates(xs: list[float], ys: list[float]) -> tuple[np.ndarray, np.
     return ux, sums / counts
 
 
+class BatchLimit(str, enum.Enum):
+    """Which limit set a replica's max batch."""
+
+    TPOT_SLO = "tpot_slo"
+    KV_CACHE = "kv_cache"
+    TOKEN_BUDGET = "token_budget"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class MaxBatch:
     """The largest batch one replica should run, and which limit set it."""
 
     batch_size: int  # 0 when no batch meets the limits
-    limited_by: str  # "tpot_slo" | "kv_cache" | "token_budget"
+    limited_by: BatchLimit
     tpot_limit: int | None  # largest batch whose pure-decode step meets the TPOT SLO; None without a TPOT SLO
     kv_limit: int  # largest batch whose mean context fits in kv_cache.max_tokens
     decode_step_s: float  # step time at batch_size
     extrapolated: bool  # batch_size lies beyond the largest measured decode batch
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"batch_size": self.batch_size, "limited_by": self.limited_by.value, "tpot_limit": self.tpot_limit,
+                "kv_limit": self.kv_limit, "decode_step_s": self.decode_step_s, "extrapolated": self.extrapolated}
 
-def kv_max_tokens(profile: Mapping[str, Any]) -> int:
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "MaxBatch":
+        try:
+            limited_by = BatchLimit(d["limited_by"])
+            return cls(int(d["batch_size"]), limited_by, None if d["tpot_limit"] is None else int(d["tpot_limit"]),
+                       int(d["kv_limit"]), float(d["decode_step_s"]), bool(d["extrapolated"]))
+        except KeyError as e:
+            raise ValueError(f"max_batch_per_replica: missing {e.args[0]}") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"max_batch_per_replica={dict(d)!r}: {e}") from None
+
+
+def kv_max_tokens(profile: Profile) -> int:
     kv = profile.get("kv_cache")
     if not isinstance(kv, Mapping):
         raise ValueError("profile kv_cache is missing: the planner needs kv_cache.max_tokens; re-run `pernode profile`")
@@ -154,10 +183,10 @@ def max_batch_size(step_model: StepTimeModel, kv_max_tokens: int, mean_context_t
     can give; prefill chunks riding along stretch it, which the simulator measures.
     """
     kv_limit = int(kv_max_tokens // max(mean_context_tokens, 1.0))
-    limit, limited_by = kv_limit, "kv_cache"
+    limit, limited_by = kv_limit, BatchLimit.KV_CACHE
     if token_budget is not None and token_budget - 1 < limit:
         # Decodes take one budget token each; keep at least one for prompts so admissions never starve.
-        limit, limited_by = token_budget - 1, "token_budget"
+        limit, limited_by = token_budget - 1, BatchLimit.TOKEN_BUDGET
     tpot_limit = None
     if tpot_slo_s is not None:
         lo, hi = 0, max(limit, 0)
@@ -169,7 +198,7 @@ def max_batch_size(step_model: StepTimeModel, kv_max_tokens: int, mean_context_t
                 hi = mid - 1
         tpot_limit = lo
         if tpot_limit < limit:
-            limit, limited_by = tpot_limit, "tpot_slo"
+            limit, limited_by = tpot_limit, BatchLimit.TPOT_SLO
     limit = max(limit, 0)
     return MaxBatch(limit, limited_by, tpot_limit, kv_limit, step_model.decode_step_s(limit),
                     limit > step_model.max_measured_batch)

@@ -9,18 +9,21 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
 # A crude estimate for English text with BPE tokenizers; only used when the trace has raw text and no tokenizer.
 CHARS_PER_TOKEN = 4.0
+LENGTH_KINDS = ("fixed", "uniform", "empirical")
+# The only arrival process so far: a gamma renewal process (`burstiness` is its shape; 1 is Poisson).
+ARRIVAL_PROCESS = "gamma"
 
 
 def _positive_int(value: object, field_name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
-        raise ValueError(f"{field_name} = {value!r}: must be a whole number of tokens >= 1")
+        raise ValueError(f"{field_name}={value!r}: must be a whole number of tokens >= 1")
     return int(value)
 
 
@@ -33,6 +36,16 @@ class LengthDist:
     hi: int
     values: np.ndarray | None = None  # empirical only
 
+    def __eq__(self, other: object) -> bool:  # by value: the empirical list is an array
+        if not isinstance(other, LengthDist):
+            return NotImplemented
+        same_values = (self.values is None and other.values is None) or (
+            self.values is not None and other.values is not None and np.array_equal(self.values, other.values))
+        return (self.kind, self.lo, self.hi) == (other.kind, other.lo, other.hi) and same_values
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.lo, self.hi))
+
     @classmethod
     def fixed(cls, tokens: int, field_name: str = "length") -> "LengthDist":
         n = _positive_int(tokens, field_name)
@@ -40,9 +53,9 @@ class LengthDist:
 
     @classmethod
     def uniform(cls, lo: int, hi: int, field_name: str = "length") -> "LengthDist":
-        lo_i, hi_i = _positive_int(lo, f"{field_name} (low)"), _positive_int(hi, f"{field_name} (high)")
+        lo_i, hi_i = _positive_int(lo, f"{field_name}.lo"), _positive_int(hi, f"{field_name}.hi")
         if hi_i < lo_i:
-            raise ValueError(f"{field_name} = {lo_i}:{hi_i}: the high end must be >= the low end")
+            raise ValueError(f"{field_name}={lo_i}:{hi_i}: the high end must be >= the low end")
         return cls("uniform", lo_i, hi_i)
 
     @classmethod
@@ -63,13 +76,39 @@ class LengthDist:
         try:
             nums = [int(p) for p in parts]
         except ValueError:
-            raise ValueError(f"{field_name} = {text!r}: expected N or LO:HI with whole numbers of tokens, "
+            raise ValueError(f"{field_name}={text!r}: expected N or LO:HI with whole numbers of tokens, "
                              f"e.g. 256 or 128:512") from None
         if len(nums) == 1:
             return cls.fixed(nums[0], field_name)
         if len(nums) == 2:
             return cls.uniform(nums[0], nums[1], field_name)
-        raise ValueError(f"{field_name} = {text!r}: expected N or LO:HI, e.g. 256 or 128:512")
+        raise ValueError(f"{field_name}={text!r}: expected N or LO:HI, e.g. 256 or 128:512")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], field_name: str = "length") -> "LengthDist":
+        """The inverse of `to_dict`: {"kind": "uniform", "lo": 128, "hi": 512}, or "values" for empirical."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{field_name}={d!r}: expected an object with kind, lo, hi (or values)")
+        kind = d.get("kind")
+        if kind == "fixed":
+            dist = cls.fixed(d.get("lo"), field_name)  # type: ignore[arg-type]
+            if d.get("hi", dist.hi) != dist.hi:
+                raise ValueError(f"{field_name}.hi={d.get('hi')!r}: a fixed length has hi == lo = {dist.lo}")
+            return dist
+        if kind == "uniform":
+            return cls.uniform(d.get("lo"), d.get("hi"), field_name)  # type: ignore[arg-type]
+        if kind == "empirical":
+            values = d.get("values")
+            if not isinstance(values, (list, tuple)):
+                raise ValueError(f"{field_name}.values={values!r}: an empirical length needs its list of values")
+            return cls.empirical(values, field_name)
+        raise ValueError(f"{field_name}.kind={kind!r}: one of {', '.join(LENGTH_KINDS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": self.kind, "lo": self.lo, "hi": self.hi}
+        if self.kind == "empirical":
+            d["values"] = self.values.tolist()
+        return d
 
     @property
     def mean(self) -> float:
@@ -115,7 +154,7 @@ class RequestTrace:
         return float(self.arrival_s[-1] - self.arrival_s[0]) if len(self) > 1 else 0.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class Workload:
     """Request rate, length distributions and burstiness; `generate` draws a seeded trace from them."""
 
@@ -126,19 +165,48 @@ class Workload:
     # A trace's prompt and output lengths are correlated (long questions, long answers); sampling rows keeps that.
     paired: bool = False
     source: str = "synthetic"
-    notes: list[str] = field(default_factory=list)
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.rate_rps, (int, float)) and math.isfinite(self.rate_rps) and self.rate_rps > 0):
-            raise ValueError(f"rate_rps = {self.rate_rps!r}: must be a finite number of requests per second > 0")
-        if not (isinstance(self.burstiness, (int, float)) and math.isfinite(self.burstiness) and self.burstiness > 0):
-            raise ValueError(f"burstiness = {self.burstiness!r}: must be > 0 (1 = Poisson, < 1 burstier, "
+        if isinstance(self.rate_rps, bool) or not (isinstance(self.rate_rps, (int, float))
+                                                   and math.isfinite(self.rate_rps) and self.rate_rps > 0):
+            raise ValueError(f"rate_rps={self.rate_rps!r}: must be a finite number of requests per second > 0")
+        if isinstance(self.burstiness, bool) or not (isinstance(self.burstiness, (int, float))
+                                                     and math.isfinite(self.burstiness) and self.burstiness > 0):
+            raise ValueError(f"burstiness={self.burstiness!r}: must be > 0 (1 = Poisson, < 1 burstier, "
                              f"> 1 smoother)")
+        for name in ("input_len", "output_len"):
+            if not isinstance(getattr(self, name), LengthDist):
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be a LengthDist")
         if self.paired:
             a, b = self.input_len, self.output_len
             if a.kind != "empirical" or b.kind != "empirical" or a.values.size != b.values.size:
-                raise ValueError("paired = True needs empirical input and output lengths of the same size "
+                raise ValueError("paired=True: needs empirical input and output lengths of the same size "
                                  "(rows of one trace)")
+        object.__setattr__(self, "notes", tuple(self.notes))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The structure, so a reader rebuilds the same workload (`from_dict`) rather than parsing `describe()`."""
+        return {"rate_rps": self.rate_rps, "arrival_process": ARRIVAL_PROCESS, "burstiness": self.burstiness,
+                "input_len": self.input_len.to_dict(), "output_len": self.output_len.to_dict(),
+                "paired": self.paired, "source": self.source, "notes": list(self.notes)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Workload":
+        """The inverse of `to_dict`; extra keys (a plan's description and means) are ignored."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"workload={d!r}: expected an object with rate_rps, input_len and output_len")
+        missing = [k for k in ("rate_rps", "input_len", "output_len") if k not in d]
+        if missing:
+            raise ValueError(f"workload: missing {', '.join(missing)} (written by an older pernode? re-run "
+                             f"`pernode plan`)")
+        process = d.get("arrival_process", ARRIVAL_PROCESS)
+        if process != ARRIVAL_PROCESS:
+            raise ValueError(f"workload.arrival_process={process!r}: only {ARRIVAL_PROCESS!r} is known")
+        notes = d.get("notes") or ()
+        return cls(d["rate_rps"], LengthDist.from_dict(d["input_len"], "workload.input_len"),
+                   LengthDist.from_dict(d["output_len"], "workload.output_len"), d.get("burstiness", 1.0),
+                   bool(d.get("paired", False)), str(d.get("source", "synthetic")), tuple(str(n) for n in notes))
 
     @property
     def mean_input_tokens(self) -> float:
@@ -159,10 +227,6 @@ class Workload:
             return int((self.input_len.values + self.output_len.values).max())
         return self.input_len.hi + self.output_len.hi
 
-    def with_rate(self, rate_rps: float) -> "Workload":
-        return Workload(rate_rps, self.input_len, self.output_len, self.burstiness, self.paired, self.source,
-                        list(self.notes))
-
     def sample_lengths(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         if self.paired:
             rows = rng.integers(0, self.input_len.values.size, size=n)
@@ -172,7 +236,7 @@ class Workload:
     def generate(self, num_requests: int, seed: int = 0) -> RequestTrace:
         """`num_requests` arrivals starting at t = 0, with lengths drawn independently of arrival times."""
         if isinstance(num_requests, bool) or not isinstance(num_requests, int) or num_requests < 1:
-            raise ValueError(f"num_requests = {num_requests!r}: must be a whole number >= 1")
+            raise ValueError(f"num_requests={num_requests!r}: must be a whole number >= 1")
         rng = np.random.default_rng(seed)
         # Gamma with shape k and scale 1/(rate k) has mean 1/rate and squared coefficient of variation 1/k.
         gaps_s = rng.gamma(self.burstiness, 1.0 / (self.rate_rps * self.burstiness), size=num_requests)
@@ -182,6 +246,7 @@ class Workload:
         return RequestTrace(arrival_s, prompt.astype(np.int64), output.astype(np.int64))
 
     def describe(self) -> str:
+        """For people only: readers of a plan use `to_dict`'s structure."""
         b = "Poisson" if self.burstiness == 1 else f"gamma burstiness {self.burstiness:g}"
         return (f"{self.rate_rps:g} req/s ({b}), input {self.input_len.describe()}, "
                 f"output {self.output_len.describe()} [{self.source}]")
@@ -235,4 +300,4 @@ class Workload:
                          f"(pass a tokenizer for exact counts)")
         return cls(rate_rps, LengthDist.empirical(prompts, "trace prompt_tokens"),
                    LengthDist.empirical(outputs, "trace output_tokens"), burstiness, paired=True,
-                   source=f"trace {os.path.basename(os.fspath(path))}", notes=notes)
+                   source=f"trace {os.path.basename(os.fspath(path))}", notes=tuple(notes))

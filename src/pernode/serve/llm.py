@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pernode.config import DEFAULT_MODEL, EngineConfig
 from pernode.serve.engine.llm_engine import LLMEngine
-from pernode.serve.engine.outputs import CompletionOutput, RequestOutput
+from pernode.serve.engine.outputs import CompletionOutput, FinishReason, RequestOutput
 from pernode.serve.sampling.params import SamplingParams
 
 log = logging.getLogger("pernode")
@@ -32,7 +32,8 @@ class LLM:
         self.tokenizer = engine.tokenizer
         self._ids = itertools.count()
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """Run all prompts to completion, batched continuously; outputs in prompt order. A prompt that is
         invalid (too long, empty, bad token ids) gets an output with `error` set; the others still run."""
@@ -55,7 +56,7 @@ class LLM:
                 results[request_id] = RequestOutput(
                     request_id, prompt if isinstance(prompt, str) else None,
                     [] if isinstance(prompt, str) else list(prompt),
-                    [CompletionOutput(0, "", [], finish_reason="error")], finished=True, error=str(exc))
+                    [CompletionOutput(0, "", [], finish_reason=FinishReason.ERROR)], finished=True, error=str(exc))
         with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       disable=not use_tqdm, transient=True) as bar:
             task = bar.add_task("", total=len(order))

@@ -1,33 +1,15 @@
-"""Shrink a model: quantization methods that rewrite its projections, and the checkpoints they write.
+"""Shrink a model: quantization methods that rewrite its projections, recipes that combine them, and the
+checkpoints they write.
 
-`quantize_model(model, method, scheme, calibration)` dispatches to one method; `METHODS` lists them.
+A method is an object with its own validated options (`GPTQ(damp_ratio=0.01)`, `SmoothQuant(alpha="auto")`);
+`quantize_model(model, modifier, scheme, calibration)` runs it; a `Recipe` adds the scheme and the lm_head step,
+and `RECIPES` names the configurations we measure.
 """
 from __future__ import annotations
 
-import importlib
+from pernode.shrink.methods import (AWQ, GPTQ, METHODS, RTN, W8A8, LLMInt8, Modifier, SmoothQuant, method_named,
+                                    quantize_model)
+from pernode.shrink.recipes import RECIPES, Recipe, recipes_named
 
-import torch
-
-from pernode.quant_format import QuantScheme
-
-# method -> (module, function, needs calibration text, scheme constraints)
-METHODS = {
-    "rtn": ("pernode.shrink.methods.rtn", "quantize_rtn"),
-    "gptq": ("pernode.shrink.methods.gptq", "quantize_gptq"),
-    "awq": ("pernode.shrink.methods.awq", "quantize_awq"),
-    "smoothquant": ("pernode.shrink.methods.smoothquant", "quantize_smoothquant"),
-    "w8a8": ("pernode.shrink.methods.smoothquant", "quantize_w8a8"),
-    "llm-int8": ("pernode.shrink.methods.llm_int8", "quantize_llm_int8"),
-}
-CALIBRATED = {"gptq", "awq", "smoothquant", "llm-int8"}
-
-
-def quantize_model(model, method: str, scheme: QuantScheme, calibration: torch.Tensor | None = None,
-                   **options) -> dict:
-    """Quantize `model` in place with `method`; returns the method's report (e.g. LLM.int8() outlier counts)."""
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is unknown: allowed {', '.join(METHODS)}")
-    if method in CALIBRATED and calibration is None:
-        raise ValueError(f"method {method!r} needs calibration windows (token ids [S, L])")
-    module, fn = METHODS[method]
-    return getattr(importlib.import_module(module), fn)(model, scheme, calibration=calibration, **options)
+__all__ = ["AWQ", "GPTQ", "LLMInt8", "METHODS", "Modifier", "RECIPES", "RTN", "Recipe", "SmoothQuant", "W8A8",
+           "method_named", "quantize_model", "recipes_named"]

@@ -5,7 +5,10 @@ q + 8) or `weight` (int8), `weight_scale` [out, groups], `weight_zero_point` [ou
 `weight_shape` ([out, in], int64). Embeddings and norms stay float; so does the lm_head (`ignore: ["lm_head"]`)
 unless quantized on request (a second config group targeting "lm_head", tie_word_embeddings false).
 W8A8 checkpoints add `input_activations` (dynamic per-token int8); LLM.int8() adds the non-standard
-`outlier_threshold` there.
+`outlier_threshold` there. `pernode_recipe` records the `Recipe` that wrote the folder (`Recipe.from_dict` reads it).
+
+This module only writes; `pernode.serve.models.loader.load_model` loads (what the engine serves), and
+`pernode.quant_format` translates between `quantization_config` and `QuantScheme` for both.
 """
 from __future__ import annotations
 
@@ -17,10 +20,10 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
-from pernode.quant_format import QuantScheme, quantization_config_from_scheme
+from pernode.quant_format import quantization_config_from_scheme
 from pernode.serve.kernels.quant_linear import QuantLinear, W8A8Linear
-from pernode.serve.models.llama import _FUSED, LlamaForCausalLM
-from pernode.serve.models.loader import load_model  # noqa: F401  (re-exported: shrink loads what it rewrites)
+from pernode.serve.models.llama import FUSED_PROJECTIONS, LlamaForCausalLM
+from pernode.shrink.recipes import Recipe
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -40,7 +43,7 @@ def quantized_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
         if module.weight_zero_point is not None:
             tensors["weight_zero_point"] = module.weight_zero_point
         parts = mod_name.split(".")
-        shards = [(hf, shard) for hf, (fused, shard) in _FUSED.items() if fused == parts[-1]]
+        shards = [(hf, shard) for hf, (fused, shard) in FUSED_PROJECTIONS.items() if fused == parts[-1]]
         for hf_name, shard in shards or [(parts[-1], None)]:
             rows = model._shard_range(parts[-1], shard) if shard is not None else (0, module.out_features)
             key = ".".join(([] if parts[0] == "lm_head" else ["model"]) + parts[:-1] + [hf_name])
@@ -65,9 +68,13 @@ def _hf_config_json(config) -> dict:
     }
 
 
-def save_quantized(model: LlamaForCausalLM, source, folder: str, scheme: QuantScheme, method: str,
-                   extra: dict | None = None) -> str:
-    """Write `folder`: model.safetensors, config.json (+ quantization_config) and the tokenizer files."""
+def save_quantized(model: LlamaForCausalLM, source, folder: str, recipe: Recipe, details: dict | None = None) -> str:
+    """Write `folder`: model.safetensors, config.json (+ quantization_config, which records `recipe` and the
+    method's `details`) and the tokenizer files. `model` is what `recipe.apply` left; the checkpoint is loaded by
+    `pernode.serve.models.loader.load_model`."""
+    if recipe.is_float:
+        raise ValueError(f"recipe {recipe.name!r} quantizes nothing: there is no quantized checkpoint to write")
+    scheme = recipe.scheme
     os.makedirs(folder, exist_ok=True)
     thresholds = {m.outlier_threshold for m in model.modules() if isinstance(m, W8A8Linear)} - {None}
     if thresholds:  # LLM.int8(): the layers, not the caller's scheme, know the outlier threshold
@@ -87,11 +94,12 @@ def save_quantized(model: LlamaForCausalLM, source, folder: str, scheme: QuantSc
         with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump({"bos_token": tok.bos_token, "eos_token": tok.eos_token, "chat_template": tok.chat_template}, f)
     cfg["tie_word_embeddings"] = model.config.tie_word_embeddings  # a quantized lm_head is untied
-    cfg["quantization_config"] = quantization_config_from_scheme(scheme, method, getattr(model.lm_head, "scheme", None))
-    if extra:
-        cfg["quantization_config"]["pernode_details"] = extra
-        if extra.get("observer") in ("mse", "hmse"):  # GPTQ's scale search
-            cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["observer"] = "mse"
+    qc = quantization_config_from_scheme(scheme, recipe.method, getattr(model.lm_head, "scheme", None))
+    qc["config_groups"]["group_0"]["weights"]["observer"] = recipe.modifier.weight_observer()
+    qc["pernode_recipe"] = recipe.to_dict()
+    if details:
+        qc["pernode_details"] = details
+    cfg["quantization_config"] = qc
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=1)
     return folder

@@ -13,9 +13,9 @@ import numpy as np
 
 def check_rate(request_rate: float, burstiness: float) -> None:
     if not (request_rate > 0):  # also rejects NaN
-        raise ValueError(f"--request-rate {request_rate}: must be > 0 requests/s, or inf to send all at once")
+        raise ValueError(f"request_rate={request_rate}: allowed > 0 requests/s, or inf to send all at once")
     if not (burstiness > 0) or math.isinf(burstiness):
-        raise ValueError(f"--burstiness {burstiness}: must be a finite number > 0 (1 = Poisson, <1 burstier, "
+        raise ValueError(f"burstiness={burstiness}: allowed a finite number > 0 (1 = Poisson, <1 burstier, "
                          f">1 steadier)")
 
 
@@ -23,7 +23,7 @@ def arrival_gaps_s(num_requests: int, request_rate: float, burstiness: float = 1
                    seed: int = 0) -> list[float]:
     """`num_requests` gaps in seconds; gap i is the wait after sending request i before sending request i+1."""
     if num_requests < 0:
-        raise ValueError(f"num_requests = {num_requests}: must be >= 0")
+        raise ValueError(f"num_requests={num_requests}: allowed >= 0")
     check_rate(request_rate, burstiness)
     if math.isinf(request_rate):
         return [0.0] * num_requests

@@ -5,41 +5,40 @@ llama-cpp-python when installed (`pip install '.[peers]'`), which reads the GGUF
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import time
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
-from pernode.measure.bench.offline_throughput import (OfflineWorkload, ThroughputResult, random_workload, run_hf_static,
-                                                run_pernode)
+from pernode.measure.bench.config import OfflineBenchConfig
+from pernode.measure.bench.offline_throughput import (OfflineWorkload, ThroughputResult, random_workload,
+                                                      run_hf_static, run_pernode)
+from pernode.serve.engine.llm_engine import LLMEngine
+from pernode.serve.llm import LLM
+from pernode.serve.models.registry import ModelSource
 
 log = logging.getLogger("pernode.bench")
 
-
-def parse_range(text: str, name: str) -> tuple[int, int]:
-    try:
-        lo, _, hi = text.partition(":")
-        lo, hi = int(lo), int(hi or lo)
-    except ValueError:
-        raise ValueError(f"{name}={text!r} is not a range: use MIN:MAX or N (tokens)") from None
-    if not 1 <= lo <= hi:
-        raise ValueError(f"{name}={text!r} is out of range: need 1 <= MIN <= MAX")
-    return lo, hi
+NUM_SPECIAL_TOKENS = 17  # ids below this are control tokens in the Llama-family vocabularies; prompts avoid them
 
 
-def hf_model_for(source):
+def hf_model_for(source: ModelSource):
     """HF transformers' LlamaForCausalLM on the same weights pernode serves (fp32)."""
-    import os
-
+    # lazy: transformers is a heavy optional peer (the `test` extra) that only this comparison needs
     from transformers import AutoModelForCausalLM
 
     if source.format == "gguf":
-        return AutoModelForCausalLM.from_pretrained(os.path.dirname(source.path), gguf_file=os.path.basename(source.path),
+        return AutoModelForCausalLM.from_pretrained(os.path.dirname(source.path),
+                                                    gguf_file=os.path.basename(source.path),
                                                     dtype=torch.float32).eval()
     return AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
 
 
-def run_hf_best(source, workload: OfflineWorkload, batch_sizes: list[int], sweep_prompts: int,
+def run_hf_best(source: ModelSource, workload: OfflineWorkload, batch_sizes: list[int], sweep_prompts: int,
                 pad_token_id: int) -> ThroughputResult:
     model = hf_model_for(source)
     sweep = OfflineWorkload(workload.prompts[:sweep_prompts], workload.output_lens[:sweep_prompts])
@@ -56,6 +55,7 @@ def run_hf_best(source, workload: OfflineWorkload, batch_sizes: list[int], sweep
 def run_llama_cpp(gguf_path: str, workload: OfflineWorkload, threads: int) -> ThroughputResult | None:
     """llama.cpp serves requests one at a time here (llama-cpp-python has no continuous batching API)."""
     try:
+        # lazy: llama-cpp-python is an optional peer (`pip install '.[peers]'`), often not installed
         from llama_cpp import Llama
     except ImportError:
         log.info("llama-cpp-python is not installed (pip install '.[peers]'): llama.cpp skipped")
@@ -65,7 +65,7 @@ def run_llama_cpp(gguf_path: str, workload: OfflineWorkload, threads: int) -> Th
     for prompt, n in zip(workload.prompts, workload.output_lens):
         llm.reset()
         produced = 0
-        for tok in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        for _ in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
             produced += 1
             if produced >= n:
                 break
@@ -74,43 +74,31 @@ def run_llama_cpp(gguf_path: str, workload: OfflineWorkload, threads: int) -> Th
                             workload.num_prompt_tokens, note="one request at a time, its own Q4_1 weights")
 
 
-def run_bench_offline(llm, source, args) -> list[ThroughputResult]:
+def run_bench_offline(llm: LLM, source: ModelSource, config: OfflineBenchConfig) -> list[ThroughputResult]:
+    """One seeded workload on `llm` (and on a copy of it per `config.also_dtypes`), then on the peers.
+    `source` is the model `llm` serves, which the peers load in their own way."""
     cfg = llm.engine.model_config
-    special = tuple(range(17))
-    workload = random_workload(args.num_prompts, cfg.vocab_size, parse_range(args.input_len, "input_len"),
-                               parse_range(args.output_len, "output_len"), seed=args.seed, avoid_ids=special)
+    workload = random_workload(config.num_prompts, cfg.vocab_size, config.input_len_range, config.output_len_range,
+                               seed=config.seed, avoid_ids=tuple(range(NUM_SPECIAL_TOKENS)))
     results = [run_pernode(llm, workload)]
-    for dtype in filter(None, (d.strip() for d in args.also_dtypes.split(","))):
-        import dataclasses
-
-        from pernode.serve.engine.llm_engine import LLMEngine
-        from pernode.serve.llm import LLM
-
+    for dtype in config.also_dtypes:
         other = LLM.from_engine(LLMEngine(dataclasses.replace(llm.engine.config, dtype=dtype)))
         results.append(run_pernode(other, workload))
         del other
-    peers = {p.strip() for p in args.peers.split(",")} - {"none", ""}
-    unknown = peers - {"hf", "llama.cpp"}
-    if unknown:
-        raise ValueError(f"peers={sorted(unknown)} unknown: allowed hf, llama.cpp, none")
-    if "hf" in peers and source.quantization_config:
+    if "hf" in config.peers and source.quantization_config:
         log.info("HF transformers skipped: %s is a quantized (compressed-tensors) checkpoint", source.path)
-    elif "hf" in peers:
-        sizes = [int(b) for b in args.hf_batch_sizes.split(",")]
+    elif "hf" in config.peers:
         pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else cfg.eos_token_ids[0]
-        results.append(run_hf_best(source, workload, sizes, args.hf_sweep_prompts, pad))
-    gguf = args.llama_cpp_gguf or (source.path if source.format == "gguf" else None)
-    if "llama.cpp" in peers and gguf:
+        results.append(run_hf_best(source, workload, list(config.hf_batch_sizes), config.hf_sweep_prompts, pad))
+    gguf = config.llama_cpp_gguf or (source.path if source.format == "gguf" else None)
+    if "llama.cpp" in config.peers and gguf:
         r = run_llama_cpp(gguf, workload, torch.get_num_threads())
         if r:
             results.append(r)
     return results
 
 
-def print_results(results: list[ThroughputResult], console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
+def print_results(results: list[ThroughputResult], console: Console | None = None) -> None:
     console = console or Console()
     ours = results[0]
     t = Table(title=f"offline throughput: {ours.num_requests} requests, {ours.prompt_tokens} prompt + "
@@ -119,6 +107,7 @@ def print_results(results: list[ThroughputResult], console=None) -> None:
         t.add_column(col, justify="right" if col not in ("system", "note") else "left")
     for r in results:
         ratio = ours.output_tokens_per_s / r.output_tokens_per_s
-        t.add_row(r.system if r.system != "pernode" else f"pernode ({r.note.split(', ')[-1]})", f"{r.output_tokens_per_s:.1f}", f"{r.requests_per_s:.2f}", f"{r.total_tokens_per_s:.1f}",
+        system = r.system if r.system != "pernode" else f"pernode ({r.note.split(', ')[-1]})"
+        t.add_row(system, f"{r.output_tokens_per_s:.1f}", f"{r.requests_per_s:.2f}", f"{r.total_tokens_per_s:.1f}",
                   f"{r.elapsed_s:.1f}", f"{ratio:.2f}", r.note)
     console.print(t)

@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+from tokenizers import Tokenizer
+
+from pernode.serve.models.gguf_file import GGUFFile
+from pernode.serve.tokenizer import Tokenizer as GGUFTokenizer
 
 DATASETS = ("random", "jsonl", "chat")
 
@@ -49,35 +53,16 @@ class BenchRequest:
         return "chat" if self.messages is not None else "completions"
 
 
-def parse_len_range(text: str, flag: str) -> tuple[int, int]:
-    """'512' -> (512, 512); '256:1024' -> (256, 1024). Both ends are tokens and inclusive."""
-    lo_s, sep, hi_s = str(text).partition(":")
-    try:
-        lo = int(lo_s)
-        hi = int(hi_s) if sep else lo
-    except ValueError:
-        raise ValueError(f"{flag} {text!r}: expected N or MIN:MAX token counts, e.g. 512 or 256:1024") from None
-    if lo < 1 or hi < lo:
-        raise ValueError(f"{flag} {text!r}: need 1 <= MIN <= MAX (got MIN={lo}, MAX={hi})")
-    return lo, hi
-
-
 def load_tokenizer(path: str | os.PathLike) -> Tokenize:
     """A `text -> token ids` function from a Hugging Face `tokenizer.json` (or a folder holding one) or a .gguf."""
     p = Path(path)
     if p.suffix == ".gguf" and p.is_file():
-        # lazy: reading a GGUF pulls in torch, which the load generator otherwise never needs
-        from pernode.serve.models.gguf_file import GGUFFile
-        from pernode.serve.tokenizer import Tokenizer as GGUFTokenizer
-
         gguf_tok = GGUFTokenizer.from_gguf(GGUFFile(str(p)))
         return lambda text: gguf_tok.encode(text, add_special_tokens=False)
-    from tokenizers import Tokenizer  # only needed when a tokenizer is given
-
     if p.is_dir():
         p = p / "tokenizer.json"
     if not p.is_file():
-        raise ValueError(f"--tokenizer {str(path)!r}: no tokenizer.json there; pass the file, its folder or a .gguf")
+        raise ValueError(f"tokenizer={str(path)!r}: no tokenizer.json there; pass the file, its folder or a .gguf")
     tok = Tokenizer.from_file(str(p))
     return lambda text: tok.encode(text, add_special_tokens=False).ids
 
@@ -161,7 +146,7 @@ def jsonl_requests(path: str | os.PathLike, num_prompts: int, default_max_tokens
             else:
                 raise ValueError(f"{where}: needs a string 'prompt' or a non-empty list 'messages'")
     if not rows:
-        raise ValueError(f"--dataset-path {str(path)!r}: the file has no requests")
+        raise ValueError(f"dataset_path={str(path)!r}: the file has no requests")
     return [rows[i % len(rows)] for i in range(num_prompts)]
 
 

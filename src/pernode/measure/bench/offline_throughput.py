@@ -9,9 +9,13 @@ import time
 from dataclasses import dataclass
 
 import torch
+from rich.progress import Progress
+
+from pernode.serve.llm import LLM
+from pernode.serve.sampling.params import SamplingParams
 
 
-@dataclass
+@dataclass(frozen=True)
 class OfflineWorkload:
     prompts: list[list[int]]  # token ids
     output_lens: list[int]
@@ -38,7 +42,7 @@ def random_workload(num_requests: int, vocab_size: int, prompt_len: tuple[int, i
     return OfflineWorkload(prompts, outs)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ThroughputResult:
     system: str
     elapsed_s: float
@@ -60,15 +64,14 @@ class ThroughputResult:
         return (self.output_tokens + self.prompt_tokens) / self.elapsed_s
 
 
-def run_pernode(llm, workload: OfflineWorkload, use_tqdm: bool = True) -> ThroughputResult:
-    from pernode.serve.sampling.params import SamplingParams
-
+def run_pernode(llm: LLM, workload: OfflineWorkload, use_tqdm: bool = True) -> ThroughputResult:
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
     start = time.perf_counter()
     outputs = llm.generate(workload.prompts, params, use_tqdm=use_tqdm)
     elapsed = time.perf_counter() - start
     produced = sum(len(o.outputs[0].token_ids) for o in outputs)
-    assert produced == workload.num_output_tokens, "ignore_eos requests must produce exactly max_tokens"
+    if produced != workload.num_output_tokens:  # ignore_eos holds every output to its max_tokens
+        raise RuntimeError(f"pernode produced {produced} tokens, {workload.num_output_tokens} were asked for")
     return ThroughputResult("pernode", elapsed, len(outputs), produced, workload.num_prompt_tokens,
                             note=f"continuous batching, {llm.engine.dtype}".replace("torch.", ""))
 
@@ -77,8 +80,6 @@ def run_hf_static(hf_model, workload: OfflineWorkload, batch_size: int, pad_toke
                   use_tqdm: bool = True) -> ThroughputResult:
     """HF `generate` in arrival-order static batches: each batch is left-padded and runs until its longest
     requested output, the classic request-level batching continuous batching replaces."""
-    from rich.progress import Progress
-
     n = len(workload.prompts)
     start = time.perf_counter()
     with Progress(disable=not use_tqdm, transient=True) as bar:

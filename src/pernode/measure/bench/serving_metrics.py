@@ -8,20 +8,23 @@ numbers from vLLM's tool and mean the same thing:
 - E2E    = time of the last content chunk - time the request was sent (`e2el` in vLLM's names).
 - TPOT   = (E2E - TTFT) / (output_tokens - 1), per request, only for requests with more than one output token.
 - Throughputs divide by the benchmark duration (first send to last completion, measured by the caller).
-- Goodput = requests per second that meet every given SLO; a request with at most one output token counts TPOT = 0.
+- Goodput = requests per second that meet every given SLO (`pernode.slo.SLO.met`, the planner's rule); a request
+  with at most one output token has no TPOT and cannot miss it.
 
 Failed requests are counted and listed with their errors; they never vanish from the denominator of "how many did
 we send", but (as in vLLM) they add no tokens and no latencies.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
+from pernode.slo import SLO
+
 DEFAULT_PERCENTILES = (50.0, 90.0, 99.0)
-SLO_KEYS = ("ttft_ms", "tpot_ms", "e2e_ms")
 
 
 @dataclass
@@ -65,29 +68,14 @@ class RequestTimeline:
         return (self.e2e_s - self.ttft_s) / (n - 1)
 
 
-def parse_slo(text: str | None) -> dict[str, float]:
-    """Parse `--slo ttft_ms=500,tpot_ms=50,e2e_ms=10000` into {"ttft_ms": 500.0, ...}; empty -> {}."""
-    if not text:
-        return {}
-    slo: dict[str, float] = {}
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        key, sep, value = part.partition("=")
-        key = key.strip()
-        if not sep or key not in SLO_KEYS:
-            raise ValueError(
-                f"--slo entry {part!r}: expected KEY=MILLISECONDS with KEY one of {', '.join(SLO_KEYS)}, "
-                f"e.g. --slo ttft_ms=500,tpot_ms=50")
-        try:
-            ms = float(value)
-        except ValueError:
-            raise ValueError(f"--slo {key}={value!r}: the value must be a number of milliseconds > 0") from None
-        if not ms > 0:
-            raise ValueError(f"--slo {key}={ms}: must be > 0 milliseconds")
-        slo[key] = ms
-    return slo
+def parse_slo(text: str | None) -> SLO | None:
+    """The optional `slo` setting (`ttft_ms=500,tpot_ms=50,e2e_ms=10000`) as an SLO; empty or None -> None."""
+    return SLO.parse(text) if text and text.strip() else None
+
+
+def percentile_key(p: float, name: str) -> str:
+    """vLLM's key of the p-th percentile of `name` in ms: p99 -> `p99_ttft_ms`, p99.9 -> `p99_9_ttft_ms`."""
+    return f"p{p:g}_{name}_ms".replace(".", "_")
 
 
 def summarize_ms(values_s: Sequence[float], name: str,
@@ -104,24 +92,12 @@ def summarize_ms(values_s: Sequence[float], name: str,
     out[f"median_{name}_ms"] = None if empty else float(np.median(arr))
     out[f"std_{name}_ms"] = None if empty else float(arr.std())
     for p in percentiles:
-        label = f"{p:g}".replace(".", "_")
-        out[f"p{label}_{name}_ms"] = None if empty else float(np.percentile(arr, p))
+        out[percentile_key(p, name)] = None if empty else float(np.percentile(arr, p))
     return out
 
 
-def is_good(t: RequestTimeline, slo: Mapping[str, float]) -> bool:
-    """Does one successful request meet every SLO? (TPOT of a <=1-token request counts as 0, as in vLLM.)"""
-    if "ttft_ms" in slo and t.ttft_s * 1000.0 > slo["ttft_ms"]:
-        return False
-    if "tpot_ms" in slo and (t.tpot_s or 0.0) * 1000.0 > slo["tpot_ms"]:
-        return False
-    if "e2e_ms" in slo and t.e2e_s * 1000.0 > slo["e2e_ms"]:
-        return False
-    return True
-
-
 def compute_serving_metrics(timelines: Sequence[RequestTimeline], duration_s: float,
-                            slo: Mapping[str, float] | None = None,
+                            slo: SLO | None = None,
                             percentiles: Iterable[float] = DEFAULT_PERCENTILES) -> dict:
     """All serving metrics of one benchmark run, as a JSON-able dict.
 
@@ -136,7 +112,6 @@ def compute_serving_metrics(timelines: Sequence[RequestTimeline], duration_s: fl
     if not duration_s > 0:
         raise ValueError(f"duration_s = {duration_s}: must be > 0 seconds (the benchmark's wall time)")
     percentiles = tuple(percentiles)
-    slo = dict(slo or {})
     ok: list[RequestTimeline] = []
     failed: list[dict] = []
     for t in timelines:
@@ -154,7 +129,11 @@ def compute_serving_metrics(timelines: Sequence[RequestTimeline], duration_s: fl
     tpots = [t.tpot_s for t in ok if t.tpot_s is not None]
     itls = [gap for t in ok for gap in t.itl_s]
     e2es = [t.e2e_s for t in ok]
-    num_good = sum(1 for t in ok if is_good(t, slo)) if slo else None
+    num_good = None
+    if slo is not None:
+        # The planner's rule (pernode.slo); a one-token request has no TPOT (NaN) and cannot miss it.
+        tpot_or_nan = [math.nan if t.tpot_s is None else t.tpot_s for t in ok]
+        num_good = int(slo.met(ttfts, tpot_or_nan, e2es).sum())
 
     metrics: dict = {
         "num_requests": len(timelines),
@@ -167,7 +146,7 @@ def compute_serving_metrics(timelines: Sequence[RequestTimeline], duration_s: fl
         "request_throughput_per_s": len(ok) / duration_s,
         "output_throughput_tok_s": total_output / duration_s,
         "total_token_throughput_tok_s": (total_input + total_output) / duration_s,
-        "slo": slo,
+        "slo": {} if slo is None else {k: ms for k, ms in slo.to_dict().items() if ms is not None},
         "good_requests": num_good,
         "request_goodput_per_s": None if num_good is None else num_good / duration_s,
     }

@@ -1,5 +1,5 @@
-"""Decode speed of a model by direct forwards through a paged KV cache (no scheduler/sampler overhead), and
-llama.cpp's on a GGUF for comparison.
+"""Decode speed of a checkpoint as the engine serves it (its runner and sampler over a paged KV cache, without the
+scheduler's bookkeeping), and llama.cpp's on a GGUF for comparison.
 
 Batch-1 decode streams every weight once per token, so tok/s x weight bytes is the achieved bandwidth.
 """
@@ -7,49 +7,41 @@ from __future__ import annotations
 
 import time
 
-import torch
+from torch import nn
 
-from pernode.serve.kernels.attention import AttentionMetadata
-
-BLOCK = 16
-
-
-@torch.inference_mode()
-def decode_tokens_per_s(model, batch: int, steps: int, prompt_len: int = 32, warmup: int = 2) -> float:
-    """Tokens/s of `steps` decode steps of `batch` sequences after a `prompt_len` prefill (greedy)."""
-    c = model.config
-    total = prompt_len + steps + warmup
-    bps = -(-total // BLOCK)
-    shape = (batch * bps, BLOCK, c.num_key_value_heads, c.head_dim)
-    dtype = model.embed_tokens.weight.dtype
-    caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(c.num_hidden_layers)]
-    tables = torch.arange(batch * bps, dtype=torch.int32).view(batch, bps)
-
-    def step(ids: torch.Tensor, start: int, n: int) -> torch.Tensor:
-        pos = torch.arange(start, start + n)
-        slots = (tables[:, pos // BLOCK].long() * BLOCK + pos % BLOCK).flatten()
-        qsl = [i * n for i in range(batch + 1)]
-        seq_lens = torch.full((batch,), start + n, dtype=torch.int32)
-        meta = AttentionMetadata(torch.tensor(qsl, dtype=torch.int32), seq_lens, tables, slots, n, start + n, qsl,
-                                 [start + n] * batch)
-        last = torch.tensor([i * n + n - 1 for i in range(batch)])
-        return model(ids.flatten(), pos.repeat(batch), caches, meta, last).argmax(-1)
-
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, c.vocab_size, (batch, prompt_len), generator=gen)
-    nxt = step(ids, 0, prompt_len)
-    pos = prompt_len
-    for _ in range(warmup):
-        nxt = step(nxt[:, None], pos, 1)
-        pos += 1
-    started = time.perf_counter()
-    for _ in range(steps):
-        nxt = step(nxt[:, None], pos, 1)
-        pos += 1
-    return batch * steps / (time.perf_counter() - started)
+from pernode.config import DEFAULT_BLOCK_SIZE, EngineConfig
+from pernode.serve.engine.llm_engine import LLMEngine
 
 
-def weight_bytes_per_token(model) -> int:
+def decode_tokens_needed(steps: int, prompt_len: int = 32, warmup: int = 2) -> int:
+    """KV tokens the engine sets aside per sequence for `decode_tokens_per_s(..., steps, prompt_len, warmup)`."""
+    return prompt_len + 1 + warmup + steps
+
+
+def decode_engine(model_path: str, num_blocks: int, device: str = "cpu", dtype: str = "float32") -> LLMEngine:
+    """An engine on `model_path` to time decode on: as `load_model` builds the model (fp32 on the CPU by default),
+    with a KV cache of `num_blocks` blocks of DEFAULT_BLOCK_SIZE tokens (see `decode_blocks_needed`)."""
+    return LLMEngine(EngineConfig(model=model_path, device=device, dtype=dtype, block_size=DEFAULT_BLOCK_SIZE,
+                                  num_blocks=num_blocks, enable_prefix_caching=False))
+
+
+def decode_blocks_needed(batch: int, steps: int, prompt_len: int = 32, warmup: int = 2) -> int:
+    """KV blocks `decode_tokens_per_s(engine, batch, steps, prompt_len, warmup)` takes from the engine's cache."""
+    return batch * -(-decode_tokens_needed(steps, prompt_len, warmup) // DEFAULT_BLOCK_SIZE)
+
+
+def decode_tokens_per_s(engine: LLMEngine, batch: int, steps: int, prompt_len: int = 32, warmup: int = 2) -> float:
+    """Tokens/s of `steps` greedy decode steps of `batch` sequences at context `prompt_len` onward, after `warmup`
+    steps that are not counted. The context holds placeholder K/V: a step's time depends on shapes, not values."""
+    # The first timed step attends to prompt_len cached tokens plus its own, as after a prefill of prompt_len.
+    times = engine.time_decode_steps(batch, prompt_len + 1, warmup + steps)
+    if times is None:
+        raise ValueError(f"batch={batch}: {decode_blocks_needed(batch, steps, prompt_len, warmup)} KV blocks "
+                         f"needed, the engine has {engine.num_blocks}; build it with decode_engine(num_blocks=...)")
+    return batch * steps / sum(times[warmup:])
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
     """Bytes of weights a batch-1 decode step reads: every parameter/buffer except the embedding table, whose one
     row per token is noise, unless it is also the (tied) lm_head, which reads all of it once."""
     tied = getattr(model.lm_head, "weight", None) is model.embed_tokens.weight
@@ -68,6 +60,7 @@ def llama_cpp_decode_tokens_per_s(gguf_path: str, threads: int, steps: int, prom
     """llama.cpp's batch-1 decode of a GGUF (its own kernels and weights), greedy, after a `prompt_len` prefill;
     None when llama-cpp-python is not installed (`pip install '.[peers]'`)."""
     try:
+        # lazy: llama-cpp-python is an optional peer (`pip install '.[peers]'`), often not installed
         from llama_cpp import Llama
     except ImportError:
         return None

@@ -2,18 +2,19 @@
 
 The roofline needs a ceiling the hardware can actually reach with the kernels we have, so the peaks are measured
 with plain torch ops (best of a few runs) rather than read from a spec sheet; each records the kernel that set it.
-Published datasheet peaks of other accelerators live in accelerators.py, and projection onto them in projection.py
-(both re-exported here).
+Published datasheet peaks of other accelerators live in accelerators.py, and projection onto them in projection.py.
 """
 from __future__ import annotations
 
 import math
 import os
+import platform
 import time
 from typing import Callable
 
-from pernode.measure.profile.accelerators import PUBLISHED_ACCELERATORS, get_accelerator, hardware_section  # noqa: F401
-from pernode.measure.profile.projection import project_profile  # noqa: F401
+import torch
+
+from pernode.measure.profile.profile_schema import HardwareSection
 
 # Sizes: large enough to leave the caches (bandwidth) and to fill the matmul units (FLOPs), small enough to run
 # in a few seconds on a 2-core CPU. `quick` is for tests.
@@ -24,8 +25,6 @@ CUDA_SIZES = {"bandwidth_mib": 2048, "mm_n": 8192, "int8_n": 8192}
 
 def _time_best_s(fn: Callable[[], object], device, repeats: int, inner: int) -> float:
     """Best (least) time of one call to `fn`, over `repeats` timings of `inner` back-to-back calls each."""
-    import torch
-
     fn()  # warm-up: allocation, kernel selection, page faults
     cuda = device.type == "cuda"
     if cuda:
@@ -52,8 +51,6 @@ def _time_best_s(fn: Callable[[], object], device, repeats: int, inner: int) -> 
 
 def measure_bandwidth_gbs(device, size_mib: int, repeats: int = 5, inner: int = 1) -> tuple[float, str]:
     """Read bandwidth of a full-tensor sum: every byte read once, the result is one number."""
-    import torch
-
     x = torch.ones(size_mib * 2**20 // 4, dtype=torch.float32, device=device)
     t = _time_best_s(lambda: x.sum(), device, repeats, inner)
     return x.numel() * 4 / t / 1e9, f"torch.sum over a {size_mib} MiB float32 tensor, best of {repeats}"
@@ -61,8 +58,6 @@ def measure_bandwidth_gbs(device, size_mib: int, repeats: int = 5, inner: int = 
 
 def measure_matmul_flops(device, dtype_name: str, n: int, repeats: int = 3, inner: int = 1) -> tuple[float, str]:
     """FLOP/s of an n x n x n matmul (2*n^3 FLOPs) in fp32, bf16, int8 (torch._int_mm) or fp8 (torch._scaled_mm)."""
-    import torch
-
     if dtype_name == "int8":
         a = torch.randint(-128, 127, (n, n), dtype=torch.int8, device=device)
         b = torch.randint(-128, 127, (n, n), dtype=torch.int8, device=device)
@@ -92,7 +87,6 @@ def _cpu_name() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
     return platform.processor() or "cpu"
 
 
@@ -109,15 +103,13 @@ def _cpu_memory_bytes() -> int:
     return total
 
 
-def measure_peaks(device: str | None = None, quick: bool = False) -> dict:
+def measure_peaks(device: str | None = None, quick: bool = False) -> HardwareSection:
     """The profile's `hardware` section for this machine, measured (a few seconds; `quick` for tests).
 
     `peak_flops` keeps fp32, bf16, int8 (and fp8 on GPUs that have it); a format with no fast path here (bf16
     slower than fp32 on a CPU without bf16 units) is None there, with the measured number under
     `measured_flops` and a note.
     """
-    import torch
-
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     notes: list[str] = []
     if dev.type == "cuda":

@@ -11,20 +11,20 @@ import json
 import math
 import os
 import tempfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, TypedDict
 
 from pernode.config import ModelConfig
-from pernode.measure.profile.roofline import (StepCost, compute_key, count_params, dtype_bytes, place_on_roofline)
+from pernode.measure.profile.roofline import StepCost, compute_key, count_params, dtype_bytes, place_on_roofline
 
 SCHEMA_VERSION = 1
 
 
 def _pernode_version() -> str:
     try:
-        from importlib.metadata import version
         return version("pernode")
-    except Exception:  # running from a source tree that was never installed
+    except PackageNotFoundError:  # running from a source tree that was never installed
         return "0.1.0"
 
 
@@ -57,6 +57,7 @@ class HardwareSection(TypedDict, total=False):
     peak_bandwidth_gbs: float
     peak_flops: dict[str, float | None]  # FLOP/s by compute dtype: fp32, bf16, int8 (and fp8 where known)
     peak_source: str  # "measured", or the datasheet a published peak came from
+    measured_flops: dict[str, float | None]  # optional: every measured matmul peak, used as a peak or not
     kernels: dict[str, str]  # optional: how each peak was measured
     notes: list[str]  # optional
 
@@ -229,9 +230,11 @@ def save_profile(path: str | os.PathLike, d: Profile) -> Path:
 
 
 def load_profile(path: str | os.PathLike) -> Profile:
-    """Read and validate a profile; the error says which file and which field."""
+    """Read and validate a profile: the one way to read `profile.json`. A ValueError says which file and field."""
     try:
-        d = json.loads(Path(path).read_text())
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); {FIX_HINT}") from None
     try:

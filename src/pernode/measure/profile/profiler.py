@@ -11,12 +11,14 @@ import statistics
 import time
 
 import torch
+from rich.console import Console
 from rich.progress import Progress
+from rich.table import Table
 
-from pernode.serve.engine.llm_engine import LLMEngine
 from pernode.measure.profile import profile_schema as schema
 from pernode.measure.profile.hardware import measure_peaks
 from pernode.measure.profile.roofline import crossover_batch_size, decode_step_cost, dtype_bytes, prefill_cost
+from pernode.serve.engine.llm_engine import LLMEngine
 from pernode.serve.sampling.params import SamplingParams
 
 log = logging.getLogger("pernode.profile")
@@ -58,8 +60,9 @@ def memory_high_water_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def run_profile(engine: LLMEngine, quick: bool = False, hardware: dict | None = None, seed: int = 0,
-                batch_sizes=None, prompt_lens=None, context_len: int | None = None, max_step_s: float = 5.0) -> dict:
+def run_profile(engine: LLMEngine, quick: bool = False, hardware: schema.HardwareSection | None = None, seed: int = 0,
+                batch_sizes=None, prompt_lens=None, context_len: int | None = None,
+                max_step_s: float = 5.0) -> schema.Profile:
     """Measure the node and return a validated profile dict (docs/profile_schema.md)."""
     plan = dict(QUICK if quick else FULL)
     if batch_sizes:
@@ -108,10 +111,7 @@ def run_profile(engine: LLMEngine, quick: bool = False, hardware: dict | None = 
         memory_high_water_bytes=memory_high_water_bytes(engine.device))
 
 
-def print_profile(profile: dict, console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
+def print_profile(profile: schema.Profile, console: Console | None = None) -> None:
     console = console or Console()
     m, hw, kv = profile["model"], profile["hardware"], profile["kv_cache"]
     console.print(f"[bold]{m['name']}[/bold] {m['dtype']}: {m['num_params'] / 1e6:.1f} M params, "

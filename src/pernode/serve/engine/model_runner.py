@@ -6,7 +6,7 @@ import torch
 
 from pernode.serve.engine.request import Request
 from pernode.serve.engine.scheduler import ScheduledBatch
-from pernode.serve.kernels.attention import AttentionMetadata
+from pernode.serve.kernels.attention_metadata import AttentionMetadata
 from pernode.serve.models.llama import LlamaForCausalLM
 
 

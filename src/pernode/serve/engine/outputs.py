@@ -1,7 +1,20 @@
 """What the engine hands back each step: per-request deltas for streaming, full text for batch use."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+
+
+class FinishReason(str, enum.Enum):
+    """Why a sample ended; compares and serialises as OpenAI's strings ("stop" == FinishReason.STOP)."""
+
+    STOP = "stop"  # eos, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the context length
+    ABORT = "abort"  # the caller aborted it (client gone, server draining)
+    ERROR = "error"  # the engine failed while running it
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
@@ -26,7 +39,7 @@ class CompletionOutput:
     logprobs: list[TokenLogprob] | None = None
     delta_logprobs: list[TokenLogprob] | None = None
     cumulative_logprob: float | None = None  # set when logprobs were requested
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
 
     @property

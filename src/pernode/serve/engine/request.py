@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pernode.serve.engine.outputs import FinishReason
 from pernode.serve.sampling.params import SamplingParams
 
 
@@ -21,7 +22,6 @@ class RequestTimes:
     arrival_s: float = field(default_factory=time.monotonic)
     first_scheduled_s: float | None = None
     first_token_s: float | None = None
-    last_token_s: float | None = None
     finished_s: float | None = None
 
 
@@ -48,11 +48,9 @@ class Request:
         self.num_hashed_blocks = 0  # leading blocks already registered in the prefix cache
         self.block_hashes: list[int] = []  # hash of each full block of all_token_ids, filled lazily
         self.num_preemptions = 0
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
         self.stop_reason: str | int | None = None
         self.times = RequestTimes()
-        self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None
-        self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
         self.generator: torch.Generator | None = None
         if seed is not None:
             self.generator = torch.Generator().manual_seed(seed)

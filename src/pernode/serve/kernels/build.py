@@ -4,27 +4,19 @@ A kernel that fails to build is reported and skipped; pernode then uses its plai
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 
-# modules that expose build_kernels() -> Path | None
-KERNEL_MODULES = ["pernode.serve.kernels.paged_attention_cpu", "pernode.serve.kernels.quant_linear", "pernode.serve.kernels.layer_ops",
-                  "pernode.serve.kernels.dense_linear"]
+from pernode.serve.kernels import dense_linear, layer_ops, paged_attention_cpu, quant_linear
+
+KERNEL_MODULES = (paged_attention_cpu, quant_linear, layer_ops, dense_linear)  # each has build_kernels()
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name in KERNEL_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        build = getattr(module, "build_kernels", None)
-        if build is None:
-            continue
-        path = build()
-        print(f"{name}: {'built ' + str(path) if path else 'not built, plain-torch fallback in use'}")
+    for module in KERNEL_MODULES:
+        path = module.build_kernels()
+        print(f"{module.__name__}: {'built ' + str(path) if path else 'not built, plain-torch fallback in use'}")
     return 0
 
 

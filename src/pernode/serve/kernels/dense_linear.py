@@ -8,18 +8,16 @@ which is also the reference the kernel is held to.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pernode import envs
+from pernode.envs import KernelChoice
 from pernode.serve.kernels.jit import build_path, load_extension
-from pernode.serve.kernels.quant_linear import gemv_threads
 
 SOURCE = "dense_gemv.cpp"
 MAX_ROWS = 4  # measured: at 8 rows oneDNN's GEMM is faster again
-FORCE_REFERENCE = os.environ.get("PERNODE_DENSE_GEMV", "").lower() == "off"
 
 
 class Linear(nn.Linear):
@@ -27,10 +25,10 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
-                and self.weight.dtype == torch.float32 and not FORCE_REFERENCE
+                and self.weight.dtype == torch.float32
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-                and load_extension(SOURCE)):
-            return torch.ops.pernode.dense_gemv(x, self.weight, self.bias, gemv_threads())
+                and load_extension(SOURCE) and envs.dense_gemv_kernel() is KernelChoice.NATIVE):
+            return torch.ops.pernode.dense_gemv(x, self.weight, self.bias, envs.quant_threads())
         return F.linear(x, self.weight, self.bias)
 
 

@@ -11,22 +11,17 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 import platform
 from pathlib import Path
 
 import torch
 
+from pernode import envs
+
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
-
-
-def kernel_cache_dir() -> Path:
-    """Where compiled kernels live: $PERNODE_KERNEL_CACHE, else ~/.cache/pernode/kernels."""
-    env = os.environ.get("PERNODE_KERNEL_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "pernode" / "kernels"
 
 
 def cpu_signature() -> str:
@@ -52,10 +47,11 @@ def build_name(source: str) -> str:
 def load_extension(source: str) -> bool:
     """Build (if needed) and load csrc/<source>, registering its torch.ops.pernode.* ops; False if it failed."""
     try:
+        # imported here: it pulls in setuptools (~0.15 s), and a missing toolchain must only cost the fast path
         from torch.utils import cpp_extension
 
         name = build_name(source)
-        build_dir = kernel_cache_dir() / name
+        build_dir = envs.kernel_cache_dir() / name
         build_dir.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(name=name, sources=[str(CSRC / source)], extra_cflags=list(CFLAGS),
                            build_directory=str(build_dir), is_python_module=False, verbose=False)
@@ -68,4 +64,4 @@ def load_extension(source: str) -> bool:
 
 def build_path(source: str) -> Path | None:
     """Build csrc/<source> now and return its build folder, or None if it failed (for `make`)."""
-    return kernel_cache_dir() / build_name(source) if load_extension(source) else None
+    return envs.kernel_cache_dir() / build_name(source) if load_extension(source) else None

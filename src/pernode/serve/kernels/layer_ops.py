@@ -7,20 +7,20 @@ int4 decode step.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from pernode import envs
+from pernode.envs import KernelChoice
 from pernode.serve.kernels.jit import build_path, load_extension
 
 SOURCE = "layer_ops.cpp"
-FORCE_REFERENCE = os.environ.get("PERNODE_LAYER_OPS", "").lower() == "reference"
 
 
 def _use_kernel(*tensors: torch.Tensor) -> bool:
     # the ops have no autograd formula: anything that needs gradients takes the torch path
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return tensors[0].device.type == "cpu" and not FORCE_REFERENCE and not needs_grad and load_extension(SOURCE)
+    return (tensors[0].device.type == "cpu" and not needs_grad and load_extension(SOURCE)
+            and envs.layer_ops_kernel() is KernelChoice.NATIVE)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -2,20 +2,17 @@
 
 FlashAttention's online softmax (arXiv 2205.14135, 2307.08691) over PagedAttention's block tables (arXiv 2309.06180).
 The kernel is compiled on first use (torch JIT extension) for this very CPU and cached; `python -m
-pernode.serve.kernels.paged_attention_cpu` builds it ahead of time and prints where.
+pernode.serve.kernels.build` builds it ahead of time and prints where.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from pernode.serve.kernels.attention import AttentionMetadata
+from pernode.serve.kernels.attention_metadata import AttentionMetadata
 from pernode.serve.kernels.jit import build_path, load_extension
-
-log = logging.getLogger(__name__)
 
 SOURCE = "paged_attention.cpp"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -68,15 +65,3 @@ def paged_attention_cpu(
 def build_kernels() -> Path | None:
     """Build the kernel now (e.g. from the Makefile) and return its build folder, or None if it failed."""
     return build_path(SOURCE)
-
-
-if __name__ == "__main__":
-    import sys
-    import time
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    t0 = time.perf_counter()
-    where = build_kernels()
-    if where is None:
-        sys.exit("paged attention kernel: build failed")
-    print(f"paged attention kernel: {where} ({time.perf_counter() - t0:.1f} s)")

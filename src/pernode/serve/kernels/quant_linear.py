@@ -9,8 +9,6 @@ layers use `torch._int_mm` (oneDNN's VNNI int8 GEMM on CPU).
 """
 from __future__ import annotations
 
-import logging
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -18,29 +16,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pernode.quant_format import QuantScheme, dequantize, unpack_int4
+from pernode import envs
+from pernode.envs import KernelChoice, QuantInput
+from pernode.quant_format import QuantScheme, dequantize, pack_int4, unpack_int4
 from pernode.serve.kernels.jit import build_path, load_extension
 
-log = logging.getLogger(__name__)
-
 SOURCE = "quant_linear.cpp"
-
-
 GEMV_MAX_ROWS = 8  # up to this many rows per call: the GEMV (int8 x); more: dequantize + fp32 matmul
 ACT_BLOCK = 32  # x values sharing one int8 scale in the GEMV
-
-
-def gemv_threads() -> int:
-    """Threads of the small-batch GEMV: $PERNODE_QUANT_THREADS, else 0 (torch's intra-op thread count).
-
-    1 is the robust choice on a CPU shared with other busy processes (see the kernel's comment)."""
-    return int(os.environ.get("PERNODE_QUANT_THREADS", "0"))
 
 
 def load_kernel() -> Callable | None:
     """`torch.ops.pernode.woq_linear`, building it if needed; None if it can't be built (or
     PERNODE_QUANT_KERNEL=reference)."""
-    if os.environ.get("PERNODE_QUANT_KERNEL", "").lower() == "reference":
+    if envs.quant_kernel() is KernelChoice.REFERENCE:
         return None
     return torch.ops.pernode.woq_linear if load_extension(SOURCE) else None
 
@@ -69,7 +58,7 @@ def use_int8_input(num_bits: int, in_features: int, group_size: int | None) -> b
     """Whether the GEMV quantizes x: for int4 weights, where unpack + convert + FMA would make it compute-bound
     (measured 6 GB/s vs 9.5 with VNNI, 1 thread). int8 weights keep fp32 x: that GEMV already streams faster
     than memory. PERNODE_QUANT_INPUT=float turns it off."""
-    if num_bits != 4 or os.environ.get("PERNODE_QUANT_INPUT", "int8").lower() == "float":
+    if num_bits != 4 or envs.quant_input() is QuantInput.FLOAT:
         return False
     return in_features % ACT_BLOCK == 0 and (group_size or in_features) % ACT_BLOCK == 0
 
@@ -122,8 +111,6 @@ class QuantLinear(nn.Module):
 
     def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
         """Store integer values q [N, K] (signed) with their qparams."""
-        from pernode.quant_format import pack_int4
-
         self.qweight.copy_(pack_int4(q) if self.scheme.num_bits == 4 else q)
         self.weight_scale.copy_(scale)
         if self.weight_zero_point is not None:
@@ -136,9 +123,10 @@ class QuantLinear(nn.Module):
         self._zero_term = zero_term(self._scale, self.weight_zero_point, self.scheme.num_bits)
         self._int8_input = use_int8_input(self.scheme.num_bits, self.in_features, self.scheme.group_size)
         # A decode step calls ~120 of these layers: resolve the kernel and its constant operands once, not per call.
+        # PERNODE_QUANT_THREADS: 1 is the robust choice on a CPU shared with other busy processes (see the kernel).
         self._op = load_kernel() if self.qweight.device.type == "cpu" else None
         self._op_args = (self.qweight, self._scale, self._zero_term, self.scheme.num_bits,
-                         self.scheme.group_size or 0, gemv_threads())
+                         self.scheme.group_size or 0, envs.quant_threads())
 
     def dequantized_weight(self) -> torch.Tensor:
         q = unpacked_weight(self.qweight, self.scheme.num_bits, self.in_features)
@@ -274,18 +262,3 @@ def replace_linears(model: nn.Module, scheme: QuantScheme) -> nn.Module:
                     setattr(parent, attr, make_quantized_linear(linear, scheme, f"layers.{layer_idx}.{attr}"))
     return model
 
-
-def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, W8A8Linear))}
-
-
-if __name__ == "__main__":
-    import sys
-    import time
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    t0 = time.perf_counter()
-    where = build_kernels()
-    if where is None:
-        sys.exit("quantized linear kernel: build failed")
-    print(f"quantized linear kernel: {where} ({time.perf_counter() - t0:.1f} s)")

@@ -140,10 +140,6 @@ class GGUFFile:
             return default
         return field.contents()
 
-    @property
-    def tensor_names(self) -> list[str]:
-        return list(self._tensors)
-
     def model_config(self) -> ModelConfig:
         """Shapes from `{arch}.*` metadata; name is the file name, eos is the tokenizer's eos only."""
         arch = self.architecture

@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pernode.config import ModelConfig
-from pernode.serve.kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
+from pernode.serve.kernels.attention import paged_attention, write_kv_cache
+from pernode.serve.kernels.attention_metadata import AttentionMetadata
 from pernode.serve.kernels.dense_linear import Linear
 from pernode.serve.kernels.layer_ops import rms_norm, rotary_embedding_
+from pernode.serve.kernels.quant_linear import make_quantized_linear, replace_linears
 
 
 class RMSNorm(nn.Module):
@@ -124,7 +126,7 @@ class DecoderLayer(nn.Module):
 
 
 # HF names of separate projections -> (our fused parameter, shard index)
-_FUSED = {
+FUSED_PROJECTIONS = {
     "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
     "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
 }
@@ -147,8 +149,9 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                meta: AttentionMetadata, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
+                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the rows in `logits_indices` (all rows if None): only sampled positions pay for the lm_head."""
         x = self.embed_tokens(input_ids)
         for layer, kv_cache in zip(self.layers, kv_caches):
@@ -161,8 +164,6 @@ class LlamaForCausalLM(nn.Module):
         """Swap the decoder's projections (and, with `lm_head_scheme`, the untied lm_head) for empty quantized
         layers (`pernode.shrink.QuantScheme`s), before `load_weights` fills them from a quantized checkpoint
         (weight_packed / weight, weight_scale, ...)."""
-        from pernode.serve.kernels.quant_linear import make_quantized_linear, replace_linears
-
         replace_linears(self, scheme)
         if lm_head_scheme is not None:
             if self.config.tie_word_embeddings:
@@ -182,7 +183,7 @@ class LlamaForCausalLM(nn.Module):
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
             parts = name.split(".")
-            fused = _FUSED.get(parts[-2]) if len(parts) >= 2 else None
+            fused = FUSED_PROJECTIONS.get(parts[-2]) if len(parts) >= 2 else None
             if fused is not None:
                 target_name = ".".join(parts[:-2] + [fused[0], parts[-1]])
                 target = params[target_name]
@@ -222,7 +223,7 @@ class LlamaForCausalLM(nn.Module):
             parts = name.split(".")
             fused = parts[-2] if len(parts) >= 2 else ""
             if fused in ("qkv_proj", "gate_up_proj"):
-                for hf_name, (target, shard) in _FUSED.items():
+                for hf_name, (target, shard) in FUSED_PROJECTIONS.items():
                     if target == fused:
                         offset, size = self._shard_range(fused, shard)
                         key = ".".join(["model"] + parts[:-2] + [hf_name, parts[-1]])

@@ -19,82 +19,13 @@ from fastapi.responses import JSONResponse, Response
 from pernode.config import EngineConfig
 from pernode.serve.engine.llm_engine import LLMEngine
 from pernode.serve.sampling.params import SamplingParams
-from pernode.serve.server.async_engine import AsyncEngine
 from pernode.serve.server.errors import APIError, bad_request, install_error_handlers
-from pernode.serve.server.metrics import CONTENT_TYPE, ServerMetrics
+from pernode.serve.server.metrics import CONTENT_TYPE
 from pernode.serve.server.options import ServerSettings
-from pernode.serve.server.protocol import (Caps, DetokenizeRequest, TokenizeRequest, chat_messages, check_model,
-                                     parse_body)
-from pernode.serve.server.serving import OpenAIServing
+from pernode.serve.server.protocol import DetokenizeRequest, TokenizeRequest, chat_messages, check_model, parse_body
+from pernode.serve.server.state import ServerState
 
 log = logging.getLogger("pernode.serve.server")
-
-
-class ServerState:
-    """Loading -> ready -> draining; `failed` if loading failed. The engine loop's death shows as not ready."""
-
-    def __init__(self, settings: ServerSettings):
-        self.settings = settings
-        self.status = "loading"
-        self.load_error: str | None = None
-        self.engine: LLMEngine | None = None
-        self.async_engine: AsyncEngine | None = None
-        self.serving: OpenAIServing | None = None
-        self.metrics: ServerMetrics | None = None
-        self.served_names: tuple[str, ...] = ()
-        self.created = int(time.time())
-
-    @property
-    def ready(self) -> bool:
-        return self.status == "ready" and self.async_engine is not None and not self.async_engine.dead
-
-    def health(self) -> str:
-        if self.async_engine is not None and self.async_engine.dead:
-            return "dead"
-        return "ok" if self.status == "ready" else self.status
-
-    def attach(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop) -> None:
-        s = self.settings
-        names = [s.served_model_name or engine.model_config.name, engine.config.model, engine.model_config.name]
-        self.served_names = tuple(dict.fromkeys(names))
-        self.engine = engine
-        self.metrics = ServerMetrics(self.served_names[0])
-        self.async_engine = AsyncEngine(engine, s.max_queued_requests, self.metrics)
-        self.metrics.attach(self.async_engine)
-        self.async_engine.start(loop)
-        self.serving = OpenAIServing(self.async_engine, self.served_names,
-                                     Caps(max_n=s.max_n, max_logprobs=s.max_logprobs, max_stop=s.max_stop))
-        if self.status == "loading":
-            self.status = "ready"
-
-    def serving_or_503(self) -> OpenAIServing:
-        if self.serving is None or not self.ready:
-            reason = {"loading": "the model is still loading; retry in a few seconds",
-                      "draining": "the server is shutting down and takes no new requests",
-                      "failed": f"the model failed to load ({self.load_error})"}.get(self.status)
-            if self.async_engine is not None and self.async_engine.dead:
-                reason = f"the engine stopped ({self.async_engine.dead_reason}); restart the server"
-            raise APIError(503, reason or "the server is not ready", code="unavailable",
-                           headers={"Retry-After": "1"} if self.status == "loading" else None)
-        return self.serving
-
-    async def drain(self, timeout_s: float) -> None:
-        """Stop admitting, let requests in flight finish for up to `timeout_s`, abort the rest."""
-        self.status = "draining"
-        e = self.async_engine
-        if e is None:
-            return
-        e.accepting = False
-        if e.num_in_flight:
-            log.info("draining: %d requests in flight, waiting up to %.0f s", e.num_in_flight, timeout_s)
-        if not await e.wait_idle(timeout_s):
-            log.info("draining: aborting %d requests still in flight", e.num_in_flight)
-            e.abort_all()
-            await e.wait_idle(10.0)
-
-    def close(self) -> None:
-        if self.async_engine is not None:
-            self.async_engine.shutdown()
 
 
 def warm_up(engine: LLMEngine) -> None:
@@ -120,7 +51,7 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 
 def _too_large(max_bytes: int) -> APIError:
     return APIError(413, f"the request body is larger than {max_bytes} bytes, the most this server takes "
-                         f"(--max-body-bytes)", code="request_too_large")
+                         f"(max_body_bytes={max_bytes})", code="request_too_large")
 
 
 async def _until_disconnect(request: Request, handler):
@@ -193,7 +124,7 @@ def build_app(engine_or_config: LLMEngine | EngineConfig, settings: ServerSettin
                 on_ready(engine)
 
         def failed(message: str) -> None:
-            state.status, state.load_error = "failed", message
+            state.fail(message)
             if on_load_failed is not None:
                 on_load_failed(message)
 

@@ -22,6 +22,19 @@ from pernode.serve.sampling.params import SamplingParams
 log = logging.getLogger("pernode.serve.server")
 
 
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_s: float | None
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
 @dataclass
 class EngineFailure:
     """In place of an output: the engine refused the request (400) or failed while running it (500)."""
@@ -75,7 +88,7 @@ class AsyncEngine:
         self.dead_reason: str | None = None  # set when the engine loop stopped on an exception
         self.accepting = True
         self._cond = threading.Condition()
-        self._commands: deque[tuple] = deque()
+        self._commands: deque[_Add | _Abort] = deque()
         self._num_queued_adds = 0  # adds submitted but not yet taken into the engine
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -134,7 +147,7 @@ class AsyncEngine:
         waiting = self.num_waiting
         if waiting >= self.max_queued_requests:
             raise QueueFull(f"{waiting} requests are waiting, the most this server queues "
-                            f"(--max-queued-requests {self.max_queued_requests}); retry later")
+                            f"(max_queued_requests={self.max_queued_requests}); retry later")
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
         stream = ResponseStream(self, ids)
         for i, rid in enumerate(ids):
@@ -142,7 +155,7 @@ class AsyncEngine:
         self._idle.clear()
         with self._cond:
             for rid, prompt in zip(ids, prompts):
-                self._commands.append(("add", rid, prompt, dataclasses.replace(params), arrival_s))
+                self._commands.append(_Add(rid, prompt, dataclasses.replace(params), arrival_s))
             self._num_queued_adds += len(ids)
             self._cond.notify()
         return stream
@@ -151,7 +164,7 @@ class AsyncEngine:
         if not request_ids or self.dead:
             return
         with self._cond:
-            self._commands.extend(("abort", rid) for rid in request_ids)
+            self._commands.extend(_Abort(rid) for rid in request_ids)
             self._cond.notify()
 
     def abort_all(self) -> None:
@@ -172,15 +185,15 @@ class AsyncEngine:
                 rejected: list[tuple[str, str]] = []
                 num_adds = 0
                 for command in commands:
-                    if command[0] == "add":
-                        _, rid, prompt, params, arrival_s = command
+                    if isinstance(command, _Add):
                         num_adds += 1
                         try:
-                            engine.add_request(rid, prompt, params, arrival_s=arrival_s)
+                            engine.add_request(command.request_id, command.prompt_token_ids, command.params,
+                                               arrival_s=command.arrival_s)
                         except ValueError as exc:  # handlers validate first; this is the last line of defence
-                            rejected.append((rid, str(exc)))
+                            rejected.append((command.request_id, str(exc)))
                     else:
-                        engine.abort_request(command[1])
+                        engine.abort_request(command.request_id)
                 outputs = engine.step() if engine.has_unfinished_requests() else []
                 now = time.monotonic()
                 stats = engine.stats()

@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from pernode.serve.engine.llm_engine import EngineStats
-from pernode.serve.engine.outputs import RequestOutput
+from pernode.serve.engine.outputs import FinishReason, RequestOutput
 
 # vLLM's buckets, so percentiles computed from either server line up.
 TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -84,8 +84,8 @@ class ServerMetrics:
                              buckets=REQUEST_BUCKETS_S, registry=self.registry)
         self.queue_time = Histogram("pernode:request_queue_time_seconds", "Arrival to first scheduled.", labels,
                                     buckets=REQUEST_BUCKETS_S, registry=self.registry)
-        for reason in ("stop", "length", "abort", "error"):
-            self.request_success.labels(model_name, reason)
+        for reason in FinishReason:
+            self.request_success.labels(model_name, reason.value)
         self._ttft = self.ttft.labels(model_name)
         self._itl = self.itl.labels(model_name)
         self._e2e = self.e2e.labels(model_name)
@@ -118,12 +118,13 @@ class ServerMetrics:
                 self._first_seen.add(rid)
                 self._ttft.observe(m.first_token_s - m.arrival_s)
             if out.finished:
-                reason = "error" if out.error is not None else (out.outputs[0].finish_reason or "abort")
-                self.request_success.labels(self.model_name, reason).inc()
+                reason = FinishReason.ERROR if out.error is not None else (out.outputs[0].finish_reason
+                                                                           or FinishReason.ABORT)
+                self.request_success.labels(self.model_name, reason.value).inc()
                 if m is not None:
                     if m.first_scheduled_s is not None:
                         self._queue_time.observe(m.first_scheduled_s - m.arrival_s)
-                    if m.finished_s is not None and reason != "error":
+                    if m.finished_s is not None and reason is not FinishReason.ERROR:
                         self._e2e.observe(m.finished_s - m.arrival_s)
                 self._first_seen.discard(rid)
                 for c in out.outputs:

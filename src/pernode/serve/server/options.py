@@ -1,6 +1,7 @@
 """The server's own settings (light: no FastAPI or torch imports here)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from pernode.serve.sampling.params import MAX_LOGPROBS
@@ -19,12 +20,26 @@ class ServerSettings:
     max_queued_requests: int = 256
     shutdown_timeout_s: float = 30.0
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ServerSettings:
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown server settings {unknown}: allowed {[f.name for f in dataclasses.fields(cls)]}")
+        return cls(**d)
+
     def validate(self) -> None:
-        checks = [("--max-n", self.max_n, 1, None), ("--max-logprobs", self.max_logprobs, 0, MAX_LOGPROBS),
-                  ("--max-stop", self.max_stop, 0, None), ("--max-body-bytes", self.max_body_bytes, 1, None),
-                  ("--max-queued-requests", self.max_queued_requests, 1, None),
-                  ("--shutdown-timeout", self.shutdown_timeout_s, 0, None)]
+        """ValueError naming the first setting out of range (`max_n=0 is out of range: allowed >= 1`)."""
+        checks = [("max_n", self.max_n, 1, None), ("max_logprobs", self.max_logprobs, 0, MAX_LOGPROBS),
+                  ("max_stop", self.max_stop, 0, None), ("max_body_bytes", self.max_body_bytes, 1, None),
+                  ("max_queued_requests", self.max_queued_requests, 1, None),
+                  ("shutdown_timeout_s", self.shutdown_timeout_s, 0, None)]
         for name, value, low, high in checks:
             if value < low or (high is not None and value > high):
                 allowed = f"{low}..{high}" if high is not None else f">= {low}"
-                raise ValueError(f"{name} {value} is out of range: allowed {allowed}")
+                raise ValueError(f"{name}={value} is out of range: allowed {allowed}")

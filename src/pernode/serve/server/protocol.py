@@ -119,28 +119,28 @@ def parse_body(model: type[BaseModel], raw: bytes):
 
 @dataclass
 class Caps:
-    """Per-request limits of this server (flags of `pernode serve`)."""
+    """Per-request limits of this server (its `ServerSettings` of the same names)."""
 
     max_n: int = 8
     max_logprobs: int = 20
     max_stop: int = 8
 
 
-def _check_cap(name: str, value: int | None, low: int, high: int, flag: str) -> None:
+def _check_cap(name: str, value: int | None, low: int, high: int, setting: str) -> None:
     if value is not None and not low <= value <= high:
-        raise bad_request(f"{name}={value} is out of range: allowed {low}..{high} on this server ({flag})",
-                          param=name)
+        raise bad_request(f"{name}={value} is out of range: allowed {low}..{high} on this server (server setting "
+                          f"{setting})", param=name)
 
 
 def sampling_params(req: _SamplingFields, caps: Caps, max_tokens: int | None, logprobs: int | None,
                     logprobs_field: str) -> SamplingParams:
     """The engine's parameters for a request; APIError(400) naming the field when one is out of range."""
-    _check_cap("n", req.n, 1, caps.max_n, "--max-n")
-    _check_cap(logprobs_field, logprobs, 0, caps.max_logprobs, "--max-logprobs")
+    _check_cap("n", req.n, 1, caps.max_n, "max_n")
+    _check_cap(logprobs_field, logprobs, 0, caps.max_logprobs, "max_logprobs")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > caps.max_stop:
         raise bad_request(f"stop has {len(stop)} strings: allowed at most {caps.max_stop} on this server "
-                          f"(--max-stop)", param="stop")
+                          f"(server setting max_stop)", param="stop")
     if req.logit_bias:
         raise bad_request("logit_bias is not supported by this server: remove it", param="logit_bias")
     if req.best_of is not None and req.best_of != (req.n or 1):

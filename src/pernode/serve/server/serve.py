@@ -1,6 +1,6 @@
 """Running the app: `pernode serve` (signals, graceful drain) and `ServerThread` (in-process, for tests and tools).
 
-SIGTERM or Ctrl-C: stop admitting (503), let requests in flight finish for up to --shutdown-timeout, abort the
+SIGTERM or Ctrl-C: stop admitting (503), let requests in flight finish for up to shutdown_timeout_s, abort the
 rest (finish_reason "abort"), then exit 0. A second signal exits at once.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pernode.config import EngineConfig
 from pernode.serve.engine.llm_engine import LLMEngine
 from pernode.serve.server.app import build_app
 from pernode.serve.server.options import ServerSettings
+from pernode.serve.server.state import ServerStatus
 
 log = logging.getLogger("pernode.serve.server")
 
@@ -83,7 +84,7 @@ def run_server(engine_config: EngineConfig, settings: ServerSettings, host: str 
                             access_log=log_level == "debug")
     server = _DrainingServer(config, app, settings.shutdown_timeout_s)
     server.run()
-    return 1 if app.state.server.status == "failed" else 0
+    return 1 if app.state.server.status is ServerStatus.FAILED else 0
 
 
 class ServerThread:

@@ -22,13 +22,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from pydoc_data.topics import topics as pydoc_topics
 
-from pernode.serve.kernels.attention import AttentionMetadata
+from pernode.config import DEFAULT_BLOCK_SIZE
+from pernode.serve.kernels.attention_metadata import AttentionMetadata, contiguous_block_tables
 
 CALIBRATION_FRACTION = 0.10
 DEFAULT_SEQ_LEN = 2048
 QUICK_SEQ_LEN = 512
-_BLOCK = 16  # scratch KV cache block size
 
 
 def corpus_text(path: str | None = None) -> str:
@@ -36,9 +37,7 @@ def corpus_text(path: str | None = None) -> str:
     if path:
         with open(path, encoding="utf-8") as f:
             return f.read()
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[key] for key in sorted(topics))
+    return "\n\n".join(pydoc_topics[key] for key in sorted(pydoc_topics))
 
 
 def split_corpus(text: str, fraction: float = CALIBRATION_FRACTION) -> tuple[str, str]:
@@ -81,23 +80,15 @@ class Forward:
     kv_cache: tuple[torch.Tensor, torch.Tensor]
 
     @classmethod
-    def build(cls, model, num_seqs: int, seq_len: int) -> "Forward":
+    def build(cls, model, num_seqs: int, seq_len: int, block_size: int = DEFAULT_BLOCK_SIZE) -> "Forward":
         c = model.config
         dev = model.embed_tokens.weight.device
         dtype = model.embed_tokens.weight.dtype
-        blocks_per_seq = -(-seq_len // _BLOCK)
-        shape = (num_seqs * blocks_per_seq, _BLOCK, c.num_key_value_heads, c.head_dim)
-        tables = torch.arange(num_seqs * blocks_per_seq, dtype=torch.int32).view(num_seqs, blocks_per_seq)
-        pos = torch.arange(seq_len)
-        slots = (tables[:, pos // _BLOCK].long() * _BLOCK + pos % _BLOCK).flatten()
-        qsl = [i * seq_len for i in range(num_seqs + 1)]
-        meta = AttentionMetadata(
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.full((num_seqs,), seq_len, dtype=torch.int32, device=dev),
-            block_tables=tables.to(dev), slot_mapping=slots.to(dev), max_query_len=seq_len, max_seq_len=seq_len,
-            query_start_loc_cpu=qsl, seq_lens_cpu=[seq_len] * num_seqs)
+        tables = contiguous_block_tables(num_seqs, seq_len, block_size)
+        meta = AttentionMetadata.build(tables, [0] * num_seqs, [seq_len] * num_seqs, block_size, dev)
+        shape = (tables.numel(), block_size, c.num_key_value_heads, c.head_dim)
         kv = (torch.empty(shape, dtype=dtype, device=dev), torch.empty(shape, dtype=dtype, device=dev))
-        return cls(pos.repeat(num_seqs).to(dev), meta, kv)
+        return cls(torch.arange(seq_len).repeat(num_seqs).to(dev), meta, kv)
 
     def layer(self, layer, x: torch.Tensor) -> torch.Tensor:
         return layer(x, self.positions, self.kv_cache, self.meta)
@@ -127,26 +118,22 @@ def window_nll(model, window: torch.Tensor, chunk: int = 512) -> tuple[float, in
 
 
 @torch.inference_mode()
-def window_nll_stepped(model, window: torch.Tensor, step_tokens: int) -> tuple[float, int]:
+def window_nll_stepped(model, window: torch.Tensor, step_tokens: int, block_size: int = DEFAULT_BLOCK_SIZE
+                       ) -> tuple[float, int]:
     """`window_nll` with the window fed `step_tokens` tokens per forward through a carried paged KV cache."""
     c = model.config
     dev, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     seq_len = window.numel()
-    num_blocks = -(-seq_len // _BLOCK)
-    shape = (num_blocks, _BLOCK, c.num_key_value_heads, c.head_dim)
+    table = contiguous_block_tables(1, seq_len, block_size)
+    shape = (table.numel(), block_size, c.num_key_value_heads, c.head_dim)
     caches = [(torch.zeros(shape, dtype=dtype, device=dev), torch.zeros(shape, dtype=dtype, device=dev))
               for _ in range(c.num_hidden_layers)]
-    table = torch.arange(num_blocks, dtype=torch.int32, device=dev)[None]
     window = window.to(dev)
     total = 0.0
     for start in range(0, seq_len - 1, step_tokens):
         n = min(step_tokens, seq_len - 1 - start)
         pos = torch.arange(start, start + n, device=dev)
-        meta = AttentionMetadata(
-            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor([start + n], dtype=torch.int32, device=dev), block_tables=table,
-            slot_mapping=table[0, pos // _BLOCK].long() * _BLOCK + pos % _BLOCK, max_query_len=n,
-            max_seq_len=start + n, query_start_loc_cpu=[0, n], seq_lens_cpu=[start + n])
+        meta = AttentionMetadata.build(table, [start], [n], block_size, dev)
         logits = model(window[start:start + n], pos, caches, meta).float()
         total += F.cross_entropy(logits, window[start + 1:start + n + 1], reduction="sum").double().item()
     return total, seq_len - 1

@@ -12,11 +12,15 @@ quantization; then an optional per-group clip search shrinks each group's range 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from pernode.shrink.calibration import capture_inputs, run_sequential
-from pernode.shrink.methods.common import check_model, install, projections
 from pernode.quant_format import QuantScheme, fake_quantize, group_view, quantize_weight
+from pernode.shrink.calibration import capture_inputs, run_sequential
+from pernode.shrink.methods.common import install, projections
+from pernode.shrink.methods.modifier import Modifier, require
 
 SEARCH_TOKENS = 512
 
@@ -61,40 +65,54 @@ def search_clip(x: torch.Tensor, weight: torch.Tensor, scheme: QuantScheme, step
     return best_ratio.view(n, -1)
 
 
-def quantize_awq(model, scheme: QuantScheme, calibration: torch.Tensor, grid: int = 20, clip: bool = True,
-                 quiet: bool = False, **_) -> dict:
-    """AWQ-scale, clip and quantize every decoder projection in place, layer by layer."""
-    check_model(model, scheme)
-    report = {"alphas": [], "clip": clip, "o_proj_scaled": False}
+@dataclass(frozen=True)
+class AWQ(Modifier):
+    """AWQ's options: `grid` alphas in [0, 1) tried per scaled projection, and the per-group clip search."""
 
-    def process(i, layer, x, fwd):
-        attn, mlp = layer.self_attn, layer.mlp
-        inputs: dict[str, torch.Tensor] = {}
-        with capture_inputs({"qkv_proj": attn.qkv_proj, "o_proj": attn.o_proj, "gate_up_proj": mlp.gate_up_proj,
-                             "down_proj": mlp.down_proj}, lambda name, inp: inputs.__setitem__(name, _subsample(inp))):
-            fwd.layer(layer, x)
-        alphas = []
-        # input_layernorm -> qkv, post_attention_layernorm -> gate_up
-        for norm, lin, name in ((layer.input_layernorm, attn.qkv_proj, "qkv_proj"),
-                                (layer.post_attention_layernorm, mlp.gate_up_proj, "gate_up_proj")):
-            s, alpha = search_scale(inputs[name], lin.weight.data.float(), scheme, grid)
-            norm.weight.data.div_(s.to(norm.weight.dtype))
-            lin.weight.data.mul_(s.to(lin.weight.dtype))
-            inputs[name] = inputs[name] / s
+    name: ClassVar[str] = "awq"
+    needs_calibration: ClassVar[bool] = True
+
+    grid: int = 20
+    clip: bool = True
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.grid, int) and self.grid >= 1, "grid", self.grid, ">= 1")
+        require(isinstance(self.clip, bool), "clip", self.clip, "True or False")
+
+    def apply(self, model, scheme: QuantScheme, calibration: torch.Tensor, quiet: bool = False) -> dict:
+        """AWQ-scale, clip and quantize every decoder projection in place, layer by layer."""
+        grid, clip = self.grid, self.clip
+        report = {"alphas": [], "clip": clip, "o_proj_scaled": False}
+
+        def process(i, layer, x, fwd):
+            attn, mlp = layer.self_attn, layer.mlp
+            inputs: dict[str, torch.Tensor] = {}
+            linears = {"qkv_proj": attn.qkv_proj, "o_proj": attn.o_proj, "gate_up_proj": mlp.gate_up_proj,
+                       "down_proj": mlp.down_proj}
+            with capture_inputs(linears, lambda name, inp: inputs.__setitem__(name, _subsample(inp))):
+                fwd.layer(layer, x)
+            alphas = []
+            # input_layernorm -> qkv, post_attention_layernorm -> gate_up
+            for norm, lin, name in ((layer.input_layernorm, attn.qkv_proj, "qkv_proj"),
+                                    (layer.post_attention_layernorm, mlp.gate_up_proj, "gate_up_proj")):
+                s, alpha = search_scale(inputs[name], lin.weight.data.float(), scheme, grid)
+                norm.weight.data.div_(s.to(norm.weight.dtype))
+                lin.weight.data.mul_(s.to(lin.weight.dtype))
+                inputs[name] = inputs[name] / s
+                alphas.append(alpha)
+            # up_proj rows -> down_proj columns
+            s, alpha = search_scale(inputs["down_proj"], mlp.down_proj.weight.data.float(), scheme, grid)
+            inter = mlp.intermediate_size
+            mlp.gate_up_proj.weight.data[inter:].div_(s[:, None].to(mlp.gate_up_proj.weight.dtype))
+            mlp.down_proj.weight.data.mul_(s.to(mlp.down_proj.weight.dtype))
+            inputs["down_proj"] = inputs["down_proj"] / s
             alphas.append(alpha)
-        # up_proj rows -> down_proj columns
-        s, alpha = search_scale(inputs["down_proj"], mlp.down_proj.weight.data.float(), scheme, grid)
-        inter = mlp.intermediate_size
-        mlp.gate_up_proj.weight.data[inter:].div_(s[:, None].to(mlp.gate_up_proj.weight.dtype))
-        mlp.down_proj.weight.data.mul_(s.to(mlp.down_proj.weight.dtype))
-        inputs["down_proj"] = inputs["down_proj"] / s
-        alphas.append(alpha)
-        report["alphas"].append(alphas)
-        for parent, attr, lin in list(projections(layer)):
-            w = lin.weight.data.float()
-            ratio = search_clip(inputs[attr], w, scheme) if clip else 1.0
-            install(parent, attr, *quantize_weight(w, scheme, ratio), scheme, f"layers.{i}.{attr}")
-        return "alpha " + "/".join(f"{a:.2f}" for a in alphas)
+            report["alphas"].append(alphas)
+            for parent, attr, lin in list(projections(layer)):
+                w = lin.weight.data.float()
+                ratio = search_clip(inputs[attr], w, scheme) if clip else 1.0
+                install(parent, attr, *quantize_weight(w, scheme, ratio), scheme, f"layers.{i}.{attr}")
+            return "alpha " + "/".join(f"{a:.2f}" for a in alphas)
 
-    run_sequential(model, calibration, process, "AWQ", quiet)
-    return report
+        run_sequential(model, calibration, process, "AWQ", quiet)
+        return report

@@ -13,17 +13,86 @@ large activations get the tighter fit).
 """
 from __future__ import annotations
 
+import enum
 import logging
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from pernode.shrink.calibration import capture_inputs, run_sequential
-from pernode.shrink.methods.common import check_model, install, projections
 from pernode.quant_format import QuantScheme, compute_qparams, mse_qparams
+from pernode.shrink.calibration import capture_inputs, run_sequential
+from pernode.shrink.methods.common import install, projections
+from pernode.shrink.methods.modifier import Modifier, require
 
 log = logging.getLogger("pernode.shrink")
 
-OBSERVERS = ("minmax", "mse", "hmse")
+
+class Observer(str, enum.Enum):
+    """How a group's scale is chosen (str-valued: compares equal to "minmax", "mse", "hmse")."""
+
+    MINMAX = "minmax"  # the group's range
+    MSE = "mse"  # the range shrunk to minimise sum |w - deq(w)|^2.4
+    HMSE = "hmse"  # as mse, each column's error weighted by its Hessian diagonal
+
+
+OBSERVERS = tuple(o.value for o in Observer)
+
+
+def observer_of(value: str) -> Observer:
+    require(value in OBSERVERS, "observer", value, ", ".join(OBSERVERS))
+    return Observer(value)
+
+
+@dataclass(frozen=True)
+class GPTQ(Modifier):
+    """GPTQ's options: lazy-update block of `block_size` columns, damping `damp_ratio` of the mean Hessian
+    diagonal, act-order, and the observer of the group scales."""
+
+    name: ClassVar[str] = "gptq"
+    needs_calibration: ClassVar[bool] = True
+
+    block_size: int = 128
+    damp_ratio: float = 0.01
+    act_order: bool = True
+    observer: Observer = Observer.HMSE
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.block_size, int) and self.block_size >= 1, "block_size", self.block_size, ">= 1")
+        require(isinstance(self.damp_ratio, (int, float)) and self.damp_ratio > 0, "damp_ratio", self.damp_ratio,
+                "> 0 (a fraction of the mean Hessian diagonal; 0.01 is the paper's)")
+        require(isinstance(self.act_order, bool), "act_order", self.act_order, "True or False")
+        object.__setattr__(self, "observer", observer_of(self.observer))
+
+    def weight_observer(self) -> str:
+        return "minmax" if self.observer == Observer.MINMAX else "mse"
+
+    def apply(self, model, scheme: QuantScheme, calibration: torch.Tensor, quiet: bool = False) -> dict:
+        """GPTQ every decoder projection in place, layer by layer."""
+        report = {"damp_ratio": self.damp_ratio, "act_order": self.act_order, "observer": self.observer.value,
+                  "calibration_tokens": calibration.numel()}
+
+        def process(i, layer, x, fwd):
+            linears = {attr: (parent, lin) for parent, attr, lin in projections(layer)}
+            hessians = {a: torch.zeros(lin.in_features, lin.in_features) for a, (_, lin) in linears.items()}
+            counts = dict.fromkeys(linears, 0)
+
+            def accumulate(name, inp):
+                inp = inp.float()
+                hessians[name].addmm_(inp.t(), inp, alpha=2.0)
+                counts[name] += inp.shape[0]
+
+            with capture_inputs({a: lin for a, (_, lin) in linears.items()}, accumulate):
+                fwd.layer(layer, x)
+            for attr, (parent, lin) in linears.items():
+                h = hessians[attr] / counts[attr]
+                q, s, z = gptq_quantize_weight(lin.weight.data, h, scheme, self.damp_ratio, self.block_size,
+                                               self.act_order, f"layers.{i}.{attr}", self.observer)
+                install(parent, attr, q, s, z, scheme, f"layers.{i}.{attr}")
+            return f"layer {i}"
+
+        run_sequential(model, calibration, process, "GPTQ", quiet)
+        return report
 
 
 def inverse_hessian_cholesky(h: torch.Tensor, damp_ratio: float, name: str = "layer") -> torch.Tensor:
@@ -48,8 +117,7 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, scheme: Qu
                          block_size: int = 128, act_order: bool = True, name: str = "layer",
                          observer: str = "hmse") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(q int8 [N, K], scale [N, G], zero [N, G] | None) minimising ||W X - Q X|| for the inputs behind `hessian`."""
-    if observer not in OBSERVERS:
-        raise ValueError(f"observer={observer!r} is unknown: allowed {', '.join(OBSERVERS)}")
+    observer = observer_of(observer)
     w = weight.detach().float().clone()
     n, k = w.shape
     h = hessian.float().clone()
@@ -107,35 +175,3 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, scheme: Qu
     inv = torch.argsort(perm)
     return q_int[:, inv], scale_all, zero_all
 
-
-def quantize_gptq(model, scheme: QuantScheme, calibration: torch.Tensor, damp_ratio: float = 0.01,
-                  block_size: int = 128, act_order: bool = True, observer: str = "hmse", quiet: bool = False,
-                  **_) -> dict:
-    """GPTQ every decoder projection in place, layer by layer."""
-    check_model(model, scheme)
-    if observer not in OBSERVERS:
-        raise ValueError(f"observer={observer!r} is unknown: allowed {', '.join(OBSERVERS)}")
-    report = {"damp_ratio": damp_ratio, "act_order": act_order, "observer": observer,
-              "calibration_tokens": calibration.numel()}
-
-    def process(i, layer, x, fwd):
-        linears = {attr: (parent, lin) for parent, attr, lin in projections(layer)}
-        hessians = {a: torch.zeros(lin.in_features, lin.in_features) for a, (_, lin) in linears.items()}
-        counts = dict.fromkeys(linears, 0)
-
-        def accumulate(name, inp):
-            inp = inp.float()
-            hessians[name].addmm_(inp.t(), inp, alpha=2.0)
-            counts[name] += inp.shape[0]
-
-        with capture_inputs({a: lin for a, (_, lin) in linears.items()}, accumulate):
-            fwd.layer(layer, x)
-        for attr, (parent, lin) in linears.items():
-            h = hessians[attr] / counts[attr]
-            q, s, z = gptq_quantize_weight(lin.weight.data, h, scheme, damp_ratio, block_size, act_order,
-                                           f"layers.{i}.{attr}", observer)
-            install(parent, attr, q, s, z, scheme, f"layers.{i}.{attr}")
-        return f"layer {i}"
-
-    run_sequential(model, calibration, process, "GPTQ", quiet)
-    return report

@@ -1,4 +1,5 @@
-"""The output projection, quantized on request (`pernode quantize --quantize-lm-head`).
+"""The output projection, quantized on request: a recipe's step after its method (`Recipe.lm_head`,
+`pernode quantize --quantize-lm-head`).
 
 On a small model the lm_head dominates what a decode step reads: SmolLM2-135M's is 49152 x 576 = 113 MB in fp32,
 twice its whole int4 decoder. It stays float by default (compressed-tensors' `ignore: ["lm_head"]`, the usual
@@ -12,8 +13,8 @@ import dataclasses
 
 import torch
 
-from pernode.shrink.methods.common import install
 from pernode.quant_format import QuantScheme, quantize_weight
+from pernode.shrink.methods.common import install
 
 LM_HEAD_SCHEME = QuantScheme(num_bits=8, group_size=32)
 
@@ -27,7 +28,3 @@ def quantize_lm_head(model, scheme: QuantScheme = LM_HEAD_SCHEME) -> None:
     if model.config.tie_word_embeddings:
         model.config = dataclasses.replace(model.config, tie_word_embeddings=False)
 
-
-def lm_head_scheme(model) -> QuantScheme | None:
-    """The quantized lm_head's scheme, or None while it is float."""
-    return getattr(model.lm_head, "scheme", None)

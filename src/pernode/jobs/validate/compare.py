@@ -1,0 +1,121 @@
+"""The figures `validate` sets side by side: what the plan predicted, what the same simulator predicts for the exact
+requests sent, and what the fleet measured; each error as (measured - predicted) / predicted in percent.
+
+Two predictions: the plan's own (its simulated trace of `simulated_requests`), and, with a profile, the same
+simulator replaying the exact requests sent (the bench's arrival times and lengths), which takes sampling noise out
+of the comparison and leaves the model's error.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from pernode.measure.bench.bench_result import BenchResult
+from pernode.measure.bench.datasets import BenchRequest
+from pernode.measure.profile.profile_schema import Profile
+from pernode.price.planner import Plan
+from pernode.price.replica import ReplicaConfig
+from pernode.price.simulator import simulate_fleet
+from pernode.price.step_time import StepTimeModel, kv_max_tokens
+from pernode.price.workload import RequestTrace
+from pernode.serve.deploy import ROUTER_POLICY
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One row of the comparison: its label, its key in the report, and for a latency which one."""
+
+    label: str
+    key: str  # in the report's predicted, measured and error_pct
+    latency: tuple[str, int] | None = None  # (measure, percentile), as in the plan's latency_s["ttft"]["p50"]
+
+
+def _latency(label: str, measure: str, percentile: int) -> Metric:
+    return Metric(label, f"{measure}_p{percentile}_ms", (measure, percentile))
+
+
+METRICS = (Metric("goodput (req/s)", "goodput_rps"),
+           Metric("SLO attainment", "attainment"),
+           _latency("TTFT p50 (ms)", "ttft", 50),
+           _latency("TTFT p99 (ms)", "ttft", 99),
+           _latency("TPOT p50 (ms)", "tpot", 50),
+           _latency("TPOT p99 (ms)", "tpot", 99),
+           _latency("E2E p50 (ms)", "e2e", 50),
+           _latency("E2E p99 (ms)", "e2e", 99))
+BENCH_LATENCY = {"ttft": "ttft", "tpot": "tpot", "e2e": "e2el"}  # the planner's names -> bench serve's (vLLM's)
+
+
+def predicted_from_plan(plan: Plan) -> dict:
+    out: dict[str, float | None] = {"goodput_rps": plan.goodput_rps, "attainment": plan.attainment}
+    for m in METRICS:
+        if m.latency is not None:
+            measure, percentile = m.latency
+            v = (plan.latency_s.get(measure) or {}).get(f"p{percentile}")
+            out[m.key] = None if v is None else v * 1000.0
+    return out
+
+
+def predicted_same_trace(profile: Profile, plan: Plan, requests: Sequence[BenchRequest], offsets_s,
+                         token_budget: int, prompt_tokens: Sequence[int] | None = None) -> dict:
+    """The planner's simulator on exactly the requests `bench serve` sends: same arrivals, prompts, outputs.
+    `prompt_tokens`, when given, are the prompt lengths the server counted (its usage), else the bench's."""
+    prompt = np.array(prompt_tokens if prompt_tokens is not None else [r.prompt_len for r in requests],
+                      dtype=np.int64)
+    output = np.array([r.max_tokens for r in requests], dtype=np.int64)
+    mean_decode_context = float(prompt.mean() + output.mean() / 2.0)
+    step_model = StepTimeModel.from_profile(profile, context_tokens=mean_decode_context)
+    replica = ReplicaConfig(step_model, int(plan.max_batch.batch_size), kv_max_tokens(profile), token_budget)
+    trace = RequestTrace(np.asarray(offsets_s, dtype=np.float64), prompt, output)
+    res = simulate_fleet(trace, replica, int(plan.replicas), ROUTER_POLICY)
+    out = {"goodput_rps": res.goodput_rps(plan.slo), "attainment": res.attainment(plan.slo)}
+    for metric in ("ttft", "tpot", "e2e"):
+        for q, v in res.percentiles_s(metric).items():
+            out[f"{metric}_{q}_ms"] = v * 1000.0
+    return out
+
+
+def measured_from_bench(result: BenchResult) -> dict:
+    metrics = result.metrics
+    good = metrics.good_requests  # counted by the plan's SLO rule (`SLO.met`)
+    out = {"goodput_rps": metrics.request_goodput_per_s,
+           "attainment": None if good is None else good / result.num_prompts}
+    for m in METRICS:
+        if m.latency is not None:
+            measure, percentile = m.latency
+            stats = metrics.latency(BENCH_LATENCY[measure])
+            out[m.key] = stats.median_ms if percentile == 50 else stats.percentile_ms(percentile)
+    return out
+
+
+def errors_pct(predicted: Mapping[str, Any], measured: Mapping[str, Any]) -> dict:
+    """(measured - predicted) / |predicted| in percent, per key; None where either side has no finite number."""
+    out = {}
+    for k, p in predicted.items():
+        m = measured.get(k)
+        ok = isinstance(p, (int, float)) and isinstance(m, (int, float)) and math.isfinite(p) and p != 0
+        out[k] = (m - p) / abs(p) * 100.0 if ok else None
+    return out
+
+
+def idle_probe_report(result: BenchResult, profile: Profile | None) -> dict:
+    """What the serving path adds with no queueing: each probe request's TTFT against the profile's prefill time
+    for its own prompt length (the server's usage count), and its TPOT against one decode step at batch 1."""
+    rows = [r for r in result.per_request if r.success]
+    out: dict = {"requests": len(rows), "max_concurrency": 1,
+                 "measured": {"ttft_p50_ms": _median_ms(r.ttft_s for r in rows),
+                              "tpot_p50_ms": _median_ms(r.tpot_s for r in rows)}}
+    if profile is not None and rows:
+        mean_context = float(np.mean([r.prompt_tokens + r.output_tokens / 2.0 for r in rows]))
+        step_model = StepTimeModel.from_profile(profile, context_tokens=mean_context)
+        out["added_ms"] = {
+            "ttft_p50": _median_ms(r.ttft_s - step_model.prefill_s(r.prompt_tokens) for r in rows),
+            "tpot_p50": _median_ms(r.tpot_s - step_model.decode_step_s(1) for r in rows if r.tpot_s is not None)}
+    return out
+
+
+def _median_ms(values) -> float | None:
+    v = [x for x in values if x is not None]
+    return float(np.median(v)) * 1000.0 if v else None

@@ -1,0 +1,78 @@
+"""The validation report on screen (a table of predicted, measured and errors) and as JSON."""
+from __future__ import annotations
+
+import json
+import math
+
+from rich.console import Console
+from rich.table import Table
+
+from pernode.jobs.validate.compare import METRICS
+
+
+def print_validation(report: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    same = report.get("predicted_same_trace")
+    w = report["workload"]
+    t = Table(title=f"fleet validate: {report['replicas']} replicas x max batch {report['max_num_seqs']}, "
+                    f"{w['rate_rps']:g} req/s, input {w['input_len']}, output {w['output_len']}, "
+                    f"{w['num_prompts']} requests")
+    t.add_column("metric")
+    t.add_column("predicted (plan)", justify="right")
+    if same:
+        t.add_column("predicted (same trace)", justify="right")
+    t.add_column("measured", justify="right")
+    t.add_column("error vs plan", justify="right")
+    if same:
+        t.add_column("error vs same trace", justify="right")
+    for m in METRICS:
+        row = [m.label, _num(report["predicted"].get(m.key))]
+        if same:
+            row.append(_num(same.get(m.key)))
+        row += [_num(report["measured"].get(m.key)), _pct(report["error_pct"].get(m.key))]
+        if same:
+            row.append(_pct(report["error_pct_same_trace"].get(m.key)))
+        t.add_row(*row)
+    console.print(t)
+    probe = report.get("idle_probe") or {}
+    measured, added = probe.get("measured") or {}, probe.get("added_ms") or {}
+    if measured.get("ttft_p50_ms") is not None:
+        line = (f"idle probe ({probe['requests']} requests one at a time): TTFT p50 {measured['ttft_p50_ms']:.1f} ms, "
+                f"TPOT p50 {measured['tpot_p50_ms']:.2f} ms")
+        if added.get("ttft_p50") is not None:
+            line += (f"; against the profile, request by request, the serving path (HTTP, proxy, tokenizing) adds "
+                     f"{added['ttft_p50']:+.1f} ms to TTFT and {added['tpot_p50']:+.2f} ms to TPOT (medians) before "
+                     f"any queueing")
+        console.print(line)
+    cpu = report.get("cpu_cores_used") or {}
+    if cpu:
+        who = "this command and its fleet" if not report["fleet"].get("base_url") else "this command"
+        console.print(f"during the run {who} used {cpu['ours_cores']:.2f} cores and other processes "
+                      f"{cpu['others_cores']:.2f}, of {cpu['machine_cores']}")
+    for note in report.get("notes") or []:
+        console.print(f"[yellow]note[/yellow]: {note}")
+
+
+def write_report(report: dict, path: str) -> None:
+    """JSON has no NaN or infinity: they are written as null."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(_finite(report), f, indent=2, allow_nan=False)
+        f.write("\n")
+
+
+def _num(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:,.3g}"
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:+.1f}%"
+
+
+def _finite(o):
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o

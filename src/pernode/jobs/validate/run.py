@@ -1,0 +1,148 @@
+"""`fleet validate` itself: bring up the plan's fleet (or use a running one), send the plan's workload, compare.
+
+Brings up the plan's replicas on Ray Serve with `max_num_seqs` = the plan's max batch per replica, sends an idle
+probe (a few requests one at a time: what the serving path adds before any queueing) and then the plan's workload
+with `bench serve`, and reports predicted vs measured goodput, SLO attainment, TTFT, TPOT and E2E percentiles.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from pernode.config import EngineConfig
+from pernode.jobs.fleet_from_plan import fleet_spec_for_plan, plan_replicas
+from pernode.jobs.validate.compare import (errors_pct, idle_probe_report, measured_from_bench, predicted_from_plan,
+                                           predicted_same_trace)
+from pernode.jobs.validate.config import ValidateConfig
+from pernode.jobs.validate.cpu_share import CpuShare
+from pernode.jobs.validate.replay import ReplayWorkload, tokenizer_path
+from pernode.jobs.validate.report import print_validation, write_report
+from pernode.measure.bench.arrivals import arrival_offsets_s
+from pernode.measure.bench.bench_serve import build_requests, run_bench
+from pernode.measure.bench.bench_result import BenchResult
+from pernode.measure.bench.config import BenchConfig
+from pernode.measure.profile.profile_schema import Profile, load_profile
+from pernode.price.planner import Plan
+from pernode.serve.deploy import ROUTER_POLICY, LocalFleet, free_port
+from pernode.serve.server.options import ServerSettings
+
+IDLE_PROBE_REQUESTS = 8  # one at a time before the run: the serving path's own latency, without queueing
+DEFAULT_TOKEN_BUDGET = 512  # the engine's default step budget on CPU
+MIN_QUEUED_REQUESTS = 256
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One pass against a fleet: the workload's bench config and result, the idle probe's result, and the cores
+    used during the workload."""
+
+    bench: BenchConfig
+    result: BenchResult
+    probe_result: BenchResult
+    cpu_cores_used: dict
+
+
+def measure(url: str, workload: ReplayWorkload, plan: Plan, config: ValidateConfig, num_prompts: int,
+            tokenizer: str | None) -> Measured:
+    """The idle probe first (it also warms every replica's HTTP path), then the plan's workload."""
+    probe = dataclasses.replace(
+        workload.bench_config(url, IDLE_PROBE_REQUESTS, config.seed + 1, plan.slo, tokenizer,
+                              num_warmup=2 * plan_replicas(plan)), max_concurrency=1, no_progress=True)
+    probe_result = run_bench(probe)
+    bench = dataclasses.replace(workload.bench_config(url, num_prompts, config.seed, plan.slo, tokenizer,
+                                                      num_warmup=0), out=config.bench_out)
+    share = CpuShare()
+    result = run_bench(bench)
+    return Measured(bench, result, probe_result, share.stop())
+
+
+def run_validate(config: ValidateConfig, engine: EngineConfig) -> int:
+    """Validate the plan at `config.plan_path` on a fleet of `engine`s; 0 when every request succeeded."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    plan = Plan.load(config.plan_path)
+    profile = load_profile(config.profile_path) if config.profile_path else None
+    workload = ReplayWorkload.from_workload(plan.workload, config.input_len, config.output_len, config.burstiness)
+    replicas = plan_replicas(plan)
+    batch = int(plan.max_batch.batch_size)
+    num_prompts = config.num_prompts_at(workload.rate_rps)
+    engine = dataclasses.replace(engine, max_num_seqs=batch)
+    tokenizer = tokenizer_path(engine.model)  # exact prompt lengths; with base_url, the model served
+    load_before = os.getloadavg()
+    started = time.monotonic()
+    if config.base_url:
+        fleet_info: dict = {"base_url": config.base_url}
+        measured = measure(config.base_url, workload, plan, config, num_prompts, tokenizer)
+    else:
+        # Room for every request of the run to wait in an engine: a 429 would be a failure, not a latency.
+        settings = ServerSettings(max_queued_requests=max(MIN_QUEUED_REQUESTS, num_prompts))
+        placement = config.placement
+        spec = fleet_spec_for_plan(plan, engine, settings, num_cpus_per_replica=placement.num_cpus_per_replica,
+                                   threads_per_replica=placement.threads_per_replica,
+                                   max_ongoing_requests=placement.max_ongoing_requests,
+                                   port=placement.port or free_port())
+        with LocalFleet(spec) as fleet:
+            fleet_info = fleet.deployment.to_dict()
+            print(f"pernode fleet validate: {replicas} replicas (max_num_seqs {batch}) up at {fleet.url} in "
+                  f"{fleet.deployment.startup_s:.1f} s; sending {num_prompts} requests at "
+                  f"{workload.rate_rps:g} req/s", flush=True)
+            measured = measure(fleet.url, workload, plan, config, num_prompts, tokenizer)
+    result = measured.result
+    predicted = predicted_from_plan(plan)
+    observed = measured_from_bench(result)
+    report = {
+        "kind": "fleet_validate",
+        "plan": os.path.abspath(config.plan_path),
+        "profile": os.path.abspath(config.profile_path) if config.profile_path else None,
+        "model": engine.model,
+        "replicas": replicas,
+        "max_num_seqs": batch,
+        "router": ROUTER_POLICY,
+        "fleet": fleet_info,
+        "workload": {**workload.to_dict(), "num_prompts": num_prompts, "seed": config.seed, "ignore_eos": True},
+        "slo_ms": plan.slo.to_dict(),
+        "predicted": predicted,
+        "measured": observed,
+        "error_pct": errors_pct(predicted, observed),
+        "failed_requests": result.metrics.failed,
+        "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        # cores used during the measured run by this process and the fleet it started, and by everything else
+        "cpu_cores_used": measured.cpu_cores_used,
+        "wall_s": time.monotonic() - started,
+        "notes": _notes(plan, profile) + list(result.notes),
+    }
+    if profile is not None:
+        budget = config.token_budget or engine.max_num_batched_tokens or DEFAULT_TOKEN_BUDGET
+        report.update(_same_trace(profile, plan, measured, budget, observed))
+    report["idle_probe"] = idle_probe_report(measured.probe_result, profile)
+    print_validation(report)
+    if config.out:
+        write_report(report, config.out)
+    return 0 if not result.metrics.failed else 1
+
+
+def _same_trace(profile: Profile, plan: Plan, measured: Measured, token_budget: int,
+                observed: dict) -> dict:
+    """The same-trace prediction of the requests `measured.bench` sent, at the prompt lengths the server
+    counted where it answered."""
+    bench = measured.bench
+    requests = build_requests(bench)
+    offsets_s = arrival_offsets_s(len(requests), bench.request_rate, bench.burstiness, bench.seed)
+    counted = [row.prompt_tokens if row.success and row.prompt_tokens else req.prompt_len
+               for row, req in zip(measured.result.per_request, requests)]
+    same = predicted_same_trace(profile, plan, requests, offsets_s, token_budget, counted)
+    return {"predicted_same_trace": same, "error_pct_same_trace": errors_pct(same, observed),
+            "token_budget": token_budget}
+
+
+def _notes(plan: Plan, profile: Profile | None) -> list[str]:
+    notes = []
+    if plan.policy != ROUTER_POLICY:
+        notes.append(f"the plan assumed policy {plan.policy}; Ray Serve's router is modelled by {ROUTER_POLICY}")
+    if profile is not None:
+        planned, given = plan.model_name, (profile.get("model") or {}).get("name")
+        if planned and given and planned != given:
+            notes.append(f"the profile is of {given} but the plan is of {planned}")
+    return notes
