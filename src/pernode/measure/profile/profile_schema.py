@@ -17,6 +17,7 @@ from typing import Any, TypedDict
 
 from pernode.config import ModelConfig
 from pernode.measure.profile.roofline import StepCost, compute_key, count_params, dtype_bytes, place_on_roofline
+from pernode.records import read_json
 
 SCHEMA_VERSION = 1
 
@@ -231,12 +232,7 @@ def save_profile(path: str | os.PathLike, d: Profile) -> Path:
 
 def load_profile(path: str | os.PathLike) -> Profile:
     """Read and validate a profile: the one way to read `profile.json`. A ValueError says which file and field."""
-    try:
-        d = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read it ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); {FIX_HINT}") from None
+    d = read_json(path, "profile")
     try:
         return validate_profile(d)
     except ValueError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from pernode.records import check_range, known_fields
 from pernode.serve.sampling.params import MAX_LOGPROBS
 
 
@@ -28,18 +29,13 @@ class ServerSettings:
 
     @classmethod
     def from_dict(cls, d: dict) -> ServerSettings:
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown server settings {unknown}: allowed {[f.name for f in dataclasses.fields(cls)]}")
-        return cls(**d)
+        return cls(**known_fields(cls, d, "server settings"))
 
     def validate(self) -> None:
         """ValueError naming the first setting out of range (`max_n=0 is out of range: allowed >= 1`)."""
-        checks = [("max_n", self.max_n, 1, None), ("max_logprobs", self.max_logprobs, 0, MAX_LOGPROBS),
-                  ("max_stop", self.max_stop, 0, None), ("max_body_bytes", self.max_body_bytes, 1, None),
-                  ("max_queued_requests", self.max_queued_requests, 1, None),
-                  ("shutdown_timeout_s", self.shutdown_timeout_s, 0, None)]
-        for name, value, low, high in checks:
-            if value < low or (high is not None and value > high):
-                allowed = f"{low}..{high}" if high is not None else f">= {low}"
-                raise ValueError(f"{name}={value} is out of range: allowed {allowed}")
+        check_range("max_n", self.max_n, 1)
+        check_range("max_logprobs", self.max_logprobs, 0, MAX_LOGPROBS)
+        check_range("max_stop", self.max_stop, 0)
+        check_range("max_body_bytes", self.max_body_bytes, 1)
+        check_range("max_queued_requests", self.max_queued_requests, 1)
+        check_range("shutdown_timeout_s", self.shutdown_timeout_s, 0, integer=False)
