@@ -23,12 +23,19 @@ MAX_ROWS = 4  # measured: at 8 rows oneDNN's GEMM is faster again
 class Linear(nn.Linear):
     """Drop-in nn.Linear (same parameters and state dict) with the decode GEMV on CPU."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Read when the layer is built, not per call: a decode step calls ~120 of these, and reading the
+        # environment costs microseconds each time.
+        self.use_gemv = envs.dense_gemv_kernel() is KernelChoice.NATIVE
+        self.gemv_threads = envs.quant_threads()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
-                and self.weight.dtype == torch.float32
+        if (self.use_gemv and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.dtype == torch.float32
+                and x.device.type == "cpu" and self.weight.dtype == torch.float32
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-                and load_extension(SOURCE) and envs.dense_gemv_kernel() is KernelChoice.NATIVE):
-            return torch.ops.pernode.dense_gemv(x, self.weight, self.bias, envs.quant_threads())
+                and load_extension(SOURCE)):
+            return torch.ops.pernode.dense_gemv(x, self.weight, self.bias, self.gemv_threads)
         return F.linear(x, self.weight, self.bias)
 
 
