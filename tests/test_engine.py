@@ -276,3 +276,17 @@ def test_check_stop_token_rules_win_over_length_and_wait_for_min_tokens():
     assert after([9, 9], max_tokens=2) == (FinishReason.LENGTH, None)
     assert after([9] * 5, max_tokens=None) == (FinishReason.LENGTH, None)  # 3 + 5 tokens fill max_model_len
     assert after([eos], ignore_eos=True) == (None, None)
+
+
+def test_prefix_cache_salt_keys_the_cache_and_rejects_a_non_string(tiny_dir):
+    salted = LLM(tiny_dir, num_blocks=64, max_model_len=256, prefix_cache_salt="tenant-a")
+    plain = LLM(tiny_dir, num_blocks=64, max_model_len=256)
+    prompt = PROMPTS[4]
+    outs = [llm.generate([prompt], greedy(4)) + llm.generate([prompt], greedy(4)) for llm in (salted, plain)]
+    assert token_ids(outs[0]) == token_ids(outs[1])  # the salt changes keys, never outputs
+    assert salted.engine.kv.root_hash != plain.engine.kv.root_hash
+    stats = salted.engine.stats()  # two admissions, the second served from the first's blocks
+    assert stats.prefix_cache_queries == 2 * len(outs[0][0].prompt_token_ids)
+    assert stats.prefix_cache_hits == outs[0][1].num_cached_tokens > 0
+    with pytest.raises(ValueError, match=r"prefix_cache_salt=5 is not supported: allowed a string"):
+        EngineConfig(prefix_cache_salt=5)

@@ -6,6 +6,8 @@ import concurrent.futures
 import dataclasses
 import io
 import json
+import os
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -148,6 +150,18 @@ def test_validate_config():
         ValidateConfig("plan.json", num_prompts=0)
 
 
+def listening_hosts(port: int) -> set[str]:
+    """The addresses a TCP socket listens on `port` at, from /proc/net/tcp and tcp6 (hex, as the kernel writes)."""
+    hosts = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            host, hex_port = local.rsplit(":", 1)
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                hosts.add({"0100007F": "127.0.0.1", "00000000": "0.0.0.0"}.get(host, host))
+    return hosts
+
+
 def test_two_replicas_behind_openai_route(tmp_path):
     pytest.importorskip("ray.serve")
     openai = pytest.importorskip("openai")
@@ -157,9 +171,14 @@ def test_two_replicas_behind_openai_route(tmp_path):
     spec = FleetSpec(EngineConfig(model=folder, device="cpu", kv_cache_bytes=16 << 20, max_num_seqs=4),
                      replicas=2, port=free_port())
     fleet = LocalFleet(spec, num_cpus=2, timeout_s=150)
+    auth_before = os.environ.get("RAY_AUTH_MODE")
     try:
         fleet.start()
         assert len(still_running(fleet.processes)) >= 4, "the local Ray's processes (GCS, raylet, replicas...)"
+        assert listening_hosts(spec.port) == {"127.0.0.1"}, "Serve's proxy listens on loopback only"
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+        assert is_token_auth_enabled() and len(os.environ["RAY_AUTH_TOKEN"]) == 64  # Ray's token auth, our token
         assert fleet.deployment.num_cpus_per_replica == 1.0 and fleet.deployment.threads_per_replica == 1
         assert replica_states() == {"RUNNING": 2}
 
@@ -195,6 +214,7 @@ def test_two_replicas_behind_openai_route(tmp_path):
     import ray
 
     assert not ray.is_initialized()
+    assert os.environ.get("RAY_AUTH_MODE") == auth_before  # the local Ray's auth settings leave with it
     assert left == [] and still_running(fleet.processes) == [], f"Ray processes left: {left}"
 
 

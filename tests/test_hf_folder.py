@@ -160,3 +160,43 @@ def test_tokenizer_saved_by_transformers(tmp_path, hf_reference_tokenizer, token
     text = "<|im_start|>user\n12 naïve 中文 🤗<|im_end|>"
     assert tok.encode(text) == hf_reference_tokenizer.encode(text)
     assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
+
+
+def _shards(folder) -> list[str]:
+    return sorted(p for p in os.listdir(folder) if p.endswith(".safetensors"))
+
+
+def test_tensor_duplicated_across_shards_is_named(tmp_path, tokenizer_files):
+    _save_tiny(str(tmp_path), "llama", tokenizer_files)
+    first, last = _shards(tmp_path)[0], _shards(tmp_path)[-1]
+    assert first != last
+    name, tensor = next(iter(load_file(tmp_path / first).items()))
+    save_file(load_file(tmp_path / last) | {name: torch.zeros_like(tensor)}, tmp_path / last)
+    with pytest.raises(ValueError, match=rf"tensor {name!r} is in both {first} and {last}"):
+        list(resolve_model(str(tmp_path)).iter_tensors())
+
+
+@pytest.mark.parametrize("entry", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/../../x.safetensors",
+                                   ""])
+def test_weight_map_entry_outside_the_folder_is_refused(tmp_path, tokenizer_files, entry):
+    _save_tiny(str(tmp_path), "llama", tokenizer_files)
+    index_path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["model.norm.weight"] = entry
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"weight_map\['model.norm.weight'\] = {json.dumps(entry)}.* inside"):
+        resolve_model(str(tmp_path))
+
+
+def test_tensor_shape_mismatch_is_named_not_broadcast(tmp_path, tokenizer_files):
+    from pernode.serve.models.loader import build_model
+
+    _save_tiny(str(tmp_path), "llama", tokenizer_files)
+    name = "model.layers.0.self_attn.k_proj.weight"  # fused into qkv_proj: a [1, hidden] row would broadcast
+    shard = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_file(tmp_path / shard)
+    tensors[name] = tensors[name][:1].clone()
+    save_file(tensors, tmp_path / shard)
+    with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.k_proj\.weight' has shape \(1, 32\), "
+                                         r"the model expects \(16, 32\)"):
+        build_model(resolve_model(str(tmp_path)))

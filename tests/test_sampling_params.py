@@ -34,3 +34,27 @@ def test_min_tokens_above_max_tokens_is_rejected():
 def test_defaults_and_normalisation():
     p = SamplingParams(stop="###", top_k=0, temperature=0)
     assert p.stop == ["###"] and p.top_k == -1 and p.greedy
+
+
+def test_stop_token_ids_are_checked_in_constant_time():
+    """The engine thread checks every generated token against the stop ids: a set lookup, not a list scan."""
+    import time
+
+    from pernode.serve.engine.request import Request
+    from pernode.serve.engine.stop_checker import check_stop
+
+    params = SamplingParams(stop_token_ids=list(range(1000, 201_000)), max_tokens=None)
+    assert params.stop_token_id_set == frozenset(params.stop_token_ids)
+    request = Request("r", [1, 2], params, eos_token_ids=[2])
+    request.output_token_ids.append(7)
+    request.all_token_ids.append(7)
+    started = time.perf_counter()
+    for _ in range(2000):
+        assert check_stop(request, max_model_len=10**6) is None
+    assert time.perf_counter() - started < 0.5
+    request.output_token_ids[-1] = 200_999
+    assert check_stop(request, max_model_len=10**6) is not None and request.stop_reason == 200_999
+    replaced = SamplingParams(stop_token_ids=[3])
+    replaced.stop_token_ids = [4]
+    replaced.validate()  # a changed list is seen again after validate()
+    assert replaced.stop_token_id_set == {4}

@@ -59,6 +59,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # default 512 on CPU (keeps decode steps short), 4096 on CUDA
     enable_prefix_caching: bool = True
+    prefix_cache_salt: str | None = None  # enters every prefix-cache key: blocks are shared only under one salt
     enable_chunked_prefill: bool = True
     num_threads: int | None = None  # CPU threads for torch
 
@@ -81,5 +82,7 @@ class EngineConfig:
         check_range("kv_cache_bytes", self.kv_cache_bytes, 1, optional=True)
         check_range("max_model_len", self.max_model_len, 2, optional=True)
         check_range("num_threads", self.num_threads, 1, optional=True)
+        if self.prefix_cache_salt is not None and not isinstance(self.prefix_cache_salt, str):
+            raise ValueError(f"prefix_cache_salt={self.prefix_cache_salt!r} is not supported: allowed a string or None")
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype={self.dtype!r} is not supported: allowed {', '.join(sorted(DTYPE_NAMES))}")

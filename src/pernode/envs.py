@@ -2,7 +2,8 @@
 for its own settings.
 
 When: each function reads its variable when it is called; nothing is cached here, so `monkeypatch.setenv` takes
-effect at the next call. Layers that resolve their kernel once (`QuantLinear.post_load`) read at load time.
+effect at the next call. Layers on the decode path read theirs once, when they are built or loaded (dense
+`Linear.__init__`, `QuantLinear.post_load`): a step calls ~120 of them and a read costs microseconds.
 
 Kernel switches share one vocabulary, `native` (the default: the C++/fused kernel where it applies) or
 `reference` (the plain-torch path the kernel is held to); `off` is accepted for `reference`:
@@ -18,8 +19,8 @@ Other settings:
   PERNODE_QUANT_THREADS  threads of the small-batch quantized and dense GEMVs; 0 (default): torch's thread count
   PERNODE_KERNEL_CACHE   folder of compiled kernels (default ~/.cache/pernode/kernels)
   PERNODE_API_KEY        `pernode serve`'s API key when --api-key is not given (default: none)
-  PERNODE_FLEET_STATE    file where `pernode fleet` keeps its deployment's state
-                         (default /tmp/pernode-fleet-<uid>.json)
+  PERNODE_FLEET_STATE    file where `pernode fleet` keeps its deployment's state (default, in a private 0700
+                         folder: $XDG_RUNTIME_DIR/pernode/, else ~/.cache/pernode/fleet/, pernode-fleet-<uid>.json)
 
 A value outside a variable's vocabulary raises ValueError naming the variable and what it allows.
 """
@@ -114,7 +115,19 @@ def api_key() -> str | None:
     return _raw("PERNODE_API_KEY") or None
 
 
+def take_api_key() -> str | None:
+    """PERNODE_API_KEY read and removed from this process's environment, so that the processes it starts (a local
+    Ray's) do not inherit it: how a detached fleet's owner process receives its key."""
+    return os.environ.pop("PERNODE_API_KEY", "") or None
+
+
 def fleet_state_path() -> Path:
-    """PERNODE_FLEET_STATE: the fleet's state file, else /tmp/pernode-fleet-<uid>.json."""
+    """PERNODE_FLEET_STATE: the fleet's state file, else pernode-fleet-<uid>.json in a folder only this user
+    reaches: $XDG_RUNTIME_DIR/pernode (when XDG_RUNTIME_DIR is set), else ~/.cache/pernode/fleet. Never the
+    shared system temp folder."""
     value = _raw("PERNODE_FLEET_STATE")
-    return Path(value) if value else Path(f"/tmp/pernode-fleet-{os.getuid()}.json")
+    if value:
+        return Path(value)
+    runtime = _raw("XDG_RUNTIME_DIR")
+    folder = Path(runtime) / "pernode" if runtime else Path.home() / ".cache" / "pernode" / "fleet"
+    return folder / f"pernode-fleet-{os.getuid()}.json"

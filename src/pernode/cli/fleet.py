@@ -14,9 +14,10 @@ from pernode.cli.serve import add_server_arguments, settings_from_args
 from pernode.jobs.fleet_from_plan import fleet_spec_for_plan
 from pernode.jobs.validate import DEFAULT_DURATION_S, FleetPlacement, ValidateConfig, run_validate
 from pernode.price.planner import Plan
-from pernode.serve.deploy import (DEFAULT_APP_NAME, LOG_FILE, SPEC_FILE, STATE_FILE, Autoscale, Deployment,
-                                  FleetSpec, clear_state, connect, delete_application, deploy, describe_fleet,
-                                  disconnect, read_state, shutdown, still_running, wait_ended, write_state)
+from pernode.serve.deploy import (DEFAULT_APP_NAME, Autoscale, Deployment, FleetSpec, ProcessRecord, clear_state,
+                                  connect, delete_application, deploy, describe_fleet, disconnect, log_file,
+                                  open_private_log, read_state, shutdown, signal_recorded, spec_file, state_file,
+                                  wait_records_ended, write_private, write_state)
 from pernode.serve.deploy.owner import serve_until_signal
 
 OWNER_MODULE = "pernode.serve.deploy.owner"  # `python -m` this: the process that owns a detached local fleet
@@ -93,18 +94,31 @@ def run_up(args: argparse.Namespace) -> int:
     return serve_until_signal(spec, args.address, args.num_cpus, args.startup_timeout)
 
 
+def write_owner_spec(spec: FleetSpec, num_cpus: int | None, startup_timeout_s: float) -> dict[str, str]:
+    """Write the owner's spec file (0600, in the private state folder) without the API key, and return the
+    environment to start the owner with: the key goes there (PERNODE_API_KEY), never to disk."""
+    d = spec.to_dict()
+    d["settings"]["api_key"] = None
+    write_private(spec_file(), json.dumps({"spec": d, "num_cpus": num_cpus, "startup_timeout_s": startup_timeout_s}))
+    env = dict(os.environ)
+    env.pop("PERNODE_API_KEY", None)
+    if spec.settings.api_key:
+        env["PERNODE_API_KEY"] = spec.settings.api_key
+    return env
+
+
 def _up_detached(spec: FleetSpec, num_cpus: int | None, startup_timeout_s: float) -> int:
     """Run `python -m pernode.serve.deploy.owner SPEC` in a session of its own: it owns the local Ray and ends it
     on SIGTERM (`fleet down`). Never `ray stop`, which ends every Ray on the machine, other users' too."""
     old = read_state()
-    if old.get("pid") and still_running([old["pid"]]):
-        raise ValueError(f"a detached fleet already runs (pid {old['pid']}, {old.get('url')}); "
+    if old.get("owner") and ProcessRecord.from_dict(old["owner"]).mismatch() is None:
+        raise ValueError(f"a detached fleet already runs (pid {old['owner']['pid']}, {old.get('url')}); "
                          f"`pernode fleet down` first")
-    STATE_FILE.unlink(missing_ok=True)
-    SPEC_FILE.write_text(json.dumps({"spec": spec.to_dict(), "num_cpus": num_cpus,
-                                     "startup_timeout_s": startup_timeout_s}))
-    with open(LOG_FILE, "w") as out:
-        child = subprocess.Popen([sys.executable, "-m", OWNER_MODULE, str(SPEC_FILE)], stdout=out,
+    state_file().unlink(missing_ok=True)
+    env = write_owner_spec(spec, num_cpus, startup_timeout_s)
+    log_path = log_file()
+    with open_private_log(log_path) as out:
+        child = subprocess.Popen([sys.executable, "-m", OWNER_MODULE, str(spec_file())], stdout=out, env=env,
                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + startup_timeout_s + 60
     while time.monotonic() < deadline:
@@ -112,34 +126,30 @@ def _up_detached(spec: FleetSpec, num_cpus: int | None, startup_timeout_s: float
         if state:
             deployment = Deployment.from_dict(state["info"])
             print(f"pernode fleet: {describe_fleet(spec, deployment)}\npernode fleet: OpenAI API at "
-                  f"{state['url']}/v1; detached (pid {child.pid}, log {LOG_FILE}); stop it with "
+                  f"{state['url']}/v1; detached (pid {child.pid}, log {log_path}); stop it with "
                   f"`pernode fleet down`", flush=True)
             return 0
         if child.poll() is not None:
-            tail = LOG_FILE.read_text()[-2000:]
+            tail = log_path.read_text()[-2000:]
             raise RuntimeError(f"the detached fleet exited ({child.returncode}) before it was ready; its log "
-                               f"{LOG_FILE} ends:\n{tail}")
+                               f"{log_path} ends:\n{tail}")
         time.sleep(0.5)
     child.terminate()
-    raise RuntimeError(f"the detached fleet was not ready in {startup_timeout_s:.0f} s; see {LOG_FILE}")
+    raise RuntimeError(f"the detached fleet was not ready in {startup_timeout_s:.0f} s; see {log_path}")
 
 
 def run_down(args: argparse.Namespace, timeout_s: float = 60.0) -> int:
-    state = read_state()
-    if state.get("pid") and not args.address:  # the local fleet `up --detach` started: its owner shuts it down
-        pid = state["pid"]
-        if still_running([pid]):
-            os.kill(pid, signal.SIGTERM)
-        left = wait_ended([pid, *state.get("ray_processes", [])], timeout_s)
-        for p in left:  # the owner did not finish in time: end what it started, by pid
-            os.kill(p, signal.SIGKILL)
-        clear_state()
-        print(f"pernode fleet down: stopped the fleet at {state.get('url')} and its local Ray"
-              + (f" (killed {len(left)} processes that did not stop in {timeout_s:.0f} s)" if left else ""))
-        return 0
+    state = read_state()  # refuses a state file another user owns or may write
+    if state.get("pid") and not state.get("owner") and not args.address:
+        print(f"pernode fleet down: {state_file()} names pid {state['pid']} without its start time (an older "
+              f"pernode wrote it); not signalling a process it cannot verify: stop it yourself, then remove the file",
+              file=sys.stderr)
+        return 1
+    if state.get("owner") and not args.address:  # the local fleet `up --detach` started: its owner shuts it down
+        return _stop_owned_fleet(state, timeout_s)
     address = args.address or state.get("address")
     if not address:
-        print(f"pernode fleet down: no detached fleet recorded in {STATE_FILE}; pass --address", file=sys.stderr)
+        print(f"pernode fleet down: no detached fleet recorded in {state_file()}; pass --address", file=sys.stderr)
         return 1
     connect(address)
     if args.app_name:  # one application; Serve and the cluster stay up
@@ -151,6 +161,22 @@ def run_down(args: argparse.Namespace, timeout_s: float = 60.0) -> int:
         print(f"pernode fleet down: Serve stopped on {address} (the Ray cluster keeps running)")
     if state.get("address") == address:
         clear_state()
+    return 0
+
+
+def _stop_owned_fleet(state: dict, timeout_s: float) -> int:
+    """SIGTERM the owner, wait, then SIGKILL what is left of what it started; each signal only to a process that
+    still has its recorded start time and belongs to this user (a reused pid is someone else's process)."""
+    owner = ProcessRecord.from_dict(state["owner"])
+    rays = [ProcessRecord.from_dict(d) for d in state.get("ray_processes", [])]
+    refused = signal_recorded(owner, signal.SIGTERM)
+    if refused and "has ended" not in refused:
+        print(f"pernode fleet down: not signalling the recorded owner: {refused}", file=sys.stderr)
+    left = wait_records_ended([owner, *rays], timeout_s)
+    killed = [r for r in left if signal_recorded(r, signal.SIGKILL) is None]  # the owner did not finish in time
+    clear_state()
+    print(f"pernode fleet down: stopped the fleet at {state.get('url')} and its local Ray"
+          + (f" (killed {len(killed)} processes that did not stop in {timeout_s:.0f} s)" if killed else ""))
     return 0
 
 

@@ -6,16 +6,20 @@ that owns a fleet until a signal (`python -m pernode.serve.deploy.owner`; not im
 cleanly). Ray itself is imported only where a fleet is deployed: it takes seconds to import.
 """
 from pernode.serve.deploy.lifecycle import (Deployment, LocalFleet, connect, delete_application, deploy,
-                                            describe_fleet, disconnect, free_port, replica_states, shutdown,
-                                            wait_ready)
-from pernode.serve.deploy.processes import child_processes, still_running, wait_ended
+                                            describe_fleet, disconnect, free_port, local_ray_options, probe_models,
+                                            replica_states, shutdown, wait_ready, warn_if_exposed)
+from pernode.serve.deploy.processes import (ProcessRecord, child_processes, records_running, signal_recorded,
+                                            still_running, wait_ended, wait_records_ended)
 from pernode.serve.deploy.replica import (DEPLOYMENT_NAME, REPLICA_HEADER, ROUTER_POLICY, ReplicaResources,
                                           build_application)
 from pernode.serve.deploy.spec import DEFAULT_APP_NAME, Autoscale, FleetSpec
-from pernode.serve.deploy.state import LOG_FILE, SPEC_FILE, STATE_FILE, clear_state, read_state, write_state
+from pernode.serve.deploy.state import (clear_state, log_file, open_private_log, read_private, read_state, spec_file,
+                                        state_file, write_private, write_state)
 
-__all__ = ["Autoscale", "DEFAULT_APP_NAME", "DEPLOYMENT_NAME", "Deployment", "FleetSpec", "LOG_FILE", "LocalFleet",
-           "REPLICA_HEADER", "ROUTER_POLICY", "ReplicaResources", "SPEC_FILE", "STATE_FILE", "build_application",
+__all__ = ["Autoscale", "DEFAULT_APP_NAME", "DEPLOYMENT_NAME", "Deployment", "FleetSpec", "LocalFleet",
+           "ProcessRecord", "REPLICA_HEADER", "ROUTER_POLICY", "ReplicaResources", "build_application",
            "child_processes", "clear_state", "connect", "delete_application", "deploy", "describe_fleet",
-           "disconnect", "free_port", "read_state", "replica_states", "shutdown", "still_running", "wait_ended",
-           "wait_ready", "write_state"]
+           "disconnect", "free_port", "local_ray_options", "log_file", "open_private_log", "probe_models",
+           "read_private", "read_state", "records_running", "replica_states", "shutdown", "signal_recorded",
+           "spec_file", "state_file", "still_running", "wait_ended", "wait_ready", "wait_records_ended",
+           "warn_if_exposed", "write_private", "write_state"]

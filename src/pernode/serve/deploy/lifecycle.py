@@ -2,11 +2,19 @@
 
 Ray is imported inside each function: it takes seconds to import, and `pernode` commands without a fleet never
 need it.
+
+A local Ray started here runs with Ray's token authentication (RAY_AUTH_MODE=token) and a fresh random token that
+lives only in the environment of this process and the Ray processes it starts (never in ~/.ray/auth_token), no
+dashboard, and Serve's HTTP proxy on loopback unless the spec says otherwise. Ray 2.60 still binds its gRPC
+servers (GCS, raylet, workers) and agents on all interfaces and turns a 127.0.0.1 node address into the routable
+one; the token is what keeps other hosts out of them.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import secrets
 import socket
 import time
 from dataclasses import dataclass
@@ -16,6 +24,12 @@ import httpx
 from pernode.serve.deploy.processes import child_processes, wait_ended
 from pernode.serve.deploy.replica import DEPLOYMENT_NAME, ROUTER, ROUTER_POLICY, build_application
 from pernode.serve.deploy.spec import DEFAULT_APP_NAME, Autoscale, FleetSpec
+
+log = logging.getLogger("pernode.fleet")
+
+LOOPBACK = "127.0.0.1"
+RAY_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+_saved_auth_env: dict[str, str | None] | None = None  # what connect() replaced, restored by shutdown()
 
 
 @dataclass(frozen=True)
@@ -74,8 +88,59 @@ def connect(address: str | None = None, num_cpus: int | None = None):
     kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
     if address:
         return ray.init(address=address, **kwargs)
-    # Small object store: replicas pass HTTP bodies, not tensors. "local" never joins another user's cluster.
-    return ray.init(address="local", num_cpus=num_cpus, object_store_memory=200 * 2**20, **kwargs)
+    init_kwargs, auth_env = local_ray_options(num_cpus)
+    _set_auth_env(auth_env)
+    try:
+        return ray.init(**init_kwargs)
+    except BaseException:
+        _restore_auth_env()
+        raise
+
+
+def local_ray_options(num_cpus: int | None = None) -> tuple[dict, dict[str, str]]:
+    """(ray.init arguments, environment) of a local Ray that only this user's processes can talk to: "local" never
+    joins another user's cluster; no dashboard, and its host loopback were it started; a small object store
+    (replicas pass HTTP bodies, not tensors); Ray's token authentication with a fresh 256-bit token, passed in the
+    environment (read by Ray's processes only, /proc/PID/environ is private) so that it is never written to disk."""
+    init_kwargs = dict(address="local", num_cpus=num_cpus, object_store_memory=200 * 2**20, include_dashboard=False,
+                       dashboard_host=LOOPBACK, log_to_driver=False, configure_logging=False)
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    return init_kwargs, env
+
+
+def _set_auth_env(env: dict[str, str]) -> None:
+    """Put a local Ray's auth settings in this process's environment (Ray's processes inherit it); the old values
+    come back at shutdown()."""
+    global _saved_auth_env
+    if _saved_auth_env is None:
+        _saved_auth_env = {k: os.environ.get(k) for k in RAY_AUTH_ENV}
+    for k in RAY_AUTH_ENV:
+        os.environ.pop(k, None)
+    os.environ.update(env)
+    _reload_ray_auth()
+
+
+def _restore_auth_env() -> None:
+    global _saved_auth_env
+    if _saved_auth_env is None:
+        return
+    for k, v in _saved_auth_env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    _saved_auth_env = None
+    _reload_ray_auth()
+
+
+def _reload_ray_auth() -> None:
+    """Make this process's Ray see the auth environment as it is now: Ray reads RAY_AUTH_MODE into its config and
+    caches the token when `ray` is imported, which is before connect() sets them (what Ray's own
+    `_enable_token_auth` does)."""
+    from ray._raylet import AuthenticationTokenLoader, Config  # lazy: Ray takes seconds to import
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def disconnect() -> None:
@@ -93,12 +158,13 @@ def deploy(spec: FleetSpec, timeout_s: float = 600.0) -> Deployment:
     cluster_cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
     node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=None)
     app, resources = build_application(spec, cluster_cpus, node_cpus or None)
+    warn_if_exposed(spec)
     serve.start(http_options={"host": spec.host, "port": spec.port})
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # see connect(); serve.start resets it
     start = time.monotonic()
     serve.run(app, name=spec.app_name, route_prefix="/", blocking=False)
     url = f"http://{_client_host(spec.host)}:{spec.port}"
-    wait_ready(url, spec.app_name, timeout_s - (time.monotonic() - start))
+    wait_ready(url, spec.app_name, timeout_s - (time.monotonic() - start), api_key=spec.settings.api_key)
     return Deployment(url=url, app_name=spec.app_name, replicas=spec.replicas, autoscale=spec.autoscale,
                       num_cpus_per_replica=resources.num_cpus, threads_per_replica=resources.threads,
                       max_ongoing_requests=resources.max_ongoing_requests, cluster_cpus=cluster_cpus,
@@ -109,8 +175,38 @@ def _client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
 
 
-def wait_ready(url: str, app_name: str = DEFAULT_APP_NAME, timeout_s: float = 300.0) -> None:
-    """Until the deployment is RUNNING and the proxy routes /v1/models to it."""
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_exposed(spec: FleetSpec) -> bool:
+    """Warn (and return True) when Serve's proxy would answer other hosts with no API key: anyone who reaches the
+    port could then use the replicas. vLLM and llama.cpp serve without a key too, but say so here."""
+    if is_loopback(spec.host) or spec.settings.api_key:
+        return False
+    log.warning("Serve's HTTP proxy listens on %s:%d without an API key: anyone who reaches that address can use "
+                "the fleet; set api_key (PERNODE_API_KEY) or listen on 127.0.0.1", spec.host, spec.port)
+    return True
+
+
+def probe_models(url: str, api_key: str | None = None) -> str | None:
+    """None when GET {url}/v1/models answers 200 (with the fleet's key, as a client sends it), else what it said."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = httpx.get(f"{url}/v1/models", headers=headers, timeout=5.0)
+    except httpx.HTTPError as e:
+        return type(e).__name__
+    return None if r.status_code == 200 else f"HTTP {r.status_code}"
+
+
+def wait_ready(url: str, app_name: str = DEFAULT_APP_NAME, timeout_s: float = 300.0,
+               api_key: str | None = None) -> None:
+    """Until the deployment is RUNNING and the proxy routes /v1/models to it (sending `api_key` when it has one)."""
     from ray import serve  # lazy: Ray takes seconds to import
 
     deadline = time.monotonic() + max(1.0, timeout_s)
@@ -118,13 +214,9 @@ def wait_ready(url: str, app_name: str = DEFAULT_APP_NAME, timeout_s: float = 30
     while time.monotonic() < deadline:
         app = serve.status().applications.get(app_name)
         if app is not None and str(app.status).endswith("RUNNING"):
-            try:
-                r = httpx.get(f"{url}/v1/models", timeout=5.0)
-                if r.status_code == 200:
-                    return
-                last = f"HTTP {r.status_code}"
-            except httpx.HTTPError as e:
-                last = f"{type(e).__name__}"
+            last = probe_models(url, api_key)
+            if last is None:
+                return
         elif app is not None:
             last = f"application {app_name} is {app.status}: {app.message or ''}".strip()
         time.sleep(0.5)
@@ -160,6 +252,7 @@ def shutdown() -> None:
             serve.shutdown()
         finally:
             ray.shutdown()
+            _restore_auth_env()
 
 
 class LocalFleet:

@@ -2,11 +2,13 @@
 for every process a local Ray started to end.
 
 `pernode fleet up` runs it in the foreground; `pernode fleet up --detach` runs this module in a session of its own,
-`python -m pernode.serve.deploy.owner SPEC.json`, and `pernode fleet down` sends it SIGTERM.
+`python -m pernode.serve.deploy.owner SPEC.json`, and `pernode fleet down` sends it SIGTERM. The API key is not in
+SPEC.json: it comes in this process's environment (PERNODE_API_KEY), which no other user can read.
 """
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -15,11 +17,12 @@ import sys
 import threading
 from pathlib import Path
 
+from pernode import envs
 from pernode.serve.deploy.lifecycle import connect, deploy, describe_fleet, replica_states, shutdown
-from pernode.serve.deploy.processes import child_processes, wait_ended
+from pernode.serve.deploy.processes import ProcessRecord, child_processes, wait_ended
 from pernode.serve.deploy.replica import ROUTER_POLICY
 from pernode.serve.deploy.spec import FleetSpec
-from pernode.serve.deploy.state import write_state
+from pernode.serve.deploy.state import read_private, write_state
 
 log = logging.getLogger("pernode.fleet")
 
@@ -44,8 +47,10 @@ def serve_until_signal(spec: FleetSpec, address: str | None = None, num_cpus: in
         print(f"pernode fleet: OpenAI API at {deployment.url}/v1 (Ray Serve's router; "
               f"`pernode plan --policy {ROUTER_POLICY}` models it)", flush=True)
         if record_state:
-            write_state({"pid": os.getpid(), "url": deployment.url, "app_name": spec.app_name, "address": address,
-                         "ray_processes": sorted(started), "info": deployment.to_dict()})
+            records = [r for pid in sorted(started) if (r := ProcessRecord.of(pid)) is not None]
+            write_state({"pid": os.getpid(), "owner": ProcessRecord.of(os.getpid()).to_dict(), "url": deployment.url,
+                         "app_name": spec.app_name, "address": address,
+                         "ray_processes": [r.to_dict() for r in records], "info": deployment.to_dict()})
         print("pernode fleet: serving until Ctrl-C or SIGTERM", flush=True)
         while not stop.wait(LIVENESS_CHECK_S):
             if not replica_states(spec.app_name):
@@ -68,9 +73,20 @@ def main(argv: list[str] | None = None) -> int:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     except (OSError, AttributeError):
         pass
-    cfg = json.loads(Path(argv[0]).read_text())
-    return serve_until_signal(FleetSpec.from_dict(cfg["spec"]), None, cfg.get("num_cpus"), cfg["startup_timeout_s"],
-                              record_state=True)
+    spec, cfg = load_owner_spec(Path(argv[0]))
+    return serve_until_signal(spec, None, cfg.get("num_cpus"), cfg["startup_timeout_s"], record_state=True)
+
+
+def load_owner_spec(path: Path) -> tuple[FleetSpec, dict]:
+    """The spec `fleet up --detach` wrote (a private file of this user's), with the API key from this process's
+    environment, which is then removed from it so that the local Ray's processes do not inherit it."""
+    text = read_private(path)
+    if text is None:
+        raise ValueError(f"fleet spec {path} does not exist")
+    cfg = json.loads(text)
+    spec = FleetSpec.from_dict(cfg["spec"])
+    spec = dataclasses.replace(spec, settings=dataclasses.replace(spec.settings, api_key=envs.take_api_key()))
+    return spec, cfg
 
 
 if __name__ == "__main__":

@@ -1,24 +1,40 @@
 """The pool of KV cache blocks, with prefix caching: full blocks are found again by the hash of their content.
 
 PagedAttention (Kwon et al., arXiv 2309.06180) for the blocks; automatic prefix caching as in vLLM: a block's
-hash chains its parent's hash with its token ids, so equal hashes mean equal whole prefixes.
+key is a SHA-256 chained over its parent's key and its token ids, so equal keys mean equal whole prefixes. Not
+Python's hash(): 64 bits collide by construction, and on Python >= 3.12 hash(None) is a constant, so colliding
+chains can be computed offline (vLLM CVE-2025-25183). An optional salt enters the chain's root, so prefixes are
+shared only between requests served under the same salt.
 """
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
+_ROOT_DOMAIN = b"pernode-prefix-cache-v1\0"
 
-def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
-    return hash((parent_hash, token_ids))
+
+def root_hash(salt: str | None) -> bytes:
+    """The parent key of a sequence's first block: the salt (if any) enters every key of the chain through it."""
+    data = _ROOT_DOMAIN if salt is None else _ROOT_DOMAIN + b"salt\0" + salt.encode("utf-8")
+    return hashlib.sha256(data).digest()
+
+
+def hash_block(parent_hash: bytes, token_ids: tuple[int, ...]) -> bytes:
+    """SHA-256 of the parent's 32-byte key followed by the token ids packed as int64: unambiguous, since the
+    parent key has a fixed length and a block's tokens are all that follows it."""
+    return hashlib.sha256(parent_hash + array("q", token_ids).tobytes()).digest()
 
 
 @dataclass
 class Block:
     block_id: int
     ref_count: int = 0
-    block_hash: int | None = None  # set once the block is full and computed
-    token_ids: tuple[int, ...] = ()  # kept with the hash to rule out collisions
+    block_hash: bytes | None = None  # set once the block is full and computed
+    parent_hash: bytes | None = None  # the key of the block before it in the sequence (or the chain's root)
+    token_ids: tuple[int, ...] = ()  # kept with the keys: a lookup compares the whole (parent, tokens) content
 
 
 class BlockPool:
@@ -28,7 +44,7 @@ class BlockPool:
     def __init__(self, num_blocks: int):
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
-        self.cached: dict[int, Block] = {}
+        self.cached: dict[bytes, Block] = {}
 
     @property
     def num_blocks(self) -> int:
@@ -41,9 +57,11 @@ class BlockPool:
     def usage(self) -> float:
         return 1.0 - self.num_free / self.num_blocks
 
-    def lookup(self, block_hash: int, token_ids: tuple[int, ...]) -> Block | None:
+    def lookup(self, block_hash: bytes, parent_hash: bytes, token_ids: tuple[int, ...]) -> Block | None:
+        """The cached block with this key whose parent key and tokens are these too, so a hit means the same
+        tokens after the same prefix (the parent key being itself the SHA-256 chain of that prefix)."""
         block = self.cached.get(block_hash)
-        if block is not None and block.token_ids == token_ids:
+        if block is not None and block.parent_hash == parent_hash and block.token_ids == token_ids:
             return block
         return None
 
@@ -62,14 +80,14 @@ class BlockPool:
             if block.block_hash is not None:  # evict its cached content
                 if self.cached.get(block.block_hash) is block:
                     del self.cached[block.block_hash]
-                block.block_hash, block.token_ids = None, ()
+                block.block_hash, block.parent_hash, block.token_ids = None, None, ()
             block.ref_count = 1
             out.append(block)
         return out
 
-    def register(self, block: Block, block_hash: int, token_ids: tuple[int, ...]) -> None:
+    def register(self, block: Block, block_hash: bytes, parent_hash: bytes, token_ids: tuple[int, ...]) -> None:
         """Make a full, computed block findable by its content."""
-        block.block_hash, block.token_ids = block_hash, token_ids
+        block.block_hash, block.parent_hash, block.token_ids = block_hash, parent_hash, token_ids
         self.cached.setdefault(block_hash, block)
 
     def free(self, blocks: list[Block]) -> None:

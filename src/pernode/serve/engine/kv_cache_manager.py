@@ -3,21 +3,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pernode.serve.engine.block_pool import Block, BlockPool, hash_block
+from pernode.serve.engine.block_pool import Block, BlockPool, hash_block, root_hash
 from pernode.serve.engine.request import Request
 
 
 @dataclass
 class PrefixCacheStats:
+    """Prompt tokens looked up, and found, at each admission of a request (a retry while it waits is not one)."""
     queries_tokens: int = 0
     hits_tokens: int = 0
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 salt: str | None = None):
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.enable_prefix_caching = enable_prefix_caching
+        self.root_hash = root_hash(salt)  # the parent key of every sequence's first block
         self.stats = PrefixCacheStats()
 
     def usage(self) -> float:
@@ -26,19 +29,21 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _full_block_hash(self, request: Request, index: int) -> tuple[int, tuple[int, ...]]:
-        """Hash of the request's `index`-th full block, memoised on the request."""
+    def _full_block_hash(self, request: Request, index: int) -> tuple[bytes, bytes, tuple[int, ...]]:
+        """(key, parent key, tokens) of the request's `index`-th full block; keys are memoised on the request."""
         while len(request.block_hashes) <= index:
             i = len(request.block_hashes)
-            parent = request.block_hashes[i - 1] if i else None
+            parent = request.block_hashes[i - 1] if i else self.root_hash
             tokens = tuple(request.all_token_ids[i * self.block_size:(i + 1) * self.block_size])
             request.block_hashes.append(hash_block(parent, tokens))
         tokens = tuple(request.all_token_ids[index * self.block_size:(index + 1) * self.block_size])
-        return request.block_hashes[index], tokens
+        parent = request.block_hashes[index - 1] if index else self.root_hash
+        return request.block_hashes[index], parent, tokens
 
     def find_cached_prefix(self, request: Request) -> list[Block]:
         """The longest run of cached full blocks matching the request's tokens. At least one token is always
-        left to compute, since its logits are needed to sample."""
+        left to compute, since its logits are needed to sample. Counts nothing: the scheduler may ask again
+        every step while the request waits; `record_prefix_query` counts the admission."""
         if not self.enable_prefix_caching:
             return []
         max_blocks = (request.num_tokens - 1) // self.block_size
@@ -48,9 +53,13 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.stats.queries_tokens += request.num_tokens
-        self.stats.hits_tokens += len(hits) * self.block_size
         return hits
+
+    def record_prefix_query(self, request: Request, num_cached_tokens: int) -> None:
+        """Count one admission's lookup in the prefix-cache stats."""
+        if self.enable_prefix_caching:
+            self.stats.queries_tokens += request.num_tokens
+            self.stats.hits_tokens += num_cached_tokens
 
     def allocate(self, request: Request, num_new_tokens: int, cached_prefix: list[Block] = ()) -> bool:
         """Give the request room for `num_new_tokens` more tokens. False (and nothing changed) if blocks are short.
@@ -77,8 +86,8 @@ class KVCacheManager:
             return
         num_full = request.num_computed_tokens // self.block_size
         for i in range(request.num_hashed_blocks, num_full):
-            block_hash, tokens = self._full_block_hash(request, i)
-            self.pool.register(self.pool.blocks[request.block_ids[i]], block_hash, tokens)
+            block_hash, parent, tokens = self._full_block_hash(request, i)
+            self.pool.register(self.pool.blocks[request.block_ids[i]], block_hash, parent, tokens)
         request.num_hashed_blocks = max(request.num_hashed_blocks, num_full)
 
     def free(self, request: Request) -> None:

@@ -79,7 +79,8 @@ class LLMEngine:
         self.block_size = config.block_size
         self.kv_bytes_per_token = self.model_config.kv_bytes_per_token(self.dtype.itemsize)
         self.num_blocks = num_kv_blocks(config, self.kv_bytes_per_token, self.device)
-        self.kv = KVCacheManager(self.num_blocks, self.block_size, config.enable_prefix_caching)
+        self.kv = KVCacheManager(self.num_blocks, self.block_size, config.enable_prefix_caching,
+                                 config.prefix_cache_salt)
         self.runner = ModelRunner(self.model, self.num_blocks, self.block_size, self.device, self.dtype)
         max_batched = config.max_num_batched_tokens or (512 if self.device.type == "cpu" else 4096)
         self.scheduler = Scheduler(SchedulerConfig(
@@ -110,6 +111,13 @@ class LLMEngine:
     @property
     def max_concurrent_seqs(self) -> float:
         return self.num_blocks / self.kv.blocks_needed(self.max_model_len)
+
+    def limit_max_model_len(self, max_model_len: int) -> None:
+        """Lower the context length (a server fitting it to the KV cache at start); never above the built one."""
+        if not 2 <= max_model_len <= self.max_model_len:
+            raise ValueError(f"max_model_len={max_model_len} is out of range: allowed 2..{self.max_model_len}")
+        self.max_model_len = max_model_len
+        self._prompt_validator.max_model_len = max_model_len
 
     # ---- requests ---------------------------------------------------------------------------------------
     def validate_prompt(self, prompt: str | list[int], params: SamplingParams) -> list[int]:

@@ -46,7 +46,7 @@ class Request:
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
         self.block_ids: list[int] = []
         self.num_hashed_blocks = 0  # leading blocks already registered in the prefix cache
-        self.block_hashes: list[int] = []  # hash of each full block of all_token_ids, filled lazily
+        self.block_hashes: list[bytes] = []  # prefix-cache key of each full block of all_token_ids, lazily
         self.num_preemptions = 0
         self.finish_reason: FinishReason | None = None
         self.stop_reason: str | int | None = None

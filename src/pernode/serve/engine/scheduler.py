@@ -75,6 +75,8 @@ class Scheduler:
             if not self.kv.allocate(request, num_new, cached):
                 break
             self.waiting.popleft()
+            if request.num_computed_tokens == 0:  # a real lookup this step, not a chunk continuing
+                self.kv.record_prefix_query(request, num_cached)
             if request.times.first_scheduled_s is None:
                 request.num_cached_tokens = num_cached
             request.num_computed_tokens = num_cached

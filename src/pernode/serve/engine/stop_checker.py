@@ -14,7 +14,7 @@ def check_stop(request: Request, max_model_len: int) -> FinishReason | None:
     if request.num_output_tokens >= params.min_tokens:
         if token_id in request.eos_token_ids:
             return FinishReason.STOP
-        if token_id in params.stop_token_ids:
+        if token_id in params.stop_token_id_set:  # a set: O(1) per token however long the list
             request.stop_reason = token_id
             return FinishReason.STOP
     if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:

@@ -2,7 +2,7 @@
 
 Each kernel is compiled on first use (or ahead of time by `make`, see build.py) for this very CPU with
 -march=native, into ~/.cache/pernode/kernels/<name>_<hash>, the hash keyed by everything that changes the binary:
-source, flags, torch version, CPU. The sources register their ops with torch's dispatcher (`torch.ops.pernode.*`),
+source, its path, flags, torch version, CPU. The sources register their ops with torch's dispatcher (`torch.ops.pernode.*`),
 so no pybind11/Python headers are compiled. A kernel that cannot build logs one warning and its caller falls back
 to plain torch.
 """
@@ -34,10 +34,13 @@ def cpu_signature() -> str:
 
 
 def build_name(source: str) -> str:
-    """pernode_<source stem>_<hash of source, flags, torch version, CPU>."""
+    """pernode_<source stem>_<hash of source, its path, flags, torch version, CPU>. The path is in the key because
+    torch's builder records it: two checkouts sharing one build folder would rebuild (and rewrite the .so under
+    each other) every time the other one loads."""
     path = CSRC / source
     h = hashlib.sha256()
-    for part in (path.read_bytes(), " ".join(CFLAGS).encode(), torch.__version__.encode(), cpu_signature().encode()):
+    for part in (path.read_bytes(), str(path.resolve()).encode(), " ".join(CFLAGS).encode(),
+                 torch.__version__.encode(), cpu_signature().encode()):
         h.update(part)
         h.update(b"\0")
     return f"pernode_{path.stem}_{h.hexdigest()[:16]}"

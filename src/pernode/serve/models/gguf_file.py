@@ -16,6 +16,7 @@ import torch
 from gguf import GGMLQuantizationType as GGMLType
 
 from pernode.config import ModelConfig
+from pernode.serve.models.gguf_header import validate_gguf_header
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")  # Mistral GGUFs are written as "llama"
 
@@ -55,6 +56,7 @@ _ROPE_SCALING_KEYS = {
     "yarn_beta_slow": "beta_slow",
 }
 _MISSING = object()
+_MAX_METADATA_INT = 2**31 - 1  # shapes, counts and token ids are int32 in llama.cpp
 
 
 def hf_tensor_name(gguf_name: str) -> str:
@@ -117,6 +119,7 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
+        validate_gguf_header(self.path)  # GGUFReader checks no bounds: a crafted file could exhaust memory
         self.reader = gguf.GGUFReader(self.path, "r")
         self.architecture = self.metadata("general.architecture")
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -132,13 +135,25 @@ class GGUFFile:
         self._tensors = {t.name: t for t in self.reader.tensors}
 
     def metadata(self, key: str, default: Any = _MISSING) -> Any:
-        """A metadata value (scalar, str or list); KeyError naming the key when absent without a default."""
+        """A metadata value (scalar, str or list); ValueError naming the key when absent without a default."""
         field = self.reader.fields.get(key)
         if field is None:
             if default is _MISSING:
-                raise KeyError(f"{self.path}: GGUF metadata has no {key!r}")
+                raise ValueError(f"{self.path}: GGUF metadata has no {key!r}")
             return default
         return field.contents()
+
+    def int_metadata(self, key: str, default: Any = _MISSING, minimum: int = 1) -> Any:
+        """An integer metadata value >= `minimum` (a whole float is accepted); ValueError naming the key if not."""
+        value = self.metadata(key, default)
+        if value is None or value is default:
+            return value
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= _MAX_METADATA_INT:
+            raise ValueError(f"{self.path}: GGUF metadata {key} = {value!r} is out of range: allowed an integer in "
+                             f"{minimum}..{_MAX_METADATA_INT}")
+        return value
 
     def model_config(self) -> ModelConfig:
         """Shapes from `{arch}.*` metadata; name is the file name, eos is the tokenizer's eos only."""
@@ -147,35 +162,41 @@ class GGUFFile:
         def key(name: str, default: Any = _MISSING) -> Any:
             return self.metadata(f"{arch}.{name}", default)
 
+        def int_key(name: str, default: Any = _MISSING) -> Any:
+            return self.int_metadata(f"{arch}.{name}", default)
+
         def float32_key(name: str, default: float) -> float:
             # Stored as float32: 1e-5 reads back as 9.9999997e-06; keep the shortest decimal that round-trips.
             return float(str(np.float32(key(name, default))))
 
-        num_heads = int(key("attention.head_count"))
-        hidden_size = int(key("embedding_length"))
-        head_dim = key("attention.key_length", None) or key("rope.dimension_count", None)
+        num_heads = int_key("attention.head_count")
+        hidden_size = int_key("embedding_length")
+        head_dim = int_key("attention.key_length", None) or int_key("rope.dimension_count", None)
         head_dim = int(head_dim or hidden_size // num_heads)
         rope_theta = float32_key("rope.freq_base", 10000.0)
-        vocab_size = key("vocab_size", None)
+        vocab_size = int_key("vocab_size", None)
         if vocab_size is None:
-            vocab_size = len(self.metadata("tokenizer.ggml.tokens"))
-        eos = self.metadata("tokenizer.ggml.eos_token_id", None)
+            tokens = self.metadata("tokenizer.ggml.tokens")
+            if not isinstance(tokens, list) or not tokens:
+                raise ValueError(f"{self.path}: GGUF metadata tokenizer.ggml.tokens is not a list of tokens")
+            vocab_size = len(tokens)
+        eos = self.int_metadata("tokenizer.ggml.eos_token_id", None, minimum=0)
         return ModelConfig(
             vocab_size=int(vocab_size),
             hidden_size=hidden_size,
-            intermediate_size=int(key("feed_forward_length")),
-            num_hidden_layers=int(key("block_count")),
+            intermediate_size=int_key("feed_forward_length"),
+            num_hidden_layers=int_key("block_count"),
             num_attention_heads=num_heads,
-            num_key_value_heads=int(key("attention.head_count_kv", num_heads)),
+            num_key_value_heads=int_key("attention.head_count_kv", num_heads),
             head_dim=head_dim,
             rms_norm_eps=float32_key("attention.layer_norm_rms_epsilon", 1e-5),
             rope_theta=rope_theta,
             rope_scaling=self._rope_scaling(rope_theta, head_dim),
-            max_position_embeddings=int(key("context_length", 2048)),
+            max_position_embeddings=int_key("context_length", 2048),
             # llama.cpp writes output.weight only when it differs from the embedding.
             tie_word_embeddings="output.weight" not in self._tensors,
             attention_bias=arch == "qwen2" or "blk.0.attn_q.bias" in self._tensors,
-            bos_token_id=self.metadata("tokenizer.ggml.bos_token_id", None),
+            bos_token_id=self.int_metadata("tokenizer.ggml.bos_token_id", None, minimum=0),
             eos_token_ids=[int(eos)] if eos is not None else [],
             architecture=arch,
             name=os.path.splitext(os.path.basename(self.path))[0],
@@ -213,8 +234,8 @@ class GGUFFile:
         """Yield (hf_name, tensor) one at a time, q/k un-permuted so they equal the HF checkpoint's."""
         # Qwen2 uses NEOX-style rope in llama.cpp, so its converter leaves q/k alone.
         permuted = self.architecture == "llama"
-        num_heads = int(self.metadata(f"{self.architecture}.attention.head_count"))
-        num_kv_heads = int(self.metadata(f"{self.architecture}.attention.head_count_kv", num_heads))
+        num_heads = self.int_metadata(f"{self.architecture}.attention.head_count")
+        num_kv_heads = self.int_metadata(f"{self.architecture}.attention.head_count_kv", num_heads)
         for gguf_name, tensor in self._tensors.items():
             if gguf_name in _CONFIG_TENSORS:
                 continue

@@ -1,6 +1,8 @@
 """A local Hugging Face model folder: config.json, *.safetensors, tokenizer.json (+ tokenizer_config.json).
 
-Weights load from safetensors only: pickled checkpoints (pytorch_model.bin) can run code when loaded.
+Weights load from safetensors only: pickled checkpoints (pytorch_model.bin) can run code when loaded. The folder is
+untrusted input too: the index's weight_map may name only files inside the folder, and a tensor stored in two shards
+is an error rather than one silently overwriting the other.
 """
 from __future__ import annotations
 
@@ -54,11 +56,16 @@ class HFFolder:
             )
         self.architecture = SUPPORTED_ARCHITECTURES[supported[0]]
         self.weight_files = self._find_weight_files()
+        self._tensor_files = self._index_tensors()  # tensor name -> the one file holding it (headers only)
 
     def _find_weight_files(self) -> list[str]:
         index_path = os.path.join(self.path, "model.safetensors.index.json")
         if os.path.isfile(index_path):
-            weight_map = _read_json(index_path)["weight_map"]
+            weight_map = _read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{index_path}: weight_map is {weight_map!r}; expected {{tensor name: file name}}")
+            for tensor, name in weight_map.items():
+                self._check_shard_name(index_path, tensor, name)
             return [os.path.join(self.path, name) for name in sorted(set(weight_map.values()))]
         files = sorted(glob.glob(os.path.join(self.path, "*.safetensors")))
         if files:
@@ -72,6 +79,31 @@ class HFFolder:
                 "safe_serialization=True) in a trusted environment) or download the repo's *.safetensors."
             )
         raise ValueError(f"{self.path}: no *.safetensors weight files")
+
+    def _check_shard_name(self, index_path: str, tensor: str, name: object) -> None:
+        """A weight_map entry must be a relative path to a .safetensors file inside the folder (no `..`, not
+        absolute): a checkpoint must not make the loader read files elsewhere on the machine."""
+        parts = os.path.normpath(name).split(os.sep) if isinstance(name, str) and name else []
+        if (not parts or os.path.isabs(name) or ".." in parts or "\0" in name
+                or not name.endswith(".safetensors")):
+            raise ValueError(f"{index_path}: weight_map[{tensor!r}] = {json.dumps(name)} is not allowed: allowed a "
+                             "relative path to a .safetensors file inside the model folder")
+
+    def _index_tensors(self) -> dict[str, str]:
+        """Which file holds each tensor, from the safetensors headers; ValueError naming a tensor in two files."""
+        where: dict[str, str] = {}
+        for path in self.weight_files:
+            if not os.path.isfile(path):
+                raise ValueError(f"{self.path}: weight file {os.path.relpath(path, self.path)} is missing")
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name in where:
+                        raise ValueError(
+                            f"{self.path}: tensor {name!r} is in both {os.path.relpath(where[name], self.path)} and "
+                            f"{os.path.relpath(path, self.path)}; a tensor must be stored once"
+                        )
+                    where[name] = path
+        return where
 
     @property
     def quantization_config(self) -> dict | None:

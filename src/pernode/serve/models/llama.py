@@ -188,7 +188,11 @@ class LlamaForCausalLM(nn.Module):
                 target_name = ".".join(parts[:-2] + [fused[0], parts[-1]])
                 target = params[target_name]
                 offset, size = self._shard_range(fused[0], fused[1])
-                target.data[offset:offset + size].copy_(tensor)
+                shard = target.data[offset:offset + size]
+                if shard.shape != tensor.shape:  # copy_ would broadcast a wrong shape silently
+                    raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                     f"the model expects {tuple(shard.shape)}")
+                shard.copy_(tensor)
                 loaded.add(f"{target_name}#{fused[1]}")
                 continue
             if name not in params:

@@ -30,10 +30,16 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N alternatives per generated token, besides the sampled one
     skip_special_tokens: bool = True
+    # stop_token_ids as a set, for the engine's check of every generated token (set again by validate())
+    stop_token_id_set: frozenset[int] = field(init=False, repr=False, compare=False, default=frozenset())
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        _check(self.stop is None or isinstance(self.stop, (list, tuple)), "stop", self.stop,
+               "a string or a list of non-empty strings")
+        _check(self.stop_token_ids is None or isinstance(self.stop_token_ids, (list, tuple)), "stop_token_ids",
+               self.stop_token_ids, "a list of token ids >= 0")
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == 0:
@@ -71,6 +77,7 @@ class SamplingParams:
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "a list of non-empty strings")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                self.stop_token_ids, "a list of token ids >= 0")
+        self.stop_token_id_set = frozenset(self.stop_token_ids)
 
     @property
     def greedy(self) -> bool:

@@ -9,6 +9,12 @@ import torch
 
 from pernode.serve.sampling.params import SamplingParams
 
+# A temperature below this samples greedily (vLLM's _SAMPLING_EPS): at such temperatures the distribution is the
+# argmax to within float precision, and dividing raw logits by them overflows (inf - inf = NaN in the softmax).
+GREEDY_TEMPERATURE_EPS = 1e-5
+_TINY = torch.finfo(torch.float32).tiny
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 class SamplingState(Protocol):
     """What the sampler reads of a request (the engine's `Request` is one)."""
@@ -67,9 +73,30 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
     return logits
 
 
+def is_greedy(params: SamplingParams) -> bool:
+    return params.temperature < GREEDY_TEMPERATURE_EPS
+
+
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The fp32 distribution one row draws from (temperature, then top-k/top-p/min-p): finite and summing to 1
+    for any valid params, whatever the logits' scale or dtype, as long as one token is possible. A greedy
+    temperature (< GREEDY_TEMPERATURE_EPS) gives the argmax all the mass. Otherwise the logits are shifted so
+    their maximum is 0 before the division: every scaled value is then <= 0 and can only underflow towards -inf,
+    never overflow to +inf. A temperature beyond float32's range would become inf (-inf / inf = NaN for a masked
+    token): it is capped, which changes nothing (the distribution is already uniform over the possible tokens)."""
+    logits = logits.float()
+    if is_greedy(params):
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    top = logits.max()
+    if torch.isfinite(top):
+        logits = (logits - top) / min(params.temperature, _FLOAT32_MAX)
+    logits = filter_logits(logits, params.top_k, params.top_p, params.min_p)
+    return torch.softmax(logits, dim=-1)
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, requests: list[SamplingState]) -> SampleResult:
-        greedy_rows = [i for i, r in enumerate(requests) if r.params.greedy and not self._needs_processing(r)]
+        greedy_rows = [i for i, r in enumerate(requests) if is_greedy(r.params) and not self._needs_processing(r)]
         token_ids = [0] * len(requests)
         if greedy_rows:
             idx = torch.tensor(greedy_rows, device=logits.device)
@@ -109,12 +136,12 @@ class Sampler:
             banned = [t for t in request.eos_token_ids + p.stop_token_ids if t < logits.shape[0]]
             if banned:
                 logits[banned] = float("-inf")
-        if p.greedy:
+        if is_greedy(p):
             return int(logits.argmax())
-        logits = filter_logits(logits / p.temperature, p.top_k, p.top_p, p.min_p)
-        probs = torch.softmax(logits, dim=-1)
+        probs = sampling_probs(logits, p)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, and the draw depends only on this
         # request's own generator, so a seeded request samples the same tokens whatever batch it is in.
         # The noise is drawn on the CPU so the same generator works whatever device the logits are on.
-        noise = torch.empty(probs.shape).exponential_(generator=request.generator).to(probs.device)
-        return int((probs / noise).argmax())
+        # A zero draw (possible in float32) would make 0 / 0 = NaN for an impossible token: floor it.
+        noise = torch.empty(probs.shape).exponential_(generator=request.generator).clamp_min_(_TINY)
+        return int((probs / noise.to(probs.device)).argmax())

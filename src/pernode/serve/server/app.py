@@ -6,7 +6,6 @@ in a thread after startup, /health answering 503 until it is ready).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import threading
 import time
@@ -14,12 +13,15 @@ from contextlib import asynccontextmanager
 from typing import Callable
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from pernode.config import EngineConfig
 from pernode.serve.engine.llm_engine import LLMEngine
 from pernode.serve.sampling.params import SamplingParams
+from pernode.serve.server.capacity import fit_context
 from pernode.serve.server.errors import APIError, bad_request, install_error_handlers
+from pernode.serve.server.guard import Guard, too_large
 from pernode.serve.server.metrics import CONTENT_TYPE
 from pernode.serve.server.options import ServerSettings
 from pernode.serve.server.protocol import DetokenizeRequest, TokenizeRequest, chat_messages, check_model, parse_body
@@ -39,19 +41,20 @@ def warm_up(engine: LLMEngine) -> None:
         engine.step()
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
+async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The body, at most max_bytes (413), received within timeout_s (408: a slow upload holds a slot no longer)."""
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise _too_large(max_bytes)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise too_large(max_bytes)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s (body_read_timeout_s="
+                            f"{timeout_s:g}): send it whole and promptly", code="request_timeout") from None
     return b"".join(chunks)
-
-
-def _too_large(max_bytes: int) -> APIError:
-    return APIError(413, f"the request body is larger than {max_bytes} bytes, the most this server takes "
-                         f"(max_body_bytes={max_bytes})", code="request_too_large")
 
 
 async def _until_disconnect(request: Request, handler):
@@ -80,33 +83,6 @@ async def _until_disconnect(request: Request, handler):
     return task.result()
 
 
-class _Guard:
-    """Pure ASGI (streams pass through untouched): API key on /v1 routes, and the declared body size."""
-
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app = app
-        self.api_key = api_key.encode() if api_key else None
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            path = scope["path"]
-            headers = dict(scope["headers"])
-            if self.api_key is not None and (path == "/v1" or path.startswith("/v1/")):
-                auth = headers.get(b"authorization", b"")
-                scheme, _, key = auth.partition(b" ")
-                # compare_digest: the time taken does not tell how much of a guessed key was right
-                if scheme.lower() != b"bearer" or not hmac.compare_digest(key.strip(), self.api_key):
-                    error = APIError(401, "missing or invalid API key: send the header 'Authorization: Bearer "
-                                          "<key>' with the key the server was started with",
-                                     code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-                    return await error.response()(scope, receive, send)
-            length = headers.get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-                return await _too_large(self.max_body_bytes).response()(scope, receive, send)
-        await self.app(scope, receive, send)
-
-
 def build_app(engine_or_config: LLMEngine | EngineConfig, settings: ServerSettings | None = None,
               on_ready: Callable[[LLMEngine], None] | None = None,
               on_load_failed: Callable[[str], None] | None = None) -> FastAPI:
@@ -129,12 +105,19 @@ def build_app(engine_or_config: LLMEngine | EngineConfig, settings: ServerSettin
                 on_load_failed(message)
 
         if isinstance(engine_or_config, LLMEngine):
-            await asyncio.to_thread(warm_up, engine_or_config)
-            ready(engine_or_config)
+            try:
+                fit_context(engine_or_config)
+            except ValueError as exc:
+                log.error("the engine cannot serve: %s", exc)
+                failed(str(exc))
+            else:
+                await asyncio.to_thread(warm_up, engine_or_config)
+                ready(engine_or_config)
         else:
             def load() -> None:
                 try:
                     engine = LLMEngine(engine_or_config)
+                    fit_context(engine)  # at start, not at every request: the cache holds one max_model_len
                     warm_up(engine)
                 except ValueError as exc:  # a user error (unknown model, bad size): one line, no traceback
                     log.error("loading the model failed: %s", exc)
@@ -158,7 +141,13 @@ def build_app(engine_or_config: LLMEngine | EngineConfig, settings: ServerSettin
     app = FastAPI(title="pernode", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     install_error_handlers(app)
-    app.add_middleware(_Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    if settings.allowed_origins:  # browsers of the allowed sites get CORS answers (preflight included)
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
+                           allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(Guard, settings=settings)  # added last: the outermost layer, before CORS and every route
+
+    async def body_of(request: Request) -> bytes:
+        return await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
 
     @app.get("/health")
     async def health():
@@ -176,26 +165,26 @@ def build_app(engine_or_config: LLMEngine | EngineConfig, settings: ServerSettin
             state.serving_or_503()
         return {"object": "list", "data": [{
             "id": state.served_names[0], "object": "model", "created": state.created, "owned_by": "pernode",
-            "root": state.engine.config.model, "max_model_len": state.engine.max_model_len}]}
+            "root": state.served_names[0], "max_model_len": state.engine.max_model_len}]}  # never the file path
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         arrival_s = time.monotonic()  # queue time and TTFT count from here, body and tokenization included
         serving = state.serving_or_503()
-        raw = await read_body(request, settings.max_body_bytes)
+        raw = await body_of(request)
         return await _until_disconnect(request, serving.completions(raw, arrival_s))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         arrival_s = time.monotonic()  # queue time and TTFT count from here, body and tokenization included
         serving = state.serving_or_503()
-        raw = await read_body(request, settings.max_body_bytes)
+        raw = await body_of(request)
         return await _until_disconnect(request, serving.chat(raw, arrival_s))
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
         serving = state.serving_or_503()
-        req = parse_body(TokenizeRequest, await read_body(request, settings.max_body_bytes))
+        req = parse_body(TokenizeRequest, await body_of(request))
         check_model(req.model, state.served_names)
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("give exactly one of prompt (a string) or messages (a chat)", param="prompt")
@@ -221,7 +210,7 @@ def build_app(engine_or_config: LLMEngine | EngineConfig, settings: ServerSettin
     @app.post("/detokenize")
     async def detokenize(request: Request):
         serving = state.serving_or_503()
-        req = parse_body(DetokenizeRequest, await read_body(request, settings.max_body_bytes))
+        req = parse_body(DetokenizeRequest, await body_of(request))
         check_model(req.model, state.served_names)
         vocab = state.engine.model_config.vocab_size
         bad = [(i, t) for i, t in enumerate(req.tokens) if not 0 <= t < vocab]

@@ -89,7 +89,7 @@ class AsyncEngine:
         self.accepting = True
         self._cond = threading.Condition()
         self._commands: deque[_Add | _Abort] = deque()
-        self._num_queued_adds = 0  # adds submitted but not yet taken into the engine
+        self._num_queued_adds = 0  # sequences (prompts x n) submitted but not yet taken into the engine
         self._stop = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -139,25 +139,27 @@ class AsyncEngine:
     def submit(self, request_id: str, prompts: list[list[int]], params: SamplingParams,
                arrival_s: float | None = None) -> ResponseStream:
         """Queue one engine request per prompt; raises EngineUnavailable (shutting down, engine dead) or
-        QueueFull (the waiting queue is at max_queued_requests)."""
+        QueueFull (the request's sequences, prompts x n, do not fit under max_queued_requests waiting
+        sequences). The whole request is admitted or none of it: one check, under the lock, before any add."""
         if self.dead:
             raise EngineUnavailable(f"the engine stopped ({self.dead_reason}); restart the server")
         if not self.accepting:
             raise EngineUnavailable("the server is shutting down and takes no new requests")
-        waiting = self.num_waiting
-        if waiting >= self.max_queued_requests:
-            raise QueueFull(f"{waiting} requests are waiting, the most this server queues "
-                            f"(max_queued_requests={self.max_queued_requests}); retry later")
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+        seqs = len(prompts) * params.n
+        with self._cond:
+            waiting = self._num_queued_adds + self.stats.num_waiting
+            if waiting + seqs > self.max_queued_requests:
+                raise QueueFull(f"{waiting} sequences are waiting and this request adds {seqs} more, over the most "
+                                f"this server queues (max_queued_requests={self.max_queued_requests}); retry later")
+            for rid, prompt in zip(ids, prompts):
+                self._commands.append(_Add(rid, prompt, dataclasses.replace(params), arrival_s))
+            self._num_queued_adds += seqs
+            self._cond.notify()
         stream = ResponseStream(self, ids)
         for i, rid in enumerate(ids):
             self._streams[rid] = (stream, i)
         self._idle.clear()
-        with self._cond:
-            for rid, prompt in zip(ids, prompts):
-                self._commands.append(_Add(rid, prompt, dataclasses.replace(params), arrival_s))
-            self._num_queued_adds += len(ids)
-            self._cond.notify()
         return stream
 
     def abort(self, request_ids: list[str]) -> None:
@@ -186,7 +188,7 @@ class AsyncEngine:
                 num_adds = 0
                 for command in commands:
                     if isinstance(command, _Add):
-                        num_adds += 1
+                        num_adds += command.params.n
                         try:
                             engine.add_request(command.request_id, command.prompt_token_ids, command.params,
                                                arrival_s=command.arrival_s)

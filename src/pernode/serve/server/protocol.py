@@ -124,6 +124,10 @@ class Caps:
     max_n: int = 8
     max_logprobs: int = 20
     max_stop: int = 8
+    max_stop_len: int = 256
+    max_stop_token_ids: int = 64
+    max_seqs_per_request: int = 256
+    max_queued_requests: int = 256
 
 
 def _check_cap(name: str, value: int | None, low: int, high: int, setting: str) -> None:
@@ -141,6 +145,15 @@ def sampling_params(req: _SamplingFields, caps: Caps, max_tokens: int | None, lo
     if len(stop) > caps.max_stop:
         raise bad_request(f"stop has {len(stop)} strings: allowed at most {caps.max_stop} on this server "
                           f"(server setting max_stop)", param="stop")
+    for i, text in enumerate(stop):
+        if isinstance(text, str) and len(text) > caps.max_stop_len:
+            where = "stop" if isinstance(req.stop, str) else f"stop[{i}]"
+            raise bad_request(f"{where} has {len(text)} characters: allowed at most {caps.max_stop_len} on this "
+                              f"server (max_stop_len={caps.max_stop_len})", param="stop")
+    if req.stop_token_ids is not None and len(req.stop_token_ids) > caps.max_stop_token_ids:
+        raise bad_request(f"stop_token_ids has {len(req.stop_token_ids)} ids: allowed at most "
+                          f"{caps.max_stop_token_ids} on this server (max_stop_token_ids={caps.max_stop_token_ids})",
+                          param="stop_token_ids")
     if req.logit_bias:
         raise bad_request("logit_bias is not supported by this server: remove it", param="logit_bias")
     if req.best_of is not None and req.best_of != (req.n or 1):
@@ -189,6 +202,17 @@ def chat_params(req: ChatCompletionRequest, caps: Caps) -> SamplingParams:
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     return sampling_params(req, caps, max_tokens, logprobs, "top_logprobs")
+
+
+def check_num_seqs(num_prompts: int, n: int, caps: Caps) -> None:
+    """400 when prompts x n is more than one request may hold: max_seqs_per_request, or the whole queue
+    (max_queued_requests), which such a request could never enter. Checked before anything is tokenized."""
+    seqs = num_prompts * n
+    limit, setting = min((caps.max_seqs_per_request, "max_seqs_per_request"),
+                         (caps.max_queued_requests, "max_queued_requests"))
+    if seqs > limit:
+        raise bad_request(f"{num_prompts} prompts x n={n} = {seqs} sequences: allowed at most {limit} per request "
+                          f"on this server ({setting}={limit})", param="prompt" if num_prompts > 1 else "n")
 
 
 def prompt_list(prompt: PromptInput) -> list[str | list[int]]:

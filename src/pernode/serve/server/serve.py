@@ -65,7 +65,7 @@ class _DrainingServer(uvicorn.Server):
 
 
 def run_server(engine_config: EngineConfig, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000,
-               log_level: str = "info") -> int:
+               log_level: str = "info", root_path: str = "") -> int:
     """Serve until SIGTERM/SIGINT; 0 after a clean drain, 1 if the model failed to load."""
     settings.validate()
     server: _DrainingServer | None = None
@@ -81,7 +81,7 @@ def run_server(engine_config: EngineConfig, settings: ServerSettings, host: str 
     app = build_app(engine_config, settings, on_ready=ready, on_load_failed=load_failed)
     print(f"pernode serve: loading {engine_config.model} (GET /health answers 503 until ready)", flush=True)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
-                            access_log=log_level == "debug")
+                            access_log=log_level == "debug", root_path=root_path)
     server = _DrainingServer(config, app, settings.shutdown_timeout_s)
     server.run()
     return 1 if app.state.server.status is ServerStatus.FAILED else 0
@@ -94,14 +94,15 @@ class ServerThread:
             httpx.get(srv.url + "/health")
     """
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, root_path: str = ""):
         self.app = app
         self.host = host
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2,
+                                                    root_path=root_path))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
                                        name="pernode-server")
 

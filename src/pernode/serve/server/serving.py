@@ -21,7 +21,7 @@ from pernode.serve.sampling.params import SamplingParams
 from pernode.serve.server.async_engine import AsyncEngine, EngineFailure, EngineUnavailable, QueueFull, ResponseStream
 from pernode.serve.server.errors import APIError, bad_request, error_body, param_of
 from pernode.serve.server.protocol import (Caps, ChatCompletionRequest, CompletionRequest, chat_messages, chat_params,
-                                     check_model, completion_params, parse_body, prompt_list)
+                                           check_model, check_num_seqs, completion_params, parse_body, prompt_list)
 
 RETRY_AFTER_S = 1
 _MIN_LOGPROB = -9999.0  # JSON has no -inf; what vLLM sends for an impossible token
@@ -155,6 +155,7 @@ class OpenAIServing:
         check_model(req.model, self.served_names)
         params = completion_params(req, self.caps)
         texts = prompt_list(req.prompt)
+        check_num_seqs(len(texts), params.n, self.caps)  # before any tokenizing: refused requests cost nothing
         echo_lps = bool(req.echo) and params.logprobs is not None
 
         def encode_all() -> list[Prompt]:
@@ -235,6 +236,7 @@ class OpenAIServing:
         req = parse_body(ChatCompletionRequest, raw)
         check_model(req.model, self.served_names)
         params = chat_params(req, self.caps)
+        check_num_seqs(1, params.n, self.caps)
         messages = chat_messages(req.messages)
         add_generation_prompt = True if req.add_generation_prompt is None else req.add_generation_prompt
 
@@ -296,7 +298,9 @@ class OpenAIServing:
         tok = self.tokenizer
 
         def entry(token_id: int, token: str, logprob: float) -> dict:
-            return {"token": token, "logprob": _lp(logprob), "bytes": list(tok.token_to_bytes(token_id))}
+            # an id of the model's padded vocabulary has no token: empty text, bytes null (as vLLM)
+            raw = list(tok.token_to_bytes(token_id)) if token_id < tok.vocab_size else None
+            return {"token": token, "logprob": _lp(logprob), "bytes": raw}
 
         return {"content": [{**entry(lp.token_id, lp.token, lp.logprob),
                              "top_logprobs": [entry(t, s, v) for t, s, v in lp.top]} for lp in lps or []]}

@@ -64,7 +64,10 @@ class ServerState:
         self.metrics.attach(self.async_engine)
         self.async_engine.start(loop)
         self.serving = OpenAIServing(self.async_engine, self.served_names,
-                                     Caps(max_n=s.max_n, max_logprobs=s.max_logprobs, max_stop=s.max_stop))
+                                     Caps(max_n=s.max_n, max_logprobs=s.max_logprobs, max_stop=s.max_stop,
+                                          max_stop_len=s.max_stop_len, max_stop_token_ids=s.max_stop_token_ids,
+                                          max_seqs_per_request=s.max_seqs_per_request,
+                                          max_queued_requests=s.max_queued_requests))
         if self.status is ServerStatus.LOADING:
             self.status = ServerStatus.READY
 
