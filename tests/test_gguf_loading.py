@@ -369,7 +369,6 @@ def test_default_model_equals_transformers(default_gguf_path, hf_reference_model
             ours[name] = tensor
     load_time_s = time.perf_counter() - started
     print(f"whole-model load (open + dequantize 272 tensors to fp32): {load_time_s:.2f} s")
-    assert load_time_s < 30  # ~3.5 s on 2 cores; a pure-Python dequantizer would be minutes
 
     reference = hf_reference_model.state_dict()
     assert sorted(names) == sorted(k for k in reference if k != "lm_head.weight")  # tied: no lm_head

@@ -14,6 +14,7 @@ from pernode.serve.engine.llm_engine import LLMEngine
 from pernode.serve.server.app import build_app
 from pernode.serve.server.options import ServerSettings
 from pernode.serve.server.serve import ServerThread
+from server_helpers import slow_steps
 from tiny_model import write_tiny_model
 
 MAX_MODEL_LEN = 128
@@ -40,15 +41,6 @@ def url(engine):
         yield srv.url
 
 
-def slow_steps(monkeypatch, engine, delay_s=0.01):
-    """Each engine step takes at least delay_s, so requests stay in flight long enough to act on them."""
-    real = engine.runner.execute
-
-    def slow(batch):
-        time.sleep(delay_s)
-        return real(batch)
-
-    monkeypatch.setattr(engine.runner, "execute", slow)
 
 
 def metrics(url: str) -> dict[str, float]:

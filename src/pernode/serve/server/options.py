@@ -24,7 +24,7 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20
     max_queued_requests: int = 256  # engine sequences (prompts x n) waiting, beyond which new requests get 429
     max_concurrent_requests: int = 512  # HTTP requests in flight (body, tokenizing, queued, running, streaming)
-    body_read_timeout_s: float = 30.0  # a body not fully received by then gets 408
+    body_read_timeout_s: float = 30.0  # a late body gets 408; a late request head, its connection closed
     allowed_origins: tuple[str, ...] = ()  # cross-site browser Origins allowed (CORS); "*" for any
     allowed_hosts: tuple[str, ...] = ()  # Host headers allowed on loopback besides localhost/127.0.0.1/[::1]; "*"
     shutdown_timeout_s: float = 30.0

@@ -17,6 +17,7 @@ import uvicorn
 from pernode.config import EngineConfig
 from pernode.serve.engine.llm_engine import LLMEngine
 from pernode.serve.server.app import build_app
+from pernode.serve.server.http_protocol import with_head_deadline
 from pernode.serve.server.options import ServerSettings
 from pernode.serve.server.state import ServerStatus
 
@@ -81,7 +82,8 @@ def run_server(engine_config: EngineConfig, settings: ServerSettings, host: str 
     app = build_app(engine_config, settings, on_ready=ready, on_load_failed=load_failed)
     print(f"pernode serve: loading {engine_config.model} (GET /health answers 503 until ready)", flush=True)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
-                            access_log=log_level == "debug", root_path=root_path)
+                            access_log=log_level == "debug", root_path=root_path,
+                            http=with_head_deadline(settings.body_read_timeout_s))  # the head's deadline
     server = _DrainingServer(config, app, settings.shutdown_timeout_s)
     server.run()
     return 1 if app.state.server.status is ServerStatus.FAILED else 0
@@ -101,8 +103,10 @@ class ServerThread:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.port = self.sock.getsockname()[1]
+        state = getattr(app.state, "server", None)  # a plain app mounting ours has none: the default deadline
+        head_timeout_s = state.settings.body_read_timeout_s if state is not None else ServerSettings.body_read_timeout_s
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2,
-                                                    root_path=root_path))
+                                                    root_path=root_path, http=with_head_deadline(head_timeout_s)))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
                                        name="pernode-server")
 

@@ -21,7 +21,8 @@ from pernode.serve.sampling.params import SamplingParams
 from pernode.serve.server.async_engine import AsyncEngine, EngineFailure, EngineUnavailable, QueueFull, ResponseStream
 from pernode.serve.server.errors import APIError, bad_request, error_body, param_of
 from pernode.serve.server.protocol import (Caps, ChatCompletionRequest, CompletionRequest, chat_messages, chat_params,
-                                           check_model, check_num_seqs, completion_params, parse_body, prompt_list)
+                                           check_model, check_num_seqs, completion_params, parse_body, precheck_sizes,
+                                           prompt_list)
 
 RETRY_AFTER_S = 1
 _MIN_LOGPROB = -9999.0  # JSON has no -inf; what vLLM sends for an impossible token
@@ -149,9 +150,18 @@ class OpenAIServing:
         finally:
             stream.abort()
 
+    def _parse_completion(self, raw: bytes) -> CompletionRequest:
+        precheck_sizes(raw, self.caps)
+        return parse_body(CompletionRequest, raw)
+
+    def _parse_chat(self, raw: bytes) -> ChatCompletionRequest:
+        precheck_sizes(raw, self.caps)
+        return parse_body(ChatCompletionRequest, raw)
+
     # ---- /v1/completions --------------------------------------------------------------------------------
     async def completions(self, raw: bytes, arrival_s: float) -> JSONResponse | StreamingResponse:
-        req = parse_body(CompletionRequest, raw)
+        # parsed off the event loop: a large body must not stall other requests' streams
+        req = await asyncio.to_thread(self._parse_completion, raw)
         check_model(req.model, self.served_names)
         params = completion_params(req, self.caps)
         texts = prompt_list(req.prompt)
@@ -233,7 +243,7 @@ class OpenAIServing:
 
     # ---- /v1/chat/completions ---------------------------------------------------------------------------
     async def chat(self, raw: bytes, arrival_s: float) -> JSONResponse | StreamingResponse:
-        req = parse_body(ChatCompletionRequest, raw)
+        req = await asyncio.to_thread(self._parse_chat, raw)
         check_model(req.model, self.served_names)
         params = chat_params(req, self.caps)
         check_num_seqs(1, params.n, self.caps)
