@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pernode import LLM, SamplingParams
-from pernode.cli import command_flags, with_flags
+from pernode.cli import build_parser, command_flags, with_flags
+from pernode.cli.options import engine_config_from_args
 from pernode.config import EngineConfig
 from pernode.serve.engine.llm_engine import LLMEngine
 from pernode.serve.engine.outputs import FinishReason
@@ -290,3 +291,5 @@ def test_prefix_cache_salt_keys_the_cache_and_rejects_a_non_string(tiny_dir):
     assert stats.prefix_cache_hits == outs[0][1].num_cached_tokens > 0
     with pytest.raises(ValueError, match=r"prefix_cache_salt=5 is not supported: allowed a string"):
         EngineConfig(prefix_cache_salt=5)
+    args = build_parser().parse_args(["serve", "--prefix-cache-salt", "tenant-a"])  # one salt per server
+    assert engine_config_from_args(args).prefix_cache_salt == "tenant-a"

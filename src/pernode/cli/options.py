@@ -46,6 +46,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one step")
     g.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
     g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--prefix-cache-salt", default=None,
+                   help="mixed into every prefix-cache key: servers (tenants) with different salts never share "
+                        "cached prefixes (default: none)")
     g.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch")
 
 
@@ -54,7 +57,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                         num_blocks=args.num_blocks, kv_cache_bytes=args.kv_cache_bytes,
                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens,
-                        enable_prefix_caching=not args.no_prefix_caching, num_threads=args.num_threads)
+                        enable_prefix_caching=not args.no_prefix_caching, num_threads=args.num_threads,
+                        prefix_cache_salt=args.prefix_cache_salt)
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
