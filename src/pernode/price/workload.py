@@ -13,6 +13,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
+from pernode.measure.bench.config import split_token_range
 from pernode.records import CHARS_PER_TOKEN, estimate_tokens, iter_jsonl
 
 # A crude estimate for English text with BPE tokenizers; only used when the trace has raw text and no tokenizer.
@@ -71,18 +72,9 @@ class LengthDist:
 
     @classmethod
     def parse(cls, text: str, field_name: str = "length") -> "LengthDist":
-        """'256' is fixed, '128:512' is uniform on [128, 512] (the CLI's form)."""
-        parts = str(text).strip().split(":")
-        try:
-            nums = [int(p) for p in parts]
-        except ValueError:
-            raise ValueError(f"{field_name}={text!r}: expected N or LO:HI with whole numbers of tokens, "
-                             f"e.g. 256 or 128:512") from None
-        if len(nums) == 1:
-            return cls.fixed(nums[0], field_name)
-        if len(nums) == 2:
-            return cls.uniform(nums[0], nums[1], field_name)
-        raise ValueError(f"{field_name}={text!r}: expected N or LO:HI, e.g. 256 or 128:512")
+        """'256' is fixed, '128:512' is uniform on [128, 512]: the token-range form bench serve takes too."""
+        lo, hi = split_token_range(text, field_name)
+        return cls.fixed(lo, field_name) if ":" not in str(text) else cls.uniform(lo, hi, field_name)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], field_name: str = "length") -> "LengthDist":

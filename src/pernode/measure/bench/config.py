@@ -14,14 +14,19 @@ from pernode.records import known_fields
 OFFLINE_PEERS = ("hf", "llama.cpp")
 
 
-def parse_token_range(text: str, name: str) -> tuple[int, int]:
-    """'512' -> (512, 512); '256:1024' -> (256, 1024): tokens, both ends inclusive. `name` is the setting."""
-    lo_s, sep, hi_s = str(text).partition(":")
+def split_token_range(text: str, name: str) -> tuple[int, int]:
+    """'512' -> (512, 512); '256:1024' -> (256, 1024): the syntax of a token range, values unchecked."""
+    lo_s, sep, hi_s = str(text).strip().partition(":")
     try:
         lo = int(lo_s)
-        hi = int(hi_s) if sep else lo
+        return lo, int(hi_s) if sep else lo
     except ValueError:
         raise ValueError(f"{name}={text!r}: expected N or MIN:MAX tokens, e.g. 512 or 256:1024") from None
+
+
+def parse_token_range(text: str, name: str) -> tuple[int, int]:
+    """`split_token_range` with 1 <= MIN <= MAX: tokens, both ends inclusive. `name` is the setting."""
+    lo, hi = split_token_range(text, name)
     if lo < 1 or hi < lo:
         raise ValueError(f"{name}={text!r}: need 1 <= MIN <= MAX tokens (got MIN={lo}, MAX={hi})")
     return lo, hi

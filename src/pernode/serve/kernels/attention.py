@@ -95,13 +95,17 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    force_reference: bool | None = None,
 ) -> torch.Tensor:
     """Paged attention by the fastest path that is correct for the device; the result of `paged_attention_reference`.
 
     CPU: the C++ kernel (`pernode.serve.kernels.paged_attention_cpu`) if it built and handles the shapes, else the
-    reference. Other devices: `paged_attention_sdpa`. `PERNODE_ATTENTION=reference` forces the reference everywhere.
+    reference. Other devices: `paged_attention_sdpa`. `PERNODE_ATTENTION=reference` forces the reference everywhere;
+    a layer reads it once and passes `force_reference`, a direct call reads it each time.
     """
-    if envs.attention_kernel() is KernelChoice.REFERENCE:
+    if force_reference is None:
+        force_reference = envs.attention_kernel() is KernelChoice.REFERENCE
+    if force_reference:
         return paged_attention_reference(query, k_cache, v_cache, meta, scale)
     if query.device.type == "cpu":
         cpu = paged_attention_cpu

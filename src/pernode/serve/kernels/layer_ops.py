@@ -16,11 +16,17 @@ from pernode.serve.kernels.jit import build_path, load_extension
 SOURCE = "layer_ops.cpp"
 
 
-def _use_kernel(*tensors: torch.Tensor) -> bool:
+def native_by_default() -> bool:
+    """PERNODE_LAYER_OPS: what a layer built now uses. Layers read it once (a decode step makes ~90 of these calls,
+    and reading the environment costs microseconds); direct calls without `native` read it each time."""
+    return envs.layer_ops_kernel() is KernelChoice.NATIVE
+
+
+def _use_kernel(native: bool | None, *tensors: torch.Tensor) -> bool:
     # the ops have no autograd formula: anything that needs gradients takes the torch path
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     return (tensors[0].device.type == "cpu" and not needs_grad and load_extension(SOURCE)
-            and envs.layer_ops_kernel() is KernelChoice.NATIVE)
+            and (native_by_default() if native is None else native))
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -30,8 +36,8 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * x32.to(x.dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype == weight.dtype and _use_kernel(x, weight):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, native: bool | None = None) -> torch.Tensor:
+    if x.dtype == weight.dtype and _use_kernel(native, x, weight):
         return torch.ops.pernode.rms_norm(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
@@ -47,9 +53,9 @@ def rotary_embedding_reference_(qkv: torch.Tensor, positions: torch.Tensor, cos:
 
 
 def rotary_embedding_(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      num_heads: int, head_dim: int) -> torch.Tensor:
+                      num_heads: int, head_dim: int, native: bool | None = None) -> torch.Tensor:
     """In place: q and k heads of a fused qkv projection's output rotated by their positions' angles."""
-    if qkv.dim() == 2 and qkv.stride(-1) == 1 and _use_kernel(qkv):
+    if qkv.dim() == 2 and qkv.stride(-1) == 1 and _use_kernel(native, qkv):
         torch.ops.pernode.rotary_embedding_(qkv, positions, cos, sin, num_heads, head_dim)
         return qkv
     return rotary_embedding_reference_(qkv, positions, cos, sin, num_heads, head_dim)

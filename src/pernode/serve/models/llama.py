@@ -12,10 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pernode import envs
 from pernode.config import ModelConfig
+from pernode.envs import KernelChoice
 from pernode.serve.kernels.attention import paged_attention, write_kv_cache
 from pernode.serve.kernels.attention_metadata import AttentionMetadata
 from pernode.serve.kernels.dense_linear import Linear
+from pernode.serve.kernels.layer_ops import native_by_default as layer_ops_native_by_default
 from pernode.serve.kernels.layer_ops import rms_norm, rotary_embedding_
 from pernode.serve.kernels.quant_linear import make_quantized_linear, replace_linears
 
@@ -25,10 +28,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.native = layer_ops_native_by_default()  # read once: decode calls this ~60 times a step
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 as the reference implementations do; bf16 variance loses digits.
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.native)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -59,6 +63,7 @@ class RotaryEmbedding(nn.Module):
         self.config, self.max_positions = config, max_positions
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.native = layer_ops_native_by_default()
         self.reset_cache()
 
     def reset_cache(self) -> None:
@@ -70,7 +75,7 @@ class RotaryEmbedding(nn.Module):
 
     def rotate_(self, positions: torch.Tensor, qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
         """Rotate the first `num_heads` heads (q then k) of each row of a fused qkv output, in place."""
-        return rotary_embedding_(qkv, positions, self.cos, self.sin, num_heads, self.config.head_dim)
+        return rotary_embedding_(qkv, positions, self.cos, self.sin, num_heads, self.config.head_dim, self.native)
 
 
 class Attention(nn.Module):
@@ -86,6 +91,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
         self.rotary = rotary
         self.scale = self.head_dim ** -0.5
+        self.force_reference = envs.attention_kernel() is KernelChoice.REFERENCE  # read once, as the layers above
 
     def forward(self, x, positions, kv_cache, meta: AttentionMetadata):
         # q and k heads rotate together, in place in the projection's output
@@ -96,7 +102,7 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, meta, self.scale)
+        out = paged_attention(q, k_cache, v_cache, meta, self.scale, self.force_reference)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
