@@ -8,13 +8,13 @@ implement are typed, and rejected when set to something other than their neutral
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pernode.serve.sampling.params import SamplingParams
 from pernode.serve.server.errors import APIError, bad_request, from_validation_error, param_of
+from pernode.serve.server.options import ServerSettings
 
 PromptInput = Union[str, list[str], list[int], list[list[int]]]
 
@@ -118,26 +118,13 @@ def parse_body(model: type[BaseModel], raw: bytes):
         raise from_validation_error(exc, FIELD_NAMES, TYPE_HINTS) from None
 
 
-@dataclass
-class Caps:
-    """Per-request limits of this server (its `ServerSettings` of the same names)."""
-
-    max_n: int = 8
-    max_logprobs: int = 20
-    max_stop: int = 8
-    max_stop_len: int = 256
-    max_stop_token_ids: int = 64
-    max_seqs_per_request: int = 256
-    max_queued_requests: int = 256
-
-
 def _check_cap(name: str, value: int | None, low: int, high: int, setting: str) -> None:
     if value is not None and not low <= value <= high:
         raise bad_request(f"{name}={value} is out of range: allowed {low}..{high} on this server (server setting "
                           f"{setting})", param=name)
 
 
-def sampling_params(req: _SamplingFields, caps: Caps, max_tokens: int | None, logprobs: int | None,
+def sampling_params(req: _SamplingFields, caps: ServerSettings, max_tokens: int | None, logprobs: int | None,
                     logprobs_field: str) -> SamplingParams:
     """The engine's parameters for a request; APIError(400) naming the field when one is out of range."""
     _check_cap("n", req.n, 1, caps.max_n, "max_n")
@@ -181,13 +168,13 @@ def sampling_params(req: _SamplingFields, caps: Caps, max_tokens: int | None, lo
         raise bad_request(message, param=param) from None
 
 
-def completion_params(req: CompletionRequest, caps: Caps) -> SamplingParams:
+def completion_params(req: CompletionRequest, caps: ServerSettings) -> SamplingParams:
     if req.suffix:
         raise bad_request("suffix is not supported by this server: remove it", param="suffix")
     return sampling_params(req, caps, req.max_tokens, req.logprobs, "logprobs")
 
 
-def chat_params(req: ChatCompletionRequest, caps: Caps) -> SamplingParams:
+def chat_params(req: ChatCompletionRequest, caps: ServerSettings) -> SamplingParams:
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request(f"top_logprobs={req.top_logprobs} needs logprobs=true", param="top_logprobs")
     if req.response_format and req.response_format.get("type", "text") != "text":
@@ -203,7 +190,7 @@ def chat_params(req: ChatCompletionRequest, caps: Caps) -> SamplingParams:
     return sampling_params(req, caps, max_tokens, logprobs, "top_logprobs")
 
 
-def check_num_seqs(num_prompts: int, n: int, caps: Caps) -> None:
+def check_num_seqs(num_prompts: int, n: int, caps: ServerSettings) -> None:
     """400 when prompts x n is more than one request may hold: max_seqs_per_request, or the whole queue
     (max_queued_requests), which such a request could never enter. Checked before anything is tokenized."""
     seqs = num_prompts * n
@@ -217,13 +204,13 @@ def check_num_seqs(num_prompts: int, n: int, caps: Caps) -> None:
 PRECHECK_MIN_BYTES = 64 << 10
 
 
-def check_stop_token_ids_count(count: int, caps: Caps) -> None:
+def check_stop_token_ids_count(count: int, caps: ServerSettings) -> None:
     if count > caps.max_stop_token_ids:
         raise bad_request(f"stop_token_ids has {count} ids: allowed at most {caps.max_stop_token_ids} on this "
                           f"server (max_stop_token_ids={caps.max_stop_token_ids})", param="stop_token_ids")
 
 
-def precheck_sizes(raw: bytes, caps: Caps) -> None:
+def precheck_sizes(raw: bytes, caps: ServerSettings) -> None:
     """The per-request caps on the raw JSON, before pydantic builds an object per item: a ~1 MB list of 250,000
     prompts, or 200,000 stop token ids, is refused in milliseconds instead of after a fraction of a second of
     validation that other requests wait behind. Bodies that are not a JSON object, or whose fields are malformed,

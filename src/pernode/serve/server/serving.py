@@ -20,7 +20,8 @@ from pernode.serve.engine.outputs import RequestOutput, TokenLogprob
 from pernode.serve.sampling.params import SamplingParams
 from pernode.serve.server.async_engine import AsyncEngine, EngineFailure, EngineUnavailable, QueueFull, ResponseStream
 from pernode.serve.server.errors import APIError, bad_request, error_body, param_of
-from pernode.serve.server.protocol import (Caps, ChatCompletionRequest, CompletionRequest, chat_messages, chat_params,
+from pernode.serve.server.options import ServerSettings
+from pernode.serve.server.protocol import (ChatCompletionRequest, CompletionRequest, chat_messages, chat_params,
                                            check_model, check_num_seqs, completion_params, parse_body, precheck_sizes,
                                            prompt_list)
 
@@ -70,7 +71,7 @@ class _Choice:
 
 
 class OpenAIServing:
-    def __init__(self, async_engine: AsyncEngine, served_names: tuple[str, ...], caps: Caps):
+    def __init__(self, async_engine: AsyncEngine, served_names: tuple[str, ...], caps: ServerSettings):
         self.engine = async_engine
         self.llm = async_engine.engine
         self.tokenizer = async_engine.engine.tokenizer

@@ -11,7 +11,6 @@ from pernode.serve.server.async_engine import AsyncEngine
 from pernode.serve.server.errors import APIError
 from pernode.serve.server.metrics import ServerMetrics
 from pernode.serve.server.options import ServerSettings
-from pernode.serve.server.protocol import Caps
 from pernode.serve.server.serving import OpenAIServing
 
 log = logging.getLogger("pernode.serve.server")
@@ -63,11 +62,7 @@ class ServerState:
         self.async_engine = AsyncEngine(engine, s.max_queued_requests, self.metrics)
         self.metrics.attach(self.async_engine)
         self.async_engine.start(loop)
-        self.serving = OpenAIServing(self.async_engine, self.served_names,
-                                     Caps(max_n=s.max_n, max_logprobs=s.max_logprobs, max_stop=s.max_stop,
-                                          max_stop_len=s.max_stop_len, max_stop_token_ids=s.max_stop_token_ids,
-                                          max_seqs_per_request=s.max_seqs_per_request,
-                                          max_queued_requests=s.max_queued_requests))
+        self.serving = OpenAIServing(self.async_engine, self.served_names, s)  # its per-request limits
         if self.status is ServerStatus.LOADING:
             self.status = ServerStatus.READY
 
