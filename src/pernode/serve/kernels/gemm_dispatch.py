@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -28,9 +29,16 @@ from pernode.serve.kernels.jit import build_name, cpu_signature
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "gemm_crossovers.json"
-CANDIDATE_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
-NEVER = 1 << 30  # the GEMM never won up to the largest row count tried: keep the GEMV
-_REPEATS = 3  # best of: the machine may be shared, and the minimum is the least disturbed measurement
+# Each kernel's time is close to linear in the row count (the GEMV re-streams the weights every 4 rows; the GEMM
+# pays the tile dequantisation once, then compute per row), so two row counts per kernel fix its line, and the
+# crossover is where the lines meet. Four timed points resist a shared, noisy CPU better than a sweep of many.
+FIT_ROWS = (8, 64)
+# The GEMV passes over the weights once per 4 rows (csrc/quant_linear.cpp kMaxGemvRows): below that it does the
+# least work any kernel can, so a measured crossover under it is noise from a busy CPU.
+MIN_ROWS = 4
+MAX_ROWS = 4096  # beyond this the GEMM wins on any CPU; also the answer when the lines never cross that way
+NEVER = 1 << 30  # the GEMM is never faster: keep the GEMV
+_REPEATS = 5  # best of, interleaved: the least disturbed measurement of each
 
 _lock = threading.Lock()
 _memory: dict[str, int] = {}
@@ -82,31 +90,40 @@ def _write_cache(entries: dict[str, int]) -> None:
         log.debug("gemm crossovers not cached: %s", exc)
 
 
-def _best_time_s(fn: Callable[[], torch.Tensor]) -> float:
-    fn()  # warm: first-touch allocations, oneDNN primitive creation
-    best = float("inf")
+def _best_times_s(fns: list[Callable[[], torch.Tensor]]) -> list[float]:
+    """Best-of-_REPEATS wall time of each function, run interleaved so a burst of load hits all alike."""
+    for fn in fns:
+        fn()  # warm: first-touch allocations, oneDNN primitive creation
+    best = [float("inf")] * len(fns)
     for _ in range(_REPEATS):
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
+        for i, fn in enumerate(fns):
+            started = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - started)
     return best
 
 
+def crossover_of_lines(rows: tuple[int, int], gemv_s: tuple[float, float], gemm_s: tuple[float, float]) -> int:
+    """Smallest row count at which the GEMM's line (through its two timed points) is at or below the GEMV's."""
+    (m0, m1) = rows
+    slope_v, slope_g = (gemv_s[1] - gemv_s[0]) / (m1 - m0), (gemm_s[1] - gemm_s[0]) / (m1 - m0)
+    base_v, base_g = gemv_s[0] - slope_v * m0, gemm_s[0] - slope_g * m0
+    if base_g <= base_v and slope_g <= slope_v:
+        return MIN_ROWS
+    if slope_g >= slope_v:  # the GEMM grows at least as fast per row: it never catches up
+        return NEVER
+    return max(MIN_ROWS, min(MAX_ROWS, math.ceil((base_g - base_v) / (slope_v - slope_g))))
+
+
 def measure_crossover(gemv: Callable[[torch.Tensor], torch.Tensor], gemm: Callable[[torch.Tensor], torch.Tensor],
-                      in_features: int, dtype: torch.dtype, rows: tuple[int, ...] = CANDIDATE_ROWS) -> int:
-    """The smallest row count from which the GEMM is at least as fast as the GEMV at every larger count tried
-    (NEVER if it never is). Stops once the GEMM has won twice in a row: beyond that the gap only grows."""
+                      in_features: int, dtype: torch.dtype, rows: tuple[int, int] = FIT_ROWS) -> int:
+    """The row count from which the GEMM is at least as fast as the GEMV, from each kernel timed at two counts."""
     generator = torch.Generator().manual_seed(0)
     x_all = torch.randn(max(rows), in_features, generator=generator).to(dtype)
-    wins: list[int] = []
+    xs = [x_all[:m] for m in rows]
     with torch.inference_mode():
-        for m in rows:
-            x = x_all[:m]
-            gemm_wins = _best_time_s(lambda: gemm(x)) <= _best_time_s(lambda: gemv(x))
-            wins = wins + [m] if gemm_wins else []
-            if len(wins) == 2:
-                return wins[0]
-    return wins[0] if wins else NEVER
+        t = _best_times_s([lambda: gemv(xs[0]), lambda: gemv(xs[1]), lambda: gemm(xs[0]), lambda: gemm(xs[1])])
+    return crossover_of_lines(rows, (t[0], t[1]), (t[2], t[3]))
 
 
 def gemm_from_rows(shape: LinearShape, kernel_source: str, gemv: Callable[[torch.Tensor], torch.Tensor],
