@@ -240,6 +240,17 @@ class GGUFFile:
                 schemes[hf_tensor_name(gguf_name)] = scheme
         return schemes
 
+    def native_weight(self, hf_name: str, device: str | torch.device = "cpu"
+                      ) -> tuple[QuantScheme, dict[str, torch.Tensor]] | None:
+        """(scheme, repacked pieces named as QuantLinear's state dict) of one un-permuted weight (the embedding or
+        lm_head), or None when it has no native form."""
+        gguf_names = [g for g in self._tensors if g not in _CONFIG_TENSORS and hf_tensor_name(g) == hf_name]
+        scheme = native_scheme(self._tensors[gguf_names[0]]) if gguf_names else None
+        if scheme is None:
+            return None
+        pieces = repack(self._tensors[gguf_names[0]])
+        return scheme, {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in pieces.items()}
+
     def iter_tensors(
         self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
         native: frozenset[str] | set[str] = frozenset(),

@@ -8,7 +8,7 @@ from torch import nn
 
 from pernode.config import GGUF_WEIGHTS
 from pernode.quant_format import QuantScheme, schemes_of
-from pernode.serve.kernels.quant_linear import make_quantized_linear
+from pernode.serve.kernels.quant_linear import QuantLinear, make_quantized_linear
 from pernode.serve.models.llama import FUSED_PROJECTIONS, LlamaForCausalLM
 from pernode.serve.models.registry import ModelSource, resolve_model
 
@@ -63,7 +63,26 @@ def build_model(source: ModelSource, device: torch.device | str = "cpu", dtype: 
     model.rotary.reset_cache()
     model.tie_weights()
     model.load_weights(source.iter_tensors(dtype=dtype, device=device, native=native_names))
+    if gguf_weights == "native" and source.format == "gguf":
+        _serve_native_lm_head(model, source, device)
     return model.eval()
+
+
+def _serve_native_lm_head(model: LlamaForCausalLM, source: ModelSource, device: torch.device | str) -> None:
+    """The output projection from the GGUF's own blocks (Q8_0 for the default model): decode streams it every
+    step, and int8 is a quarter of fp32's bytes. A tied embedding stays a float table for its row lookups, so the
+    two stop sharing storage; nothing re-ties them after this (tie_weights runs only while building)."""
+    head = source.native_lm_head(device)
+    if head is None:
+        return
+    scheme, pieces = head
+    config = source.config
+    if scheme.group_size and config.hidden_size % scheme.group_size:
+        return
+    layer = QuantLinear(config.hidden_size, config.vocab_size, scheme, device=device)
+    layer.load_state_dict(pieces)
+    layer.post_load()
+    model.lm_head = layer
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, max_positions: int | None = None,

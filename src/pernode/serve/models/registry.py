@@ -72,6 +72,14 @@ class ModelSource:
         """HF weight name -> QuantScheme for the GGUF weights that can be served at their own precision."""
         return self._weights.native_schemes() if isinstance(self._weights, GGUFFile) else {}
 
+    def native_lm_head(self, device: str | torch.device = "cpu"
+                       ) -> tuple[QuantScheme, dict[str, torch.Tensor]] | None:
+        """A GGUF's output projection at its own precision (the Q8_0 embedding itself when tied), or None."""
+        if not isinstance(self._weights, GGUFFile):
+            return None
+        name = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
+        return self._weights.native_weight(name, device)
+
     def iter_tensors(
         self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
         native: frozenset[str] | set[str] = frozenset(),
