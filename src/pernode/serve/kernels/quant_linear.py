@@ -194,6 +194,13 @@ class QuantLinear(nn.Module):
             rows = self._gemm_from_rows[dtype] = gemm_from_rows(shape, SOURCE, self._run_gemv, self._run_gemm)
         return rows
 
+    def calibrate(self, dtype: torch.dtype) -> None:
+        """Settle the GEMV/GEMM crossover for x of `dtype` now (at load), not in the first step."""
+        if self._scale is None:
+            self.post_load()
+        if self._op is not None:
+            self.gemm_from_rows(dtype)
+
     def gemv_quantizes_input(self, rows: int, dtype: torch.dtype = torch.float32) -> bool:
         """Whether a call with `rows` rows goes through the int8-x GEMV (what its reference must model)."""
         return self._op is not None and self._int8_input and rows < self.gemm_from_rows(dtype)

@@ -65,6 +65,9 @@ def build_model(source: ModelSource, device: torch.device | str = "cpu", dtype: 
     model.load_weights(source.iter_tensors(dtype=dtype, device=device, native=native_names))
     if gguf_weights == "native" and source.format == "gguf":
         _serve_native_lm_head(model, source, device)
+    for module in model.modules():  # measured once per layer shape on this CPU, then read from the cache file
+        if isinstance(module, QuantLinear):
+            module.calibrate(dtype)
     return model.eval()
 
 
