@@ -151,3 +151,17 @@ def test_bf16_native_greedy_tokens_match_fp32_except_at_near_ties(default_gguf_p
             continue
         top = ref.logprobs[parted].top
         assert top[0][2] - top[1][2] < 0.5, (parted, top)
+
+
+def test_precision_quality_table_on_a_tiny_model(tmp_path):
+    """The report's precision section: fp32 is the reference row; a non-GGUF model has no native-weights rows."""
+    from tiny_model import write_tiny_model
+
+    from pernode.jobs.precision_quality import measure_precision_quality, precision_section
+
+    folder = write_tiny_model(str(tmp_path / "tiny"))
+    rows = measure_precision_quality(folder, windows=1, seq_len=64)
+    assert [(r.dtype, r.gguf_weights) for r in rows] == [("float32", "float"), ("bfloat16", "float")]
+    assert all(r.num_tokens == 63 and r.perplexity > 1 for r in rows)
+    section = precision_section(rows)
+    assert section["rows"][0][-1] == "+0.00%" and len(section["rows"]) == 2
