@@ -10,6 +10,7 @@ measured, once per (shape, format, dtype, threads, CPU, kernel build), over a fe
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -58,10 +59,16 @@ class LinearShape:
     num_threads: int
 
     def key(self, kernel_source: str) -> str:
-        machine = hashlib.sha256(cpu_signature().encode()).hexdigest()[:12]
-        return (f"{build_name(kernel_source)}|cpu={machine}|N={self.out_features}|K={self.in_features}"
+        return (f"{_build_and_machine(kernel_source)}|N={self.out_features}|K={self.in_features}"
                 f"|w{self.num_bits}g{self.group_size}|zero={int(self.has_zero_term)}|x8={int(self.int8_input)}"
                 f"|{str(self.dtype).removeprefix('torch.')}|threads={self.num_threads}")
+
+
+@functools.lru_cache(maxsize=None)
+def _build_and_machine(kernel_source: str) -> str:
+    """The kernel binary's name (hash of its source, flags, torch, CPU) and a hash of the CPU: read once, not per
+    layer."""
+    return f"{build_name(kernel_source)}|cpu={hashlib.sha256(cpu_signature().encode()).hexdigest()[:12]}"
 
 
 def _cache_path():
