@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pernode.quant_format import QuantScheme, dequantize, pack_int4, quantize_weight, unpack_int4
-from pernode.serve.kernels.quant_linear import (GEMV_MAX_ROWS, QuantLinear, W8A8Linear, load_kernel,
+from pernode.serve.kernels.quant_linear import (QuantLinear, W8A8Linear, load_kernel,
                                           quantize_input_blocks, w8a8_linear_reference, woq_linear_reference)
 
 
@@ -46,9 +46,9 @@ def test_weight_only_kernel_matches_reference(bits, group_size, symmetric, in_fe
         pytest.skip("C++ kernel unavailable: the reference is what runs")
     torch.manual_seed(0)
     layer = _random_layer(QuantScheme(bits, group_size, symmetric), in_features, 80)
-    for m in (1, 2, 3, 5, 8, 9, 33, 300):  # GEMV row chunks of 1..4, then dequantized tiles (128 rows) + matmul
+    for m in (1, 2, 3, 5, 8, 9, 33, 300):  # GEMV row chunks of 1..4, then dequantized tiles + GEMM (measured)
         x = torch.randn(m, in_features)
-        int8_x = bits == 4 and m <= GEMV_MAX_ROWS  # int4 decode GEMV quantizes x per 32 values (VNNI)
+        int8_x = layer.gemv_quantizes_input(m)  # int4 decode GEMV quantizes x per 32 values (VNNI)
         ref = woq_linear_reference(x, layer.qweight, layer.weight_scale, layer.weight_zero_point, bits, group_size,
                                    quantize_input=int8_x)
         torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
@@ -131,5 +131,6 @@ def test_batch_path_under_inference_mode_with_worker_threads():
             y = layer(x)
     finally:
         torch.set_num_threads(threads)
-    ref = woq_linear_reference(x, layer.qweight, layer.weight_scale, None, 4, 64)
+    ref = woq_linear_reference(x, layer.qweight, layer.weight_scale, None, 4, 64,
+                               quantize_input=layer.gemv_quantizes_input(64))
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())

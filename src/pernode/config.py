@@ -12,6 +12,7 @@ MAX_BLOCK_SIZE = 256
 # dtype names the engine takes -> torch's name for them
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                "float16": "float16", "fp16": "float16"}
+GGUF_WEIGHTS = ("native", "float")  # a GGUF's quantized weights: served as stored, or dequantized to the dtype
 
 
 @dataclass
@@ -51,7 +52,12 @@ class EngineConfig:
 
     model: str = DEFAULT_MODEL
     device: str | None = None  # "cpu" | "cuda" | "cuda:1"; default cuda when available
-    dtype: str | None = None  # "float32" | "bfloat16" | "float16"; default fp32 on CPU, bf16 on CUDA
+    # "float32" | "bfloat16" | "float16"; default bf16 on CUDA and on CPUs that compute it natively (AVX512_BF16,
+    # AMX), else fp32
+    dtype: str | None = None
+    # "native": a GGUF's Q4_0/Q4_1/Q8_0/Q4_K weights served at their own precision; "float": dequantized to dtype.
+    # Default native on CPU, float elsewhere.
+    gguf_weights: str | None = None
     block_size: int = DEFAULT_BLOCK_SIZE
     num_blocks: int | None = None  # wins over kv_cache_bytes
     kv_cache_bytes: int | None = None  # default: 2 GiB on CPU, half the free memory on CUDA
@@ -84,5 +90,7 @@ class EngineConfig:
         check_range("num_threads", self.num_threads, 1, optional=True)
         if self.prefix_cache_salt is not None and not isinstance(self.prefix_cache_salt, str):
             raise ValueError(f"prefix_cache_salt={self.prefix_cache_salt!r} is not supported: allowed a string or None")
+        if self.gguf_weights not in (None, *GGUF_WEIGHTS):
+            raise ValueError(f"gguf_weights={self.gguf_weights!r} is not supported: allowed {', '.join(GGUF_WEIGHTS)}")
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype={self.dtype!r} is not supported: allowed {', '.join(sorted(DTYPE_NAMES))}")

@@ -18,6 +18,8 @@ Other settings:
 
   PERNODE_QUANT_INPUT    int8 (default) | float: whether the int4 GEMV quantizes x to int8 per 32 values
   PERNODE_QUANT_THREADS  threads of the small-batch quantized and dense GEMVs; 0 (default): torch's thread count
+  PERNODE_GEMM_FROM_ROWS rows from which quantized linears run the GEMM instead of the GEMV (default: measured on
+                         this CPU per layer shape, see kernels/gemm_dispatch.py)
   PERNODE_KERNEL_CACHE   folder of compiled kernels (default ~/.cache/pernode/kernels)
   PERNODE_API_KEY        `pernode serve`'s API key when --api-key is not given (default: none)
   PERNODE_FLEET_STATE    file where `pernode fleet` keeps its deployment's state (default, in a private 0700
@@ -103,6 +105,20 @@ def quant_threads() -> int:
     if threads < 0:
         raise ValueError(f"PERNODE_QUANT_THREADS={value!r} is not allowed: allowed an integer >= 0 (or unset)")
     return threads
+
+
+def gemm_from_rows() -> int | None:
+    """PERNODE_GEMM_FROM_ROWS: a fixed GEMV/GEMM crossover for quantized linears; None (unset): measure it."""
+    value = _raw("PERNODE_GEMM_FROM_ROWS").strip()
+    if not value:
+        return None
+    try:
+        rows = int(value)
+    except ValueError:
+        rows = 0
+    if rows < 1:
+        raise ValueError(f"PERNODE_GEMM_FROM_ROWS={value!r} is not allowed: allowed an integer >= 1 (or unset)")
+    return rows
 
 
 def kernel_cache_dir() -> Path:

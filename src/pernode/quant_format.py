@@ -24,6 +24,9 @@ class QuantScheme:
     symmetric: bool = True
     activations: str | None = None  # None (weight-only) | "int8-token" (dynamic per-token int8, W8A8)
     outlier_threshold: float | None = None  # LLM.int8(): input columns with |x| >= this run in float
+    # GGUF's asymmetric form (Q4_1, Q4_K): w = scale * u + min per group, u = q + 2^(b-1) the unsigned stored
+    # value and min a float; an integer zero point cannot hold llama.cpp's min exactly.
+    float_min: bool = False
 
     def __post_init__(self) -> None:
         if self.num_bits not in ALLOWED_BITS:
@@ -35,6 +38,8 @@ class QuantScheme:
             raise ValueError(f"activations={self.activations!r} is not supported: allowed None, 'int8-token'")
         if self.activations and self.num_bits != 8:
             raise ValueError("W8A8 needs num_bits=8 weights")
+        if self.float_min and (self.symmetric or self.activations):
+            raise ValueError("float_min=True needs symmetric=False and weight-only quantization (no activations)")
 
     @property
     def qmin(self) -> int:
@@ -49,7 +54,7 @@ class QuantScheme:
         return "channel" if self.group_size is None else "group"
 
     def label(self) -> str:
-        w = f"w{self.num_bits}" + ("" if self.symmetric else "-asym")
+        w = f"w{self.num_bits}" + ("" if self.symmetric else "-min" if self.float_min else "-asym")
         g = "ch" if self.group_size is None else f"g{self.group_size}"
         a = "a8" if self.activations else ""
         return f"{w}{a}-{g}"
@@ -120,6 +125,16 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, 
     if zero is not None:
         g = g - zero.float()[..., None]
     return (g * scale.float()[..., None]).reshape(q.shape)
+
+
+def dequantize_float_min(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, num_bits: int,
+                         group_size: int | None) -> torch.Tensor:
+    """fp32 weights [N, K] of the float-min form: scale * u + min per group, u = q + 2^(b-1) (unsigned).
+
+    Multiply, round, add, round, in that order: the same fp32 operations as gguf's own dequantize, so the result
+    is bit-identical to it."""
+    u = group_view(q.float() + 2 ** (num_bits - 1), group_size)
+    return (u * scale.float()[..., None] + minimum.float()[..., None]).reshape(q.shape)
 
 
 def quantize_weight(w: torch.Tensor, scheme: QuantScheme, clip_ratio: float | torch.Tensor = 1.0

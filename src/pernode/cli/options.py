@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from pernode.config import DEFAULT_MODEL, EngineConfig
+from pernode.config import DEFAULT_MODEL, GGUF_WEIGHTS, EngineConfig
 from pernode.serve.sampling.params import SamplingParams
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -34,11 +34,20 @@ def add_model_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup, hel
                    help=help_text or "known name, a .gguf file or a Hugging Face folder")
 
 
+def add_gguf_weights_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--gguf-weights", default=None, choices=list(GGUF_WEIGHTS),
+                   help="a GGUF's Q4_0/Q4_1/Q8_0/Q4_K weights: native (served at their own precision, the default on "
+                        "CPU) or float (dequantized to --dtype)")
+
+
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     add_model_argument(g)
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: bfloat16 where the CPU computes it natively, AVX512_BF16 or AMX; "
+                        "else float32; bfloat16 on CUDA)")
+    add_gguf_weights_argument(g)
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     g.add_argument("--num-blocks", type=int, default=None, help="KV blocks (wins over --kv-cache-bytes)")
     g.add_argument("--kv-cache-bytes", type=parse_bytes, default=None, help="KV cache size, e.g. 2GiB")
@@ -58,7 +67,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens,
                         enable_prefix_caching=not args.no_prefix_caching, num_threads=args.num_threads,
-                        prefix_cache_salt=args.prefix_cache_salt)
+                        prefix_cache_salt=args.prefix_cache_salt, gguf_weights=args.gguf_weights)
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from pernode.config import EngineConfig
 from pernode.jobs.compare_quantized import build_and_score, measure_speeds
+from pernode.jobs.precision_quality import measure_precision_quality, precision_section
 from pernode.measure.bench.bench_offline import print_results, run_hf_best
 from pernode.measure.bench.offline_throughput import random_workload, run_pernode
 from pernode.measure.profile.profile_schema import save_profile
@@ -73,6 +74,9 @@ def run_report(config: EngineConfig, out_dir: str = "pernode-report", quick: boo
                   f"{tput.requests_per_s:.2f} req/s")
 
     console.rule("[bold]4. shrinking the model")
+    precision_rows = measure_precision_quality(
+        config.model, windows=2 if quick else 4,
+        progress=lambda r: console.print(f"  {r.dtype}, GGUF weights {r.gguf_weights}: ppl {r.perplexity:.4f}"))
     quant_rows = _quantization(config.model, out_dir, quick, console)
 
     console.rule("[bold]5. the fleet for a default workload")
@@ -91,6 +95,7 @@ def run_report(config: EngineConfig, out_dir: str = "pernode-report", quick: boo
          "rows": [[r.system, r.num_requests, r.prompt_tokens, r.output_tokens, round(r.elapsed_s, 1),
                    round(r.output_tokens_per_s, 1), round(r.requests_per_s, 2),
                    round(tput.output_tokens_per_s / r.output_tokens_per_s, 2)] for r in results]},
+        precision_section(precision_rows),
         _quantization_section(quant_rows),
         _plan_section(fleet, DEFAULT_SLO),
     ]

@@ -15,11 +15,13 @@ from pernode.serve.engine.kv_cache_sizing import num_kv_blocks
 from pernode.serve.engine.model_runner import ModelRunner
 from pernode.serve.engine.output_processor import OutputProcessor, RequestGroup
 from pernode.serve.engine.outputs import FinishReason, RequestOutput
+from pernode.serve.engine.precision import describe_precision
 from pernode.serve.engine.prompt_validation import PromptValidator
 from pernode.serve.engine.request import Request, RequestStatus
 from pernode.serve.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from pernode.serve.engine.step_timer import decode_step_times_s
 from pernode.serve.engine.stop_checker import check_stop
+from pernode.serve.kernels.cpu_features import computes_bf16_natively
 from pernode.serve.models.loader import build_model
 from pernode.serve.models.registry import resolve_model
 from pernode.serve.sampling.params import SamplingParams
@@ -29,9 +31,10 @@ log = logging.getLogger("pernode.serve.engine")
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """The engine's dtype: `name` (see config.DTYPE_NAMES), by default fp32 on CPU and bf16 on CUDA."""
+    """The engine's dtype: `name` (see config.DTYPE_NAMES), by default bf16 on CUDA and on CPUs that compute it
+    natively (AVX512_BF16, AMX: detected at run time), fp32 on other CPUs."""
     if name is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or computes_bf16_natively() else torch.float32
     if name not in DTYPE_NAMES:
         raise ValueError(f"dtype={name!r} is not supported: allowed {', '.join(sorted(DTYPE_NAMES))}")
     return getattr(torch, DTYPE_NAMES[name])
@@ -73,7 +76,9 @@ class LLMEngine:
             raise ValueError(f"max_model_len={self.max_model_len} is out of range: allowed >= 2")
 
         started = time.perf_counter()
-        self.model = build_model(source, self.device, self.dtype, max_positions=self.max_model_len)
+        self.gguf_weights = config.gguf_weights or ("native" if self.device.type == "cpu" else "float")
+        self.model = build_model(source, self.device, self.dtype, max_positions=self.max_model_len,
+                                 gguf_weights=self.gguf_weights)
         self.load_time_s = time.perf_counter() - started
 
         self.block_size = config.block_size
@@ -98,6 +103,7 @@ class LLMEngine:
         self.generation_tokens_total = 0
         log.info("model %s (%s) on %s in %s, loaded in %.1f s", self.model_config.name, source.format,
                  self.device, str(self.dtype).removeprefix("torch."), self.load_time_s)
+        log.info("%s", describe_precision(self.dtype, config.dtype, self.device, source.format, self.gguf_weights))
         log.info("KV cache: %d bytes/token, %d blocks of %d tokens (%.2f GiB) = %d tokens; max concurrent "
                  "sequences of max_model_len=%d: %.2f", self.kv_bytes_per_token, self.num_blocks, self.block_size,
                  self.kv_cache_bytes / 2**30, self.num_blocks * self.block_size, self.max_model_len,

@@ -1,11 +1,14 @@
 """Quantized linear layers: weight-only int8/int4 (group) and W8A8 (int8 weights x dynamic per-token int8
 activations, with LLM.int8()'s float path for outlier columns, arXiv 2208.07339).
 
-Weight-only layers call the C++ kernel in csrc/quant_linear.cpp (built by kernels/jit.py); `woq_linear_reference`
-is the plain-torch result it is held to, and the fallback where it cannot build. For int4 weights at decode batch
-sizes (<= 8 rows) the kernel quantizes x to int8 per 32-value block and multiplies integers with VNNI (llama.cpp's
-Q8 activations do the same); larger batches, int8 weights and `PERNODE_QUANT_INPUT=float` keep x in fp32. W8A8
-layers use `torch._int_mm` (oneDNN's VNNI int8 GEMM on CPU).
+Weight-only layers call the C++ kernels in csrc/quant_linear.cpp (built by kernels/jit.py); `woq_linear_reference`
+is the plain-torch result they are held to, and the fallback where they cannot build. Each call picks one of two
+kernels by its row count, from the crossover measured for the layer's shape on this CPU (gemm_dispatch.py):
+decode-sized steps run the GEMV, which streams the packed weights (for int4 it quantizes x to int8 per 32-value
+block and multiplies integers with VNNI, as llama.cpp's Q8 activations do; int8 weights and
+`PERNODE_QUANT_INPUT=float` keep x in fp32); compute-bound steps (prefill chunks, large batches) run `woq_gemm`,
+dequantized tiles through a GEMM in the activations' dtype (bf16 on CPUs that compute it natively). W8A8 layers
+use `torch._int_mm` (oneDNN's VNNI int8 GEMM on CPU).
 """
 from __future__ import annotations
 
@@ -18,12 +21,13 @@ from torch import nn
 
 from pernode import envs
 from pernode.envs import KernelChoice, QuantInput
-from pernode.quant_format import QuantScheme, dequantize, pack_int4, unpack_int4
+from pernode.quant_format import QuantScheme, dequantize, dequantize_float_min, pack_int4, unpack_int4
+from pernode.serve.kernels.gemm_dispatch import LinearShape, gemm_from_rows
 from pernode.serve.kernels.jit import build_path, load_extension
 
 SOURCE = "quant_linear.cpp"
-GEMV_MAX_ROWS = 8  # up to this many rows per call: the GEMV (int8 x); more: dequantize + fp32 matmul
 ACT_BLOCK = 32  # x values sharing one int8 scale in the GEMV
+QPARAM_BUFFERS = ("weight_scale", "weight_min")  # float qparams: kept in fp32 whatever dtype the model runs in
 
 
 def load_kernel() -> Callable | None:
@@ -63,19 +67,36 @@ def use_int8_input(num_bits: int, in_features: int, group_size: int | None) -> b
     return in_features % ACT_BLOCK == 0 and (group_size or in_features) % ACT_BLOCK == 0
 
 
+def dequantize_layer_weight(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                            num_bits: int, group_size: int | None, in_features: int,
+                            weight_min: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 [N, K] of a stored weight: integer zero point (compressed-tensors) or float min (GGUF) form."""
+    q = unpacked_weight(weight, num_bits, in_features)
+    if weight_min is not None:
+        return dequantize_float_min(q, scale, weight_min, num_bits, group_size)
+    return dequantize(q, scale, zero_point, group_size)
+
+
 def woq_linear_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                         num_bits: int, group_size: int | None, quantize_input: bool = False) -> torch.Tensor:
+                         num_bits: int, group_size: int | None, quantize_input: bool = False,
+                         weight_min: torch.Tensor | None = None) -> torch.Tensor:
     """Plain torch: dequantize the whole weight to fp32 (and x per block to int8 if asked), then a matmul."""
-    w = dequantize(unpacked_weight(weight, num_bits, x.shape[-1]), scale, zero_point, group_size)
+    w = dequantize_layer_weight(weight, scale, zero_point, num_bits, group_size, x.shape[-1], weight_min)
     x = quantize_input_blocks(x) if quantize_input else x.float()
     return F.linear(x, w)
 
 
-def zero_term(scale: torch.Tensor, zero_point: torch.Tensor | None, num_bits: int) -> torch.Tensor | None:
+def zero_term(scale: torch.Tensor, zero_point: torch.Tensor | None, num_bits: int,
+              weight_min: torch.Tensor | None = None) -> torch.Tensor | None:
     """-(offset + zero_point) * scale: the per-group term the kernel adds times the group's sum of x; None without a
     zero point (the kernel then applies int4's offset itself, which lets its GEMV fold it into the x side).
 
-    The kernel multiplies raw stored integers; int4 words hold q + 8, so offset is 8 for int4 and 0 for int8."""
+    The kernel multiplies raw stored integers; int4 words hold q + 8, so offset is 8 for int4 and 0 for int8. The
+    float-min form (w = scale * (q + 2^(b-1)) + min) gives min itself for int4 (the kernel multiplies u = q + 8)
+    and min + 128 * scale for int8 (it multiplies q)."""
+    if weight_min is not None:
+        term = weight_min.float() if num_bits == 4 else weight_min.float() + 128.0 * scale.float()
+        return term.contiguous()
     if zero_point is None:
         return None
     offset = 8.0 if num_bits == 4 else 0.0
@@ -96,41 +117,93 @@ class QuantLinear(nn.Module):
         else:
             self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, groups, device=device))
-        if not scheme.symmetric:
+        if scheme.float_min:  # GGUF Q4_1/Q4_K: a float min per group instead of an integer zero point
+            self.register_buffer("weight_min", torch.zeros(out_features, groups, device=device))
+            self.weight_zero_point = None
+        elif not scheme.symmetric:
             self.register_buffer("weight_zero_point", torch.zeros(out_features, groups, dtype=torch.int8,
                                                                   device=device))
         else:
             self.weight_zero_point = None
+        if not scheme.float_min:
+            self.weight_min = None
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
         self._scale: torch.Tensor | None = None
         self._zero_term: torch.Tensor | None = None
+        self._gemm_from_rows: dict[torch.dtype, int] = {}
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) must not round the float qparams: GGUF's fp16 scales and mins would lose 3 bits each.
+        # They keep fp32 and only follow the device.
+        kept = {name: getattr(self, name) for name in QPARAM_BUFFERS if getattr(self, name, None) is not None}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = getattr(self, name)
+            if after.dtype != torch.float32:
+                moved = (torch.empty_like(after, dtype=torch.float32) if before.is_meta or after.is_meta
+                         else before.to(device=after.device, dtype=torch.float32))
+                setattr(self, name, moved)
+        return self
 
     @property
     def qweight(self) -> torch.Tensor:
         return self.weight_packed if self.scheme.num_bits == 4 else self.weight
 
     def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
-        """Store integer values q [N, K] (signed) with their qparams."""
+        """Store integer values q [N, K] (signed) with their qparams (`zero`: the float min in the float-min form)."""
         self.qweight.copy_(pack_int4(q) if self.scheme.num_bits == 4 else q)
         self.weight_scale.copy_(scale)
         if self.weight_zero_point is not None:
             self.weight_zero_point.copy_(zero)
+        if self.weight_min is not None:
+            self.weight_min.copy_(zero)
         self.post_load()
 
     def post_load(self) -> None:
         """Derive what the kernel reads (fp32 scales, the zero term) once the stored tensors are in place."""
         self._scale = self.weight_scale.float().contiguous()
-        self._zero_term = zero_term(self._scale, self.weight_zero_point, self.scheme.num_bits)
+        self._zero_term = zero_term(self._scale, self.weight_zero_point, self.scheme.num_bits, self.weight_min)
         self._int8_input = use_int8_input(self.scheme.num_bits, self.in_features, self.scheme.group_size)
         # A decode step calls ~120 of these layers: resolve the kernel and its constant operands once, not per call.
         # PERNODE_QUANT_THREADS: 1 is the robust choice on a CPU shared with other busy processes (see the kernel).
         self._op = load_kernel() if self.qweight.device.type == "cpu" else None
+        self._gemm = torch.ops.pernode.woq_gemm if self._op is not None else None
         self._op_args = (self.qweight, self._scale, self._zero_term, self.scheme.num_bits,
                          self.scheme.group_size or 0, envs.quant_threads())
+        self._gemm_from_rows = {}
 
     def dequantized_weight(self) -> torch.Tensor:
-        q = unpacked_weight(self.qweight, self.scheme.num_bits, self.in_features)
-        return dequantize(q, self.weight_scale, self.weight_zero_point, self.scheme.group_size)
+        return dequantize_layer_weight(self.qweight, self.weight_scale, self.weight_zero_point, self.scheme.num_bits,
+                                       self.scheme.group_size, self.in_features, self.weight_min)
+
+    # ---- GEMV or GEMM -----------------------------------------------------------------------------------------
+    def _run_gemv(self, x2: torch.Tensor) -> torch.Tensor:
+        return self._op(x2, *self._op_args, self._int8_input)
+
+    def _run_gemm(self, x2: torch.Tensor) -> torch.Tensor:
+        gemm_x = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
+        return self._gemm(gemm_x, *self._op_args[:5])
+
+    def gemm_from_rows(self, dtype: torch.dtype) -> int:
+        """Row count from which calls with x of `dtype` run the GEMM (measured once per shape, see gemm_dispatch)."""
+        rows = self._gemm_from_rows.get(dtype)
+        if rows is None:
+            shape = LinearShape(self.out_features, self.in_features, self.scheme.num_bits,
+                                self.scheme.group_size or 0, self._zero_term is not None, self._int8_input, dtype,
+                                envs.quant_threads() or torch.get_num_threads())
+            rows = self._gemm_from_rows[dtype] = gemm_from_rows(shape, SOURCE, self._run_gemv, self._run_gemm)
+        return rows
+
+    def calibrate(self, dtype: torch.dtype) -> None:
+        """Settle the GEMV/GEMM crossover for x of `dtype` now (at load), not in the first step."""
+        if self._scale is None:
+            self.post_load()
+        if self._op is not None:
+            self.gemm_from_rows(dtype)
+
+    def gemv_quantizes_input(self, rows: int, dtype: torch.dtype = torch.float32) -> bool:
+        """Whether a call with `rows` rows goes through the int8-x GEMV (what its reference must model)."""
+        return self._op is not None and self._int8_input and rows < self.gemm_from_rows(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._scale is None:
@@ -138,10 +211,11 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if self._op is not None and x.device.type == "cpu":
-            y = self._op(x2.float(), *self._op_args, x2.shape[0] <= GEMV_MAX_ROWS and self._int8_input)
+            gemm_rows = self._gemm_from_rows.get(x2.dtype) or self.gemm_from_rows(x2.dtype)
+            y = self._run_gemm(x2) if x2.shape[0] >= gemm_rows else self._run_gemv(x2)
         else:
             y = woq_linear_reference(x2, self.qweight, self.weight_scale, self.weight_zero_point,
-                                     self.scheme.num_bits, self.scheme.group_size)
+                                     self.scheme.num_bits, self.scheme.group_size, weight_min=self.weight_min)
         if self.bias is not None:
             y = y + self.bias
         if y.dtype != x.dtype:

@@ -1,6 +1,7 @@
-"""One GGUF file (llama.cpp's format): its config, and its tensors dequantized under Hugging Face Llama names.
+"""One GGUF file (llama.cpp's format): its config, and its tensors under Hugging Face Llama names, dequantized or
+(for the weights named in `native`) repacked at their own precision by gguf_native.py.
 
-The file is memory-mapped; tensors are dequantized one at a time, so a load never holds two full copies.
+The file is memory-mapped; tensors are converted one at a time, so a load never holds two full copies.
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import torch
 from gguf import GGMLQuantizationType as GGMLType
 
 from pernode.config import ModelConfig
+from pernode.quant_format import QuantScheme
 from pernode.serve.models.gguf_header import validate_gguf_header
+from pernode.serve.models.gguf_native import native_scheme, repack
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")  # Mistral GGUFs are written as "llama"
 
@@ -228,10 +231,33 @@ class GGUFFile:
             scaling[_ROPE_SCALING_KEYS.get(key, key)] = value
         return scaling
 
+    def native_schemes(self) -> dict[str, QuantScheme]:
+        """HF weight name -> the QuantScheme it can be served in unchanged, for every weight with a native form."""
+        schemes = {}
+        for gguf_name, tensor in self._tensors.items():
+            scheme = native_scheme(tensor) if gguf_name not in _CONFIG_TENSORS else None
+            if scheme is not None:
+                schemes[hf_tensor_name(gguf_name)] = scheme
+        return schemes
+
+    def native_weight(self, hf_name: str, device: str | torch.device = "cpu"
+                      ) -> tuple[QuantScheme, dict[str, torch.Tensor]] | None:
+        """(scheme, repacked pieces named as QuantLinear's state dict) of one un-permuted weight (the embedding or
+        lm_head), or None when it has no native form."""
+        gguf_names = [g for g in self._tensors if g not in _CONFIG_TENSORS and hf_tensor_name(g) == hf_name]
+        scheme = native_scheme(self._tensors[gguf_names[0]]) if gguf_names else None
+        if scheme is None:
+            return None
+        pieces = repack(self._tensors[gguf_names[0]])
+        return scheme, {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in pieces.items()}
+
     def iter_tensors(
-        self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+        self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+        native: frozenset[str] | set[str] = frozenset(),
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (hf_name, tensor) one at a time, q/k un-permuted so they equal the HF checkpoint's."""
+        """Yield (hf_name, tensor) one at a time, q/k un-permuted so they equal the HF checkpoint's. A weight named
+        in `native` comes as its repacked pieces instead (`x.weight_packed` or `x.weight`, `x.weight_scale`,
+        `x.weight_min`), rows un-permuted alike."""
         # Qwen2 uses NEOX-style rope in llama.cpp, so its converter leaves q/k alone.
         permuted = self.architecture == "llama"
         num_heads = self.int_metadata(f"{self.architecture}.attention.head_count")
@@ -240,9 +266,19 @@ class GGUFFile:
             if gguf_name in _CONFIG_TENSORS:
                 continue
             hf_name = hf_tensor_name(gguf_name)
-            values = dequantize(tensor)
+            heads = None
             if permuted and ".attn_q." in gguf_name:
-                values = unpermute_rope(values, num_heads)
+                heads = num_heads
             elif permuted and ".attn_k." in gguf_name:
-                values = unpermute_rope(values, num_kv_heads)
+                heads = num_kv_heads
+            if hf_name in native:
+                base = hf_name.removesuffix(".weight")
+                for suffix, piece in repack(tensor).items():
+                    if heads is not None:  # a row permutation: it moves packed rows and their scales alike
+                        piece = unpermute_rope(piece, heads)
+                    yield f"{base}.{suffix}", torch.from_numpy(np.ascontiguousarray(piece)).to(device=device)
+                continue
+            values = dequantize(tensor)
+            if heads is not None:
+                values = unpermute_rope(values, heads)
             yield hf_name, torch.from_numpy(values).to(device=device, dtype=dtype)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pernode.config import DEFAULT_MODEL, ModelConfig
+from pernode.quant_format import QuantScheme
 from pernode.serve.models.gguf_file import GGUFFile
 from pernode.serve.models.hf_folder import HFFolder
 from pernode.serve.tokenizer import Tokenizer
@@ -67,16 +68,32 @@ class ModelSource:
     _weights: GGUFFile | HFFolder = field(repr=False)
     quantization_config: dict | None = None  # compressed-tensors `quantization_config` of a quantized HF folder
 
+    def native_schemes(self) -> dict[str, QuantScheme]:
+        """HF weight name -> QuantScheme for the GGUF weights that can be served at their own precision."""
+        return self._weights.native_schemes() if isinstance(self._weights, GGUFFile) else {}
+
+    def native_lm_head(self, device: str | torch.device = "cpu"
+                       ) -> tuple[QuantScheme, dict[str, torch.Tensor]] | None:
+        """A GGUF's output projection at its own precision (the Q8_0 embedding itself when tied), or None."""
+        if not isinstance(self._weights, GGUFFile):
+            return None
+        name = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
+        return self._weights.native_weight(name, device)
+
     def iter_tensors(
-        self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+        self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+        native: frozenset[str] | set[str] = frozenset(),
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (hf_name, tensor) one at a time; ValueError on a missing or unexpected tensor."""
+        """Yield (hf_name, tensor) one at a time; ValueError on a missing or unexpected tensor. GGUF weights named
+        in `native` (see `native_schemes`) come repacked, not dequantized."""
         expected = set(hf_tensor_names(self.config))
         seen: set[str] = set()
-        for name, tensor in self._weights.iter_tensors(dtype=dtype, device=device):
+        tensors = (self._weights.iter_tensors(dtype=dtype, device=device, native=native) if native
+                   else self._weights.iter_tensors(dtype=dtype, device=device))
+        for name, tensor in tensors:
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue  # some tied checkpoints still store the copy
-            base = _quantized_base_name(name) if self.quantization_config else name
+            base = _quantized_base_name(name) if self.quantization_config or native else name
             if base not in expected:
                 raise ValueError(
                     f"{self.path}: unexpected tensor {name!r} for a {self.config.architecture} model with "
@@ -90,7 +107,8 @@ class ModelSource:
 
 
 # compressed-tensors stores a quantized `x.weight` as x.weight_packed / x.weight_scale / x.weight_zero_point / ...
-_QUANTIZED_SUFFIXES = (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_g_idx")
+_QUANTIZED_SUFFIXES = (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_g_idx",
+                       ".weight_min")
 
 
 def _quantized_base_name(name: str) -> str:

@@ -1,0 +1,33 @@
+"""What this CPU computes natively, detected at run time (never assumed from the build machine): the engine's
+default dtype follows it, as vLLM's CPU backend does (bf16 where AVX512_BF16 or AMX run it, fp32 elsewhere)."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+# /proc/cpuinfo flags (x86) or Features (aarch64) that mean hardware bf16 dot products
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo; empty where it cannot be read (non-Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return frozenset(flags)
+
+
+def native_bf16_flags() -> list[str]:
+    """The flags by which this CPU computes bf16 natively (empty: it does not, or we cannot tell)."""
+    return [flag for flag in BF16_FLAGS if flag in cpu_flags()]
+
+
+def computes_bf16_natively() -> bool:
+    return bool(native_bf16_flags())
