@@ -194,9 +194,11 @@ class LLMEngine:
         try:
             masks = self.structured_outputs.start_masks(batch)  # computed while the forward pass runs
             prompt_positions = self.prompt_logprobs.positions(batch)
-            logits, sampling, prompt_logits = self.runner.execute_with_prompt_logits(batch, prompt_positions)
-            if prompt_logits:
+            if prompt_positions:
+                logits, sampling, prompt_logits = self.runner.execute_with_prompt_logits(batch, prompt_positions)
                 self.prompt_logprobs.record({r.request_id: r for r in batch.requests}, prompt_logits)
+            else:
+                logits, sampling = self.runner.execute(batch)
             result = self.sampler(logits, sampling, masks.result() if masks is not None else None)
         except Exception as exc:  # one bad step fails its own requests; the engine keeps serving others
             log.exception("engine step failed; failing its %d requests", len(batch.requests))
