@@ -137,3 +137,31 @@ def test_bad_constraints_are_400_naming_the_field(client, route, body, param):
         else:
             client.completions.create(model="tiny-llama", prompt="hi", max_tokens=4, extra_body=body)
     assert err.value.body["param"] == param and param in err.value.body["message"]
+
+
+def test_offline_bad_grammar_fails_only_its_request(engine):
+    llm = LLM.from_engine(engine)
+    good, bad = llm.generate(["Hi", "Hi"], [
+        SamplingParams(max_tokens=8, temperature=0, structured_outputs=StructuredOutputs(choice=["ab", "cd"])),
+        SamplingParams(max_tokens=4, structured_outputs=StructuredOutputs(regex="[a-"))])
+    assert good.outputs[0].text in ("ab", "cd") and good.error is None
+    assert bad.error and bad.error.startswith("structured_outputs is invalid")
+    with pytest.raises(ValueError, match="allowed exactly one of"):
+        StructuredOutputs(regex="a", choice=["a"])
+
+
+def test_bitmask_unpacking_matches_bit_by_bit_reference_with_ragged_tail():
+    import torch
+
+    from pernode.serve.sampling.structured.token_masks import TokenMasks, unpack_bitmask
+
+    g = torch.Generator().manual_seed(0)
+    words = torch.randint(-2**31, 2**31 - 1, (3, 3), generator=g, dtype=torch.int64).to(torch.int32)
+    vocab = 70  # two full words and 6 bits of the third
+    got = unpack_bitmask(words, vocab)
+    want = torch.tensor([[(int(words[r, t // 32]) >> (t % 32)) & 1 for t in range(vocab)] for r in range(3)]).bool()
+    assert torch.equal(got, want)
+    logits = torch.zeros(4, 80)  # a model vocabulary padded past the mask's: the extra ids are never allowed
+    TokenMasks([0, 2, 3], got).apply(logits)
+    assert torch.equal(torch.isfinite(logits[[0, 2, 3], :vocab]), got)
+    assert torch.isinf(logits[[0, 2, 3], vocab:]).all() and torch.isfinite(logits[1]).all()

@@ -138,8 +138,6 @@ class LLMEngine:
         if request_id in self.output_processor.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         token_ids = self.validate_prompt(prompt, params)
-        if params.structured_outputs is not None:
-            self.structured_outputs.validate(params.structured_outputs)
         eos = self.model_config.eos_token_ids
         requests = []
         for i in range(params.n):
@@ -149,7 +147,7 @@ class LLMEngine:
             if arrival_s is not None:
                 request.times.arrival_s = arrival_s
             requests.append(request)
-        self.structured_outputs.add(requests)
+        self.structured_outputs.add(requests)  # compiles the grammar: ValueError (nothing added) if it cannot
         self.prompt_logprobs.add(requests[0])
         self.output_processor.add(request_id, prompt if isinstance(prompt, str) else None, requests)
         first, rest = requests[0], requests[1:]

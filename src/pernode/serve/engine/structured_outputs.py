@@ -40,7 +40,7 @@ class StructuredOutputManager:
         spec = requests[0].params.structured_outputs
         if spec is None:
             return
-        matchers = [self.compiler.matcher(spec) for _ in requests]
+        matchers = self.compiler.matchers(spec, len(requests))
         for request, matcher in zip(requests, matchers):
             self._matchers[request.request_id] = matcher
 

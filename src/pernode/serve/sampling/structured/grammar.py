@@ -129,8 +129,13 @@ class GrammarCompiler:
             raise ValueError(f"{spec.field_name} is invalid: {error.strip().splitlines()[0]}")
         return text
 
-    def matcher(self, spec: StructuredOutputs) -> GrammarMatcher:
-        matcher = llguidance.LLMatcher(self.ll_tokenizer, self.validate(spec), log_level=0)
+    def matchers(self, spec: StructuredOutputs, count: int = 1) -> list[GrammarMatcher]:
+        """`count` matchers at the grammar's start (one compile, then copies); ValueError naming the field."""
+        matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar_text(spec), log_level=0)
         if matcher.is_error():
-            raise ValueError(f"{spec.field_name} is invalid: {matcher.get_error()}")
-        return GrammarMatcher(matcher)
+            message = matcher.get_error().strip().splitlines()
+            raise ValueError(f"{spec.field_name} is invalid: {message[0] if message else 'unknown error'}")
+        return [GrammarMatcher(matcher)] + [GrammarMatcher(matcher.deep_copy()) for _ in range(count - 1)]
+
+    def matcher(self, spec: StructuredOutputs) -> GrammarMatcher:
+        return self.matchers(spec)[0]
