@@ -9,7 +9,6 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from pernode.progress import progress
-
 from pernode.shrink.evaluate.perplexity import Forward
 
 

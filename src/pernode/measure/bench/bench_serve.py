@@ -19,13 +19,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.table import Table
 
 from pernode.measure.bench.arrivals import arrival_offsets_s
-from pernode.progress import output_console, progress
 from pernode.measure.bench.bench_result import LATENCY_METRICS, BenchResult, RequestRecord, ServingMetrics
 from pernode.measure.bench.config import BenchConfig
 from pernode.measure.bench.datasets import (BenchRequest, chat_requests, jsonl_requests, load_tokenizer,
                                             random_requests)
 from pernode.measure.bench.serving_metrics import (RequestTimeline, compute_serving_metrics, parse_slo,
                                                    per_request_records)
+from pernode.progress import output_console, progress
 
 
 def build_requests(config: BenchConfig) -> list[BenchRequest]:

@@ -14,10 +14,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from pernode.progress import output_console, progress
 from pernode.measure.profile import profile_schema as schema
 from pernode.measure.profile.hardware import measure_peaks
 from pernode.measure.profile.roofline import crossover_batch_size, decode_step_cost, dtype_bytes, prefill_cost
+from pernode.progress import output_console, progress
 from pernode.serve.engine.llm_engine import LLMEngine
 from pernode.serve.sampling.params import SamplingParams
 
