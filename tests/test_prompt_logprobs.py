@@ -80,6 +80,9 @@ def test_server_loglikelihood_of_a_continuation_equals_a_direct_forward(server, 
         assert continuation == pytest.approx(sum(expected[len(ctx_ids) - 1:]), abs=1e-3)
         for token, value, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
             assert top[token] == value and 1 <= len(top) <= 2 and all(v <= 0 for v in top.values())
+        assert r.usage.prompt_tokens_details.cached_tokens == 0  # every position recomputed
+    plain = client.completions.create(model="tiny-llama", prompt=CONTEXT + CONTINUATION, max_tokens=1)
+    assert plain.usage.prompt_tokens_details.cached_tokens >= 32  # the blocks were cached all along
 
 
 def test_echo_streams_prompt_logprobs_then_generated_ones(server, engine):
