@@ -48,6 +48,14 @@ def test_progress_prints_lines_when_stdout_is_not_a_terminal():
     with LineProgress(stream=quiet, disable=True) as bar:
         bar.advance(bar.add_task("x", total=3), 3)
     assert quiet.getvalue() == ""
+    lines = io.StringIO()
+    bar = LineProgress(stream=lines)  # started and stopped by hand, as bench serve does
+    bar.start()
+    task = bar.add_task("bench serve", total=4)
+    for _ in range(4):
+        bar.advance(task)
+    bar.stop()
+    assert lines.getvalue().splitlines()[-1].startswith("bench serve: 4/4 (100%)")
 
 
 def test_profile_json_follows_the_umask(tmp_path):

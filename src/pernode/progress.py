@@ -46,6 +46,12 @@ class LineProgress:
     def __exit__(self, *exc) -> None:
         return None
 
+    def start(self) -> None:  # rich's explicit lifecycle, for callers that do not use `with`
+        return None
+
+    def stop(self) -> None:
+        return None
+
     def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields) -> TaskID:
         task_id = TaskID(len(self._tasks))
         now = time.monotonic()
