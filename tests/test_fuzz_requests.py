@@ -41,7 +41,8 @@ FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", 
           "min_p", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids",
           "ignore_eos", "min_tokens", "logprobs", "top_logprobs", "echo", "stream", "stream_options", "suffix",
           "logit_bias", "best_of", "tokens", "add_special_tokens", "add_generation_prompt", "response_format",
-          "tools", "tool_choice", "skip_special_tokens", "user"]
+          "tools", "tool_choice", "skip_special_tokens", "user", "guided_json", "guided_regex", "guided_choice",
+          "guided_grammar", "allowed_token_ids", "prompt_logprobs"]
 
 scalars = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.integers(-3, 40)
            | st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0.0, 0.5, 1.0, 1e-300, 2.0, 1e308])
@@ -61,6 +62,16 @@ plausible = {  # values near the valid ones, so many bodies get past parsing int
     "stream": st.booleans(), "tokens": st.lists(st.integers(-2, 50000), max_size=4),
     "stop": st.sampled_from(["a", ["", "b"], ["x"] * 20, None]),
     "stop_token_ids": st.lists(st.integers(-1, 2**40), max_size=3),
+    "guided_regex": st.sampled_from(["[a-z]{2}", "[a-", "(", "a*", ""]),
+    "guided_choice": st.sampled_from([["yes", "no"], [], [""], ["x"] * 3]),
+    "guided_json": st.sampled_from([{"type": "integer"}, {"type": "nope"}, "{", {"enum": []}, {}]),
+    "guided_grammar": st.sampled_from(['start: "a"', "start: 'a' |", 'root ::= "x"', "root ::= ", "%%%"]),
+    "response_format": st.sampled_from([{"type": "json_object"}, {"type": "json_schema"}, {"type": "x"},
+                                        {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}]),
+    "tools": st.sampled_from([[{"type": "function", "function": {"name": "f"}}], [{}], [{"function": 3}]]),
+    "tool_choice": st.sampled_from(["auto", "required", "none", {"type": "function", "function": {"name": "f"}}]),
+    "logit_bias": st.sampled_from([{"5": 100}, {"x": 1}, {"49152": 1}, {"5": 1e9}]),
+    "allowed_token_ids": st.lists(st.integers(-1, 50000), max_size=3),
 }
 body_values = st.sampled_from(FIELDS).flatmap(lambda k: st.tuples(st.just(k), plausible.get(k, json_values)
                                                                   | json_values))

@@ -125,8 +125,9 @@ def test_completion_logprobs_and_echo(server):
     n_prompt = r["usage"]["prompt_tokens"]
     assert choice["text"].startswith(PROMPT)
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == n_prompt + 5
-    # The engine computes no prompt logprobs: prompt positions are null.
-    assert lp["token_logprobs"][:n_prompt] == [None] * n_prompt and lp["top_logprobs"][:n_prompt] == [None] * n_prompt
+    # Prompt positions carry the prompt's own logprobs; the first token has none (nothing precedes it).
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(v <= 0 for v in lp["token_logprobs"][1:n_prompt])
     for token, value, top in zip(lp["tokens"][n_prompt:], lp["token_logprobs"][n_prompt:],
                                  lp["top_logprobs"][n_prompt:]):
         assert value <= 0 and 3 <= len(top) <= 4 and top[token] == value

@@ -117,7 +117,7 @@ COMPLETION_CASES = [
     ({"prompt": "hi", "echo": "yes"}, "echo", "valid boolean"),
     ({"prompt": "hi", "stream_options": 3}, "stream_options", "invalid"),
     ({"prompt": "hi", "logit_bias": "x"}, "logit_bias", "invalid"),
-    ({"prompt": "hi", "logit_bias": {"50": 10}}, "logit_bias", "not supported"),
+    ({"prompt": "hi", "logit_bias": {"50": 101}}, "logit_bias", "[-100, 100]"),
     ({"prompt": "hi", "best_of": 3}, "best_of", "not supported"),
     ({"prompt": "hi", "user": 12}, "user", "valid string"),
 ]
@@ -135,9 +135,9 @@ CHAT_CASES = [
      "server setting max_logprobs"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, "max_tokens", ">= 1"),
     ({"messages": [{"role": "user", "content": "hi " * 200}]}, "messages", "max_model_len"),
-    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools", "not supported"),
-    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
-     "response_format", "not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools", "invalid"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}},
+     "response_format", "invalid"),
 ]
 
 

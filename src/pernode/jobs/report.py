@@ -10,7 +10,6 @@ import os
 import time
 
 import torch
-from rich.console import Console
 
 from pernode.config import EngineConfig
 from pernode.jobs.compare_quantized import build_and_score, measure_speeds
@@ -22,6 +21,7 @@ from pernode.measure.profile.profiler import print_profile, run_profile
 from pernode.measure.report_html import quantization_chart_png, write_report_html
 from pernode.price.planner import Plan, plan
 from pernode.price.report import plot_plan, render_plan
+from pernode.progress import output_console
 from pernode.slo import SLO
 from pernode.price.workload import LengthDist, Workload
 from pernode.serve.engine.llm_engine import LLMEngine
@@ -41,7 +41,7 @@ FULL_QUANT = recipes_named(["fp32", "rtn-int8", "rtn-int4-g64", "gptq-int4-g64",
 
 
 def run_report(config: EngineConfig, out_dir: str = "pernode-report", quick: bool = False) -> int:
-    console = Console()
+    console = output_console()
     os.makedirs(out_dir, exist_ok=True)
     if config.max_model_len is None:  # the profile's context range; the model's 8k would only shrink the batch
         config = dataclasses.replace(config, max_model_len=2048)

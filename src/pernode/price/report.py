@@ -7,6 +7,7 @@ import os
 from rich.console import Console
 from rich.table import Table
 
+from pernode.progress import output_console
 from pernode.price.planner import Comparison, Plan
 
 
@@ -79,11 +80,11 @@ def comparison_table(c: Comparison) -> Table:
 
 
 def render_plan(p: Plan, console: Console | None = None) -> None:
-    (console or Console()).print(plan_table(p))
+    (console or output_console()).print(plan_table(p))
 
 
 def render_comparison(c: Comparison, console: Console | None = None) -> None:
-    con = console or Console()
+    con = console or output_console()
     con.print(comparison_table(c))
     for label, p in c.ranked():
         if not p.feasible:

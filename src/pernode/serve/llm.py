@@ -5,9 +5,10 @@ import itertools
 import logging
 from typing import Sequence
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from pernode.config import DEFAULT_MODEL, EngineConfig
+from pernode.progress import progress
 from pernode.serve.engine.llm_engine import LLMEngine
 from pernode.serve.engine.outputs import CompletionOutput, FinishReason, RequestOutput
 from pernode.serve.sampling.params import SamplingParams
@@ -57,9 +58,9 @@ class LLM:
                     request_id, prompt if isinstance(prompt, str) else None,
                     [] if isinstance(prompt, str) else list(prompt),
                     [CompletionOutput(0, "", [], finish_reason=FinishReason.ERROR)], finished=True, error=str(exc))
-        with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        with progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       disable=not use_tqdm, transient=True) as bar:
-            task = bar.add_task("", total=len(order))
+            task = bar.add_task("generating", total=len(order))
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
                     if out.finished:

@@ -6,13 +6,14 @@ import contextlib
 from collections.abc import Callable
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
+from pernode.progress import progress
 from pernode.shrink.evaluate.perplexity import Forward
 
 
-def progress_bar(description: str, disable: bool = False) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+def progress_bar(description: str, disable: bool = False):
+    return progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                     TimeElapsedColumn(), transient=False, disable=disable)
 
 

@@ -7,11 +7,12 @@ import math
 from rich.console import Console
 from rich.table import Table
 
+from pernode.progress import output_console
 from pernode.jobs.validate.compare import METRICS
 
 
 def print_validation(report: dict, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or output_console()
     same = report.get("predicted_same_trace")
     w = report["workload"]
     t = Table(title=f"fleet validate: {report['replicas']} replicas x max batch {report['max_num_seqs']}, "

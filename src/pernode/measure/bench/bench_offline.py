@@ -14,6 +14,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from pernode.progress import output_console
 from pernode.measure.bench.config import OfflineBenchConfig
 from pernode.measure.bench.offline_throughput import (OfflineWorkload, ThroughputResult, random_workload,
                                                       run_hf_static, run_pernode)
@@ -99,7 +100,7 @@ def run_bench_offline(llm: LLM, source: ModelSource, config: OfflineBenchConfig)
 
 
 def print_results(results: list[ThroughputResult], console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or output_console()
     ours = results[0]
     t = Table(title=f"offline throughput: {ours.num_requests} requests, {ours.prompt_tokens} prompt + "
                     f"{ours.output_tokens} output tokens, all submitted at once")

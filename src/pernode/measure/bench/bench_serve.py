@@ -15,7 +15,7 @@ from typing import Sequence
 
 import httpx
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from pernode.measure.bench.arrivals import arrival_offsets_s
@@ -25,6 +25,7 @@ from pernode.measure.bench.datasets import (BenchRequest, chat_requests, jsonl_r
                                             random_requests)
 from pernode.measure.bench.serving_metrics import (RequestTimeline, compute_serving_metrics, parse_slo,
                                                    per_request_records)
+from pernode.progress import output_console, progress
 
 
 def build_requests(config: BenchConfig) -> list[BenchRequest]:
@@ -204,8 +205,8 @@ def _notes(timelines: Sequence[RequestTimeline], config: BenchConfig) -> list[st
     return notes
 
 
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+def _progress():
+    return progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     transient=True)
 
 
@@ -219,7 +220,7 @@ def run_bench(config: BenchConfig) -> BenchResult:
 
 def print_bench_table(result: BenchResult, console: Console | None = None) -> None:
     """The result as a rich table, laid out like vLLM's summary."""
-    console = console or Console()
+    console = console or output_console()
     m = result.metrics
     table = Table(title=f"bench serve: {result.model} @ {result.base_url} ({result.endpoint})")
     table.add_column("metric")

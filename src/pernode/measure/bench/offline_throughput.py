@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from rich.progress import Progress
+from pernode.progress import progress
 
 from pernode.serve.llm import LLM
 from pernode.serve.sampling.params import SamplingParams
@@ -82,7 +82,7 @@ def run_hf_static(hf_model, workload: OfflineWorkload, batch_size: int, pad_toke
     requested output, the classic request-level batching continuous batching replaces."""
     n = len(workload.prompts)
     start = time.perf_counter()
-    with Progress(disable=not use_tqdm, transient=True) as bar:
+    with progress(disable=not use_tqdm, transient=True) as bar:
         task = bar.add_task(f"HF generate (batch {batch_size})", total=n)
         for i in range(0, n, batch_size):
             prompts = workload.prompts[i:i + batch_size]

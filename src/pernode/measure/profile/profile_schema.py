@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from pernode.config import ModelConfig
+from pernode.file_modes import user_file_mode
 from pernode.measure.profile.roofline import StepCost, compute_key, count_params, dtype_bytes, place_on_roofline
 from pernode.records import read_json
 
@@ -221,6 +222,7 @@ def save_profile(path: str | os.PathLike, d: Profile) -> Path:
     text = json.dumps(d, indent=2, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
+        os.fchmod(fd, user_file_mode())  # mkstemp makes it 0600; a profile is not a secret
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)

@@ -12,12 +12,12 @@ import time
 
 import torch
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
 from pernode.measure.profile import profile_schema as schema
 from pernode.measure.profile.hardware import measure_peaks
 from pernode.measure.profile.roofline import crossover_batch_size, decode_step_cost, dtype_bytes, prefill_cost
+from pernode.progress import output_console, progress
 from pernode.serve.engine.llm_engine import LLMEngine
 from pernode.serve.sampling.params import SamplingParams
 
@@ -80,7 +80,7 @@ def run_profile(engine: LLMEngine, quick: bool = False, hardware: schema.Hardwar
     prompt_lens = [p for p in plan["prompt_lens"] if p < engine.max_model_len]
 
     decode, prefill = [], []
-    with Progress(transient=True) as bar:
+    with progress(transient=True) as bar:
         task = bar.add_task("decode: TPOT vs batch", total=len(plan["batch_sizes"]))
         for b in plan["batch_sizes"]:
             step_s = time_decode_step_s(engine, b, ctx, plan["decode_steps"], g)
@@ -112,7 +112,7 @@ def run_profile(engine: LLMEngine, quick: bool = False, hardware: schema.Hardwar
 
 
 def print_profile(profile: schema.Profile, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or output_console()
     m, hw, kv = profile["model"], profile["hardware"], profile["kv_cache"]
     console.print(f"[bold]{m['name']}[/bold] {m['dtype']}: {m['num_params'] / 1e6:.1f} M params, "
                   f"{m['weight_bytes'] / 2**20:.0f} MiB weights, {m['kv_bytes_per_token']} KV bytes/token")

@@ -44,8 +44,8 @@ class KVCacheManager:
         """The longest run of cached full blocks matching the request's tokens. At least one token is always
         left to compute, since its logits are needed to sample. Counts nothing: the scheduler may ask again
         every step while the request waits; `record_prefix_query` counts the admission."""
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or request.params.prompt_logprobs is not None:
+            return []  # prompt logprobs need the logits of every prompt position: no position may be skipped
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[Block] = []
         for i in range(max_blocks):

@@ -16,11 +16,13 @@ from pernode.serve.engine.model_runner import ModelRunner
 from pernode.serve.engine.output_processor import OutputProcessor, RequestGroup
 from pernode.serve.engine.outputs import FinishReason, RequestOutput
 from pernode.serve.engine.precision import describe_precision
+from pernode.serve.engine.prompt_logprobs import PromptLogprobs
 from pernode.serve.engine.prompt_validation import PromptValidator
 from pernode.serve.engine.request import Request, RequestStatus
 from pernode.serve.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from pernode.serve.engine.step_timer import decode_step_times_s
 from pernode.serve.engine.stop_checker import check_stop
+from pernode.serve.engine.structured_outputs import StructuredOutputManager
 from pernode.serve.kernels.cpu_features import computes_bf16_natively
 from pernode.serve.models.loader import build_model
 from pernode.serve.models.registry import resolve_model
@@ -95,6 +97,9 @@ class LLMEngine:
         self._prompt_validator = PromptValidator(self.tokenizer, self.model_config.vocab_size, self.max_model_len,
                                                self.kv)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.structured_outputs = StructuredOutputManager(
+            self.tokenizer, list(dict.fromkeys(self.model_config.eos_token_ids + self.tokenizer.stop_token_ids)))
+        self.prompt_logprobs = PromptLogprobs(self.output_processor.token_str)
 
         # samples 2..n of a group, held until the first sample's prompt blocks are cached
         self._held_samples: dict[str, list[Request]] = {}
@@ -148,6 +153,8 @@ class LLMEngine:
             if arrival_s is not None:
                 request.times.arrival_s = arrival_s
             requests.append(request)
+        self.structured_outputs.add(requests)  # compiles the grammar: ValueError (nothing added) if it cannot
+        self.prompt_logprobs.add(requests[0])
         self.output_processor.add(request_id, prompt if isinstance(prompt, str) else None, requests)
         first, rest = requests[0], requests[1:]
         self.scheduler.add(first)
@@ -189,8 +196,14 @@ class LLMEngine:
                 r.times.first_scheduled_s = now
                 self.prompt_tokens_total += r.num_prompt_tokens
         try:
-            logits, sampling = self.runner.execute(batch)
-            result = self.sampler(logits, sampling)
+            masks = self.structured_outputs.start_masks(batch)  # computed while the forward pass runs
+            prompt_positions = self.prompt_logprobs.positions(batch)
+            if prompt_positions:
+                logits, sampling, prompt_logits = self.runner.execute_with_prompt_logits(batch, prompt_positions)
+                self.prompt_logprobs.record({r.request_id: r for r in batch.requests}, prompt_logits)
+            else:
+                logits, sampling = self.runner.execute(batch)
+            result = self.sampler(logits, sampling, masks.result() if masks is not None else None)
         except Exception as exc:  # one bad step fails its own requests; the engine keeps serving others
             log.exception("engine step failed; failing its %d requests", len(batch.requests))
             return outputs + self._fail(batch, f"{type(exc).__name__}: {exc}")
@@ -208,9 +221,10 @@ class LLMEngine:
             self.generation_tokens_total += 1
             if request.times.first_token_s is None:
                 request.times.first_token_s = now
+            grammar_finish = self.structured_outputs.accept(request, token_id)  # the token's text stays
             finish = check_stop(request, self.max_model_len)
             finish = self.output_processor.process_token(request, token_id, result.logprobs[i],
-                                                         result.top_logprobs[i], finish)
+                                                         result.top_logprobs[i], finish) or grammar_finish
             if finish is not None:
                 request.finish_reason = finish
                 request.times.finished_s = now
@@ -224,7 +238,7 @@ class LLMEngine:
                     self.scheduler.add(r)
         outputs = []
         for group in touched.values():
-            outputs.append(group.next_output())
+            outputs.append(self._with_prompt_logprobs(group, group.next_output()))
             if group.finished:
                 self._forget(group)
         return outputs
@@ -254,8 +268,15 @@ class LLMEngine:
             if reason is FinishReason.ABORT:
                 request.times.finished_s = now
 
+    def _with_prompt_logprobs(self, group: RequestGroup, output: RequestOutput) -> RequestOutput:
+        output.prompt_logprobs = self.prompt_logprobs.get(group.requests[0])
+        return output
+
     def _forget(self, group: RequestGroup) -> None:
         self._held_samples.pop(group.request_id, None)
+        for request in group.requests:
+            self.structured_outputs.remove(request)
+            self.prompt_logprobs.remove(request)
         self.output_processor.remove(group)
 
     # ---- observability ----------------------------------------------------------------------------------

@@ -45,8 +45,25 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Request]]:
         """Run one forward; logits [S, vocab] (fp32) of the requests that sample this step, and those requests."""
+        logits, sampling, _ = self.execute_with_prompt_logits(batch, {})
+        return logits, sampling
+
+    @torch.inference_mode()
+    def execute_with_prompt_logits(self, batch: ScheduledBatch, prompt_positions: dict[str, range]
+                                   ) -> tuple[torch.Tensor, list[Request], dict[str, torch.Tensor]]:
+        """`execute`, plus the logits at `prompt_positions` (request id -> token positions of this step) for the
+        requests that asked for prompt logprobs: only those rows go through the LM head."""
         input_ids, positions, meta, sample_rows = self.prepare(batch)
-        logits_indices = torch.tensor([meta.query_start_loc_cpu[i + 1] - 1 for i in sample_rows],
-                                      dtype=torch.long, device=self.device)
+        indices = [meta.query_start_loc_cpu[i + 1] - 1 for i in sample_rows]
+        num_sampled = len(indices)
+        spans: dict[str, tuple[int, int]] = {}
+        for i, request in enumerate(batch.requests):
+            wanted = prompt_positions.get(request.request_id)
+            if wanted:
+                offset = meta.query_start_loc_cpu[i] - request.num_computed_tokens  # flat index of position 0
+                spans[request.request_id] = (len(indices), len(wanted))
+                indices.extend(offset + p for p in wanted)
+        logits_indices = torch.tensor(indices, dtype=torch.long, device=self.device)
         logits = self.model(input_ids, positions, self.kv_caches, meta, logits_indices)
-        return logits, [batch.requests[i] for i in sample_rows]
+        prompt_logits = {rid: logits[start:start + n] for rid, (start, n) in spans.items()}
+        return logits[:num_sampled], [batch.requests[i] for i in sample_rows], prompt_logits

@@ -90,7 +90,7 @@ class OutputProcessor:
         for s in group.samples:
             self._samples.pop(s.request.request_id, None)
 
-    def _token_str(self, token_id: int) -> str:
+    def token_str(self, token_id: int) -> str:
         """A token's text for logprobs; "" for an id of the model's padded vocabulary, which no token has (models
         round their vocabulary up past the tokenizer's: such ids can be ranked, even sampled, but not decoded)."""
         return self.tokenizer.token_to_str(token_id) if token_id < self.tokenizer.vocab_size else ""
@@ -103,7 +103,7 @@ class OutputProcessor:
         if logprob is not None:
             sample.cumulative_logprob += logprob
         if sample.logprobs is not None:
-            tok = self._token_str
+            tok = self.token_str
             sample.logprobs.append(TokenLogprob(token_id, tok(token_id), logprob,
                                                 [(t, tok(t), lp) for t, lp in (top or [])]))
         if finish is FinishReason.STOP:  # eos or a stop token: its text is not part of the output

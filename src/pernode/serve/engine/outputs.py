@@ -66,3 +66,5 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     error: str | None = None  # set when the request failed inside the engine
+    # with SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (it has no context)
+    prompt_logprobs: list[TokenLogprob | None] | None = None

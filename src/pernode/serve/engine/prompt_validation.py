@@ -26,6 +26,7 @@ class PromptValidator:
             bad = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"prompt token id {bad[0]!r} is out of range: allowed integers in [0, {vocab})")
+        params.check_token_ids(self.vocab_size)
         if not token_ids:
             raise ValueError("prompt is empty: give at least one character or token id")
         n, max_len = len(token_ids), self.max_model_len

@@ -4,7 +4,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from pernode.serve.sampling.structured.spec import StructuredOutputs
+
 MAX_LOGPROBS = 20
+LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's: -100 bans a token, +100 all but forces it
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
@@ -30,6 +33,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N alternatives per generated token, besides the sampled one
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None  # top-N alternatives per prompt token, besides the prompt's own (vLLM)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI)
+    allowed_token_ids: list[int] | None = None  # only these may be sampled (vLLM)
+    structured_outputs: StructuredOutputs | None = None  # constrained decoding (JSON schema, regex, grammar...)
     # stop_token_ids as a set, for the engine's check of every generated token (set again by validate())
     stop_token_id_set: frozenset[int] = field(init=False, repr=False, compare=False, default=frozenset())
 
@@ -77,7 +84,40 @@ class SamplingParams:
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "a list of non-empty strings")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                self.stop_token_ids, "a list of token ids >= 0")
+        _check(self.prompt_logprobs is None
+               or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+               "prompt_logprobs", self.prompt_logprobs, f"None or an integer in [0, {MAX_LOGPROBS}]")
+        self._validate_token_constraints()
         self.stop_token_id_set = frozenset(self.stop_token_ids)
+
+    def _validate_token_constraints(self) -> None:
+        low, high = LOGIT_BIAS_RANGE
+        if self.logit_bias is not None:
+            _check(isinstance(self.logit_bias, dict), "logit_bias", self.logit_bias,
+                   "a mapping of token id -> bias")
+            for token_id, bias in self.logit_bias.items():
+                _check(isinstance(token_id, int) and not isinstance(token_id, bool) and token_id >= 0,
+                       "logit_bias", token_id, "token ids >= 0 as keys")
+                _check(isinstance(bias, (int, float)) and not isinstance(bias, bool) and math.isfinite(bias)
+                       and low <= bias <= high, f"logit_bias[{token_id}]", bias, f"[{low:g}, {high:g}]")
+        if self.allowed_token_ids is not None:
+            _check(isinstance(self.allowed_token_ids, (list, tuple)) and len(self.allowed_token_ids) > 0
+                   and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.allowed_token_ids),
+                   "allowed_token_ids", self.allowed_token_ids, "a non-empty list of token ids >= 0")
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputs),
+               "structured_outputs", self.structured_outputs, "None or a StructuredOutputs")
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """ValueError when logit_bias or allowed_token_ids name a token outside [0, vocab_size)."""
+        for name, ids in (("logit_bias", self.logit_bias or {}), ("allowed_token_ids", self.allowed_token_ids or [])):
+            bad = [t for t in ids if t >= vocab_size]
+            _check(not bad, name, bad[:1] and bad[0], f"token ids in [0, {vocab_size})")
+
+    @property
+    def constrains_tokens(self) -> bool:
+        """Whether the logits are changed before sampling (bias, allowed ids or a grammar)."""
+        return bool(self.logit_bias) or self.allowed_token_ids is not None or self.structured_outputs is not None
 
     @property
     def greedy(self) -> bool:

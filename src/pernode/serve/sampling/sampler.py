@@ -8,6 +8,7 @@ from typing import Protocol
 import torch
 
 from pernode.serve.sampling.params import SamplingParams
+from pernode.serve.sampling.structured.token_masks import TokenMasks
 
 # A temperature below this samples greedily (vLLM's _SAMPLING_EPS): at such temperatures the distribution is the
 # argmax to within float precision, and dividing raw logits by them overflows (inf - inf = NaN in the softmax).
@@ -73,6 +74,36 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
     return logits
 
 
+def apply_token_constraints(logits: torch.Tensor, requests: Sequence[SamplingState],
+                            token_masks: TokenMasks | None) -> torch.Tensor:
+    """Logits with each row's logit_bias added, tokens outside its allowed_token_ids and outside its grammar's
+    mask set to -inf; the input is left as is (logprobs come from the raw distribution). A row whose constraints
+    leave no token keeps its grammar's (or else its raw) logits, so it can still be sampled."""
+    rows = [i for i, r in enumerate(requests) if r.params.logit_bias or r.params.allowed_token_ids is not None]
+    if not rows and token_masks is None:
+        return logits
+    out = logits.clone()
+    if token_masks is not None:
+        token_masks.apply(out)
+    vocab = out.shape[-1]
+    for i in rows:
+        p = requests[i].params
+        row = out[i]
+        before = row.clone()
+        if p.allowed_token_ids is not None:
+            keep = torch.tensor([t for t in p.allowed_token_ids if t < vocab], dtype=torch.long, device=out.device)
+            banned = torch.ones(vocab, dtype=torch.bool, device=out.device)
+            banned[keep] = False
+            row.masked_fill_(banned, float("-inf"))
+        if p.logit_bias:
+            ids = torch.tensor([t for t in p.logit_bias if t < vocab], dtype=torch.long, device=out.device)
+            bias = torch.tensor([p.logit_bias[t] for t in ids.tolist()], dtype=out.dtype, device=out.device)
+            row.index_add_(0, ids, bias)
+        if not torch.isfinite(row).any():
+            row.copy_(before)
+    return out
+
+
 def is_greedy(params: SamplingParams) -> bool:
     return params.temperature < GREEDY_TEMPERATURE_EPS
 
@@ -95,7 +126,10 @@ def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, requests: list[SamplingState]) -> SampleResult:
+    def __call__(self, logits: torch.Tensor, requests: list[SamplingState],
+                 token_masks: TokenMasks | None = None) -> SampleResult:
+        raw = logits
+        logits = apply_token_constraints(logits, requests, token_masks)
         greedy_rows = [i for i, r in enumerate(requests) if is_greedy(r.params) and not self._needs_processing(r)]
         token_ids = [0] * len(requests)
         if greedy_rows:
@@ -114,7 +148,7 @@ class Sampler:
         rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
         if rows:
             idx = torch.tensor(rows, device=logits.device)
-            logprobs = torch.log_softmax(logits[idx], dim=-1)
+            logprobs = torch.log_softmax(raw[idx], dim=-1)
             chosen = torch.tensor([token_ids[i] for i in rows], device=logits.device)
             picked = logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
             k_max = max(requests[i].params.logprobs for i in rows)

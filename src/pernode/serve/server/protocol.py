@@ -13,8 +13,10 @@ from typing import Union
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pernode.serve.sampling.params import SamplingParams
-from pernode.serve.server.errors import APIError, bad_request, from_validation_error, param_of
+from pernode.serve.sampling.structured.spec import StructuredOutputs
+from pernode.serve.server.errors import APIError, bad_request, from_validation_error, param_of, short_repr
 from pernode.serve.server.options import ServerSettings
+from pernode.serve.server.tools import ToolPlan
 
 PromptInput = Union[str, list[str], list[int], list[list[int]]]
 
@@ -46,8 +48,14 @@ class _SamplingFields(_Strict):
     user: str | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    # OpenAI fields this server does not implement: accepted only at their neutral value.
     logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    # vLLM's structured-output fields
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    # OpenAI fields this server does not implement: accepted only at their neutral value.
     best_of: int | None = None
 
     @property
@@ -61,6 +69,7 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = None
     echo: bool | None = False
     suffix: str | None = None
+    prompt_logprobs: int | None = None
 
 
 class TextPart(_Strict):
@@ -72,6 +81,8 @@ class ChatMessage(_Strict):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -84,6 +95,7 @@ class ChatCompletionRequest(_SamplingFields):
     response_format: dict | None = None
     tools: list | None = None
     tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class TokenizeRequest(_Strict):
@@ -124,8 +136,57 @@ def _check_cap(name: str, value: int | None, low: int, high: int, setting: str) 
                           f"{setting})", param=name)
 
 
+def _logit_bias(raw: dict[str, float] | None) -> dict[int, float] | None:
+    """JSON's string keys as token ids; 400 naming logit_bias for a key that is not one."""
+    if not raw:
+        return None
+    out = {}
+    for key, bias in raw.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            token_id = -1
+        if token_id < 0 or str(token_id) != key.strip().lstrip("+"):
+            raise bad_request(f"logit_bias key {key!r} is invalid: allowed token ids (integers >= 0) as strings",
+                              param="logit_bias")
+        out[token_id] = bias
+    return out
+
+
+def guided_structured_outputs(req: _SamplingFields, response_format: dict | None = None) -> StructuredOutputs | None:
+    """The output constraint of a request: response_format (chat) or vLLM's guided_* fields, at most one."""
+    given = {name: value for name, value in (("guided_json", req.guided_json), ("guided_regex", req.guided_regex),
+                                             ("guided_choice", req.guided_choice),
+                                             ("guided_grammar", req.guided_grammar)) if value is not None}
+    kind = (response_format or {}).get("type", "text")
+    if kind != "text":
+        given["response_format"] = response_format
+    if len(given) > 1:
+        raise bad_request(f"{' and '.join(given)} are both set: allowed one output constraint per request",
+                          param=next(iter(given)))
+    if not given:
+        return None
+    (field_name, value), = given.items()
+    try:
+        if field_name == "response_format":
+            if kind == "json_object":
+                return StructuredOutputs(json_object=True, field_name=field_name)
+            schema = (value.get("json_schema") or {}).get("schema") if kind == "json_schema" else None
+            if not isinstance(schema, dict):
+                raise ValueError(f"response_format={short_repr(value)} is invalid: allowed {{\"type\": \"text\"}}, "
+                                 f"{{\"type\": \"json_object\"}} or {{\"type\": \"json_schema\", \"json_schema\": "
+                                 f"{{\"name\": ..., \"schema\": {{...}}}}}}")
+            return StructuredOutputs(json=schema, field_name=field_name)
+        key = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+               "guided_grammar": "grammar"}[field_name]
+        return StructuredOutputs(**{key: value}, field_name=field_name)
+    except ValueError as exc:
+        raise bad_request(str(exc), param=field_name) from None
+
+
 def sampling_params(req: _SamplingFields, caps: ServerSettings, max_tokens: int | None, logprobs: int | None,
-                    logprobs_field: str) -> SamplingParams:
+                    logprobs_field: str, structured: StructuredOutputs | None = None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     """The engine's parameters for a request; APIError(400) naming the field when one is out of range."""
     _check_cap("n", req.n, 1, caps.max_n, "max_n")
     _check_cap(logprobs_field, logprobs, 0, caps.max_logprobs, "max_logprobs")
@@ -140,8 +201,7 @@ def sampling_params(req: _SamplingFields, caps: ServerSettings, max_tokens: int 
                               f"server (max_stop_len={caps.max_stop_len})", param="stop")
     if req.stop_token_ids is not None:
         check_stop_token_ids_count(len(req.stop_token_ids), caps)
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported by this server: remove it", param="logit_bias")
+    logit_bias = _logit_bias(req.logit_bias)
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise bad_request(f"best_of={req.best_of} is not supported: allowed only best_of = n ({req.n or 1}) or "
                           f"leave it out", param="best_of")
@@ -156,13 +216,16 @@ def sampling_params(req: _SamplingFields, caps: ServerSettings, max_tokens: int 
                   repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
                   max_tokens=max_tokens, min_tokens=req.min_tokens or 0, stop=stop,
                   stop_token_ids=list(req.stop_token_ids or []), ignore_eos=bool(req.ignore_eos),
-                  logprobs=logprobs,
+                  logprobs=logprobs, logit_bias=logit_bias, allowed_token_ids=req.allowed_token_ids,
+                  structured_outputs=structured, prompt_logprobs=prompt_logprobs,
                   skip_special_tokens=True if req.skip_special_tokens is None else req.skip_special_tokens)
     try:
         return SamplingParams(**fields)
     except ValueError as exc:
         message = str(exc)
         param = param_of(message)
+        if message.startswith("logit_bias"):
+            param = "logit_bias"
         if param == "logprobs" and logprobs_field != "logprobs":
             message, param = message.replace("logprobs=", f"{logprobs_field}=", 1), logprobs_field
         raise bad_request(message, param=param) from None
@@ -171,23 +234,33 @@ def sampling_params(req: _SamplingFields, caps: ServerSettings, max_tokens: int 
 def completion_params(req: CompletionRequest, caps: ServerSettings) -> SamplingParams:
     if req.suffix:
         raise bad_request("suffix is not supported by this server: remove it", param="suffix")
-    return sampling_params(req, caps, req.max_tokens, req.logprobs, "logprobs")
+    _check_cap("prompt_logprobs", req.prompt_logprobs, 0, caps.max_logprobs, "max_logprobs")
+    # echo with logprobs scores the prompt (lm-eval's log-likelihood): the engine computes prompt logprobs
+    prompt_logprobs = req.prompt_logprobs
+    if req.echo and req.logprobs is not None and prompt_logprobs is None:
+        prompt_logprobs = req.logprobs
+    return sampling_params(req, caps, echo_max_tokens(req), req.logprobs, "logprobs",
+                           guided_structured_outputs(req), prompt_logprobs)
 
 
-def chat_params(req: ChatCompletionRequest, caps: ServerSettings) -> SamplingParams:
+def echo_max_tokens(req: CompletionRequest) -> int | None:
+    """max_tokens=0 with echo (score the prompt, generate nothing) runs one token that is then left out."""
+    return 1 if req.echo and req.max_tokens == 0 else req.max_tokens
+
+
+def chat_params(req: ChatCompletionRequest, caps: ServerSettings, tools: ToolPlan) -> SamplingParams:
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request(f"top_logprobs={req.top_logprobs} needs logprobs=true", param="top_logprobs")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise bad_request(f"response_format={req.response_format!r} is not supported: allowed only "
-                          f"{{\"type\": \"text\"}}", param="response_format")
-    if req.tools:
-        raise bad_request("tools are not supported by this server: remove them", param="tools")
-    if req.tool_choice not in (None, "none", "auto"):
-        raise bad_request(f"tool_choice={req.tool_choice!r} is not supported: no tools on this server",
-                          param="tool_choice")
+    structured = guided_structured_outputs(req, req.response_format)
+    tool_constraint = tools.structured_outputs()
+    if tool_constraint is not None:
+        if structured is not None:
+            raise bad_request(f"tool_choice={req.tool_choice!r} constrains the output, and so does "
+                              f"{structured.field_name}: allowed one", param="tool_choice")
+        structured = tool_constraint
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return sampling_params(req, caps, max_tokens, logprobs, "top_logprobs")
+    return sampling_params(req, caps, max_tokens, logprobs, "top_logprobs", structured)
 
 
 def check_num_seqs(num_prompts: int, n: int, caps: ServerSettings) -> None:

@@ -7,6 +7,7 @@ once, streaming or not, which frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import time
@@ -21,6 +22,8 @@ from pernode.serve.sampling.params import SamplingParams
 from pernode.serve.server.async_engine import AsyncEngine, EngineFailure, EngineUnavailable, QueueFull, ResponseStream
 from pernode.serve.server.errors import APIError, bad_request, error_body, param_of
 from pernode.serve.server.options import ServerSettings
+from pernode.serve.server.tools import (ToolPlan, new_call_id, parse_tool_calls, plan_tools, render_messages,
+                                        template_supports_tools)
 from pernode.serve.server.protocol import (ChatCompletionRequest, CompletionRequest, chat_messages, chat_params,
                                            check_model, check_num_seqs, completion_params, parse_body, precheck_sizes,
                                            prompt_list)
@@ -67,6 +70,7 @@ class _Choice:
     index: int
     text_offset: int = 0
     started: bool = False  # chat: the role delta went out
+    started_tool: bool = False  # chat: the first tool-call delta went out
     finished: bool = False
 
 
@@ -91,8 +95,17 @@ class OpenAIServing:
             self.llm.validate_prompt(ids, params)
         except ValueError as exc:
             message = str(exc)
+            if message.startswith(("logit_bias", "allowed_token_ids")):
+                raise bad_request(message, param=message.split("=")[0].split("[")[0]) from None
+            message = str(exc)
             param = param_of(message, default="prompt" if where.startswith("prompt") else "messages")
             raise bad_request(message if where == "prompt" else f"{where}: {message}", param=param) from None
+        spec = params.structured_outputs
+        if spec is not None:  # compiled here, off the event loop: a bad schema or grammar is a 400
+            try:
+                self.llm.structured_outputs.validate(spec)
+            except ValueError as exc:
+                raise bad_request(str(exc), param=spec.field_name) from None
         if text is None:
             text = self.tokenizer.decode(ids, skip_special_tokens=False)
         strs = [self.tokenizer.token_to_str(t) for t in ids] if want_token_strs else []
@@ -179,6 +192,8 @@ class OpenAIServing:
         stream = self._submit(request_id, prompts, params, arrival_s)
         head = {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name}
         n = params.n
+        # echo with max_tokens=0 scores the prompt only: the one token the engine ran is left out
+        prompt_only = bool(req.echo) and req.max_tokens == 0
 
         if not req.stream:
             finals = await self._collect(stream)
@@ -186,11 +201,20 @@ class OpenAIServing:
             for p, (prompt, out) in enumerate(zip(prompts, finals)):
                 for c in out.outputs:
                     echo = prompt.text if req.echo else ""
+                    generated, gen_lps = ("", []) if prompt_only else (c.text, c.logprobs or [])
                     lps = None
                     if params.logprobs is not None:
-                        lps, _ = self._legacy_logprobs(c.logprobs or [], 0, prompt.token_strs if req.echo else [])
-                    choices.append({"index": p * n + c.index, "text": echo + c.text, "logprobs": lps,
-                                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                        lps, _ = self._legacy_logprobs(gen_lps, 0, prompt.token_strs if req.echo else [],
+                                                       out.prompt_logprobs if req.echo else None)
+                    choice = {"index": p * n + c.index, "text": echo + generated, "logprobs": lps,
+                              "finish_reason": "length" if prompt_only else c.finish_reason,
+                              "stop_reason": None if prompt_only else c.stop_reason}
+                    if req.prompt_logprobs is not None:
+                        choice["prompt_logprobs"] = self._vllm_prompt_logprobs(out.prompt_logprobs)
+                    choices.append(choice)
+            if prompt_only:
+                for out in finals:
+                    out.outputs = [dataclasses.replace(c, token_ids=[]) for c in out.outputs]
             return JSONResponse({**head, "choices": choices, "usage": self._usage(prompts, finals),
                                  "system_fingerprint": None})
 
@@ -201,13 +225,15 @@ class OpenAIServing:
                 ch = state[(p, c.index)]
                 if ch.finished:
                     continue
-                text, lps = c.delta_text, None
+                text, lps = ("", None) if prompt_only else (c.delta_text, None)
                 echo_strs: list[str] = []
+                echo_lps = None
                 if req.echo and not ch.started:
                     text = prompts[p].text + text
-                    echo_strs = prompts[p].token_strs
+                    echo_strs, echo_lps = prompts[p].token_strs, out.prompt_logprobs
                 if params.logprobs is not None:
-                    lps, ch.text_offset = self._legacy_logprobs(c.delta_logprobs or [], ch.text_offset, echo_strs)
+                    delta = [] if prompt_only else (c.delta_logprobs or [])
+                    lps, ch.text_offset = self._legacy_logprobs(delta, ch.text_offset, echo_strs, echo_lps)
                 if not text and not c.finish_reason and not (lps and lps["tokens"]):
                     continue
                 ch.started = True
@@ -222,14 +248,21 @@ class OpenAIServing:
         return _EngineStreamResponse(self._events(stream, chunks, final_chunks), stream)
 
     @staticmethod
-    def _legacy_logprobs(lps: list[TokenLogprob], offset: int, echo_strs: list[str]) -> tuple[dict, int]:
-        """Completions' logprobs shape, and the text offset after it. Prompt positions (echo) carry null: the
-        engine computes no prompt logprobs. top_logprobs holds the N best and the sampled token."""
+    def _legacy_logprobs(lps: list[TokenLogprob], offset: int, echo_strs: list[str],
+                         prompt_lps: list[TokenLogprob | None] | None = None) -> tuple[dict, int]:
+        """Completions' logprobs shape, and the text offset after it. With echo, prompt positions come first; the
+        first prompt token has null (nothing precedes it), as in OpenAI and vLLM. top_logprobs holds the N best
+        and the token itself."""
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for tok in echo_strs:
+        for i, tok in enumerate(echo_strs):
+            lp = prompt_lps[i] if prompt_lps is not None and i < len(prompt_lps) else None
             out["tokens"].append(tok)
-            out["token_logprobs"].append(None)
-            out["top_logprobs"].append(None)
+            out["token_logprobs"].append(None if lp is None else _lp(lp.logprob))
+            top = None
+            if lp is not None:
+                top = {t: _lp(v) for _, t, v in lp.top}
+                top.setdefault(lp.token, _lp(lp.logprob))
+            out["top_logprobs"].append(top)
             out["text_offset"].append(offset)
             offset += len(tok)
         for lp in lps:
@@ -242,18 +275,37 @@ class OpenAIServing:
             offset += len(lp.token)
         return out, offset
 
+    @staticmethod
+    def _vllm_prompt_logprobs(lps: list[TokenLogprob | None] | None) -> list[dict | None] | None:
+        """vLLM's `prompt_logprobs`: per prompt token, token id -> {logprob, decoded_token}, None for the first."""
+        if lps is None:
+            return None
+        out: list[dict | None] = []
+        for lp in lps:
+            if lp is None:
+                out.append(None)
+                continue
+            entry = {str(t): {"logprob": _lp(v), "decoded_token": s} for t, s, v in lp.top}
+            entry[str(lp.token_id)] = {"logprob": _lp(lp.logprob), "decoded_token": lp.token}
+            out.append(entry)
+        return out
+
     # ---- /v1/chat/completions ---------------------------------------------------------------------------
     async def chat(self, raw: bytes, arrival_s: float) -> JSONResponse | StreamingResponse:
         req = await asyncio.to_thread(self._parse_chat, raw)
         check_model(req.model, self.served_names)
-        params = chat_params(req, self.caps)
+        tool_plan = plan_tools(req.tools, req.tool_choice)
+        params = chat_params(req, self.caps, tool_plan)
         check_num_seqs(1, params.n, self.caps)
-        messages = chat_messages(req.messages)
+        native_tools = template_supports_tools(self.tokenizer.chat_template)
+        messages = render_messages(chat_messages(req.messages), req.messages, tool_plan, native_tools)
+        template_kwargs = {"tools": [t.to_openai() for t in tool_plan.tools]} if native_tools and tool_plan.active else {}
         add_generation_prompt = True if req.add_generation_prompt is None else req.add_generation_prompt
 
         def encode() -> Prompt:
             try:
-                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                          **template_kwargs)
             except ValueError as exc:
                 raise bad_request(str(exc), param="messages") from None
             except Exception as exc:  # the model's template rejected the conversation (jinja raise_exception)
@@ -270,9 +322,16 @@ class OpenAIServing:
 
         if not req.stream:
             (out,) = await self._collect(stream)
-            choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                        "logprobs": self._chat_logprobs(c.logprobs) if req.logprobs else None,
-                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]
+            choices = []
+            for c in out.outputs:
+                content, calls = parse_tool_calls(c.text, tool_plan)
+                message = {"role": "assistant", "content": content}
+                if calls:
+                    message["tool_calls"] = calls
+                choices.append({"index": c.index, "message": message,
+                                "logprobs": self._chat_logprobs(c.logprobs) if req.logprobs else None,
+                                "finish_reason": "tool_calls" if calls and c.finish_reason == "stop"
+                                else c.finish_reason, "stop_reason": c.stop_reason})
             return JSONResponse({**head, "choices": choices, "usage": self._usage([prompt], [out]),
                                  "system_fingerprint": None})
 
@@ -290,13 +349,19 @@ class OpenAIServing:
                     yield {**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                                 "logprobs": None, "finish_reason": None}], **usage_null}
                 lps = self._chat_logprobs(c.delta_logprobs) if req.logprobs else None
-                if c.delta_text or (lps and lps["content"]):
+                finish_reason = c.finish_reason
+                if tool_plan.active:  # tool calls go out as tool_calls deltas
+                    delta, finish_reason = self._tool_delta(ch, c, tool_plan)
+                    if delta:
+                        yield {**head, "choices": [{"index": c.index, "delta": delta, "logprobs": lps,
+                                                    "finish_reason": None}], **usage_null}
+                elif c.delta_text or (lps and lps["content"]):
                     yield {**head, "choices": [{"index": c.index, "delta": {"content": c.delta_text},
                                                 "logprobs": lps, "finish_reason": None}], **usage_null}
                 if c.finish_reason is not None:
                     ch.finished = True
                     yield {**head, "choices": [{"index": c.index, "delta": {}, "logprobs": None,
-                                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}],
+                                                "finish_reason": finish_reason, "stop_reason": c.stop_reason}],
                            **usage_null}
 
         def final_chunks(finals):
@@ -304,6 +369,28 @@ class OpenAIServing:
                 yield {**head, "choices": [], "usage": self._usage([prompt], finals)}
 
         return _EngineStreamResponse(self._events(stream, chunks, final_chunks), stream)
+
+    @staticmethod
+    def _tool_delta(ch: _Choice, c, plan: ToolPlan) -> tuple[dict | None, str | None]:
+        """The delta of a choice under tools, and its finish reason. A named function's arguments stream as they
+        are generated; otherwise the text is held until the end, then sent as content or as tool calls."""
+        if plan.choice == "named":
+            delta = None
+            if not ch.started_tool:
+                ch.started_tool = True
+                delta = {"tool_calls": [{"index": 0, "id": new_call_id(), "type": "function",
+                                         "function": {"name": plan.named, "arguments": c.delta_text}}]}
+            elif c.delta_text:
+                delta = {"tool_calls": [{"index": 0, "function": {"arguments": c.delta_text}}]}
+            finish = "tool_calls" if c.finish_reason == "stop" else c.finish_reason
+            return delta, finish
+        if c.finish_reason is None:
+            return None, None
+        content, calls = parse_tool_calls(c.text, plan)
+        if calls:
+            return ({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]},
+                    "tool_calls" if c.finish_reason == "stop" else c.finish_reason)
+        return ({"content": content} if content else None), c.finish_reason
 
     def _chat_logprobs(self, lps: list[TokenLogprob] | None) -> dict:
         tok = self.tokenizer
