@@ -102,8 +102,8 @@ class LLMEngine:
         self.generation_tokens_total = 0
         log.info("model %s (%s) on %s in %s, loaded in %.1f s", self.model_config.name, source.format,
                  self.device, str(self.dtype).removeprefix("torch."), self.load_time_s)
-        log.info("KV cache (%s): %d bytes/token, %d blocks of %d tokens (%.2f GiB) = %d tokens; max concurrent "
-                 "sequences of max_model_len=%d: %.2f", self.kv_cache_dtype, self.kv_bytes_per_token, self.num_blocks,
+        log.info("KV cache: %d bytes/token (%s), %d blocks of %d tokens (%.2f GiB) = %d tokens; max concurrent "
+                 "sequences of max_model_len=%d: %.2f", self.kv_bytes_per_token, self.kv_cache_dtype, self.num_blocks,
                  self.block_size, self.kv_cache_bytes / 2**30, self.num_blocks * self.block_size,
                  self.max_model_len, self.max_concurrent_seqs)
 
