@@ -129,6 +129,19 @@ def test_kernel_refuses_int8_without_scales(kernel):
         op(query, kq.data, vq.data, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale, None, None)
 
 
+def test_fp8_cache_through_reference_and_sdpa_paths():
+    """The fp8 code path (served on CUDA by SDPA) checked on CPU: both float paths dequantize alike, and the
+    dispatcher sends a cache the C++ kernel does not read to the reference."""
+    query, k, v, meta, scale = make_problem(MIXED, 6, 2, 64, 16)
+    kq, vq = quantized_copy(k, "fp8"), quantized_copy(v, "fp8")
+    assert kq.data.dtype == torch.float8_e4m3fn and not kernel_supports(query, kq, vq)
+    ref = paged_attention_reference(query, kq, vq, meta, scale)
+    exact = paged_attention_reference(query, torch.nan_to_num(k), torch.nan_to_num(v), meta, scale)
+    assert (ref - exact).abs().max() < 0.15
+    torch.testing.assert_close(paged_attention_sdpa(query, kq, vq, meta, scale), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(paged_attention(query, kq, vq, meta, scale), ref, rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp8 KV cache runs on CUDA")
 def test_fp8_cache_on_cuda_matches_reference():
     query, k, v, meta, scale = make_problem(MIXED, 6, 2, 64, 16)

@@ -23,6 +23,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--step-tokens", type=int, default=None,
                    help="feed each window N tokens per forward with its KV cache carried, as decode runs (the "
                         "int4 decode kernel quantizes x; default: one forward per window)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
+                   help="score through a quantized KV cache as served (int8: per-token scales; fp8: CUDA)")
     p.add_argument("--num-threads", type=int, default=None)
     p.set_defaults(func=run_ppl)
 
@@ -35,7 +37,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     model, source = load_model(args.model, max_positions=seq_len)
     result = evaluate_perplexity(
         model, source.tokenizer, seq_len=seq_len, max_windows=max_windows, corpus=args.corpus,
-        step_tokens=args.step_tokens,
+        step_tokens=args.step_tokens, kv_cache_dtype=args.kv_cache_dtype,
         progress=lambda i, n, ppl: print(f"  window {i}/{n}: running ppl {ppl:.4f}", file=sys.stderr))
     print(f"perplexity {result.perplexity:.4f} (mean NLL {result.mean_nll:.5f} nats) over {result.num_tokens} "
           f"predictions in {result.num_windows} windows of {result.seq_len} tokens; {result.tokens_per_s:.0f} tok/s")

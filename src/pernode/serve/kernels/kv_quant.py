@@ -90,12 +90,14 @@ def write_quantized(x: torch.Tensor, cache: QuantizedKV, slot_mapping: torch.Ten
     """Quantize x [T, Hkv, D] and scatter values and scales into the cache slots `slot_mapping` [T]."""
     num_blocks, block_size, hkv, d = cache.data.shape
     q, scale = quantize_rows(x, cache.data.dtype)
-    cache.data.view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, q)
+    # as raw bytes: index_copy_ has no float8 kernels on every device
+    cache.data.view(torch.uint8).view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, q.view(torch.uint8))
     cache.scale.view(num_blocks * block_size, hkv).index_copy_(0, slot_mapping, scale)
 
 
 def gather_blocks(cache: torch.Tensor | QuantizedKV, blocks: torch.Tensor) -> torch.Tensor:
     """The cache's blocks `blocks` [n] as [n, block_size, Hkv, D]: as stored, or dequantized to fp32."""
     if isinstance(cache, QuantizedKV):
-        return dequantize(cache.data[blocks], cache.scale[blocks])
+        values = cache.data.view(torch.uint8)[blocks].view(cache.data.dtype)  # gathered as bytes, as written
+        return dequantize(values, cache.scale[blocks])
     return cache[blocks]
