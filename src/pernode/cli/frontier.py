@@ -45,6 +45,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--kv-cache-bytes", type=parse_bytes, default=2**30,
                    help="the KV cache budget every variant gets (default 1GiB)")
+    p.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     p.add_argument("--ppl-windows", type=int, default=None, help="perplexity windows of 512 tokens (default 2)")
     p.add_argument("--quick", action="store_true", help="few variants, short profiles, one perplexity window")
     p.add_argument("--checkpoints", default="frontier-checkpoints",
@@ -86,7 +87,7 @@ def run_frontier_command(args: argparse.Namespace) -> int:
     slo = SLO.parse(args.slo)
     instance = args.instance or (None if args.price_per_node_hour is not None else "aws-c7i.large")
     settings = FrontierSettings.quick() if args.quick else FrontierSettings()
-    overrides = {"device": args.device, "kv_cache_bytes": args.kv_cache_bytes}
+    overrides = {"device": args.device, "kv_cache_bytes": args.kv_cache_bytes, "num_threads": args.num_threads}
     if args.ppl_windows is not None:
         overrides["ppl_windows"] = args.ppl_windows
     settings = replace(settings, **overrides)

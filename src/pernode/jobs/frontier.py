@@ -101,6 +101,7 @@ class FrontierSettings:
     """How hard each variant is measured. The defaults are short profiles: enough for a plan's step-time model."""
 
     device: str | None = None
+    num_threads: int | None = None  # CPU threads for torch (None: torch's default)
     kv_cache_bytes: int = 2**30  # the same KV budget for every variant: a smaller KV dtype holds more tokens
     max_model_len: int = 2048
     batch_sizes: tuple[int, ...] = (1, 4, 16, 64)
@@ -120,6 +121,7 @@ class FrontierSettings:
         check_range("calib_windows", self.calib_windows, 1)
         check_range("context_len", self.context_len, 1, self.max_model_len - 1)
         check_range("num_requests", self.num_requests, 100)
+        check_range("num_threads", self.num_threads, 1, optional=True)
         for name in ("batch_sizes", "prompt_lens"):
             values = getattr(self, name)
             if not values or any(not isinstance(v, int) or v < 1 for v in values):
@@ -173,7 +175,8 @@ def measure_variant(variant: Variant, checkpoint: str, settings: FrontierSetting
     """Serve the checkpoint as `pernode serve` would, score its perplexity on that engine's model and KV cache
     dtype, and profile the node."""
     config = EngineConfig(model=checkpoint, device=settings.device, kv_cache_bytes=settings.kv_cache_bytes,
-                          max_model_len=settings.max_model_len, **dict(variant.engine))
+                          max_model_len=settings.max_model_len, num_threads=settings.num_threads,
+                          **dict(variant.engine))
     engine = LLMEngine(config)
     try:
         ppl = evaluate_perplexity(engine.model, engine.tokenizer, seq_len=settings.ppl_seq_len,
