@@ -210,10 +210,14 @@ def run_frontier(base_model: str, variants: Sequence[Variant], workload: Workloa
     hardware = measure_peaks(device, quick=True)
     make = CheckpointMaker(base_model, checkpoints_dir, settings.calib_windows)
 
-    results, points = [], []
+    results, points, loads = [], [], []
     for i, variant in enumerate(ordered, 1):
         say(f"[{i}/{len(ordered)}] {variant.name}: {variant.description}")
-        result = measure_variant(variant, make(variant), settings, hardware)
+        checkpoint = make(variant)
+        load_before = os.getloadavg()[0]
+        result = measure_variant(variant, checkpoint, settings, hardware)
+        # a shared machine's load moves step times by several x: printed so a reader can judge the comparison
+        loads.append(f"{variant.name} {load_before:.1f}-{os.getloadavg()[0]:.1f}")
         profile = project_profile(result.profile, project) if project else result.profile
         fleet = plan(profile, workload, slo, price_per_node_hour, instance=instance,
                      num_requests=settings.num_requests, seed=settings.seed)
@@ -233,7 +237,9 @@ def run_frontier(base_model: str, variants: Sequence[Variant], workload: Workloa
              f"max_model_len {settings.max_model_len}",
              f"decode profiled at batch sizes {list(settings.batch_sizes)}, context {settings.context_len}; "
              f"prefill at prompt lengths {list(settings.prompt_lens)}; step times beyond are extrapolated",
-             f"node price: ${price.per_node_hour_usd:g}/node-hour, {price.source}"]
+             f"node price: ${price.per_node_hour_usd:g}/node-hour, {price.source}",
+             f"1-minute load average before-after each variant's measurement: {', '.join(loads)} "
+             f"(on {os.cpu_count()} CPUs)"]
     if project:
         notes.append(f"PROJECTED: each measured profile projected to {project} along the roofline "
                      f"(measure/profile/projection.py); not measured on that hardware")
