@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import replace
 
 from rich.console import Console
@@ -78,7 +79,7 @@ def render_frontier(frontier: Frontier, console: Console) -> None:
 
 
 def run_frontier_command(args: argparse.Namespace) -> int:
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 132)  # a log file gets the whole table
     budget = parse_fraction(args.max_ppl_increase) if args.max_ppl_increase is not None else None
     names = args.variants.split(",") if args.variants else list(QUICK_VARIANTS if args.quick else VARIANTS)
     variants = variants_named([n.strip() for n in names if n.strip()])
