@@ -75,6 +75,7 @@ for _v in (
     Variant("fp32", "float32 weights and KV cache: the baseline"),
     Variant("bf16", "bfloat16 weights and KV cache", engine={"dtype": "bfloat16"}),
     Variant("int8-kv", "float32 weights, int8 KV cache (per-token scales)", engine={"kv_cache_dtype": "int8"}),
+    Variant("bf16+int8-kv", "bfloat16 weights, int8 KV cache", engine={"dtype": "bfloat16", "kv_cache_dtype": "int8"}),
     Variant("rtn-int8", "int8 weights per channel, round to nearest", recipe="rtn-int8"),
     Variant("w8a8", "SmoothQuant W8A8: int8 weights and activations", recipe="smoothquant-w8a8"),
     Variant("rtn-int4", "int4 weights, groups of 64, round to nearest", recipe="rtn-int4-g64"),
