@@ -180,6 +180,17 @@ def test_engine_int8_kv_holds_more_tokens_and_decodes_the_same(tmp_path):
         tokens[kv_dtype], blocks[kv_dtype] = done, engine.num_blocks
     assert blocks["int8"] >= 3.5 * blocks["auto"]  # (32 + 4) bytes per head per token instead of 128
     assert tokens["int8"] == tokens["auto"]
+
+    # The profile records the int8 cache's bytes and capacity, which the planner's KV-limited batch reads.
+    from pernode.measure.profile.profiler import run_profile
+
+    hardware = {"name": "test cpu", "device": "cpu", "memory_bytes": 24 * 2**30, "peak_bandwidth_gbs": 20.0,
+                "peak_flops": {"fp32": 1.5e11, "bf16": None, "int8": 6.0e11}, "peak_source": "measured"}
+    profile = run_profile(engine, quick=True, hardware=hardware, batch_sizes=[1, 2], prompt_lens=[16],
+                          context_len=32)
+    assert profile["model"]["kv_dtype"] == "int8"
+    assert profile["model"]["kv_bytes_per_token"] == engine.kv_bytes_per_token == 2 * 2 * 2 * (32 + 4)
+    assert profile["kv_cache"]["max_tokens"] == blocks["int8"] * 16
     with pytest.raises(ValueError, match="kv_cache_dtype=fp8 needs a CUDA device"):
         LLMEngine(EngineConfig(model=folder, device="cpu", kv_cache_dtype="fp8"))
 
@@ -213,6 +224,7 @@ def greedy_tokens(model, prompt_ids: list[int], max_tokens: int, kv_cache_dtype:
     return ids[len(prompt_ids):]
 
 
+@pytest.mark.slow
 def test_int8_kv_same_greedy_tokens_on_readme_prompts(default_model):
     model, source = default_model
     for prompt in ("The capital of France is", "def fib(n):"):  # README's LLM example
@@ -220,6 +232,7 @@ def test_int8_kv_same_greedy_tokens_on_readme_prompts(default_model):
         assert greedy_tokens(model, ids, 16, "int8") == greedy_tokens(model, ids, 16, "auto")
 
 
+@pytest.mark.slow
 def test_int8_kv_perplexity_change_is_bounded(default_model):
     from pernode.shrink.evaluate.perplexity import evaluate_perplexity
 
