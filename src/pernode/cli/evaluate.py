@@ -24,6 +24,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--step-tokens", type=int, default=None,
                    help="feed each window N tokens per forward with its KV cache carried, as decode runs (the "
                         "int4 decode kernel quantizes x; default: one forward per window)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
+                   help="score through a quantized KV cache as served (int8: per-token scales; fp8: CUDA)")
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="compute dtype (default: the engine's, bfloat16 where the CPU computes it natively)")
@@ -41,7 +43,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     model, source = load_model(args.model, dtype=dtype, max_positions=seq_len, gguf_weights=gguf_weights)
     result = evaluate_perplexity(
         model, source.tokenizer, seq_len=seq_len, max_windows=max_windows, corpus=args.corpus,
-        step_tokens=args.step_tokens,
+        step_tokens=args.step_tokens, kv_cache_dtype=args.kv_cache_dtype,
         progress=lambda i, n, ppl: print(f"  window {i}/{n}: running ppl {ppl:.4f}", file=sys.stderr))
     weights = f", GGUF weights {gguf_weights}" if source.format == "gguf" else ""
     print(f"{source.config.name} in {str(dtype).removeprefix('torch.')}{weights}:")

@@ -4,6 +4,8 @@ profile, and write everything into one HTML report."""
 from __future__ import annotations
 
 import dataclasses
+import html
+import json
 import logging
 import math
 import os
@@ -13,12 +15,15 @@ import torch
 
 from pernode.config import EngineConfig
 from pernode.jobs.compare_quantized import build_and_score, measure_speeds
+from pernode.jobs.frontier import (QUICK_VARIANTS, VARIANTS, FrontierSettings, frontier_rows, run_frontier,
+                                   variants_named)
 from pernode.jobs.precision_quality import measure_precision_quality, precision_section
 from pernode.measure.bench.bench_offline import print_results, run_hf_best
 from pernode.measure.bench.offline_throughput import random_workload, run_pernode
 from pernode.measure.profile.profile_schema import save_profile
 from pernode.measure.profile.profiler import print_profile, run_profile
-from pernode.measure.report_html import quantization_chart_png, write_report_html
+from pernode.measure.report_html import frontier_chart_png, quantization_chart_png, write_report_html
+from pernode.price.frontier import Frontier
 from pernode.price.planner import Plan, plan
 from pernode.price.report import plot_plan, render_plan
 from pernode.progress import output_console
@@ -87,6 +92,9 @@ def run_report(config: EngineConfig, out_dir: str = "pernode-report", quick: boo
     plot_plan(fleet, os.path.join(out_dir, "plan.png"))
     fleet.save(os.path.join(out_dir, "plan.json"))
 
+    console.rule("[bold]6. the cost frontier: every variant priced for the same workload")
+    frontier = _frontier(config, out_dir, quick, wl, console)
+
     sections = [
         {"title": "The model answers", "text": f"user: {question}\nmodel: {answer.outputs[0].text}"},
         {"title": "Offline throughput (all requests submitted at once, same seeded workload for every system)",
@@ -98,6 +106,7 @@ def run_report(config: EngineConfig, out_dir: str = "pernode-report", quick: boo
         precision_section(precision_rows),
         _quantization_section(quant_rows),
         _plan_section(fleet, DEFAULT_SLO),
+        _frontier_section(frontier),
     ]
     path = write_report_html(os.path.join(out_dir, "report.html"), profile, extra_sections=sections,
                              title=f"pernode report: {engine.model_config.name} on {profile['hardware']['name']}")
@@ -153,3 +162,33 @@ def _plan_section(fleet: Plan, slo_text: str) -> dict:
 
 def _round(v, digits):
     return None if v is None else round(v, digits)
+
+
+def _frontier(config: EngineConfig, out_dir: str, quick: bool, workload: Workload, console) -> Frontier:
+    """The variants (quick: three, short profiles) profiled and planned; checkpoints from section 4 are reused."""
+    variants = variants_named(list(QUICK_VARIANTS if quick else VARIANTS))
+    settings = FrontierSettings.quick(device=config.device) if quick else FrontierSettings(device=config.device)
+    frontier, _ = run_frontier(config.model, variants, workload, SLO.parse(DEFAULT_SLO), instance="aws-c7i.large",
+                               settings=settings, checkpoints_dir=os.path.join(out_dir, "checkpoints"),
+                               progress=console.print)
+    with open(os.path.join(out_dir, "frontier.json"), "w") as f:
+        json.dump(frontier.to_dict(), f, indent=1)
+    choice = frontier.cheapest_within(0.05)
+    console.print(f"frontier: {', '.join(p.name for p in frontier.frontier)}; cheapest within 5% perplexity: "
+                  f"{choice.name if choice else 'none'}")
+    return frontier
+
+
+def _frontier_section(frontier: Frontier) -> dict:
+    choice = frontier.cheapest_within(0.05)
+    points = sorted(frontier.points, key=lambda p: (p.cost, p.perplexity))
+    return {"title": f"The cost frontier: {frontier.workload}, SLO {frontier.slo}, {frontier.price}",
+            "columns": ["variant", "what", "perplexity", "Δ ppl", "KV bytes/token", "max batch", "replicas",
+                        "$/month", "$/M output tokens", "on the frontier"],
+            "rows": [[p.name, p.description, round(p.perplexity, 3), f"{100 * p.ppl_increase:+.2f}%",
+                      p.kv_bytes_per_token, p.max_batch, p.replicas if p.feasible else "none",
+                      _round(p.cost_per_month_usd, 0), _round(p.cost_per_million_output_tokens_usd, 3),
+                      "yes" if p.on_frontier else ""] for p in points],
+            "html": frontier_chart_png(frontier_rows(frontier))
+            + f"<p>Cheapest within 5% perplexity: <b>{choice.name if choice else 'none'}</b>.</p>"
+            + "".join(f"<p class='muted'>{html.escape(n)}</p>" for n in frontier.notes)}

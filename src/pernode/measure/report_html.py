@@ -72,6 +72,44 @@ def quantization_chart_png(rows: Sequence[dict]) -> str:
     return _img(_png(fig), "perplexity vs decode speed")
 
 
+def frontier_figure(points: Sequence[dict], title: str = "the cost frontier") -> Figure:
+    """Perplexity against $/M output tokens, one marker per variant, the Pareto frontier joined by a line.
+
+    `points`: dicts with name, cost_per_million_output_tokens_usd (None when no fleet meets the SLO: left out),
+    perplexity, on_frontier, and optionally profile_kind ("projected" points are hollow and say so)."""
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.add_subplot(111)
+    shown = [p for p in points if p.get("cost_per_million_output_tokens_usd") is not None]
+    for p in shown:
+        x, y, projected = p["cost_per_million_output_tokens_usd"], p["perplexity"], p.get("profile_kind") == "projected"
+        color = "tab:red" if p.get("on_frontier") else "tab:gray"
+        ax.scatter(x, y, s=40, edgecolors=color, facecolors="none" if projected else color, zorder=3)
+        ax.annotate(p["name"] + (" (projected)" if projected else ""), (x, y), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)
+    front = sorted((p for p in shown if p.get("on_frontier")),
+                   key=lambda p: p["cost_per_million_output_tokens_usd"])
+    if front:
+        ax.step([p["cost_per_million_output_tokens_usd"] for p in front], [p["perplexity"] for p in front],
+                where="post", color="tab:red", alpha=0.6, label="Pareto frontier")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xlabel("$ per million output tokens (lower is better)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def frontier_chart_png(points: Sequence[dict], title: str = "the cost frontier") -> str:
+    """`frontier_figure` as an <img> for the report."""
+    return _img(_png(frontier_figure(points, title)), "perplexity vs $ per million output tokens")
+
+
+def save_figure_png(fig: Figure, path: str | os.PathLike) -> Path:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
+    return Path(path)
+
+
 def roofline_chart_png(profile: dict) -> str:
     """Log-log roofline: the bandwidth roof, one compute roof per known peak, measured points labelled (base64 PNG)."""
     hw = profile["hardware"]

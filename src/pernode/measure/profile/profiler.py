@@ -75,7 +75,9 @@ def run_profile(engine: LLMEngine, quick: bool = False, hardware: schema.Hardwar
     dtype = str(engine.dtype).removeprefix("torch.")
     cfg = engine.model_config
     hardware = hardware or measure_peaks(str(engine.device), quick=quick)
-    wbytes, kvbytes = dtype_bytes(dtype), dtype_bytes(dtype)
+    # a quantized KV cache moves its values and their scales: bytes per element from the engine's own count
+    kv_dtype = dtype if engine.kv_cache_dtype == "auto" else engine.kv_cache_dtype
+    wbytes, kvbytes = dtype_bytes(dtype), engine.kv_bytes_per_token / cfg.kv_bytes_per_token(1)
     ctx = min(plan["context_len"], engine.max_model_len - plan["decode_steps"] - 1)
     prompt_lens = [p for p in plan["prompt_lens"] if p < engine.max_model_len]
 
@@ -101,7 +103,8 @@ def run_profile(engine: LLMEngine, quick: bool = False, hardware: schema.Hardwar
             bar.advance(task)
 
     peak, _ = schema.peak_flops_for(hardware, dtype)
-    model = schema.model_section(cfg, dtype)
+    model = schema.model_section(cfg, dtype, kv_dtype)
+    model["kv_bytes_per_token"] = engine.kv_bytes_per_token
     model["max_model_len"] = engine.max_model_len
     kv_section = schema.kv_cache_section(engine.kv_cache_bytes, engine.block_size, engine.kv_bytes_per_token,
                                          engine.max_model_len)

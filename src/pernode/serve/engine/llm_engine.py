@@ -24,6 +24,7 @@ from pernode.serve.engine.step_timer import decode_step_times_s
 from pernode.serve.engine.stop_checker import check_stop
 from pernode.serve.engine.structured_outputs import StructuredOutputManager
 from pernode.serve.kernels.cpu_features import computes_bf16_natively
+from pernode.serve.kernels.kv_quant import check_kv_cache_dtype, kv_bytes_per_token
 from pernode.serve.models.loader import build_model
 from pernode.serve.models.registry import resolve_model
 from pernode.serve.sampling.params import SamplingParams
@@ -69,6 +70,8 @@ class LLMEngine:
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        check_kv_cache_dtype(config.kv_cache_dtype, self.device)
+        self.kv_cache_dtype = config.kv_cache_dtype
 
         source = resolve_model(config.model)
         self.model_config = source.config
@@ -84,11 +87,12 @@ class LLMEngine:
         self.load_time_s = time.perf_counter() - started
 
         self.block_size = config.block_size
-        self.kv_bytes_per_token = self.model_config.kv_bytes_per_token(self.dtype.itemsize)
+        self.kv_bytes_per_token = kv_bytes_per_token(self.model_config, self.dtype.itemsize, config.kv_cache_dtype)
         self.num_blocks = num_kv_blocks(config, self.kv_bytes_per_token, self.device)
         self.kv = KVCacheManager(self.num_blocks, self.block_size, config.enable_prefix_caching,
                                  config.prefix_cache_salt)
-        self.runner = ModelRunner(self.model, self.num_blocks, self.block_size, self.device, self.dtype)
+        self.runner = ModelRunner(self.model, self.num_blocks, self.block_size, self.device, self.dtype,
+                                  config.kv_cache_dtype)
         max_batched = config.max_num_batched_tokens or (512 if self.device.type == "cpu" else 4096)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_batched,
@@ -109,10 +113,10 @@ class LLMEngine:
         log.info("model %s (%s) on %s in %s, loaded in %.1f s", self.model_config.name, source.format,
                  self.device, str(self.dtype).removeprefix("torch."), self.load_time_s)
         log.info("%s", describe_precision(self.dtype, config.dtype, self.device, source.format, self.gguf_weights))
-        log.info("KV cache: %d bytes/token, %d blocks of %d tokens (%.2f GiB) = %d tokens; max concurrent "
-                 "sequences of max_model_len=%d: %.2f", self.kv_bytes_per_token, self.num_blocks, self.block_size,
-                 self.kv_cache_bytes / 2**30, self.num_blocks * self.block_size, self.max_model_len,
-                 self.max_concurrent_seqs)
+        log.info("KV cache: %d bytes/token (%s), %d blocks of %d tokens (%.2f GiB) = %d tokens; max concurrent "
+                 "sequences of max_model_len=%d: %.2f", self.kv_bytes_per_token, self.kv_cache_dtype, self.num_blocks,
+                 self.block_size, self.kv_cache_bytes / 2**30, self.num_blocks * self.block_size,
+                 self.max_model_len, self.max_concurrent_seqs)
 
     # ---- capacity ---------------------------------------------------------------------------------------
     @property

@@ -7,19 +7,21 @@ import torch
 from pernode.serve.engine.request import Request
 from pernode.serve.engine.scheduler import ScheduledBatch
 from pernode.serve.kernels.attention_metadata import AttentionMetadata
+from pernode.serve.kernels.kv_quant import allocate_kv_cache
 from pernode.serve.models.llama import LlamaForCausalLM
 
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device,
-                 kv_dtype: torch.dtype):
+                 kv_dtype: torch.dtype, kv_cache_dtype: str = "auto"):
         self.model = model
         self.device = device
         self.block_size = block_size
         c = model.config
         shape = (num_blocks, block_size, c.num_key_value_heads, c.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=kv_dtype, device=device),
-                           torch.zeros(shape, dtype=kv_dtype, device=device))
+        # per layer (K, V): float tensors, or int8/fp8 values with per-token scales (kernels/kv_quant.py)
+        self.kv_caches = [(allocate_kv_cache(shape, kv_cache_dtype, kv_dtype, device),
+                           allocate_kv_cache(shape, kv_cache_dtype, kv_dtype, device))
                           for _ in range(c.num_hidden_layers)]
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:

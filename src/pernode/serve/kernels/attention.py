@@ -12,22 +12,27 @@ from pernode import envs
 from pernode.envs import KernelChoice
 from pernode.serve.kernels import paged_attention_cpu
 from pernode.serve.kernels.attention_metadata import AttentionMetadata
+from pernode.serve.kernels.kv_quant import KVCache, QuantizedKV, gather_blocks, write_quantized
 
 
 def write_kv_cache(
     key: torch.Tensor,  # [T, Hkv, D]
     value: torch.Tensor,  # [T, Hkv, D]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
-    v_cache: torch.Tensor,
+    k_cache: KVCache,  # [num_blocks, block_size, Hkv, D], float or QuantizedKV
+    v_cache: KVCache,
     slot_mapping: torch.Tensor,  # [T] int64
 ) -> None:
-    """Scatter the new tokens' K/V into their slots."""
+    """Scatter the new tokens' K/V into their slots (quantized on the way into a QuantizedKV cache)."""
+    if isinstance(k_cache, QuantizedKV):
+        write_quantized(key, k_cache, slot_mapping)
+        write_quantized(value, v_cache, slot_mapping)
+        return
     num_blocks, block_size, hkv, d = k_cache.shape
     k_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
     v_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
 
-def _sequences(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata):
+def _sequences(query: torch.Tensor, k_cache: KVCache, v_cache: KVCache, meta: AttentionMetadata):
     """Per sequence with queries: (q0, q1, keys, values, causal mask), the sequence's K/V gathered from its blocks
     ([Lk, Hkv, D]) and the mask bottom-right aligned: query i sits at position seq_len - q_len + i and sees
     keys 0..that position ([Lq, Lk])."""
@@ -39,8 +44,8 @@ def _sequences(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         if q1 == q0:
             continue
         blocks = meta.block_tables[s, :-(-seq_len // block_size)].long()
-        k = k_cache[blocks].reshape(-1, hkv, d)[:seq_len]
-        v = v_cache[blocks].reshape(-1, hkv, d)[:seq_len]
+        k = gather_blocks(k_cache, blocks).reshape(-1, hkv, d)[:seq_len]
+        v = gather_blocks(v_cache, blocks).reshape(-1, hkv, d)[:seq_len]
         q_pos = torch.arange(seq_len - (q1 - q0), seq_len, device=query.device)
         mask = torch.arange(seq_len, device=query.device)[None, :] <= q_pos[:, None]
         yield q0, q1, k, v, mask
@@ -48,8 +53,8 @@ def _sequences(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
 def paged_attention_reference(
     query: torch.Tensor,  # [T, Hq, D]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
-    v_cache: torch.Tensor,
+    k_cache: KVCache,  # [num_blocks, block_size, Hkv, D], float or QuantizedKV
+    v_cache: KVCache,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
@@ -70,8 +75,8 @@ def paged_attention_reference(
 
 def paged_attention_sdpa(
     query: torch.Tensor,  # [T, Hq, D]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
-    v_cache: torch.Tensor,
+    k_cache: KVCache,  # [num_blocks, block_size, Hkv, D], float or QuantizedKV
+    v_cache: KVCache,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
@@ -91,8 +96,8 @@ def paged_attention_sdpa(
 
 def paged_attention(
     query: torch.Tensor,  # [T, Hq, D]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
-    v_cache: torch.Tensor,
+    k_cache: KVCache,  # [num_blocks, block_size, Hkv, D], float or QuantizedKV
+    v_cache: KVCache,
     meta: AttentionMetadata,
     scale: float,
     force_reference: bool | None = None,

@@ -26,6 +26,7 @@ from pydoc_data.topics import topics as pydoc_topics
 
 from pernode.config import DEFAULT_BLOCK_SIZE
 from pernode.serve.kernels.attention_metadata import AttentionMetadata, contiguous_block_tables
+from pernode.serve.kernels.kv_quant import allocate_kv_cache
 
 CALIBRATION_FRACTION = 0.10
 DEFAULT_SEQ_LEN = 2048
@@ -80,14 +81,15 @@ class Forward:
     kv_cache: tuple[torch.Tensor, torch.Tensor]
 
     @classmethod
-    def build(cls, model, num_seqs: int, seq_len: int, block_size: int = DEFAULT_BLOCK_SIZE) -> "Forward":
+    def build(cls, model, num_seqs: int, seq_len: int, block_size: int = DEFAULT_BLOCK_SIZE,
+              kv_cache_dtype: str = "auto") -> "Forward":
         c = model.config
         dev = model.embed_tokens.weight.device
         dtype = model.embed_tokens.weight.dtype
         tables = contiguous_block_tables(num_seqs, seq_len, block_size)
         meta = AttentionMetadata.build(tables, [0] * num_seqs, [seq_len] * num_seqs, block_size, dev)
         shape = (tables.numel(), block_size, c.num_key_value_heads, c.head_dim)
-        kv = (torch.empty(shape, dtype=dtype, device=dev), torch.empty(shape, dtype=dtype, device=dev))
+        kv = tuple(allocate_kv_cache(shape, kv_cache_dtype, dtype, dev) for _ in "kv")
         return cls(torch.arange(seq_len).repeat(num_seqs).to(dev), meta, kv)
 
     def layer(self, layer, x: torch.Tensor) -> torch.Tensor:
@@ -95,10 +97,10 @@ class Forward:
 
 
 @torch.inference_mode()
-def final_hidden_states(model, windows: torch.Tensor) -> torch.Tensor:
+def final_hidden_states(model, windows: torch.Tensor, kv_cache_dtype: str = "auto") -> torch.Tensor:
     """Normed last hidden states [S*L, hidden] of windows [S, L] (no KV cache carried between windows)."""
     num_seqs, seq_len = windows.shape
-    fwd = Forward.build(model, num_seqs, seq_len)
+    fwd = Forward.build(model, num_seqs, seq_len, kv_cache_dtype=kv_cache_dtype)
     x = model.embed_tokens(windows.flatten().to(fwd.positions.device))
     for layer in model.layers:
         x = fwd.layer(layer, x)
@@ -106,9 +108,9 @@ def final_hidden_states(model, windows: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def window_nll(model, window: torch.Tensor, chunk: int = 512) -> tuple[float, int]:
+def window_nll(model, window: torch.Tensor, chunk: int = 512, kv_cache_dtype: str = "auto") -> tuple[float, int]:
     """Sum of NLL (nats, float64) of tokens 2..L of one window, and the count; logits made `chunk` rows at a time."""
-    h = final_hidden_states(model, window[None])
+    h = final_hidden_states(model, window[None], kv_cache_dtype)
     targets = window[1:].to(h.device)
     total = 0.0
     for i in range(0, targets.numel(), chunk):
@@ -118,15 +120,15 @@ def window_nll(model, window: torch.Tensor, chunk: int = 512) -> tuple[float, in
 
 
 @torch.inference_mode()
-def window_nll_stepped(model, window: torch.Tensor, step_tokens: int, block_size: int = DEFAULT_BLOCK_SIZE
-                       ) -> tuple[float, int]:
+def window_nll_stepped(model, window: torch.Tensor, step_tokens: int, block_size: int = DEFAULT_BLOCK_SIZE,
+                       kv_cache_dtype: str = "auto") -> tuple[float, int]:
     """`window_nll` with the window fed `step_tokens` tokens per forward through a carried paged KV cache."""
     c = model.config
     dev, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     seq_len = window.numel()
     table = contiguous_block_tables(1, seq_len, block_size)
     shape = (table.numel(), block_size, c.num_key_value_heads, c.head_dim)
-    caches = [(torch.zeros(shape, dtype=dtype, device=dev), torch.zeros(shape, dtype=dtype, device=dev))
+    caches = [tuple(allocate_kv_cache(shape, kv_cache_dtype, dtype, dev) for _ in "kv")
               for _ in range(c.num_hidden_layers)]
     window = window.to(dev)
     total = 0.0
@@ -155,9 +157,10 @@ class PerplexityResult:
 
 def evaluate_perplexity(model, tokenizer, seq_len: int = DEFAULT_SEQ_LEN, max_windows: int | None = None,
                         corpus: str | None = None, split: bool = True, progress=None,
-                        step_tokens: int | None = None) -> PerplexityResult:
+                        step_tokens: int | None = None, kv_cache_dtype: str = "auto") -> PerplexityResult:
     """Perplexity of `model` on the evaluation split (or the whole `corpus` file when split=False); with
-    `step_tokens`, each window is fed that many tokens per forward, the way decode runs."""
+    `step_tokens`, each window is fed that many tokens per forward, the way decode runs; with kv_cache_dtype int8
+    or fp8, K/V go through a quantized cache as they are served (serve/kernels/kv_quant.py)."""
     if step_tokens is not None and step_tokens < 1:
         raise ValueError(f"step_tokens={step_tokens} is out of range: allowed >= 1")
     text = corpus_text(corpus)
@@ -167,7 +170,8 @@ def evaluate_perplexity(model, tokenizer, seq_len: int = DEFAULT_SEQ_LEN, max_wi
     started = time.perf_counter()
     nll, count = 0.0, 0
     for i, window in enumerate(windows):
-        s, n = window_nll(model, window) if step_tokens is None else window_nll_stepped(model, window, step_tokens)
+        s, n = (window_nll(model, window, kv_cache_dtype=kv_cache_dtype) if step_tokens is None
+                else window_nll_stepped(model, window, step_tokens, kv_cache_dtype=kv_cache_dtype))
         nll, count = nll + s, count + n
         if progress:
             progress(i + 1, len(windows), math.exp(nll / count))

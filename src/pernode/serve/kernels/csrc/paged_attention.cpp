@@ -10,6 +10,9 @@
 //                        softmax vectorised over rows.
 // Math is fp32 throughout: bf16/fp16 K/V are widened in registers as they are read (decode) or once per block into an
 // L1 buffer (prefill). Blocks lie at random places in memory, so each item prefetches its blocks a little ahead.
+// An int8 cache (serve/kernels/kv_quant.py) brings one fp32 scale per (token, kv head): in the decode path the scores
+// q.k_t are multiplied by k_scale[t] and the probabilities by v_scale[t] before o += p v, so the int8 values are only
+// widened, never rescaled element by element; in the prefill path the widened block rows are scaled once.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -147,6 +150,21 @@ inline vf vload_as<c10::BFloat16>(const c10::BFloat16* p) {
 }
 
 template <>
+inline vf vload_as<int8_t>(const int8_t* p) {
+#if defined(__AVX512F__)
+  const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  vf f;
+  std::memcpy(&f, &w, sizeof f);
+  return f;
+#else
+  typedef int8_t vi8 __attribute__((vector_size(16)));
+  vi8 b;
+  std::memcpy(&b, p, sizeof b);
+  return __builtin_convertvector(b, vf);
+#endif
+}
+
+template <>
 inline vf vload_as<c10::Half>(const c10::Half* p) {
   vf f;
 #if defined(__AVX512F__)
@@ -211,6 +229,8 @@ struct Problem {
   int hq, hkv, group, head_dim, block_size;
   int64_t q_elem_size;
   float scale;
+  const float* k_scale;  // [num_blocks, block_size, Hkv] for an int8 cache, else nullptr
+  const float* v_scale;
   LoadRowsFn load_q;
   StoreRowFn store_out;
 };
@@ -446,6 +466,24 @@ void pv(const float* p, int64_t p_r, int64_t p_t, const T* v, int64_t v_stride, 
   pv_rest<kD, T, kRows - 1>(rows - r, p + r * p_r, p_r, p_t, v, v_stride, nk, o + r * d, d);
 }
 
+// ---- per-token scales of an int8 cache -----------------------------------------------------------------------------
+
+constexpr int kMaxBlockSize = 1024;
+
+// x[r * ld + t] *= scale[t] for t < n: scores by key scale, or probabilities by value scale.
+inline void scale_columns(float* x, int rows, int ld, const float* scale, int n) {
+  for (int r = 0; r < rows; ++r)
+    for (int t = 0; t < n; ++t) x[r * ld + t] *= scale[t];
+}
+
+// Row t of x [n, d] times scale[t]: widened int8 rows back to their real values.
+inline void scale_rows(float* x, int n, int d, const float* scale) {
+  for (int t = 0; t < n; ++t) {
+    const vf st = vsplat(scale[t]);
+    for (int j = 0; j < d; j += kLanes) vstore(x + t * d + j, vload(x + t * d + j) * st);
+  }
+}
+
 // ---- one work item ------------------------------------------------------------------------------------------------
 
 template <int kD, typename T>
@@ -501,11 +539,22 @@ void run_item(const Problem& P, const Item& it, Scratch& S, Partials& parts) {
     NextBlock next;
     if (b + kPrefetchBlocks < it.blk_end) next = block_at(b + kPrefetchBlocks);
 
+    float ks[kMaxBlockSize], vs[kMaxBlockSize];  // this block's per-token scales (int8 cache)
+    if (P.k_scale) {
+      const int64_t at = int64_t(table[b]) * bs * P.hkv + it.kv_head;
+      for (int t = 0; t < nk; ++t) {
+        ks[t] = P.k_scale[at + int64_t(t) * P.hkv];
+        vs[t] = P.v_scale[at + int64_t(t) * P.hkv];
+      }
+    }
+
     if (!by_row) {
       // s[r][t]: per-row softmax state, vectorised over keys.
       scores_by_key<kD, T>(S.q, rows, d, k, token_stride, nk, S.s, bsp, S.tmp, next);
+      if (P.k_scale) scale_columns(S.s, rows, bsp, ks, nk);
       for (int r = 0; r < rows; ++r)
         softmax_row(S.s + r * bsp, bsp, std::min(nk, S.pos[r] - key0 + 1), S.m[r], S.l[r], S.o + r * d, d);
+      if (P.v_scale) scale_columns(S.s, rows, bsp, vs, nk);  // after l took the sum of the unscaled p
       pv<kD, T>(S.s, bsp, 1, v, token_stride, nk, S.o, rows, d);
       continue;
     }
@@ -516,6 +565,10 @@ void run_item(const Problem& P, const Item& it, Scratch& S, Partials& parts) {
     if constexpr (!std::is_same_v<T, float>) {  // widened once, then reused by every row of the tile
       load_rows<T>(k, token_stride, nk, d, S.k, d);
       load_rows<T>(v, token_stride, nk, d, S.v, d);
+      if (P.k_scale) {
+        scale_rows(S.k, nk, d, ks);
+        scale_rows(S.v, nk, d, vs);
+      }
       kf = S.k;
       vf_ = S.v;
       kv_stride = d;
@@ -586,17 +639,37 @@ void run_all(const Problem& P, const std::vector<Item>& items, const std::vector
 
 bool supported_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
 
+// An int8 cache needs both scale tensors, [num_blocks, block_size, Hkv] fp32; a float cache none.
+void check_scales(const at::Tensor& k_cache, const c10::optional<at::Tensor>& k_scale,
+                  const c10::optional<at::Tensor>& v_scale) {
+  const bool quantized = k_cache.scalar_type() == at::kChar;
+  TORCH_CHECK(quantized == k_scale.has_value() && quantized == v_scale.has_value(),
+              "k_scale and v_scale are required with an int8 cache and only then; cache dtype ", k_cache.scalar_type());
+  if (!quantized) return;
+  for (const at::Tensor* t : {&*k_scale, &*v_scale}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu(),
+                "k_scale and v_scale must be contiguous float32 CPU tensors, got ", t->scalar_type());
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == k_cache.size(0) && t->size(1) == k_cache.size(1) &&
+                    t->size(2) == k_cache.size(2),
+                "k_scale and v_scale must be [num_blocks, block_size, num_kv_heads] = ", k_cache.sizes().slice(0, 3),
+                ", got ", t->sizes());
+  }
+}
+
 at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_tables, const at::Tensor& query_start_loc,
-                           const at::Tensor& seq_lens, double scale) {
+                           const at::Tensor& seq_lens, double scale, const c10::optional<at::Tensor>& k_scale,
+                           const c10::optional<at::Tensor>& v_scale) {
   TORCH_CHECK(query.dim() == 3, "query must be [num_tokens, num_heads, head_dim], got ", query.sizes());
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
               "k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim], got ",
               k_cache.sizes(), " and ", v_cache.sizes());
-  TORCH_CHECK(supported_dtype(query.scalar_type()) && supported_dtype(k_cache.scalar_type()) &&
+  TORCH_CHECK(supported_dtype(query.scalar_type()) &&
+                  (supported_dtype(k_cache.scalar_type()) || k_cache.scalar_type() == at::kChar) &&
                   k_cache.scalar_type() == v_cache.scalar_type(),
-              "dtypes must be float32, bfloat16 or float16 (caches alike), got query ", query.scalar_type(),
-              ", k_cache ", k_cache.scalar_type(), ", v_cache ", v_cache.scalar_type());
+              "dtypes must be float32, bfloat16 or float16 (caches alike, or int8 with scales), got query ",
+              query.scalar_type(), ", k_cache ", k_cache.scalar_type(), ", v_cache ", v_cache.scalar_type());
+  check_scales(k_cache, k_scale, v_scale);
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "k_cache and v_cache must be contiguous");
   for (const at::Tensor* t : {&query, &k_cache, &v_cache, &block_tables, &query_start_loc, &seq_lens})
     TORCH_CHECK(t->device().is_cpu(), "pernode::paged_attention is the CPU kernel; got a tensor on ", t->device());
@@ -609,7 +682,7 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& k_cache, c
   TORCH_CHECK(d % kLanes == 0 && d <= 512, "head_dim must be a multiple of 16 up to 512, got ", d,
               "; use paged_attention_reference for other sizes");
   TORCH_CHECK(hkv > 0 && hq % hkv == 0, "num_heads (", hq, ") must be a multiple of num_kv_heads (", hkv, ")");
-  TORCH_CHECK(bs >= 1 && bs <= 1024, "block_size must be in [1, 1024], got ", bs);
+  TORCH_CHECK(bs >= 1 && bs <= kMaxBlockSize, "block_size must be in [1, ", kMaxBlockSize, "], got ", bs);
   const int64_t S = seq_lens.size(0);
   TORCH_CHECK(query_start_loc.dim() == 1 && query_start_loc.size(0) == S + 1,
               "query_start_loc must have num_seqs + 1 = ", S + 1, " entries, got ", query_start_loc.sizes());
@@ -636,6 +709,8 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& k_cache, c
   P.block_size = bs;
   P.q_elem_size = q.element_size();
   P.scale = float(scale);
+  P.k_scale = k_scale ? k_scale->data_ptr<float>() : nullptr;
+  P.v_scale = v_scale ? v_scale->data_ptr<float>() : nullptr;
   P.load_q = pick_loader(q.scalar_type());
   P.store_out = pick_storer(q.scalar_type());
 
@@ -725,6 +800,7 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& k_cache, c
   };
   if (kv_type == at::kFloat) run(float{});
   else if (kv_type == at::kBFloat16) run(c10::BFloat16{});
+  else if (kv_type == at::kChar) run(int8_t{});
   else run(c10::Half{});
   return out;
 }
@@ -734,7 +810,7 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& k_cache, c
 TORCH_LIBRARY_FRAGMENT(pernode, m) {
   m.def(
       "paged_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor query_start_loc, "
-      "Tensor seq_lens, float scale) -> Tensor");
+      "Tensor seq_lens, float scale, Tensor? k_scale=None, Tensor? v_scale=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pernode, CPU, m) { m.impl("paged_attention", &paged_attention); }
