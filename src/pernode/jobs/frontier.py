@@ -71,11 +71,17 @@ def register_variant(variant: Variant) -> Variant:
     return variant
 
 
+# The engine's defaults (bf16 where the CPU computes it natively, GGUF weights at their own precision) differ by
+# machine, so every variant names its dtype and GGUF weights: the frontier compares setups, not defaults.
+_FP32 = {"dtype": "float32", "gguf_weights": "float"}
+_BF16 = {"dtype": "bfloat16", "gguf_weights": "float"}
 for _v in (
-    Variant("fp32", "float32 weights and KV cache: the baseline"),
-    Variant("bf16", "bfloat16 weights and KV cache", engine={"dtype": "bfloat16"}),
-    Variant("int8-kv", "float32 weights, int8 KV cache (per-token scales)", engine={"kv_cache_dtype": "int8"}),
-    Variant("bf16+int8-kv", "bfloat16 weights, int8 KV cache", engine={"dtype": "bfloat16", "kv_cache_dtype": "int8"}),
+    Variant("fp32", "float32 weights and KV cache: the baseline", engine=_FP32),
+    Variant("bf16", "bfloat16 weights and KV cache", engine=_BF16),
+    Variant("gguf-native", "the GGUF's own 4/8-bit weights through the int4/int8 kernels, bf16 or fp32 compute as "
+            "the CPU allows", engine={"gguf_weights": "native"}),
+    Variant("int8-kv", "float32 weights, int8 KV cache (per-token scales)", engine={**_FP32, "kv_cache_dtype": "int8"}),
+    Variant("bf16+int8-kv", "bfloat16 weights, int8 KV cache", engine={**_BF16, "kv_cache_dtype": "int8"}),
     Variant("rtn-int8", "int8 weights per channel, round to nearest", recipe="rtn-int8"),
     Variant("w8a8", "SmoothQuant W8A8: int8 weights and activations", recipe="smoothquant-w8a8"),
     Variant("rtn-int4", "int4 weights, groups of 64, round to nearest", recipe="rtn-int4-g64"),
