@@ -6,7 +6,7 @@ import torch
 
 from pernode.serve.engine.request import Request
 from pernode.serve.engine.scheduler import ScheduledBatch
-from pernode.serve.kernels.attention_metadata import AttentionMetadata
+from pernode.serve.kernels.attention_metadata import AttentionMetadata, token_positions
 from pernode.serve.models.llama import LlamaForCausalLM
 
 
@@ -25,28 +25,36 @@ class ModelRunner:
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Flatten the batch: token ids, positions, cache slots, block tables. Returns also the rows whose
         requests have caught up with their tokens and so sample a next token this step."""
-        ids, pos = [], []
-        max_blocks = max(len(r.block_ids) for r in batch.requests)
-        tables = np.zeros((len(batch.requests), max_blocks), dtype=np.int32)
-        num_cached, sample_rows = [], []
-        for i, (request, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
-            start = request.num_computed_tokens
-            ids.extend(request.all_token_ids[start:start + n])
-            tables[i, :len(request.block_ids)] = request.block_ids
-            pos.append(np.arange(start, start + n))
-            num_cached.append(start)
-            if start + n == request.num_tokens:
-                sample_rows.append(i)
+        requests, query_lens = batch.requests, batch.num_new_tokens
+        num_seqs = len(requests)
+        num_cached = [r.num_computed_tokens for r in requests]
+        if max(query_lens) == 1:  # a pure decode step: one token per request, every request samples
+            ids = [r.all_token_ids[start] for r, start in zip(requests, num_cached)]
+            sample_rows = list(range(num_seqs))
+        else:
+            ids, sample_rows = [], []
+            for i, (r, start, n) in enumerate(zip(requests, num_cached, query_lens)):
+                ids.extend(r.all_token_ids[start:start + n])
+                if start + n == r.num_tokens:
+                    sample_rows.append(i)
+        max_blocks = max(len(r.block_ids) for r in requests)
+        tables = np.zeros((num_seqs, max_blocks), dtype=np.int64)
+        for i, r in enumerate(requests):
+            tables[i, :len(r.block_ids)] = r.block_ids
         dev = self.device
-        positions = torch.from_numpy(np.concatenate(pos)).to(dev)
-        meta = AttentionMetadata.build(tables, num_cached, batch.num_new_tokens, self.block_size, dev)
+        positions = torch.from_numpy(token_positions(num_cached, query_lens)).to(dev)
+        meta = AttentionMetadata.build(tables, num_cached, query_lens, self.block_size, dev)
         return torch.tensor(ids, dtype=torch.long, device=dev), positions, meta, sample_rows
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Request]]:
         """Run one forward; logits [S, vocab] (fp32) of the requests that sample this step, and those requests."""
         input_ids, positions, meta, sample_rows = self.prepare(batch)
-        logits_indices = torch.tensor([meta.query_start_loc_cpu[i + 1] - 1 for i in sample_rows],
-                                      dtype=torch.long, device=self.device)
+        if len(sample_rows) == input_ids.shape[0]:  # every row samples (decode): no gather before the lm_head
+            logits_indices = None
+        else:
+            ends = meta.query_start_loc_cpu
+            logits_indices = torch.tensor([ends[i + 1] - 1 for i in sample_rows], dtype=torch.long,
+                                          device=self.device)
         logits = self.model(input_ids, positions, self.kv_caches, meta, logits_indices)
         return logits, [batch.requests[i] for i in sample_rows]
