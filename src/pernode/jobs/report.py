@@ -13,6 +13,7 @@ import torch
 from rich.console import Console
 
 from pernode.config import EngineConfig
+from pernode.jobs.compare_compiled import compare_compiled, compiled_section
 from pernode.jobs.compare_quantized import build_and_score, measure_speeds
 from pernode.measure.bench.bench_offline import print_results, run_hf_best
 from pernode.measure.bench.offline_throughput import random_workload, run_pernode
@@ -72,6 +73,10 @@ def run_report(config: EngineConfig, out_dir: str = "pernode-report", quick: boo
                   f"in {tput.elapsed_s:.1f} s: [bold]{tput.output_tokens_per_s:.1f} output tok/s[/bold], "
                   f"{tput.requests_per_s:.2f} req/s")
 
+    compiled = None if quick or config.compile else compare_compiled(config, engine)
+    if compiled is not None:
+        console.print(compiled_section(compiled)["title"], compiled["rows"])
+
     console.rule("[bold]4. shrinking the model")
     quant_rows = _quantization(config.model, out_dir, quick, console)
 
@@ -92,6 +97,7 @@ def run_report(config: EngineConfig, out_dir: str = "pernode-report", quick: boo
                    round(r.output_tokens_per_s, 1), round(r.requests_per_s, 2),
                    round(tput.output_tokens_per_s / r.output_tokens_per_s, 2)] for r in results]},
         _quantization_section(quant_rows),
+        compiled_section(compiled),
         _plan_section(fleet, DEFAULT_SLO),
     ]
     path = write_report_html(os.path.join(out_dir, "report.html"), profile, extra_sections=sections,
