@@ -28,9 +28,9 @@ class ModelRunner:
         requests, query_lens = batch.requests, batch.num_new_tokens
         num_seqs = len(requests)
         num_cached = [r.num_computed_tokens for r in requests]
-        if max(query_lens) == 1:  # a pure decode step: one token per request, every request samples
+        if max(query_lens) == 1:  # one token per request (decodes, or 1-token prefill chunks at a budget's edge)
             ids = [r.all_token_ids[start] for r, start in zip(requests, num_cached)]
-            sample_rows = list(range(num_seqs))
+            sample_rows = [i for i, (r, start) in enumerate(zip(requests, num_cached)) if start + 1 == r.num_tokens]
         else:
             ids, sample_rows = [], []
             for i, (r, start, n) in enumerate(zip(requests, num_cached, query_lens)):

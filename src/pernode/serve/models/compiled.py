@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
 
 import torch
 
@@ -46,9 +45,6 @@ def compile_model(model: LlamaForCausalLM, device: torch.device) -> LlamaForCaus
     compiles (see `warm_up`)."""
     cache = use_compile_cache()
     ops = register_fake_ops()
-    # dynamo traces through the kernels' cached "did it build" checks (functools.lru_cache): constant here, since
-    # the fakes above were registered only for kernels that built
-    warnings.filterwarnings("ignore", message=".*functools.lru_cache.*", category=UserWarning)
     log.info("torch.compile: inductor, dynamic shapes, mode %s, cache %s, C++ ops in the graph: %s",
              compile_mode(device) or "default", cache, ", ".join(ops) or "none")
     for layer in model.layers:
