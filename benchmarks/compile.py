@@ -41,10 +41,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--prefill-tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3, help="alternating eager/compiled rounds per measurement")
+    p.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache of each engine (default %(default)s)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    common = dict(model=args.model, dtype=args.dtype, num_threads=args.threads, max_model_len=2048)
+    # two engines in one process: a KV cache just big enough for the largest batch keeps the pair small
+    common = dict(model=args.model, dtype=args.dtype, num_threads=args.threads, max_model_len=2048,
+                  kv_cache_bytes=args.kv_cache_mib * 2**20)
     eager = LLM.from_engine(LLMEngine(EngineConfig(**common)))
     t0 = time.perf_counter()
     compiled = LLM.from_engine(LLMEngine(EngineConfig(**common, compile=True)))

@@ -12,12 +12,14 @@ from pernode.serve.llm import LLM
 from pernode.serve.sampling.params import SamplingParams
 
 PROMPT = "The capital of France is"
+COMPARE_KV_BYTES = 256 * 2**20
 
 
 def compare_compiled(config: EngineConfig, eager: LLMEngine, batch_sizes=(1, 8), context: int = 256,
                      steps: int = 8) -> dict:
     """Build a compiled engine beside `eager` and time both, alternating, at each batch size."""
-    compiled = LLMEngine(dataclasses.replace(config, compile=True))
+    # its own small KV cache: the comparison needs a few batches, not a second full-size cache
+    compiled = LLMEngine(dataclasses.replace(config, compile=True, num_blocks=None, kv_cache_bytes=COMPARE_KV_BYTES))
     params = SamplingParams(temperature=0.0, max_tokens=24)
     want = LLM.from_engine(eager).generate([PROMPT], params)[0].outputs[0].token_ids
     got = LLM.from_engine(compiled).generate([PROMPT], params)[0].outputs[0].token_ids

@@ -6,8 +6,6 @@ itself stays one opaque call inside the compiled graph. Registered only for the 
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from pernode.serve.kernels.jit import load_extension
@@ -50,14 +48,16 @@ FAKES = {
 }
 
 
-@functools.cache
-def register_fake_ops() -> tuple[str, ...]:
-    """Register the fakes of every kernel that loads (once per process); returns the ops covered."""
-    covered = []
-    for source, fakes in FAKES.items():
-        if not load_extension(source):
+_REGISTERED: set[str] = set()
+
+
+def register_fake_ops(sources=tuple(FAKES)) -> tuple[str, ...]:
+    """Load the kernels in `sources` (building them if needed) and register the fakes of those that load, once per
+    process; returns every op covered so far."""
+    for source in sources:
+        if source in _REGISTERED or not load_extension(source):
             continue
-        for name, fn in fakes.items():
+        for name, fn in FAKES[source].items():
             torch.library.register_fake(f"pernode::{name}")(fn)
-            covered.append(name)
-    return tuple(covered)
+        _REGISTERED.add(source)
+    return tuple(name for source in FAKES if source in _REGISTERED for name in FAKES[source])

@@ -16,7 +16,8 @@ import torch
 
 from pernode import envs
 from pernode.serve.kernels.attention_metadata import AttentionMetadata, contiguous_block_tables
-from pernode.serve.kernels.op_fakes import register_fake_ops
+from pernode.serve.kernels.op_fakes import FAKES, register_fake_ops
+from pernode.serve.kernels.quant_linear import SOURCE as QUANT_SOURCE
 from pernode.serve.models.llama import LlamaForCausalLM
 
 log = logging.getLogger("pernode.serve.models")
@@ -44,7 +45,9 @@ def compile_model(model: LlamaForCausalLM, device: torch.device) -> LlamaForCaus
     compiling costs one layer's worth, not the depth's. Not compiled yet: the first call of each shape class
     compiles (see `warm_up`)."""
     cache = use_compile_cache()
-    ops = register_fake_ops()
+    # the weight-only quantized GEMV only where the model has quantized layers: building it costs minutes
+    quantized = any(hasattr(m, "post_load") for m in model.modules())
+    ops = register_fake_ops(tuple(src for src in FAKES if quantized or src != QUANT_SOURCE))
     log.info("torch.compile: inductor, dynamic shapes, mode %s, cache %s, C++ ops in the graph: %s",
              compile_mode(device) or "default", cache, ", ".join(ops) or "none")
     for layer in model.layers:
