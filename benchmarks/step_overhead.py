@@ -91,11 +91,12 @@ def measure(engine: LLMEngine, batch_size: int, prompt_len: int, steps: int) -> 
     fwd = forward_attr(engine.runner)
     real_sched, real_prep, real_model = engine.scheduler.schedule, engine.runner.prepare, getattr(engine.runner, fwd)
     instrument(engine, totals)
-    step_s = []
+    step_s, cpu_s = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         engine.step()
         step_s.append(time.perf_counter() - t0)
+        cpu_s.append(time.process_time() - c0)
     engine.scheduler.schedule, engine.runner.prepare = real_sched, real_prep
     setattr(engine.runner, fwd, real_model)
     for name, fn in real.items():
@@ -108,6 +109,7 @@ def measure(engine: LLMEngine, batch_size: int, prompt_len: int, steps: int) -> 
     step = statistics.median(step_s)
     mean_step = sum(step_s) / steps
     return {"batch": batch_size, "step_ms": 1e3 * step, "mean_step_ms": 1e3 * mean_step,
+            "cpu_ms": 1e3 * statistics.median(cpu_s),
             **{f"{k}_ms": 1e3 * per_step.get(k, 0.0) for k in STAGES},
             "gemm_ms": 1e3 * gemm_s, "attention_ms": 1e3 * attn_s,
             "overhead_ms": 1e3 * (mean_step - gemm_s - attn_s)}
@@ -121,19 +123,22 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--compile", action="store_true", help="run the forward through torch.compile")
+    p.add_argument("--kv-cache-mib", type=int, default=512)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the engine's choice)")
     args = p.parse_args(argv)
     options = {"compile": True} if args.compile else {}  # absent from trees before --compile (baselines)
-    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, num_threads=args.threads, **options))
+    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, num_threads=args.threads,
+                                    kv_cache_bytes=args.kv_cache_mib * 2**20, **options))
     rows = []
     for b in (int(x) for x in args.batch_sizes.split(",")):
         rows.append(measure(engine, b, args.prompt_len, args.steps))
         print(f"batch {b}: step {rows[-1]['step_ms']:.2f} ms", flush=True)
     t = Table(title=f"decode step by stage, {args.model} {engine.dtype}, prompts {args.prompt_len} tokens, "
                     f"{torch.get_num_threads()} threads (ms per step; stages from wall clocks, GEMM/attention "
-                    "from torch.profiler self times)")
-    cols = ("batch", "step_ms", "schedule_ms", "prepare_ms", "forward_ms", "sample_ms", "update_ms", "gemm_ms",
-            "attention_ms", "overhead_ms")
+                    "from torch.profiler self times; cpu: the process's CPU time per step, which a busy box "
+                    "inflates less than wall time)")
+    cols = ("batch", "step_ms", "cpu_ms", "schedule_ms", "prepare_ms", "forward_ms", "sample_ms", "update_ms",
+            "gemm_ms", "attention_ms", "overhead_ms")
     for c in cols:
         t.add_column(c.removesuffix("_ms") + (" ms" if c.endswith("_ms") else ""), justify="right")
     for r in rows:
