@@ -20,6 +20,7 @@ def tiny_dir(tmp_path_factory):
     return write_tiny_model(str(tmp_path_factory.mktemp("tiny") / "llama"))
 
 
+@pytest.mark.slow  # compiles a (tiny) decoder layer: tens of seconds on 2 cores
 def test_compiled_forward_gives_eager_greedy_tokens(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("PERNODE_COMPILE_CACHE", str(tmp_path / "inductor"))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
