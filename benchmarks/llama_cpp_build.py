@@ -43,8 +43,12 @@ def download_sdist(version: str | None) -> Path:
 
 
 def unpack_llama_cpp(sdist: Path) -> Path:
-    """The sdist holds llama.cpp under vendor/llama.cpp; unpack just that tree."""
+    """The sdist holds llama.cpp under vendor/llama.cpp; unpack just that tree (kept when it is there already, so
+    an interrupted build resumes where it stopped)."""
     src_root = cache_dir() / "src"
+    unpacked = src_root / sdist.name.removesuffix(".tar.gz") / "vendor" / "llama.cpp"
+    if (unpacked / "CMakeLists.txt").exists():
+        return unpacked
     if src_root.exists():
         shutil.rmtree(src_root)
     src_root.mkdir(parents=True)

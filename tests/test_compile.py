@@ -61,3 +61,12 @@ def test_compiled_cuda_decode_matches_eager(tiny_dir):
     compiled = LLM(tiny_dir, num_blocks=64, max_model_len=256, device="cuda", dtype="float32", compile=True)
     want = [o.outputs[0].token_ids for o in eager.generate(PROMPTS, params)]
     assert [o.outputs[0].token_ids for o in compiled.generate(PROMPTS, params)] == want
+
+
+def test_report_section_shows_the_ratio_or_why_it_is_missing():
+    from pernode.jobs.compare_compiled import compiled_section
+
+    assert "skipped in --quick" in compiled_section(None)["text"]
+    section = compiled_section({"compile_time_s": 50.0, "greedy_identical": True, "context": 256,
+                                "rows": [{"batch": 1, "eager_ms": 10.0, "compiled_ms": 8.0}]})
+    assert section["rows"] == [[1, 10.0, 8.0, 1.25]] and "warm-up 50.0 s" in section["title"]
