@@ -115,7 +115,7 @@ def choose_threads(requested: int | None, cpus: tuple[int, ...], quota: float | 
 
 
 def apply_thread_plan(plan: ThreadPlan) -> None:
-    """Set torch's intra-op threads; the inter-op pool gets one thread, as the engine runs one op stream."""
+    """Set torch's intra-op threads (process-wide) and log the choice with its reason."""
     torch.set_num_threads(plan.num_threads)
     log.info("CPU threads: %d (%s); CPUs allowed: %s%s", plan.num_threads, plan.reason, _ranges(plan.cpus),
              "" if not plan.probe_s else " ; probe " + ", ".join(f"{k} threads {1e3 * v:.2f} ms"
