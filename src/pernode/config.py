@@ -68,7 +68,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     prefix_cache_salt: str | None = None  # enters every prefix-cache key: blocks are shared only under one salt
     enable_chunked_prefill: bool = True
-    num_threads: int | None = None  # CPU threads for torch
+    num_threads: int | None = None  # CPU threads for torch; default: chosen at start (serve/engine/threads.py)
+    compile: bool = False  # run the forward through torch.compile (serve/models/compiled.py)
     kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES: int8/fp8 store K/V quantized with per-token scales
 
     def __post_init__(self) -> None:

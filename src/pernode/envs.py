@@ -21,6 +21,8 @@ Other settings:
   PERNODE_GEMM_FROM_ROWS rows from which quantized linears run the GEMM instead of the GEMV (default: measured on
                          this CPU per layer shape, see kernels/gemm_dispatch.py)
   PERNODE_KERNEL_CACHE   folder of compiled kernels (default ~/.cache/pernode/kernels)
+  PERNODE_COMPILE_CACHE  torch.compile's (inductor's) cache under --compile (default ~/.cache/pernode/inductor);
+                         it becomes TORCHINDUCTOR_CACHE_DIR when the engine compiles
   PERNODE_API_KEY        `pernode serve`'s API key when --api-key is not given (default: none)
   PERNODE_FLEET_STATE    file where `pernode fleet` keeps its deployment's state (default, in a private 0700
                          folder: $XDG_RUNTIME_DIR/pernode/, else ~/.cache/pernode/fleet/, pernode-fleet-<uid>.json)
@@ -125,6 +127,21 @@ def kernel_cache_dir() -> Path:
     """PERNODE_KERNEL_CACHE: where compiled kernels live, else ~/.cache/pernode/kernels."""
     value = _raw("PERNODE_KERNEL_CACHE")
     return Path(value) if value else Path.home() / ".cache" / "pernode" / "kernels"
+
+
+def compile_cache_dir() -> Path:
+    """PERNODE_COMPILE_CACHE: where torch.compile keeps compiled graphs between runs, else ~/.cache/pernode/inductor."""
+    value = _raw("PERNODE_COMPILE_CACHE")
+    return Path(value) if value else Path.home() / ".cache" / "pernode" / "inductor"
+
+
+def omp_num_threads() -> int | None:
+    """OMP_NUM_THREADS as a thread count the user chose for this process; None when unset or not a number >= 1."""
+    try:
+        value = int(_raw("OMP_NUM_THREADS"))
+    except ValueError:
+        return None
+    return value if value >= 1 else None
 
 
 def api_key() -> str | None:

@@ -58,7 +58,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefix-cache-salt", default=None,
                    help="mixed into every prefix-cache key: servers (tenants) with different salts never share "
                         "cached prefixes (default: none)")
-    g.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch")
+    g.add_argument("--threads", "--num-threads", dest="num_threads", type=int, default=None,
+                   help="CPU threads for torch (default: the usable CPUs, or 1 when a start-up probe finds the "
+                        "CPUs too busy for a team; see docs/threads.md)")
+    g.add_argument("--compile", action="store_true",
+                   help="run the forward through torch.compile (compiles at start; cached between runs)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
                    help="KV cache storage: auto (the model's dtype), int8 (per-token scales; ~3.8x the tokens of "
                         "fp32), fp8 e4m3 (CUDA only)")
@@ -71,7 +75,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                         max_num_batched_tokens=args.max_num_batched_tokens,
                         enable_prefix_caching=not args.no_prefix_caching, num_threads=args.num_threads,
                         prefix_cache_salt=args.prefix_cache_salt, gguf_weights=args.gguf_weights,
-                        kv_cache_dtype=args.kv_cache_dtype)
+                        kv_cache_dtype=args.kv_cache_dtype, compile=args.compile)
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:

@@ -14,6 +14,7 @@ import time
 import torch
 
 from pernode.config import EngineConfig
+from pernode.jobs.compare_compiled import compare_compiled, compiled_section
 from pernode.jobs.compare_quantized import build_and_score, measure_speeds
 from pernode.jobs.frontier import (QUICK_VARIANTS, VARIANTS, FrontierSettings, frontier_rows, run_frontier,
                                    variants_named)
@@ -78,6 +79,10 @@ def run_report(config: EngineConfig, out_dir: str = "pernode-report", quick: boo
                   f"in {tput.elapsed_s:.1f} s: [bold]{tput.output_tokens_per_s:.1f} output tok/s[/bold], "
                   f"{tput.requests_per_s:.2f} req/s")
 
+    compiled = None if quick or config.compile else compare_compiled(config, engine)
+    if compiled is not None:
+        console.print(compiled_section(compiled)["title"], compiled["rows"])
+
     console.rule("[bold]4. shrinking the model")
     precision_rows = measure_precision_quality(
         config.model, windows=2 if quick else 4,
@@ -105,6 +110,7 @@ def run_report(config: EngineConfig, out_dir: str = "pernode-report", quick: boo
                    round(tput.output_tokens_per_s / r.output_tokens_per_s, 2)] for r in results]},
         precision_section(precision_rows),
         _quantization_section(quant_rows),
+        compiled_section(compiled),
         _plan_section(fleet, DEFAULT_SLO),
         _frontier_section(frontier),
     ]

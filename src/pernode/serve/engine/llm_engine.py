@@ -25,6 +25,8 @@ from pernode.serve.engine.stop_checker import check_stop
 from pernode.serve.engine.structured_outputs import StructuredOutputManager
 from pernode.serve.kernels.cpu_features import computes_bf16_natively
 from pernode.serve.kernels.kv_quant import check_kv_cache_dtype, kv_bytes_per_token
+from pernode.serve.engine.threads import apply_thread_plan, plan_threads
+from pernode.serve.models.compiled import compile_model, warm_up
 from pernode.serve.models.loader import build_model
 from pernode.serve.models.registry import resolve_model
 from pernode.serve.sampling.params import SamplingParams
@@ -67,8 +69,8 @@ class LLMEngine:
         config.validate()
         self.config = config
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if config.num_threads is not None:
-            torch.set_num_threads(config.num_threads)
+        self.thread_plan = plan_threads(config.num_threads, self.device)
+        apply_thread_plan(self.thread_plan)
         self.dtype = resolve_dtype(config.dtype, self.device)
         check_kv_cache_dtype(config.kv_cache_dtype, self.device)
         self.kv_cache_dtype = config.kv_cache_dtype
@@ -93,6 +95,11 @@ class LLMEngine:
                                  config.prefix_cache_salt)
         self.runner = ModelRunner(self.model, self.num_blocks, self.block_size, self.device, self.dtype,
                                   config.kv_cache_dtype)
+        self.compile_time_s = None
+        if config.compile:
+            compile_model(self.model, self.device)
+            self.compile_time_s = warm_up(self.model, self.runner.kv_caches, self.block_size, self.device)
+            log.info("torch.compile warm-up (compiling, or loading from the cache) took %.1f s", self.compile_time_s)
         max_batched = config.max_num_batched_tokens or (512 if self.device.type == "cpu" else 4096)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_batched,

@@ -6,7 +6,7 @@ import torch
 
 from pernode.serve.engine.request import Request
 from pernode.serve.engine.scheduler import ScheduledBatch
-from pernode.serve.kernels.attention_metadata import AttentionMetadata
+from pernode.serve.kernels.attention_metadata import AttentionMetadata, token_positions
 from pernode.serve.kernels.kv_quant import allocate_kv_cache
 from pernode.serve.models.llama import LlamaForCausalLM
 
@@ -27,21 +27,25 @@ class ModelRunner:
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Flatten the batch: token ids, positions, cache slots, block tables. Returns also the rows whose
         requests have caught up with their tokens and so sample a next token this step."""
-        ids, pos = [], []
-        max_blocks = max(len(r.block_ids) for r in batch.requests)
-        tables = np.zeros((len(batch.requests), max_blocks), dtype=np.int32)
-        num_cached, sample_rows = [], []
-        for i, (request, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
-            start = request.num_computed_tokens
-            ids.extend(request.all_token_ids[start:start + n])
-            tables[i, :len(request.block_ids)] = request.block_ids
-            pos.append(np.arange(start, start + n))
-            num_cached.append(start)
-            if start + n == request.num_tokens:
-                sample_rows.append(i)
+        requests, query_lens = batch.requests, batch.num_new_tokens
+        num_seqs = len(requests)
+        num_cached = [r.num_computed_tokens for r in requests]
+        if max(query_lens) == 1:  # one token per request (decodes, or 1-token prefill chunks at a budget's edge)
+            ids = [r.all_token_ids[start] for r, start in zip(requests, num_cached)]
+            sample_rows = [i for i, (r, start) in enumerate(zip(requests, num_cached)) if start + 1 == r.num_tokens]
+        else:
+            ids, sample_rows = [], []
+            for i, (r, start, n) in enumerate(zip(requests, num_cached, query_lens)):
+                ids.extend(r.all_token_ids[start:start + n])
+                if start + n == r.num_tokens:
+                    sample_rows.append(i)
+        max_blocks = max(len(r.block_ids) for r in requests)
+        tables = np.zeros((num_seqs, max_blocks), dtype=np.int64)
+        for i, r in enumerate(requests):
+            tables[i, :len(r.block_ids)] = r.block_ids
         dev = self.device
-        positions = torch.from_numpy(np.concatenate(pos)).to(dev)
-        meta = AttentionMetadata.build(tables, num_cached, batch.num_new_tokens, self.block_size, dev)
+        positions = torch.from_numpy(token_positions(num_cached, query_lens)).to(dev)
+        meta = AttentionMetadata.build(tables, num_cached, query_lens, self.block_size, dev)
         return torch.tensor(ids, dtype=torch.long, device=dev), positions, meta, sample_rows
 
     @torch.inference_mode()
@@ -56,16 +60,20 @@ class ModelRunner:
         """`execute`, plus the logits at `prompt_positions` (request id -> token positions of this step) for the
         requests that asked for prompt logprobs: only those rows go through the LM head."""
         input_ids, positions, meta, sample_rows = self.prepare(batch)
-        indices = [meta.query_start_loc_cpu[i + 1] - 1 for i in sample_rows]
+        ends = meta.query_start_loc_cpu
+        indices = [ends[i + 1] - 1 for i in sample_rows]
         num_sampled = len(indices)
         spans: dict[str, tuple[int, int]] = {}
         for i, request in enumerate(batch.requests):
             wanted = prompt_positions.get(request.request_id)
             if wanted:
-                offset = meta.query_start_loc_cpu[i] - request.num_computed_tokens  # flat index of position 0
+                offset = ends[i] - request.num_computed_tokens  # flat index of position 0
                 spans[request.request_id] = (len(indices), len(wanted))
                 indices.extend(offset + p for p in wanted)
-        logits_indices = torch.tensor(indices, dtype=torch.long, device=self.device)
+        if not spans and num_sampled == input_ids.shape[0]:  # every row samples (decode): no gather before lm_head
+            logits_indices = None
+        else:
+            logits_indices = torch.tensor(indices, dtype=torch.long, device=self.device)
         logits = self.model(input_ids, positions, self.kv_caches, meta, logits_indices)
         prompt_logits = {rid: logits[start:start + n] for rid, (start, n) in spans.items()}
         return logits[:num_sampled], [batch.requests[i] for i in sample_rows], prompt_logits

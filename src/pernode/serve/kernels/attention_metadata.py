@@ -37,18 +37,28 @@ class AttentionMetadata:
         padded with 0), has `num_cached[s]` tokens in the cache already and brings `query_lens[s]` new ones."""
         tables = np.asarray(block_tables.cpu() if isinstance(block_tables, torch.Tensor) else block_tables,
                             dtype=np.int64)
-        query_start, seq_lens, slots = [0], [], []
-        for s, (start, n) in enumerate(zip(num_cached, query_lens)):
-            pos = np.arange(start, start + n)
-            slots.append(tables[s, pos // block_size] * block_size + pos % block_size)
-            query_start.append(query_start[-1] + n)
-            seq_lens.append(start + n)
-        return cls(query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=device),
-                   seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        # vectorised over all tokens at once: a Python loop per sequence cost ~10 us each at batch 32+
+        query_lens = np.asarray(query_lens, dtype=np.int64)
+        num_cached = np.asarray(num_cached, dtype=np.int64)
+        query_start = np.zeros(len(query_lens) + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=query_start[1:])
+        seq_lens = num_cached + query_lens
+        seq_of_token = np.repeat(np.arange(len(query_lens)), query_lens)
+        pos = token_positions(num_cached, query_lens)
+        slots = tables[seq_of_token, pos // block_size] * block_size + pos % block_size
+        return cls(query_start_loc=torch.from_numpy(query_start.astype(np.int32)).to(device),
+                   seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(device),
                    block_tables=torch.from_numpy(tables.astype(np.int32)).to(device),
-                   slot_mapping=torch.from_numpy(np.concatenate(slots)).to(device),
-                   max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-                   query_start_loc_cpu=query_start, seq_lens_cpu=seq_lens)
+                   slot_mapping=torch.from_numpy(slots).to(device),
+                   max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()),
+                   query_start_loc_cpu=query_start.tolist(), seq_lens_cpu=seq_lens.tolist())
+
+
+def token_positions(num_cached: Sequence[int] | np.ndarray, query_lens: Sequence[int] | np.ndarray) -> np.ndarray:
+    """[T] int64: the position of each new token, sequences end to end (sequence s: num_cached[s] + 0..len-1)."""
+    query_lens = np.asarray(query_lens, dtype=np.int64)
+    starts = np.asarray(num_cached, dtype=np.int64) - (np.cumsum(query_lens) - query_lens)
+    return np.arange(int(query_lens.sum()), dtype=np.int64) + np.repeat(starts, query_lens)
 
 
 def contiguous_block_tables(num_seqs: int, tokens_per_seq: int, block_size: int) -> torch.Tensor:

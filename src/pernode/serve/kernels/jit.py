@@ -46,9 +46,26 @@ def build_name(source: str) -> str:
     return f"pernode_{path.stem}_{h.hexdigest()[:16]}"
 
 
-@functools.lru_cache(maxsize=None)
+# source -> whether it loaded: what traced code reads (see load_extension)
+_LOADED: dict[str, bool] = {}
+
+
 def load_extension(source: str) -> bool:
-    """Build (if needed) and load csrc/<source>, registering its torch.ops.pernode.* ops; False if it failed."""
+    """Build (if needed) and load csrc/<source>, registering its torch.ops.pernode.* ops; False if it failed.
+    Under torch.compile's tracing it only reads the answer of an earlier eager call: tracing into the build (file
+    hashing, the compiler) would break the graph at every layer."""
+    if torch.compiler.is_compiling():
+        return _LOADED.get(source, False)
+    return _load_extension_once(source)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_extension_once(source: str) -> bool:
+    _LOADED[source] = _build_and_load(source)
+    return _LOADED[source]
+
+
+def _build_and_load(source: str) -> bool:
     try:
         # imported here: it pulls in setuptools (~0.15 s), and a missing toolchain must only cost the fast path
         from torch.utils import cpp_extension

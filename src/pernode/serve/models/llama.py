@@ -9,7 +9,6 @@ import math
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pernode import envs
@@ -19,7 +18,7 @@ from pernode.serve.kernels.attention import paged_attention, write_kv_cache
 from pernode.serve.kernels.attention_metadata import AttentionMetadata
 from pernode.serve.kernels.dense_linear import Linear
 from pernode.serve.kernels.layer_ops import native_by_default as layer_ops_native_by_default
-from pernode.serve.kernels.layer_ops import rms_norm, rotary_embedding_
+from pernode.serve.kernels.layer_ops import add_rms_norm, rms_norm, rotary_embedding_, silu_and_mul
 from pernode.serve.kernels.quant_linear import make_quantized_linear, replace_linears
 
 
@@ -33,6 +32,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 as the reference implementations do; bf16 variance loses digits.
         return rms_norm(x, self.weight, self.eps, self.native)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, its RMSNorm) in one pass: the residual add that precedes this norm, fused into it."""
+        return add_rms_norm(x, residual, self.weight, self.eps, self.native)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -112,10 +115,10 @@ class MLP(nn.Module):
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.native = layer_ops_native_by_default()
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.native))
 
 
 class DecoderLayer(nn.Module):
@@ -127,8 +130,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, positions, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+        x, normed = self.post_attention_layernorm.add_forward(h, x)
+        return x + self.mlp(normed)
 
 
 # HF names of separate projections -> (our fused parameter, shard index)

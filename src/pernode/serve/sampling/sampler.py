@@ -132,7 +132,9 @@ class Sampler:
         logits = apply_token_constraints(logits, requests, token_masks)
         greedy_rows = [i for i, r in enumerate(requests) if is_greedy(r.params) and not self._needs_processing(r)]
         token_ids = [0] * len(requests)
-        if greedy_rows:
+        if len(greedy_rows) == len(requests):  # an all-greedy batch: one argmax, no gather, one host copy
+            token_ids = logits.argmax(dim=-1).tolist()
+        elif greedy_rows:
             idx = torch.tensor(greedy_rows, device=logits.device)
             for row, tok in zip(greedy_rows, logits[idx].argmax(dim=-1).tolist()):
                 token_ids[row] = tok
