@@ -27,7 +27,8 @@ def _silu_and_mul(gate_up):
     return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
 
 
-def _paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale):
+def _paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, k_scale=None,
+                     v_scale=None):
     return torch.empty_like(query)
 
 
@@ -39,12 +40,16 @@ def _woq_linear(x, weight, scale, zero_term, bits, group_size, num_threads=0, qu
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
 
 
+def _woq_gemm(x, weight, scale, zero_term, bits, group_size):
+    return x.new_empty((x.shape[0], weight.shape[0]))  # in x's dtype, unlike woq_linear
+
+
 FAKES = {
     "layer_ops.cpp": {"rms_norm": _rms_norm, "rotary_embedding_": _rotary_embedding_,
                       "add_rms_norm": _add_rms_norm, "silu_and_mul": _silu_and_mul},
     "paged_attention.cpp": {"paged_attention": _paged_attention},
     "dense_gemv.cpp": {"dense_gemv": _dense_gemv},
-    "quant_linear.cpp": {"woq_linear": _woq_linear},
+    "quant_linear.cpp": {"woq_linear": _woq_linear, "woq_gemm": _woq_gemm},
 }
 
 
