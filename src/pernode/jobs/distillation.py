@@ -46,25 +46,33 @@ def run_distillation(config: DistillConfig, measure_speed: bool = True, speed_ro
     return result
 
 
-def quick_report_config(out_dir: str) -> DistillConfig:
+def quick_report_config(teacher: str, out_dir: str) -> DistillConfig:
     """The report's own run when no recorded result exists: seconds-scale, enough to show the mechanism (a 2-layer
     student, 12 steps), not to produce a useful draft."""
-    return DistillConfig(teacher="smollm2-135m", out=out_dir, student=StudentSpec(keep_layers=2),
+    return DistillConfig(teacher=teacher, out=out_dir, student=StudentSpec(keep_layers=2),
                          training=TrainingConfig(steps=12, batch_size=2, lr=1e-3, warmup_steps=2),
                          seq_len=64, top_k=32, seq_kd_prompts=0, eval_seq_len=256, eval_windows=2, quiet=True)
 
 
-def distillation_result(out_dir: str, recorded: str | None = None, log=print) -> dict:
-    """A recorded `pernode distill` result (the distill.json of a checkpoint folder) if given and present, else a
-    very short run of `quick_report_config` (what quick reports do: the full run takes tens of minutes)."""
-    if recorded and os.path.isfile(recorded):
+def distillation_report(teacher: str, report_dir: str, log=print) -> dict:
+    """The report's section. A real distillation takes tens of minutes on a CPU node, longer than a report should,
+    so the report shows a recorded run, REPORT_DIR/distill/distill.json (`pernode distill --out
+    REPORT_DIR/distill`), when one exists for this teacher; otherwise it makes a very short run (a 2-layer student,
+    12 steps; about a minute) that shows the mechanism and says so."""
+    folder = os.path.join(report_dir, "distill")
+    recorded = os.path.join(folder, RESULT_JSON)
+    if os.path.isfile(recorded):
         with open(recorded, encoding="utf-8") as f:
             result = json.load(f)
-        result["source"] = f"recorded run: {recorded}"
-        return result
-    result = run_distillation(quick_report_config(out_dir), speed_rounds=1, log=log)
-    result["source"] = "short run inside the report (12 steps; record a real run with `pernode distill`)"
-    return result
+        if result.get("teacher") == teacher:
+            result["source"] = f"Recorded run: {recorded}."
+            return distillation_section(result)
+    log("distillation: no recorded run in the report folder; a 12-step run shows the mechanism")
+    result = run_distillation(quick_report_config(teacher, os.path.join(report_dir, "distill-short")), speed_rounds=1,
+                              log=log)
+    result["source"] = ("A 12-step run inside the report; record a real one with "
+                        f"`pernode distill --model {teacher} --out {folder}`.")
+    return distillation_section(result)
 
 
 def distillation_section(result: dict) -> dict:

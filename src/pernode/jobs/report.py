@@ -14,6 +14,7 @@ from rich.console import Console
 
 from pernode.config import EngineConfig
 from pernode.jobs.compare_quantized import build_and_score, measure_speeds
+from pernode.jobs.distillation import distillation_report
 from pernode.measure.bench.bench_offline import print_results, run_hf_best
 from pernode.measure.bench.offline_throughput import random_workload, run_pernode
 from pernode.measure.profile.profile_schema import save_profile
@@ -74,6 +75,7 @@ def run_report(config: EngineConfig, out_dir: str = "pernode-report", quick: boo
 
     console.rule("[bold]4. shrinking the model")
     quant_rows = _quantization(config.model, out_dir, quick, console)
+    distill_section = distillation_report(config.model, out_dir, console.print)
 
     console.rule("[bold]5. the fleet for a default workload")
     wl = Workload(DEFAULT_WORKLOAD["rate_rps"], LengthDist.uniform(*DEFAULT_WORKLOAD["input_len"]),
@@ -92,6 +94,7 @@ def run_report(config: EngineConfig, out_dir: str = "pernode-report", quick: boo
                    round(r.output_tokens_per_s, 1), round(r.requests_per_s, 2),
                    round(tput.output_tokens_per_s / r.output_tokens_per_s, 2)] for r in results]},
         _quantization_section(quant_rows),
+        distill_section,
         _plan_section(fleet, DEFAULT_SLO),
     ]
     path = write_report_html(os.path.join(out_dir, "report.html"), profile, extra_sections=sections,

@@ -83,7 +83,11 @@ class TrainingConfig:
             raise ValueError(f"temperature={self.temperature} is out of range: allowed > 0")
         if not self.grad_clip > 0:
             raise ValueError(f"grad_clip={self.grad_clip} is out of range: allowed > 0")
-        object.__setattr__(self, "divergence", Divergence(self.divergence))
+        try:
+            object.__setattr__(self, "divergence", Divergence(self.divergence))
+        except ValueError:
+            raise ValueError(f"divergence={self.divergence!r} is not supported: allowed "
+                             f"{', '.join(d.value for d in Divergence)}") from None
         autocast_dtype(self.dtype, torch.device("cpu"))  # validates the name
 
     def to_dict(self) -> dict:
