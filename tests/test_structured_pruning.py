@@ -131,3 +131,22 @@ def test_plans_name_bad_fields():
 class _ConfigOnly:
     def __init__(self, config):
         self.config = config
+
+
+def test_least_squares_refit_reduces_each_layers_error(dense):
+    from pernode.shrink.structured.refit import refit_output_projections
+
+    model, _ = dense
+    windows = torch.randint(100, 5000, (4, 48), generator=torch.Generator().manual_seed(1))
+    pruned = prune_model(model, PruningPlan(heads=2, ffn=48), _importance())
+    report = refit_output_projections(model, pruned, [0, 1, 2], windows)
+    for layer in report:
+        assert layer["attn_error"][1] < layer["attn_error"][0]
+        assert layer["mlp_error"][1] < layer["mlp_error"][0]
+    # nothing pruned: the dense weights are already the least-squares solution, and stay (up to the ridge)
+    same = prune_model(model, PruningPlan(), None)
+    report = refit_output_projections(model, same, [0, 1, 2], windows)
+    assert all(layer["mlp_error"][1] < 1e-2 for layer in report)
+    with torch.no_grad():
+        a, b = _logits(same, windows), _logits(model, windows)
+    assert float((a - b).norm() / b.norm()) < 1e-2

@@ -7,6 +7,7 @@ import torch
 from pernode.serve.models.llama import LlamaForCausalLM
 from pernode.shrink.structured.importance import ActivationImportance
 from pernode.shrink.structured.plan import PruningPlan
+from pernode.shrink.structured.refit import refit_output_projections
 
 
 def _topk_sorted(scores: torch.Tensor, k: int) -> list[int]:
@@ -48,9 +49,11 @@ def evenly_spaced_layers(num_layers: int, keep: int) -> list[int]:
 
 @torch.no_grad()
 def prune_model(model: LlamaForCausalLM, plan: PruningPlan, importance: ActivationImportance | None = None,
-                layer_indices: list[int] | None = None) -> LlamaForCausalLM:
+                layer_indices: list[int] | None = None, refit_windows: torch.Tensor | None = None
+                ) -> LlamaForCausalLM:
     """The pruned model (fp32, CPU, eval mode). `importance` ranks what goes (needed unless only layers are chosen
-    explicitly); `layer_indices` names the kept layers (default: the `plan.layers` of highest block importance)."""
+    explicitly); `layer_indices` names the kept layers (default: the `plan.layers` of highest block importance);
+    with `refit_windows`, o_proj and down_proj are refitted by least squares on them (`refit.py`)."""
     c = model.config
     target = plan.target_config(c)
     width_pruned = (target.num_attention_heads, target.num_key_value_heads, target.intermediate_size) != (
@@ -86,4 +89,7 @@ def prune_model(model: LlamaForCausalLM, plan: PruningPlan, importance: Activati
         new.update({dst + k: v.contiguous().clone() for k, v in layer.items()})
     pruned = LlamaForCausalLM(target, max_positions=model.rotary.max_positions)
     pruned.load_weights(new.items())
-    return pruned.float().eval()
+    pruned = pruned.float().eval()
+    if refit_windows is not None:
+        refit_output_projections(model, pruned, layer_indices, refit_windows)
+    return pruned
