@@ -6,11 +6,14 @@ import argparse
 import json
 import os
 
+import torch
+
 from pernode.cli.options import add_model_argument, int_list
 from pernode.jobs.distillation import run_distillation
 from pernode.serve.models.loader import load_model
 from pernode.shrink.distill import DistillConfig, StudentSpec, TrainingConfig
 from pernode.shrink.distill.student_checkpoint import save_student
+from pernode.shrink.distill.trainer import training_threads
 from pernode.shrink.evaluate.perplexity import calibration_windows, evaluate_perplexity
 from pernode.shrink.structured import PruningPlan, measure_importance, prune_model
 from pernode.shrink.structured.plan import non_embedding_params
@@ -68,6 +71,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--structured", required=True, metavar="SPEC", help="heads=N,kv_heads=N,ffn=N,layers=N")
     p.add_argument("--out", required=True, help="output folder (a dense checkpoint the engine serves)")
     p.add_argument("--calib-windows", type=int, default=8, help="256-token windows of pydoc calibration text")
+    p.add_argument("--refit-windows", type=int, default=4,
+                   help="256-token calibration windows for the least-squares refit of o_proj/down_proj (0: none)")
     p.add_argument("--eval-windows", type=int, default=16, help="512-token windows of held-out perplexity (0: skip)")
     p.set_defaults(func=run_prune)
 
@@ -115,11 +120,15 @@ def run(args: argparse.Namespace) -> int:
 
 def run_prune(args: argparse.Namespace) -> int:
     plan = PruningPlan.parse(args.structured)
+    torch.set_num_threads(training_threads())
     model, source = load_model(args.model)
     plan.target_config(model.config)  # the shapes are checked before any work
-    importance = measure_importance(model, calibration_windows(source.tokenizer, 256, args.calib_windows))
-    pruned = prune_model(model, plan, importance)
-    details = {"teacher": args.model, "plan": plan.to_dict(),
+    calibration = calibration_windows(source.tokenizer, 256, max(args.calib_windows, args.refit_windows))
+    importance = measure_importance(model, calibration[:args.calib_windows])
+    pruned = prune_model(model, plan, importance,
+                         refit_windows=calibration[:args.refit_windows] if args.refit_windows else None)
+    details = {"teacher": args.model, "plan": plan.to_dict(), "calib_windows": args.calib_windows,
+               "refit_windows": args.refit_windows,
                "teacher_non_embedding_params": non_embedding_params(model.config),
                "pruned_non_embedding_params": non_embedding_params(pruned.config)}
     details["param_ratio"] = round(details["pruned_non_embedding_params"] / details["teacher_non_embedding_params"], 4)

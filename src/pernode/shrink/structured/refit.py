@@ -36,7 +36,8 @@ def refit_output_projections(dense, pruned, layer_indices: list[int], windows: t
         attn_target = F.linear(attention_heads(big, h, cos, sin).flatten(2), big.self_attn.o_proj.weight)
         heads = attention_heads(small, h, cos, sin).flatten(2)
         before_attn = _relative_error(F.linear(heads, small.self_attn.o_proj.weight), attn_target)
-        small.self_attn.o_proj.weight.copy_(_solve(heads, attn_target))
+        if small.self_attn.num_heads < big.self_attn.num_heads:  # all heads kept: o_proj is already exact
+            small.self_attn.o_proj.weight.copy_(_solve(heads, attn_target))
         attn_out = F.linear(heads, small.self_attn.o_proj.weight)
         x = x + attn_out
         h = rms_norm_reference(x, small.post_attention_layernorm.weight, small.post_attention_layernorm.eps)
