@@ -220,3 +220,31 @@ def test_student_checkpoint_is_served_by_the_engine(teacher, tmp_path):
         for _ in range(6):
             expected.append(int(training_logits(student, torch.tensor([ids + expected]))[0, -1].argmax()))
     assert out.outputs[0].token_ids == expected
+
+
+def test_cli_flags_map_to_the_student_and_name_conflicts():
+    from pernode.cli import build_parser
+    from pernode.cli.distill import config_from_args
+
+    parse = build_parser().parse_args
+    config = config_from_args(parse(["distill", "--out", "x", "--quick", "--structured", "ffn=1024,layers=20"]))
+    assert config.student.keep_layers == 20 and config.student.layer_choice == "importance"
+    assert config.student.width.ffn == 1024 and config.training.steps == 40
+    assert config_from_args(parse(["distill", "--out", "x"])).student.keep_layers == 8
+    with pytest.raises(ValueError, match="both choose layers"):
+        config_from_args(parse(["distill", "--out", "x", "--structured", "layers=20", "--keep-layers", "8"]))
+
+
+def test_report_section_states_the_kd_comparison():
+    from pernode.jobs.distillation import distillation_section
+
+    result = {"teacher_non_embedding_params": 106e6, "student_non_embedding_params": 28e6, "param_ratio": 0.2667,
+              "student_layers": [0, 29], "config": {"training": {"steps": 40}}, "kd_improvement_pct": -12.5,
+              "perplexity_pydoc": {"teacher": 16.8, "student_init": 1e6, "student_hard_labels": 400.0,
+                                   "student_kd": 450.0},
+              "decode": {"teacher": {"b1_tok_s": 4.0, "b32_tok_s": 40.0}, "student": {"b1_tok_s": 10.0,
+                                                                                   "b32_tok_s": 90.0}}}
+    section = distillation_section(result)
+    assert "raises held-out perplexity by 12.5%" in section["text"]
+    assert [r[0] for r in section["rows"]][-1] == "student, KD, 40 steps"
+    assert section["rows"][-1][2] == 450.0 and section["rows"][-1][4] == 10.0

@@ -137,7 +137,7 @@ def test_least_squares_refit_reduces_each_layers_error(dense):
     from pernode.shrink.structured.refit import refit_output_projections
 
     model, _ = dense
-    windows = torch.randint(100, 5000, (4, 48), generator=torch.Generator().manual_seed(1))
+    windows = torch.randint(100, 5000, (8, 48), generator=torch.Generator().manual_seed(1))
     pruned = prune_model(model, PruningPlan(heads=2, ffn=48), _importance())
     report = refit_output_projections(model, pruned, [0, 1, 2], windows)
     for layer in report:
@@ -150,3 +150,5 @@ def test_least_squares_refit_reduces_each_layers_error(dense):
     with torch.no_grad():
         a, b = _logits(same, windows), _logits(model, windows)
     assert float((a - b).norm() / b.norm()) < 1e-2
+    with pytest.raises(ValueError, match="refit_windows: 96 calibration tokens"):
+        refit_output_projections(model, same, [0, 1, 2], windows[:2])

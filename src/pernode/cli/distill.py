@@ -71,8 +71,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--structured", required=True, metavar="SPEC", help="heads=N,kv_heads=N,ffn=N,layers=N")
     p.add_argument("--out", required=True, help="output folder (a dense checkpoint the engine serves)")
     p.add_argument("--calib-windows", type=int, default=8, help="256-token windows of pydoc calibration text")
-    p.add_argument("--refit-windows", type=int, default=4,
-                   help="256-token calibration windows for the least-squares refit of o_proj/down_proj (0: none)")
+    p.add_argument("--refit-windows", type=int, default=0,
+                   help="256-token calibration windows for the least-squares refit of o_proj/down_proj (0: none; "
+                        "at least 2 tokens per kept channel, e.g. 16 for ffn=1024)")
     p.add_argument("--eval-windows", type=int, default=16, help="512-token windows of held-out perplexity (0: skip)")
     p.set_defaults(func=run_prune)
 

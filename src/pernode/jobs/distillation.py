@@ -93,8 +93,9 @@ def distillation_section(result: dict) -> dict:
     text = (f"Student: teacher layers {result['student_layers']}, {100 * result['param_ratio']:.0f}% of the teacher's "
             f"non-embedding parameters. ")
     if "kd_improvement_pct" in result:
-        text += (f"KD lowers held-out perplexity by {result['kd_improvement_pct']:.1f}% against hard labels at "
-                 f"equal steps. ")
+        gain = result["kd_improvement_pct"]
+        text += (f"At equal steps, KD {'lowers' if gain > 0 else 'raises'} held-out perplexity by {abs(gain):.1f}% "
+                 "against hard labels. ")
     text += result.get("source", "")
     return {"title": "Distillation: a smaller student from the served model (held-out perplexity, decode tok/s)",
             "text": text,

@@ -12,6 +12,9 @@ import torch.nn.functional as F
 from pernode.serve.kernels.layer_ops import rms_norm_reference
 from pernode.shrink.training_forward import attention_heads, mlp_activations, rotary_tables
 
+# Measured on the default model with ffn=1024: 1,024 calibration tokens overfit (held-out ppl 127, against 30 without
+# a refit), 4,096 help (26). Two tokens per unknown is the floor we accept.
+MIN_TOKENS_PER_UNKNOWN = 2
 RIDGE = 1e-3  # relative to the mean diagonal of A^T A: keeps rarely active channels from blowing up
 
 
@@ -27,6 +30,10 @@ def _solve(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def refit_output_projections(dense, pruned, layer_indices: list[int], windows: torch.Tensor) -> list[dict]:
     """Refit pruned.layers[j]'s o_proj and down_proj against dense.layers[layer_indices[j]] on windows [S, L].
     Returns per layer the relative error of the layer's two residual contributions before and after."""
+    unknowns = max(pruned.config.intermediate_size, pruned.config.num_attention_heads * pruned.config.head_dim)
+    if windows.numel() < MIN_TOKENS_PER_UNKNOWN * unknowns:
+        raise ValueError(f"refit_windows: {windows.numel()} calibration tokens for {unknowns} inputs per projection; "
+                         f"allowed >= {MIN_TOKENS_PER_UNKNOWN * unknowns} tokens (fewer overfit the calibration text)")
     cos, sin = rotary_tables(pruned, windows.shape[1], windows.device)
     x = pruned.embed_tokens(windows)
     report = []
