@@ -12,9 +12,9 @@ import re
 from rich.console import Console
 from rich.logging import RichHandler
 
-from pernode.cli import bench, evaluate, fleet, frontier, generate, plan, profile, quantize, report, serve
+from pernode.cli import bench, distill, evaluate, fleet, frontier, generate, plan, profile, quantize, report, serve
 
-COMMANDS = (generate, profile, bench, plan, serve, fleet, report, quantize, evaluate, frontier)
+COMMANDS = (generate, profile, bench, plan, serve, fleet, report, quantize, evaluate, frontier, distill)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ import torch
 from pernode.config import EngineConfig
 from pernode.jobs.compare_compiled import compare_compiled, compiled_section
 from pernode.jobs.compare_quantized import build_and_score, measure_speeds
+from pernode.jobs.distillation import distillation_report
 from pernode.jobs.frontier import (QUICK_VARIANTS, VARIANTS, FrontierSettings, frontier_rows, run_frontier,
                                    variants_named)
 from pernode.jobs.precision_quality import measure_precision_quality, precision_section
@@ -88,6 +89,7 @@ def run_report(config: EngineConfig, out_dir: str = "pernode-report", quick: boo
         config.model, windows=2 if quick else 4,
         progress=lambda r: console.print(f"  {r.dtype}, GGUF weights {r.gguf_weights}: ppl {r.perplexity:.4f}"))
     quant_rows = _quantization(config.model, out_dir, quick, console)
+    distill_section = distillation_report(config.model, out_dir, console.print)
 
     console.rule("[bold]5. the fleet for a default workload")
     wl = Workload(DEFAULT_WORKLOAD["rate_rps"], LengthDist.uniform(*DEFAULT_WORKLOAD["input_len"]),
@@ -110,6 +112,7 @@ def run_report(config: EngineConfig, out_dir: str = "pernode-report", quick: boo
                    round(tput.output_tokens_per_s / r.output_tokens_per_s, 2)] for r in results]},
         precision_section(precision_rows),
         _quantization_section(quant_rows),
+        distill_section,
         compiled_section(compiled),
         _plan_section(fleet, DEFAULT_SLO),
         _frontier_section(frontier),

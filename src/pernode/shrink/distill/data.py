@@ -1,0 +1,124 @@
+"""Offline, real training text for distillation, split deterministically, with its provenance written down.
+
+Sources (every Python installation has them; nothing is downloaded):
+  pydoc      the calibration part of `pydoc_data.topics` (the first 10%, shrink/evaluate's split); the other 90% is
+             the fixed perplexity protocol's evaluation text and is never trained on.
+  stdlib     the standard library's own .py files (source and docstrings) under sysconfig's `stdlib` path, without
+             site-/dist-packages, test suites and __pycache__. A file is held out for evaluation when the SHA-1 of its
+             relative path is 0 mod 20 (~5%), so the split does not depend on the file set or the seed.
+  seq-kd     the teacher's own generations for chat prompts (Kim & Rush 2016), added by `sequence_kd`.
+The seed only decides which training files fill the token budget and the order of windows.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+
+import torch
+
+from pernode.shrink.evaluate.perplexity import corpus_text, split_corpus
+
+EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"}
+HELDOUT_MODULUS = 20
+
+
+def stdlib_root() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+def stdlib_files(root: str | None = None) -> list[str]:
+    """Relative paths of the stdlib's .py files, sorted (the walk order of a filesystem is not deterministic)."""
+    root = root or stdlib_root()
+    found = []
+    for directory, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in EXCLUDED_DIRS]
+        found += [os.path.relpath(os.path.join(directory, f), root) for f in files if f.endswith(".py")]
+    return sorted(found)
+
+
+def is_heldout(relative_path: str) -> bool:
+    return int(hashlib.sha1(relative_path.encode()).hexdigest(), 16) % HELDOUT_MODULUS == 0
+
+
+@dataclass
+class DistillationText:
+    """Training documents and held-out documents (lists of strings) and where they came from."""
+
+    train: list[str]
+    heldout: list[str]
+    provenance: dict = field(default_factory=dict)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (UnicodeDecodeError, OSError):
+        return None
+
+
+def distillation_text(train_chars: int, heldout_chars: int = 200_000, seed: int = 0,
+                      root: str | None = None) -> DistillationText:
+    """About `train_chars` characters of training text (pydoc calibration part first, then stdlib files in seeded
+    order) and up to `heldout_chars` of held-out stdlib files, in path order."""
+    root = root or stdlib_root()
+    files = stdlib_files(root)
+    train_files = [f for f in files if not is_heldout(f)]
+    heldout_files = [f for f in files if is_heldout(f)]
+    random.Random(seed).shuffle(train_files)
+    pydoc_train = split_corpus(corpus_text())[0]
+    train, used, total = [pydoc_train], [], len(pydoc_train)
+    for rel in train_files:
+        if total >= train_chars:
+            break
+        text = _read(os.path.join(root, rel))
+        if text and text.strip():
+            train.append(text)
+            used.append(rel)
+            total += len(text)
+    heldout, heldout_used, held = [], [], 0
+    for rel in heldout_files:
+        if held >= heldout_chars:
+            break
+        text = _read(os.path.join(root, rel))
+        if text and text.strip():
+            heldout.append(text)
+            heldout_used.append(rel)
+            held += len(text)
+    provenance = {
+        "python": sys.version.split()[0],
+        "pydoc": {"source": "pydoc_data.topics (Python stdlib), topics joined in sorted-key order",
+                  "used": "first 10% (the calibration split of shrink/evaluate); the other 90% is the perplexity "
+                          "evaluation text and is never trained on", "chars": len(pydoc_train)},
+        "stdlib": {"root": root, "excluded_dirs": sorted(EXCLUDED_DIRS), "files_total": len(files),
+                   "heldout_rule": f"sha1(relative path) % {HELDOUT_MODULUS} == 0",
+                   "train_files_used": len(used), "train_chars": total - len(pydoc_train),
+                   "heldout_files_used": len(heldout_used), "heldout_chars": held, "seed": seed,
+                   "train_files_sha1": hashlib.sha1("\n".join(used).encode()).hexdigest()},
+        "license": "Python Software Foundation License (the CPython distribution's documentation and source)",
+    }
+    return DistillationText(train, heldout, provenance)
+
+
+def pack_windows(documents: list[list[int]], seq_len: int, separator: int | None) -> torch.Tensor:
+    """Token documents laid end to end (separated by `separator`, e.g. EOS) and cut into [N, seq_len] windows; the
+    trailing partial window is dropped."""
+    stream: list[int] = []
+    for doc in documents:
+        stream += doc
+        if separator is not None:
+            stream.append(separator)
+    n = len(stream) // seq_len
+    if n == 0:
+        raise ValueError(f"the training text has {len(stream)} tokens, fewer than one window of seq_len={seq_len}")
+    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def shuffled_windows(windows: torch.Tensor, seed: int) -> torch.Tensor:
+    """Windows in a seeded order, so packing order (pydoc, files, generations) does not become batch order."""
+    order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))
+    return windows[order]
