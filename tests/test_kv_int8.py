@@ -169,7 +169,7 @@ def test_engine_int8_kv_holds_more_tokens_and_decodes_the_same(tmp_path):
     tokens, blocks = {}, {}
     for kv_dtype in ("auto", "int8"):
         engine = LLMEngine(EngineConfig(model=folder, device="cpu", kv_cache_bytes=2**20, max_model_len=256,
-                                        kv_cache_dtype=kv_dtype))
+                                        dtype="float32", kv_cache_dtype=kv_dtype))
         for i, p in enumerate(prompts):
             engine.add_request(str(i), p, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
         done = {}
