@@ -18,6 +18,7 @@ from pernode.serve.engine.outputs import FinishReason, RequestOutput
 from pernode.serve.engine.prompt_validation import PromptValidator
 from pernode.serve.engine.request import Request, RequestStatus
 from pernode.serve.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from pernode.serve.engine.spec_decode import SpecDecodeStats, Speculator
 from pernode.serve.engine.step_timer import decode_step_times_s
 from pernode.serve.engine.stop_checker import check_stop
 from pernode.serve.models.loader import build_model
@@ -49,6 +50,7 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens: int
     generation_tokens: int
+    spec_decode: SpecDecodeStats | None = None  # with speculative decoding on
 
 
 class LLMEngine:
@@ -87,6 +89,9 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_batched,
             enable_chunked_prefill=config.enable_chunked_prefill), self.kv)
         self.sampler = Sampler()
+        self.speculator = None if config.speculative is None else Speculator.create(
+            config.speculative, self.model_config, self.tokenizer, self.num_blocks, self.block_size, self.device,
+            self.dtype, self.max_model_len)
         self._prompt_validator = PromptValidator(self.tokenizer, self.model_config.vocab_size, self.max_model_len,
                                                self.kv)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -174,6 +179,9 @@ class LLMEngine:
     # ---- the loop: schedule, execute, update ------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running, self.kv, self.scheduler.config.max_num_batched_tokens,
+                                    self.max_model_len)
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
@@ -183,8 +191,13 @@ class LLMEngine:
                 r.times.first_scheduled_s = now
                 self.prompt_tokens_total += r.num_prompt_tokens
         try:
+            started = time.perf_counter()
             logits, sampling = self.runner.execute(batch)
-            result = self.sampler(logits, sampling)
+            if self.speculator is None:
+                result = self.sampler(logits, sampling)
+            else:
+                result = self.speculator.sample(logits, sampling, self.sampler)
+                self.speculator.record_step(sum(batch.num_new_tokens), time.perf_counter() - started)
         except Exception as exc:  # one bad step fails its own requests; the engine keeps serving others
             log.exception("engine step failed; failing its %d requests", len(batch.requests))
             return outputs + self._fail(batch, f"{type(exc).__name__}: {exc}")
@@ -194,21 +207,23 @@ class LLMEngine:
         now = time.monotonic()
         for request, n in zip(batch.requests, batch.num_new_tokens):
             request.num_computed_tokens += n
+            if request.spec_token_ids:  # the K/V of rejected proposed tokens is dropped
+                self.speculator.roll_back(request, self.kv)
             self.kv.cache_computed_blocks(request)
         touched: dict[str, RequestGroup] = {}
         for i, request in enumerate(sampling):
-            token_id = result.token_ids[i]
-            request.append_token(token_id)
-            self.generation_tokens_total += 1
-            if request.times.first_token_s is None:
-                request.times.first_token_s = now
-            finish = check_stop(request, self.max_model_len)
-            finish = self.output_processor.process_token(request, token_id, result.logprobs[i],
-                                                         result.top_logprobs[i], finish)
-            if finish is not None:
-                request.finish_reason = finish
-                request.times.finished_s = now
-                self.scheduler.finish(request)
+            for token_id, logprob, top in result.row(i):  # several tokens when proposals were accepted
+                request.append_token(token_id)
+                self.generation_tokens_total += 1
+                if request.times.first_token_s is None:
+                    request.times.first_token_s = now
+                finish = check_stop(request, self.max_model_len)
+                finish = self.output_processor.process_token(request, token_id, logprob, top, finish)
+                if finish is not None:
+                    request.finish_reason = finish
+                    request.times.finished_s = now
+                    self.scheduler.finish(request)
+                    break
             touched[request.group_id] = self.output_processor.groups[request.group_id]
         # Samples 2..n start once the first sample's prompt blocks are cached.
         for request in batch.requests:
@@ -250,6 +265,9 @@ class LLMEngine:
 
     def _forget(self, group: RequestGroup) -> None:
         self._held_samples.pop(group.request_id, None)
+        if self.speculator is not None:
+            for request in group.requests:
+                self.speculator.forget(request.request_id)
         self.output_processor.remove(group)
 
     # ---- observability ----------------------------------------------------------------------------------
@@ -260,4 +278,5 @@ class LLMEngine:
             kv_cache_usage=self.kv.usage(), num_blocks=self.num_blocks, num_free_blocks=self.kv.pool.num_free,
             prefix_cache_queries=self.kv.stats.queries_tokens, prefix_cache_hits=self.kv.stats.hits_tokens,
             num_preemptions=self.scheduler.num_preemptions, prompt_tokens=self.prompt_tokens_total,
-            generation_tokens=self.generation_tokens_total)
+            generation_tokens=self.generation_tokens_total,
+            spec_decode=None if self.speculator is None else self.speculator.stats.copy())

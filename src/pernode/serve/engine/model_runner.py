@@ -24,18 +24,20 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Flatten the batch: token ids, positions, cache slots, block tables. Returns also the rows whose
-        requests have caught up with their tokens and so sample a next token this step."""
+        requests have caught up with their tokens and so sample a next token this step (after their proposed
+        tokens, if any, which are laid out after the request's own)."""
         ids, pos = [], []
         max_blocks = max(len(r.block_ids) for r in batch.requests)
         tables = np.zeros((len(batch.requests), max_blocks), dtype=np.int32)
         num_cached, sample_rows = [], []
         for i, (request, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
             start = request.num_computed_tokens
-            ids.extend(request.all_token_ids[start:start + n])
+            tokens = request.all_token_ids + request.spec_token_ids if request.spec_token_ids else request.all_token_ids
+            ids.extend(tokens[start:start + n])
             tables[i, :len(request.block_ids)] = request.block_ids
             pos.append(np.arange(start, start + n))
             num_cached.append(start)
-            if start + n == request.num_tokens:
+            if start + n == len(tokens):
                 sample_rows.append(i)
         dev = self.device
         positions = torch.from_numpy(np.concatenate(pos)).to(dev)
@@ -44,9 +46,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Request]]:
-        """Run one forward; logits [S, vocab] (fp32) of the requests that sample this step, and those requests."""
+        """Run one forward; logits (fp32) of the requests that sample this step, and those requests: one row each,
+        or 1 + len(spec_token_ids) consecutive rows for a request verifying proposed tokens."""
         input_ids, positions, meta, sample_rows = self.prepare(batch)
-        logits_indices = torch.tensor([meta.query_start_loc_cpu[i + 1] - 1 for i in sample_rows],
-                                      dtype=torch.long, device=self.device)
+        rows = []
+        for i in sample_rows:
+            end = meta.query_start_loc_cpu[i + 1]
+            rows.extend(range(end - 1 - len(batch.requests[i].spec_token_ids), end))
+        logits_indices = torch.tensor(rows, dtype=torch.long, device=self.device)
         logits = self.model(input_ids, positions, self.kv_caches, meta, logits_indices)
         return logits, [batch.requests[i] for i in sample_rows]
