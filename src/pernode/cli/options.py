@@ -50,6 +50,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="mixed into every prefix-cache key: servers (tenants) with different salts never share "
                         "cached prefixes (default: none)")
     g.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch")
+    g.add_argument("--speculative", default=None, metavar="SPEC",
+                   help="speculative decoding: 'ngram,k=4' (prompt lookup; ngram_min=N, ngram_max=N) or "
+                        "'draft=PATH,k=4' (a smaller model with the same tokenizer); add adaptive=false for a fixed k")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -58,7 +61,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens,
                         enable_prefix_caching=not args.no_prefix_caching, num_threads=args.num_threads,
-                        prefix_cache_salt=args.prefix_cache_salt)
+                        prefix_cache_salt=args.prefix_cache_salt,
+                        speculative=getattr(args, "speculative", None))
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:

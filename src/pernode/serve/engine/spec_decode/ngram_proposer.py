@@ -12,8 +12,10 @@ from pernode.serve.engine.spec_decode.proposal import Proposal
 
 
 def find_continuation(token_ids: np.ndarray, ngram_min: int, ngram_max: int, k: int) -> list[int]:
-    """Up to k tokens following the latest earlier match of the sequence's last n tokens, trying the longest n
-    first (a longer match is stronger evidence); [] when no suffix of ngram_min..ngram_max tokens recurs."""
+    """Up to k tokens following the latest earlier match of the sequence's last n tokens that has k tokens after
+    it (else the match with the most), trying the longest n first (a longer match is stronger evidence); [] when
+    no suffix of ngram_min..ngram_max tokens recurs. In a repeating stretch the latest match sits right before
+    the end and would offer one token where the period offers k."""
     length = len(token_ids)
     for n in range(min(ngram_max, length - 1), ngram_min - 1, -1):
         suffix = token_ids[length - n:]
@@ -21,7 +23,8 @@ def find_continuation(token_ids: np.ndarray, ngram_min: int, ngram_max: int, k: 
         windows = np.lib.stride_tricks.sliding_window_view(token_ids[:length - 1], n)
         hits = np.flatnonzero((windows == suffix).all(axis=1))
         if hits.size:
-            start = int(hits[-1]) + n
+            full = hits[hits + n + k <= length]
+            start = int(full[-1] if full.size else hits[0]) + n
             return token_ids[start:start + k].tolist()
     return []
 
