@@ -75,7 +75,8 @@ def ids(outputs):
 @pytest.fixture(scope="module")
 def baseline(target):
     llm = LLM(target, **ENGINE)
-    return {"readme": ids(llm.generate(README_PROMPTS, greedy())), "random": ids(llm.generate(random_prompts(), greedy()))}
+    return {"readme": ids(llm.generate(README_PROMPTS, greedy())),
+            "random": ids(llm.generate(random_prompts(), greedy()))}
 
 
 def registered_blocks_hold_kept_tokens(llm, sequences):

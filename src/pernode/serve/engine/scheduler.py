@@ -54,6 +54,10 @@ class Scheduler:
                 num_new += len(request.spec_token_ids)
             num_new = min(num_new, budget)
             while not self.kv.allocate(request, num_new):
+                if request.spec_token_ids:  # speculation never costs another request its blocks
+                    num_new -= len(request.spec_token_ids)
+                    request.spec_token_ids = []
+                    continue
                 victim = self.running.pop()  # the newest request gives its blocks back
                 self._preempt(victim)
                 batch.preempted.append(victim)

@@ -77,10 +77,11 @@ class Speculator:
         plan = [max(0, min(k, max_model_len - r.num_tokens - 1,
                            (r.params.max_tokens or max_model_len) - r.num_output_tokens - 1))
                 for r, k in zip(decoding, plan)]
+        # Blocks for the proposals now (the draft writes K/V into them; the verifying step needs them anyway), but
+        # never the blocks the decoding requests may need for their own next token: speculation must not preempt.
+        reserve = len(decoding)
         if self.proposer.needs_blocks_ahead:
-            # the draft writes K/V for its proposals: room for them now (the verifying step needs it anyway)
-            plan = [k if k > 0 and kv.allocate(r, r.num_tokens + k - r.num_computed_tokens) else 0
-                    for r, k in zip(decoding, plan)]
+            plan = [k if k > 0 and self._allocate(r, k, kv, reserve) else 0 for r, k in zip(decoding, plan)]
         if not any(plan):
             self.stats.num_steps_declined += 1
             return
@@ -88,9 +89,16 @@ class Speculator:
         proposals = self.proposer.propose(decoding, plan)
         self.propose_cost.record(sum(plan), time.perf_counter() - started)
         for r, proposal in zip(decoding, proposals):
-            if proposal.token_ids:
+            if proposal.token_ids and (self.proposer.needs_blocks_ahead
+                                       or self._allocate(r, len(proposal.token_ids), kv, reserve)):
                 r.spec_token_ids = list(proposal.token_ids)
                 self._proposals[r.request_id] = proposal
+
+    @staticmethod
+    def _allocate(request: Request, num_proposed: int, kv: KVCacheManager, reserve: int) -> bool:
+        needed = kv.blocks_needed(request.num_tokens + num_proposed) - len(request.block_ids)
+        return needed <= 0 or (kv.pool.num_free - needed >= reserve
+                               and kv.allocate(request, request.num_tokens + num_proposed - request.num_computed_tokens))
 
     # ---- after the forward: verify ---------------------------------------------------------------------
     def record_step(self, num_tokens: int, seconds: float) -> None:
