@@ -212,3 +212,14 @@ def test_options_validate_and_parse(target, tmp_path):
     for command in (["generate", "x"], ["serve"], ["profile"]):
         args = build_parser().parse_args(command + ["--speculative", "ngram,k=3"])
         assert engine_config_from_args(args).speculative.k == 3
+
+
+def test_default_model_readme_prompts_identical(default_gguf_path):
+    """The packaged model: README prompts and a copy-this-code prompt, greedy, with and without prompt lookup."""
+    prompts = ["The capital of France is", "def fib(n):",
+               "def add(a, b):\n    return a + b\n\n\ndef add(a, b):\n    return a + b\n\n\ndef add(a, b):\n"]
+    options = dict(num_blocks=64, max_model_len=256)
+    plain = ids(LLM(default_gguf_path, **options).generate(prompts, greedy(12)))
+    spec = LLM(default_gguf_path, speculative="ngram,k=4,adaptive=false", **options)
+    assert ids(spec.generate(prompts, greedy(12))) == plain
+    assert spec.engine.stats().spec_decode.num_accepted_tokens > 0
