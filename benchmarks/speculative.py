@@ -33,6 +33,8 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--quick", action="store_true", help="2 prompts of 32 tokens at batch 1; 16 at the concurrency")
     p.add_argument("--skip-concurrency", action="store_true")
+    p.add_argument("--proposers", default="off,ngram,draft", help="which of off,ngram,draft to run")
+    p.add_argument("--workloads", default="chat,grounded", help="batch-1 workloads: chat,grounded")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.quick:
@@ -43,8 +45,10 @@ def main() -> int:
         proposers["draft"] = SpeculativeConfig("draft", k=args.k, draft_model=args.draft)
     else:
         print(f"draft model {args.draft!r} not found: the draft proposer is skipped", file=sys.stderr)
+    proposers = {k: v for k, v in proposers.items() if k in args.proposers.split(",")}
     print(f"load average before: {load_average()}", flush=True)
-    rows = measure_speculation(config, proposers, args.num_prompts, args.max_tokens)
+    rows = measure_speculation(config, proposers, args.num_prompts, args.max_tokens,
+                               workloads=tuple(args.workloads.split(",")))
     if not args.skip_concurrency:
         n = 16 if args.quick else args.concurrency
         rows += measure_speculation(config, proposers, n // 2, args.max_tokens, concurrency=n, workloads=("mixed",))
