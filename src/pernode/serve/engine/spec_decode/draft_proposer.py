@@ -49,6 +49,7 @@ class DraftModelProposer:
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
                            torch.zeros(shape, dtype=dtype, device=device)) for _ in range(c.num_hidden_layers)]
         self.num_computed: dict[str, tuple[int, int]] = {}  # request id -> (its num_preemptions, draft tokens done)
+        self.last_call_caught_up = False  # whether the last call also prefilled (its time says little of the next)
 
     def forget(self, request_id: str) -> None:
         self.num_computed.pop(request_id, None)
@@ -65,6 +66,8 @@ class DraftModelProposer:
             preemptions, done = self.num_computed.get(r.request_id, (r.num_preemptions, 0))
             done = min(done, r.num_computed_tokens) if preemptions == r.num_preemptions else 0
             feeds.append((i, done, r.all_token_ids[done:]))
+        # after a verification a request brings at most k + 1 new tokens; more means a prompt or a preemption
+        self.last_call_caught_up = any(len(t) > max(num_tokens) + 2 for _, _, t in feeds)
         while feeds:
             logits = self._forward([requests[i] for i, _, _ in feeds], [(s, t) for _, s, t in feeds])
             next_feeds = []

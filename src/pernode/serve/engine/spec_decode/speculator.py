@@ -87,7 +87,8 @@ class Speculator:
             return
         started = time.perf_counter()
         proposals = self.proposer.propose(decoding, plan)
-        self.propose_cost.record(sum(plan), time.perf_counter() - started)
+        if not self.proposer.last_call_caught_up:  # a draft's prefill is paid once per request, not per proposal
+            self.propose_cost.record(sum(plan), time.perf_counter() - started)
         for r, proposal in zip(decoding, proposals):
             if proposal.token_ids and (self.proposer.needs_blocks_ahead
                                        or self._allocate(r, len(proposal.token_ids), kv, reserve)):
