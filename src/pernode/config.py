@@ -71,6 +71,8 @@ class EngineConfig:
     num_threads: int | None = None  # CPU threads for torch; default: chosen at start (serve/engine/threads.py)
     compile: bool = False  # run the forward through torch.compile (serve/models/compiled.py)
     kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES: int8/fp8 store K/V quantized with per-token scales
+    # speculative decoding: a SpeculativeConfig, its dict, or the CLI text ("ngram,k=4", "draft=PATH,k=4")
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -100,3 +102,79 @@ class EngineConfig:
                              f"{', '.join(KV_CACHE_DTYPES)}")
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype={self.dtype!r} is not supported: allowed {', '.join(sorted(DTYPE_NAMES))}")
+        if self.speculative is not None:
+            self.speculative = SpeculativeConfig.coerce(self.speculative)
+
+
+SPECULATIVE_METHODS = ("ngram", "draft")
+MAX_SPECULATIVE_TOKENS = 16
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding: who proposes tokens (`ngram`: prompt lookup; `draft`: a smaller model with the same
+    tokenizer at `draft_model`) and at most how many per request and step (`k`; adaptive below that)."""
+
+    method: str = "ngram"
+    k: int = 4  # the most tokens proposed per request and step
+    draft_model: str | None = None  # a name or path the engine can load; required by method="draft"
+    ngram_min: int = 1  # prompt lookup: the shortest suffix n-gram searched for earlier in the sequence
+    ngram_max: int = 3  # ... and the longest (tried first)
+    adaptive: bool = True  # k per request from its acceptance; none when verifying would cost more than it saves
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative.method={self.method!r} is not supported: allowed "
+                             f"{', '.join(SPECULATIVE_METHODS)}")
+        check_range("speculative.k", self.k, 1, MAX_SPECULATIVE_TOKENS)
+        check_range("speculative.ngram_min", self.ngram_min, 1, 64)
+        check_range("speculative.ngram_max", self.ngram_max, self.ngram_min, 64)
+        if (self.method == "draft") != bool(self.draft_model):
+            raise ValueError(f"speculative.draft_model={self.draft_model!r} is not allowed with "
+                             f"method={self.method!r}: method 'draft' needs a draft model path, 'ngram' takes none")
+        if not isinstance(self.adaptive, bool):
+            raise ValueError(f"speculative.adaptive={self.adaptive!r} is out of range: allowed true or false")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def coerce(cls, value: SpeculativeConfig | dict | str) -> SpeculativeConfig:
+        """A SpeculativeConfig from itself, its dict (EngineConfig.from_dict) or the CLI's text."""
+        if isinstance(value, cls):
+            value.validate()
+            return value
+        if isinstance(value, dict):
+            return cls(**known_fields(cls, value, "speculative settings"))
+        if isinstance(value, str):
+            return cls.parse(value)
+        raise ValueError(f"speculative={value!r} is not supported: allowed 'ngram,k=4', 'draft=PATH,k=4', "
+                         "a dict or a SpeculativeConfig")
+
+    @classmethod
+    def parse(cls, text: str) -> SpeculativeConfig:
+        """`ngram`, `ngram,k=6,ngram_max=4`, `draft=PATH,k=4`, `...,adaptive=false`: the CLI's --speculative."""
+        fields: dict = {}
+        for part in (p.strip() for p in text.split(",")):
+            key, _, value = part.partition("=")
+            key = key.strip().replace("-", "_")
+            if key == "ngram" and not value:
+                fields["method"] = "ngram"
+            elif key == "draft":
+                fields["method"], fields["draft_model"] = "draft", value.strip() or None
+            elif key in ("k", "ngram_min", "ngram_max"):
+                try:
+                    fields[key] = int(value)
+                except ValueError:
+                    raise ValueError(f"speculative.{key}={value!r} is not an integer") from None
+            elif key == "adaptive" and value.lower() in ("true", "false", "on", "off"):
+                fields[key] = value.lower() in ("true", "on")
+            else:
+                raise ValueError(f"speculative: {part!r} is not understood: allowed 'ngram' or 'draft=PATH', then "
+                                 "k=N, ngram_min=N, ngram_max=N, adaptive=true|false")
+        if "method" not in fields:
+            raise ValueError(f"speculative={text!r} names no proposer: start with 'ngram' or 'draft=PATH'")
+        return cls(**fields)

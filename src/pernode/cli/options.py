@@ -66,6 +66,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
                    help="KV cache storage: auto (the model's dtype), int8 (per-token scales; ~3.8x the tokens of "
                         "fp32), fp8 e4m3 (CUDA only)")
+    g.add_argument("--speculative", default=None, metavar="SPEC",
+                   help="speculative decoding: 'ngram,k=4' (prompt lookup; ngram_min=N, ngram_max=N) or "
+                        "'draft=PATH,k=4' (a smaller model with the same tokenizer); add adaptive=false for a fixed k")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -75,7 +78,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                         max_num_batched_tokens=args.max_num_batched_tokens,
                         enable_prefix_caching=not args.no_prefix_caching, num_threads=args.num_threads,
                         prefix_cache_salt=args.prefix_cache_salt, gguf_weights=args.gguf_weights,
-                        kv_cache_dtype=args.kv_cache_dtype, compile=args.compile)
+                        kv_cache_dtype=args.kv_cache_dtype, compile=args.compile,
+                        speculative=getattr(args, "speculative", None))
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:

@@ -13,13 +13,14 @@ import time
 
 import torch
 
-from pernode.config import EngineConfig
+from pernode.config import EngineConfig, SpeculativeConfig
 from pernode.jobs.compare_compiled import compare_compiled, compiled_section
 from pernode.jobs.compare_quantized import build_and_score, measure_speeds
 from pernode.jobs.distillation import distillation_report
 from pernode.jobs.frontier import (QUICK_VARIANTS, VARIANTS, FrontierSettings, frontier_rows, run_frontier,
                                    variants_named)
 from pernode.jobs.precision_quality import measure_precision_quality, precision_section
+from pernode.jobs.speculative import measure_speculation, speculation_section
 from pernode.measure.bench.bench_offline import print_results, run_hf_best
 from pernode.measure.bench.offline_throughput import random_workload, run_pernode
 from pernode.measure.profile.profile_schema import save_profile
@@ -80,6 +81,9 @@ def run_report(config: EngineConfig, out_dir: str = "pernode-report", quick: boo
                   f"in {tput.elapsed_s:.1f} s: [bold]{tput.output_tokens_per_s:.1f} output tok/s[/bold], "
                   f"{tput.requests_per_s:.2f} req/s")
 
+    console.rule("[bold]3b. speculative decoding at batch 1")
+    spec_rows = _speculation(config, quick)
+
     compiled = None if quick or config.compile else compare_compiled(config, engine)
     if compiled is not None:
         console.print(compiled_section(compiled)["title"], compiled["rows"])
@@ -111,6 +115,7 @@ def run_report(config: EngineConfig, out_dir: str = "pernode-report", quick: boo
                    round(r.output_tokens_per_s, 1), round(r.requests_per_s, 2),
                    round(tput.output_tokens_per_s / r.output_tokens_per_s, 2)] for r in results]},
         precision_section(precision_rows),
+        speculation_section(spec_rows),
         _quantization_section(quant_rows),
         distill_section,
         compiled_section(compiled),
@@ -140,6 +145,15 @@ def _quantization(model: str, out_dir: str, quick: bool, console) -> list[dict]:
                       f"({100 * (r['ppl'] / base['ppl'] - 1):+6.2f}%)  batch-1 decode {r['decode_b1_tok_s']:6.1f} "
                       f"tok/s ({r['decode_b1_tok_s'] / base['decode_b1_tok_s']:.2f}x)")
     return rows
+
+
+def _speculation(config: EngineConfig, quick: bool) -> list:
+    """Batch-1 TPOT without speculation, with prompt lookup, and with the draft model of --speculative if any."""
+    proposers = {"off": None, "ngram": SpeculativeConfig("ngram")}
+    if config.speculative is not None and config.speculative.method == "draft":
+        proposers["draft"] = config.speculative
+    return measure_speculation(dataclasses.replace(config, speculative=None), proposers,
+                               num_prompts=1 if quick else 4, max_tokens=32 if quick else 64)
 
 
 def _quantization_section(rows: list[dict]) -> dict:

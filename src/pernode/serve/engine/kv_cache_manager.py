@@ -84,11 +84,20 @@ class KVCacheManager:
         """Register blocks that are now full of computed tokens, so later requests can share them."""
         if not self.enable_prefix_caching:
             return
-        num_full = request.num_computed_tokens // self.block_size
+        # capped by the tokens the request holds: accepted proposed tokens are computed before they are appended
+        num_full = min(request.num_computed_tokens, request.num_tokens) // self.block_size
         for i in range(request.num_hashed_blocks, num_full):
             block_hash, parent, tokens = self._full_block_hash(request, i)
             self.pool.register(self.pool.blocks[request.block_ids[i]], block_hash, parent, tokens)
         request.num_hashed_blocks = max(request.num_hashed_blocks, num_full)
+
+    def free_tail(self, request: Request, num_tokens: int) -> None:
+        """Give back the blocks past the first `num_tokens` tokens (those that held rejected proposed tokens).
+        They were never registered in the prefix cache: only blocks full of computed, kept tokens are."""
+        keep = self.blocks_needed(num_tokens)
+        if len(request.block_ids) > keep:
+            self.pool.free([self.pool.blocks[b] for b in reversed(request.block_ids[keep:])])
+            del request.block_ids[keep:]
 
     def free(self, request: Request) -> None:
         self.pool.free([self.pool.blocks[b] for b in reversed(request.block_ids)])

@@ -20,6 +20,7 @@ from pernode.serve.engine.prompt_logprobs import PromptLogprobs
 from pernode.serve.engine.prompt_validation import PromptValidator
 from pernode.serve.engine.request import Request, RequestStatus
 from pernode.serve.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from pernode.serve.engine.spec_decode import SpecDecodeStats, Speculator
 from pernode.serve.engine.step_timer import decode_step_times_s
 from pernode.serve.engine.stop_checker import check_stop
 from pernode.serve.engine.structured_outputs import StructuredOutputManager
@@ -57,6 +58,7 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens: int
     generation_tokens: int
+    spec_decode: SpecDecodeStats | None = None  # with speculative decoding on
 
 
 class LLMEngine:
@@ -105,6 +107,9 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_batched,
             enable_chunked_prefill=config.enable_chunked_prefill), self.kv)
         self.sampler = Sampler()
+        self.speculator = None if config.speculative is None else Speculator.create(
+            config.speculative, self.model_config, self.tokenizer, self.num_blocks, self.block_size, self.device,
+            self.dtype, self.max_model_len)
         self._prompt_validator = PromptValidator(self.tokenizer, self.model_config.vocab_size, self.max_model_len,
                                                self.kv)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -198,6 +203,9 @@ class LLMEngine:
     # ---- the loop: schedule, execute, update ------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running, self.kv, self.scheduler.config.max_num_batched_tokens,
+                                    self.max_model_len)
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
@@ -207,6 +215,7 @@ class LLMEngine:
                 r.times.first_scheduled_s = now
                 self.prompt_tokens_total += r.num_prompt_tokens
         try:
+            started = time.perf_counter()
             masks = self.structured_outputs.start_masks(batch)  # computed while the forward pass runs
             prompt_positions = self.prompt_logprobs.positions(batch)
             if prompt_positions:
@@ -214,7 +223,12 @@ class LLMEngine:
                 self.prompt_logprobs.record({r.request_id: r for r in batch.requests}, prompt_logits)
             else:
                 logits, sampling = self.runner.execute(batch)
-            result = self.sampler(logits, sampling, masks.result() if masks is not None else None)
+            token_masks = masks.result() if masks is not None else None
+            if self.speculator is None:
+                result = self.sampler(logits, sampling, token_masks)
+            else:
+                result = self.speculator.sample(logits, sampling, self.sampler, token_masks)
+                self.speculator.record_step(sum(batch.num_new_tokens), time.perf_counter() - started)
         except Exception as exc:  # one bad step fails its own requests; the engine keeps serving others
             log.exception("engine step failed; failing its %d requests", len(batch.requests))
             return outputs + self._fail(batch, f"{type(exc).__name__}: {exc}")
@@ -224,22 +238,24 @@ class LLMEngine:
         now = time.monotonic()
         for request, n in zip(batch.requests, batch.num_new_tokens):
             request.num_computed_tokens += n
+            if request.spec_token_ids:  # the K/V of rejected proposed tokens is dropped
+                self.speculator.roll_back(request, self.kv)
             self.kv.cache_computed_blocks(request)
         touched: dict[str, RequestGroup] = {}
         for i, request in enumerate(sampling):
-            token_id = result.token_ids[i]
-            request.append_token(token_id)
-            self.generation_tokens_total += 1
-            if request.times.first_token_s is None:
-                request.times.first_token_s = now
-            grammar_finish = self.structured_outputs.accept(request, token_id)  # the token's text stays
-            finish = check_stop(request, self.max_model_len)
-            finish = self.output_processor.process_token(request, token_id, result.logprobs[i],
-                                                         result.top_logprobs[i], finish) or grammar_finish
-            if finish is not None:
-                request.finish_reason = finish
-                request.times.finished_s = now
-                self.scheduler.finish(request)
+            for token_id, logprob, top in result.row(i):  # several tokens when proposals were accepted
+                request.append_token(token_id)
+                self.generation_tokens_total += 1
+                if request.times.first_token_s is None:
+                    request.times.first_token_s = now
+                grammar_finish = self.structured_outputs.accept(request, token_id)  # the token's text stays
+                finish = check_stop(request, self.max_model_len)
+                finish = self.output_processor.process_token(request, token_id, logprob, top, finish) or grammar_finish
+                if finish is not None:
+                    request.finish_reason = finish
+                    request.times.finished_s = now
+                    self.scheduler.finish(request)
+                    break
             touched[request.group_id] = self.output_processor.groups[request.group_id]
         # Samples 2..n start once the first sample's prompt blocks are cached.
         for request in batch.requests:
@@ -288,6 +304,8 @@ class LLMEngine:
         for request in group.requests:
             self.structured_outputs.remove(request)
             self.prompt_logprobs.remove(request)
+            if self.speculator is not None:
+                self.speculator.forget(request.request_id)
         self.output_processor.remove(group)
 
     # ---- observability ----------------------------------------------------------------------------------
@@ -298,4 +316,5 @@ class LLMEngine:
             kv_cache_usage=self.kv.usage(), num_blocks=self.num_blocks, num_free_blocks=self.kv.pool.num_free,
             prefix_cache_queries=self.kv.stats.queries_tokens, prefix_cache_hits=self.kv.stats.hits_tokens,
             num_preemptions=self.scheduler.num_preemptions, prompt_tokens=self.prompt_tokens_total,
-            generation_tokens=self.generation_tokens_total)
+            generation_tokens=self.generation_tokens_total,
+            spec_decode=None if self.speculator is None else self.speculator.stats.copy())

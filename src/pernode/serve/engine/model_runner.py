@@ -26,18 +26,20 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Flatten the batch: token ids, positions, cache slots, block tables. Returns also the rows whose
-        requests have caught up with their tokens and so sample a next token this step."""
+        requests have caught up with their tokens and so sample a next token this step (after their proposed
+        tokens, if any, which are laid out after the request's own)."""
         requests, query_lens = batch.requests, batch.num_new_tokens
         num_seqs = len(requests)
         num_cached = [r.num_computed_tokens for r in requests]
-        if max(query_lens) == 1:  # one token per request (decodes, or 1-token prefill chunks at a budget's edge)
+        if max(query_lens) == 1 and not any(r.spec_token_ids for r in requests):  # one token per request
             ids = [r.all_token_ids[start] for r, start in zip(requests, num_cached)]
             sample_rows = [i for i, (r, start) in enumerate(zip(requests, num_cached)) if start + 1 == r.num_tokens]
         else:
             ids, sample_rows = [], []
             for i, (r, start, n) in enumerate(zip(requests, num_cached, query_lens)):
-                ids.extend(r.all_token_ids[start:start + n])
-                if start + n == r.num_tokens:
+                tokens = r.all_token_ids + r.spec_token_ids if r.spec_token_ids else r.all_token_ids
+                ids.extend(tokens[start:start + n])
+                if start + n == len(tokens):
                     sample_rows.append(i)
         max_blocks = max(len(r.block_ids) for r in requests)
         tables = np.zeros((num_seqs, max_blocks), dtype=np.int64)
@@ -50,7 +52,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Request]]:
-        """Run one forward; logits [S, vocab] (fp32) of the requests that sample this step, and those requests."""
+        """Run one forward; logits (fp32) of the requests that sample this step, and those requests: one row each,
+        or 1 + len(spec_token_ids) consecutive rows for a request verifying proposed tokens."""
         logits, sampling, _ = self.execute_with_prompt_logits(batch, {})
         return logits, sampling
 
@@ -61,7 +64,9 @@ class ModelRunner:
         requests that asked for prompt logprobs: only those rows go through the LM head."""
         input_ids, positions, meta, sample_rows = self.prepare(batch)
         ends = meta.query_start_loc_cpu
-        indices = [ends[i + 1] - 1 for i in sample_rows]
+        indices = []
+        for i in sample_rows:
+            indices.extend(range(ends[i + 1] - 1 - len(batch.requests[i].spec_token_ids), ends[i + 1]))
         num_sampled = len(indices)
         spans: dict[str, tuple[int, int]] = {}
         for i, request in enumerate(batch.requests):

@@ -45,6 +45,7 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
         self.block_ids: list[int] = []
+        self.spec_token_ids: list[int] = []  # proposed next tokens, verified in the next step (speculative decoding)
         self.num_hashed_blocks = 0  # leading blocks already registered in the prefix cache
         self.block_hashes: list[bytes] = []  # prefix-cache key of each full block of all_token_ids, lazily
         self.num_preemptions = 0

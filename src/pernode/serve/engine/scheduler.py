@@ -48,8 +48,16 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = request.num_tokens - request.num_computed_tokens
+            if request.spec_token_ids:  # proposed tokens spend the budget like any others; what does not fit waits
+                del request.spec_token_ids[max(0, budget - num_new):]
+                num_new += len(request.spec_token_ids)
+            num_new = min(num_new, budget)
             while not self.kv.allocate(request, num_new):
+                if request.spec_token_ids:  # speculation never costs another request its blocks
+                    num_new -= len(request.spec_token_ids)
+                    request.spec_token_ids = []
+                    continue
                 victim = self.running.pop()  # the newest request gives its blocks back
                 self._preempt(victim)
                 batch.preempted.append(victim)
@@ -91,6 +99,7 @@ class Scheduler:
         """Recompute-style preemption: drop the K/V, keep the tokens, go back to the head of the queue."""
         self.kv.free(request)
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.num_preemptions += 1

@@ -40,6 +40,10 @@ class SampleResult:
     logprobs: list[float | None]  # log-probability of each sampled token (rows that asked for logprobs)
     top_logprobs: list[list[tuple[int, float]] | None]  # top-N (token, logprob) per row where requested
 
+    def row(self, i: int) -> list[tuple[int, float | None, list[tuple[int, float]] | None]]:
+        """(token, logprob, top logprobs) of each token row i emits: one here; several when verifying proposals."""
+        return [(self.token_ids[i], self.logprobs[i], self.top_logprobs[i])]
+
 
 def apply_penalties(logits: torch.Tensor, request: SamplingState) -> torch.Tensor:
     """Repetition penalty over prompt and output (CTRL, as HF applies it); presence and frequency penalties over
@@ -166,18 +170,33 @@ class Sampler:
         return request.params.uses_penalties or request.num_output_tokens < request.params.min_tokens
 
     def _sample_row(self, logits: torch.Tensor, request: SamplingState) -> int:
-        p = request.params
-        logits = apply_penalties(logits, request)
-        if request.num_output_tokens < p.min_tokens:  # not allowed to stop yet
-            banned = [t for t in request.eos_token_ids + p.stop_token_ids if t < logits.shape[0]]
-            if banned:
-                logits[banned] = float("-inf")
-        if is_greedy(p):
+        logits = processed_logits(logits, request)
+        if is_greedy(request.params):
             return int(logits.argmax())
-        probs = sampling_probs(logits, p)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, and the draw depends only on this
-        # request's own generator, so a seeded request samples the same tokens whatever batch it is in.
-        # The noise is drawn on the CPU so the same generator works whatever device the logits are on.
-        # A zero draw (possible in float32) would make 0 / 0 = NaN for an impossible token: floor it.
-        noise = torch.empty(probs.shape).exponential_(generator=request.generator).clamp_min_(_TINY)
-        return int((probs / noise.to(probs.device)).argmax())
+        return draw(sampling_probs(logits, request.params), request.generator)
+
+
+def processed_logits(logits: torch.Tensor, request: SamplingState) -> torch.Tensor:
+    """Penalties and the min_tokens ban applied (in place) to one row: what temperature and filters then see."""
+    p = request.params
+    logits = apply_penalties(logits, request)
+    if request.num_output_tokens < p.min_tokens:  # not allowed to stop yet
+        banned = [t for t in request.eos_token_ids + p.stop_token_ids if t < logits.shape[0]]
+        if banned:
+            logits[banned] = float("-inf")
+    return logits
+
+
+def row_probs(logits: torch.Tensor, request: SamplingState) -> torch.Tensor:
+    """The exact distribution `Sampler` draws one row's next token from (one-hot on the argmax when greedy):
+    speculative decoding verifies against it, so it must be this one function."""
+    return sampling_probs(processed_logits(logits.clone(), request), request.params)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One token from `probs`. Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, and the draw depends
+    only on this request's own generator, so a seeded request samples the same tokens whatever batch it is in.
+    The noise is drawn on the CPU so the same generator works whatever device the logits are on. A zero draw
+    (possible in float32) would make 0 / 0 = NaN for an impossible token: floor it."""
+    noise = torch.empty(probs.shape).exponential_(generator=generator).clamp_min_(_TINY)
+    return int((probs / noise.to(probs.device)).argmax())

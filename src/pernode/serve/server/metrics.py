@@ -64,6 +64,30 @@ class _EngineStatsCollector:
         yield counter("pernode:prompt_tokens", "Prompt tokens scheduled for prefill.",
                       s.prompt_tokens - base.prompt_tokens)
         yield counter("pernode:generation_tokens", "Tokens generated.", s.generation_tokens - base.generation_tokens)
+        if s.spec_decode is not None:
+            yield from _spec_decode_metrics(s.spec_decode, base.spec_decode, gauge, counter, labels)
+
+
+def _spec_decode_metrics(spec, base, gauge, counter, labels):
+    """vLLM's speculative-decoding series (`vllm:spec_decode_*`), counted from when serving began."""
+    drafts = spec.num_drafts - (base.num_drafts if base else 0)
+    proposed = spec.num_draft_tokens - (base.num_draft_tokens if base else 0)
+    accepted = spec.num_accepted_tokens - (base.num_accepted_tokens if base else 0)
+    yield counter("pernode:spec_decode_num_drafts", "Verifications of proposed tokens.", drafts)
+    yield counter("pernode:spec_decode_num_draft_tokens", "Proposed tokens verified.", proposed)
+    yield counter("pernode:spec_decode_num_accepted_tokens", "Proposed tokens accepted.", accepted)
+    per_pos = CounterMetricFamily("pernode:spec_decode_num_accepted_tokens_per_pos",
+                                  "Proposed tokens accepted at each position of a proposal.",
+                                  labels=["model_name", "position"])
+    base_pos = base.accepted_per_position if base else []
+    for i, n in enumerate(spec.accepted_per_position):
+        per_pos.add_metric(labels + [str(i)], n - (base_pos[i] if i < len(base_pos) else 0))
+    yield per_pos
+    yield gauge("pernode:spec_decode_draft_acceptance_rate", "Accepted / proposed tokens.",
+                accepted / proposed if proposed else 0.0)
+    yield gauge("pernode:spec_decode_mean_acceptance_length",
+                "Tokens each verification yields (accepted + the target's own).",
+                1.0 + accepted / drafts if drafts else 0.0)
 
 
 class ServerMetrics:

@@ -1,0 +1,96 @@
+"""How many tokens each request proposes this step, from measured costs and measured acceptance.
+
+A request whose proposals are accepted at rate a yields, with k proposed, 1 + a + a^2 + ... + a^k tokens per step
+in expectation (Leviathan et al., arXiv 2211.17192, eq. 1). The step costs what the engine measured for steps of
+that many tokens, plus what the proposer measured for proposing that many. The plan maximises tokens per second
+over the whole batch: the j-th proposed token of a request adds a^j expected tokens, so the best plan with m
+proposed tokens takes the m largest a_i^j; every m is priced and the fastest kept. m = 0 (no speculation) wins by
+itself once the batch is large enough that the extra verified tokens cost more than they yield.
+"""
+from __future__ import annotations
+
+
+class StepCostModel:
+    """Seconds of a step as a function of its token count: the recent mean where that count was measured, a
+    weighted least-squares line (recent steps weigh more) in between. Until two counts were seen, the line is flat:
+    the optimistic guess that lets speculation run once and be measured."""
+
+    def __init__(self, decay: float = 0.98, mean_weight: float = 0.3):
+        self.decay = decay
+        self.mean_weight = mean_weight
+        self.mean_s: dict[int, float] = {}
+        self.s0 = self.s1 = self.s2 = self.t0 = self.t1 = 0.0
+
+    def record(self, num_tokens: int, seconds: float) -> None:
+        old = self.mean_s.get(num_tokens)
+        self.mean_s[num_tokens] = seconds if old is None else old + self.mean_weight * (seconds - old)
+        d = self.decay
+        self.s0 = d * self.s0 + 1
+        self.s1 = d * self.s1 + num_tokens
+        self.s2 = d * self.s2 + num_tokens * num_tokens
+        self.t0 = d * self.t0 + seconds
+        self.t1 = d * self.t1 + num_tokens * seconds
+
+    def line(self) -> tuple[float, float]:
+        """(seconds at 0 tokens, seconds per token), both >= 0."""
+        if self.s0 == 0:
+            return 0.0, 0.0
+        var = self.s0 * self.s2 - self.s1 * self.s1
+        slope = (self.s0 * self.t1 - self.s1 * self.t0) / var if var > 1e-9 * self.s0 * self.s0 else 0.0
+        slope = max(slope, 0.0)
+        return max((self.t0 - slope * self.s1) / self.s0, 0.0), slope
+
+    def predict(self, num_tokens: int) -> float:
+        if num_tokens in self.mean_s:
+            return self.mean_s[num_tokens]
+        intercept, slope = self.line()
+        return intercept + slope * num_tokens
+
+
+class AcceptanceTracker:
+    """Per-request acceptance rate: a recent-weighted ratio of accepted proposals to proposals judged (the first
+    rejection ends a step's judging). A new request starts from the engine-wide rate."""
+
+    def __init__(self, prior: float = 0.5, decay: float = 0.8):
+        self.decay = decay
+        self.global_rate = prior
+        self.per_request: dict[str, tuple[float, float]] = {}  # id -> (weighted accepted, weighted judged)
+
+    def rate(self, request_id: str) -> float:
+        accepted, judged = self.per_request.get(request_id, (0.0, 0.0))
+        # one pseudo-observation at the engine-wide rate keeps a new request's estimate from swinging to 0 or 1
+        return (accepted + self.global_rate) / (judged + 1.0)
+
+    def record(self, request_id: str, num_proposed: int, num_accepted: int) -> None:
+        if num_proposed == 0:
+            return
+        judged = num_accepted + (1 if num_accepted < num_proposed else 0)
+        a, j = self.per_request.get(request_id, (0.0, 0.0))
+        self.per_request[request_id] = (self.decay * a + num_accepted, self.decay * j + judged)
+        self.global_rate += 0.05 * (num_accepted / judged - self.global_rate)
+
+    def forget(self, request_id: str) -> None:
+        self.per_request.pop(request_id, None)
+
+
+def plan_num_tokens(rates: list[float], k_max: int, num_other_tokens: int, verify: StepCostModel,
+                    propose: StepCostModel) -> list[int]:
+    """Tokens to propose per request (0..k_max) maximising expected tokens per second of the step.
+
+    `rates`: acceptance rate of each decoding request; `num_other_tokens`: tokens of the step that are not these
+    requests' (prefill chunks), which cost time and yield no decode tokens."""
+    gains = sorted(((rate ** j, i) for i, rate in enumerate(rates) for j in range(1, k_max + 1)
+                    if rate > 0), reverse=True)
+    base_tokens = len(rates) + num_other_tokens
+    best_m, best_rate = 0, len(rates) / max(verify.predict(base_tokens), 1e-9)
+    expected = float(len(rates))
+    for m, (gain, _) in enumerate(gains, start=1):
+        expected += gain
+        seconds = verify.predict(base_tokens + m) + propose.predict(m)
+        rate = expected / max(seconds, 1e-9)
+        if rate > best_rate:
+            best_m, best_rate = m, rate
+    plan = [0] * len(rates)
+    for _, i in gains[:best_m]:
+        plan[i] += 1
+    return plan

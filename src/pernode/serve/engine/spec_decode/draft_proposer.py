@@ -1,0 +1,111 @@
+"""A draft model proposes tokens: a smaller model with the target's tokenizer runs k cheap decode steps.
+
+Speculative decoding with a draft model (Leviathan et al., arXiv 2211.17192; Chen et al., arXiv 2302.01318).
+
+The draft's KV cache is paged with the target's block tables: it has its own K/V tensors with the same number of
+blocks, and a request's draft K/V for token i lives in the same block and slot as its target K/V. So the draft
+needs no allocator of its own: the target's blocks already hold room for the proposed tokens (the speculator
+allocates them before proposing), freeing a request frees both, and the rollback of rejected tokens is the
+target's. Each request's draft progress is its own counter (`num_computed`), pulled back to the target's after
+a rejection, and reset after a preemption (new blocks). Draft K/V is a deterministic function of the tokens, so
+blocks shared through the prefix cache are only ever rewritten with the values they already hold.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pernode.config import ModelConfig
+from pernode.serve.engine.request import Request
+from pernode.serve.engine.spec_decode.proposal import Proposal
+from pernode.serve.engine.spec_decode.rejection_sampler import ExtendedHistory, needs_per_position_processing
+from pernode.serve.kernels.attention_metadata import AttentionMetadata
+from pernode.serve.models.loader import build_model
+from pernode.serve.models.registry import resolve_model
+from pernode.serve.sampling.sampler import draw, is_greedy, row_probs
+from pernode.serve.tokenizer import Tokenizer
+
+_TOKENIZER_PROBE = "def speculative(x):\n    return x  # Überprüfung 東京 🙂"
+
+
+class DraftModelProposer:
+    needs_blocks_ahead = True  # writes K/V for its own proposed tokens
+
+    def __init__(self, path: str, target_config: ModelConfig, target_tokenizer: Tokenizer, num_blocks: int,
+                 block_size: int, device: torch.device, dtype: torch.dtype, max_model_len: int):
+        source = resolve_model(path)
+        if source.config.vocab_size != target_config.vocab_size:
+            raise ValueError(f"speculative.draft_model={path!r} has vocab_size={source.config.vocab_size}, the "
+                             f"served model {target_config.vocab_size}: the draft must share the tokenizer")
+        if source.tokenizer.encode(_TOKENIZER_PROBE) != target_tokenizer.encode(_TOKENIZER_PROBE):
+            raise ValueError(f"speculative.draft_model={path!r} tokenizes text differently from the served model: "
+                             "the draft must share the tokenizer")
+        self.config = source.config
+        self.model = build_model(source, device, dtype, max_positions=max_model_len)
+        self.device = device
+        self.block_size = block_size
+        c = self.config
+        shape = (num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
+                           torch.zeros(shape, dtype=dtype, device=device)) for _ in range(c.num_hidden_layers)]
+        self.num_computed: dict[str, tuple[int, int]] = {}  # request id -> (its num_preemptions, draft tokens done)
+        self.last_call_caught_up = False  # whether the last call also prefilled (its time says little of the next)
+
+    def forget(self, request_id: str) -> None:
+        self.num_computed.pop(request_id, None)
+
+    @torch.inference_mode()
+    def propose(self, requests: list[Request], num_tokens: list[int]) -> list[Proposal]:
+        active = [i for i, k in enumerate(num_tokens) if k > 0]
+        proposed: list[list[int]] = [[] for _ in requests]
+        probs: list[list[torch.Tensor]] = [[] for _ in requests]
+        # step 1 catches each request's draft K/V up with its tokens (a prefill the first time) and proposes one
+        feeds = []
+        for i in active:
+            r = requests[i]
+            preemptions, done = self.num_computed.get(r.request_id, (r.num_preemptions, 0))
+            done = min(done, r.num_computed_tokens) if preemptions == r.num_preemptions else 0
+            feeds.append((i, done, r.all_token_ids[done:]))
+        # after a verification a request brings at most k + 1 new tokens; more means a prompt or a preemption
+        self.last_call_caught_up = any(len(t) > max(num_tokens) + 2 for _, _, t in feeds)
+        while feeds:
+            logits = self._forward([requests[i] for i, _, _ in feeds], [(s, t) for _, s, t in feeds])
+            next_feeds = []
+            for row, (i, start, tokens) in enumerate(feeds):
+                r = requests[i]
+                token, q = self._sample(logits[row], r, proposed[i])
+                proposed[i].append(token)
+                if q is not None:
+                    probs[i].append(q)
+                self.num_computed[r.request_id] = (r.num_preemptions, start + len(tokens))
+                if len(proposed[i]) < num_tokens[i]:
+                    next_feeds.append((i, start + len(tokens), [token]))
+            feeds = next_feeds
+        return [Proposal(proposed[i], torch.stack(probs[i]) if probs[i] else None) for i in range(len(requests))]
+
+    def _sample(self, logits: torch.Tensor, request: Request, proposed: list[int]) -> tuple[int, torch.Tensor | None]:
+        """The draft's token under the request's own sampling rules, and the distribution it came from (None for
+        greedy: one-hot, which the verifier treats as q(x) = 1)."""
+        if is_greedy(request.params) and not needs_per_position_processing(request):
+            return int(logits.argmax()), None
+        q = row_probs(logits, ExtendedHistory(request, list(proposed)))
+        if is_greedy(request.params):
+            return int(q.argmax()), None
+        return draw(q, request.generator), q
+
+    def _forward(self, requests: list[Request], chunks: list[tuple[int, list[int]]]) -> torch.Tensor:
+        """One draft forward over each request's tokens `chunk` starting at position `start`; the logits of each
+        chunk's last token."""
+        ids, positions, num_cached, lengths = [], [], [], []
+        max_blocks = max(len(r.block_ids) for r in requests)
+        tables = np.zeros((len(requests), max_blocks), dtype=np.int32)
+        for i, (r, (start, tokens)) in enumerate(zip(requests, chunks)):
+            ids.extend(tokens)
+            positions.append(np.arange(start, start + len(tokens)))
+            tables[i, :len(r.block_ids)] = r.block_ids
+            num_cached.append(start)
+            lengths.append(len(tokens))
+        meta = AttentionMetadata.build(tables, num_cached, lengths, self.block_size, self.device)
+        last = torch.tensor(meta.query_start_loc_cpu[1:], dtype=torch.long, device=self.device) - 1
+        return self.model(torch.tensor(ids, dtype=torch.long, device=self.device),
+                          torch.from_numpy(np.concatenate(positions)).to(self.device), self.kv_caches, meta, last)

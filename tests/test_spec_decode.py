@@ -1,0 +1,227 @@
+"""Speculative decoding in the engine on tiny random models: greedy output token-for-token equal to the engine
+without speculation (README prompts, 32 random prompts, both proposers), and prefix caching, preemption, chunked
+prefill, stop strings, max_tokens, logprobs and n > 1 unchanged by it; rejected tokens never leave K/V behind."""
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pernode import LLM, SamplingParams
+from pernode.cli import build_parser
+from pernode.cli.options import engine_config_from_args
+from pernode.config import EngineConfig, SpeculativeConfig
+from pernode.serve.engine.block_pool import hash_block
+from pernode.serve.engine.spec_decode.adaptive import AcceptanceTracker, StepCostModel, plan_num_tokens
+from pernode.serve.engine.spec_decode.ngram_proposer import find_continuation
+from tiny_model import tiny_config, write_tiny_model
+
+README_PROMPTS = ["The capital of France is", "def fib(n):", "Hi!"]
+ENGINE = dict(num_blocks=192, max_model_len=384)
+
+
+def random_prompts(count=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(4, 48, (count,), generator=g).tolist()
+    # a few repeated spans make some prompts input-grounded, where prompt lookup has something to find
+    out = []
+    for i, n in enumerate(lengths):
+        ids = torch.randint(1000, 49152, (n,), generator=g).tolist()
+        out.append(ids + ids[: n // 2] if i % 3 == 0 else ids)
+    return out
+
+
+def edit_weights(folder, change):
+    path = os.path.join(folder, "model.safetensors")
+    weights = load_file(path)
+    change(weights, torch.Generator().manual_seed(5))
+    save_file(weights, path)
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    """A random model that often, not always, repeats itself: the lm_head is the embedding plus noise. A tied
+    random model only ever repeats its last token; an untied one never repeats: neither exercises rejections."""
+    folder = write_tiny_model(str(tmp_path_factory.mktemp("spec") / "target"), tiny_config(tie_word_embeddings=False))
+    edit_weights(folder, lambda w, g: w.__setitem__("lm_head.weight", w["model.embed_tokens.weight"]
+                                                    + torch.randn(w["lm_head.weight"].shape, generator=g)))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def draft(tmp_path_factory, target):
+    """The target with noise on every weight: a draft that agrees with it about half of the time."""
+    folder = write_tiny_model(str(tmp_path_factory.mktemp("spec") / "draft"), tiny_config(tie_word_embeddings=False))
+    shutil.copy(os.path.join(target, "model.safetensors"), os.path.join(folder, "model.safetensors"))
+    edit_weights(folder, lambda w, g: [v.add_(0.3 * v.std() * torch.randn(v.shape, generator=g))
+                                       for k, v in w.items() if "norm" not in k])
+    return folder
+
+
+SPECS = {"ngram": lambda draft: "ngram,k=4,adaptive=false",
+         "draft": lambda draft: f"draft={draft},k=3,adaptive=false",
+         "adaptive": lambda draft: "ngram,k=4"}
+
+
+def greedy(n=24, **kw):
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, **kw)
+
+
+def ids(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def baseline(target):
+    llm = LLM(target, **ENGINE)
+    return {"readme": ids(llm.generate(README_PROMPTS, greedy())),
+            "random": ids(llm.generate(random_prompts(), greedy()))}
+
+
+def registered_blocks_hold_kept_tokens(llm, sequences):
+    """Every block in the prefix cache holds a block of some finished sequence's real tokens."""
+    valid = set()
+    for tokens in sequences:
+        parent = llm.engine.kv.root_hash
+        for i in range(len(tokens) // llm.engine.block_size):
+            parent = hash_block(parent, tuple(tokens[i * llm.engine.block_size:(i + 1) * llm.engine.block_size]))
+            valid.add(parent)
+    return all(h in valid for h in llm.engine.kv.pool.cached)
+
+
+@pytest.mark.parametrize("kind", list(SPECS))
+def test_greedy_identical_readme_and_random_prompts(target, draft, baseline, kind):
+    llm = LLM(target, speculative=SPECS[kind](draft), **ENGINE)
+    readme = llm.generate(README_PROMPTS, greedy())
+    assert ids(readme) == baseline["readme"]
+    outs = llm.generate(random_prompts(), greedy())
+    assert ids(outs) == baseline["random"]
+    stats = llm.engine.stats().spec_decode
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0
+    assert stats.num_accepted_tokens < stats.num_draft_tokens  # rejections were exercised too
+    assert sum(stats.accepted_per_position) == stats.num_accepted_tokens
+    llm.engine.kv.check_no_leak()
+    assert registered_blocks_hold_kept_tokens(llm, [o.prompt_token_ids + o.outputs[0].token_ids
+                                                    for o in readme + outs])
+
+
+def test_rejected_tokens_leave_no_blocks_and_chunked_prefill_agrees(target, baseline):
+    llm = LLM(target, speculative="ngram,k=4,adaptive=false", max_num_batched_tokens=7, **ENGINE)
+    engine = llm.engine
+    for i, p in enumerate(random_prompts()):
+        engine.add_request(str(i), p, greedy())
+    results = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                results[out.request_id] = out.outputs[0].token_ids
+        for r in engine.scheduler.running:  # after a step: no proposed token keeps K/V or a block
+            assert r.num_computed_tokens <= r.num_tokens
+            assert len(r.block_ids) <= engine.kv.blocks_needed(r.num_tokens)
+    assert [results[str(i)] for i in range(32)] == baseline["random"]
+    engine.kv.check_no_leak()
+
+
+def test_prefix_cache_hits_and_preemption_keep_outputs(target, draft, baseline):
+    # 24 blocks of 16 tokens for 32 requests: preemption is certain
+    llm = LLM(target, speculative=f"draft={draft},k=3,adaptive=false", num_blocks=24, max_model_len=384)
+    prompts = random_prompts()
+    assert ids(llm.generate(prompts, greedy())) == baseline["random"]
+    assert llm.engine.stats().num_preemptions > 0
+    assert ids(llm.generate(prompts, greedy())) == baseline["random"]  # again: prompts now from the cache
+    assert llm.engine.stats().prefix_cache_hits > 0
+    llm.engine.kv.check_no_leak()
+
+
+def test_stop_strings_max_tokens_and_logprobs(target):
+    plain, spec = LLM(target, **ENGINE), LLM(target, speculative="ngram,k=4,adaptive=false", **ENGINE)
+    prompts = README_PROMPTS + [p for p in random_prompts(8, seed=3)]
+    text = plain.generate(prompts[:1], greedy(30))[0].outputs[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 3]  # a string the greedy output certainly contains
+    for params in (greedy(30, stop=[stop]), greedy(7, logprobs=3), greedy(13, min_tokens=5)):
+        a, b = plain.generate(prompts, params), spec.generate(prompts, params)
+        for x, y in zip(a, b):
+            ox, oy = x.outputs[0], y.outputs[0]
+            assert (ox.token_ids, ox.text, ox.finish_reason, ox.stop_reason) == \
+                   (oy.token_ids, oy.text, oy.finish_reason, oy.stop_reason)
+            assert len(oy.token_ids) <= params.max_tokens
+            if params.logprobs:
+                assert len(oy.logprobs) == len(oy.token_ids)
+                for lx, ly in zip(ox.logprobs, oy.logprobs):
+                    assert lx.token_id == ly.token_id and lx.logprob == pytest.approx(ly.logprob, abs=1e-4)
+                    assert [t for t, _, _ in lx.top] == [t for t, _, _ in ly.top]
+    assert spec.engine.stats().spec_decode.num_accepted_tokens > 0
+    assert b[0].outputs[0].finish_reason is not None
+
+
+def test_n_samples_greedy_and_seeded(target, draft, baseline):
+    llm = LLM(target, speculative=f"draft={draft},k=3,adaptive=false", **ENGINE)
+    out = llm.generate(README_PROMPTS[:1], SamplingParams(n=3, temperature=0.0, max_tokens=24, ignore_eos=True))[0]
+    assert [o.token_ids for o in out.outputs] == [baseline["readme"][0]] * 3
+    params = SamplingParams(n=3, temperature=30.0, top_k=50, seed=7, max_tokens=20, ignore_eos=True)
+    first, again = llm.generate(["Hello"], params)[0], llm.generate(["Hello"], params)[0]
+    assert all(len(o.token_ids) == 20 for o in first.outputs)
+    assert len({tuple(o.token_ids) for o in first.outputs}) > 1  # the samples differ
+    assert [o.token_ids for o in first.outputs] == [o.token_ids for o in again.outputs]  # seeded: reproducible
+    llm.engine.kv.check_no_leak()
+
+
+def test_prompt_lookup_finds_latest_longest_match():
+    import numpy as np
+    seq = np.array([5, 6, 7, 8, 1, 6, 7, 9, 2, 6, 7])
+    assert find_continuation(seq, 1, 3, 3) == [9, 2, 6]  # "6 7" last seen before "9 2 6"
+    assert find_continuation(np.array([1, 2, 3, 4]), 1, 3, 2) == []
+    assert find_continuation(np.array([4, 4, 4]), 1, 2, 5) == [4]
+
+
+def test_plan_follows_measured_costs():
+    flat, linear, propose = StepCostModel(), StepCostModel(), StepCostModel()
+    for n in (1, 2, 5, 32, 64):
+        flat.record(n, 0.1)  # memory-bound: a step costs the same whatever its tokens
+        linear.record(n, 0.001 * n)  # compute-bound: every token costs the same
+    propose.record(1, 0.0)
+    assert plan_num_tokens([0.8], 4, 0, flat, propose) == [4]
+    assert plan_num_tokens([0.8] * 32, 4, 0, linear, propose) == [0] * 32
+    # mixed acceptance: the well-predicted request gets more tokens than the poorly predicted one
+    mixed = StepCostModel()
+    for n in (2, 4, 8, 16):
+        mixed.record(n, 0.05 + 0.01 * n)
+    plan = plan_num_tokens([0.9, 0.2], 4, 0, mixed, propose)
+    assert plan[0] > plan[1]
+    tracker = AcceptanceTracker()
+    for _ in range(10):
+        tracker.record("a", 4, 4)
+        tracker.record("b", 4, 0)
+    assert tracker.rate("a") > 0.8 > 0.2 > tracker.rate("b")
+
+
+def test_options_validate_and_parse(target, tmp_path):
+    assert SpeculativeConfig.parse("draft=/m,k=5").to_dict()["draft_model"] == "/m"
+    assert EngineConfig(speculative="ngram,k=2,ngram_max=5").speculative.ngram_max == 5
+    for bad, field in [("ngram,k=0", "speculative.k"), ("ngram,k=99", "speculative.k"), ("draft,k=2", "draft_model"),
+                       ("ngram,window=3", "not understood"), ("k=3", "names no proposer"),
+                       ("ngram,ngram_min=4,ngram_max=2", "speculative.ngram_max")]:
+        with pytest.raises(ValueError, match=field):
+            EngineConfig(speculative=bad)
+    with pytest.raises(ValueError, match="unknown speculative settings"):
+        EngineConfig.from_dict({"speculative": {"method": "ngram", "depth": 3}})
+    other = write_tiny_model(str(tmp_path / "other"), tiny_config(vocab_size=512))
+    with pytest.raises(ValueError, match="speculative.draft_model=.*vocab_size=512"):
+        LLM(target, speculative=f"draft={other}", **ENGINE)
+    for command in (["generate", "x"], ["serve"], ["profile"]):
+        args = build_parser().parse_args(command + ["--speculative", "ngram,k=3"])
+        assert engine_config_from_args(args).speculative.k == 3
+
+
+def test_default_model_readme_prompts_identical(default_gguf_path):
+    """The packaged model: README prompts and a copy-this-code prompt, greedy, with and without prompt lookup."""
+    options = dict(num_blocks=64, max_model_len=256)
+    plain_llm = LLM(default_gguf_path, **options)
+    ask = "Repeat this code exactly:\n```python\ndef add(a, b):\n    return a + b\n```"
+    prompts = ["The capital of France is", "def fib(n):",
+               plain_llm.tokenizer.apply_chat_template([{"role": "user", "content": ask}], add_generation_prompt=True)]
+    plain = ids(plain_llm.generate(prompts, greedy(12)))
+    spec = LLM(default_gguf_path, speculative="ngram,k=4,adaptive=false", **options)
+    assert ids(spec.generate(prompts, greedy(12))) == plain
+    assert spec.engine.stats().spec_decode.num_draft_tokens > 0  # proposals were verified (acceptance: benchmark)
