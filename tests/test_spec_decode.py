@@ -2,6 +2,7 @@
 without speculation (README prompts, 32 random prompts, both proposers), and prefix caching, preemption, chunked
 prefill, stop strings, max_tokens, logprobs and n > 1 unchanged by it; rejected tokens never leave K/V behind."""
 import os
+import re
 import shutil
 
 import pytest
@@ -15,6 +16,7 @@ from pernode.config import EngineConfig, SpeculativeConfig
 from pernode.serve.engine.block_pool import hash_block
 from pernode.serve.engine.spec_decode.adaptive import AcceptanceTracker, StepCostModel, plan_num_tokens
 from pernode.serve.engine.spec_decode.ngram_proposer import find_continuation
+from pernode.serve.sampling.structured.spec import StructuredOutputs
 from tiny_model import tiny_config, write_tiny_model
 
 README_PROMPTS = ["The capital of France is", "def fib(n):", "Hi!"]
@@ -225,3 +227,21 @@ def test_default_model_readme_prompts_identical(default_gguf_path):
     spec = LLM(default_gguf_path, speculative="ngram,k=4,adaptive=false", **options)
     assert ids(spec.generate(prompts, greedy(12))) == plain
     assert spec.engine.stats().spec_decode.num_draft_tokens > 0  # proposals were verified (acceptance: benchmark)
+
+
+def test_constrained_and_biased_requests_beside_speculating_ones(target):
+    """Verification draws from the sampler's distribution without grammar masks, logit_bias or allowed_token_ids,
+    so requests with those take one exact token per step while the rest of the batch speculates: every output
+    equals the engine's without speculation, and the constrained one follows its regex."""
+    prompts = README_PROMPTS + random_prompts(count=6, seed=3)
+    params = [greedy(), greedy(structured_outputs=StructuredOutputs(regex=r"[0-9]{3}-[a-z]{2}")),
+              greedy(logit_bias={1000: 5.0, 1001: -100.0}), greedy(allowed_token_ids=list(range(1000, 1064)))]
+    params += [greedy()] * (len(prompts) - len(params))
+    plain = ids(LLM(target, **ENGINE).generate(prompts, params))
+    llm = LLM(target, speculative="ngram,k=4,adaptive=false", **ENGINE)
+    outs = llm.generate(prompts, params)
+    assert ids(outs) == plain
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", outs[1].outputs[0].text)
+    assert all(1000 <= t < 1064 for t in outs[3].outputs[0].token_ids)
+    assert llm.engine.stats().spec_decode.num_draft_tokens > 0  # the unconstrained ones did speculate
+    llm.engine.kv.check_no_leak()

@@ -21,8 +21,10 @@ log = logging.getLogger("pernode.serve.engine")
 
 
 def sampling_requests(batch: ScheduledBatch) -> list[Request]:
-    """The requests that sample a token this step (caught up with their tokens), in the runner's row order."""
-    return [r for r, n in zip(batch.requests, batch.num_new_tokens) if r.num_computed_tokens + n == r.num_tokens]
+    """The requests that sample a token this step (caught up with their tokens, and with their proposed tokens when
+    speculating), in the runner's order."""
+    return [r for r, n in zip(batch.requests, batch.num_new_tokens)
+            if r.num_computed_tokens + n == r.num_tokens + len(r.spec_token_ids)]
 
 
 class StructuredOutputManager:
