@@ -134,7 +134,7 @@ def test_matches_step_by_step_reference(policy, seed):
     # Short budget and tight KV so that chunked prefill, batch caps, KV blocking and preemption all happen.
     wl = Workload(60.0, LengthDist.uniform(1, 300), LengthDist.uniform(1, 40), burstiness=0.5)
     trace = wl.generate(400, seed=seed)
-    cfg = ReplicaConfig(STEP, max_batch=6, kv_max_tokens=900, token_budget=128)
+    cfg = ReplicaConfig(STEP, max_batch=6, kv_max_tokens=900, token_budget=128, block_size=1)
     res = simulate_fleet(trace, cfg, 3, policy)
     first, finish, preemptions = reference_simulate(trace, cfg, 3, policy)
     np.testing.assert_allclose(res.first_token_s, first, rtol=0, atol=1e-9)
@@ -232,13 +232,13 @@ def test_kv_limited_replica_preempts_the_newest_request():
     #   t = 0.23  B recomputes prompt + 10 sampled tokens (20 ms) and samples its 11th; t = 0.32 its 20th.
     step = StepTimeModel.from_points({1: 0.010, 8: 0.010}, {16: 1000.0, 1024: 1000.0})
     trace = RequestTrace(np.zeros(2), np.array([10, 10]), np.array([20, 20]))
-    res = simulate_fleet(trace, ReplicaConfig(step, max_batch=4, kv_max_tokens=40, token_budget=64), 1)
+    res = simulate_fleet(trace, ReplicaConfig(step, max_batch=4, kv_max_tokens=40, token_budget=64, block_size=1), 1)
     assert res.preemptions.tolist() == [0, 1]
     np.testing.assert_allclose(res.first_token_s, [0.01, 0.03], atol=1e-12)
     np.testing.assert_allclose(res.finish_s, [0.21, 0.32], atol=1e-12)
     assert res.summary(SLO(ttft_s=1.0))["preemptions"] == 1
     # With room for both nobody is preempted: A finishes at the same 0.21 s (the older request never waits) and
     # B at 0.22 s; preempted, B lost 100 ms: it sat out A's last 9 steps and recomputed for 20 ms, not 10.
-    roomy = simulate_fleet(trace, ReplicaConfig(step, max_batch=4, kv_max_tokens=60, token_budget=64), 1)
+    roomy = simulate_fleet(trace, ReplicaConfig(step, max_batch=4, kv_max_tokens=60, token_budget=64, block_size=1), 1)
     assert roomy.preemptions.tolist() == [0, 0]
     np.testing.assert_allclose(roomy.finish_s, [0.21, 0.22], atol=1e-12)
