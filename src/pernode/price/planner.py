@@ -73,7 +73,8 @@ def min_replicas_for_utilisation(rate_rps: float, capacity_rps: float, headroom:
 def plan(profile: Profile, workload: Workload, slo: SLO, price_per_node_hour: float | None = None,
          headroom: float = 0.0, policy: str = "least_outstanding", attainment_target: float = 0.99, *,
          instance: str | None = None, num_requests: int = 4000, seed: int = 0, token_budget: int = 2048,
-         max_replicas: int | None = None, interval_seeds: int = DEFAULT_INTERVAL_SEEDS) -> Plan:
+         max_replicas: int | None = None, interval_seeds: int = DEFAULT_INTERVAL_SEEDS,
+         replicas: int | None = None) -> Plan:
     """The smallest replica count whose simulated SLO attainment reaches `attainment_target`, and its cost; the
     chosen fleet's latencies and goodput also as ranges over `interval_seeds` seeded traces (1: no range)."""
     headroom = _check_fraction(headroom, "headroom", False, 0.0, 1.0, True)
@@ -85,6 +86,9 @@ def plan(profile: Profile, workload: Workload, slo: SLO, price_per_node_hour: fl
     _check_whole(interval_seeds, "interval_seeds", 1, "")
     if max_replicas is not None:
         _check_whole(max_replicas, "max_replicas", 1, "")
+    if replicas is not None:  # a fleet of this size, evaluated rather than searched for
+        _check_whole(replicas, "replicas", 1, "")
+        max_replicas = replicas
     if slo.is_empty:
         raise ValueError("slo=none: set at least one of ttft_ms, tpot_ms, e2e_ms")
     price = resolve_price(price_per_node_hour, instance)
@@ -144,10 +148,14 @@ def plan(profile: Profile, workload: Workload, slo: SLO, price_per_node_hour: fl
 
     cap_n = max_replicas if max_replicas is not None else max(64, 16 * n_queue)
     if cap_n < n_util:
-        raise ValueError(f"max_replicas={cap_n}: below the {n_util} replicas needed to keep utilisation under "
-                         f"{1 - headroom:g}; raise max_replicas")
-    chosen = _smallest_meeting(lambda n: run(n).attainment(slo) >= attainment_target,
-                               min(max(n_queue, n_util), cap_n), n_util, cap_n)
+        name = "replicas" if replicas is not None else "max_replicas"
+        raise ValueError(f"{name}={cap_n}: below the {n_util} replicas needed to keep utilisation under "
+                         f"{1 - headroom:g}; raise {name}")
+    if replicas is not None:
+        chosen = replicas if run(replicas).attainment(slo) >= attainment_target else None
+    else:
+        chosen = _smallest_meeting(lambda n: run(n).attainment(slo) >= attainment_target,
+                                   min(max(n_queue, n_util), cap_n), n_util, cap_n)
 
     # The curve for the plot: a few sizes either side of the answer (or of the largest tried), plus all tried.
     centre = chosen if chosen is not None else max(results)

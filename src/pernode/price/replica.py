@@ -159,8 +159,8 @@ class Replica:
         for request, n in zip(batch.requests, batch.num_new_tokens):
             if request.decoding:
                 decodes += 1
-            else:
-                prefill_s += n * request.s_per_token
+                continue
+            prefill_s += n * request.s_per_token
             if math.isnan(book.admit_s[request.rid]):
                 book.admit_s[request.rid] = t
         steps = 1
@@ -209,12 +209,15 @@ class Replica:
             step = [(r.rid, n) for r, n in zip(batch.requests, batch.num_new_tokens)]
             self.schedule_log.extend((self.run_start + j * self.run_step_s, step) for j in range(steps))
         finished = 0
+        bs = self.config.block_size
+        filler = [_OUTPUT_TOKEN] * (steps - 1)
         for request, n in zip(batch.requests, batch.num_new_tokens):
             if steps > 1:  # a decode run: the same blocks, in count, as `steps` single-token allocations
-                if not kv.allocate(request, steps):
+                if -(-(request.num_computed_tokens + steps) // bs) > len(request.block_ids) and not kv.allocate(
+                        request, steps):
                     raise RuntimeError("simulator bug: a decode run outgrew the free KV blocks it was sized for")
-                request.all_token_ids.extend([_OUTPUT_TOKEN] * (steps - 1))
-                request.output_token_ids.extend([_OUTPUT_TOKEN] * (steps - 1))
+                request.all_token_ids += filler
+                request.output_token_ids += filler
                 n = steps
             request.num_computed_tokens += n
             kv.cache_computed_blocks(request)
