@@ -135,3 +135,14 @@ def test_serving_path_measured_against_a_real_pernode_serve(tmp_path):
     # Over HTTP a request takes longer than the (tiny, fast) engine work it asked for, and so does each token.
     assert 0.0 < sp["request_s"] < 5.0 and sp["token_s"] >= 0.0
     assert sp["ttft_p50_s"] >= sp["request_s"]
+
+
+def test_a_fleet_of_a_given_size_is_evaluated_and_can_be_run_even_when_it_misses():
+    from pernode.jobs.fleet_from_plan import fleet_spec_for_plan
+    from test_fleet_planner import SLO_LOOSE, WORKLOAD
+
+    p = plan(toy_profile(), WORKLOAD, SLO(ttft_s=0.05), 2.0, num_requests=300, interval_seeds=1, replicas=3)
+    assert not p.feasible and p.replicas == 3 and "with the 3 replicas asked for" in p.reason
+    assert fleet_spec_for_plan(p, EngineConfig(model="m")).replicas == 3  # validate runs what was evaluated
+    with pytest.raises(ValueError, match="replicas=1: below the 3 replicas"):
+        plan(toy_profile(), WORKLOAD, SLO_LOOSE, 2.0, num_requests=300, interval_seeds=1, replicas=1)

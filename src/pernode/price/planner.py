@@ -170,6 +170,12 @@ def plan(profile: Profile, workload: Workload, slo: SLO, price_per_node_hour: fl
     searched = dict(capacity_rps_per_replica=capacity, request_service_s=service_s, intervals=intervals,
                     min_replicas_for_utilisation=n_util, queueing=queue_info, curve=curve,
                     simulated_requests=num_requests, **common)
+    if chosen is None and replicas is not None:
+        # A fleet of the asked size, evaluated: it misses the target, but it is still the fleet to run and check.
+        why = (f"attainment {results[replicas].attainment(slo):.3f} < target {attainment_target:g} with the "
+               f"{replicas} replicas asked for")
+        return Plan(feasible=False, reason=why, replicas=replicas,
+                    **_outcome(replicas, results[replicas], slo, workload, capacity, price), **searched)
     if chosen is None:
         best = results[cap_n]
         zero_load = _zero_load_ttft_s(step_model, workload)
