@@ -1,8 +1,8 @@
 """Discrete-event simulation of N continuously batching replicas behind a load balancer, and of a plain FIFO queue.
 
 The loop is vidur's (Agrawal et al., arXiv 2405.05465): take the next event (an arrival, or the end of a replica's
-run of steps), let the router or the replica handle it, and queue the run end it returns. The replica's batching
-and preemption rule is replica.py; the routers are the small classes below, registered by name.
+run of steps), let the router or the replica handle it, and queue the run end it returns. Each replica runs the
+engine's own scheduler (replica.py); the routers are the small classes below, registered by name.
 """
 from __future__ import annotations
 
