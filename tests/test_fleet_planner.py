@@ -35,60 +35,71 @@ def toy_profile(step_s: float = 0.05, **overrides) -> dict:
 
 WORKLOAD = Workload(10.0, LengthDist.fixed(100), LengthDist.fixed(100))
 SLO_LOOSE = SLO(ttft_s=2.0, tpot_s=0.1)
+QUICK = dict(num_requests=1000, interval_seeds=1)  # enough for these cases; the engine-driven simulator steps
 
 
 def test_plan_worked_by_hand():
     # Worked by hand:
-    #   max batch: KV 3200 tokens // (100 in + 100 out) = 16; every batch meets TPOT (50 ms <= 100 ms) -> 16, KV-bound.
-    #   a request holds a slot 100 steps * 0.05 s + 16 prompts * 100 tokens / 10,000 tok/s = 5.16 s
-    #   capacity = 16 / 5.16 = 3.1008 req/s per replica
-    #   utilisation < 1 needs N > 10 / 3.1008 = 3.22 -> N >= 4 (3 replicas would run at 107.5%, an unbounded queue)
-    #   at N = 4, utilisation = 10 / (4 * 3.1008) = 0.80625; the simulator confirms the 2 s TTFT SLO holds.
-    #   cost: 4 x $2 = $8/h; x 730 h = $5,840/month;
-    #   output tokens: 10 req/s x 100 x 3600 = 3.6M/h -> $8 / 3.6 = $2.2222 per million output tokens.
-    p = plan(toy_profile(), WORKLOAD, SLO_LOOSE, 2.0)
-    assert p.feasible and p.replicas == 4
-    assert (p.max_batch.batch_size, p.max_batch.limited_by) == (16, "kv_cache")
-    assert p.request_service_s == pytest.approx(5.16)
-    assert p.capacity_rps_per_replica == pytest.approx(16 / 5.16)
-    assert p.min_replicas_for_utilisation == 4
-    assert p.utilisation == pytest.approx(10 / (4 * 16 / 5.16))
-    assert p.cost_per_hour_usd == pytest.approx(8.0)
-    assert p.cost_per_month_usd == pytest.approx(5840.0)
-    assert p.cost_per_million_output_tokens_usd == pytest.approx(8.0 / 3.6)
+    #   max batch, the engine's KV rule: a request of 100 + 100 tokens holds ceil((100 + j) / 16) blocks of 16 in
+    #   its step j = 0..99, 9.82 blocks on average; 200 blocks // 9.82 = 20. Every batch meets TPOT (50 ms <= 100 ms)
+    #   -> 20, KV-bound.
+    #   a request holds a slot 100 steps * 0.05 s + 20 prompts * 100 tokens / 10,000 tok/s = 5.2 s
+    #   capacity = 20 / 5.2 = 3.846 req/s per replica
+    #   utilisation < 1 needs N > 10 / 3.846 = 2.6 -> N >= 3 (2 replicas would run at 130%, an unbounded queue)
+    #   at N = 3, utilisation = 10 / (3 * 3.846) = 0.8667; the simulator confirms the 2 s TTFT SLO holds.
+    #   cost: 3 x $2 = $6/h; x 730 h = $4,380/month;
+    #   output tokens: 10 req/s x 100 x 3600 = 3.6M/h -> $6 / 3.6 = $1.6667 per million output tokens.
+    p = plan(toy_profile(), WORKLOAD, SLO_LOOSE, 2.0, num_requests=1000, interval_seeds=3)
+    assert p.feasible and p.replicas == 3
+    assert (p.max_batch.batch_size, p.max_batch.limited_by) == (20, "kv_cache")
+    assert p.request_service_s == pytest.approx(5.2)
+    assert p.capacity_rps_per_replica == pytest.approx(20 / 5.2)
+    assert p.min_replicas_for_utilisation == 3
+    assert p.utilisation == pytest.approx(10 / (3 * 20 / 5.2))
+    assert p.cost_per_hour_usd == pytest.approx(6.0)
+    assert p.cost_per_month_usd == pytest.approx(4380.0)
+    assert p.cost_per_million_output_tokens_usd == pytest.approx(6.0 / 3.6)
     assert p.attainment >= 0.99
-    # The curve shows the neighbours: 3 replicas fail badly, more replicas cost more and still meet the SLO.
+    # The curve shows the neighbours: 2 replicas fail badly, more replicas cost more and still meet the SLO.
     by_n = {pt.replicas: pt for pt in p.curve}
-    assert by_n[3].attainment < 0.5 and by_n[5].meets_target
-    assert by_n[5].cost_per_hour_usd == pytest.approx(10.0)
+    assert by_n[2].attainment < 0.5 and by_n[4].meets_target
+    assert by_n[4].cost_per_hour_usd == pytest.approx(8.0)
+    # The chosen fleet on three seeds: each figure as a range that holds the seed-0 value.
+    assert p.intervals["seeds"] == [0, 1, 2]
+    for key, (metric, q) in {"ttft_p50_ms": ("ttft", "p50"), "tpot_p99_ms": ("tpot", "p99")}.items():
+        lo, hi = p.intervals[key]
+        assert lo <= p.latency_s[metric][q] * 1000 <= hi and lo < hi
+    # What the plan rests on is stated, and the serving path is said to be left out of this profile.
+    assert any("decode[] step times at batch 1, 8, 16, 32" in line for line in p.rests_on)
+    assert any("serving_path: not measured" in line for line in p.rests_on) and not p.assumptions
 
 
 def test_headroom_raises_the_floor():
-    # headroom 0.25: N > 10 / (3.1008 * 0.75) = 4.30 -> 5 replicas, $10/h.
-    p = plan(toy_profile(), WORKLOAD, SLO_LOOSE, 2.0, headroom=0.25)
-    assert p.replicas == 5 and p.cost_per_hour_usd == pytest.approx(10.0)
+    # headroom 0.25: N > 10 / (3.846 * 0.75) = 3.47 -> 4 replicas, $8/h.
+    p = plan(toy_profile(), WORKLOAD, SLO_LOOSE, 2.0, headroom=0.25, **QUICK)
+    assert p.replicas == 4 and p.cost_per_hour_usd == pytest.approx(8.0)
     assert p.utilisation < 0.75
 
 
 def test_simulation_corrects_the_queueing_guess_downward():
-    # With a 500 ms TTFT SLO the M/M/c estimate (exponential service) wants 5; the simulated fleet,
-    # whose service times are fixed, already meets it with 4.
-    p = plan(toy_profile(), WORKLOAD, SLO(ttft_s=0.5, tpot_s=0.1), 2.0)
-    assert p.queueing["first_guess_replicas"] == 5
-    assert p.replicas == 4
+    # With a 500 ms TTFT SLO the M/M/c estimate (exponential service) wants 4; the simulated fleet,
+    # whose service times are fixed, already meets it with 3.
+    p = plan(toy_profile(), WORKLOAD, SLO(ttft_s=0.5, tpot_s=0.1), 2.0, **QUICK)
+    assert p.queueing["first_guess_replicas"] == 4
+    assert p.replicas == 3
 
 
 def test_unreachable_slos_are_reported_not_raised():
     p = plan(toy_profile(), WORKLOAD, SLO(tpot_s=0.04), 2.0)  # a lone decode step takes 50 ms
     assert not p.feasible and "tpot" in p.reason and p.replicas is None
-    p = plan(toy_profile(), WORKLOAD, SLO(ttft_s=0.005), 2.0, max_replicas=8)  # prefill alone takes 10 ms
+    p = plan(toy_profile(), WORKLOAD, SLO(ttft_s=0.005), 2.0, max_replicas=8, **QUICK)  # prefill alone: 10 ms
     assert not p.feasible and "max_replicas = 8" in p.reason
     json.dumps(p.to_dict(), allow_nan=False)
 
 
 def test_projected_profile_is_labelled():
     prof = toy_profile(kind="projected", projected_from="cpu (2 cores)", hardware={"name": "H200"})
-    p = plan(prof, WORKLOAD, SLO_LOOSE, 2.0)
+    p = plan(prof, WORKLOAD, SLO_LOOSE, 2.0, **QUICK)
     assert "projected from cpu (2 cores) to H200" in p.profile_label
     assert p.to_dict()["profile"]["projected_from"] == "cpu (2 cores)"
     assert any("projected" in n for n in p.notes)
@@ -99,14 +110,14 @@ def test_prices_table_and_user_figure_wins():
     assert resolve_price(3.5, instance="aws-p5.48xlarge").per_node_hour_usd == 3.5
     for entry in PRICES.values():
         assert entry.source and entry.as_of and entry.per_node_hour_usd > 0
-    p = plan(toy_profile(), WORKLOAD, SLO_LOOSE, instance="gcp-g2-standard-4")
-    assert p.cost_per_hour_usd == pytest.approx(4 * PRICES["gcp-g2-standard-4"].per_node_hour_usd)
+    p = plan(toy_profile(), WORKLOAD, SLO_LOOSE, instance="gcp-g2-standard-4", **QUICK)
+    assert p.cost_per_hour_usd == pytest.approx(3 * PRICES["gcp-g2-standard-4"].per_node_hour_usd)
 
 
 def test_compare_plans_ranks_cheapest_first(capsys):
-    # fast: 25 ms steps -> slot 2.66 s, capacity 6.02 req/s, N >= 2 -> 2 x $3 = $6/h; slow: 4 x $2 = $8/h.
+    # fast: 25 ms steps -> slot 2.7 s, capacity 7.4 req/s, N >= 2 -> 2 x $3 = $6/h; slow: 3 x $2.5 = $7.5/h.
     profiles = {"slow": toy_profile(0.05), "fast": toy_profile(0.025), "hopeless": toy_profile(0.2)}
-    comp = compare_plans(profiles, WORKLOAD, SLO_LOOSE, {"slow": 2.0, "fast": 3.0, "hopeless": 1.0})
+    comp = compare_plans(profiles, WORKLOAD, SLO_LOOSE, {"slow": 2.5, "fast": 3.0, "hopeless": 1.0}, **QUICK)
     ranked = [label for label, _ in comp.ranked()]
     assert ranked == ["fast", "slow", "hopeless"]
     assert comp.plans["fast"].replicas == 2 and comp.plans["fast"].cost_per_hour_usd == pytest.approx(6.0)
@@ -115,11 +126,11 @@ def test_compare_plans_ranks_cheapest_first(capsys):
     render_comparison(comp)
     assert "fast" in capsys.readouterr().out
     with pytest.raises(ValueError, match="hopeless"):
-        compare_plans(profiles, WORKLOAD, SLO_LOOSE, {"slow": 2.0, "fast": 3.0})
+        compare_plans(profiles, WORKLOAD, SLO_LOOSE, {"slow": 2.0, "fast": 3.0}, **QUICK)
 
 
 def test_render_and_plot(tmp_path, capsys):
-    p = plan(toy_profile(), WORKLOAD, SLO_LOOSE, 2.0)
+    p = plan(toy_profile(), WORKLOAD, SLO_LOOSE, 2.0, num_requests=1000, interval_seeds=2)
     render_plan(p)
     assert "replicas" in capsys.readouterr().out
     png = tmp_path / "plan.png"
@@ -162,16 +173,24 @@ def test_cli_end_to_end(tmp_path, capsys):
     prof.write_text(json.dumps(toy_profile()))
     out, png = tmp_path / "plan.json", tmp_path / "plan.png"
     rc = _cli(["--profile", str(prof), "--rate", "10", "--input-len", "100", "--output-len", "100",
-               "--slo", "ttft_ms=2000,tpot_ms=100", "--price-per-hour", "2", "--out", str(out), "--plot", str(png)])
+               "--slo", "ttft_ms=2000,tpot_ms=100", "--price-per-hour", "2", "--out", str(out), "--plot", str(png),
+               "--num-requests", "1000", "--interval-seeds", "2"])
     assert rc == 0
     data = json.loads(out.read_text())
-    assert data["replicas"] == 4 and data["cost_per_month_usd"] == pytest.approx(5840.0)
+    assert data["replicas"] == 3 and data["cost_per_month_usd"] == pytest.approx(4380.0)
+    assert data["intervals"]["seeds"] == [0, 1] and len(data["rests_on"]) >= 4
     assert data["slo_ms"] == {"ttft_ms": 2000.0, "tpot_ms": 100.0, "e2e_ms": None}
     assert png.stat().st_size > 0
     loaded = Plan.load(out)  # what `pernode fleet` reads back
-    assert loaded.replicas == 4 and loaded.max_batch.batch_size == 16 and loaded.workload.rate_rps == 10.0
+    assert loaded.replicas == 3 and loaded.max_batch.batch_size == 20 and loaded.workload.rate_rps == 10.0
+    assert loaded.intervals == data["intervals"]
+    # A fleet of a given size is evaluated, not searched for: 4 replicas meet the SLO at a higher bill.
+    rc = _cli(["--profile", str(prof), "--rate", "10", "--input-len", "100", "--output-len", "100",
+               "--slo", "ttft_ms=2000,tpot_ms=100", "--price-per-hour", "2", "--out", str(out),
+               "--num-requests", "1000", "--interval-seeds", "1", "--replicas", "4"])
+    assert rc == 0 and json.loads(out.read_text())["replicas"] == 4
     assert _cli(["--profile", str(prof), "--rate", "10", "--input-len", "100", "--output-len", "100",
-                 "--slo", "tpot_ms=40", "--price-per-hour", "2"]) == 1
+                 "--slo", "tpot_ms=40", "--price-per-hour", "2", "--num-requests", "1000"]) == 1
 
 
 @pytest.mark.parametrize("bad, field", [
@@ -207,18 +226,18 @@ def test_cli_needs_a_price_and_a_readable_profile(tmp_path, capsys):
 
 def test_plan_round_trips_through_json(tmp_path):
     p = plan(toy_profile(), Workload(10.0, LengthDist.uniform(50, 150), LengthDist.fixed(100), burstiness=0.8),
-             SLO_LOOSE, 2.0)
+             SLO_LOOSE, 2.0, num_requests=1000, interval_seeds=2)
     assert Plan.from_dict(json.loads(json.dumps(p.to_dict()))) == p
     path = tmp_path / "plan.json"
     p.save(path)
     back = Plan.load(path)
     assert back == p
     # The typed surface other jobs use.
-    assert (back.replicas, back.max_batch.batch_size, back.policy, back.seed) == (p.replicas, 16, p.policy, 0)
+    assert (back.replicas, back.max_batch.batch_size, back.policy, back.seed) == (p.replicas, 20, p.policy, 0)
     assert back.workload.input_len.kind == "uniform" and (back.workload.input_len.lo, back.workload.input_len.hi) == \
         (50, 150)
     assert back.workload.burstiness == 0.8 and back.slo.to_dict()["ttft_ms"] == 2000.0
-    assert back.latency_s["ttft"]["p99"] == p.latency_s["ttft"]["p99"] and back.simulated_requests == 4000
+    assert back.latency_s["ttft"]["p99"] == p.latency_s["ttft"]["p99"] and back.simulated_requests == 1000
     # Readers and the HTML report keep their keys beside the structure.
     w = json.loads(path.read_text())["workload"]
     assert w["description"] == p.workload.describe() and w["rate_rps"] == 10.0

@@ -15,6 +15,7 @@ from test_fleet_planner import SLO_LOOSE, WORKLOAD, toy_profile
 
 from pernode.config import EngineConfig
 from pernode.jobs.fleet_from_plan import autoscale_for_plan, fleet_spec_for_plan
+from pernode.jobs.validate.machine_split import split_machine
 from pernode.jobs.validate import (METRICS, FleetPlacement, ReplayWorkload, ValidateConfig, errors_pct,
                                    measured_from_bench, predicted_from_plan, predicted_same_trace, print_validation)
 from pernode.measure.bench.bench_result import BenchResult, LatencyStats, ServingMetrics
@@ -29,7 +30,7 @@ from pernode.serve.server.options import ServerSettings
 def planned(**changes) -> Plan:
     """A feasible plan of 2 replicas at max batch 8 for 3 req/s, prompts uniform 32..128, outputs 48 tokens."""
     workload = Workload(3.0, LengthDist.uniform(32, 128), LengthDist.fixed(48))
-    p = plan(toy_profile(), workload, SLO_LOOSE, 2.0)
+    p = plan(toy_profile(), workload, SLO_LOOSE, 2.0, num_requests=500, interval_seeds=1)
     p = dataclasses.replace(p, replicas=2, max_batch=dataclasses.replace(p.max_batch, batch_size=8),
                             latency_s={**p.latency_s, "e2e": {"p50": 2.0, "p99": 3.0}})
     return dataclasses.replace(p, **changes)
@@ -168,8 +169,10 @@ def test_two_replicas_behind_openai_route(tmp_path):
     from tiny_model import write_tiny_model
 
     folder = write_tiny_model(str(tmp_path / "tiny"))
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    cpusets = tuple(str(c) for c in cores) if len(cores) == 2 else None  # one core each, pinned
     spec = FleetSpec(EngineConfig(model=folder, device="cpu", kv_cache_bytes=16 << 20, max_num_seqs=4),
-                     replicas=2, port=free_port())
+                     replicas=2, port=free_port(), cpusets=cpusets)
     fleet = LocalFleet(spec, num_cpus=2, timeout_s=150)
     auth_before = os.environ.get("RAY_AUTH_MODE")
     try:
@@ -181,6 +184,10 @@ def test_two_replicas_behind_openai_route(tmp_path):
         assert is_token_auth_enabled() and len(os.environ["RAY_AUTH_TOKEN"]) == 64  # Ray's token auth, our token
         assert fleet.deployment.num_cpus_per_replica == 1.0 and fleet.deployment.threads_per_replica == 1
         assert replica_states() == {"RUNNING": 2}
+        if cpusets:  # each replica process runs on its own core, as read back from /proc
+            split = split_machine(fleet.deployment.cpuset_claim_dir, None)
+            assert split["replicas_on_own_cores"]
+            assert sorted(r["cores"] for r in split["replicas"]) == sorted(cpusets)
 
         client = openai.OpenAI(base_url=fleet.url + "/v1", api_key="unused", max_retries=0, timeout=60)
         (model,) = [m.id for m in client.models.list().data]
@@ -220,7 +227,7 @@ def test_two_replicas_behind_openai_route(tmp_path):
 
 def test_same_trace_prediction_replays_the_requests_sent():
     prof = toy_profile(step_s=0.05)
-    p = plan(prof, WORKLOAD, SLO_LOOSE, 2.0)
+    p = plan(prof, WORKLOAD, SLO_LOOSE, 2.0, num_requests=1000, interval_seeds=1)
     requests = [BenchRequest(prompt="x", messages=None, prompt_len=100, max_tokens=11) for _ in range(4)]
     alone = predicted_same_trace(prof, p, requests, [0.0, 100.0, 200.0, 300.0], token_budget=2048)
     # Each request runs alone: TPOT is one decode step, TTFT its prefill (100 tokens at 10k tokens/s).

@@ -56,6 +56,9 @@ def add_fleet_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads in each replica (default: its CPUs rounded down, at least 1)")
     g.add_argument("--max-ongoing-requests", type=int, default=None,
                    help="Ray's cap of requests in one replica (default: --max-num-seqs + --max-queued-requests)")
+    g.add_argument("--cpuset", dest="cpusets", action="append", default=None, metavar="CPUS",
+                   help="cores of one replica (0, 2-3, ...); once per replica, so that each gets its own "
+                        "(local Ray; threads default to its core count)")
     g.add_argument("--address", default=None,
                    help="a running Ray cluster (ray://host:10001, host:6379 or 'auto'); default: start Ray here")
     g.add_argument("--app-name", default=DEFAULT_APP_NAME, help="Ray Serve application name (default %(default)s)")
@@ -65,7 +68,7 @@ def spec_from_args(args: argparse.Namespace) -> FleetSpec:
     engine, settings = engine_config_from_args(args), settings_from_args(args)
     placement = dict(num_cpus_per_replica=args.num_cpus_per_replica, threads_per_replica=args.threads_per_replica,
                      max_ongoing_requests=args.max_ongoing_requests, host=args.host, port=args.port,
-                     app_name=args.app_name)
+                     app_name=args.app_name, cpusets=tuple(args.cpusets) if args.cpusets else None)
     if args.autoscale == "plan" and not args.plan:
         raise ValueError("--autoscale plan needs --plan plan.json")
     autoscale = Autoscale.parse(args.autoscale) if args.autoscale not in (None, "plan") else None
@@ -198,22 +201,31 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
                         "--max-num-batched-tokens, 512 on CPU)")
     p.add_argument("--out", default=None, help="write predicted, measured and errors as JSON here")
     p.add_argument("--bench-out", default=None, help="also write the full bench serve result here")
+    p.add_argument("--interval-seeds", type=int, default=5,
+                   help="simulated runs of the measured size behind each predicted range (default 5)")
     g = p.add_argument_group("fleet (when not --base-url)")
     g.add_argument("--port", type=int, default=None, help="Serve's HTTP port (default: a free one)")
     g.add_argument("--num-cpus-per-replica", type=float, default=None)
     g.add_argument("--threads-per-replica", type=int, default=None)
     g.add_argument("--max-ongoing-requests", type=int, default=None)
+    g.add_argument("--cpuset", dest="cpusets", action="append", default=None, metavar="CPUS",
+                   help="cores of one replica, once per replica (e.g. --cpuset 0 --cpuset 1)")
+    g.add_argument("--client-cpuset", default=None, metavar="CPUS",
+                   help="cores for this command (the load generator) and the Ray processes that are not replicas")
     add_engine_arguments(p)
 
 
 def validate_config_from_args(args: argparse.Namespace) -> ValidateConfig:
     placement = FleetPlacement(port=args.port, num_cpus_per_replica=args.num_cpus_per_replica,
                                threads_per_replica=args.threads_per_replica,
-                               max_ongoing_requests=args.max_ongoing_requests)
+                               max_ongoing_requests=args.max_ongoing_requests,
+                               cpusets=tuple(args.cpusets) if args.cpusets else None,
+                               client_cpuset=args.client_cpuset)
     return ValidateConfig(plan_path=args.plan, profile_path=args.profile, base_url=args.base_url,
                           num_prompts=args.num_prompts, seed=args.seed, input_len=args.input_len,
                           output_len=args.output_len, burstiness=args.burstiness, token_budget=args.token_budget,
-                          out=args.out, bench_out=args.bench_out, placement=placement)
+                          out=args.out, bench_out=args.bench_out, placement=placement,
+                          interval_seeds=args.interval_seeds)
 
 
 def run_validate_command(args: argparse.Namespace) -> int:

@@ -50,8 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", choices=POLICIES, default="least_outstanding", help="load balancer")
     parser.add_argument("--num-requests", type=int, default=4000, help="simulated requests per fleet size")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated trace")
+    parser.add_argument("--interval-seeds", type=int, default=5,
+                        help="seeded traces the chosen fleet is simulated on for its latency ranges (default 5)")
     parser.add_argument("--token-budget", type=int, default=2048, help="tokens one replica schedules per step")
     parser.add_argument("--max-replicas", type=int, help="largest fleet to try (default max(64, 16 x first guess))")
+    parser.add_argument("--replicas", type=int, help="evaluate a fleet of exactly this size instead of searching")
     parser.add_argument("--project", metavar="ACCELERATOR",
                         help="first project the (measured) profile onto a published accelerator by the roofline, "
                              "e.g. 'H200 SXM' (see measure/accelerators.py); the plan is labelled projected")
@@ -110,7 +113,7 @@ def run_plan(args: argparse.Namespace) -> int:
         result = plan(profile, workload, slo, args.price_per_node_hour, headroom=args.headroom, policy=args.policy,
                       attainment_target=args.attainment_target, instance=args.instance,
                       num_requests=args.num_requests, seed=args.seed, token_budget=args.token_budget,
-                      max_replicas=args.max_replicas)
+                      max_replicas=args.max_replicas, interval_seeds=args.interval_seeds, replicas=args.replicas)
     except (ValueError, OSError) as e:
         err.print(f"[red]pernode plan: {with_flags(str(e))}[/red]")
         return 2

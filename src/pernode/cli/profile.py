@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 
 from pernode.cli.options import add_engine_arguments, engine_config_from_args, int_list
+from pernode.jobs.validate.replay import tokenizer_path
 from pernode.measure.bench.bench_result import BenchResult
 from pernode.measure.profile.profile_schema import save_profile
 from pernode.measure.profile.profiler import print_profile, run_profile
+from pernode.measure.profile.serving_path import measure_serving_path
 from pernode.measure.report_html import write_report_html
 from pernode.serve.engine.llm_engine import LLMEngine
 
@@ -21,8 +24,29 @@ def add_parsers(sub) -> None:
     p.add_argument("--prompt-lens", default=None, help="e.g. 64,128,256,512,1024,2048")
     p.add_argument("--context-len", type=int, default=None, help="context of the decode sweep, tokens")
     p.add_argument("--serve-results", nargs="*", help="bench serve JSON results to include (latency CDFs)")
+    p.add_argument("--serving-path", action="store_true",
+                   help="also measure HTTP, tokenizing and streaming per request and per token against a "
+                        "`pernode serve` on loopback with the same engine flags (the planner adds them)")
+    p.add_argument("--serving-path-requests", type=int, default=12,
+                   help="requests sent one at a time for --serving-path (default 12)")
     add_engine_arguments(p)
     p.set_defaults(func=run)
+
+
+def engine_flags(args: argparse.Namespace) -> list[str]:
+    """The engine flags given on this command line, to start `pernode serve` with the same engine."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_engine_arguments(parser)
+    flags = []
+    for action in parser._actions:
+        if not action.option_strings:
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default:
+            continue
+        flag = max(action.option_strings, key=len)
+        flags += [flag] if isinstance(action, argparse._StoreTrueAction) else [flag, str(value)]
+    return flags
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,8 +55,17 @@ def run(args: argparse.Namespace) -> int:
     profile = run_profile(engine, quick=args.quick, batch_sizes=int_list(args.batch_sizes),
                           prompt_lens=int_list(args.prompt_lens), context_len=args.context_len)
     profile["serve_runs"].extend(serve_runs)
+    if args.serving_path:
+        del engine  # the server loads its own; free this one's memory and threads first
+        gc.collect()
+        profile["serving_path"] = measure_serving_path(profile, engine_flags(args), tokenizer_path(args.model),
+                                                       num_requests=args.serving_path_requests)
     save_profile(args.out, profile)
     print_profile(profile)
+    if "serving_path" in profile:
+        sp = profile["serving_path"]
+        print(f"serving path (HTTP, tokenizing, streaming; {sp['requests']} requests one at a time): "
+              f"+{sp['request_s'] * 1000:.1f} ms per request, +{sp['token_s'] * 1000:.2f} ms per token")
     if args.html:
         write_report_html(args.html, profile)
     logging.getLogger("pernode").info("profile written to %s%s", args.out, f" and {args.html}" if args.html else "")

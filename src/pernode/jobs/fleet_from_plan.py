@@ -14,8 +14,9 @@ from pernode.serve.server.options import ServerSettings
 
 
 def plan_replicas(plan: Plan) -> int:
-    """The plan's replica count; an error when the plan found none that meets its SLO."""
-    if not plan.feasible or not isinstance(plan.replicas, int) or plan.replicas < 1:
+    """The plan's replica count; an error when the plan found none that meets its SLO. A fleet evaluated at a
+    given size (`pernode plan --replicas`) has its size even when it misses the SLO: that fleet can be run."""
+    if not isinstance(plan.replicas, int) or plan.replicas < 1:
         raise ValueError(f"the plan is not feasible ({plan.reason or 'no replica count'}): nothing to deploy; "
                          f"re-plan with a looser SLO or a lower rate")
     return plan.replicas

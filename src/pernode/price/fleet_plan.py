@@ -81,6 +81,10 @@ class Plan:
     simulated_requests: int = 0
     seed: int = 0
     notes: tuple[str, ...] = ()
+    # {"seeds": [...], "ttft_p50_ms": [low, high], ..., "goodput_rps": [low, high]}: the chosen fleet on each seed
+    intervals: dict = field(default_factory=dict)
+    rests_on: tuple[str, ...] = ()  # the measured numbers the plan was computed from
+    assumptions: tuple[str, ...] = ()  # what a projected profile assumed; empty when measured
 
     def to_dict(self) -> dict:
         """Plain JSON-able data; times in seconds as in the field names, SLO in milliseconds as users write it.
@@ -120,6 +124,9 @@ class Plan:
             "simulated_requests": self.simulated_requests,
             "seed": self.seed,
             "notes": list(self.notes),
+            "intervals": self.intervals,
+            "rests_on": list(self.rests_on),
+            "assumptions": list(self.assumptions),
         })
 
     @classmethod
@@ -151,7 +158,9 @@ class Plan:
                 cost_per_million_output_tokens_usd=_opt_float(d.get("cost_per_million_output_tokens_usd")),
                 curve=tuple(PlanPoint.from_dict(p) for p in d.get("curve") or ()),
                 simulated_requests=int(d.get("simulated_requests", 0)), seed=int(d.get("seed", 0)),
-                notes=tuple(str(n) for n in d.get("notes") or ()))
+                notes=tuple(str(n) for n in d.get("notes") or ()), intervals=dict(d.get("intervals") or {}),
+                rests_on=tuple(str(n) for n in d.get("rests_on") or ()),
+                assumptions=tuple(str(n) for n in d.get("assumptions") or ()))
         except KeyError as e:
             why = f"plan: missing key {e.args[0]!r} (written by another pernode version? re-run `pernode plan`)"
             raise ValueError(why) from None

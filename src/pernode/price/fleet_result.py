@@ -31,6 +31,7 @@ class FleetSimResult:
     in_system_seconds: float  # integral over time of requests in the fleet (waiting + running)
     preemptions: np.ndarray  # per request: times the KV cache ran out and it was preempted to be recomputed
     num_events: int = 0
+    schedules: list | None = None  # per replica, when recorded: (step start s, [(request, new tokens), ...])
 
     @property
     def num_requests(self) -> int:

@@ -14,10 +14,12 @@ from typing import Any, Callable, Mapping
 from pernode.measure.profile.profile_schema import Profile
 from pernode.price.fleet_plan import Plan, PlanPoint
 from pernode.price.fleet_result import FleetSimResult
+from pernode.price.intervals import DEFAULT_INTERVAL_SEEDS, seed_intervals
+from pernode.price.plan_basis import measured_basis, projection_assumptions
 from pernode.price.pricing import Price, resolve_price
 from pernode.price.queueing import erlang_c, mmc_wait_quantile_s, replica_capacity_rps, request_service_s
 from pernode.price.simulator import ROUTERS, ReplicaConfig, simulate_fleet
-from pernode.price.step_time import BatchLimit, StepTimeModel, kv_max_tokens, max_batch_size
+from pernode.price.step_time import BatchLimit, StepTimeModel, kv_block_size, kv_max_tokens, max_batch_size
 from pernode.price.workload import Workload
 from pernode.slo import SLO
 
@@ -71,16 +73,22 @@ def min_replicas_for_utilisation(rate_rps: float, capacity_rps: float, headroom:
 def plan(profile: Profile, workload: Workload, slo: SLO, price_per_node_hour: float | None = None,
          headroom: float = 0.0, policy: str = "least_outstanding", attainment_target: float = 0.99, *,
          instance: str | None = None, num_requests: int = 4000, seed: int = 0, token_budget: int = 2048,
-         max_replicas: int | None = None) -> Plan:
-    """The smallest replica count whose simulated SLO attainment reaches `attainment_target`, and its cost."""
+         max_replicas: int | None = None, interval_seeds: int = DEFAULT_INTERVAL_SEEDS,
+         replicas: int | None = None) -> Plan:
+    """The smallest replica count whose simulated SLO attainment reaches `attainment_target`, and its cost; the
+    chosen fleet's latencies and goodput also as ranges over `interval_seeds` seeded traces (1: no range)."""
     headroom = _check_fraction(headroom, "headroom", False, 0.0, 1.0, True)
     attainment_target = _check_fraction(attainment_target, "attainment_target", True, 0.0, 1.0, False)
     if policy not in ROUTERS:
         raise ValueError(f"policy={policy!r}: one of {', '.join(ROUTERS)}")
     _check_whole(num_requests, "num_requests", 100, " (more is steadier)")
     _check_whole(token_budget, "token_budget", 2, " of tokens per step")
+    _check_whole(interval_seeds, "interval_seeds", 1, "")
     if max_replicas is not None:
         _check_whole(max_replicas, "max_replicas", 1, "")
+    if replicas is not None:  # a fleet of this size, evaluated rather than searched for
+        _check_whole(replicas, "replicas", 1, "")
+        max_replicas = replicas
     if slo.is_empty:
         raise ValueError("slo=none: set at least one of ttft_ms, tpot_ms, e2e_ms")
     price = resolve_price(price_per_node_hour, instance)
@@ -96,8 +104,12 @@ def plan(profile: Profile, workload: Workload, slo: SLO, price_per_node_hour: fl
         notes.append(f"decode step times taken at context {step_model.decode_context_len} tokens "
                      f"(workload mean decode context {mean_decode_context:.0f})")
     kv_tokens = kv_max_tokens(profile)
+    block_size = kv_block_size(profile)
     _check_fits(profile, workload, kv_tokens)
-    mb = max_batch_size(step_model, kv_tokens, workload.mean_context_tokens, slo.tpot_s, token_budget)
+    # One KV rule with the simulator and the engine: blocks held on average over a request's life.
+    mb = max_batch_size(step_model, kv_tokens, workload.mean_context_tokens, slo.tpot_s, token_budget,
+                        mean_prompt_tokens=workload.mean_input_tokens, mean_output_tokens=workload.mean_output_tokens,
+                        block_size=block_size)
     if mb.extrapolated:
         notes.append(f"max batch {mb.batch_size} is beyond the largest profiled decode batch "
                      f"{step_model.max_measured_batch}: its step time is extrapolated")
@@ -108,7 +120,8 @@ def plan(profile: Profile, workload: Workload, slo: SLO, price_per_node_hour: fl
     common = dict(profile_label=label, profile_kind=kind, model_name=model_name, hardware_name=hw_name,
                   projected_from=projected_from, workload=workload, slo=slo, attainment_target=attainment_target,
                   headroom=headroom, policy=policy, max_batch=mb, token_budget=token_budget, price=price, seed=seed,
-                  notes=tuple(notes))
+                  notes=tuple(notes), rests_on=measured_basis(profile, step_model),
+                  assumptions=projection_assumptions(profile))
     if mb.batch_size < 1:
         if mb.limited_by == BatchLimit.TPOT_SLO:
             why = (f"no batch meets tpot {slo.tpot_s * 1000:g} ms: one decode step at batch 1 takes "
@@ -125,7 +138,7 @@ def plan(profile: Profile, workload: Workload, slo: SLO, price_per_node_hour: fl
     n_queue, queue_info = _queueing_first_guess(step_model, workload, slo, b, service_s, n_util)
 
     trace = workload.generate(num_requests, seed)
-    replica = ReplicaConfig(step_model, b, kv_tokens, token_budget)
+    replica = ReplicaConfig(step_model, b, kv_tokens, token_budget, block_size)
     results: dict[int, FleetSimResult] = {}
 
     def run(n: int) -> FleetSimResult:
@@ -135,10 +148,14 @@ def plan(profile: Profile, workload: Workload, slo: SLO, price_per_node_hour: fl
 
     cap_n = max_replicas if max_replicas is not None else max(64, 16 * n_queue)
     if cap_n < n_util:
-        raise ValueError(f"max_replicas={cap_n}: below the {n_util} replicas needed to keep utilisation under "
-                         f"{1 - headroom:g}; raise max_replicas")
-    chosen = _smallest_meeting(lambda n: run(n).attainment(slo) >= attainment_target,
-                               min(max(n_queue, n_util), cap_n), n_util, cap_n)
+        name = "replicas" if replicas is not None else "max_replicas"
+        raise ValueError(f"{name}={cap_n}: below the {n_util} replicas needed to keep utilisation under "
+                         f"{1 - headroom:g}; raise {name}")
+    if replicas is not None:
+        chosen = replicas if run(replicas).attainment(slo) >= attainment_target else None
+    else:
+        chosen = _smallest_meeting(lambda n: run(n).attainment(slo) >= attainment_target,
+                                   min(max(n_queue, n_util), cap_n), n_util, cap_n)
 
     # The curve for the plot: a few sizes either side of the answer (or of the largest tried), plus all tried.
     centre = chosen if chosen is not None else max(results)
@@ -146,9 +163,19 @@ def plan(profile: Profile, workload: Workload, slo: SLO, price_per_node_hour: fl
         run(n)
     curve = tuple(_point(n, results[n], slo, attainment_target, workload.rate_rps, capacity,
                          price.per_node_hour_usd) for n in sorted(results))
-    searched = dict(capacity_rps_per_replica=capacity, request_service_s=service_s,
+    final_n = chosen if chosen is not None else cap_n
+    seeds = [seed + k for k in range(interval_seeds)]
+    intervals = seed_intervals(lambda s: trace if s == seed else workload.generate(num_requests, s), replica,
+                               final_n, policy, slo, seeds, {seed: results[final_n]})
+    searched = dict(capacity_rps_per_replica=capacity, request_service_s=service_s, intervals=intervals,
                     min_replicas_for_utilisation=n_util, queueing=queue_info, curve=curve,
                     simulated_requests=num_requests, **common)
+    if chosen is None and replicas is not None:
+        # A fleet of the asked size, evaluated: it misses the target, but it is still the fleet to run and check.
+        why = (f"attainment {results[replicas].attainment(slo):.3f} < target {attainment_target:g} with the "
+               f"{replicas} replicas asked for")
+        return Plan(feasible=False, reason=why, replicas=replicas,
+                    **_outcome(replicas, results[replicas], slo, workload, capacity, price), **searched)
     if chosen is None:
         best = results[cap_n]
         zero_load = _zero_load_ttft_s(step_model, workload)

@@ -46,13 +46,22 @@ def plan_table(p: Plan) -> Table:
     if p.utilisation is not None:
         t.add_row("utilisation", f"{p.utilisation:.1%} of full-batch capacity; simulated slot occupancy "
                   f"{p.slot_occupancy:.1%}, replicas stepping {p.busy_fraction:.1%} of the time")
+    iv = p.intervals
     for m in ("ttft", "tpot", "e2e"):
         if m in p.latency_s:
             d = p.latency_s[m]
-            t.add_row(f"{m.upper()} p50/p90/p99", f"{_ms(d['p50'])} / {_ms(d['p90'])} / {_ms(d['p99'])} ms")
+            row = f"{_ms(d['p50'])} / {_ms(d['p90'])} / {_ms(d['p99'])} ms"
+            if len(iv.get("seeds") or ()) > 1:
+                row += "  (over seeds: " + ", ".join(_range_ms(iv.get(f"{m}_{q}_ms")) for q in ("p50", "p90", "p99"))
+                row += ")"
+            t.add_row(f"{m.upper()} p50/p90/p99", row)
     if p.attainment is not None:
         t.add_row("SLO attainment", f"{p.attainment:.2%} of {p.simulated_requests} simulated requests (seed {p.seed})")
-        t.add_row("goodput", f"{p.goodput_rps:.3g} req/s, {p.goodput_output_tokens_per_s:,.0f} output tok/s")
+        goodput = f"{p.goodput_rps:.3g} req/s, {p.goodput_output_tokens_per_s:,.0f} output tok/s"
+        if len(iv.get("seeds") or ()) > 1 and iv.get("goodput_rps"):
+            lo, hi = iv["goodput_rps"]
+            goodput += f" ({lo:.3g}..{hi:.3g} req/s over seeds {iv['seeds'][0]}..{iv['seeds'][-1]})"
+        t.add_row("goodput", goodput)
     if p.price is not None:
         t.add_row("price / node-hour", f"{_usd(p.price.per_node_hour_usd)} ({p.price.source})")
     if p.feasible:
@@ -60,7 +69,15 @@ def plan_table(p: Plan) -> Table:
                   f"{_usd(p.cost_per_million_output_tokens_usd)} per million output tokens")
     for note in p.notes:
         t.add_row("note", note)
+    for line in p.rests_on:
+        t.add_row("rests on", line)
+    for line in p.assumptions:
+        t.add_row("[yellow]assumes[/yellow]", line)
     return t
+
+
+def _range_ms(v: list | None) -> str:
+    return "-" if not v else f"{v[0]:.0f}..{v[1]:.0f}"
 
 
 def comparison_table(c: Comparison) -> Table:

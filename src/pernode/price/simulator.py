@@ -1,8 +1,8 @@
 """Discrete-event simulation of N continuously batching replicas behind a load balancer, and of a plain FIFO queue.
 
 The loop is vidur's (Agrawal et al., arXiv 2405.05465): take the next event (an arrival, or the end of a replica's
-run of steps), let the router or the replica handle it, and queue the run end it returns. The replica's batching
-and preemption rule is replica.py; the routers are the small classes below, registered by name.
+run of steps), let the router or the replica handle it, and queue the run end it returns. Each replica runs the
+engine's own scheduler (replica.py); the routers are the small classes below, registered by name.
 """
 from __future__ import annotations
 
@@ -59,24 +59,35 @@ def _check_inputs(trace: RequestTrace, replica: ReplicaConfig, num_replicas: int
     if len(trace) and (trace.prompt_tokens.min() < 1 or trace.output_tokens.min() < 1):
         raise ValueError(f"trace lengths must be >= 1 token; smallest prompt {trace.prompt_tokens.min()}, "
                          f"smallest output {trace.output_tokens.min()}")
-    # A request alone on a replica must fit, or preempting it would only start it over.
-    too_big = int(np.sum(trace.prompt_tokens + trace.output_tokens > replica.kv_max_tokens))
+    if trace.prompt_token_ids is not None and (
+            len(trace.prompt_token_ids) != len(trace)
+            or any(len(ids) != p for ids, p in zip(trace.prompt_token_ids, trace.prompt_tokens.tolist()))):
+        raise ValueError("trace.prompt_token_ids: one list per request, as long as its prompt_tokens")
+    # A request alone on a replica must fit, or preempting it would only start it over. Its last sampled token
+    # is never computed, so it holds KV for prompt + output - 1 tokens, in whole blocks.
+    held = trace.prompt_tokens + trace.output_tokens - 1
+    too_big = int(np.sum(-(-held // replica.block_size) > replica.num_blocks))
     if too_big:
         raise ValueError(f"kv_max_tokens={replica.kv_max_tokens}: {too_big} requests need more KV than one replica "
                          f"holds (prompt + output); shorten the lengths or use a node with more KV memory")
 
 
 def simulate_fleet(trace: RequestTrace, replica: ReplicaConfig, num_replicas: int,
-                   policy: str = "least_outstanding") -> FleetSimResult:
-    """Run `trace` through `num_replicas` identical replicas until every request finishes."""
+                   policy: str = "least_outstanding", record_schedule: bool = False) -> FleetSimResult:
+    """Run `trace` through `num_replicas` identical replicas until every request finishes.
+
+    A request reaches its replica's engine `step_model.serving_request_s` after it arrives (the serving path);
+    latencies count from the arrival. `record_schedule` keeps every replica's step-by-step schedule in the result.
+    """
     _check_inputs(trace, replica, num_replicas, policy)
     n = len(trace)
     book = RequestBook(trace, replica.step_model)
-    replicas = [Replica(replica, book) for _ in range(num_replicas)]
+    schedules = [[] for _ in range(num_replicas)] if record_schedule else None
+    replicas = [Replica(replica, book, schedules[r] if schedules else None) for r in range(num_replicas)]
     router = ROUTERS[policy](num_replicas)
     outstanding = [0] * num_replicas  # per replica: routed and unfinished
     events: list[tuple[float, int, int]] = []  # (end of a replica's run, replica, run version)
-    arrivals = trace.arrival_s.tolist()
+    arrivals = (trace.arrival_s + replica.step_model.serving_request_s).tolist()
     in_system, in_system_seconds, last_t = 0, 0.0, (arrivals[0] if n else 0.0)
     i = num_events = 0
     while i < n or events:
@@ -111,7 +122,7 @@ def simulate_fleet(trace: RequestTrace, replica: ReplicaConfig, num_replicas: in
         output_tokens=trace.output_tokens.copy(), replica=np.asarray(book.replica), num_replicas=num_replicas,
         max_batch=replica.max_batch, busy_s=np.asarray([rp.busy_s for rp in replicas]),
         slot_seconds=np.asarray([rp.slot_seconds for rp in replicas]), in_system_seconds=in_system_seconds,
-        preemptions=np.asarray(book.preemptions), num_events=num_events)
+        preemptions=np.asarray(book.preemptions), num_events=num_events, schedules=schedules)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,10 @@ One step with b running decodes and p scheduled prompt tokens lasts decode_step_
 the decode part is read off the measured decode[] curve in batch size, the prefill part off prefill[] in prompt length.
 This additive model is the one DistServe (Zhong et al., arXiv 2401.09670) and Sarathi-Serve (Agrawal et al.,
 arXiv 2403.02310) reason with for mixed prefill/decode batches.
+
+The serving path is in the model too, when the profile measured it (`pernode profile --serving-path`, section
+serving_path): each request reaches the engine `serving_request_s` after it was sent (HTTP, tokenizing, the first
+chunk back) and each decode step pays `serving_token_s` per running request (detokenizing and streaming a token).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from pernode.config import DEFAULT_BLOCK_SIZE
 from pernode.measure.profile.profile_schema import Profile
 
 
@@ -34,6 +39,8 @@ class StepTimeModel:
     prefill_prompt_lens: np.ndarray  # float64, increasing
     prefill_tokens_per_s_points: np.ndarray
     decode_context_len: int | None = None  # the profile's context length the decode points were taken at
+    serving_request_s: float = 0.0  # per request: send to engine admission, plus the first chunk's way back
+    serving_token_s: float = 0.0  # per token streamed: detokenize, frame, send, on the engine's own core
 
     @classmethod
     def from_points(cls, decode: Mapping[int, float], prefill: Mapping[int, float]) -> "StepTimeModel":
@@ -77,7 +84,8 @@ class StepTimeModel:
             lens.append(_number(row, "prompt_len", f"prefill[{i}]"))
             rates.append(_number(row, "prefill_tokens_per_s", f"prefill[{i}]"))
         lens_a, rates_a = _merge_duplicates(lens, rates)
-        return cls(batch, step, lens_a, rates_a, chosen_ctx)
+        request_s, token_s = serving_path_s(profile)
+        return cls(batch, step, lens_a, rates_a, chosen_ctx, request_s, token_s)
 
     @property
     def max_measured_batch(self) -> int:
@@ -93,10 +101,11 @@ class StepTimeModel:
         if batch_size <= 0:
             return 0.0
         b, s = self.decode_batch_sizes, self.decode_step_s_points
+        serving = batch_size * self.serving_token_s
         if batch_size <= b[-1]:
-            return float(np.interp(batch_size, b, s))
+            return float(np.interp(batch_size, b, s)) + serving
         slope = (s[-1] - s[-2]) / (b[-1] - b[-2]) if b.size >= 2 else 0.0
-        return float(s[-1] + max(slope, 0.0) * (batch_size - b[-1]))
+        return float(s[-1] + max(slope, 0.0) * (batch_size - b[-1])) + serving
 
     def prefill_tokens_per_s(self, prompt_len: float) -> float:
         """Prefill throughput for a prompt of this length; clamped to the end points outside the measured range."""
@@ -115,6 +124,22 @@ class StepTimeModel:
             return self.decode_step_s(num_decodes)
         rate = self.prefill_tokens_per_s(prompt_len if prompt_len is not None else prompt_tokens)
         return self.decode_step_s(num_decodes) + prompt_tokens / rate
+
+
+def serving_path_s(profile: Profile) -> tuple[float, float]:
+    """(per-request, per-token) seconds the serving path adds, from the profile's serving_path section; zeros
+    when the profile did not measure it (the plan then says it leaves the serving path out)."""
+    section = profile.get("serving_path")
+    if not isinstance(section, Mapping):
+        return 0.0, 0.0
+    out = []
+    for key in ("request_s", "token_s"):
+        v = section.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
+            raise ValueError(f"profile serving_path.{key}={v!r}: must be a finite number >= 0 seconds; re-run "
+                             f"`pernode profile --serving-path`")
+        out.append(float(v))
+    return out[0], out[1]
 
 
 def _merge_duplicates(xs: list[float], ys: list[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -174,15 +199,38 @@ def kv_max_tokens(profile: Profile) -> int:
     return int(_number(kv, "max_tokens", "kv_cache"))
 
 
-def max_batch_size(step_model: StepTimeModel, kv_max_tokens: int, mean_context_tokens: float,
-                   tpot_slo_s: float | None = None, token_budget: int | None = None) -> MaxBatch:
-    """Largest b with decode_step_s(b) <= TPOT SLO and b * mean context <= KV tokens.
+def kv_block_size(profile: Profile) -> int:
+    """The engine's KV block size the profile was taken with (the engine's default when an older profile lacks it)."""
+    kv = profile.get("kv_cache") or {}
+    return int(_number(kv, "block_size", "kv_cache")) if "block_size" in kv else DEFAULT_BLOCK_SIZE
 
-    The profile's max_concurrent_seqs is the same KV bound taken at kv_cache.context_len; at the workload's own
-    context it is max_tokens // mean context, which is what we use. The pure-decode step is the best TPOT a batch
+
+def kv_blocks_held_mean(prompt_tokens: float, output_tokens: float, block_size: int) -> float:
+    """Blocks a request holds on average over its steps, counted as the engine's KV cache counts them: its
+    prefill step holds blocks for the prompt, and the step that samples output token j (j >= 2) holds blocks for
+    prompt + j - 1 tokens, in whole blocks of `block_size`. The simulator runs that very KV cache, so the batch
+    the planner sizes is the batch the simulator and the engine hold on average."""
+    p, o = max(float(prompt_tokens), 1.0), max(int(round(output_tokens)), 1)
+    tokens = p + np.arange(o, dtype=np.float64)  # prefill: p; then p + 1 ... p + o - 1
+    return float(np.mean(np.ceil(tokens / block_size)))
+
+
+def max_batch_size(step_model: StepTimeModel, kv_max_tokens: int, mean_context_tokens: float,
+                   tpot_slo_s: float | None = None, token_budget: int | None = None, *,
+                   mean_prompt_tokens: float | None = None, mean_output_tokens: float | None = None,
+                   block_size: int = 1) -> MaxBatch:
+    """Largest b with decode_step_s(b) <= TPOT SLO and b requests' KV fitting in kv_max_tokens.
+
+    Given the mean prompt and output, the KV bound is the engine's own rule (`kv_blocks_held_mean`): blocks in
+    the cache over blocks a request holds on average over its life. Without them, the older and conservative
+    bound: b * mean context (prompt + whole output) <= KV tokens. The pure-decode step is the best TPOT a batch
     can give; prefill chunks riding along stretch it, which the simulator measures.
     """
-    kv_limit = int(kv_max_tokens // max(mean_context_tokens, 1.0))
+    if mean_prompt_tokens is not None and mean_output_tokens is not None:
+        held = kv_blocks_held_mean(mean_prompt_tokens, mean_output_tokens, block_size)
+        kv_limit = int((kv_max_tokens // block_size) // held)
+    else:
+        kv_limit = int(kv_max_tokens // max(mean_context_tokens, 1.0))
     limit, limited_by = kv_limit, BatchLimit.KV_CACHE
     if token_budget is not None and token_budget - 1 < limit:
         # Decodes take one budget token each; keep at least one for prompts so admissions never starve.

@@ -137,6 +137,9 @@ class RequestTrace:
     arrival_s: np.ndarray  # float64 [n]
     prompt_tokens: np.ndarray  # int64 [n]
     output_tokens: np.ndarray  # int64 [n]
+    # Each prompt's token ids, when known (a recorded trace): the simulated prefix cache then hits as the engine's
+    # does. Without them every prompt is taken as unique.
+    prompt_token_ids: Sequence[Sequence[int]] | None = None
 
     def __len__(self) -> int:
         return int(self.arrival_s.size)

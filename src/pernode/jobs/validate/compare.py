@@ -19,8 +19,9 @@ from pernode.measure.profile.profile_schema import Profile
 from pernode.price.planner import Plan
 from pernode.price.replica import ReplicaConfig
 from pernode.price.simulator import simulate_fleet
-from pernode.price.step_time import StepTimeModel, kv_max_tokens
-from pernode.price.workload import RequestTrace
+from pernode.price.intervals import seed_intervals, summary_values, where_in_interval
+from pernode.price.step_time import StepTimeModel, kv_block_size, kv_max_tokens
+from pernode.price.workload import RequestTrace, Workload
 from pernode.serve.deploy import ROUTER_POLICY
 
 
@@ -65,16 +66,32 @@ def predicted_same_trace(profile: Profile, plan: Plan, requests: Sequence[BenchR
     prompt = np.array(prompt_tokens if prompt_tokens is not None else [r.prompt_len for r in requests],
                       dtype=np.int64)
     output = np.array([r.max_tokens for r in requests], dtype=np.int64)
-    mean_decode_context = float(prompt.mean() + output.mean() / 2.0)
-    step_model = StepTimeModel.from_profile(profile, context_tokens=mean_decode_context)
-    replica = ReplicaConfig(step_model, int(plan.max_batch.batch_size), kv_max_tokens(profile), token_budget)
+    replica = replica_config(profile, plan, float(prompt.mean() + output.mean() / 2.0), token_budget)
     trace = RequestTrace(np.asarray(offsets_s, dtype=np.float64), prompt, output)
-    res = simulate_fleet(trace, replica, int(plan.replicas), ROUTER_POLICY)
-    out = {"goodput_rps": res.goodput_rps(plan.slo), "attainment": res.attainment(plan.slo)}
-    for metric in ("ttft", "tpot", "e2e"):
-        for q, v in res.percentiles_s(metric).items():
-            out[f"{metric}_{q}_ms"] = v * 1000.0
-    return out
+    return summary_values(simulate_fleet(trace, replica, int(plan.replicas), ROUTER_POLICY), plan.slo)
+
+
+def replica_config(profile: Profile, plan: Plan, mean_decode_context: float, token_budget: int) -> ReplicaConfig:
+    """One replica as the fleet runs it: the profile's step times (and serving path), the plan's max batch, the
+    profile's KV cache and block size, the engine's token budget."""
+    step_model = StepTimeModel.from_profile(profile, context_tokens=mean_decode_context)
+    return ReplicaConfig(step_model, int(plan.max_batch.batch_size), kv_max_tokens(profile), token_budget,
+                         kv_block_size(profile))
+
+
+def predicted_interval(profile: Profile, plan: Plan, workload: Workload, num_prompts: int, seeds: list[int],
+                       token_budget: int) -> dict:
+    """The range each figure takes over runs of `num_prompts` requests drawn from `workload` with each seed: how
+    far a run of the measured size may fall from another by chance alone."""
+    mean_decode_context = workload.mean_input_tokens + workload.mean_output_tokens / 2.0
+    replica = replica_config(profile, plan, mean_decode_context, token_budget)
+    return seed_intervals(lambda s: workload.generate(num_prompts, s), replica, int(plan.replicas), ROUTER_POLICY,
+                          plan.slo, seeds)
+
+
+def interval_positions(interval: Mapping[str, Any], measured: Mapping[str, Any]) -> dict:
+    """Per figure: is the measurement inside the predicted range, above or below it."""
+    return {k: where_in_interval(measured.get(k), interval.get(k)) for k in measured if k in interval}
 
 
 def measured_from_bench(result: BenchResult) -> dict:

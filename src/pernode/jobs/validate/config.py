@@ -19,6 +19,8 @@ class FleetPlacement:
     num_cpus_per_replica: float | None = None
     threads_per_replica: int | None = None
     max_ongoing_requests: int | None = None
+    cpusets: tuple[str, ...] | None = None  # one CPU list per replica: each replica on cores of its own
+    client_cpuset: str | None = None  # the load generator and Ray's other processes; default: left unpinned
 
 
 @dataclass(frozen=True)
@@ -38,10 +40,13 @@ class ValidateConfig:
     out: str | None = None  # predicted, measured and errors as JSON
     bench_out: str | None = None  # the full bench serve result as JSON
     placement: FleetPlacement = FleetPlacement()
+    interval_seeds: int = 5  # runs of the measured size simulated for the predicted range of each figure
 
     def __post_init__(self) -> None:
         if self.num_prompts is not None and self.num_prompts < 1:
             raise ValueError(f"num_prompts={self.num_prompts}: allowed >= 1")
+        if self.interval_seeds < 1:
+            raise ValueError(f"interval_seeds={self.interval_seeds}: allowed >= 1")
         if self.token_budget is not None and self.token_budget < 1:
             raise ValueError(f"token_budget={self.token_budget}: allowed >= 1")
         if self.burstiness is not None and not self.burstiness > 0:

@@ -35,6 +35,27 @@ def print_validation(report: dict, console: Console | None = None) -> None:
             row.append(_pct(report["error_pct_same_trace"].get(m.key)))
         t.add_row(*row)
     console.print(t)
+    interval, where = report.get("predicted_interval") or {}, report.get("interval_position") or {}
+    if interval:
+        seeds = interval.get("seeds") or []
+        console.print(f"predicted range over {len(seeds)} simulated runs of {w['num_prompts']} requests "
+                      f"(seeds {seeds[0]}..{seeds[-1]}): where the measurement falls")
+        for m in METRICS:
+            rng = interval.get(m.key)
+            if rng is None:
+                continue
+            pos = where.get(m.key)
+            colour = {"inside": "green", None: "white"}.get(pos, "red")
+            console.print(f"  {m.label}: {_num(rng[0])} .. {_num(rng[1])}, measured "
+                          f"{_num(report['measured'].get(m.key))} [{colour}]{pos or '-'}[/{colour}]")
+    split = (report.get("fleet") or {}).get("machine_split")
+    if split:
+        reps = ", ".join(f"replica {r['slot']} on cores {r['cores']}" for r in split["replicas"]) or "replicas unpinned"
+        console.print(f"machine split ({split['machine_cores']} cores): {reps}; load generator on "
+                      f"{split['load_generator_cores']}, Ray's other processes on "
+                      f"{', '.join(split['ray_other_processes_cores']) or '-'}"
+                      + (f"; the load generator shares cores {split['cores_shared_by_load_generator_and_replicas']} "
+                         f"with replicas" if split["cores_shared_by_load_generator_and_replicas"] else ""))
     probe = report.get("idle_probe") or {}
     measured, added = probe.get("measured") or {}, probe.get("added_ms") or {}
     if measured.get("ttft_p50_ms") is not None:

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 from pernode.config import EngineConfig
 from pernode.jobs.fleet_from_plan import fleet_spec_for_plan, plan_replicas
-from pernode.jobs.validate.compare import (errors_pct, idle_probe_report, measured_from_bench, predicted_from_plan,
-                                           predicted_same_trace)
+from pernode.jobs.validate.compare import (errors_pct, idle_probe_report, interval_positions, measured_from_bench,
+                                           predicted_from_plan, predicted_interval, predicted_same_trace)
 from pernode.jobs.validate.config import ValidateConfig
 from pernode.jobs.validate.cpu_share import CpuShare
+from pernode.jobs.validate.machine_split import split_machine
 from pernode.jobs.validate.replay import ReplayWorkload, tokenizer_path
 from pernode.jobs.validate.report import print_validation, write_report
 from pernode.measure.bench.arrivals import arrival_offsets_s
@@ -26,6 +27,7 @@ from pernode.measure.bench.bench_result import BenchResult
 from pernode.measure.bench.config import BenchConfig
 from pernode.measure.profile.profile_schema import Profile, load_profile
 from pernode.price.planner import Plan
+from pernode.price.workload import LengthDist, Workload
 from pernode.serve.deploy import ROUTER_POLICY, LocalFleet, free_port
 from pernode.serve.server.options import ServerSettings
 
@@ -82,9 +84,10 @@ def run_validate(config: ValidateConfig, engine: EngineConfig) -> int:
         spec = fleet_spec_for_plan(plan, engine, settings, num_cpus_per_replica=placement.num_cpus_per_replica,
                                    threads_per_replica=placement.threads_per_replica,
                                    max_ongoing_requests=placement.max_ongoing_requests,
-                                   port=placement.port or free_port())
+                                   cpusets=placement.cpusets, port=placement.port or free_port())
         with LocalFleet(spec) as fleet:
             fleet_info = fleet.deployment.to_dict()
+            fleet_info["machine_split"] = split_machine(fleet.deployment.cpuset_claim_dir, placement.client_cpuset)
             print(f"pernode fleet validate: {replicas} replicas (max_num_seqs {batch}) up at {fleet.url} in "
                   f"{fleet.deployment.startup_s:.1f} s; sending {num_prompts} requests at "
                   f"{workload.rate_rps:g} req/s", flush=True)
@@ -116,6 +119,12 @@ def run_validate(config: ValidateConfig, engine: EngineConfig) -> int:
     if profile is not None:
         budget = config.token_budget or engine.max_num_batched_tokens or DEFAULT_TOKEN_BUDGET
         report.update(_same_trace(profile, plan, measured, budget, observed))
+        workload_drawn = Workload(workload.rate_rps, LengthDist.parse(workload.input_len, "input_len"),
+                                  LengthDist.parse(workload.output_len, "output_len"), workload.burstiness)
+        interval = predicted_interval(profile, plan, workload_drawn, num_prompts,
+                                      [config.seed + k for k in range(config.interval_seeds)], budget)
+        report["predicted_interval"] = interval
+        report["interval_position"] = interval_positions(interval, observed)
     report["idle_probe"] = idle_probe_report(measured.probe_result, profile)
     print_validation(report)
     if config.out:

@@ -45,6 +45,8 @@ class Deployment:
     max_ongoing_requests: int
     cluster_cpus: float
     startup_s: float
+    cpusets: tuple[str, ...] | None = None  # each replica's cores, when pinned
+    cpuset_claim_dir: str | None = None
 
     def describe(self) -> str:
         return (f"{self.num_cpus_per_replica:g} CPUs and {self.threads_per_replica} torch threads each on "
@@ -55,7 +57,9 @@ class Deployment:
                 "max_ongoing_requests": self.max_ongoing_requests, "router": ROUTER, "planner_policy": ROUTER_POLICY,
                 "url": self.url, "app_name": self.app_name, "replicas": self.replicas,
                 "autoscale": None if self.autoscale is None else self.autoscale.to_config(),
-                "cluster_cpus": self.cluster_cpus, "startup_s": self.startup_s}
+                "cluster_cpus": self.cluster_cpus, "startup_s": self.startup_s,
+                "cpusets": None if self.cpusets is None else list(self.cpusets),
+                "cpuset_claim_dir": self.cpuset_claim_dir}
 
     @classmethod
     def from_dict(cls, d: dict) -> Deployment:
@@ -64,7 +68,9 @@ class Deployment:
                    num_cpus_per_replica=float(d["num_cpus_per_replica"]),
                    threads_per_replica=int(d["threads_per_replica"]),
                    max_ongoing_requests=int(d["max_ongoing_requests"]), cluster_cpus=float(d["cluster_cpus"]),
-                   startup_s=float(d["startup_s"]))
+                   startup_s=float(d["startup_s"]),
+                   cpusets=None if d.get("cpusets") is None else tuple(d["cpusets"]),
+                   cpuset_claim_dir=d.get("cpuset_claim_dir"))
 
 
 def describe_fleet(spec: FleetSpec, deployment: Deployment) -> str:
@@ -168,7 +174,8 @@ def deploy(spec: FleetSpec, timeout_s: float = 600.0) -> Deployment:
     return Deployment(url=url, app_name=spec.app_name, replicas=spec.replicas, autoscale=spec.autoscale,
                       num_cpus_per_replica=resources.num_cpus, threads_per_replica=resources.threads,
                       max_ongoing_requests=resources.max_ongoing_requests, cluster_cpus=cluster_cpus,
-                      startup_s=time.monotonic() - start)
+                      startup_s=time.monotonic() - start, cpusets=spec.cpusets,
+                      cpuset_claim_dir=resources.cpuset_claim_dir)
 
 
 def _client_host(host: str) -> str:

@@ -13,11 +13,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
 
 from pernode.config import EngineConfig
+from pernode.serve.deploy.cpuset import check_cpusets, claim_slot, pin_process
 from pernode.serve.deploy.spec import FleetSpec
 from pernode.serve.engine.llm_engine import LLMEngine
 from pernode.serve.server.app import build_app
@@ -38,6 +40,7 @@ class ReplicaResources:
     num_cpus: float
     threads: int
     max_ongoing_requests: int
+    cpuset_claim_dir: str | None = None  # where the replicas claimed their cpusets (`cpuset.claims`)
 
 
 class ReplicaHeader:
@@ -70,11 +73,17 @@ def replica_id() -> str:
     return str(getattr(rid, "unique_id", None) or getattr(ctx, "replica_tag", None) or rid or os.getpid())
 
 
-def app_builder(engine: EngineConfig, settings: ServerSettings, threads: int):
-    """The ASGI app factory Ray calls once in each replica's constructor: load the engine on `threads` threads,
-    then our OpenAI app around it (its lifespan warms the engine up before Ray marks the replica ready)."""
+def app_builder(engine: EngineConfig, settings: ServerSettings, threads: int,
+                cpusets: list[tuple[int, ...]] | None = None, claim_dir: str | None = None):
+    """The ASGI app factory Ray calls once in each replica's constructor: pin the replica to its cpuset when the
+    spec gives them, load the engine on `threads` threads, then our OpenAI app around it (its lifespan warms the
+    engine up before Ray marks the replica ready)."""
 
     def build_pernode_app():
+        if cpusets:
+            cores = cpusets[claim_slot(claim_dir, len(cpusets))]
+            pin_process(cores)
+            logging.getLogger("ray.serve").info("pernode replica pinned to cores %s", list(cores))
         torch.set_num_threads(threads)
         llm = LLMEngine(dataclasses.replace(engine, num_threads=threads))
         replica = replica_id()
@@ -116,6 +125,8 @@ def build_application(spec: FleetSpec, cluster_cpus: float, node_cpus: float | N
         options["autoscaling_config"] = spec.autoscale.to_config()
     else:
         options["num_replicas"] = spec.replicas
-    ingress = serve.ingress(app_builder(spec.engine, spec.settings, threads))(PernodeReplica)
+    cpusets = check_cpusets(spec.cpusets, spec.replicas) if spec.cpusets else None
+    claim_dir = tempfile.mkdtemp(prefix="pernode-cpusets-") if cpusets else None
+    ingress = serve.ingress(app_builder(spec.engine, spec.settings, threads, cpusets, claim_dir))(PernodeReplica)
     deployment = serve.deployment(ingress, **options)
-    return deployment.bind(), resources
+    return deployment.bind(), dataclasses.replace(resources, cpuset_claim_dir=claim_dir)

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from pernode.config import EngineConfig
+from pernode.serve.deploy.cpuset import check_cpusets
 from pernode.serve.server.options import ServerSettings
 
 log = logging.getLogger("pernode.fleet")
@@ -78,6 +79,9 @@ class FleetSpec:
     num_cpus_per_replica: float | None = None  # default: the cluster's CPUs / the most replicas
     threads_per_replica: int | None = None  # default: num_cpus_per_replica rounded down, at least 1
     max_ongoing_requests: int | None = None  # default: max_num_seqs + max_queued_requests
+    # One Linux CPU list per replica ("0", "2-3"): each replica pins itself to its own (cpuset.py); then its
+    # num_cpus and torch threads default to its core count. A local Ray only: replicas claim them on one node.
+    cpusets: tuple[str, ...] | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     app_name: str = DEFAULT_APP_NAME
@@ -92,6 +96,11 @@ class FleetSpec:
             raise ValueError(f"threads_per_replica={self.threads_per_replica}: allowed >= 1")
         if self.max_ongoing_requests is not None and self.max_ongoing_requests < 1:
             raise ValueError(f"max_ongoing_requests={self.max_ongoing_requests}: allowed >= 1")
+        if self.cpusets is not None:
+            object.__setattr__(self, "cpusets", tuple(str(c) for c in self.cpusets))
+            if self.autoscale is not None:
+                raise ValueError("cpusets: pinning needs a fixed number of replicas; drop --autoscale or --cpuset")
+            check_cpusets(self.cpusets, self.replicas)
 
     @property
     def max_replicas(self) -> int:
@@ -107,13 +116,16 @@ class FleetSpec:
         """(num_cpus, torch threads) per replica: the cluster's CPUs shared out so replicas never oversubscribe,
         and no replica asks for more than the largest node has."""
         cpus = self.num_cpus_per_replica
+        cores = min(len(c) for c in check_cpusets(self.cpusets, self.replicas)) if self.cpusets else None
+        if cpus is None and cores is not None:
+            cpus = float(cores)
         if cpus is None:
             share = cluster_cpus / self.max_replicas
             cpus = max(0.01, math.floor(min(share, node_cpus or share) * 100) / 100)
         if cpus * self.max_replicas > cluster_cpus + 1e-9:
             log.warning("%d replicas x %g CPUs ask for more than the cluster's %g CPUs: Ray will leave some "
                         "pending", self.max_replicas, cpus, cluster_cpus)
-        threads = self.threads_per_replica or max(1, int(cpus))
+        threads = self.threads_per_replica or cores or max(1, int(cpus))
         return cpus, threads
 
     def describe(self) -> str:
