@@ -227,7 +227,7 @@ def run_frontier(base_model: str, variants: Sequence[Variant], workload: Workloa
         loads.append(f"{variant.name} {load_before:.1f}-{os.getloadavg()[0]:.1f}")
         profile = project_profile(result.profile, project) if project else result.profile
         fleet = plan(profile, workload, slo, price_per_node_hour, instance=instance,
-                     num_requests=settings.num_requests, seed=settings.seed)
+                     num_requests=settings.num_requests, seed=settings.seed, interval_seeds=1)  # points, not ranges
         base_ppl = results[0].perplexity if results else result.perplexity
         point = point_from_plan(variant.name, variant.description, result.perplexity, base_ppl, fleet,
                                 result.kv_bytes_per_token)

@@ -98,7 +98,8 @@ def run_report(config: EngineConfig, out_dir: str = "pernode-report", quick: boo
     console.rule("[bold]5. the fleet for a default workload")
     wl = Workload(DEFAULT_WORKLOAD["rate_rps"], LengthDist.uniform(*DEFAULT_WORKLOAD["input_len"]),
                   LengthDist.uniform(*DEFAULT_WORKLOAD["output_len"]))
-    fleet = plan(profile, wl, SLO.parse(DEFAULT_SLO), instance="aws-c7i.large", num_requests=1000 if quick else 4000)
+    fleet = plan(profile, wl, SLO.parse(DEFAULT_SLO), instance="aws-c7i.large", num_requests=1000 if quick else 4000,
+                 interval_seeds=1 if quick else 5)
     render_plan(fleet, console)
     plot_plan(fleet, os.path.join(out_dir, "plan.png"))
     fleet.save(os.path.join(out_dir, "plan.json"))
