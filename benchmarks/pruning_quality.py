@@ -16,7 +16,9 @@ import torch
 
 from pernode.serve.models.loader import load_model
 from pernode.shrink.evaluate.perplexity import calibration_windows, evaluate_perplexity
-from pernode.shrink.pruning_recipes import PRUNING_RECIPES
+from pernode.shrink.recipes import PRUNED_RECIPES, RECIPES
+
+PRUNING_RECIPES = {"fp32": RECIPES["fp32"], **PRUNED_RECIPES}
 
 
 def main() -> int:

@@ -12,9 +12,9 @@ import re
 from rich.console import Console
 from rich.logging import RichHandler
 
-from pernode.cli import bench, evaluate, fleet, generate, plan, profile, quantize, report, serve
+from pernode.cli import bench, evaluate, fleet, generate, plan, profile, prune, quantize, report, serve
 
-COMMANDS = (generate, profile, bench, plan, serve, fleet, report, quantize, evaluate)
+COMMANDS = (generate, profile, bench, plan, serve, fleet, report, quantize, prune, evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:

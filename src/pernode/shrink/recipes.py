@@ -11,7 +11,7 @@ from pernode.quant_format import W8A8_SCHEME, QuantScheme
 from pernode.shrink.methods import (AWQ, GPTQ, RTN, W8A8, LLMInt8, Modifier, SmoothQuant, modifier_from_dict,
                                     quantize_model)
 from pernode.shrink.methods.lm_head import LM_HEAD_SCHEME, quantize_lm_head
-from pernode.shrink.pruning import Pruner, pruner_from_dict
+from pernode.shrink.pruning import Magnitude, Pruner, SparseGPT, Wanda, pruner_from_dict
 
 
 @dataclass(frozen=True)
@@ -113,9 +113,28 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
 )}
 
 
+# The pruned configurations (float weights in sparse checkpoints, or pruned then quantized), measured beside them
+PRUNED_RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("magnitude-50", pruner=Magnitude(0.5)),
+    Recipe("wanda-50", pruner=Wanda(0.5)),
+    Recipe("wanda-50-owl", pruner=Wanda(0.5, layerwise="owl")),
+    Recipe("sparsegpt-50", pruner=SparseGPT(0.5)),
+    Recipe("sparsegpt-50-owl", pruner=SparseGPT(0.5, layerwise="owl")),
+    Recipe("magnitude-2:4", pruner=Magnitude(0.5, "2:4")),
+    Recipe("wanda-2:4", pruner=Wanda(0.5, "2:4")),
+    Recipe("sparsegpt-2:4", pruner=SparseGPT(0.5, "2:4")),
+    Recipe("sparsegpt-4:8", pruner=SparseGPT(0.5, "4:8")),
+    Recipe("sparsegpt-70", pruner=SparseGPT(0.7)),
+    Recipe("sparsegpt-50+gptq-int4-g64", QuantScheme(4, 64), GPTQ(), pruner=SparseGPT(0.5)),
+    Recipe("sparsegpt-50-owl+gptq-int4-g64", QuantScheme(4, 64), GPTQ(), pruner=SparseGPT(0.5, layerwise="owl")),
+    Recipe("wanda-50+rtn-int4-g64", QuantScheme(4, 64), RTN(), pruner=Wanda(0.5)),
+)}
+
+
 def recipes_named(names: list[str]) -> list[Recipe]:
     """The known recipes of these names, in order; ValueError listing the known names for any other."""
-    unknown = [n for n in names if n not in RECIPES]
+    known = {**RECIPES, **PRUNED_RECIPES}
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown recipes {unknown}: allowed {', '.join(RECIPES)}")
-    return [RECIPES[n] for n in names]
+        raise ValueError(f"unknown recipes {unknown}: allowed {', '.join(known)}")
+    return [known[n] for n in names]

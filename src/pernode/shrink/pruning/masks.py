@@ -7,9 +7,12 @@ import torch
 from pernode.sparse_format import SparsityPattern
 
 
-def pruned_per_row(in_features: int, sparsity: float) -> int:
-    """How many of a row's `in_features` weights go at `sparsity` (rounded to the nearest count)."""
-    return int(round(in_features * sparsity))
+def pruned_per_row(rows: int, in_features: int, sparsity: float) -> torch.Tensor:
+    """How many weights each row loses so that exactly round(sparsity * rows * in_features) go: floor(sparsity *
+    in_features) each, one more for the first rows that make up the remainder."""
+    total = int(round(sparsity * rows * in_features))
+    base = total // rows
+    return torch.full((rows,), base, dtype=torch.long) + (torch.arange(rows) < total - base * rows)
 
 
 def keep_mask(scores: torch.Tensor, sparsity: float, pattern: SparsityPattern) -> torch.Tensor:
@@ -23,10 +26,9 @@ def keep_mask(scores: torch.Tensor, sparsity: float, pattern: SparsityPattern) -
         groups = scores.reshape(n_rows, k // pattern.m, pattern.m)
         drop = groups.topk(pattern.m - pattern.n, dim=-1, largest=False).indices
         return keep.view_as(groups).scatter_(-1, drop, False).view(n_rows, k)
-    count = pruned_per_row(k, sparsity)
-    if count:
-        keep.scatter_(1, scores.topk(count, dim=1, largest=False).indices, False)
-    return keep
+    counts = pruned_per_row(n_rows, k, sparsity).to(scores.device)
+    rank = scores.argsort(dim=1, stable=True).argsort(dim=1)  # 0 = the row's lowest score
+    return rank >= counts[:, None]
 
 
 def nm_keep_in_block(scores: torch.Tensor, pattern: SparsityPattern) -> torch.Tensor:
