@@ -130,3 +130,18 @@ def test_engine_serves_a_sparse_checkpoint_like_the_pruned_model(tiny_folder, ca
     llm = LLM(folder, num_blocks=64, max_model_len=256)
     out = llm.generate([ids], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
     assert out[0].outputs[0].token_ids == greedy
+
+
+def test_prune_command_writes_a_checkpoint_and_says_where_sparsity_does_not_pay(tiny_folder, tmp_path, capsys):
+    from pernode.cli import main
+
+    out = str(tmp_path / "cli")
+    assert main(["prune", "--model", tiny_folder, "--method", "magnitude", "--sparsity", "0.3", "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert "no speedup at this sparsity (30% < 50%" in printed
+    assert load_model(out)[0].layers[1].mlp.down_proj.weight.eq(0).float().mean().item() == pytest.approx(0.3, abs=1e-3)
+    assert main(["prune", "--model", tiny_folder, "--method", "wanda", "--damp", "0.1", "--out", out]) == 2
+    assert "--damp applies to --method sparsegpt only" in capsys.readouterr().err
+    assert main(["prune", "--model", tiny_folder, "--method", "magnitude", "--sparsity", "0.3", "--pattern", "2:4",
+                 "--out", out]) == 2
+    assert "--sparsity" in capsys.readouterr().err
