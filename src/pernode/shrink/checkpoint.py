@@ -93,7 +93,8 @@ def save_quantized(model: LlamaForCausalLM, source, folder: str, recipe: Recipe,
     if details:
         qc["pernode_details"] = details
     if recipe.pruner is not None:  # the zeros are stored as quantized values; the config says the layers are sparse
-        qc["sparsity_config"] = sparsity_config(SparseFormat.DENSE, decoder_sparsity(model), recipe.pruner.sparsity_pattern)
+        qc["sparsity_config"] = sparsity_config(SparseFormat.DENSE, decoder_sparsity(model),
+                                                recipe.pruner.sparsity_pattern)
     cfg["quantization_config"] = qc
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=1)

@@ -10,6 +10,7 @@ import torch
 from pernode.quant_format import W8A8_SCHEME, QuantScheme
 from pernode.shrink.methods import (AWQ, GPTQ, RTN, W8A8, LLMInt8, Modifier, SmoothQuant, modifier_from_dict,
                                     quantize_model)
+from pernode.shrink.methods.common import check_model
 from pernode.shrink.methods.lm_head import LM_HEAD_SCHEME, quantize_lm_head
 from pernode.shrink.pruning import Magnitude, Pruner, SparseGPT, Wanda, pruner_from_dict
 
@@ -65,6 +66,8 @@ class Recipe:
         pruned = {}
         if self.pruner is not None:
             joint = (self.modifier, self.scheme) if isinstance(self.modifier, GPTQ) else None
+            if joint:  # fail before any work, as quantize_model does
+                check_model(model, self.scheme)
             pruned = {"pruning": self.pruner.apply(model, calibration, quiet, then_gptq=joint)}
             if joint:
                 if self.lm_head is not None:

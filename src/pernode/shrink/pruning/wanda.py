@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
 from pernode.shrink.pruning.masks import keep_mask
 from pernode.shrink.pruning.pruner import Pruner, Statistics
 
