@@ -83,6 +83,12 @@ def dense_gemv_kernel() -> KernelChoice:
     return _kernel_choice("PERNODE_DENSE_GEMV")
 
 
+def sparse_kernel() -> KernelChoice:
+    """PERNODE_SPARSE_KERNEL: `reference` serves a sparse checkpoint's projections dense (decompressed at load)
+    even where the bitmask GEMV measured faster."""
+    return _kernel_choice("PERNODE_SPARSE_KERNEL")
+
+
 def quant_kernel() -> KernelChoice:
     """PERNODE_QUANT_KERNEL: `reference` dequantizes and multiplies in plain torch instead of the C++ GEMV."""
     return _kernel_choice("PERNODE_QUANT_KERNEL")

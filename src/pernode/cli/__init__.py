@@ -12,9 +12,10 @@ import re
 from rich.console import Console
 from rich.logging import RichHandler
 
-from pernode.cli import bench, distill, evaluate, fleet, frontier, generate, plan, profile, quantize, report, serve
+from pernode.cli import (bench, distill, evaluate, fleet, frontier, generate, plan, profile, prune, quantize, report,
+                         serve)
 
-COMMANDS = (generate, profile, bench, plan, serve, fleet, report, quantize, evaluate, frontier, distill)
+COMMANDS = (generate, profile, bench, plan, serve, fleet, report, quantize, prune, evaluate, frontier, distill)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pernode.measure.profile.decode_speed import (decode_blocks_needed, decode_engine, decode_tokens_per_s,
                                                   llama_cpp_decode_tokens_per_s, weight_bytes_per_token)
 from pernode.serve.models.loader import load_model
-from pernode.shrink.checkpoint import checkpoint_bytes, save_quantized
+from pernode.shrink.checkpoint import checkpoint_bytes, save_checkpoint
 from pernode.shrink.evaluate.perplexity import calibration_windows, evaluate_perplexity
 from pernode.shrink.recipes import Recipe
 
@@ -30,16 +30,16 @@ def build_and_score(model_name: str, recipes: list[Recipe], out_dir: str, seq_le
         started = time.perf_counter()
         model, source = load_model(model_name)
         path, quantize_s, report = model_name, 0.0, {}
-        if not recipe.is_float:
+        if not recipe.is_float or recipe.pruner is not None:
             if recipe.needs_calibration and calib is None:
                 calib = calibration_windows(source.tokenizer, 512, calib_windows)
             report = recipe.apply(model, calib, quiet=True)
             quantize_s = time.perf_counter() - started
             path = os.path.join(out_dir, recipe.name)
-            save_quantized(model, source, path, recipe)
+            save_checkpoint(model, source, path, recipe)
             del model
             model, source = load_model(path)  # what gets served
-        size_mb = (sum(t.numel() * t.element_size() for t in model.hf_state_dict().values()) if recipe.is_float
+        size_mb = (sum(t.numel() * t.element_size() for t in model.hf_state_dict().values()) if path == model_name
                    else checkpoint_bytes(path)) / 1e6
         ppl = evaluate_perplexity(model, source.tokenizer, seq_len=seq_len, max_windows=windows)
         row = {"name": recipe.name, "method": recipe.method, "scheme": recipe.label, "path": path,

@@ -43,9 +43,9 @@ log = logging.getLogger("pernode.report")
 DEFAULT_WORKLOAD = dict(rate_rps=2.0, input_len=(128, 512), output_len=(64, 256))
 DEFAULT_SLO = "ttft_ms=2000,tpot_ms=200"
 # Quantized checkpoints the report builds (quick: GPTQ on 8 calibration windows instead of 16)
-QUICK_QUANT = recipes_named(["fp32", "rtn-int8", "rtn-int4-g64", "gptq-int4-g64+lm8"])
+QUICK_QUANT = recipes_named(["fp32", "rtn-int8", "rtn-int4-g64", "gptq-int4-g64+lm8", "wanda-50"])
 FULL_QUANT = recipes_named(["fp32", "rtn-int8", "rtn-int4-g64", "gptq-int4-g64", "awq-int4-g64", "awq-int4-g64+lm8",
-                            "smoothquant-w8a8"])
+                            "smoothquant-w8a8", "sparsegpt-50", "sparsegpt-2:4", "sparsegpt-50+gptq-int4-g64"])
 
 
 def run_report(config: EngineConfig, out_dir: str = "pernode-report", quick: bool = False) -> int:
@@ -160,7 +160,7 @@ def _speculation(config: EngineConfig, quick: bool) -> list:
 def _quantization_section(rows: list[dict]) -> dict:
     base = rows[0]
     ppl_windows = base["ppl_tokens"]
-    return {"title": "Shrinking the model: quantized checkpoints as served (perplexity on held-out pydoc text, "
+    return {"title": "Shrinking the model: quantized and pruned checkpoints as served (perplexity on held-out pydoc text, "
                      f"{ppl_windows} predictions; decode by direct forwards)",
             "columns": ["config", "weights", "checkpoint MB", "perplexity", "Δ ppl", "batch-1 tok/s", "× fp32",
                         "weights read/token MB", "batch-64 tok/s"],

@@ -67,7 +67,7 @@ def quantization_chart_png(rows: Sequence[dict]) -> str:
                     fontsize=8)
     ax.set_xlabel("batch-1 decode, tokens/s (higher is better)")
     ax.set_ylabel("perplexity (lower is better)")
-    ax.set_title("quantized checkpoints: quality vs speed (marker area ~ checkpoint size)")
+    ax.set_title("quantized and pruned checkpoints: quality vs speed (marker area ~ checkpoint size)")
     ax.grid(alpha=0.3)
     return _img(_png(fig), "perplexity vs decode speed")
 

@@ -24,6 +24,10 @@ from pernode.quant_format import quantization_config_from_scheme
 from pernode.serve.kernels.quant_linear import QuantLinear, W8A8Linear
 from pernode.serve.models.llama import FUSED_PROJECTIONS, LlamaForCausalLM
 from pernode.shrink.recipes import Recipe
+from pernode.sparse_format import SparseFormat, compress_24_bitmask, compress_bitmask, sparsity_config
+
+SPARSE_FORMAT_VERSION = "0.11.0"  # the compressed-tensors release whose sparse layouts these follow
+FUSED_LAYER_NAMES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -81,6 +85,24 @@ def save_quantized(model: LlamaForCausalLM, source, folder: str, recipe: Recipe,
         scheme = dataclasses.replace(scheme, outlier_threshold=thresholds.pop())
     tensors = quantized_state_dict(model)
     save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    cfg = _config_and_tokenizer(source, folder)
+    cfg["tie_word_embeddings"] = model.config.tie_word_embeddings  # a quantized lm_head is untied
+    qc = quantization_config_from_scheme(scheme, recipe.method, getattr(model.lm_head, "scheme", None))
+    qc["config_groups"]["group_0"]["weights"]["observer"] = recipe.modifier.weight_observer()
+    qc["pernode_recipe"] = recipe.to_dict()
+    if details:
+        qc["pernode_details"] = details
+    if recipe.pruner is not None:  # the zeros are stored as quantized values; the config says the layers are sparse
+        qc["sparsity_config"] = sparsity_config(SparseFormat.DENSE, decoder_sparsity(model),
+                                                recipe.pruner.sparsity_pattern)
+    cfg["quantization_config"] = qc
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=1)
+    return folder
+
+
+def _config_and_tokenizer(source, folder: str) -> dict:
+    """The source's config.json as a dict, with the tokenizer files written into `folder`."""
     if source.format == "hf":
         with open(os.path.join(source.path, "config.json"), encoding="utf-8") as f:
             cfg = json.load(f)
@@ -93,16 +115,71 @@ def save_quantized(model: LlamaForCausalLM, source, folder: str, recipe: Recipe,
         tok.backend.save(os.path.join(folder, "tokenizer.json"))
         with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump({"bos_token": tok.bos_token, "eos_token": tok.eos_token, "chat_template": tok.chat_template}, f)
-    cfg["tie_word_embeddings"] = model.config.tie_word_embeddings  # a quantized lm_head is untied
-    qc = quantization_config_from_scheme(scheme, recipe.method, getattr(model.lm_head, "scheme", None))
-    qc["config_groups"]["group_0"]["weights"]["observer"] = recipe.modifier.weight_observer()
-    qc["pernode_recipe"] = recipe.to_dict()
+    return cfg
+
+
+def _sparse_projection_weights(model: LlamaForCausalLM) -> list[str]:
+    """HF names of the decoder projections' float weights (what a sparse checkpoint compresses)."""
+    names = []
+    for i in range(model.config.num_hidden_layers):
+        for hf_name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            names.append(f"model.layers.{i}.self_attn.{hf_name}.weight")
+        for hf_name in ("gate_proj", "up_proj", "down_proj"):
+            names.append(f"model.layers.{i}.mlp.{hf_name}.weight")
+    return names
+
+
+def decoder_sparsity(model: LlamaForCausalLM) -> float:
+    """Fraction of zeros over the decoder projections (float or quantized; a quantized zero dequantizes to 0)."""
+    zeros = total = 0
+    for layer in model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for attr in FUSED_LAYER_NAMES:
+                module = getattr(parent, attr, None)
+                if module is None:
+                    continue
+                w = module.weight if isinstance(module, torch.nn.Linear) else module.dequantized_weight()
+                zeros += int((w == 0).sum())
+                total += w.numel()
+    return zeros / max(total, 1)
+
+
+def save_sparse(model: LlamaForCausalLM, source, folder: str, recipe: Recipe, details: dict | None = None) -> str:
+    """Write a pruned float model as compressed-tensors' sparse-bitmask (sparse-24-bitmask for a 2:4 pattern)
+    checkpoint: model.safetensors with each decoder projection as its nonzeros + bitmask, config.json with a
+    `sparsity_config` (and the recipe under `pernode_recipe`, beside it: compressed-tensors reads every other key
+    of quantization_config as a quantization scheme), tokenizer files. Loaded by `load_model` like any other."""
+    if recipe.pruner is None or not recipe.is_float:
+        raise ValueError(f"recipe {recipe.name!r}: save_sparse writes pruned float models (a pruner, no quantizer); "
+                         "quantized ones go through save_quantized")
+    pattern = recipe.pruner.sparsity_pattern
+    fmt = SparseFormat.BITMASK_24 if (pattern.n, pattern.m) == (2, 4) else SparseFormat.BITMASK
+    compress = compress_24_bitmask if fmt is SparseFormat.BITMASK_24 else compress_bitmask
+    os.makedirs(folder, exist_ok=True)
+    tensors = model.hf_state_dict()
+    for name in _sparse_projection_weights(model):
+        prefix = name.removesuffix(".weight")
+        for suffix, t in compress(tensors.pop(name)).items():
+            tensors[f"{prefix}.{suffix}"] = t
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    cfg = _config_and_tokenizer(source, folder)
+    cfg["tie_word_embeddings"] = model.config.tie_word_embeddings
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "version": SPARSE_FORMAT_VERSION,
+                                  "sparsity_config": sparsity_config(fmt, decoder_sparsity(model), pattern)}
+    cfg["pernode_recipe"] = recipe.to_dict()
     if details:
-        qc["pernode_details"] = details
-    cfg["quantization_config"] = qc
+        cfg["pernode_details"] = details
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=1)
     return folder
+
+
+def save_checkpoint(model: LlamaForCausalLM, source, folder: str, recipe: Recipe, details: dict | None = None) -> str:
+    """The checkpoint `recipe` calls for: quantized (sparse or not) by `save_quantized`, pruned float by
+    `save_sparse`."""
+    if recipe.is_float and recipe.pruner is not None:
+        return save_sparse(model, source, folder, recipe, details)
+    return save_quantized(model, source, folder, recipe, details)
 
 
 def checkpoint_bytes(folder: str) -> int:

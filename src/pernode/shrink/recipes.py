@@ -10,18 +10,23 @@ import torch
 from pernode.quant_format import W8A8_SCHEME, QuantScheme
 from pernode.shrink.methods import (AWQ, GPTQ, RTN, W8A8, LLMInt8, Modifier, SmoothQuant, modifier_from_dict,
                                     quantize_model)
+from pernode.shrink.methods.common import check_model
 from pernode.shrink.methods.lm_head import LM_HEAD_SCHEME, quantize_lm_head
+from pernode.shrink.pruning import Magnitude, Pruner, SparseGPT, Wanda, pruner_from_dict
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """`modifier` under `scheme`, then the lm_head under `lm_head` (None: it stays float). No modifier and no
-    scheme: the float model as loaded, the baseline the others are measured against."""
+    """`pruner` first (None: dense), then `modifier` under `scheme`, then the lm_head under `lm_head` (None: it
+    stays float). No modifier and no scheme: float weights (the baseline the others are measured against, or
+    pruned only). A SparseGPT/Wanda/magnitude pruner followed by GPTQ runs as one pass: each layer is pruned and its
+    survivors quantized on the same Hessian before the next layer calibrates (SparseGPT's joint mode)."""
 
     name: str
     scheme: QuantScheme | None = None
     modifier: Modifier | None = None
     lm_head: QuantScheme | None = None
+    pruner: Pruner | None = None
 
     def __post_init__(self) -> None:
         if (self.scheme is None) != (self.modifier is None):
@@ -38,38 +43,54 @@ class Recipe:
 
     @property
     def method(self) -> str:
-        return "fp32" if self.modifier is None else self.modifier.name
+        quantizer = None if self.modifier is None else self.modifier.name
+        pruner = None if self.pruner is None else self.pruner.name
+        return "+".join(m for m in (pruner, quantizer) if m) or "fp32"
 
     @property
     def needs_calibration(self) -> bool:
-        return self.modifier is not None and self.modifier.needs_calibration
+        return ((self.modifier is not None and self.modifier.needs_calibration)
+                or (self.pruner is not None and self.pruner.needs_calibration))
 
     @property
     def label(self) -> str:
         """What the weights become, for tables: `w4-g64 + lm_head w8-g32`, `w8a8-ch`, `fp32`."""
+        sparse = "" if self.pruner is None else f"sparse {self.pruner.label()}"
         if self.scheme is None:
-            return "fp32"
-        return self.scheme.label() + (f" + lm_head {self.lm_head.label()}" if self.lm_head else "")
+            return sparse or "fp32"
+        quant = self.scheme.label() + (f" + lm_head {self.lm_head.label()}" if self.lm_head else "")
+        return f"{sparse} {quant}" if sparse else quant
 
     def apply(self, model, calibration: torch.Tensor | None = None, quiet: bool = False) -> dict:
-        """Quantize `model` in place; returns the method's report ({} for the float recipe)."""
+        """Prune and/or quantize `model` in place; returns the methods' report ({} for the float recipe)."""
+        pruned = {}
+        if self.pruner is not None:
+            joint = (self.modifier, self.scheme) if isinstance(self.modifier, GPTQ) else None
+            if joint:  # fail before any work, as quantize_model does
+                check_model(model, self.scheme)
+            pruned = {"pruning": self.pruner.apply(model, calibration, quiet, then_gptq=joint)}
+            if joint:
+                if self.lm_head is not None:
+                    quantize_lm_head(model, self.lm_head)
+                return pruned
         if self.modifier is None:
-            return {}
-        report = quantize_model(model, self.modifier, self.scheme, calibration, quiet)
+            return pruned
+        report = {**quantize_model(model, self.modifier, self.scheme, calibration, quiet), **pruned}
         if self.lm_head is not None:
             quantize_lm_head(model, self.lm_head)
         return report
 
     def to_dict(self) -> dict:
         return {"name": self.name, "scheme": _dict_or_none(self.scheme), "modifier": _dict_or_none(self.modifier),
-                "lm_head": _dict_or_none(self.lm_head)}
+                "lm_head": _dict_or_none(self.lm_head), "pruner": _dict_or_none(self.pruner)}
 
     @classmethod
     def from_dict(cls, d: dict) -> Recipe:
         return cls(name=d["name"],
                    scheme=None if d.get("scheme") is None else QuantScheme.from_dict(d["scheme"]),
                    modifier=None if d.get("modifier") is None else modifier_from_dict(d["modifier"]),
-                   lm_head=None if d.get("lm_head") is None else QuantScheme.from_dict(d["lm_head"]))
+                   lm_head=None if d.get("lm_head") is None else QuantScheme.from_dict(d["lm_head"]),
+                   pruner=None if d.get("pruner") is None else pruner_from_dict(d["pruner"]))
 
 
 def _dict_or_none(obj) -> dict | None:
@@ -95,9 +116,28 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
 )}
 
 
+# The pruned configurations (float weights in sparse checkpoints, or pruned then quantized), measured beside them
+PRUNED_RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("magnitude-50", pruner=Magnitude(0.5)),
+    Recipe("wanda-50", pruner=Wanda(0.5)),
+    Recipe("wanda-50-owl", pruner=Wanda(0.5, layerwise="owl")),
+    Recipe("sparsegpt-50", pruner=SparseGPT(0.5)),
+    Recipe("sparsegpt-50-owl", pruner=SparseGPT(0.5, layerwise="owl")),
+    Recipe("magnitude-2:4", pruner=Magnitude(0.5, "2:4")),
+    Recipe("wanda-2:4", pruner=Wanda(0.5, "2:4")),
+    Recipe("sparsegpt-2:4", pruner=SparseGPT(0.5, "2:4")),
+    Recipe("sparsegpt-4:8", pruner=SparseGPT(0.5, "4:8")),
+    Recipe("sparsegpt-70", pruner=SparseGPT(0.7)),
+    Recipe("sparsegpt-50+gptq-int4-g64", QuantScheme(4, 64), GPTQ(), pruner=SparseGPT(0.5)),
+    Recipe("sparsegpt-50-owl+gptq-int4-g64", QuantScheme(4, 64), GPTQ(), pruner=SparseGPT(0.5, layerwise="owl")),
+    Recipe("wanda-50+rtn-int4-g64", QuantScheme(4, 64), RTN(), pruner=Wanda(0.5)),
+)}
+
+
 def recipes_named(names: list[str]) -> list[Recipe]:
     """The known recipes of these names, in order; ValueError listing the known names for any other."""
-    unknown = [n for n in names if n not in RECIPES]
+    known = {**RECIPES, **PRUNED_RECIPES}
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown recipes {unknown}: allowed {', '.join(RECIPES)}")
-    return [RECIPES[n] for n in names]
+        raise ValueError(f"unknown recipes {unknown}: allowed {', '.join(known)}")
+    return [known[n] for n in names]

@@ -44,11 +44,16 @@ def _woq_gemm(x, weight, scale, zero_term, bits, group_size):
     return x.new_empty((x.shape[0], weight.shape[0]))  # in x's dtype, unlike woq_linear
 
 
+def _sparse_gemv(x, values, bitmask, row_offsets, bias, num_threads):
+    return x.new_empty((x.shape[0], bitmask.shape[0]))
+
+
 FAKES = {
     "layer_ops.cpp": {"rms_norm": _rms_norm, "rotary_embedding_": _rotary_embedding_,
                       "add_rms_norm": _add_rms_norm, "silu_and_mul": _silu_and_mul},
     "paged_attention.cpp": {"paged_attention": _paged_attention},
     "dense_gemv.cpp": {"dense_gemv": _dense_gemv},
+    "sparse_gemv.cpp": {"sparse_gemv": _sparse_gemv},
     "quant_linear.cpp": {"woq_linear": _woq_linear, "woq_gemm": _woq_gemm},
 }
 

@@ -9,8 +9,10 @@ from torch import nn
 from pernode.config import GGUF_WEIGHTS
 from pernode.quant_format import QuantScheme, schemes_of
 from pernode.serve.kernels.quant_linear import QuantLinear, make_quantized_linear
+from pernode.serve.kernels.sparse_linear import use_sparse_kernels
 from pernode.serve.models.llama import FUSED_PROJECTIONS, LlamaForCausalLM
 from pernode.serve.models.registry import ModelSource, resolve_model
+from pernode.sparse_format import SparseFormat, decompressed_tensors, sparse_format_of
 
 DECODER_PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
                        "mlp": ("gate_proj", "up_proj", "down_proj")}
@@ -54,17 +56,24 @@ def build_model(source: ModelSource, device: torch.device | str = "cpu", dtype: 
     native_modules, native_names = ({}, frozenset())
     if gguf_weights == "native" and source.format == "gguf":
         native_modules, native_names = native_gguf_layers(source)
+    qc = source.quantization_config
+    sparse = sparse_format_of(qc)
     with torch.device("meta"):
         model = LlamaForCausalLM(source.config, max_positions=max_positions)
-        if source.quantization_config:
-            model.apply_quantization(*schemes_of(source.quantization_config))
+        if qc and (sparse is None or qc.get("config_groups")):  # a sparse-only config has no quantization scheme
+            model.apply_quantization(*schemes_of(qc))
         _swap_in_quantized(model, native_modules)
     model = model.to_empty(device=device).to(dtype)
     model.rotary.reset_cache()
     model.tie_weights()
-    model.load_weights(source.iter_tensors(dtype=dtype, device=device, native=native_names))
+    tensors = source.iter_tensors(dtype=dtype, device=device, native=native_names)
+    if sparse in (SparseFormat.BITMASK, SparseFormat.BITMASK_24):
+        tensors = ((n, t.to(device)) for n, t in decompressed_tensors(tensors))
+    model.load_weights(tensors)
     if gguf_weights == "native" and source.format == "gguf":
         _serve_native_lm_head(model, source, device)
+    if sparse is not None:  # the sparse kernel where it measured faster; a log line says where it is not
+        use_sparse_kernels(model, str(qc["sparsity_config"].get("sparsity_structure") or "unstructured"))
     for module in model.modules():  # measured once per layer shape on this CPU, then read from the cache file
         if isinstance(module, QuantLinear):
             module.calibrate(dtype)

@@ -14,6 +14,7 @@ from pernode.quant_format import QuantScheme
 from pernode.serve.models.gguf_file import GGUFFile
 from pernode.serve.models.hf_folder import HFFolder
 from pernode.serve.tokenizer import Tokenizer
+from pernode.sparse_format import SPARSE_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,9 @@ _QUANTIZED_SUFFIXES = (".weight_packed", ".weight_scale", ".weight_zero_point", 
 
 
 def _quantized_base_name(name: str) -> str:
+    for suffix in SPARSE_SUFFIXES:  # compressed-tensors' sparse layouts: x.compressed, x.bitmask, ... of x.weight
+        if name.endswith(suffix):
+            return name[: -len(suffix)] + ".weight"
     for suffix in _QUANTIZED_SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)] + ".weight"

@@ -22,7 +22,7 @@ import torch
 
 from pernode.quant_format import QuantScheme, compute_qparams, mse_qparams
 from pernode.shrink.calibration import capture_inputs, run_sequential
-from pernode.shrink.methods.common import install, projections
+from pernode.shrink.methods.common import install, projections, pruned_mask
 from pernode.shrink.methods.modifier import Modifier, require
 
 log = logging.getLogger("pernode.shrink")
@@ -73,26 +73,46 @@ class GPTQ(Modifier):
                   "calibration_tokens": calibration.numel()}
 
         def process(i, layer, x, fwd):
-            linears = {attr: (parent, lin) for parent, attr, lin in projections(layer)}
-            hessians = {a: torch.zeros(lin.in_features, lin.in_features) for a, (_, lin) in linears.items()}
-            counts = dict.fromkeys(linears, 0)
-
-            def accumulate(name, inp):
-                inp = inp.float()
-                hessians[name].addmm_(inp.t(), inp, alpha=2.0)
-                counts[name] += inp.shape[0]
-
-            with capture_inputs({a: lin for a, (_, lin) in linears.items()}, accumulate):
-                fwd.layer(layer, x)
-            for attr, (parent, lin) in linears.items():
-                h = hessians[attr] / counts[attr]
-                q, s, z = gptq_quantize_weight(lin.weight.data, h, scheme, self.damp_ratio, self.block_size,
-                                               self.act_order, f"layers.{i}.{attr}", self.observer)
-                install(parent, attr, q, s, z, scheme, f"layers.{i}.{attr}")
+            hessians = layer_hessians(layer, x, fwd)
+            for parent, attr, lin in list(projections(layer)):
+                self.quantize_linear(parent, attr, hessians[attr], scheme, f"layers.{i}.{attr}")
             return f"layer {i}"
 
         run_sequential(model, calibration, process, "GPTQ", quiet)
         return report
+
+    def quantize_linear(self, parent, attr: str, hessian: torch.Tensor, scheme: QuantScheme, name: str) -> None:
+        """GPTQ parent.attr given its layer's Hessian; a pruned layer (see `pruned_mask`) keeps its zeros, the
+        error of each zero pushed onto the columns after it like a rounding error (SparseGPT's joint pass)."""
+        lin = getattr(parent, attr)
+        q, s, z = gptq_quantize_weight(lin.weight.data, hessian, scheme, self.damp_ratio, self.block_size,
+                                       self.act_order, name, self.observer, keep=pruned_mask(lin))
+        install(parent, attr, q, s, z, scheme, name)
+
+
+@torch.no_grad()
+def layer_hessians(layer, x: torch.Tensor, fwd, diagonal_only: bool = False) -> dict[str, torch.Tensor]:
+    """H = 2/n sum x x^T of each projection's inputs (attribute -> [K, K]) over one forward of `layer` on `x`, or
+    with `diagonal_only` just its diagonal (2/n sum x^2, [K]: what Wanda's ||X|| needs). Shared by GPTQ,
+    SparseGPT and Wanda so that all calibrate on the same statistics."""
+    linears = {attr: lin for _, attr, lin in projections(layer)}
+    if diagonal_only:
+        sums = {a: torch.zeros(lin.in_features) for a, lin in linears.items()}
+    else:
+        sums = {a: torch.zeros(lin.in_features, lin.in_features) for a, lin in linears.items()}
+    counts = dict.fromkeys(linears, 0)
+
+    def accumulate(name, inp):
+        inp = inp.float()
+        if diagonal_only:
+            sums[name].add_(inp.square().sum(0), alpha=2.0)
+        else:
+            sums[name].addmm_(inp.t(), inp, alpha=2.0)
+        counts[name] += inp.shape[0]
+
+    with capture_inputs(linears, accumulate):
+        fwd.layer(layer, x)
+    return {a: sums[a] / max(counts[a], 1) for a in linears}
 
 
 def inverse_hessian_cholesky(h: torch.Tensor, damp_ratio: float, name: str = "layer") -> torch.Tensor:
@@ -115,8 +135,10 @@ def inverse_hessian_cholesky(h: torch.Tensor, damp_ratio: float, name: str = "la
 @torch.no_grad()
 def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, damp_ratio: float = 0.01,
                          block_size: int = 128, act_order: bool = True, name: str = "layer",
-                         observer: str = "hmse") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(q int8 [N, K], scale [N, G], zero [N, G] | None) minimising ||W X - Q X|| for the inputs behind `hessian`."""
+                         observer: str = "hmse", keep: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(q int8 [N, K], scale [N, G], zero [N, G] | None) minimising ||W X - Q X|| for the inputs behind `hessian`;
+    with `keep` (bool [N, K]), the entries outside it are pruned: they dequantize to exactly 0."""
     observer = observer_of(observer)
     w = weight.detach().float().clone()
     n, k = w.shape
@@ -140,6 +162,7 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, scheme: Qu
         zero_all = None if scheme.symmetric else torch.zeros(n, k // gs)
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
     w, h = w[:, perm], h[perm][:, perm]
+    keep = None if keep is None else keep[:, perm]
     group_of = perm // gs  # group (original order) of each permuted column
     hinv = inverse_hessian_cholesky(h, damp_ratio, name)
 
@@ -166,6 +189,8 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, scheme: Qu
             z = zero_all[:, g] if zero_all is not None else 0.0
             wc = w1[:, i]
             qc = torch.clamp(torch.round(wc / s) + z, qmin, qmax)
+            if keep is not None:  # a pruned weight is stored as the zero point: it dequantizes to 0
+                qc = torch.where(keep[:, col], qc, z if torch.is_tensor(z) else torch.zeros_like(qc))
             deq = (qc - z) * s
             q_int[:, col] = qc.to(torch.int8)
             e = (wc - deq) / hinv1[i, i]

@@ -1,0 +1,66 @@
+"""Pruning quality on the default model, measured in one run: perplexity of each pruning recipe beside fp32 on the
+fixed protocol of `pernode eval ppl` (evaluation split of the pydoc topics, windows of 2048 tokens, 16 windows for
+decisions), with the calibration time of each method. Calibration: the first windows of 512 tokens of the
+calibration split (97 windows ~ 50k tokens).
+
+    PYTHONPATH=src .venv/bin/python benchmarks/pruning_quality.py --recipes fp32,magnitude-50,wanda-50,sparsegpt-50
+    PYTHONPATH=src .venv/bin/python benchmarks/pruning_quality.py --calib-windows 97 --recipes sparsegpt-2:4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from pernode.serve.models.loader import load_model
+from pernode.shrink.evaluate.perplexity import calibration_windows, evaluate_perplexity
+from pernode.shrink.recipes import PRUNED_RECIPES, RECIPES
+
+PRUNING_RECIPES = {"fp32": RECIPES["fp32"], **PRUNED_RECIPES}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--recipes", default="fp32,magnitude-50,wanda-50,sparsegpt-50",
+                    help=f"comma list of {', '.join(PRUNING_RECIPES)}")
+    ap.add_argument("--calib-windows", type=int, default=97, help="calibration windows of 512 tokens")
+    ap.add_argument("--windows", type=int, default=16, help="evaluation windows")
+    ap.add_argument("--seq-len", type=int, default=2048, help="evaluation window length")
+    args = ap.parse_args()
+    names = [n.strip() for n in args.recipes.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PRUNING_RECIPES]
+    if unknown:
+        raise SystemExit(f"--recipes: unknown {unknown}: allowed {', '.join(PRUNING_RECIPES)}")
+    rows, calib = [], None
+    for name in names:
+        recipe = PRUNING_RECIPES[name]
+        model, source = load_model(args.model)
+        started = time.perf_counter()
+        if recipe.needs_calibration and calib is None:
+            calib = calibration_windows(source.tokenizer, 512, args.calib_windows)
+        report = recipe.apply(model, calib)
+        prune_s = time.perf_counter() - started
+        ppl = evaluate_perplexity(model, source.tokenizer, seq_len=args.seq_len, max_windows=args.windows)
+        row = {"name": name, "label": recipe.label, "ppl": ppl.perplexity, "calib_tokens": 0 if calib is None
+               or not recipe.needs_calibration else calib.numel(), "prune_s": round(prune_s, 1),
+               "layer_sparsity": report.get("pruning", {}).get("layer_sparsity")}
+        rows.append(row)
+        base = rows[0]["ppl"]
+        print(json.dumps({**row, "vs_first": f"{100 * (ppl.perplexity / base - 1):+.1f}%"}), flush=True)
+        del model
+    base = rows[0]
+    print(f"\nmodel {args.model}; ppl on {args.windows} windows x {args.seq_len}; torch threads "
+          f"{torch.get_num_threads()}")
+    print(f"| recipe | weights | ppl | vs {base['name']} | calibration tokens | prune + quantize s |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['name']} | {r['label']} | {r['ppl']:.3f} | {100 * (r['ppl'] / base['ppl'] - 1):+.1f}% | "
+              f"{r['calib_tokens']} | {r['prune_s']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

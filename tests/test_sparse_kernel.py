@@ -1,0 +1,91 @@
+"""The bitmask GEMV (csrc/sparse_gemv.cpp) held to its plain-torch reference, ragged tails included; the bitmask
+layout held to compressed-tensors'; the CUDA 2:4 path where a GPU is present."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pernode.serve.kernels.jit import load_extension
+from pernode.serve.kernels.sparse_linear import (SOURCE, SemiStructuredLinear, SparseLinear,
+                                                 sparse_linear_reference)
+from pernode.sparse_format import compress_bitmask, decompress, pack_bitmask, unpack_bitmask
+
+
+def _sparse_weight(n, k, sparsity, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    return torch.where(torch.rand(n, k, generator=g) < sparsity, torch.zeros_like(w), w)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if not load_extension(SOURCE):
+        pytest.skip("no C++ toolchain: the sparse kernel did not build")
+
+
+@pytest.mark.parametrize("k", [576, 48, 37, 15, 1])  # multiples of 16 and ragged tails of the 16-column chunks
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 32])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+def test_kernel_matches_reference(kernel, k, rows, sparsity):
+    w = _sparse_weight(40, k, sparsity, seed=k + rows)
+    bias = torch.randn(40)
+    parts = compress_bitmask(w)
+    x = torch.randn(rows, k)
+    for threads in (1, 2):
+        y = torch.ops.pernode.sparse_gemv(x, parts["compressed"], parts["bitmask"], parts["row_offsets"], bias,
+                                          threads)
+        ref = sparse_linear_reference(x, parts["compressed"], parts["bitmask"], parts["row_offsets"], k, bias)
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)  # fp32 sums in another order
+
+
+def test_sparse_linear_matches_dense_linear_on_both_paths(kernel):
+    lin = torch.nn.Linear(96, 50)
+    with torch.no_grad():
+        lin.weight.copy_(_sparse_weight(50, 96, 0.7))
+    sparse = SparseLinear.from_dense(lin)
+    assert sparse.sparsity == pytest.approx(float((lin.weight == 0).float().mean()))
+    with torch.no_grad():
+        for rows in (1, 8, 64):  # the kernel up to MAX_ROWS, the expanded weight's GEMM above
+            x = torch.randn(rows, 96)
+            torch.testing.assert_close(sparse(x), lin(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(sparse.dense_weight(), lin.weight)
+
+
+def test_bitmask_layout_is_compressed_tensors():
+    ct = pytest.importorskip("compressed_tensors.compressors.sparse_compressors.sparse_bitmask")
+    w = _sparse_weight(7, 37, 0.6)
+    ours = compress_bitmask(w)
+    values, bitmask, offsets = ct.bitmask_compress(w)
+    torch.testing.assert_close(ours["compressed"], values)
+    assert torch.equal(ours["bitmask"], bitmask) and torch.equal(ours["row_offsets"], offsets)
+    torch.testing.assert_close(ct.bitmask_decompress(ours["compressed"], ours["bitmask"], [7, 37]), w)
+    torch.testing.assert_close(decompress(ours), w)
+    mask = w != 0
+    assert torch.equal(unpack_bitmask(pack_bitmask(mask), 37), mask)
+
+
+def test_decompress_names_what_is_inconsistent():
+    parts = compress_bitmask(_sparse_weight(4, 16, 0.5))
+    with pytest.raises(ValueError, match=r"lacks \['bitmask'\]"):
+        decompress({k: v for k, v in parts.items() if k != "bitmask"})
+    with pytest.raises(ValueError, match=r"values for"):
+        decompress({**parts, "compressed": parts["compressed"][:-1]})
+    with pytest.raises(ValueError, match=r"bitmask \(4, 1\): expected \(4, 2\)"):
+        decompress({**parts, "bitmask": parts["bitmask"][:, :1]})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="2:4 semi-structured sparsity needs a CUDA GPU")
+def test_semi_structured_2_4_on_cuda_matches_dense():
+    from pernode.shrink.pruning.masks import keep_mask
+    from pernode.sparse_format import SparsityPattern
+
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("semi-structured sparse tensor cores need compute capability >= 8.0")
+    w = torch.randn(256, 256)
+    w = w * keep_mask(w.abs(), 0.5, SparsityPattern(2, 4))
+    lin = torch.nn.Linear(256, 256, bias=False).cuda()
+    with torch.no_grad():
+        lin.weight.copy_(w.half().float())
+    sparse = SemiStructuredLinear(lin)
+    x = torch.randn(64, 256, device="cuda")
+    torch.testing.assert_close(sparse(x), lin(x.half().float()), rtol=2e-2, atol=2e-2)
