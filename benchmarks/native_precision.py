@@ -58,8 +58,15 @@ def best_of(fn, repeats: int = 3) -> float:
 def measure(model: str, dtype: str, weights: str, num_prompts: int) -> dict:
     llm = LLM(model, dtype=dtype, gguf_weights=weights, max_model_len=1024, num_blocks=1024)
     cfg = llm.engine.model_config
+    fresh = iter(range(10))  # a new prompt per repetition: a repeated one would be a prefix-cache hit
+
+    def prefill():
+        start = 1000 + 600 * next(fresh)
+        llm.generate([list(range(start, start + 512))], SamplingParams(max_tokens=1, ignore_eos=True),
+                     use_tqdm=False)
+
     ids = list(range(1000, 1512))
-    prefill_s = best_of(lambda: llm.generate([ids], SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False))
+    prefill_s = best_of(prefill)
 
     def one_stream():
         outs = llm.generate([ids[:32]], SamplingParams(max_tokens=64, ignore_eos=True), use_tqdm=False)
