@@ -58,8 +58,15 @@ def best_of(fn, repeats: int = 3) -> float:
 def measure(model: str, dtype: str, weights: str, num_prompts: int) -> dict:
     llm = LLM(model, dtype=dtype, gguf_weights=weights, max_model_len=1024, num_blocks=1024)
     cfg = llm.engine.model_config
+    fresh = iter(range(10))  # a new prompt per repetition: a repeated one would be a prefix-cache hit
+
+    def prefill():
+        start = 1000 + 600 * next(fresh)
+        llm.generate([list(range(start, start + 512))], SamplingParams(max_tokens=1, ignore_eos=True),
+                     use_tqdm=False)
+
     ids = list(range(1000, 1512))
-    prefill_s = best_of(lambda: llm.generate([ids], SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False))
+    prefill_s = best_of(prefill)
 
     def one_stream():
         outs = llm.generate([ids[:32]], SamplingParams(max_tokens=64, ignore_eos=True), use_tqdm=False)
@@ -68,12 +75,15 @@ def measure(model: str, dtype: str, weights: str, num_prompts: int) -> dict:
     first_s = best_of(lambda: llm.generate([ids[:32]], SamplingParams(max_tokens=1, ignore_eos=True),
                                            use_tqdm=False))
     tpot_s = (best_of(one_stream) - first_s) / 63
-    workload = random_workload(num_prompts, cfg.vocab_size, (32, 512), (16, 256), seed=0, avoid_ids=tuple(range(17)))
-    result = run_pernode(llm, workload, use_tqdm=False)
-    flops = workload_flops(cfg, [len(p) for p in workload.prompts], workload.output_lens)
     out = {"config": f"{dtype}, GGUF weights {weights}", "weight_mb": weight_bytes(llm.engine.model) / 1e6,
-           "prefill_tok_s": 512 / prefill_s, "tpot_ms": tpot_s * 1e3, "offline_out_tok_s": result.output_tokens_per_s,
-           "offline_gflops": flops / result.elapsed_s / 1e9, "dtype": dtype}
+           "prefill_tok_s": 512 / prefill_s, "tpot_ms": tpot_s * 1e3, "offline_out_tok_s": float("nan"),
+           "offline_gflops": float("nan"), "dtype": dtype}
+    if num_prompts:  # 0: prefill and TPOT only
+        workload = random_workload(num_prompts, cfg.vocab_size, (32, 512), (16, 256), seed=0,
+                                   avoid_ids=tuple(range(17)))
+        result = run_pernode(llm, workload, use_tqdm=False)
+        flops = workload_flops(cfg, [len(p) for p in workload.prompts], workload.output_lens)
+        out.update(offline_out_tok_s=result.output_tokens_per_s, offline_gflops=flops / result.elapsed_s / 1e9)
     del llm
     gc.collect()
     return out
@@ -82,7 +92,7 @@ def measure(model: str, dtype: str, weights: str, num_prompts: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--num-prompts", type=int, default=16, help="mixed offline workload size (0: skip it)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="dtype:gguf_weights pairs")
     args = parser.parse_args(argv)
     print(f"load before: {os.getloadavg()}, threads {torch.get_num_threads()}", flush=True)

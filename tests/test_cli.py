@@ -23,10 +23,10 @@ def run_cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
 def test_generate_streams_the_continuation(tiny_dir):
     from pernode import LLM, SamplingParams
 
-    expected = LLM(tiny_dir, num_blocks=64, max_model_len=256).generate(
+    expected = LLM(tiny_dir, num_blocks=64, max_model_len=256, dtype="float32").generate(
         ["Hello there"], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].outputs[0].text
     r = run_cli("generate", "Hello there", "--model", tiny_dir, "--max-tokens", "8", "--num-blocks", "64",
-                "--max-model-len", "256")
+                "--max-model-len", "256", "--dtype", "float32")  # fp32: the default is bf16 on bf16-capable CPUs
     assert r.returncode == 0, r.stderr
     assert expected.strip() and expected.strip() in r.stdout
     assert "KV cache: 512 bytes/token" in r.stderr  # K and V: 2 layers x 2 kv heads x 16 dims x 4 bytes x 2

@@ -30,6 +30,7 @@ from pernode.serve.kernels.jit import build_name, cpu_signature
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "gemm_crossovers.json"
+METHOD = "lines-8-64"  # in every key: entries measured by an older method are measured again
 # Each kernel's time is close to linear in the row count (the GEMV re-streams the weights every 4 rows; the GEMM
 # pays the tile dequantisation once, then compute per row), so two row counts per kernel fix its line, and the
 # crossover is where the lines meet. Four timed points resist a shared, noisy CPU better than a sweep of many.
@@ -59,7 +60,7 @@ class LinearShape:
     num_threads: int
 
     def key(self, kernel_source: str) -> str:
-        return (f"{_build_and_machine(kernel_source)}|N={self.out_features}|K={self.in_features}"
+        return (f"{METHOD}|{_build_and_machine(kernel_source)}|N={self.out_features}|K={self.in_features}"
                 f"|w{self.num_bits}g{self.group_size}|zero={int(self.has_zero_term)}|x8={int(self.int8_input)}"
                 f"|{str(self.dtype).removeprefix('torch.')}|threads={self.num_threads}")
 
@@ -145,6 +146,8 @@ def gemm_from_rows(shape: LinearShape, kernel_source: str, gemv: Callable[[torch
         if key in _memory:
             return _memory[key]
         cached = _read_cache().get(key)
+        if cached is not None and cached < MIN_ROWS:  # a hand-edited or corrupt entry
+            cached = None
         if cached is None:
             started = time.perf_counter()
             cached = measure_crossover(gemv, gemm, shape.in_features, shape.dtype)
