@@ -92,7 +92,7 @@ def test_smaller_kv_cache_raises_the_kv_limited_batch_and_cuts_the_bill():
     ratio = 256 / 68  # fp32 (64 values x 4 B) vs int8 (64 x 1 B + a 4 B scale) per head per token
     int8_kv["kv_cache"]["max_tokens"] = int(float_kv["kv_cache"]["max_tokens"] * ratio)
     p_float, p_int8 = plan(float_kv, WORKLOAD, SLO_LOOSE, 2.0), plan(int8_kv, WORKLOAD, SLO_LOOSE, 2.0)
-    # the engine's KV rule (blocks over the blocks a request holds on average over its life) by hand: 20 and 76
+    # the engine's KV rule (blocks over the blocks a request holds on average over its life) gives 20 and 76 here
     assert (p_float.max_batch.batch_size, p_float.max_batch.limited_by) == (20, "kv_cache")
     assert p_int8.max_batch.batch_size == 76 and p_int8.replicas < p_float.replicas
     a = point_from_plan("fp32", "", 10.0, 10.0, p_float, 92160)
