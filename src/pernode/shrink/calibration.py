@@ -3,7 +3,6 @@ quantize layer i using inputs produced by the already-quantized layers 0..i-1.""
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable
 
 import torch
@@ -14,8 +13,8 @@ from pernode.shrink.evaluate.perplexity import Forward
 
 
 def progress_bar(description: str, disable: bool = False):
-    return progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(), transient=False, disable=disable)
+    return progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), transient=False, disable=disable)
 
 
 @torch.no_grad()
@@ -26,16 +25,12 @@ def run_sequential(model, windows: torch.Tensor, process_layer: Callable, descri
     num_seqs, seq_len = windows.shape
     fwd = Forward.build(model, num_seqs, seq_len)
     x = model.embed_tokens(windows.flatten())
-    started = time.perf_counter()
     with progress_bar(description, disable=quiet) as bar:
         task = bar.add_task(description, total=len(model.layers), info="")
         for i, layer in enumerate(model.layers):
             info = process_layer(i, layer, x, fwd)
             x = fwd.layer(layer, x)
-            bar.update(task, advance=1, info=info or "")
-            if not quiet and not bar.console.is_terminal:  # piped or logged: rich draws nothing until the end
-                print(f"{description}: layer {i + 1}/{len(model.layers)} {info or ''} "
-                      f"({time.perf_counter() - started:.0f} s)", flush=True)
+            bar.update(task, advance=1, info=info or "")  # off a terminal the bar prints lines itself
 
 
 @contextlib.contextmanager
