@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,10 +16,11 @@ from dataclasses import dataclass, field
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from pernode.serve.engine.outputs import RequestOutput, TokenLogprob
+from pernode.serve.engine.outputs import RequestOutput
 from pernode.serve.sampling.params import SamplingParams
 from pernode.serve.server.async_engine import AsyncEngine, EngineFailure, EngineUnavailable, QueueFull, ResponseStream
 from pernode.serve.server.errors import APIError, bad_request, error_body, param_of
+from pernode.serve.server.logprobs_format import chat_logprobs, completion_logprobs, vllm_prompt_logprobs
 from pernode.serve.server.options import ServerSettings
 from pernode.serve.server.tools import (ToolPlan, new_call_id, parse_tool_calls, plan_tools, render_messages,
                                         template_supports_tools)
@@ -29,13 +29,6 @@ from pernode.serve.server.protocol import (ChatCompletionRequest, CompletionRequ
                                            prompt_list)
 
 RETRY_AFTER_S = 1
-_MIN_LOGPROB = -9999.0  # JSON has no -inf; what vLLM sends for an impossible token
-
-
-def _lp(x: float) -> float:
-    return x if math.isfinite(x) else _MIN_LOGPROB
-
-
 def _sse(obj: dict | str) -> str:
     data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
     return f"data: {data}\n\n"
@@ -204,13 +197,13 @@ class OpenAIServing:
                     generated, gen_lps = ("", []) if prompt_only else (c.text, c.logprobs or [])
                     lps = None
                     if params.logprobs is not None:
-                        lps, _ = self._legacy_logprobs(gen_lps, 0, prompt.token_strs if req.echo else [],
+                        lps, _ = completion_logprobs(gen_lps, 0, prompt.token_strs if req.echo else [],
                                                        out.prompt_logprobs if req.echo else None)
                     choice = {"index": p * n + c.index, "text": echo + generated, "logprobs": lps,
                               "finish_reason": "length" if prompt_only else c.finish_reason,
                               "stop_reason": None if prompt_only else c.stop_reason}
                     if req.prompt_logprobs is not None:
-                        choice["prompt_logprobs"] = self._vllm_prompt_logprobs(out.prompt_logprobs)
+                        choice["prompt_logprobs"] = vllm_prompt_logprobs(out.prompt_logprobs)
                     choices.append(choice)
             if prompt_only:
                 for out in finals:
@@ -233,7 +226,7 @@ class OpenAIServing:
                     echo_strs, echo_lps = prompts[p].token_strs, out.prompt_logprobs
                 if params.logprobs is not None:
                     delta = [] if prompt_only else (c.delta_logprobs or [])
-                    lps, ch.text_offset = self._legacy_logprobs(delta, ch.text_offset, echo_strs, echo_lps)
+                    lps, ch.text_offset = completion_logprobs(delta, ch.text_offset, echo_strs, echo_lps)
                 if not text and not c.finish_reason and not (lps and lps["tokens"]):
                     continue
                 ch.started = True
@@ -246,49 +239,6 @@ class OpenAIServing:
                 yield {**head, "choices": [], "usage": self._usage(prompts, finals)}
 
         return _EngineStreamResponse(self._events(stream, chunks, final_chunks), stream)
-
-    @staticmethod
-    def _legacy_logprobs(lps: list[TokenLogprob], offset: int, echo_strs: list[str],
-                         prompt_lps: list[TokenLogprob | None] | None = None) -> tuple[dict, int]:
-        """Completions' logprobs shape, and the text offset after it. With echo, prompt positions come first; the
-        first prompt token has null (nothing precedes it), as in OpenAI and vLLM. top_logprobs holds the N best
-        and the token itself."""
-        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for i, tok in enumerate(echo_strs):
-            lp = prompt_lps[i] if prompt_lps is not None and i < len(prompt_lps) else None
-            out["tokens"].append(tok)
-            out["token_logprobs"].append(None if lp is None else _lp(lp.logprob))
-            top = None
-            if lp is not None:
-                top = {t: _lp(v) for _, t, v in lp.top}
-                top.setdefault(lp.token, _lp(lp.logprob))
-            out["top_logprobs"].append(top)
-            out["text_offset"].append(offset)
-            offset += len(tok)
-        for lp in lps:
-            top = {t: _lp(v) for _, t, v in lp.top}
-            top.setdefault(lp.token, _lp(lp.logprob))
-            out["tokens"].append(lp.token)
-            out["token_logprobs"].append(_lp(lp.logprob))
-            out["top_logprobs"].append(top)
-            out["text_offset"].append(offset)
-            offset += len(lp.token)
-        return out, offset
-
-    @staticmethod
-    def _vllm_prompt_logprobs(lps: list[TokenLogprob | None] | None) -> list[dict | None] | None:
-        """vLLM's `prompt_logprobs`: per prompt token, token id -> {logprob, decoded_token}, None for the first."""
-        if lps is None:
-            return None
-        out: list[dict | None] = []
-        for lp in lps:
-            if lp is None:
-                out.append(None)
-                continue
-            entry = {str(t): {"logprob": _lp(v), "decoded_token": s} for t, s, v in lp.top}
-            entry[str(lp.token_id)] = {"logprob": _lp(lp.logprob), "decoded_token": lp.token}
-            out.append(entry)
-        return out
 
     # ---- /v1/chat/completions ---------------------------------------------------------------------------
     async def chat(self, raw: bytes, arrival_s: float) -> JSONResponse | StreamingResponse:
@@ -329,7 +279,7 @@ class OpenAIServing:
                 if calls:
                     message["tool_calls"] = calls
                 choices.append({"index": c.index, "message": message,
-                                "logprobs": self._chat_logprobs(c.logprobs) if req.logprobs else None,
+                                "logprobs": chat_logprobs(self.tokenizer, c.logprobs) if req.logprobs else None,
                                 "finish_reason": "tool_calls" if calls and c.finish_reason == "stop"
                                 else c.finish_reason, "stop_reason": c.stop_reason})
             return JSONResponse({**head, "choices": choices, "usage": self._usage([prompt], [out]),
@@ -348,7 +298,7 @@ class OpenAIServing:
                     ch.started = True
                     yield {**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                                 "logprobs": None, "finish_reason": None}], **usage_null}
-                lps = self._chat_logprobs(c.delta_logprobs) if req.logprobs else None
+                lps = chat_logprobs(self.tokenizer, c.delta_logprobs) if req.logprobs else None
                 finish_reason = c.finish_reason
                 if tool_plan.active:  # tool calls go out as tool_calls deltas
                     delta, finish_reason = self._tool_delta(ch, c, tool_plan)
@@ -391,14 +341,3 @@ class OpenAIServing:
             return ({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]},
                     "tool_calls" if c.finish_reason == "stop" else c.finish_reason)
         return ({"content": content} if content else None), c.finish_reason
-
-    def _chat_logprobs(self, lps: list[TokenLogprob] | None) -> dict:
-        tok = self.tokenizer
-
-        def entry(token_id: int, token: str, logprob: float) -> dict:
-            # an id of the model's padded vocabulary has no token: empty text, bytes null (as vLLM)
-            raw = list(tok.token_to_bytes(token_id)) if token_id < tok.vocab_size else None
-            return {"token": token, "logprob": _lp(logprob), "bytes": raw}
-
-        return {"content": [{**entry(lp.token_id, lp.token, lp.logprob),
-                             "top_logprobs": [entry(t, s, v) for t, s, v in lp.top]} for lp in lps or []]}
