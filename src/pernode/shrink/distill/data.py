@@ -61,6 +61,20 @@ def _read(path: str) -> str | None:
         return None
 
 
+def _read_until(root: str, files: list[str], max_chars: int) -> tuple[list[str], list[str]]:
+    """Texts of `files` in order (unreadable or blank ones skipped) until at least `max_chars`; and which files."""
+    texts, used, total = [], [], 0
+    for rel in files:
+        if total >= max_chars:
+            break
+        text = _read(os.path.join(root, rel))
+        if text and text.strip():
+            texts.append(text)
+            used.append(rel)
+            total += len(text)
+    return texts, used
+
+
 def distillation_text(train_chars: int, heldout_chars: int = 200_000, seed: int = 0,
                       root: str | None = None) -> DistillationText:
     """About `train_chars` characters of training text (pydoc calibration part first, then stdlib files in seeded
@@ -71,24 +85,10 @@ def distillation_text(train_chars: int, heldout_chars: int = 200_000, seed: int 
     heldout_files = [f for f in files if is_heldout(f)]
     random.Random(seed).shuffle(train_files)
     pydoc_train = split_corpus(corpus_text())[0]
-    train, used, total = [pydoc_train], [], len(pydoc_train)
-    for rel in train_files:
-        if total >= train_chars:
-            break
-        text = _read(os.path.join(root, rel))
-        if text and text.strip():
-            train.append(text)
-            used.append(rel)
-            total += len(text)
-    heldout, heldout_used, held = [], [], 0
-    for rel in heldout_files:
-        if held >= heldout_chars:
-            break
-        text = _read(os.path.join(root, rel))
-        if text and text.strip():
-            heldout.append(text)
-            heldout_used.append(rel)
-            held += len(text)
+    stdlib_train, used = _read_until(root, train_files, train_chars - len(pydoc_train))
+    heldout, heldout_used = _read_until(root, heldout_files, heldout_chars)
+    train = [pydoc_train] + stdlib_train
+    total, held = sum(map(len, train)), sum(map(len, heldout))
     provenance = {
         "python": sys.version.split()[0],
         "pydoc": {"source": "pydoc_data.topics (Python stdlib), topics joined in sorted-key order",
