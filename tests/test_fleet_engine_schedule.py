@@ -23,6 +23,12 @@ class FixedStepTime:
     def decode_step_s(self, batch_size: int) -> float:
         return 1.0
 
+    def engine_decode_step_s(self, batch_size: int) -> float:
+        return 1.0
+
+    def mix_factor(self, num_decodes: int, prompt_tokens: int) -> float:
+        return 1.0
+
     def prefill_s_per_token(self, prompt_len):
         return np.zeros_like(np.asarray(prompt_len, dtype=np.float64))
 

@@ -1,4 +1,4 @@
-"""`pernode fleet up | down | validate`: engine replicas on Ray Serve behind one OpenAI route."""
+"""`pernode fleet up | down | validate | rescore`: engine replicas on Ray Serve behind one OpenAI route."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ import time
 from pernode.cli.options import add_engine_arguments, engine_config_from_args
 from pernode.cli.serve import add_server_arguments, settings_from_args
 from pernode.jobs.fleet_from_plan import fleet_spec_for_plan
-from pernode.jobs.validate import DEFAULT_DURATION_S, FleetPlacement, ValidateConfig, run_validate
+from pernode.jobs.validate import DEFAULT_DURATION_S, FleetPlacement, ValidateConfig, run_rescore, run_validate
 from pernode.price.planner import Plan
 from pernode.serve.deploy import (DEFAULT_APP_NAME, Autoscale, Deployment, FleetSpec, ProcessRecord, clear_state,
                                   connect, delete_application, deploy, describe_fleet, disconnect, log_file,
@@ -24,7 +24,7 @@ OWNER_MODULE = "pernode.serve.deploy.owner"  # `python -m` this: the process tha
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("fleet", help="engine replicas on Ray Serve behind one OpenAI route: up, down, validate")
+    p = sub.add_parser("fleet", help="engine replicas on Ray Serve behind one OpenAI route: up, down, validate, rescore")
     fleet_sub = p.add_subparsers(dest="fleet_command", required=True)
     p = fleet_sub.add_parser("up", help="deploy N replicas on Ray Serve (local Ray, or --address); Ctrl-C stops")
     add_server_arguments(p)
@@ -41,6 +41,13 @@ def add_parsers(sub) -> None:
     p = fleet_sub.add_parser("validate", help="run a plan's workload on a fleet: predicted vs measured latencies")
     add_validate_arguments(p)
     p.set_defaults(func=run_validate_command)
+    p = fleet_sub.add_parser("rescore", help="predict a recorded validation run again from another profile")
+    p.add_argument("report", help="a `pernode fleet validate --profile ... --out` JSON")
+    p.add_argument("--profile", required=True, help="the profile to predict the run's exact requests from")
+    p.add_argument("--plan", default=None, help="default: the plan the validation ran")
+    p.add_argument("--interval-seeds", type=int, default=5)
+    p.add_argument("--out", default=None, help="write the rescored report here")
+    p.set_defaults(func=lambda a: run_rescore(a.report, a.profile, a.plan, a.out, a.interval_seeds))
 
 
 def add_fleet_arguments(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,8 @@ replica owns a real `serve.engine.scheduler.Scheduler` over a real `KVCacheManag
 feeds it requests of the right token counts. So token budget, chunked prefill (Sarathi-Serve, arXiv 2403.02310),
 FIFO admission, recompute preemption and prefix caching are the engine's code, not a copy of it: the simulator and
 the engine cannot disagree on who runs in which step. Only the forward pass is replaced, by StepTimeModel: a step
-with b decodes and prompt chunks lasts decode_step_s(b) + sum(chunk tokens x seconds per token of that prompt).
+with b decodes and prompt chunks lasts decode_step_s(b) + sum(chunk tokens x seconds per token of that prompt),
+the engine's part scaled by the profile's measured mixed-step factor when the step holds both.
 
 Speed: when a step only decodes and nothing waiting can be admitted, the scheduler would repeat it, one token per
 request, until the earliest request finishes, the KV pool runs short, or (when admission is open) a request
@@ -112,6 +113,7 @@ class Replica:
         self.book = book
         self.step_model = config.step_model
         self.decode_s = [config.step_model.decode_step_s(b) for b in range(config.max_batch + 1)]
+        self.engine_decode_s = [config.step_model.engine_decode_step_s(b) for b in range(config.max_batch + 1)]
         prefix_caching = config.enable_prefix_caching and book.prompt_token_ids is not None
         self.kv = KVCacheManager(config.num_blocks, config.block_size, prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=config.max_batch,
@@ -155,12 +157,13 @@ class Replica:
         if not batch:
             self.busy, self.batch = False, batch
             return None
-        decodes, prefill_s = 0, 0.0
+        decodes, prefill_s, prompt_tokens = 0, 0.0, 0
         for request, n in zip(batch.requests, batch.num_new_tokens):
             if request.decoding:
                 decodes += 1
                 continue
             prefill_s += n * request.s_per_token
+            prompt_tokens += n
             if math.isnan(book.admit_s[request.rid]):
                 book.admit_s[request.rid] = t
         steps = 1
@@ -171,7 +174,11 @@ class Replica:
             steps = self._decode_run_steps(batch.requests)
             open_to_arrivals = not self.scheduler.waiting and decodes < self.config.max_batch
         self.busy, self.batch = True, batch
-        self.run_start, self.run_step_s, self.run_steps = t, self.decode_s[decodes] + prefill_s, steps
+        step_s = self.decode_s[decodes] + prefill_s
+        if decodes and prompt_tokens:
+            mix = self.step_model.mix_factor(decodes, prompt_tokens)
+            step_s += (mix - 1.0) * (self.engine_decode_s[decodes] + prefill_s)
+        self.run_start, self.run_step_s, self.run_steps = t, step_s, steps
         self.run_open_to_arrivals = open_to_arrivals
         self.version += 1
         return t + self.run_step_s * steps

@@ -3,7 +3,11 @@
 One step with b running decodes and p scheduled prompt tokens lasts decode_step_s(b) + p / prefill_tokens_per_s:
 the decode part is read off the measured decode[] curve in batch size, the prefill part off prefill[] in prompt length.
 This additive model is the one DistServe (Zhong et al., arXiv 2401.09670) and Sarathi-Serve (Agrawal et al.,
-arXiv 2403.02310) reason with for mixed prefill/decode batches.
+arXiv 2403.02310) reason with for mixed prefill/decode batches. It overcounts on a CPU: in one forward pass the
+decodes' rows ride in the prompt chunk's GEMMs, which run at the prefill rate rather than as separate GEMVs. When the
+profile measured such steps (its mixed[] points: b decodes plus a p-token chunk in one step), the additive estimate
+of a mixed step is scaled by measured / additive, interpolated in log b and log p and held at the measured edges,
+as vidur predicts a batch's time from profiled batches rather than from its parts.
 
 The serving path is in the model too, when the profile measured it (`pernode profile --serving-path`, section
 serving_path): each request reaches the engine `serving_request_s` after it was sent (HTTP, tokenizing, the first
@@ -11,8 +15,9 @@ chunk back) and each decode step pays `serving_token_s` per running request (det
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
@@ -41,6 +46,10 @@ class StepTimeModel:
     decode_context_len: int | None = None  # the profile's context length the decode points were taken at
     serving_request_s: float = 0.0  # per request: send to engine admission, plus the first chunk's way back
     serving_token_s: float = 0.0  # per token streamed: detokenize, frame, send, on the engine's own core
+    mixed_batch_sizes: np.ndarray | None = None  # mixed-step correction grid: decodes (increasing)
+    mixed_prompt_tokens: np.ndarray | None = None  # ... prompt tokens (increasing)
+    mixed_ratio: np.ndarray | None = None  # measured / additive step time, [batch, prompt tokens]
+    _mix_cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_points(cls, decode: Mapping[int, float], prefill: Mapping[int, float]) -> "StepTimeModel":
@@ -85,7 +94,9 @@ class StepTimeModel:
             rates.append(_number(row, "prefill_tokens_per_s", f"prefill[{i}]"))
         lens_a, rates_a = _merge_duplicates(lens, rates)
         request_s, token_s = serving_path_s(profile)
-        return cls(batch, step, lens_a, rates_a, chosen_ctx, request_s, token_s)
+        model = cls(batch, step, lens_a, rates_a, chosen_ctx, request_s, token_s)
+        grid = _mixed_ratio_grid(model, profile.get("mixed") or [], chosen_ctx)
+        return dataclasses.replace(model, **grid) if grid else model
 
     @property
     def max_measured_batch(self) -> int:
@@ -100,12 +111,31 @@ class StepTimeModel:
         """
         if batch_size <= 0:
             return 0.0
+        return self.engine_decode_step_s(batch_size) + batch_size * self.serving_token_s
+
+    def engine_decode_step_s(self, batch_size: int) -> float:
+        """decode_step_s without the serving path: the engine's forward and sampling alone."""
+        if batch_size <= 0:
+            return 0.0
         b, s = self.decode_batch_sizes, self.decode_step_s_points
-        serving = batch_size * self.serving_token_s
         if batch_size <= b[-1]:
-            return float(np.interp(batch_size, b, s)) + serving
+            return float(np.interp(batch_size, b, s))
         slope = (s[-1] - s[-2]) / (b[-1] - b[-2]) if b.size >= 2 else 0.0
-        return float(s[-1] + max(slope, 0.0) * (batch_size - b[-1])) + serving
+        return float(s[-1] + max(slope, 0.0) * (batch_size - b[-1]))
+
+    def mix_factor(self, num_decodes: int, prompt_tokens: int) -> float:
+        """Measured / additive time of a step holding `num_decodes` decodes and `prompt_tokens` prompt tokens; 1
+        for a pure step or a profile without mixed[] points."""
+        if self.mixed_ratio is None or num_decodes <= 0 or prompt_tokens <= 0:
+            return 1.0
+        key = (num_decodes, prompt_tokens)
+        factor = self._mix_cache.get(key)
+        if factor is None:
+            lp = np.log(self.mixed_prompt_tokens)
+            per_batch = [np.interp(np.log(prompt_tokens), lp, row) for row in self.mixed_ratio]
+            factor = float(np.interp(np.log(num_decodes), np.log(self.mixed_batch_sizes), per_batch))
+            self._mix_cache[key] = factor
+        return factor
 
     def prefill_tokens_per_s(self, prompt_len: float) -> float:
         """Prefill throughput for a prompt of this length; clamped to the end points outside the measured range."""
@@ -123,7 +153,34 @@ class StepTimeModel:
         if prompt_tokens <= 0:
             return self.decode_step_s(num_decodes)
         rate = self.prefill_tokens_per_s(prompt_len if prompt_len is not None else prompt_tokens)
-        return self.decode_step_s(num_decodes) + prompt_tokens / rate
+        engine_s = self.engine_decode_step_s(num_decodes) + prompt_tokens / rate
+        return (self.decode_step_s(num_decodes) - self.engine_decode_step_s(num_decodes)
+                + engine_s * self.mix_factor(num_decodes, prompt_tokens))
+
+
+def _mixed_ratio_grid(model: StepTimeModel, points: list, context_len: int | None) -> dict:
+    """The correction grid from a profile's mixed[] points (those at the decode sweep's context when it has one):
+    batch sizes x prompt tokens, each cell measured / additive; a cell not measured takes its row's mean."""
+    ratios: dict[tuple[int, int], float] = {}
+    for i, point in enumerate(points):
+        b = int(_number(point, "batch_size", f"mixed[{i}]"))
+        p = int(_number(point, "prompt_tokens", f"mixed[{i}]"))
+        measured = _number(point, "step_s", f"mixed[{i}]")
+        if context_len is not None and point.get("context_len") not in (None, context_len):
+            continue
+        additive = model.engine_decode_step_s(b) + p / model.prefill_tokens_per_s(p)
+        ratios[(b, p)] = measured / additive
+    if not ratios:
+        return {}
+    bs = sorted({b for b, _ in ratios})
+    ps = sorted({p for _, p in ratios})
+    grid = np.empty((len(bs), len(ps)))
+    for i, b in enumerate(bs):
+        row = [ratios.get((b, p)) for p in ps]
+        mean = float(np.mean([r for r in row if r is not None]))
+        grid[i] = [mean if r is None else r for r in row]
+    return {"mixed_batch_sizes": np.asarray(bs, dtype=np.float64),
+            "mixed_prompt_tokens": np.asarray(ps, dtype=np.float64), "mixed_ratio": grid}
 
 
 def serving_path_s(profile: Profile) -> tuple[float, float]:

@@ -63,9 +63,15 @@ def predicted_same_trace(profile: Profile, plan: Plan, requests: Sequence[BenchR
                          token_budget: int, prompt_tokens: Sequence[int] | None = None) -> dict:
     """The planner's simulator on exactly the requests `bench serve` sends: same arrivals, prompts, outputs.
     `prompt_tokens`, when given, are the prompt lengths the server counted (its usage), else the bench's."""
-    prompt = np.array(prompt_tokens if prompt_tokens is not None else [r.prompt_len for r in requests],
-                      dtype=np.int64)
-    output = np.array([r.max_tokens for r in requests], dtype=np.int64)
+    prompt = prompt_tokens if prompt_tokens is not None else [r.prompt_len for r in requests]
+    return predicted_for_trace(profile, plan, offsets_s, prompt, [r.max_tokens for r in requests], token_budget)
+
+
+def predicted_for_trace(profile: Profile, plan: Plan, offsets_s, prompt_tokens, output_tokens,
+                        token_budget: int) -> dict:
+    """The planner's simulator on a recorded trace: arrival offsets and each request's prompt and output tokens."""
+    prompt = np.asarray(prompt_tokens, dtype=np.int64)
+    output = np.asarray(output_tokens, dtype=np.int64)
     replica = replica_config(profile, plan, float(prompt.mean() + output.mean() / 2.0), token_budget)
     trace = RequestTrace(np.asarray(offsets_s, dtype=np.float64), prompt, output)
     return summary_values(simulate_fleet(trace, replica, int(plan.replicas), ROUTER_POLICY), plan.slo)

@@ -142,8 +142,11 @@ def _same_trace(profile: Profile, plan: Plan, measured: Measured, token_budget: 
     counted = [row.prompt_tokens if row.success and row.prompt_tokens else req.prompt_len
                for row, req in zip(measured.result.per_request, requests)]
     same = predicted_same_trace(profile, plan, requests, offsets_s, token_budget, counted)
+    # The trace itself, so that `pernode fleet rescore` can predict this run again from another profile or model.
+    trace = {"offsets_s": [float(t) for t in offsets_s], "prompt_tokens": [int(n) for n in counted],
+             "output_tokens": [int(r.max_tokens) for r in requests]}
     return {"predicted_same_trace": same, "error_pct_same_trace": errors_pct(same, observed),
-            "token_budget": token_budget}
+            "token_budget": token_budget, "same_trace_requests": trace}
 
 
 def _notes(plan: Plan, profile: Profile | None) -> list[str]:

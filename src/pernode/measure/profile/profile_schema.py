@@ -100,6 +100,14 @@ class PrefillPoint(TypedDict, total=False):
     arithmetic_intensity: float  # optional
 
 
+class MixedPoint(TypedDict):
+    """One measured step that gives `batch_size` sequences a token each and prefills a `prompt_tokens` chunk."""
+    batch_size: int
+    context_len: int
+    prompt_tokens: int
+    step_s: float
+
+
 class Profile(TypedDict, total=False):
     schema_version: int
     kind: str  # "measured" | "projected"
@@ -114,6 +122,7 @@ class Profile(TypedDict, total=False):
     crossover_batch_size: int | None
     memory_high_water_bytes: int | None
     serve_runs: list[dict]
+    mixed: list[MixedPoint]  # optional: steps holding decodes and a prompt chunk at once
 
 
 # Field -> (kind, minimum) where kind is "int", "num" or "str"; minimum applies to numbers (inclusive).
@@ -133,6 +142,8 @@ _DECODE_FIELDS = {"batch_size": ("int", 1), "context_len": ("int", 1), "step_s":
 _PREFILL_FIELDS = {"prompt_len": ("int", 1), "ttft_s": ("pos", None), "prefill_tokens_per_s": ("pos", None),
                    "flops": ("num", 0), "bytes": ("pos", None), "achieved_flops": ("num", 0),
                    "fraction_of_peak": ("num", 0), "bound": ("bound", None)}
+_MIXED_FIELDS = {"batch_size": ("int", 1), "context_len": ("int", 1), "prompt_tokens": ("int", 1),
+                 "step_s": ("pos", None)}
 _PREFILL_OPTIONAL = {"achieved_gbs": ("num", 0), "arithmetic_intensity": ("num", 0)}
 
 
@@ -205,6 +216,11 @@ def validate_profile(d: Any) -> Profile:
             raise ValueError(f"profile.{name} = {points!r}: must be a non-empty list of points; {FIX_HINT}")
         for i, point in enumerate(points):
             _check_section(f"profile.{name}[{i}]", point, fields, optional)
+    mixed = d.get("mixed", [])
+    if not isinstance(mixed, list):
+        raise ValueError(f"profile.mixed = {mixed!r}: must be a list of points (or absent); {FIX_HINT}")
+    for i, point in enumerate(mixed):
+        _check_section(f"profile.mixed[{i}]", point, _MIXED_FIELDS)
     for name in ("crossover_batch_size", "memory_high_water_bytes"):
         x = d.get(name)
         if x is not None and (not isinstance(x, int) or isinstance(x, bool) or x < 1):
@@ -318,10 +334,15 @@ def prefill_point(prompt_len: int, ttft_s: float, cost: StepCost, hardware: Hard
             "arithmetic_intensity": rp.arithmetic_intensity}
 
 
+def mixed_point(batch_size: int, context_len: int, prompt_tokens: int, step_s: float) -> MixedPoint:
+    return {"batch_size": batch_size, "context_len": context_len, "prompt_tokens": prompt_tokens, "step_s": step_s}
+
+
 def make_profile(model: ModelSection, hardware: HardwareSection, kv_cache: KVCacheSection,
                  decode: list[DecodePoint], prefill: list[PrefillPoint], crossover_batch_size: int | None = None,
                  memory_high_water_bytes: int | None = None, serve_runs: list[dict] | None = None,
-                 kind: str = "measured", projected_from: dict | None = None) -> Profile:
+                 kind: str = "measured", projected_from: dict | None = None,
+                 mixed: list[MixedPoint] | None = None) -> Profile:
     """Assemble and validate a profile, stamping version and time."""
     d: Profile = {
         "schema_version": SCHEMA_VERSION, "kind": kind, "projected_from": projected_from,
@@ -332,4 +353,6 @@ def make_profile(model: ModelSection, hardware: HardwareSection, kv_cache: KVCac
         "crossover_batch_size": crossover_batch_size, "memory_high_water_bytes": memory_high_water_bytes,
         "serve_runs": list(serve_runs or []),
     }
+    if mixed:
+        d["mixed"] = sorted(mixed, key=lambda p: (p["batch_size"], p["prompt_tokens"]))
     return validate_profile(d)

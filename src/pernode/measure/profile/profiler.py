@@ -54,6 +54,28 @@ def time_ttft_s(engine: LLMEngine, prompt_len: int, g: torch.Generator) -> float
     return time.perf_counter() - start
 
 
+def time_mixed_step_s(engine: LLMEngine, batch_size: int, context_len: int, prompt_tokens: int, num_steps: int,
+                      g: torch.Generator) -> float | None:
+    """Median time of one step holding `batch_size` decodes at `context_len` and a `prompt_tokens` prompt chunk.
+    None when the KV cache cannot hold them."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+    times = engine.time_mixed_steps(batch_size, context_len, prompt_tokens, num_steps, seed)
+    if times is None:
+        return None
+    return statistics.median(times[1:] if len(times) > 2 else times)
+
+
+def mixed_grid(batch_sizes: list[int], prompt_lens: list[int], token_budget: int) -> list[tuple[int, int]]:
+    """(decodes, prompt tokens) pairs to measure mixed steps at: up to three batch sizes of the decode sweep spread
+    in log space (from 4 up) and up to two prompt chunks, each step within the engine's token budget."""
+    bs = sorted(b for b in batch_sizes if b >= 4)
+    if len(bs) > 3:
+        bs = [bs[0], bs[len(bs) // 2], bs[-1]]
+    ps = sorted({min(p, 256) for p in prompt_lens if p >= 32})
+    ps = [ps[0], ps[-1]] if len(ps) > 1 else ps
+    return [(b, p) for b in bs for p in ps if b + p <= token_budget]
+
+
 def memory_high_water_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -81,7 +103,7 @@ def run_profile(engine: LLMEngine, quick: bool = False, hardware: schema.Hardwar
     ctx = min(plan["context_len"], engine.max_model_len - plan["decode_steps"] - 1)
     prompt_lens = [p for p in plan["prompt_lens"] if p < engine.max_model_len]
 
-    decode, prefill = [], []
+    decode, prefill, mixed = [], [], []
     with progress(transient=True) as bar:
         task = bar.add_task("decode: TPOT vs batch", total=len(plan["batch_sizes"]))
         for b in plan["batch_sizes"]:
@@ -101,6 +123,15 @@ def run_profile(engine: LLMEngine, quick: bool = False, hardware: schema.Hardwar
             ttft = time_ttft_s(engine, p, g)
             prefill.append(schema.prefill_point(p, ttft, prefill_cost(cfg, p, wbytes, kvbytes), hardware, dtype))
             bar.advance(task)
+        # Steps that mix decodes with a prompt chunk, as chunked prefill runs them under load: the planner scales
+        # its additive estimate (decode step + prompt tokens at the prefill rate) by what these measure.
+        grid = mixed_grid([d["batch_size"] for d in decode], prompt_lens, engine.scheduler.config.max_num_batched_tokens)
+        task = bar.add_task("mixed: decodes + a prompt chunk in one step", total=len(grid))
+        for b, p in grid:
+            step_s = time_mixed_step_s(engine, b, ctx, p, 3, g)
+            if step_s is not None:
+                mixed.append(schema.mixed_point(b, ctx, p, step_s))
+            bar.advance(task)
 
     peak, _ = schema.peak_flops_for(hardware, dtype)
     model = schema.model_section(cfg, dtype, kv_dtype)
@@ -111,7 +142,7 @@ def run_profile(engine: LLMEngine, quick: bool = False, hardware: schema.Hardwar
     return schema.make_profile(
         model, hardware, kv_section, decode, prefill,
         crossover_batch_size=crossover_batch_size(cfg, ctx, hardware["peak_bandwidth_gbs"], peak, wbytes, kvbytes),
-        memory_high_water_bytes=memory_high_water_bytes(engine.device))
+        memory_high_water_bytes=memory_high_water_bytes(engine.device), mixed=mixed)
 
 
 def print_profile(profile: schema.Profile, console: Console | None = None) -> None:
@@ -141,3 +172,14 @@ def print_profile(profile: schema.Profile, console: Console | None = None) -> No
     if profile.get("crossover_batch_size"):
         console.print(f"memory-bound below batch {profile['crossover_batch_size']}, compute-bound above "
                       "(at the profiled context)")
+    if profile.get("mixed"):
+        decode = {d["batch_size"]: d["step_s"] for d in profile["decode"]}
+        rate = {p["prompt_len"]: p["prefill_tokens_per_s"] for p in profile["prefill"]}
+        cells = []
+        for m in profile["mixed"]:
+            # against the additive estimate, from the nearest measured prefill length
+            near = min(rate, key=lambda n: abs(n - m["prompt_tokens"]))
+            additive = decode.get(m["batch_size"], float("nan")) + m["prompt_tokens"] / rate[near]
+            cells.append(f"{m['batch_size']}+{m['prompt_tokens']}: {m['step_s'] * 1e3:.0f} ms "
+                         f"({m['step_s'] / additive:.2f}x additive)")
+        console.print("mixed steps (decodes + prompt tokens): " + ", ".join(cells))

@@ -28,7 +28,8 @@ def project_profile(profile: Profile, accelerator_name: str,
     """A new profile: `profile`'s points rescaled to `accelerator_name` (a key of PUBLISHED_ACCELERATORS).
 
     KV capacity on the target = memory_utilization * memory - weight bytes, in the source's block size and
-    context length. Measured serve runs do not carry over and are dropped.
+    context length. Measured serve runs and mixed-step points (how this CPU runs decodes and prompt chunks in one
+    step) do not carry over and are dropped.
     """
     validate_profile(profile)
     if profile["kind"] != "measured":
@@ -81,6 +82,7 @@ def project_profile(profile: Profile, accelerator_name: str,
                                      kv_bytes_per_element=model["kv_bytes_per_token"] / cfg.kv_bytes_per_token(1))
 
     out = copy.deepcopy(profile)
+    out.pop("mixed", None)
     out.update({
         "kind": "projected",
         "projected_from": {

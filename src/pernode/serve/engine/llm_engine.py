@@ -21,7 +21,7 @@ from pernode.serve.engine.prompt_validation import PromptValidator
 from pernode.serve.engine.request import Request, RequestStatus
 from pernode.serve.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from pernode.serve.engine.spec_decode import SpecDecodeStats, Speculator
-from pernode.serve.engine.step_timer import decode_step_times_s
+from pernode.serve.engine.step_timer import decode_step_times_s, mixed_step_times_s
 from pernode.serve.engine.stop_checker import check_stop
 from pernode.serve.engine.structured_outputs import StructuredOutputManager
 from pernode.serve.kernels.cpu_features import computes_bf16_natively
@@ -196,6 +196,14 @@ class LLMEngine:
         g = torch.Generator().manual_seed(seed)
         return decode_step_times_s(self.kv, self.runner, self.sampler, self.model_config.vocab_size, batch_size,
                                    context_len, num_steps, g)
+
+    def time_mixed_steps(self, batch_size: int, context_len: int, prompt_tokens: int, num_steps: int,
+                         seed: int = 0) -> list[float] | None:
+        """Seconds of each of `num_steps` synthetic steps of `batch_size` decodes at `context_len` plus one fresh
+        `prompt_tokens`-token prompt chunk, on the idle engine (the profiler's probe); None when it does not fit."""
+        g = torch.Generator().manual_seed(seed)
+        return mixed_step_times_s(self.kv, self.runner, self.sampler, self.model_config.vocab_size, batch_size,
+                                  context_len, prompt_tokens, num_steps, g)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.output_processor.groups) or bool(self._pending_outputs)

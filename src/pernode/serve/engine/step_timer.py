@@ -1,5 +1,6 @@
-"""Timed synthetic decode steps: what one step of `batch_size` sequences at `context_len` costs, measured through the
-engine's own runner and sampler over a KV cache filled to that length (step time depends on shapes, not values)."""
+"""Timed synthetic steps: what one step of `batch_size` decodes at `context_len` costs, alone or sharing the step
+with a prompt chunk, measured through the engine's own runner and sampler over a KV cache filled to that length
+(step time depends on shapes, not values)."""
 from __future__ import annotations
 
 import time
@@ -49,4 +50,44 @@ def decode_step_times_s(kv: KVCacheManager, runner: ModelRunner, sampler: Sample
         return times
     finally:
         for r in requests:
+            kv.free(r)
+
+
+def mixed_step_times_s(kv: KVCacheManager, runner: ModelRunner, sampler: Sampler, vocab_size: int,
+                       batch_size: int, context_len: int, prompt_tokens: int, num_steps: int,
+                       g: torch.Generator) -> list[float] | None:
+    """Wall time of each of `num_steps` steps that give `batch_size` sequences at `context_len` one token each and
+    prefill a fresh `prompt_tokens`-token prompt in the same forward pass, as chunked prefill batches them. Each step
+    takes a new prompt, so no step reuses another's prompt K/V. None when the free KV blocks cannot hold it."""
+    need = batch_size * kv.blocks_needed(context_len + num_steps) + kv.blocks_needed(prompt_tokens + 1)
+    if need > kv.pool.num_free:
+        return None
+    decodes = []
+    params = SamplingParams(temperature=0.0, max_tokens=num_steps + 1, ignore_eos=True)
+    try:
+        for i in range(batch_size):
+            r = Request(f"profile-mixed-{i}", random_prompt(vocab_size, context_len, g), params, [])
+            kv.allocate(r, context_len + num_steps)
+            r.num_computed_tokens = context_len - 1
+            decodes.append(r)
+        times = []
+        for step in range(num_steps):
+            prompt = Request(f"profile-prompt-{step}", random_prompt(vocab_size, prompt_tokens, g), params, [])
+            kv.allocate(prompt, prompt_tokens)
+            try:
+                batch = ScheduledBatch(decodes + [prompt], [1] * batch_size + [prompt_tokens])
+                start = time.perf_counter()
+                logits, sampling = runner.execute(batch)
+                result = sampler(logits, sampling)
+                if runner.device.type == "cuda":
+                    torch.cuda.synchronize(runner.device)
+                times.append(time.perf_counter() - start)
+            finally:
+                kv.free(prompt)
+            for r, tok in zip(decodes, result.token_ids):
+                r.num_computed_tokens += 1
+                r.append_token(tok)
+        return times
+    finally:
+        for r in decodes:
             kv.free(r)

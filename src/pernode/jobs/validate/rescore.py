@@ -1,0 +1,54 @@
+"""`pernode fleet rescore`: predict a recorded validation run again, from another profile or a changed model.
+
+A validation JSON keeps the exact requests it sent (arrival offsets, prompt and output tokens) and what was measured.
+Rescoring replays that trace through the planner's simulator with the profile given, and sets the new prediction
+beside the same measurements: two step-time models, or two profiles of one node, compared on one real run.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pernode.jobs.validate.compare import (errors_pct, interval_positions, predicted_for_trace,
+                                           predicted_interval)
+from pernode.jobs.validate.report import print_validation, write_report
+from pernode.measure.profile.profile_schema import load_profile
+from pernode.price.fleet_plan import Plan
+from pernode.price.workload import LengthDist, Workload
+
+
+def rescore(report_path: str, profile_path: str, plan_path: str | None = None, interval_seeds: int = 5) -> dict:
+    """The validation report at `report_path` with its same-trace prediction (and range) made from `profile_path`."""
+    report = json.loads(Path(report_path).read_text())
+    trace = report.get("same_trace_requests")
+    if not isinstance(trace, dict):
+        raise ValueError(f"{report_path}: no same_trace_requests; it was written by a `pernode fleet validate` "
+                         f"without --profile or before traces were recorded; run the validation again")
+    plan = Plan.load(plan_path or report["plan"])
+    profile = load_profile(profile_path)
+    budget = int(report["token_budget"])
+    same = predicted_for_trace(profile, plan, trace["offsets_s"], trace["prompt_tokens"], trace["output_tokens"],
+                               budget)
+    measured = report["measured"]
+    out = dict(report)
+    out.update({"profile": os.path.abspath(profile_path), "rescored_from": os.path.abspath(report_path),
+                "predicted_same_trace": same, "error_pct_same_trace": errors_pct(same, measured)})
+    w = report["workload"]
+    workload = Workload(float(w["rate_rps"]), LengthDist.parse(w["input_len"], "input_len"),
+                        LengthDist.parse(w["output_len"], "output_len"), float(w["burstiness"]))
+    seed = int(w.get("seed", 0))
+    interval = predicted_interval(profile, plan, workload, len(trace["offsets_s"]),
+                                  [seed + k for k in range(interval_seeds)], budget)
+    out["predicted_interval"] = interval
+    out["interval_position"] = interval_positions(interval, measured)
+    return out
+
+
+def run_rescore(report_path: str, profile_path: str, plan_path: str | None, out: str | None,
+                interval_seeds: int = 5) -> int:
+    report = rescore(report_path, profile_path, plan_path, interval_seeds)
+    print_validation(report)
+    if out:
+        write_report(report, out)
+    return 0
