@@ -13,7 +13,7 @@ row counts; the crossing of the median time ratios is the answer, found between 
 when the rounds, each taken alone, mostly agree with it (else it is measured again, pooled, up to 3 times, and an
 unsettled answer serves this process only). PERNODE_GEMM_FROM_ROWS fixes the crossover instead (tests,
 experiments); PERNODE_REMEASURE_KERNELS=1 (or `pernode profile --remeasure-kernels`) measures again and replaces
-the cached values. docs/kernels.md shows the cost and the measured values.
+the cached values. docs/threads.md ("GEMV or GEMM") shows the cost and the measured values.
 """
 from __future__ import annotations
 
