@@ -24,10 +24,11 @@ from pernode import LLM, SamplingParams
 from pernode.serve.kernels.quant_linear import QuantLinear
 
 BUCKETS = [  # (bucket, substrings of op names), first match wins
-    ("GEMM, quantized weights (woq_gemm: tile dequant + oneDNN)", ("woq_gemm",)),
+    # woq_gemm calls aten::mm once per dequantized weight tile: its own (self) time is the tile dequantization
+    ("woq_gemm tile dequantization (its self time)", ("woq_gemm",)),
     ("GEMV, quantized weights (woq_linear)", ("woq_linear",)),
-    ("GEMM/GEMV, float weights (lm_head, dense)", ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul",
-                                                   "dense_gemv", "aten::bmm")),
+    ("oneDNN GEMM (aten::mm: woq_gemm's tiles; float layers)", ("aten::mm", "aten::addmm", "aten::linear",
+                                                               "aten::matmul", "dense_gemv", "aten::bmm")),
     ("attention", ("paged_attention", "scaled_dot_product", "_softmax", "attention")),
     ("norms", ("rms_norm",)),
     ("rotary + SwiGLU", ("rotary", "silu_and_mul")),
