@@ -116,10 +116,9 @@ class MLP(nn.Module):
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.native = layer_ops_native_by_default()
 
     def forward(self, x):
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.native))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # torch's vectorised ops (layer_ops.py)
 
 
 class DecoderLayer(nn.Module):
