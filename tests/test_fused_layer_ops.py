@@ -72,4 +72,3 @@ def test_step_layout_matches_the_per_sequence_rule():
     assert meta.seq_lens.tolist() == meta.seq_lens_cpu == [6, 3, 11]
     assert (meta.max_query_len, meta.max_seq_len) == (3, 11)
     assert meta.slot_mapping.dtype == torch.int64 and meta.query_start_loc.dtype == torch.int32
-
