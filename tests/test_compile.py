@@ -21,12 +21,13 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.mark.slow  # compiles a (tiny) decoder layer: tens of seconds on 2 cores
-def test_compiled_forward_gives_eager_greedy_tokens(tiny_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])  # int8: K/V quantized on the way in, in the graph
+def test_compiled_forward_gives_eager_greedy_tokens(tiny_dir, tmp_path, monkeypatch, kv_cache_dtype):
     monkeypatch.setenv("PERNODE_COMPILE_CACHE", str(tmp_path / "inductor"))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    eager = LLM(tiny_dir, num_blocks=64, max_model_len=256)
-    compiled = LLM(tiny_dir, num_blocks=64, max_model_len=256, compile=True)
+    eager = LLM(tiny_dir, num_blocks=64, max_model_len=256, kv_cache_dtype=kv_cache_dtype)
+    compiled = LLM(tiny_dir, num_blocks=64, max_model_len=256, compile=True, kv_cache_dtype=kv_cache_dtype)
     assert compiled.engine.compile_time_s is not None and eager.engine.compile_time_s is None
     assert is_compiled(compiled.engine.model) and not is_compiled(eager.engine.model)
     want = [o.outputs[0].token_ids for o in eager.generate(PROMPTS, params)]

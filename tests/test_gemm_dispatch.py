@@ -1,6 +1,6 @@
 """The compute-bound path of quantized linears (woq_gemm: dequantized tiles through a GEMM in x's dtype) held to
 the plain-torch reference over ragged shapes, and the GEMV/GEMM choice: crossovers from measured lines, cached per
-shape, overridable, and honoured by QuantLinear.forward."""
+shape from repeated, interleaved timings (medians, agreement), overridable, and honoured by QuantLinear.forward."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,8 @@ import torch
 
 from pernode.quant_format import QuantScheme, quantize_weight
 from pernode.serve.kernels import gemm_dispatch
-from pernode.serve.kernels.gemm_dispatch import (MIN_ROWS, NEVER, LinearShape, crossover_of_lines, gemm_from_rows)
+from pernode.serve.kernels.gemm_dispatch import (MIN_ROWS, NEVER, PROBE_ROWS, ROUNDS, LinearShape,
+                                                    gemm_from_rows)
 from pernode.serve.kernels.quant_linear import QuantLinear, load_kernel, woq_linear_reference
 
 SCHEMES = [QuantScheme(4, 32), QuantScheme(4, 32, symmetric=False, float_min=True), QuantScheme(8, 32),
@@ -64,37 +65,112 @@ def test_gemm_rejects_bad_operands():
         torch.ops.pernode.woq_gemm(torch.randn(2, 64).half(), *layer._op_args[:5])
 
 
-def test_crossover_of_lines():
-    rows = (8, 64)
-    # GEMV 1 ms per 4 rows from 0; GEMM 4.9 ms fixed + 0.05 ms per row: meet at 4.9 / (0.25 - 0.05) = 24.5 rows
-    assert crossover_of_lines(rows, (2e-3, 16e-3), (5.3e-3, 8.1e-3)) == 25
-    assert crossover_of_lines(rows, (2e-3, 16e-3), (1e-3, 2e-3)) == MIN_ROWS  # GEMM below everywhere: floor
-    assert crossover_of_lines(rows, (2e-3, 16e-3), (30e-3, 50e-3)) == NEVER  # GEMM grows faster: never
+LADDER = (4, 8, 16, 32, 64)
+
+
+def _samples(times: list[float], noise: list[float]) -> list[list[float]]:
+    """Each row count's true time, times a per-round disturbance."""
+    return [[t * n for n in noise] for t in times]
+
+
+def test_crossing_is_found_between_measured_row_counts():
+    gemv = [1.0, 2.0, 4.0, 8.0, 16.0]  # streams the weights again every 4 rows
+    gemm = [3.0, 3.5, 4.5, 6.0, 9.0]  # a fixed tile cost, then compute per row
+    # ratio 1.125 at 16 rows, 0.75 at 32: 16 + 16 * 0.125 / 0.375 = 21.3 -> 22
+    assert gemm_dispatch.crossing(LADDER, [g / v for v, g in zip(gemv, gemm)]) == 22
+    assert gemm_dispatch.crossing(LADDER, [0.5] * 5) == MIN_ROWS  # GEMM wins everywhere
+    assert gemm_dispatch.crossing(LADDER, [2.0] * 5) == NEVER  # never: no extrapolation past the probes
+    # a GEMM win at 8 rows that does not hold at 16 is not a crossing: the GEMM must win from there on
+    assert gemm_dispatch.crossing(LADDER, [3.0, 0.95, 1.125, 0.75, 0.56]) == 22
+
+
+def test_crossover_from_samples_takes_medians_and_measures_agreement():
+    gemv, gemm = [1.0, 2.0, 4.0, 8.0, 16.0], [3.0, 3.5, 4.5, 6.0, 9.0]
+    quiet = gemm_dispatch.crossover_from_samples(LADDER, _samples(gemv, [1.0] * 5), _samples(gemm, [1.0] * 5))
+    assert quiet.rows == 22 and quiet.agreement == 1.0 and quiet.settled
+    # Load that drifts between rounds scales both kernels of a pair alike: no effect on the ratios.
+    drift = gemm_dispatch.crossover_from_samples(LADDER, _samples(gemv, [1, 3, 1, 5, 2]), _samples(gemm, [1, 3, 1, 5, 2]))
+    assert drift == quiet
+    # One round where a burst of load hit only the GEMV at 8 and 16 rows: the median ignores it, the round dissents.
+    gemv_s = _samples(gemv, [1.0] * 5)
+    gemv_s[1][2] = gemv_s[2][2] = 10.0
+    one_burst = gemm_dispatch.crossover_from_samples(LADDER, gemv_s, _samples(gemm, [1.0] * 5))
+    assert one_burst.rows == 22 and one_burst.agreement == pytest.approx(0.8) and one_burst.settled
+    # Rounds that disagree (two see the GEMM win everywhere, two never): not settled, so not cached.
+    gemm_s = _samples(gemm, [3.0, 3.0, 0.2, 0.2, 1.0])
+    noisy = gemm_dispatch.crossover_from_samples(LADDER, _samples(gemv, [1.0] * 5), gemm_s)
+    assert noisy.rows == 22 and noisy.agreement == pytest.approx(0.2) and not noisy.settled
+    with pytest.raises(ValueError, match="same number"):
+        gemm_dispatch.crossover_from_samples(LADDER, _samples(gemv, [1.0] * 5), _samples(gemm, [1.0] * 4))
+
+
+def test_measurement_stops_early_and_pools_repeats_when_rounds_disagree(monkeypatch):
+    weight = torch.randn(256, 256)
+
+    def gemv(x):  # real work beside a GEMM that does none: the GEMM wins at every row count
+        return torch.cat([x] * 16, dim=1) @ weight
+
+    def gemm(x):
+        return x
+
+    probed, gemv_s, gemm_s = gemm_dispatch.time_probes(gemv, gemm, 16, torch.float32, rounds=5)
+    # the ladder stops once the GEMM has won at two probes in a row
+    assert probed == (4, 8) and all(len(s) == 5 for s in gemv_s + gemm_s)
+    assert gemm_dispatch.time_probes(gemv, gemm, 16, torch.float32, rounds=1, stop_early=False)[0] == PROBE_ROWS
+    attempts = []
+    monkeypatch.setattr(gemm_dispatch, "crossover_from_samples",
+                        lambda rows, v, g: attempts.append(len(v[0])) or gemm_dispatch.CrossoverEstimate(8, 0.2))
+    assert gemm_dispatch.measure_crossover(gemv, gemm, 16, torch.float32).rows == 8
+    assert attempts == [ROUNDS, 2 * ROUNDS, 3 * ROUNDS]  # re-measured, pooled, up to MAX_ATTEMPTS
 
 
 def test_crossover_is_measured_once_and_cached_per_shape(tmp_path, monkeypatch):
     monkeypatch.setenv("PERNODE_KERNEL_CACHE", str(tmp_path))
     monkeypatch.delenv("PERNODE_GEMM_FROM_ROWS", raising=False)
+    monkeypatch.delenv("PERNODE_REMEASURE_KERNELS", raising=False)
+    (tmp_path / gemm_dispatch.CACHE_FILE).write_text(json.dumps({"lines-8-64|old|N=64": 86}))
     gemm_dispatch.forget_measurements()
     calls = []
-
-    def counted(x):
-        calls.append(x.shape[0])
-        return x
-
+    monkeypatch.setattr(gemm_dispatch, "measure_crossover",
+                        lambda *a: calls.append(a) or gemm_dispatch.CrossoverEstimate(24, 1.0))
+    counted = None
     shape = LinearShape(64, 32, 4, 32, True, True, torch.float32, 1)
     first = gemm_from_rows(shape, "quant_linear.cpp", counted, counted)
-    assert calls and MIN_ROWS <= first <= NEVER
+    assert calls and first == 24
     entries = json.loads((tmp_path / gemm_dispatch.CACHE_FILE).read_text())
+    # the older method's entry is dropped; the new key names the method
     assert list(entries.values()) == [first] and "N=64|K=32|w4g32" in next(iter(entries))
+    assert next(iter(entries)).startswith(gemm_dispatch.METHOD + "|")
     calls.clear()
     gemm_dispatch.forget_measurements()  # a new process: the file answers
     assert gemm_from_rows(shape, "quant_linear.cpp", counted, counted) == first and not calls
+    gemm_dispatch.forget_measurements()
+    monkeypatch.setenv("PERNODE_REMEASURE_KERNELS", "1")  # measured again despite the cached entry
+    gemm_from_rows(shape, "quant_linear.cpp", counted, counted)
+    assert calls
+    monkeypatch.setenv("PERNODE_REMEASURE_KERNELS", "maybe")
+    gemm_dispatch.forget_measurements()
+    with pytest.raises(ValueError, match="PERNODE_REMEASURE_KERNELS"):
+        gemm_from_rows(shape, "quant_linear.cpp", counted, counted)
+    monkeypatch.delenv("PERNODE_REMEASURE_KERNELS")
+    gemm_dispatch.forget_cached_crossovers()  # `pernode profile --remeasure-kernels`
+    assert json.loads((tmp_path / gemm_dispatch.CACHE_FILE).read_text()) == {}
     monkeypatch.setenv("PERNODE_GEMM_FROM_ROWS", "7")
     assert gemm_from_rows(shape, "quant_linear.cpp", counted, counted) == 7
     monkeypatch.setenv("PERNODE_GEMM_FROM_ROWS", "0")
     with pytest.raises(ValueError, match="PERNODE_GEMM_FROM_ROWS"):
         gemm_from_rows(shape, "quant_linear.cpp", counted, counted)
+    gemm_dispatch.forget_measurements()
+
+
+def test_unsettled_crossover_serves_the_process_but_is_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("PERNODE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.delenv("PERNODE_GEMM_FROM_ROWS", raising=False)
+    gemm_dispatch.forget_measurements()
+    monkeypatch.setattr(gemm_dispatch, "measure_crossover", lambda *a: gemm_dispatch.CrossoverEstimate(40, 0.4))
+    shape = LinearShape(64, 32, 4, 32, True, True, torch.float32, 1)
+    assert gemm_from_rows(shape, "quant_linear.cpp", lambda x: x, lambda x: x) == 40
+    assert not (tmp_path / gemm_dispatch.CACHE_FILE).exists()
     gemm_dispatch.forget_measurements()
 
 

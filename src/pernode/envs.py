@@ -20,6 +20,7 @@ Other settings:
   PERNODE_QUANT_THREADS  threads of the small-batch quantized and dense GEMVs; 0 (default): torch's thread count
   PERNODE_GEMM_FROM_ROWS rows from which quantized linears run the GEMM instead of the GEMV (default: measured on
                          this CPU per layer shape, see kernels/gemm_dispatch.py)
+  PERNODE_REMEASURE_KERNELS 1: measure the GEMV/GEMM crossovers again and replace the cached ones (default 0)
   PERNODE_KERNEL_CACHE   folder of compiled kernels (default ~/.cache/pernode/kernels)
   PERNODE_COMPILE_CACHE  torch.compile's (inductor's) cache under --compile (default ~/.cache/pernode/inductor);
                          it becomes TORCHINDUCTOR_CACHE_DIR when the engine compiles
@@ -127,6 +128,16 @@ def gemm_from_rows() -> int | None:
     if rows < 1:
         raise ValueError(f"PERNODE_GEMM_FROM_ROWS={value!r} is not allowed: allowed an integer >= 1 (or unset)")
     return rows
+
+
+def remeasure_kernels() -> bool:
+    """PERNODE_REMEASURE_KERNELS: 1 measures kernel crossovers again instead of reading the cache; 0/unset reads it."""
+    value = _raw("PERNODE_REMEASURE_KERNELS").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise ValueError(f"PERNODE_REMEASURE_KERNELS={value!r} is not allowed: allowed 1 or 0 (or unset)")
 
 
 def kernel_cache_dir() -> Path:

@@ -13,11 +13,15 @@ from pernode.measure.profile.profiler import print_profile, run_profile
 from pernode.measure.profile.serving_path import measure_serving_path
 from pernode.measure.report_html import write_report_html
 from pernode.serve.engine.llm_engine import LLMEngine
+from pernode.serve.kernels.gemm_dispatch import forget_cached_crossovers
 
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("profile", help="measure the node: TPOT/throughput vs batch, TTFT vs prompt, roofline")
     p.add_argument("--quick", action="store_true", help="a sweep of a minute or two")
+    p.add_argument("--remeasure-kernels", action="store_true",
+                   help="measure the GEMV/GEMM crossovers of quantized layers again (a quiet machine gives the best "
+                        "values) and replace the cached ones")
     p.add_argument("--out", default="profile.json")
     p.add_argument("--html", default=None, help="also write an HTML report here")
     p.add_argument("--batch-sizes", default=None, help="e.g. 1,2,4,8,16,32,64,128,256")
@@ -51,6 +55,8 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     serve_runs = [BenchResult.load(path).to_dict() for path in args.serve_results or ()]  # fail before measuring
+    if args.remeasure_kernels:
+        forget_cached_crossovers()  # the engine's load measures every layer shape again
     engine = LLMEngine(engine_config_from_args(args))
     profile = run_profile(engine, quick=args.quick, batch_sizes=int_list(args.batch_sizes),
                           prompt_lens=int_list(args.prompt_lens), context_len=args.context_len)

@@ -20,6 +20,7 @@ from pernode.serve.kernels.dense_linear import Linear
 from pernode.serve.kernels.layer_ops import native_by_default as layer_ops_native_by_default
 from pernode.serve.kernels.layer_ops import add_rms_norm, rms_norm, rotary_embedding_, silu_and_mul
 from pernode.serve.kernels.quant_linear import make_quantized_linear, replace_linears
+from pernode.serve.models.fp32_logits import sampled_logits
 
 
 class RMSNorm(nn.Module):
@@ -115,10 +116,9 @@ class MLP(nn.Module):
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.native = layer_ops_native_by_default()
 
     def forward(self, x):
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.native))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # torch's vectorised ops (layer_ops.py)
 
 
 class DecoderLayer(nn.Module):
@@ -162,13 +162,14 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
                 logits_indices: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of the rows in `logits_indices` (all rows if None): only sampled positions pay for the lm_head."""
+        """fp32 logits of the rows in `logits_indices` (all rows if None): only sampled positions pay for the lm_head,
+        and they pay for it in fp32 (fp32_logits.py)."""
         x = self.embed_tokens(input_ids)
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, positions, kv_cache, meta)
         if logits_indices is not None:
             x = x[logits_indices]
-        return self.lm_head(self.norm(x)).float()
+        return sampled_logits(self.norm, self.lm_head, x)
 
     def apply_quantization(self, scheme, lm_head_scheme=None) -> None:
         """Swap the decoder's projections (and, with `lm_head_scheme`, the untied lm_head) for empty quantized

@@ -10,6 +10,7 @@ from pernode.config import GGUF_WEIGHTS
 from pernode.quant_format import QuantScheme, schemes_of
 from pernode.serve.kernels.quant_linear import QuantLinear, make_quantized_linear
 from pernode.serve.kernels.sparse_linear import use_sparse_kernels
+from pernode.serve.models.fp32_logits import runs_in_fp32
 from pernode.serve.models.llama import FUSED_PROJECTIONS, LlamaForCausalLM
 from pernode.serve.models.registry import ModelSource, resolve_model
 from pernode.sparse_format import SparseFormat, decompressed_tensors, sparse_format_of
@@ -75,8 +76,8 @@ def build_model(source: ModelSource, device: torch.device | str = "cpu", dtype: 
     if sparse is not None:  # the sparse kernel where it measured faster; a log line says where it is not
         use_sparse_kernels(model, str(qc["sparsity_config"].get("sparsity_structure") or "unstructured"))
     for module in model.modules():  # measured once per layer shape on this CPU, then read from the cache file
-        if isinstance(module, QuantLinear):
-            module.calibrate(dtype)
+        if isinstance(module, QuantLinear):  # the lm_head sees fp32 rows where it can (fp32_logits.py)
+            module.calibrate(torch.float32 if module is model.lm_head and runs_in_fp32(module) else dtype)
     return model.eval()
 
 
