@@ -15,7 +15,7 @@ from pernode.shrink.distill.data import distillation_text, pack_windows, shuffle
 from pernode.shrink.distill.sequence_kd import chat_prompts, teacher_generations
 from pernode.shrink.distill.student import StudentSpec, build_student
 from pernode.shrink.distill.student_checkpoint import data_note, save_student
-from pernode.shrink.distill.teacher_cache import build_teacher_cache
+from pernode.shrink.distill.teacher_cache import build_teacher_cache, windows_fingerprint
 from pernode.shrink.distill.trainer import TrainingConfig, autocast_dtype, train_student, training_threads
 from pernode.shrink.evaluate.perplexity import calibration_windows, evaluate_perplexity
 from pernode.shrink.structured.plan import non_embedding_params
@@ -75,7 +75,7 @@ def training_windows(tokenizer, config: DistillConfig, teacher_model: str, log=p
                                 "tokens": sum(len(g) for g in generated)}
     windows = shuffled_windows(pack_windows(docs, config.seq_len, eos), config.training.seed)
     provenance["windows"] = {"available": windows.shape[0], "used": min(needed, windows.shape[0]),
-                             "seq_len": config.seq_len}
+                             "seq_len": config.seq_len, "sha1": windows_fingerprint(windows[:needed])}
     return windows[:needed], provenance, text.heldout
 
 
@@ -112,7 +112,8 @@ def distill(config: DistillConfig, log=print) -> dict:
     cache = None
     if config.training.alpha > 0:
         cache = build_teacher_cache(teacher, windows, os.path.join(config.out, "teacher_cache"), config.top_k,
-                                    teacher_id=source.path, autocast_dtype=amp, quiet=config.quiet)
+                                    teacher_id=source.path, autocast_dtype=amp, quiet=config.quiet,
+                                    temperature=config.training.temperature)
     log("perplexity (held-out pydoc, the fixed protocol) of the teacher and the untrained student")
     ppl = {"teacher": _ppl(teacher, tok, config), "student_init": _ppl(student, tok, config)}
     stdlib_ppl = {"teacher": _ppl(teacher, tok, config, heldout_path),
