@@ -252,7 +252,10 @@ def test_cli_flags_map_to_the_student_and_name_conflicts():
     config = config_from_args(parse(["distill", "--out", "x", "--quick", "--structured", "ffn=1024,layers=20"]))
     assert config.student.keep_layers == 20 and config.student.layer_choice == "importance"
     assert config.student.width.ffn == 1024 and config.training.steps == 40
-    assert config_from_args(parse(["distill", "--out", "x"])).student.keep_layers == 8
+    default = config_from_args(parse(["distill", "--out", "x"]))
+    assert default.student.keep_layers == 8 and default.draft_vocab == 0
+    assert (default.training.temperature, default.training.alpha) == (1.0, 1.0)  # pure soft targets at T = 1
+    assert config_from_args(parse(["distill", "--out", "x", "--draft-vocab", "4096"])).draft_vocab == 4096
     with pytest.raises(ValueError, match="both choose layers"):
         config_from_args(parse(["distill", "--out", "x", "--structured", "layers=20", "--keep-layers", "8"]))
 

@@ -45,6 +45,9 @@ def add_parsers(sub) -> None:
                    help="weight of the soft targets, 1 - alpha on hard labels (0: hard labels only)")
     g.add_argument("--divergence", default="forward_kl", choices=["forward_kl", "reverse_kl"])
     g.add_argument("--top-k", type=int, default=64, help="teacher logits cached per position")
+    g.add_argument("--draft-vocab", type=int, default=0, metavar="N",
+                   help="also write draft_vocab.json: the N most frequent tokens, a reduced head when the student "
+                        "serves as a speculative draft (FR-Spec; 0: none)")
     g.add_argument("--no-hard-baseline", dest="hard_label_baseline", action="store_false",
                    help="skip training the same student on hard labels at equal steps")
     g = p.add_argument_group("data and training")
@@ -118,6 +121,7 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
                          seq_kd_max_tokens=(QUICK if args.quick else FULL)["seq_kd_max_tokens"],
                          eval_windows=_pick(args.eval_windows, args.quick, "eval_windows"),
                          hard_label_baseline=args.hard_label_baseline, resume=args.resume,
+                         draft_vocab=args.draft_vocab,
                          num_threads=args.num_threads)
 
 

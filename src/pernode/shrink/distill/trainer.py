@@ -63,8 +63,8 @@ class TrainingConfig:
     warmup_steps: int = 10
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    temperature: float = 2.0
-    alpha: float = 0.5  # weight of the soft targets; 0 trains on hard labels only
+    temperature: float = 1.0  # the teacher's own distribution: what a draft must match
+    alpha: float = 1.0  # weight of the soft targets; 0 trains on hard labels only
     divergence: Divergence = Divergence.FORWARD_KL
     seed: int = 0
     dtype: str = "auto"
