@@ -110,7 +110,8 @@ def main() -> int:
         verify_s = t.verify_s / max(t.verify_steps, 1)
         per_step = t.propose_s / max(t.propose_calls, 1) + verify_s
         tpot = t.decode_s / max(t.decode_tokens, 1)
-        rows.append({"draft": name, "path": drafts[name], "k": args.k, "acceptance_rate": round(accepted / max(drafted, 1), 4),
+        rows.append({"draft": name, "path": drafts[name], "k": args.k,
+                     "acceptance_rate": round(accepted / max(drafted, 1), 4),
                      "mean_accepted_length": round(length, 3), "plain_tpot_ms": round(1e3 * plain, 2),
                      "draft_ms_per_token": round(1e3 * draft_token_s, 2), "verify_step_ms": round(1e3 * verify_s, 2),
                      "draft_to_target_cost": round(draft_token_s / plain, 3),

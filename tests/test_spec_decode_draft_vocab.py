@@ -12,7 +12,8 @@ from pernode.serve.engine.spec_decode.rejection_sampler import ExtendedHistory, 
 from pernode.serve.models.llama import LlamaForCausalLM
 from pernode.serve.sampling.sampler import draw, row_probs
 from pernode.shrink.distill.draft_vocab import count_tokens, coverage, select_draft_vocab, write_draft_vocab
-from test_spec_decode_sampling import SETTINGS, VOCAB, bigram, chi_square, chi_square_critical, exact_pairs  # noqa: F401
+from test_spec_decode_sampling import (SETTINGS, VOCAB, bigram, chi_square, chi_square_critical,  # noqa: F401
+                                       exact_pairs)
 from tiny_model import tiny_config
 
 

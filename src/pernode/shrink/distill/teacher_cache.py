@@ -102,7 +102,8 @@ def build_teacher_cache(teacher, windows: torch.Tensor, folder: str, k: int, tea
                    "indices": indices_t[sl].contiguous(), "log_normalizer": lse_t[sl].contiguous()},
                   os.path.join(folder, name))
         shards.append(name)
-    meta = {"teacher": teacher_id, "k": k, "temperature": float(temperature), "seq_len": windows.shape[1], "num_windows": windows.shape[0],
+    meta = {"teacher": teacher_id, "k": k, "temperature": float(temperature), "seq_len": windows.shape[1],
+            "num_windows": windows.shape[0],
             "windows_sha1": windows_fingerprint(windows), "shards": shards,
             "dtype": str(autocast_dtype or torch.float32).removeprefix("torch.")}
     with open(os.path.join(folder, CACHE_JSON), "w", encoding="utf-8") as f:
