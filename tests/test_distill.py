@@ -53,9 +53,28 @@ def test_forward_and_reverse_kl_match_a_hand_computation():
     assert fwd != pytest.approx(rev, rel=1e-2)
 
 
+def test_topk_kl_with_a_rest_bucket_matches_a_hand_computation():
+    """With the teacher's log-normaliser, top-k + one bucket for the rest, on both sides (never renormalised)."""
+    s, te = [1.0, 2.0, 0.5, -1.0], [2.0, 0.0, 1.0, 0.3]
+    for t in (1.0, 2.0):
+        teacher = TeacherTopK.from_logits(torch.tensor([te]), k=2, temperature=t)  # tokens 0 and 2
+        p, q = _softmax(te, t), _softmax(s, t)
+        p3, q3 = [p[0], p[2], p[1] + p[3]], [q[0], q[2], q[1] + q[3]]
+        assert soft_target_kl(torch.tensor([s]), teacher, t).item() == pytest.approx(_kl(p3, q3), rel=1e-4)
+        assert soft_target_kl(torch.tensor([s]), teacher, t, Divergence.REVERSE_KL).item() == pytest.approx(
+            _kl(q3, p3), rel=1e-4)
+        assert _kl(p3, q3) < _kl(p, q)  # coarsening never inflates the divergence
+    # a normaliser taken at another temperature is not used: the top-k is renormalised then
+    other = TeacherTopK.from_logits(torch.tensor([te]), k=2, temperature=1.0)
+    plain = TeacherTopK(other.values, other.indices)
+    assert soft_target_kl(torch.tensor([s]), other, 2.0).item() == pytest.approx(
+        soft_target_kl(torch.tensor([s]), plain, 2.0).item(), rel=1e-6)
+
+
 def test_topk_forward_kl_uses_the_students_full_vocabulary():
     s, te, t = [1.0, 2.0, 0.5, -1.0], [2.0, 0.0, 1.0, 0.3], 1.0
-    teacher = TeacherTopK.from_logits(torch.tensor([te]), k=2)  # tokens 0 and 2
+    top = TeacherTopK.from_logits(torch.tensor([te]), k=2)  # tokens 0 and 2
+    teacher = TeacherTopK(top.values, top.indices)  # no log-normaliser: renormalised over the top-k
     p = _softmax([2.0, 1.0], t)
     q_full = _softmax(s, t)
     expected = p[0] * math.log(p[0] / q_full[0]) + p[1] * math.log(p[1] / q_full[2])
@@ -118,6 +137,9 @@ def test_teacher_topk_cache_round_trips(teacher, tmp_path):
     assert torch.equal(loaded.indices.long(), expected.indices)
     torch.testing.assert_close(loaded.values.float(), expected.values, atol=2e-2, rtol=2e-3)  # stored as fp16
     assert TeacherCache.matching(str(tmp_path), windows, folder, 8) is not None
+    assert TeacherCache.matching(str(tmp_path), windows, folder, 8, temperature=2.0) is None
+    torch.testing.assert_close(loaded.log_normalizer, expected.log_normalizer, atol=1e-3, rtol=1e-4)
+    assert loaded[0].temperature == 1.0 and loaded[0].log_normalizer.shape == windows[0].shape
     assert TeacherCache.matching(str(tmp_path), windows, folder, 4) is None
     assert TeacherCache.matching(str(tmp_path), _windows(seed=1), folder, 8) is None
 
@@ -230,7 +252,10 @@ def test_cli_flags_map_to_the_student_and_name_conflicts():
     config = config_from_args(parse(["distill", "--out", "x", "--quick", "--structured", "ffn=1024,layers=20"]))
     assert config.student.keep_layers == 20 and config.student.layer_choice == "importance"
     assert config.student.width.ffn == 1024 and config.training.steps == 40
-    assert config_from_args(parse(["distill", "--out", "x"])).student.keep_layers == 8
+    default = config_from_args(parse(["distill", "--out", "x"]))
+    assert default.student.keep_layers == 8 and default.draft_vocab == 0
+    assert (default.training.temperature, default.training.alpha) == (1.0, 1.0)  # pure soft targets at T = 1
+    assert config_from_args(parse(["distill", "--out", "x", "--draft-vocab", "4096"])).draft_vocab == 4096
     with pytest.raises(ValueError, match="both choose layers"):
         config_from_args(parse(["distill", "--out", "x", "--structured", "layers=20", "--keep-layers", "8"]))
 

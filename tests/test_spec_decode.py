@@ -1,6 +1,7 @@
 """Speculative decoding in the engine on tiny random models: greedy output token-for-token equal to the engine
 without speculation (README prompts, 32 random prompts, both proposers), and prefix caching, preemption, chunked
 prefill, stop strings, max_tokens, logprobs and n > 1 unchanged by it; rejected tokens never leave K/V behind."""
+import json
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ from pernode.cli.options import engine_config_from_args
 from pernode.config import EngineConfig, SpeculativeConfig
 from pernode.serve.engine.block_pool import hash_block
 from pernode.serve.engine.spec_decode.adaptive import AcceptanceTracker, StepCostModel, plan_num_tokens
+from pernode.serve.engine.spec_decode.draft_vocab import DRAFT_VOCAB_FILE
 from pernode.serve.engine.spec_decode.ngram_proposer import find_continuation
 from pernode.serve.sampling.structured.spec import StructuredOutputs
 from tiny_model import tiny_config, write_tiny_model
@@ -245,3 +247,50 @@ def test_constrained_and_biased_requests_beside_speculating_ones(target):
     assert all(1000 <= t < 1064 for t in outs[3].outputs[0].token_ids)
     assert llm.engine.stats().spec_decode.num_draft_tokens > 0  # the unconstrained ones did speculate
     llm.engine.kv.check_no_leak()
+
+
+# --- reduced-vocabulary draft head (FR-Spec) and the draft's share of the KV budget ---------------------------
+
+def reduced_draft(folder, source, token_ids):
+    shutil.copytree(source, folder)
+    with open(os.path.join(folder, DRAFT_VOCAB_FILE), "w", encoding="utf-8") as f:
+        json.dump({"token_ids": token_ids}, f)
+    return folder
+
+
+def test_greedy_identical_with_a_reduced_head(target, draft, tmp_path):
+    prompts = README_PROMPTS + random_prompts(8, seed=3)
+    baseline = ids(LLM(target, **ENGINE).generate(prompts, greedy()))
+    produced = sorted({t for seq in baseline for t in seq})
+    # most of what the target says, and some tokens it never says; a fifth of its tokens the draft cannot propose
+    subset = sorted(set(produced[::5] + produced[1::5] + produced[2::5] + produced[3::5]) | set(range(100, 600)))
+    folder = reduced_draft(str(tmp_path / "reduced"), draft, subset)
+    llm = LLM(target, speculative=f"draft={folder},k=3,adaptive=false", **ENGINE)
+    proposer = llm.engine.speculator.proposer
+    assert proposer.model.lm_head.weight.shape[0] == len(subset)
+    proposed = []
+    original = proposer.propose
+
+    def recording(requests, num_tokens):
+        out = original(requests, num_tokens)
+        proposed.extend(t for p in out for t in p.token_ids)
+        return out
+
+    proposer.propose = recording
+    assert ids(llm.generate(prompts, greedy())) == baseline
+    stats = llm.engine.stats().spec_decode
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    assert proposed and set(proposed) <= set(subset)
+
+
+def test_draft_kv_is_paid_out_of_kv_cache_bytes(target, draft):
+    budget = 3 * 2**20
+    plain = LLM(target, kv_cache_bytes=budget, max_model_len=384).engine
+    spec = LLM(target, speculative=f"draft={draft},k=3", kv_cache_bytes=budget, max_model_len=384).engine
+    per_token = plain.kv_bytes_per_token
+    assert plain.draft_kv_bytes_per_token == 0 and spec.draft_kv_bytes_per_token == per_token  # same shapes
+    assert plain.num_blocks == budget // (plain.block_size * per_token)
+    assert spec.num_blocks == budget // (spec.block_size * 2 * per_token)
+    allocated = sum(t.numel() * t.element_size() for pair in spec.runner.kv_caches for t in pair)
+    allocated += sum(t.numel() * t.element_size() for pair in spec.speculator.proposer.kv_caches for t in pair)
+    assert allocated == spec.kv_cache_bytes <= budget

@@ -12,6 +12,7 @@ from pernode.cli.options import add_model_argument, int_list
 from pernode.jobs.distillation import run_distillation
 from pernode.serve.models.loader import load_model
 from pernode.shrink.distill import DistillConfig, StudentSpec, TrainingConfig
+from pernode.shrink.distill.draft_vocab import build_draft_vocab
 from pernode.shrink.distill.student_checkpoint import save_student
 from pernode.shrink.distill.trainer import training_threads
 from pernode.shrink.evaluate.perplexity import calibration_windows, evaluate_perplexity
@@ -38,10 +39,15 @@ def add_parsers(sub) -> None:
     g.add_argument("--train-embedding", dest="freeze_embedding", action="store_false",
                    help="train the (tied) embedding / lm_head too (default: shared with the teacher, frozen)")
     g = p.add_argument_group("loss")
-    g.add_argument("--temperature", type=float, default=2.0)
-    g.add_argument("--alpha", type=float, default=0.5, help="weight of the soft targets (0: hard labels only)")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="soft-target temperature (1: the teacher's own distribution, what a draft must match)")
+    g.add_argument("--alpha", type=float, default=1.0,
+                   help="weight of the soft targets, 1 - alpha on hard labels (0: hard labels only)")
     g.add_argument("--divergence", default="forward_kl", choices=["forward_kl", "reverse_kl"])
     g.add_argument("--top-k", type=int, default=64, help="teacher logits cached per position")
+    g.add_argument("--draft-vocab", type=int, default=0, metavar="N",
+                   help="also write draft_vocab.json: the N most frequent tokens, a reduced head when the student "
+                        "serves as a speculative draft (FR-Spec; 0: none)")
     g.add_argument("--no-hard-baseline", dest="hard_label_baseline", action="store_false",
                    help="skip training the same student on hard labels at equal steps")
     g = p.add_argument_group("data and training")
@@ -64,6 +70,15 @@ def add_parsers(sub) -> None:
     g.add_argument("--eval-windows", type=int, default=None, help="512-token windows of held-out perplexity")
     g.add_argument("--no-speed", dest="measure_speed", action="store_false", help="skip the decode-speed runs")
     p.set_defaults(func=run)
+
+    p = sub.add_parser("draft-vocab", help="give a draft model a reduced-vocabulary head (FR-Spec): the N tokens the "
+                                           "teacher's replies and the training text use most")
+    add_model_argument(p, "the teacher (the served model)")
+    p.add_argument("--draft", required=True, help="the draft's folder; draft_vocab.json is written there")
+    p.add_argument("--size", type=int, default=8192, help="tokens the draft scores (1..vocab size)")
+    p.add_argument("--prompts", type=int, default=64, help="chat prompts the teacher answers for the counts")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens per teacher reply")
+    p.set_defaults(func=run_draft_vocab)
 
     p = sub.add_parser("prune-structured",
                        help="remove heads/KV groups/FFN channels/layers by activation importance (Minitron)")
@@ -106,6 +121,7 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
                          seq_kd_max_tokens=(QUICK if args.quick else FULL)["seq_kd_max_tokens"],
                          eval_windows=_pick(args.eval_windows, args.quick, "eval_windows"),
                          hard_label_baseline=args.hard_label_baseline, resume=args.resume,
+                         draft_vocab=args.draft_vocab,
                          num_threads=args.num_threads)
 
 
@@ -116,6 +132,14 @@ def run(args: argparse.Namespace) -> int:
                if k in result}
     print(json.dumps(summary, indent=1))
     print(f"student checkpoint: {args.out} (serve it: pernode generate --model {args.out})")
+    return 0
+
+
+def run_draft_vocab(args: argparse.Namespace) -> int:
+    if not os.path.isdir(args.draft):
+        raise ValueError(f"--draft {args.draft!r} is not a folder: give the draft checkpoint's folder")
+    details = build_draft_vocab(args.model, args.draft, args.size, args.prompts, args.max_tokens)
+    print(json.dumps(details, indent=1))
     return 0
 
 

@@ -21,6 +21,7 @@ from pernode.serve.engine.prompt_validation import PromptValidator
 from pernode.serve.engine.request import Request, RequestStatus
 from pernode.serve.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from pernode.serve.engine.spec_decode import SpecDecodeStats, Speculator
+from pernode.serve.engine.spec_decode.draft_proposer import draft_kv_bytes_per_token
 from pernode.serve.engine.step_timer import decode_step_times_s, mixed_step_times_s
 from pernode.serve.engine.stop_checker import check_stop
 from pernode.serve.engine.structured_outputs import StructuredOutputManager
@@ -92,7 +93,9 @@ class LLMEngine:
 
         self.block_size = config.block_size
         self.kv_bytes_per_token = kv_bytes_per_token(self.model_config, self.dtype.itemsize, config.kv_cache_dtype)
-        self.num_blocks = num_kv_blocks(config, self.kv_bytes_per_token, self.device)
+        # the draft's own K/V (same blocks as the target's) comes out of the same budget
+        self.draft_kv_bytes_per_token = draft_kv_bytes_per_token(config.speculative, self.dtype.itemsize)
+        self.num_blocks = num_kv_blocks(config, self.kv_bytes_per_token + self.draft_kv_bytes_per_token, self.device)
         self.kv = KVCacheManager(self.num_blocks, self.block_size, config.enable_prefix_caching,
                                  config.prefix_cache_salt)
         self.runner = ModelRunner(self.model, self.num_blocks, self.block_size, self.device, self.dtype,
@@ -133,7 +136,7 @@ class LLMEngine:
     # ---- capacity ---------------------------------------------------------------------------------------
     @property
     def kv_cache_bytes(self) -> int:
-        return self.num_blocks * self.block_size * self.kv_bytes_per_token
+        return self.num_blocks * self.block_size * (self.kv_bytes_per_token + self.draft_kv_bytes_per_token)
 
     @property
     def max_concurrent_seqs(self) -> float:

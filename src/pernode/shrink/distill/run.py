@@ -12,10 +12,12 @@ import torch
 
 from pernode.serve.models.loader import load_model
 from pernode.shrink.distill.data import distillation_text, pack_windows, shuffled_windows, stdlib_files, is_heldout
+from pernode.shrink.distill.draft_vocab import (count_tokens, coverage, select_draft_vocab, special_token_ids,
+                                                write_draft_vocab)
 from pernode.shrink.distill.sequence_kd import chat_prompts, teacher_generations
 from pernode.shrink.distill.student import StudentSpec, build_student
 from pernode.shrink.distill.student_checkpoint import data_note, save_student
-from pernode.shrink.distill.teacher_cache import build_teacher_cache
+from pernode.shrink.distill.teacher_cache import build_teacher_cache, windows_fingerprint
 from pernode.shrink.distill.trainer import TrainingConfig, autocast_dtype, train_student, training_threads
 from pernode.shrink.evaluate.perplexity import calibration_windows, evaluate_perplexity
 from pernode.shrink.structured.plan import non_embedding_params
@@ -33,6 +35,7 @@ class DistillConfig:
     top_k: int = 64
     seq_kd_prompts: int = 64  # chat prompts the teacher answers (0: no sequence-level KD)
     seq_kd_max_tokens: int = 128
+    draft_vocab: int = 0  # > 0: also write draft_vocab.json, the N most frequent tokens (FR-Spec draft head)
     eval_seq_len: int = 512
     eval_windows: int = 16
     hard_label_baseline: bool = True
@@ -43,6 +46,7 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         for name, low in (("seq_len", 8), ("top_k", 1), ("seq_kd_prompts", 0), ("seq_kd_max_tokens", 1),
+                          ("draft_vocab", 0),
                           ("eval_windows", 1), ("eval_seq_len", 8)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name}={getattr(self, name)} is out of range: allowed >= {low}")
@@ -55,14 +59,16 @@ class DistillConfig:
         return d
 
 
-def training_windows(tokenizer, config: DistillConfig, teacher_model: str, log=print) -> tuple[torch.Tensor, dict, list[str]]:
+def training_windows(tokenizer, config: DistillConfig, teacher_model: str, log=print
+                     ) -> tuple[torch.Tensor, dict, list[str], list[list[int]]]:
     """[N, seq_len] token windows (pydoc calibration part + stdlib files + teacher generations), shuffled, N just
-    enough for the run's steps, and the provenance of the text."""
+    enough for the run's steps; the provenance of the text, the held-out texts and the teacher's generations."""
     needed = config.training.steps * config.training.batch_size
     text = distillation_text(int(needed * config.seq_len * CHARS_PER_TOKEN), seed=config.training.seed)
     eos = tokenizer.eos_token_id
     docs = [tokenizer.encode(t, add_special_tokens=False) for t in text.train]
     provenance = dict(text.provenance)
+    generated: list[list[int]] = []
     if config.seq_kd_prompts:
         train_paths = [p for p in stdlib_files() if not is_heldout(p)]
         prompts = chat_prompts(train_paths, config.seq_kd_prompts, config.training.seed)
@@ -75,8 +81,8 @@ def training_windows(tokenizer, config: DistillConfig, teacher_model: str, log=p
                                 "tokens": sum(len(g) for g in generated)}
     windows = shuffled_windows(pack_windows(docs, config.seq_len, eos), config.training.seed)
     provenance["windows"] = {"available": windows.shape[0], "used": min(needed, windows.shape[0]),
-                             "seq_len": config.seq_len}
-    return windows[:needed], provenance, text.heldout
+                             "seq_len": config.seq_len, "sha1": windows_fingerprint(windows[:needed])}
+    return windows[:needed], provenance, text.heldout, generated
 
 
 def _ppl(model, tokenizer, config: DistillConfig, corpus: str | None = None) -> float:
@@ -92,7 +98,7 @@ def distill(config: DistillConfig, log=print) -> dict:
     log(f"{threads} CPU thread(s); autocast {autocast_dtype(config.training.dtype, torch.device('cpu'))}")
     teacher, source = load_model(config.teacher)
     tok = source.tokenizer
-    windows, provenance, heldout = training_windows(tok, config, config.teacher, log)
+    windows, provenance, heldout, generated = training_windows(tok, config, config.teacher, log)
     heldout_path = os.path.join(config.out, "heldout_stdlib.txt")
     os.makedirs(config.out, exist_ok=True)
     with open(heldout_path, "w", encoding="utf-8") as f:
@@ -112,7 +118,8 @@ def distill(config: DistillConfig, log=print) -> dict:
     cache = None
     if config.training.alpha > 0:
         cache = build_teacher_cache(teacher, windows, os.path.join(config.out, "teacher_cache"), config.top_k,
-                                    teacher_id=source.path, autocast_dtype=amp, quiet=config.quiet)
+                                    teacher_id=source.path, autocast_dtype=amp, quiet=config.quiet,
+                                    temperature=config.training.temperature)
     log("perplexity (held-out pydoc, the fixed protocol) of the teacher and the untrained student")
     ppl = {"teacher": _ppl(teacher, tok, config), "student_init": _ppl(student, tok, config)}
     stdlib_ppl = {"teacher": _ppl(teacher, tok, config, heldout_path),
@@ -143,4 +150,10 @@ def distill(config: DistillConfig, log=print) -> dict:
                       "stdlib": f"{heldout_path} (held-out stdlib files), first windows"}
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
     save_student(student, source, config.out, details=result, data_note=data_note(provenance))
+    if config.draft_vocab:
+        ids = select_draft_vocab(count_tokens(generated, windows.tolist()), config.draft_vocab,
+                                 student.config.vocab_size, special_token_ids(tok))
+        write_draft_vocab(config.out, ids, {"source": "token counts of the training windows and the teacher's "
+                                                      "replies (x4)",
+                                            "reply_coverage": round(coverage(ids, generated), 4)})
     return result

@@ -63,8 +63,8 @@ class TrainingConfig:
     warmup_steps: int = 10
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    temperature: float = 2.0
-    alpha: float = 0.5  # weight of the soft targets; 0 trains on hard labels only
+    temperature: float = 1.0  # the teacher's own distribution: what a draft must match
+    alpha: float = 1.0  # weight of the soft targets; 0 trains on hard labels only
     divergence: Divergence = Divergence.FORWARD_KL
     seed: int = 0
     dtype: str = "auto"
@@ -182,8 +182,9 @@ def train_student(student, windows: torch.Tensor, teacher: TeacherCache | None, 
             batch = windows[idx].to(device)
             top = None
             if teacher is not None and config.alpha > 0:
-                t = teacher[idx]
-                top = type(t)(t.values[:, :-1].to(device), t.indices[:, :-1].to(device))
+                t = teacher[idx].positions((slice(None), slice(None, -1)))
+                top = type(t)(t.values.to(device), t.indices.to(device),
+                              None if t.log_normalizer is None else t.log_normalizer.to(device), t.temperature)
             for group in optimizer.param_groups:
                 group["lr"] = config.lr_at(step)
             with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):

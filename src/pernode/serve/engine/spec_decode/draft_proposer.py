@@ -9,14 +9,18 @@ allocates them before proposing), freeing a request frees both, and the rollback
 target's. Each request's draft progress is its own counter (`num_computed`), pulled back to the target's after
 a rejection, and reset after a preemption (new blocks). Draft K/V is a deterministic function of the tokens, so
 blocks shared through the prefix cache are only ever rewritten with the values they already hold.
+
+A draft folder with a `draft_vocab.json` gets a reduced-vocabulary head (FR-Spec, draft_vocab.py): it scores only
+those tokens, and its q for sampled requests is its distribution over them.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from pernode.config import ModelConfig
+from pernode.config import ModelConfig, SpeculativeConfig
 from pernode.serve.engine.request import Request
+from pernode.serve.engine.spec_decode.draft_vocab import ReducedVocabHead, read_draft_vocab
 from pernode.serve.engine.spec_decode.proposal import Proposal
 from pernode.serve.engine.spec_decode.rejection_sampler import ExtendedHistory, needs_per_position_processing
 from pernode.serve.kernels.attention_metadata import AttentionMetadata
@@ -26,6 +30,14 @@ from pernode.serve.sampling.sampler import draw, is_greedy, row_probs
 from pernode.serve.tokenizer import Tokenizer
 
 _TOKENIZER_PROBE = "def speculative(x):\n    return x  # Überprüfung 東京 🙂"
+
+
+def draft_kv_bytes_per_token(speculative: SpeculativeConfig | None, float_bytes: int) -> int:
+    """Bytes of draft K/V one token occupies (0 without a draft): the draft's cache has as many blocks as the
+    target's, so the KV budget (kv_cache_bytes) must pay for both per token."""
+    if speculative is None or speculative.method != "draft":
+        return 0
+    return resolve_model(speculative.draft_model).config.kv_bytes_per_token(float_bytes)
 
 
 class DraftModelProposer:
@@ -42,6 +54,8 @@ class DraftModelProposer:
                              "the draft must share the tokenizer")
         self.config = source.config
         self.model = build_model(source, device, dtype, max_positions=max_model_len)
+        draft_vocab = read_draft_vocab(path, self.config.vocab_size)
+        self.reduced_head = ReducedVocabHead(self.model, draft_vocab) if draft_vocab is not None else None
         self.device = device
         self.block_size = block_size
         c = self.config
@@ -85,9 +99,13 @@ class DraftModelProposer:
 
     def _sample(self, logits: torch.Tensor, request: Request, proposed: list[int]) -> tuple[int, torch.Tensor | None]:
         """The draft's token under the request's own sampling rules, and the distribution it came from (None for
-        greedy: one-hot, which the verifier treats as q(x) = 1)."""
+        greedy: one-hot, which the verifier treats as q(x) = 1). With a reduced head `logits` are over its subset."""
+        head = self.reduced_head
         if is_greedy(request.params) and not needs_per_position_processing(request):
-            return int(logits.argmax()), None
+            index = int(logits.argmax())
+            return (head.token_id(index) if head is not None else index), None
+        if head is not None:
+            logits = head.full_logits(logits)
         q = row_probs(logits, ExtendedHistory(request, list(proposed)))
         if is_greedy(request.params):
             return int(q.argmax()), None

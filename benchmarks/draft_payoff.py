@@ -1,0 +1,135 @@
+"""Does a draft model pay at batch 1? For each draft (NAME=PATH) on the chat workload, in one run:
+
+- acceptance rate and mean accepted length at a fixed k (greedy, so they do not depend on the machine's load);
+- interleaved prompt by prompt (the engines' order rotates), the batch-1 TPOT of the target without speculation
+  and with each draft, each draft's measured seconds per proposed token and the target's verify step;
+- the speed-up predicted from them: mean accepted length L tokens per step that costs k draft steps and one
+  verify step of k + 1 tokens, against one plain decode step per token:
+      predicted = L * t_plain / (k * t_draft + t_verify)       (Leviathan et al., arXiv 2211.17192, sec. 3.4)
+  beside the speed-up measured directly (TPOT without / with).
+
+    PYTHONPATH=src .venv/bin/python benchmarks/draft_payoff.py --drafts new=/work/artifacts/draft \
+        --num-prompts 8 --max-tokens 64
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+from pernode.config import DEFAULT_MODEL, EngineConfig, SpeculativeConfig
+from pernode.jobs.speculative import chat_prompts
+from pernode.serve.engine.llm_engine import LLMEngine
+from pernode.serve.llm import LLM
+from pernode.serve.sampling.params import SamplingParams
+
+
+def load_average() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+@dataclasses.dataclass
+class Timings:
+    decode_s: float = 0.0  # first token to last token, summed over requests
+    decode_tokens: int = 0  # tokens after the first
+    propose_s: float = 0.0
+    propose_calls: int = 0
+    propose_tokens: int = 0
+    verify_s: float = 0.0
+    verify_steps: int = 0
+
+
+def instrument(engine: LLMEngine, t: Timings) -> None:
+    """Time the proposer's calls (not those that also prefilled the draft) and the verifying steps."""
+    spec = engine.speculator
+    propose, record_step = spec.proposer.propose, spec.record_step
+
+    def timed_propose(requests, num_tokens):
+        started = time.perf_counter()
+        out = propose(requests, num_tokens)
+        if not spec.proposer.last_call_caught_up:
+            t.propose_s += time.perf_counter() - started
+            t.propose_calls += 1
+            t.propose_tokens += sum(num_tokens)
+        return out
+
+    def timed_step(num_tokens, seconds):
+        if num_tokens > 1:
+            t.verify_s += seconds
+            t.verify_steps += 1
+        record_step(num_tokens, seconds)
+
+    spec.proposer.propose = timed_propose
+    spec.record_step = timed_step
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--drafts", required=True, help="NAME=PATH,... draft model folders")
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    config = EngineConfig(model=args.model, max_model_len=2048)
+    drafts = dict(item.split("=", 1) for item in args.drafts.split(","))
+    engines = {"off": LLMEngine(config)}
+    timings = {name: Timings() for name in ["off", *drafts]}
+    for name, path in drafts.items():
+        spec = SpeculativeConfig("draft", k=args.k, draft_model=path, adaptive=False)
+        engines[name] = LLMEngine(dataclasses.replace(config, speculative=spec))
+        instrument(engines[name], timings[name])
+    llms = {name: LLM.from_engine(e) for name, e in engines.items()}
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    for llm in llms.values():
+        llm.chat(chat_prompts(1), SamplingParams(temperature=0.0, max_tokens=8))  # warm-up
+    before = {n: e.stats().spec_decode for n, e in engines.items()}
+    print(f"load average before: {load_average()}", flush=True)
+    names = list(llms)
+    outputs: dict[str, list[list[int]]] = {n: [] for n in names}
+    for i, conv in enumerate(chat_prompts(args.num_prompts)):
+        for name in names[i % len(names):] + names[:i % len(names)]:  # rotate who goes first
+            out = llms[name].chat([conv], params)[0]
+            m, n = out.metrics, len(out.outputs[0].token_ids)
+            outputs[name].append(list(out.outputs[0].token_ids))
+            if m and m.first_token_s is not None and m.finished_s is not None and n > 1:
+                timings[name].decode_s += m.finished_s - m.first_token_s
+                timings[name].decode_tokens += n - 1
+    print(f"load average after: {load_average()}", flush=True)
+    plain = timings["off"].decode_s / max(timings["off"].decode_tokens, 1)
+    rows = []
+    for name in drafts:
+        t, s0, s1 = timings[name], before[name], engines[name].stats().spec_decode
+        drafted, accepted = s1.num_draft_tokens - s0.num_draft_tokens, s1.num_accepted_tokens - s0.num_accepted_tokens
+        num = s1.num_drafts - s0.num_drafts
+        length = 1 + accepted / num if num else 1.0
+        draft_token_s = t.propose_s / max(t.propose_tokens, 1)
+        verify_s = t.verify_s / max(t.verify_steps, 1)
+        per_step = t.propose_s / max(t.propose_calls, 1) + verify_s
+        tpot = t.decode_s / max(t.decode_tokens, 1)
+        rows.append({"draft": name, "path": drafts[name], "k": args.k,
+                     "acceptance_rate": round(accepted / max(drafted, 1), 4),
+                     "mean_accepted_length": round(length, 3), "plain_tpot_ms": round(1e3 * plain, 2),
+                     "draft_ms_per_token": round(1e3 * draft_token_s, 2), "verify_step_ms": round(1e3 * verify_s, 2),
+                     "draft_to_target_cost": round(draft_token_s / plain, 3),
+                     "verify_to_target_cost": round(verify_s / plain, 3),
+                     "predicted_speedup": round(length * plain / per_step, 3),
+                     "spec_tpot_ms": round(1e3 * tpot, 2), "measured_speedup": round(plain / tpot, 3),
+                     "greedy_identical": outputs[name] == outputs["off"]})
+    print(f"{'draft':10s} {'accept':>6s} {'len':>5s} {'draft/target':>12s} {'verify/target':>13s} "
+          f"{'predicted':>9s} {'measured':>8s}")
+    for r in rows:
+        print(f"{r['draft']:10s} {r['acceptance_rate']:6.3f} {r['mean_accepted_length']:5.2f} "
+              f"{r['draft_to_target_cost']:12.3f} {r['verify_to_target_cost']:13.3f} {r['predicted_speedup']:8.2f}x "
+              f"{r['measured_speedup']:7.2f}x" + ("" if r["greedy_identical"] else "  OUTPUT DIFFERS"))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"rows": rows, "num_prompts": args.num_prompts, "max_tokens": args.max_tokens}, f, indent=1)
+    return 0 if all(r["greedy_identical"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
