@@ -148,3 +148,13 @@ def test_a_fleet_of_a_given_size_is_evaluated_and_can_be_run_even_when_it_misses
     assert fleet_spec_for_plan(p, EngineConfig(model="m")).replicas == 3  # validate runs what was evaluated
     with pytest.raises(ValueError, match="replicas=1: below the 3 replicas"):
         plan(toy_profile(), WORKLOAD, SLO_LOOSE, 2.0, num_requests=300, interval_seeds=1, replicas=1)
+
+
+def test_a_plan_says_when_its_serving_path_terms_were_noise_or_negative():
+    sp = {"request_s": 0.0, "token_s": 0.0,
+          "request": {"median_s": -0.03, "below_noise": True}, "token": {"median_s": -0.007, "below_noise": False}}
+    p = plan(toy_profile(serving_path=sp), Workload(2.0, LengthDist.fixed(100), LengthDist.fixed(50)), SLO(ttft_s=2.0, tpot_s=0.1), 2.0, num_requests=200,
+             interval_seeds=1)
+    line = next(x for x in p.rests_on if x.startswith("serving_path:"))
+    assert "the request term below that run's noise" in line
+    assert "the token term measured negative beyond the noise, taken as 0" in line

@@ -43,6 +43,8 @@ def test_a_difference_within_the_noise_is_flagged_not_clamped():
     assert noisy.planned_s == 0.0 and "BELOW THE NOISE" in noisy.describe("per token")
     d = noisy.to_dict()
     assert d["median_s"] < 0 and d["below_noise"] and d["planned_s"] == 0.0  # the raw median is kept
+    biased = paired_difference([1.0] * 6, [1.0 - x for x in (0.01, 0.012, 0.011, 0.013, 0.009, 0.01)])
+    assert not biased.below_noise and biased.planned_s == 0.0 and "NEGATIVE beyond the noise" in biased.describe("t")
     with pytest.raises(ValueError, match="length"):
         paired_difference([1.0], [1.0, 2.0])
 

@@ -34,8 +34,12 @@ def measured_basis(profile: Profile, step_model: StepTimeModel) -> tuple[str, ..
                 f"{step_model.serving_token_s * 1000:.2f} ms per streamed token (measured over HTTP on loopback")
         noisy = [what for what in ("request", "token")
                  if isinstance(serving.get(what), Mapping) and serving[what].get("below_noise")]
+        negative = [what for what in ("request", "token") if isinstance(serving.get(what), Mapping)
+                    and not serving[what].get("below_noise") and (serving[what].get("median_s") or 0) < 0]
         if noisy:  # paired measurements say when the difference could not be told from none
             line += f"; the {' and '.join(noisy)} term{'s' if len(noisy) > 1 else ''} below that run's noise"
+        if negative:  # HTTP faster than the engine alone: the pairs were biased; planned as 0
+            line += f"; the {' and '.join(negative)} term measured negative beyond the noise, taken as 0"
         lines.append(line + ")")
     else:
         lines.append("serving_path: not measured, taken as free (profile with --serving-path to include HTTP, "

@@ -66,6 +66,9 @@ class PairedDifference:
         q1, q3 = (v * unit_ms for v in self.quartiles_s)
         line = (f"{what}: median {self.median_s * unit_ms:+.2f} ms over {self.pairs} pairs, "
                 f"{100 * self.coverage:.0f}% interval [{lo:+.2f}, {hi:+.2f}] ms, quartiles [{q1:+.2f}, {q3:+.2f}] ms")
+        if not self.below_noise and self.median_s < 0:
+            return line + ("; NEGATIVE beyond the noise (the first path was slower on every pair or nearly: the "
+                           "two halves did not see the same machine, or the measurement is biased): planned as 0 ms")
         if not self.below_noise:
             return line + f"; planned as {self.planned_s * unit_ms:.2f} ms"
         if self.median_s < 0:
