@@ -39,7 +39,7 @@ DEFAULT_PAIRS = 12
 DEFAULT_INPUT_LEN = "32:256"
 DEFAULT_OUTPUT_LEN = "32"
 WARMUP_PAIRS = 2
-GAP_S = 0.05  # between the halves of a pair: lets the other side's worker threads go idle first
+GAP_S = 0.2  # between the halves of a pair: the other side finishes its own bookkeeping and goes idle first
 
 
 def _free_port() -> int:
