@@ -65,21 +65,31 @@ def _fmt(v, digits: int = 1) -> str:
 class Runner:
     """Runs each step as a `python -m pernode.cli` subprocess, printed and appended to commands.sh first."""
 
-    def __init__(self, out_dir: str, dry_run: bool):
-        self.out_dir, self.dry_run = out_dir, dry_run
+    def __init__(self, out_dir: str, dry_run: bool, resume: bool):
+        self.out_dir, self.dry_run, self.resume = out_dir, dry_run, resume
         self.log = os.path.join(out_dir, "commands.sh")
 
-    def cli(self, args: list[str], cores: str | None = None) -> None:
+    def cli(self, args: list[str], out: str, cores: str | None = None) -> None:
+        """Run one step that writes `out`. Exit status 1 counts as done when `out` was written: `pernode plan`
+        says so when the asked-for fleet misses the SLO (validate still runs it), `fleet validate` when some
+        requests failed (the table shows it)."""
         cmd = ([] if cores is None else ["taskset", "-c", cores]) + [sys.executable, "-m", "pernode.cli", *args]
         line = " ".join(shlex.quote(c) for c in cmd)
+        if self.resume and os.path.isfile(out):
+            print(f"\n(kept from an earlier run: {out})", flush=True)
+            return
         print(f"\n$ {line}", flush=True)
         with open(self.log, "a") as f:
             f.write(line + "\n")
         if self.dry_run:
             return
+        if os.path.exists(out):
+            os.remove(out)  # so a step that fails cannot leave an earlier run's file behind as its own
         started = time.monotonic()
-        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        print(f"[{time.monotonic() - started:.0f} s]", flush=True)
+        rc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+        print(f"[{time.monotonic() - started:.0f} s, exit status {rc}]", flush=True)
+        if rc not in (0, 1) or not os.path.isfile(out):
+            raise SystemExit(f"fidelity_grid: step failed (exit status {rc}, {out} not written): {line}")
 
 
 def profile_shape(run: Runner, shape: Shape, model_flags: list[str], quick: bool) -> str:
@@ -87,7 +97,7 @@ def profile_shape(run: Runner, shape: Shape, model_flags: list[str], quick: bool
     run.cli(["profile", *model_flags, "--num-threads", "1", "--max-num-seqs", str(shape.max_num_seqs),
              "--batch-sizes", shape.batch_sizes, "--prompt-lens", shape.prompt_lens,
              "--context-len", str(shape.context_len), "--serving-path",
-             "--serving-path-requests", "4" if quick else "16", "--out", out], cores="0")
+             "--serving-path-requests", "4" if quick else "16", "--out", out], out, cores="0")
     return out
 
 
@@ -95,7 +105,7 @@ def plan_shape(run: Runner, shape: Shape, profile: str, rate: float, out: str, q
     run.cli(["plan", "--profile", profile, "--rate", f"{rate:.6g}", "--input-len", shape.input_len,
              "--output-len", shape.output_len, "--slo", shape.slo, "--token-budget", "512", "--replicas", "1",
              "--num-requests", "200" if quick else "1000", "--interval-seeds", "2" if quick else "5",
-             "--instance", "aws-c7i.large", "--out", out])
+             "--instance", "aws-c7i.large", "--out", out], out)
     return out
 
 
@@ -103,7 +113,7 @@ def validate(run: Runner, plan: str, profile: str, model_flags: list[str], num_p
              quick: bool) -> str:
     run.cli(["fleet", "validate", "--plan", plan, "--profile", profile, *model_flags,
              "--cpuset", "0", "--client-cpuset", "1", "--num-prompts", str(num_prompts),
-             "--interval-seeds", "2" if quick else "5", "--out", out])
+             "--interval-seeds", "2" if quick else "5", "--out", out], out)
     return out
 
 
@@ -144,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-requests", type=int, default=40, help="fewest requests per validation run")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke check that every step runs")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep every step whose output file OUT_DIR already holds (after an interruption)")
     args = ap.parse_args(argv)
     if len(os.sched_getaffinity(0) & {0, 1}) < 2:
         raise SystemExit("fidelity_grid: needs cores 0 and 1 (the replica on 0, the client and Ray on 1)")
@@ -153,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(not 0 < x < 100 for x in loads):
         raise SystemExit(f"--loads {args.loads}: each must be a percentage in (0, 100)")
     os.makedirs(args.out_dir, exist_ok=True)
-    run = Runner(args.out_dir, args.dry_run)
+    run = Runner(args.out_dir, args.dry_run, args.resume)
     model_flags = ["--model", args.model, "--device", "cpu", "--kv-cache-bytes", args.kv_cache_bytes]
     started, results = time.monotonic(), []
     print(f"fidelity grid: shapes {[s.name for s in chosen]}, loads {loads}%, load average {os.getloadavg()}",
