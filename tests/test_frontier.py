@@ -225,3 +225,24 @@ def test_rounds_rotate_the_order():
                                                         ["a", "b", "c"]]
     with pytest.raises(ValueError, match="rounds=0 is out of range"):
         FrontierSettings(rounds=0)
+
+
+def test_pruned_variant_checkpoints_are_made_once_and_served(tmp_path):
+    """The structured-pruned maker and a SparseGPT recipe write checkpoints the engine serves, reused on a rerun."""
+    from pernode.jobs.frontier import CheckpointMaker
+    from pernode.jobs.frontier_variants import structured_pruned
+    from pernode.serve.engine.llm_engine import LLMEngine
+    from pernode.config import EngineConfig
+
+    model = write_tiny_model(str(tmp_path / "tiny"))
+    make = structured_pruned("ffn=64", calib_windows=2, refit_windows=0)
+    path = make(model, str(tmp_path / "ck"))
+    assert path == str(tmp_path / "ck" / "structured-ffn64")
+    assert json.loads((tmp_path / "ck" / "structured-ffn64" / "config.json").read_text())["intermediate_size"] == 64
+    assert make(model, str(tmp_path / "ck")) == path  # reused
+    sparse = CheckpointMaker(model, str(tmp_path / "ck"), calib_windows=2)(
+        Variant("s50", "s", recipe="sparsegpt-50", engine={"dtype": "float32"}))
+    for ckpt in (path, sparse):
+        engine = LLMEngine(EngineConfig(model=ckpt, device="cpu", num_blocks=16, max_model_len=256, dtype="float32"))
+        assert engine.model_config.num_hidden_layers == 2
+        del engine
