@@ -122,19 +122,21 @@ def test_pinning_applies_to_every_thread_of_the_process():
     assert callable(pin_process)
 
 
-def test_serving_path_measured_against_a_real_pernode_serve(tmp_path):
+def test_serving_path_measured_as_pairs_against_a_real_pernode_serve(tmp_path):
+    from pernode.serve.engine.llm_engine import LLMEngine
+
     model = write_tiny_model(str(tmp_path / "tiny"))
-    profile = {"decode": [{"batch_size": 1, "context_len": 64, "step_s": 0.001},
-                          {"batch_size": 4, "context_len": 64, "step_s": 0.002}],
-               "prefill": [{"prompt_len": 16, "prefill_tokens_per_s": 1e5},
-                           {"prompt_len": 256, "prefill_tokens_per_s": 1e5}]}
-    sp = measure_serving_path(profile, ["--model", model, "--device", "cpu", "--num-threads", "1",
-                                        "--num-blocks", "64", "--max-model-len", "512"],
-                              tokenizer=model, num_requests=3, input_len="16:64", output_len="8")
-    assert sp["requests"] == 3
-    # Over HTTP a request takes longer than the (tiny, fast) engine work it asked for, and so does each token.
-    assert 0.0 < sp["request_s"] < 5.0 and sp["token_s"] >= 0.0
-    assert sp["ttft_p50_s"] >= sp["request_s"]
+    flags = ["--model", model, "--device", "cpu", "--num-threads", "1", "--num-blocks", "64", "--max-model-len", "512"]
+    engine = LLMEngine(EngineConfig(model=model, device="cpu", num_threads=1, num_blocks=64, max_model_len=512))
+    sp = measure_serving_path(engine, flags, num_pairs=4, input_len="16:64", output_len="8")
+    assert sp["pairs"] == sp["requests"] == 4 and len(sp["notes"]) == 2
+    # The same prompts both ways: the direct half is the engine alone, so over HTTP a request takes longer.
+    assert sp["ttft_p50_s"] > sp["direct_ttft_p50_s"] > 0
+    req = sp["request"]
+    assert req["pairs"] == 4 and req["interval_s"][0] <= req["median_s"] <= req["interval_s"][1]
+    assert sp["request_s"] == max(0.0, req["median_s"]) and sp["token_s"] >= 0.0  # planned value, never hidden
+    assert req["below_noise"] == (req["interval_s"][0] <= 0.0 <= req["interval_s"][1])
+    assert len(sp["load_avg_1m"]) == 2 and "alternating" in sp["method"]
 
 
 def test_a_fleet_of_a_given_size_is_evaluated_and_can_be_run_even_when_it_misses():
@@ -146,3 +148,13 @@ def test_a_fleet_of_a_given_size_is_evaluated_and_can_be_run_even_when_it_misses
     assert fleet_spec_for_plan(p, EngineConfig(model="m")).replicas == 3  # validate runs what was evaluated
     with pytest.raises(ValueError, match="replicas=1: below the 3 replicas"):
         plan(toy_profile(), WORKLOAD, SLO_LOOSE, 2.0, num_requests=300, interval_seeds=1, replicas=1)
+
+
+def test_a_plan_says_when_its_serving_path_terms_were_noise_or_negative():
+    sp = {"request_s": 0.0, "token_s": 0.0,
+          "request": {"median_s": -0.03, "below_noise": True}, "token": {"median_s": -0.007, "below_noise": False}}
+    p = plan(toy_profile(serving_path=sp), Workload(2.0, LengthDist.fixed(100), LengthDist.fixed(50)), SLO(ttft_s=2.0, tpot_s=0.1), 2.0, num_requests=200,
+             interval_seeds=1)
+    line = next(x for x in p.rests_on if x.startswith("serving_path:"))
+    assert "the request term below that run's noise" in line
+    assert "the token term measured negative beyond the noise, taken as 0" in line

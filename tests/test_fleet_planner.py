@@ -271,3 +271,20 @@ def test_slo_round_trips_and_names_the_setting():
         SLO.from_dict({"ttft_s": 1.0})
     with pytest.raises(ValueError, match="max_replicas=0"):
         plan(toy_profile(), WORKLOAD, SLO_LOOSE, 2.0, max_replicas=0)
+
+
+def test_a_projection_is_labelled_by_its_source_hardware_not_its_whole_record():
+    from pernode.measure.profile.projection import project_profile
+    from pernode.price.planner import profile_label
+    from test_measure_profile import synthetic_profile
+
+    measured = synthetic_profile()
+    proj = project_profile(measured, "H200 SXM")
+    assert isinstance(proj["projected_from"], dict)  # the projection writes a record, keyed hardware_name
+    label, kind, _, hw, src = profile_label(proj)
+    assert kind == "projected" and src == measured["hardware"]["name"]
+    assert label == f"smollm2-135m on {hw} (projected from {measured['hardware']['name']} to {hw})"
+    assert "{" not in label and "method" not in label
+    p = plan(proj, WORKLOAD, SLO_LOOSE, 2.0, num_requests=200, interval_seeds=1)
+    assert p.profile_label == label and p.to_dict()["profile"]["projected_from"] == measured["hardware"]["name"]
+    assert Plan.from_dict(json.loads(json.dumps(p.to_dict()))).profile_label == label

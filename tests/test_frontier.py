@@ -10,7 +10,9 @@ import random
 import pytest
 
 from pernode.cli import main
-from pernode.jobs.frontier import VARIANTS, FrontierSettings, Variant, register_variant, variants_named
+from pernode.jobs.frontier import (VARIANTS, FrontierSettings, Variant, default_variant_names, path_variant,
+                                   register_variant, round_order, variants_named)
+from pernode.measure.profile.profile_median import median_profile
 from pernode.price.frontier import (Frontier, FrontierPoint, cheapest_within, dominates, mark_frontier,
                                     parse_fraction, pareto_front, point_from_plan)
 from pernode.price.planner import plan
@@ -118,7 +120,9 @@ def test_variant_registry_validates():
 def test_frontier_command_end_to_end_on_a_tiny_model(tmp_path, capsys):
     model = write_tiny_model(str(tmp_path / "tiny"), tiny_config(head_dim=32, hidden_size=128))
     out, png = tmp_path / "frontier.json", tmp_path / "frontier.png"
-    rc = main(["frontier", "--model", model, "--variants", "fp32,int8-kv", "--quick", "--kv-cache-bytes", "4MiB",
+    student = write_tiny_model(str(tmp_path / "student"), tiny_config(head_dim=32, hidden_size=128), seed=1)
+    rc = main(["frontier", "--model", model, "--variants", "fp32", "--quick", "--kv-cache-bytes", "4MiB",
+               "--variant", f"distilled={student}", "--rounds", "2",
                "--rate", "1", "--input-len", "32:64", "--output-len", "16:32", "--slo", "tpot_ms=2000",
                "--max-ppl-increase", "5%", "--out", str(out), "--plot", str(png),
                "--checkpoints", str(tmp_path / "ck")])
@@ -127,9 +131,14 @@ def test_frontier_command_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert "cheapest within 5% perplexity:" in text and "cost frontier" in text
     f = Frontier.from_dict(json.loads(out.read_text()))
     by = {p.name: p for p in f.points}
-    assert set(by) == {"fp32", "int8-kv"} and f.baseline == "fp32" and by["fp32"].ppl_increase == 0
-    assert by["int8-kv"].kv_bytes_per_token < by["fp32"].kv_bytes_per_token / 3
-    assert abs(by["int8-kv"].ppl_increase) < 0.01
+    assert set(by) == {"fp32", "distilled"} and f.baseline == "fp32" and by["fp32"].ppl_increase == 0
+    # the student (other random weights) is scored by the same protocol: its own perplexity, not the teacher's
+    assert abs(by["distilled"].ppl_increase) > 0.01
+    # two interleaved rounds, rotating order, the load recorded per round and per variant
+    assert [r["order"] for r in f.rounds] == [["fp32", "distilled"], ["distilled", "fp32"]]
+    assert all(len(r["load_avg_1m"]) == 2 and set(r["variants"]) == set(by) for r in f.rounds)
+    assert all(v["engine_load_s"] > 0 for r in f.rounds for v in r["variants"].values())
+    assert any("2 interleaved round(s)" in n and "reloaded each engine" in n for n in f.notes)
     assert [p.name for p in f.points if p.on_frontier] == [p.name for p in pareto_front(f.points)]
     assert png.read_bytes()[:4] == b"\x89PNG"
 
@@ -137,3 +146,103 @@ def test_frontier_command_end_to_end_on_a_tiny_model(tmp_path, capsys):
 def test_frontier_command_names_bad_flags(capsys, caplog):
     assert main(["frontier", "--max-ppl-increase", "lots"]) == 2
     assert "--max-ppl-increase 'lots'" in caplog.text + capsys.readouterr().err
+
+
+def test_pruned_and_distilled_variants_are_registered():
+    for name, recipe in (("sparsegpt-50", "sparsegpt-50"), ("sparsegpt-2:4", "sparsegpt-2:4"),
+                         ("sparsegpt-50+gptq-int4", "sparsegpt-50+gptq-int4-g64")):
+        assert VARIANTS[name].recipe == recipe
+    assert VARIANTS["sparsegpt-50"].engine["dtype"] == "float32"  # the bitmask GEMV reads fp32 weights
+    assert VARIANTS["structured-ffn1024"].make_checkpoint is not None
+    names = default_variant_names()
+    assert "distilled" not in names and {"sparsegpt-50", "structured-ffn1024", "fp32"} <= set(names)
+
+
+def test_a_distilled_variant_names_where_its_checkpoint_must_be(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pernode distill --out CHECKPOINTS/distilled"):
+        VARIANTS["distilled"].make_checkpoint("base", str(tmp_path))
+    (tmp_path / "distilled").mkdir()
+    (tmp_path / "distilled" / "config.json").write_text("{}")
+    assert VARIANTS["distilled"].make_checkpoint("base", str(tmp_path)) == str(tmp_path / "distilled")
+    v = path_variant(f"distilled={tmp_path / 'distilled'}")
+    assert v.name == "distilled" and v.engine["dtype"] == "float32" and str(tmp_path) in v.description
+    for bad, match in (("distilled", "write NAME=PATH"), ("=x", "write NAME=PATH"),
+                       ("gptq-int4=x", "registered variant made from the base model")):
+        with pytest.raises(ValueError, match=match):
+            path_variant(bad)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        path_variant(f"student={tmp_path / 'nowhere'}").make_checkpoint("base", str(tmp_path))
+
+
+def test_pareto_marking_with_pruned_and_distilled_points():
+    # by hand: sparsegpt-50 is cheaper than fp32 but worse; 2:4 costs as much as sparsegpt-50 and is worse
+    # (dominated); sparsegpt-50+int4 is the cheapest; distilled is dearer than sparsegpt-50 and worse (dominated);
+    # structured is cheaper than sparsegpt-50 and better than the int4 point: on the frontier between them
+    case = [pt("fp32", 4.0, 10.0), pt("sparsegpt-50", 2.0, 14.9), pt("sparsegpt-2:4", 2.0, 22.6),
+            pt("sparsegpt-50+gptq-int4", 0.8, 16.8), pt("distilled", 2.5, 15.5), pt("structured-ffn1024", 1.5, 15.6)]
+    assert [p.name for p in pareto_front(case)] == ["sparsegpt-50+gptq-int4", "structured-ffn1024", "sparsegpt-50",
+                                                    "fp32"]
+    assert cheapest_within(case, 0.49).name == "sparsegpt-50"  # structured is +56%: over this budget
+    assert cheapest_within(case, 0.60).name == "structured-ffn1024"
+    assert cheapest_within(case, 0.70).name == "sparsegpt-50+gptq-int4"
+
+
+def _profile_slowed(factor: float) -> dict:
+    """The synthetic SmolLM2 profile with every time `factor` x longer and its rates as a run would report them."""
+    from test_measure_profile import synthetic_profile
+
+    prof = synthetic_profile()
+    for p in prof["decode"]:
+        p["step_s"] *= factor
+        for k in ("output_tokens_per_s", "achieved_gbs", "achieved_flops", "fraction_of_peak"):
+            p[k] /= factor
+    for p in prof["prefill"]:
+        p["ttft_s"] *= factor
+        for k in ("prefill_tokens_per_s", "achieved_gbs", "achieved_flops", "fraction_of_peak"):
+            p[k] /= factor
+    return prof
+
+
+def test_median_profile_takes_each_points_median_and_rescales_its_rates():
+    runs = [_profile_slowed(1.0), _profile_slowed(4.0), _profile_slowed(1.2)]  # the second round ran loaded
+    m, mid = median_profile(runs), runs[2]
+    for got, want in zip(m["decode"] + m["prefill"], mid["decode"] + mid["prefill"]):
+        numbers = {k: v for k, v in got.items() if not k.endswith("_rounds")}
+        assert numbers == pytest.approx({**want, "rounds": 3})
+    assert m["decode"][0]["step_s_rounds"] == [r["decode"][0]["step_s"] for r in runs]
+    assert m["prefill"][1]["ttft_s_rounds"] == [r["prefill"][1]["ttft_s"] for r in runs]
+    assert runs[0]["decode"][0]["step_s"] < m["decode"][0]["step_s"]  # inputs untouched
+    assert median_profile(runs[:1]) is runs[0]
+    other = _profile_slowed(1.0)
+    other["kv_cache"] = {**other["kv_cache"], "max_tokens": 16}
+    with pytest.raises(ValueError, match="different engines"):
+        median_profile([runs[0], other])
+
+
+def test_rounds_rotate_the_order():
+    names = ["a", "b", "c"]
+    assert [round_order(names, r) for r in range(4)] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"],
+                                                        ["a", "b", "c"]]
+    with pytest.raises(ValueError, match="rounds=0 is out of range"):
+        FrontierSettings(rounds=0)
+
+
+def test_pruned_variant_checkpoints_are_made_once_and_served(tmp_path):
+    """The structured-pruned maker and a SparseGPT recipe write checkpoints the engine serves, reused on a rerun."""
+    from pernode.jobs.frontier import CheckpointMaker
+    from pernode.jobs.frontier_variants import structured_pruned
+    from pernode.serve.engine.llm_engine import LLMEngine
+    from pernode.config import EngineConfig
+
+    model = write_tiny_model(str(tmp_path / "tiny"))
+    make = structured_pruned("ffn=64", calib_windows=2, refit_windows=0)
+    path = make(model, str(tmp_path / "ck"))
+    assert path == str(tmp_path / "ck" / "structured-ffn64")
+    assert json.loads((tmp_path / "ck" / "structured-ffn64" / "config.json").read_text())["intermediate_size"] == 64
+    assert make(model, str(tmp_path / "ck")) == path  # reused
+    sparse = CheckpointMaker(model, str(tmp_path / "ck"), calib_windows=2)(
+        Variant("s50", "s", recipe="sparsegpt-50", engine={"dtype": "float32"}))
+    for ckpt in (path, sparse):
+        engine = LLMEngine(EngineConfig(model=ckpt, device="cpu", num_blocks=16, max_model_len=256, dtype="float32"))
+        assert engine.model_config.num_hidden_layers == 2
+        del engine

@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from pernode.cli.options import add_model_argument, parse_bytes
-from pernode.jobs.frontier import (QUICK_VARIANTS, VARIANTS, FrontierSettings, describe_choice, frontier_rows,
-                                   run_frontier, variants_named)
+from pernode.jobs.frontier import (QUICK_VARIANTS, VARIANTS, FrontierSettings, default_variant_names,
+                                   describe_choice, frontier_rows, path_variant, run_frontier, variants_named)
 from pernode.measure.report_html import frontier_figure, save_figure_png
 from pernode.price.frontier import Frontier, parse_fraction
 from pernode.price.pricing import PRICES
@@ -27,8 +27,13 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("frontier", help="$/M tokens vs perplexity for every checkpoint variant: the Pareto frontier")
     add_model_argument(p, "the base model every variant is made from")
     p.add_argument("--variants", default=None,
-                   help=f"comma-separated, from: {', '.join(VARIANTS)} (default: all; --quick: "
-                        f"{','.join(QUICK_VARIANTS)})")
+                   help=f"comma-separated, from: {', '.join(VARIANTS)} (default: all that can be made from the "
+                        f"base model; --quick: {','.join(QUICK_VARIANTS)})")
+    p.add_argument("--variant", dest="path_variants", action="append", default=[], metavar="NAME=PATH",
+                   help="also measure the checkpoint folder PATH under NAME (e.g. distilled=out/student); repeatable")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="profile every variant once per round, this many rounds, medians per point (default 3; "
+                        "--quick 1); each round reloads each engine")
     p.add_argument("--baseline", default="fp32", help="the variant perplexity increases are measured against")
     p.add_argument("--rate", dest="rate_rps", type=float, default=2.0, help="mean request rate, req/s (default 2)")
     p.add_argument("--input-len", default="128:512", help="prompt tokens: N or LO:HI (default 128:512)")
@@ -81,8 +86,11 @@ def render_frontier(frontier: Frontier, console: Console) -> None:
 def run_frontier_command(args: argparse.Namespace) -> int:
     console = Console(width=None if sys.stdout.isatty() else 132)  # a log file gets the whole table
     budget = parse_fraction(args.max_ppl_increase) if args.max_ppl_increase is not None else None
-    names = args.variants.split(",") if args.variants else list(QUICK_VARIANTS if args.quick else VARIANTS)
-    variants = variants_named([n.strip() for n in names if n.strip()])
+    extra = [path_variant(spec) for spec in args.path_variants]
+    names = args.variants.split(",") if args.variants else list(
+        QUICK_VARIANTS if args.quick else default_variant_names())
+    names = [n.strip() for n in names if n.strip() and n.strip() not in {v.name for v in extra}]
+    variants = variants_named(names) + extra
     workload = Workload(args.rate_rps, LengthDist.parse(args.input_len, "input_len"),
                         LengthDist.parse(args.output_len, "output_len"))
     slo = SLO.parse(args.slo)
@@ -91,6 +99,8 @@ def run_frontier_command(args: argparse.Namespace) -> int:
     overrides = {"device": args.device, "kv_cache_bytes": args.kv_cache_bytes, "num_threads": args.num_threads}
     if args.ppl_windows is not None:
         overrides["ppl_windows"] = args.ppl_windows
+    if args.rounds is not None:
+        overrides["rounds"] = args.rounds
     settings = replace(settings, **overrides)
     frontier, _ = run_frontier(args.model, variants, workload, slo, price_per_node_hour=args.price_per_node_hour,
                                instance=instance, settings=settings, checkpoints_dir=args.checkpoints,

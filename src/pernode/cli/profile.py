@@ -6,7 +6,6 @@ import gc
 import logging
 
 from pernode.cli.options import add_engine_arguments, engine_config_from_args, int_list
-from pernode.jobs.validate.replay import tokenizer_path
 from pernode.measure.bench.bench_result import BenchResult
 from pernode.measure.profile.profile_schema import save_profile
 from pernode.measure.profile.profiler import print_profile, run_profile
@@ -32,7 +31,8 @@ def add_parsers(sub) -> None:
                    help="also measure HTTP, tokenizing and streaming per request and per token against a "
                         "`pernode serve` on loopback with the same engine flags (the planner adds them)")
     p.add_argument("--serving-path-requests", type=int, default=12,
-                   help="requests sent one at a time for --serving-path (default 12)")
+                   help="prompts for --serving-path, each sent straight into the engine and over HTTP, alternating "
+                        "(default 12 pairs, after 2 warm-up pairs)")
     add_engine_arguments(p)
     p.set_defaults(func=run)
 
@@ -61,17 +61,20 @@ def run(args: argparse.Namespace) -> int:
     profile = run_profile(engine, quick=args.quick, batch_sizes=int_list(args.batch_sizes),
                           prompt_lens=int_list(args.prompt_lens), context_len=args.context_len)
     profile["serve_runs"].extend(serve_runs)
-    if args.serving_path:
-        del engine  # the server loads its own; free this one's memory and threads first
-        gc.collect()
-        profile["serving_path"] = measure_serving_path(profile, engine_flags(args), tokenizer_path(args.model),
-                                                       num_requests=args.serving_path_requests)
+    if args.serving_path:  # paired against this engine: both halves of a pair see the same machine
+        profile["serving_path"] = measure_serving_path(engine, engine_flags(args),
+                                                       num_pairs=args.serving_path_requests)
+    del engine
+    gc.collect()
     save_profile(args.out, profile)
     print_profile(profile)
     if "serving_path" in profile:
         sp = profile["serving_path"]
-        print(f"serving path (HTTP, tokenizing, streaming; {sp['requests']} requests one at a time): "
-              f"+{sp['request_s'] * 1000:.1f} ms per request, +{sp['token_s'] * 1000:.2f} ms per token")
+        print(f"serving path (HTTP, tokenizing, streaming; {sp['pairs']} paired requests, load "
+              f"{sp['load_avg_1m'][0]:.2f}-{sp['load_avg_1m'][1]:.2f}): +{sp['request_s'] * 1000:.1f} ms per request, "
+              f"+{sp['token_s'] * 1000:.2f} ms per token")
+        for line in sp["notes"]:
+            print(f"  {line}")
     if args.html:
         write_report_html(args.html, profile)
     logging.getLogger("pernode").info("profile written to %s%s", args.out, f" and {args.html}" if args.html else "")

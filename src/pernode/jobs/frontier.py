@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import gc
 import os
+import statistics
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
@@ -20,6 +22,7 @@ from pernode.config import EngineConfig
 from pernode.records import check_range
 from pernode.measure.profile.hardware import measure_peaks
 from pernode.measure.profile.profile_schema import HardwareSection, Profile
+from pernode.measure.profile.profile_median import median_profile
 from pernode.measure.profile.profiler import run_profile
 from pernode.measure.profile.projection import project_profile
 from pernode.price.frontier import Frontier, FrontierPoint, point_from_plan
@@ -27,11 +30,14 @@ from pernode.price.planner import plan
 from pernode.price.pricing import resolve_price
 from pernode.price.workload import Workload
 from pernode.serve.engine.llm_engine import LLMEngine
-from pernode.shrink.checkpoint import save_quantized
+from pernode.jobs.frontier_variants import checkpoint_at, structured_pruned
+from pernode.shrink.checkpoint import save_checkpoint
 from pernode.shrink.evaluate.perplexity import calibration_windows, evaluate_perplexity
 from pernode.serve.models.loader import load_model
-from pernode.shrink.recipes import RECIPES
+from pernode.shrink.recipes import PRUNED_RECIPES, RECIPES
 from pernode.slo import SLO
+
+ALL_RECIPES = {**RECIPES, **PRUNED_RECIPES}  # quantized and pruned: any may be a variant
 
 # (base model, folder to write into) -> the checkpoint's path: how pruned or distilled variants plug in
 MakeCheckpoint = Callable[[str, str], str]
@@ -44,15 +50,16 @@ class Variant:
 
     name: str
     description: str
-    recipe: str | None = None  # a name in shrink.recipes.RECIPES
+    recipe: str | None = None  # a name in shrink.recipes.RECIPES or PRUNED_RECIPES
     engine: Mapping[str, Any] = field(default_factory=dict)
     make_checkpoint: MakeCheckpoint | None = None
 
     def __post_init__(self) -> None:
         if self.recipe is not None and self.make_checkpoint is not None:
             raise ValueError(f"variant {self.name!r}: recipe={self.recipe!r} and make_checkpoint both set: allowed one")
-        if self.recipe is not None and self.recipe not in RECIPES:
-            raise ValueError(f"variant {self.name!r}: recipe={self.recipe!r} is unknown: allowed {', '.join(RECIPES)}")
+        if self.recipe is not None and self.recipe not in ALL_RECIPES:
+            raise ValueError(f"variant {self.name!r}: recipe={self.recipe!r} is unknown: allowed "
+                             f"{', '.join(ALL_RECIPES)}")
         allowed = set(EngineConfig.__dataclass_fields__) - {"model"}  # the checkpoint is the variant's own
         unknown = sorted(set(self.engine) - allowed)
         if unknown:
@@ -89,10 +96,43 @@ for _v in (
     Variant("awq-int4", "int4 weights, groups of 64, AWQ", recipe="awq-int4-g64"),
     Variant("gptq-int4+int8-kv", "GPTQ int4 weights and an int8 KV cache", recipe="gptq-int4-g64",
             engine={"kv_cache_dtype": "int8"}),
+    # pruned (pernode prune): fp32 so the bitmask GEMV serves the unstructured ones (it reads fp32 weights)
+    Variant("sparsegpt-50", "50% unstructured sparsity, SparseGPT, fp32", recipe="sparsegpt-50", engine=_FP32),
+    Variant("sparsegpt-2:4", "2:4 semi-structured sparsity, SparseGPT, fp32", recipe="sparsegpt-2:4", engine=_FP32),
+    Variant("sparsegpt-50+gptq-int4", "50% SparseGPT, then GPTQ int4 weights (groups of 64) in one pass",
+            recipe="sparsegpt-50+gptq-int4-g64"),
+    Variant("structured-ffn1024", "structured pruning: FFN 1536 -> 1024 channels by activation importance, "
+            "least-squares refit on 16 windows, fp32", engine=_FP32,
+            make_checkpoint=structured_pruned("ffn=1024", refit_windows=16)),
+    Variant("distilled", "a distilled student (pernode distill --out CHECKPOINTS/distilled), fp32", engine=_FP32,
+            make_checkpoint=checkpoint_at("distilled", "make it with `pernode distill --out CHECKPOINTS/distilled` or "
+                                          "name another with --variant distilled=PATH")),
 ):
     register_variant(_v)
 
 QUICK_VARIANTS = ("fp32", "int8-kv", "rtn-int4")
+ON_REQUEST = ("distilled",)  # a checkpoint made elsewhere: only when asked for, never in the default list
+
+
+def default_variant_names() -> list[str]:
+    """Every registered variant the frontier can make by itself."""
+    return [n for n in VARIANTS if n not in ON_REQUEST]
+
+
+def path_variant(spec: str) -> Variant:
+    """`NAME=PATH` (e.g. distilled=out/student): a checkpoint folder served in fp32 under NAME, measured as every
+    other variant is. A registered NAME keeps its engine settings and description."""
+    name, sep, path = spec.partition("=")
+    name, path = name.strip(), path.strip()
+    if not sep or not name or not path:
+        raise ValueError(f"variant={spec!r}: write NAME=PATH, e.g. distilled=out/student")
+    known = VARIANTS.get(name)
+    if known is not None and (known.recipe is not None or known.make_checkpoint is None):
+        raise ValueError(f"variant={spec!r}: {name!r} is a registered variant made from the base model; pick "
+                         f"another name for a checkpoint folder")
+    return Variant(name, (known.description if known else "checkpoint") + f" at {path}",
+                   engine=dict(known.engine) if known else _FP32,
+                   make_checkpoint=checkpoint_at(os.path.abspath(path), "pass a folder holding a served checkpoint"))
 
 
 def variants_named(names: Sequence[str]) -> list[Variant]:
@@ -119,6 +159,7 @@ class FrontierSettings:
     calib_windows: int = 8
     num_requests: int = 1000  # simulated per fleet size
     seed: int = 0
+    rounds: int = 3  # profiles per variant, interleaved: round r profiles every variant once; medians per point
 
     def __post_init__(self) -> None:
         check_range("kv_cache_bytes", self.kv_cache_bytes, 1)
@@ -129,6 +170,7 @@ class FrontierSettings:
         check_range("context_len", self.context_len, 1, self.max_model_len - 1)
         check_range("num_requests", self.num_requests, 100)
         check_range("num_threads", self.num_threads, 1, optional=True)
+        check_range("rounds", self.rounds, 1)
         for name in ("batch_sizes", "prompt_lens"):
             values = getattr(self, name)
             if not values or any(not isinstance(v, int) or v < 1 for v in values):
@@ -138,7 +180,7 @@ class FrontierSettings:
     def quick(cls, **overrides) -> "FrontierSettings":
         """Short enough for `pernode report --quick`: two batch sizes and two prompt lengths, one window."""
         return replace(cls(batch_sizes=(1, 16), prompt_lens=(64, 256), context_len=128, ppl_windows=1,
-                           num_requests=500), **overrides)
+                           num_requests=500, rounds=1), **overrides)
 
 
 @dataclass(frozen=True)
@@ -165,7 +207,7 @@ class CheckpointMaker:
             return variant.make_checkpoint(self.base_model, self.folder)
         if variant.recipe is None:
             return self.base_model
-        recipe = RECIPES[variant.recipe]
+        recipe = ALL_RECIPES[variant.recipe]
         path = os.path.join(self.folder, recipe.name)
         if os.path.isfile(os.path.join(path, "config.json")):
             return path
@@ -173,28 +215,92 @@ class CheckpointMaker:
         if recipe.needs_calibration and self._calibration is None:
             self._calibration = calibration_windows(source.tokenizer, 512, self.calib_windows)
         recipe.apply(model, self._calibration, quiet=True)
-        save_quantized(model, source, path, recipe)
+        save_checkpoint(model, source, path, recipe)  # pruned float weights as a sparse bitmask, else quantized
         return path
+
+
+def load_engine(variant: Variant, checkpoint: str, settings: FrontierSettings) -> LLMEngine:
+    """The checkpoint served as `pernode serve` would, with the variant's engine settings."""
+    return LLMEngine(EngineConfig(model=checkpoint, device=settings.device, kv_cache_bytes=settings.kv_cache_bytes,
+                                  max_model_len=settings.max_model_len, num_threads=settings.num_threads,
+                                  **dict(variant.engine)))
+
+
+def profile_engine(engine: LLMEngine, settings: FrontierSettings, hardware: HardwareSection, seed: int) -> Profile:
+    return run_profile(engine, quick=True, hardware=hardware, seed=seed, batch_sizes=settings.batch_sizes,
+                       prompt_lens=settings.prompt_lens, context_len=settings.context_len)
 
 
 def measure_variant(variant: Variant, checkpoint: str, settings: FrontierSettings,
                     hardware: HardwareSection) -> VariantResult:
-    """Serve the checkpoint as `pernode serve` would, score its perplexity on that engine's model and KV cache
-    dtype, and profile the node."""
-    config = EngineConfig(model=checkpoint, device=settings.device, kv_cache_bytes=settings.kv_cache_bytes,
-                          max_model_len=settings.max_model_len, num_threads=settings.num_threads,
-                          **dict(variant.engine))
-    engine = LLMEngine(config)
+    """Serve the checkpoint, score its perplexity on that engine's model and KV cache dtype, and profile the node
+    once (run_frontier interleaves rounds of profiles across variants instead)."""
+    engine = load_engine(variant, checkpoint, settings)
     try:
         ppl = evaluate_perplexity(engine.model, engine.tokenizer, seq_len=settings.ppl_seq_len,
                                   max_windows=settings.ppl_windows, kv_cache_dtype=engine.kv_cache_dtype)
-        profile = run_profile(engine, quick=True, hardware=hardware, seed=settings.seed,
-                              batch_sizes=settings.batch_sizes, prompt_lens=settings.prompt_lens,
-                              context_len=settings.context_len)
+        profile = profile_engine(engine, settings, hardware, settings.seed)
         return VariantResult(variant, checkpoint, ppl.perplexity, profile, engine.kv_bytes_per_token)
     finally:
         del engine
         gc.collect()
+
+
+def round_order(names: Sequence[str], round_index: int) -> list[str]:
+    """Round r (0-based) starts r places further along: each variant takes each position in turn, so none is
+    always measured first (fresh caches) or last (after the others warmed the machine)."""
+    k = round_index % len(names)
+    return list(names[k:]) + list(names[:k])
+
+
+def measure_in_rounds(ordered: Sequence[Variant], checkpoints: Mapping[str, str], settings: FrontierSettings,
+                      hardware: HardwareSection, say: Callable[[str], None]
+                      ) -> tuple[list[VariantResult], list[dict]]:
+    """Every variant profiled once per round for `settings.rounds` rounds, one engine in memory at a time (each
+    round reloads each engine); perplexity in the first round only (it does not depend on the load). Returns the
+    results with each point's median over the rounds, and what each round saw (order, load, reload time)."""
+    names = [v.name for v in ordered]
+    by_name = {v.name: v for v in ordered}
+    perplexity, kv_bytes, profiles = {}, {}, {n: [] for n in names}
+    rounds = []
+    for r in range(settings.rounds):
+        order = round_order(names, r)
+        record = {"round": r + 1, "order": order, "load_avg_1m": [round(os.getloadavg()[0], 2)], "variants": {}}
+        for name in order:
+            variant = by_name[name]
+            say(f"round {r + 1}/{settings.rounds}: {name}")
+            load_before, start = os.getloadavg()[0], time.perf_counter()
+            engine = load_engine(variant, checkpoints[name], settings)
+            load_s = time.perf_counter() - start
+            try:
+                if name not in perplexity:
+                    perplexity[name] = evaluate_perplexity(
+                        engine.model, engine.tokenizer, seq_len=settings.ppl_seq_len, max_windows=settings.ppl_windows,
+                        kv_cache_dtype=engine.kv_cache_dtype).perplexity
+                    kv_bytes[name] = engine.kv_bytes_per_token
+                profile = profile_engine(engine, settings, hardware, settings.seed + r)
+            finally:
+                del engine
+                gc.collect()
+            profiles[name].append(profile)
+            step_1 = min(profile["decode"], key=lambda p: p["batch_size"])["step_s"] if profile["decode"] else None
+            record["variants"][name] = {"load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+                                        "engine_load_s": round(load_s, 3),
+                                        "decode_step_s_smallest_batch": step_1}
+        record["load_avg_1m"].append(round(os.getloadavg()[0], 2))
+        rounds.append(record)
+    results = [VariantResult(by_name[n], checkpoints[n], perplexity[n], median_profile(profiles[n]), kv_bytes[n])
+               for n in names]
+    return results, rounds
+
+
+def _rounds_note(rounds: Sequence[dict]) -> str:
+    loads = "; ".join(f"round {r['round']} {r['load_avg_1m'][0]:.1f}-{r['load_avg_1m'][1]:.1f}" for r in rounds)
+    reloads = [v["engine_load_s"] for r in rounds[1:] for v in r["variants"].values()]
+    cost = (f"; rounds after the first reloaded each engine, {len(reloads)} loads of "
+            f"{statistics.median(reloads):.1f} s median ({sum(reloads):.0f} s in all)" if reloads else "")
+    return (f"{len(rounds)} interleaved round(s), every variant profiled once per round in a rotating order, each "
+            f"point the median over rounds; 1-minute load average per round: {loads}{cost}")
 
 
 def run_frontier(base_model: str, variants: Sequence[Variant], workload: Workload, slo: SLO, *,
@@ -204,36 +310,37 @@ def run_frontier(base_model: str, variants: Sequence[Variant], workload: Workloa
                  progress: Callable[[str], None] | None = None) -> tuple[Frontier, list[VariantResult]]:
     """Measure and plan every variant (the baseline first, added if missing) and mark the frontier.
 
-    `project`: plan each variant on a published accelerator by projecting its measured profile along the roofline
-    (measure/profile/projection.py); every point is then labelled projected."""
+    Profiles are taken in `settings.rounds` interleaved rounds (measure_in_rounds), so a load that drifts over the
+    run falls on every variant alike. `project`: plan each variant on a published accelerator by projecting its
+    measured profile along the roofline (measure/profile/projection.py); every point is then labelled projected."""
     settings = settings or FrontierSettings()
     say = progress or (lambda _msg: None)
-    if baseline not in VARIANTS:
-        raise ValueError(f"baseline={baseline!r}: unknown; allowed {', '.join(VARIANTS)}")
-    ordered = [VARIANTS[baseline]] + [v for v in variants if v.name != baseline]
+    by_name = {**VARIANTS, **{v.name: v for v in variants}}
+    if baseline not in by_name:
+        raise ValueError(f"baseline={baseline!r}: unknown; allowed {', '.join(by_name)}")
+    ordered = [by_name[baseline]] + [v for v in variants if v.name != baseline]
     price = resolve_price(price_per_node_hour, instance)  # early: a bad price fails before minutes of measuring
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     say(f"measuring {device} peaks once for all {len(ordered)} variants")
     hardware = measure_peaks(device, quick=True)
     make = CheckpointMaker(base_model, checkpoints_dir, settings.calib_windows)
-
-    results, points, loads = [], [], []
+    checkpoints = {}
     for i, variant in enumerate(ordered, 1):
         say(f"[{i}/{len(ordered)}] {variant.name}: {variant.description}")
-        checkpoint = make(variant)
-        load_before = os.getloadavg()[0]
-        result = measure_variant(variant, checkpoint, settings, hardware)
-        # a shared machine's load moves step times by several x: printed so a reader can judge the comparison
-        loads.append(f"{variant.name} {load_before:.1f}-{os.getloadavg()[0]:.1f}")
+        checkpoints[variant.name] = make(variant)
+    results, rounds = measure_in_rounds(ordered, checkpoints, settings, hardware, say)
+
+    points = []
+    base_ppl = results[0].perplexity
+    for result in results:
+        variant = result.variant
         profile = project_profile(result.profile, project) if project else result.profile
         fleet = plan(profile, workload, slo, price_per_node_hour, instance=instance,
                      num_requests=settings.num_requests, seed=settings.seed, interval_seeds=1)  # points, not ranges
-        base_ppl = results[0].perplexity if results else result.perplexity
         point = point_from_plan(variant.name, variant.description, result.perplexity, base_ppl, fleet,
                                 result.kv_bytes_per_token)
-        results.append(result)
         points.append(point)
-        say(f"    ppl {point.perplexity:.3f} ({100 * point.ppl_increase:+.2f}%), "
+        say(f"    {variant.name}: ppl {point.perplexity:.3f} ({100 * point.ppl_increase:+.2f}%), "
             + (f"{point.replicas} replicas, ${point.cost_per_month_usd:,.0f}/month, "
                f"${point.cost_per_million_output_tokens_usd:.3f}/M output tokens" if point.feasible
                else f"no fleet meets the SLO: {point.reason}"))
@@ -245,13 +352,14 @@ def run_frontier(base_model: str, variants: Sequence[Variant], workload: Workloa
              f"decode profiled at batch sizes {list(settings.batch_sizes)}, context {settings.context_len}; "
              f"prefill at prompt lengths {list(settings.prompt_lens)}; step times beyond are extrapolated",
              f"node price: ${price.per_node_hour_usd:g}/node-hour, {price.source}",
-             f"1-minute load average before-after each variant's measurement: {', '.join(loads)} "
-             f"(on {os.cpu_count()} CPUs)"]
+             # a shared machine's load moves step times by several x: printed so a reader can judge the comparison
+             _rounds_note(rounds) + f" (on {os.cpu_count()} CPUs)"]
     if project:
         notes.append(f"PROJECTED: each measured profile projected to {project} along the roofline "
                      f"(measure/profile/projection.py); not measured on that hardware")
     frontier = Frontier.build(baseline, points, workload.describe(), slo.describe(),
-                              f"${price.per_node_hour_usd:g}/node-hour ({price.instance or price.source})", notes)
+                              f"${price.per_node_hour_usd:g}/node-hour ({price.instance or price.source})", notes,
+                              rounds=rounds)
     return frontier, results
 
 

@@ -17,7 +17,7 @@ from pernode.config import EngineConfig, SpeculativeConfig
 from pernode.jobs.compare_compiled import compare_compiled, compiled_section
 from pernode.jobs.compare_quantized import build_and_score, measure_speeds
 from pernode.jobs.distillation import distillation_report
-from pernode.jobs.frontier import (QUICK_VARIANTS, VARIANTS, FrontierSettings, frontier_rows, run_frontier,
+from pernode.jobs.frontier import (QUICK_VARIANTS, FrontierSettings, default_variant_names, frontier_rows, run_frontier,
                                    variants_named)
 from pernode.jobs.precision_quality import measure_precision_quality, precision_section
 from pernode.jobs.speculative import measure_speculation, speculation_section
@@ -190,7 +190,7 @@ def _round(v, digits):
 
 def _frontier(config: EngineConfig, out_dir: str, quick: bool, workload: Workload, console) -> Frontier:
     """The variants (quick: three, short profiles) profiled and planned; checkpoints from section 4 are reused."""
-    variants = variants_named(list(QUICK_VARIANTS if quick else VARIANTS))
+    variants = variants_named(list(QUICK_VARIANTS) if quick else default_variant_names())
     settings = FrontierSettings.quick(device=config.device) if quick else FrontierSettings(device=config.device)
     frontier, _ = run_frontier(config.model, variants, workload, SLO.parse(DEFAULT_SLO), instance="aws-c7i.large",
                                settings=settings, checkpoints_dir=os.path.join(out_dir, "checkpoints"),

@@ -117,13 +117,15 @@ class Frontier:
     slo: str  # SLO.describe()
     price: str  # where the node-hour price comes from
     notes: tuple[str, ...] = ()  # assumptions and projections, printed beside the table
+    # the measurement rounds (order, load average, engine reload time per variant): what the $ column rests on
+    rounds: tuple[Mapping[str, Any], ...] = ()
 
     @classmethod
     def build(cls, baseline: str, points: Sequence[FrontierPoint], workload: str, slo: str, price: str,
-              notes: Sequence[str] = ()) -> "Frontier":
+              notes: Sequence[str] = (), rounds: Sequence[Mapping[str, Any]] = ()) -> "Frontier":
         if baseline not in {p.name for p in points}:
             raise ValueError(f"baseline={baseline!r}: not among the variants {[p.name for p in points]}")
-        return cls(baseline, tuple(mark_frontier(points)), workload, slo, price, tuple(notes))
+        return cls(baseline, tuple(mark_frontier(points)), workload, slo, price, tuple(notes), tuple(rounds))
 
     @property
     def frontier(self) -> list[FrontierPoint]:
@@ -134,12 +136,13 @@ class Frontier:
 
     def to_dict(self) -> dict:
         return {"baseline": self.baseline, "workload": self.workload, "slo": self.slo, "price": self.price,
-                "notes": list(self.notes), "points": [p.to_dict() for p in self.points]}
+                "notes": list(self.notes), "points": [p.to_dict() for p in self.points],
+                "rounds": [dict(r) for r in self.rounds]}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Frontier":
         try:
             return cls(d["baseline"], tuple(FrontierPoint.from_dict(p) for p in d["points"]), d["workload"],
-                       d["slo"], d["price"], tuple(d.get("notes", ())))
+                       d["slo"], d["price"], tuple(d.get("notes", ())), tuple(d.get("rounds", ())))
         except KeyError as e:
             raise ValueError(f"frontier: missing {e.args[0]}") from None

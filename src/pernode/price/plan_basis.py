@@ -30,9 +30,17 @@ def measured_basis(profile: Profile, step_model: StepTimeModel) -> tuple[str, ..
     lines.append(f"kv_cache: {kv.get('max_tokens')} tokens in blocks of {kv.get('block_size')}")
     serving = profile.get("serving_path")
     if isinstance(serving, Mapping):
-        lines.append(f"serving_path: {step_model.serving_request_s * 1000:.1f} ms per request, "
-                     f"{step_model.serving_token_s * 1000:.2f} ms per streamed token (measured over HTTP on "
-                     f"loopback)")
+        line = (f"serving_path: {step_model.serving_request_s * 1000:.1f} ms per request, "
+                f"{step_model.serving_token_s * 1000:.2f} ms per streamed token (measured over HTTP on loopback")
+        noisy = [what for what in ("request", "token")
+                 if isinstance(serving.get(what), Mapping) and serving[what].get("below_noise")]
+        negative = [what for what in ("request", "token") if isinstance(serving.get(what), Mapping)
+                    and not serving[what].get("below_noise") and (serving[what].get("median_s") or 0) < 0]
+        if noisy:  # paired measurements say when the difference could not be told from none
+            line += f"; the {' and '.join(noisy)} term{'s' if len(noisy) > 1 else ''} below that run's noise"
+        if negative:  # HTTP faster than the engine alone: the pairs were biased; planned as 0
+            line += f"; the {' and '.join(negative)} term measured negative beyond the noise, taken as 0"
+        lines.append(line + ")")
     else:
         lines.append("serving_path: not measured, taken as free (profile with --serving-path to include HTTP, "
                      "tokenizing and streaming)")

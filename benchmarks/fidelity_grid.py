@@ -1,0 +1,206 @@
+"""The fleet-fidelity validation grid in one command: does a plan predict what a real fleet does?
+
+For each workload shape (short chat, long-prompt RAG):
+  1. profile the node pinned to core 0 with one torch thread (the core and thread count the replica serves with),
+     with --serving-path (paired HTTP vs direct-engine timings);
+  2. a capacity plan for one replica (`pernode plan --replicas 1`) gives its capacity in req/s;
+  3. at 30%, 60% and 90% of that capacity: a plan, then `pernode fleet validate` with one Ray Serve replica pinned
+     to core 0 (`--cpuset 0`) and the load generator plus Ray's other processes on core 1 (`--client-cpuset 1`).
+Then it prints one markdown table: the same-trace prediction against the measurement for TTFT/TPOT p50 and p99 and
+goodput, the error, where the measurement falls in the predicted range over seeds (inside/above/below), whether
+it meets the issue's targets (p50s and goodput within 10%, p99s within 20%), the load average and
+`cpu_cores_used` (this command and its fleet vs every other process: the noise).
+
+    python benchmarks/fidelity_grid.py --out-dir grid            # the full grid: about 80 minutes on a quiet box
+    nice -n 19 python benchmarks/fidelity_grid.py --quick --out-dir grid-quick   # a smoke check of the pipeline
+
+Needs two cores (0 and 1) and Ray (`pernode[fleet]`). Every command it runs is printed first and saved in
+OUT_DIR/commands.sh, so any step can be rerun by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+TARGETS = {"ttft_p50_ms": 10.0, "tpot_p50_ms": 10.0, "goodput_rps": 10.0, "ttft_p99_ms": 20.0, "tpot_p99_ms": 20.0}
+COLUMNS = (("TTFT p50 ms", "ttft_p50_ms"), ("TPOT p50 ms", "tpot_p50_ms"), ("goodput req/s", "goodput_rps"),
+           ("TTFT p99 ms", "ttft_p99_ms"), ("TPOT p99 ms", "tpot_p99_ms"))
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    input_len: str
+    output_len: str
+    slo: str
+    batch_sizes: str
+    prompt_lens: str
+    context_len: int  # the workload's mean decode context: mean prompt + half the mean output
+    max_num_seqs: int
+
+
+FULL_SHAPES = (
+    Shape("chat", "32:128", "16:32", "ttft_ms=10000,tpot_ms=1000", "1,2,4,8,16,32,64", "16,32,64,128,256", 92, 64),
+    Shape("rag", "256:512", "8:16", "ttft_ms=60000,tpot_ms=1500", "1,2,4,8,16", "128,256,512,768", 390, 16),
+)
+QUICK_SHAPES = (
+    Shape("chat", "16:32", "4:8", "ttft_ms=10000,tpot_ms=1000", "1,4", "16,64", 30, 4),
+    Shape("rag", "128:192", "2:4", "ttft_ms=60000,tpot_ms=1500", "1,2", "128,256", 163, 2),
+)
+
+
+def _fmt(v, digits: int = 1) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    return f"{v:.{digits}f}" if abs(v) >= 1 else f"{v:.4g}"
+
+
+class Runner:
+    """Runs each step as a `python -m pernode.cli` subprocess, printed and appended to commands.sh first."""
+
+    def __init__(self, out_dir: str, dry_run: bool, resume: bool):
+        self.out_dir, self.dry_run, self.resume = out_dir, dry_run, resume
+        self.log = os.path.join(out_dir, "commands.sh")
+
+    def cli(self, args: list[str], out: str, cores: str | None = None) -> None:
+        """Run one step that writes `out`. Exit status 1 counts as done when `out` was written: `pernode plan`
+        says so when the asked-for fleet misses the SLO (validate still runs it), `fleet validate` when some
+        requests failed (the table shows it)."""
+        cmd = ([] if cores is None else ["taskset", "-c", cores]) + [sys.executable, "-m", "pernode.cli", *args]
+        line = " ".join(shlex.quote(c) for c in cmd)
+        if self.resume and os.path.isfile(out):
+            print(f"\n(kept from an earlier run: {out})", flush=True)
+            return
+        print(f"\n$ {line}", flush=True)
+        with open(self.log, "a") as f:
+            f.write(line + "\n")
+        if self.dry_run:
+            return
+        if os.path.exists(out):
+            os.remove(out)  # so a step that fails cannot leave an earlier run's file behind as its own
+        started = time.monotonic()
+        rc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+        print(f"[{time.monotonic() - started:.0f} s, exit status {rc}]", flush=True)
+        if rc not in (0, 1) or not os.path.isfile(out):
+            raise SystemExit(f"fidelity_grid: step failed (exit status {rc}, {out} not written): {line}")
+
+
+def profile_shape(run: Runner, shape: Shape, model_flags: list[str], quick: bool) -> str:
+    out = os.path.join(run.out_dir, f"p_{shape.name}.json")
+    run.cli(["profile", *model_flags, "--num-threads", "1", "--max-num-seqs", str(shape.max_num_seqs),
+             "--batch-sizes", shape.batch_sizes, "--prompt-lens", shape.prompt_lens,
+             "--context-len", str(shape.context_len), "--serving-path",
+             "--serving-path-requests", "4" if quick else "16", "--out", out], out, cores="0")
+    return out
+
+
+def plan_shape(run: Runner, shape: Shape, profile: str, rate: float, out: str, quick: bool) -> str:
+    run.cli(["plan", "--profile", profile, "--rate", f"{rate:.6g}", "--input-len", shape.input_len,
+             "--output-len", shape.output_len, "--slo", shape.slo, "--token-budget", "512", "--replicas", "1",
+             "--num-requests", "200" if quick else "1000", "--interval-seeds", "2" if quick else "5",
+             "--instance", "aws-c7i.large", "--out", out], out)
+    return out
+
+
+def validate(run: Runner, plan: str, profile: str, model_flags: list[str], num_prompts: int, out: str,
+             quick: bool) -> str:
+    run.cli(["fleet", "validate", "--plan", plan, "--profile", profile, *model_flags,
+             "--cpuset", "0", "--client-cpuset", "1", "--num-prompts", str(num_prompts),
+             "--interval-seeds", "2" if quick else "5", "--out", out], out)
+    return out
+
+
+def row(shape: str, load: int, v: dict) -> str:
+    same, measured = v.get("predicted_same_trace") or {}, v.get("measured") or {}
+    errors, where = v.get("error_pct_same_trace") or {}, v.get("interval_position") or {}
+    cells = [shape, f"{load}%", f"{v['workload']['rate_rps']:.3g}", str(v["workload"]["num_prompts"])]
+    for _, key in COLUMNS:
+        err = errors.get(key)
+        ok = "" if err is None else (" ✓" if abs(err) <= TARGETS[key] else " ✗")
+        cells.append(f"{_fmt(same.get(key))} / {_fmt(measured.get(key))} "
+                     f"({'–' if err is None else f'{err:+.1f}%'}{ok}; {where.get(key) or '–'})")
+    cpu = v.get("cpu_cores_used") or {}
+    load_avg = v.get("load_average_before_after") or []
+    cells.append(f"{cpu.get('ours_cores', float('nan')):.2f} / {cpu.get('others_cores', float('nan')):.2f}")
+    cells.append("–".join(f"{x:.2f}" for x in load_avg) or "–")
+    return "| " + " | ".join(cells) + " |"
+
+
+def table(results: list[tuple[str, int, dict]]) -> str:
+    head = (["shape", "load", "req/s", "requests"]
+            + [f"{label}: same-trace / measured (error; range)" for label, _ in COLUMNS]
+            + ["cores ours / others", "load avg before–after"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += [row(shape, load, v) for shape, load, v in results]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--kv-cache-bytes", default="256MiB")
+    ap.add_argument("--out-dir", default="fidelity-grid")
+    ap.add_argument("--shapes", default="chat,rag", help="comma-separated, from chat, rag")
+    ap.add_argument("--loads", default="30,60,90", help="percent of one replica's planned capacity")
+    ap.add_argument("--duration-s", type=float, default=300.0,
+                    help="arrivals per validation run, seconds (default 300; --quick: 8 requests)")
+    ap.add_argument("--min-requests", type=int, default=40, help="fewest requests per validation run")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke check that every step runs")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep every step whose output file OUT_DIR already holds (after an interruption)")
+    args = ap.parse_args(argv)
+    if len(os.sched_getaffinity(0) & {0, 1}) < 2:
+        raise SystemExit("fidelity_grid: needs cores 0 and 1 (the replica on 0, the client and Ray on 1)")
+    shapes = {s.name: s for s in (QUICK_SHAPES if args.quick else FULL_SHAPES)}
+    chosen = [shapes[n] for n in args.shapes.split(",")]
+    loads = [int(x) for x in args.loads.split(",")]
+    if any(not 0 < x < 100 for x in loads):
+        raise SystemExit(f"--loads {args.loads}: each must be a percentage in (0, 100)")
+    os.makedirs(args.out_dir, exist_ok=True)
+    run = Runner(args.out_dir, args.dry_run, args.resume)
+    model_flags = ["--model", args.model, "--device", "cpu", "--kv-cache-bytes", args.kv_cache_bytes]
+    started, results = time.monotonic(), []
+    print(f"fidelity grid: shapes {[s.name for s in chosen]}, loads {loads}%, load average {os.getloadavg()}",
+          flush=True)
+    for shape in chosen:
+        profile = profile_shape(run, shape, model_flags, args.quick)
+        cap = plan_shape(run, shape, profile, 0.01, os.path.join(args.out_dir, f"cap_{shape.name}.json"), args.quick)
+        if args.dry_run:
+            continue
+        with open(cap) as f:
+            capacity = json.load(f)["capacity_rps_per_replica"]
+        print(f"{shape.name}: one replica's capacity {capacity:.4g} req/s", flush=True)
+        for load in loads:
+            rate = load / 100 * capacity
+            tag = f"{shape.name}_{load}"
+            plan = plan_shape(run, shape, profile, rate, os.path.join(args.out_dir, f"plan_{tag}.json"), args.quick)
+            n = 8 if args.quick else max(args.min_requests, math.ceil(rate * args.duration_s))
+            out = validate(run, plan, profile, model_flags, n, os.path.join(args.out_dir, f"v_{tag}.json"),
+                           args.quick)
+            with open(out) as f:
+                results.append((shape.name, load, json.load(f)))
+            with open(os.path.join(args.out_dir, "grid.md"), "w") as f:  # after every run: a partial grid survives
+                f.write(table(results) + "\n")
+    if args.dry_run:
+        return 0
+    md = table(results)
+    print(f"\nfidelity grid ({time.monotonic() - started:.0f} s; targets: p50s and goodput within 10%, p99s within "
+          f"20%; ✓/✗ against them; range = where the measurement falls in the predicted range over seeds)\n")
+    print(md)
+    with open(os.path.join(args.out_dir, "grid.md"), "w") as f:
+        f.write(md + "\n")
+    with open(os.path.join(args.out_dir, "grid.json"), "w") as f:
+        json.dump([{"shape": s, "load_pct": load, "validation": v} for s, load, v in results], f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""benchmarks/fidelity_grid.py: the commands it runs and the table it prints (the grid itself is a benchmark)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "fidelity_grid.py")
+_spec = importlib.util.spec_from_file_location("fidelity_grid", _PATH)
+grid = importlib.util.module_from_spec(_spec)
+sys.modules["fidelity_grid"] = grid  # dataclasses look their module up
+_spec.loader.exec_module(grid)
+
+
+def _validation(err_ttft: float) -> dict:
+    same = {"ttft_p50_ms": 100.0, "tpot_p50_ms": 50.0, "goodput_rps": 1.0, "ttft_p99_ms": 300.0, "tpot_p99_ms": 80.0}
+    measured = {**same, "ttft_p50_ms": 100.0 * (1 + err_ttft / 100)}
+    return {"workload": {"rate_rps": 0.6, "num_prompts": 120}, "predicted_same_trace": same, "measured": measured,
+            "error_pct_same_trace": {k: 100 * (measured[k] - v) / v for k, v in same.items()},
+            "interval_position": {"ttft_p50_ms": "above", "tpot_p50_ms": "inside"},
+            "cpu_cores_used": {"ours_cores": 1.9, "others_cores": 0.05}, "load_average_before_after": [0.4, 1.8]}
+
+
+def test_table_marks_each_figure_against_the_targets():
+    md = grid.table([("chat", 30, _validation(4.0)), ("rag", 90, _validation(15.0))])
+    lines = md.splitlines()
+    assert len(lines) == 4 and lines[0].count("|") == lines[2].count("|")
+    assert "100.0 / 104.0 (+4.0% ✓; above)" in lines[2]  # TTFT p50 within 10%
+    assert "100.0 / 115.0 (+15.0% ✗; above)" in lines[3]  # beyond 10%
+    assert "50.0 / 50.0 (+0.0% ✓; inside)" in lines[2] and "| 1.90 / 0.05 | 0.40–1.80 |" in lines[2]
+
+
+def test_dry_run_prints_the_pinned_commands(tmp_path, capsys):
+    if len(os.sched_getaffinity(0) & {0, 1}) < 2:
+        pytest.skip("the grid needs cores 0 and 1")
+    assert grid.main(["--quick", "--dry-run", "--out-dir", str(tmp_path), "--shapes", "chat"]) == 0
+    commands = (tmp_path / "commands.sh").read_text().splitlines()
+    assert commands[0].startswith("taskset -c 0 ") and "--serving-path" in commands[0]
+    assert "--num-threads 1" in commands[0] and " plan " in commands[1] and "--replicas 1" in commands[1]
+    with pytest.raises(SystemExit, match="--loads"):
+        grid.main(["--quick", "--dry-run", "--out-dir", str(tmp_path), "--loads", "120"])
