@@ -47,8 +47,9 @@ class Shape:
 
 
 FULL_SHAPES = (
-    Shape("chat", "32:128", "16:32", "ttft_ms=10000,tpot_ms=1000", "1,2,4,8,16,32,64", "16,32,64,128,256", 92, 64),
-    Shape("rag", "256:512", "8:16", "ttft_ms=60000,tpot_ms=1500", "1,2,4,8,16", "128,256,512,768", 390, 16),
+    # SLOs a chat or RAG product on this node could promise: tight enough that goodput is a test, not a count.
+    Shape("chat", "32:128", "16:32", "ttft_ms=3000,tpot_ms=300", "1,2,4,8,16,32,64", "16,32,64,128,256", 92, 64),
+    Shape("rag", "256:768", "16:48", "ttft_ms=6000,tpot_ms=400", "1,2,4,8,16,32", "128,256,512,768", 528, 32),
 )
 QUICK_SHAPES = (
     Shape("chat", "16:32", "4:8", "ttft_ms=10000,tpot_ms=1000", "1,4", "16,64", 30, 4),
