@@ -1,10 +1,11 @@
 """Calibration speed of GPTQ and SparseGPT, before and after the calibration changes, interleaved in one run on the
 first few decoder layers of the default model, with each phase's share of the time from cProfile (1 thread).
 
-"Before" is the schedule the methods had: the Hessian forward runs the whole layer, and GPTQ installs each layer's
-quantized projections at once, so the next layer calibrates through the weight-only-quantized kernel. "After":
-the Hessian forward stops once every projection has seen its input, and the next layer calibrates on a float GEMM
-of the dequantized weights (the quantized layers are installed after). Shares do not depend on the machine's load;
+"Before" is the schedule the methods had: one forward over all windows, the Hessian forward runs the whole layer,
+and GPTQ installs each layer's quantized projections at once, so the next layer calibrates through the
+weight-only-quantized kernel. "After": forwards of 8 windows at a time (Hessians summed over them), the Hessian
+forward stops once every projection has seen its input, and the next layer calibrates on a float GEMM of the
+dequantized weights (the quantized layers are installed after). Peak memory is printed for each. Shares do not depend on the machine's load;
 the ratio of the two, interleaved, depends on it less than either time.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/pruning_calibration_speed.py --layers 3 --rounds 2
@@ -25,7 +26,6 @@ import torch
 from pernode.quant_format import QuantScheme
 from pernode.serve.models.loader import load_model
 from pernode.shrink.calibration import run_sequential
-from pernode.shrink.methods import gptq as gptq_module
 from pernode.shrink.methods.common import projections
 from pernode.shrink.methods.gptq import GPTQ, layer_hessians
 from pernode.shrink.pruning import pruner as pruner_module
@@ -42,19 +42,20 @@ class GPTQBefore(GPTQ):
             for parent, attr, _ in list(projections(layer)):
                 self.quantize_linear(parent, attr, hessians[attr], scheme, f"layers.{i}.{attr}")
 
-        run_sequential(model, calibration, process, "GPTQ", quiet)
+        run_sequential(model, calibration, process, "GPTQ", quiet)  # one forward over all windows
         return {}
 
 
 @contextlib.contextmanager
 def full_hessian_forward():
-    """SparseGPT's former schedule: the Hessian forward runs the whole layer."""
-    saved = pruner_module.layer_hessians
+    """SparseGPT's former schedule: one forward over all windows, the Hessian forward runs the whole layer."""
+    saved = pruner_module.layer_hessians, pruner_module.CALIBRATION_CHUNK_WINDOWS
     pruner_module.layer_hessians = functools.partial(layer_hessians, stop_early=False)
+    pruner_module.CALIBRATION_CHUNK_WINDOWS = None
     try:
         yield
     finally:
-        pruner_module.layer_hessians = saved
+        pruner_module.layer_hessians, pruner_module.CALIBRATION_CHUNK_WINDOWS = saved
 
 
 # phase -> (how it is found in cProfile's table, whether its cumulative time counts)
@@ -84,8 +85,21 @@ def phase_times(stats: pstats.Stats) -> dict[str, float]:
     return found
 
 
+def peak_rss_mb(reset: bool = False) -> float:
+    """This process's peak resident memory (Linux VmHWM); `reset` starts a new peak (clear_refs 5)."""
+    try:
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
+    except OSError:
+        return float("nan")
+
+
 def run_once(name: str, variant: str, calib: torch.Tensor, layers: int) -> tuple[float, dict[str, float]]:
     model, _ = load_model("smollm2-135m")
+    peak_rss_mb(reset=True)
     model.layers = model.layers[:layers]
     profiler = cProfile.Profile()
     started = time.perf_counter()
@@ -125,7 +139,8 @@ def main() -> int:
                 for k, t in ph.items():
                     phases[(m, v)][k] += t
                 print(json.dumps({"round": r, "method": m, "variant": v, "s": round(total, 1),
-                                  "load": round(os.getloadavg()[0], 1)}), flush=True)
+                                  "peak_rss_mb": round(peak_rss_mb()), "load": round(os.getloadavg()[0], 1)}),
+                      flush=True)
     print(f"\n| method | variant | s per layer (median) | speed-up | " + " | ".join(PHASES) + " | other |")
     print("|---|---|---:|---:|" + "---:|" * (len(PHASES) + 1))
     for m in methods:

@@ -22,7 +22,9 @@ from typing import ClassVar
 import torch
 
 from pernode.quant_format import QuantScheme, compute_qparams, dequantize, mse_qparams
-from pernode.shrink.calibration import capture_inputs, run_sequential
+from pernode.shrink.calibration import capture_inputs, forward_parts, run_sequential
+
+CALIBRATION_CHUNK_WINDOWS = 8  # windows per calibration forward: 4k tokens of 512, the Hessians summed over chunks
 from pernode.shrink.methods.common import install, projections, pruned_mask, zero_at_pruned
 from pernode.shrink.methods.modifier import Modifier, require
 
@@ -82,7 +84,7 @@ class GPTQ(Modifier):
                 staged.append(self.stage_linear(parent, attr, hessians[attr], scheme, f"layers.{i}.{attr}"))
             return f"layer {i}"
 
-        run_sequential(model, calibration, process, "GPTQ", quiet)
+        run_sequential(model, calibration, process, "GPTQ", quiet, CALIBRATION_CHUNK_WINDOWS)
         install_staged(staged)
         return report
 
@@ -138,6 +140,7 @@ def layer_hessians(layer, x: torch.Tensor, fwd, diagonal_only: bool = False, sto
     else:
         sums = {a: torch.zeros(lin.in_features, lin.in_features) for a, lin in linears.items()}
     counts = dict.fromkeys(linears, 0)
+    seen = set()  # projections that saw this chunk's input
 
     def accumulate(name, inp):
         inp = inp.float()
@@ -146,15 +149,17 @@ def layer_hessians(layer, x: torch.Tensor, fwd, diagonal_only: bool = False, sto
         else:
             sums[name].addmm_(inp.t(), inp, alpha=2.0)
         counts[name] += inp.shape[0]
-
-        if stop_early and all(counts.values()):
+        seen.add(name)
+        if stop_early and len(seen) == len(linears):
             raise _AllInputsSeen  # skips the last projection's GEMM and what follows: ~1/4 of the layer's FLOPs
 
-    try:
-        with capture_inputs(linears, accumulate):
-            fwd.layer(layer, x)
-    except _AllInputsSeen:
-        pass
+    with capture_inputs(linears, accumulate):
+        for part_fwd, part in forward_parts(fwd, x):
+            seen.clear()
+            try:
+                part_fwd.layer(layer, part)
+            except _AllInputsSeen:
+                pass
     return {a: sums[a] / max(counts[a], 1) for a in linears}
 
 

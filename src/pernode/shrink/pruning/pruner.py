@@ -12,7 +12,7 @@ import torch
 from pernode.quant_format import QuantScheme
 from pernode.shrink.calibration import run_sequential
 from pernode.shrink.methods.common import projections, set_pruned_mask
-from pernode.shrink.methods.gptq import GPTQ, install_staged, layer_hessians
+from pernode.shrink.methods.gptq import CALIBRATION_CHUNK_WINDOWS, GPTQ, install_staged, layer_hessians
 from pernode.shrink.methods.modifier import require
 from pernode.shrink.pruning.owl import outlier_ratio, owl_sparsities
 from pernode.sparse_format import SparsityPattern
@@ -122,7 +122,8 @@ class Pruner:
             for i, layer in enumerate(model.layers):
                 process(i, layer, None, None)
         else:
-            run_sequential(model, calibration, process, f"{self.name} {self.label()}", quiet)
+            run_sequential(model, calibration, process, f"{self.name} {self.label()}", quiet,
+                           CALIBRATION_CHUNK_WINDOWS)
         install_staged(staged)
         report = {"sparsity": self.sparsity, "pattern": self.pattern, "layerwise": self.layerwise.value,
                   "layer_sparsity": [round(s, 4) for s in sparsities]}
@@ -144,7 +145,8 @@ class Pruner:
             ratios.append(outlier_ratio(scores, self.owl_threshold))
             return f"layer {i}: outliers {ratios[-1]:.2%}"
 
-        run_sequential(model, calibration[:OWL_CALIBRATION_WINDOWS], rank, "OWL outliers", quiet)
+        run_sequential(model, calibration[:OWL_CALIBRATION_WINDOWS], rank, "OWL outliers", quiet,
+                       CALIBRATION_CHUNK_WINDOWS)
         return owl_sparsities(ratios, self.sparsity, self.owl_spread)
 
 
