@@ -90,3 +90,17 @@ def test_held_out_calibration_text_skips_exactly_the_scored_windows(tiny):
     assert torch.equal(held_out_windows(tok, 64, 2, 128, 4), head[:2])
     with pytest.raises(ValueError, match="eval_windows=0"):
         held_out_windows(tok, 64, 2, 128, 0)
+
+
+@pytest.mark.parametrize("k", [1, 3, 64, 97])
+def test_hessian_by_block_upper_triangle_is_x_transpose_x(k):
+    from pernode.shrink.methods.gptq import add_gram_upper_, mirror_block_upper_
+
+    g = torch.Generator().manual_seed(k)
+    parts = [torch.randn(n, k, generator=g) for n in (5, 17)]
+    h = torch.zeros(k, k)
+    for x in parts:
+        add_gram_upper_(h, x, 2.0)
+    mirror_block_upper_(h)
+    x = torch.cat(parts)
+    torch.testing.assert_close(h, 2.0 * x.t() @ x, rtol=1e-5, atol=1e-5)

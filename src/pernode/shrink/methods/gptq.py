@@ -25,6 +25,7 @@ from pernode.quant_format import QuantScheme, compute_qparams, dequantize, mse_q
 from pernode.shrink.calibration import capture_inputs, forward_parts, run_sequential
 
 CALIBRATION_CHUNK_WINDOWS = 8  # windows per calibration forward: 4k tokens of 512, the Hessians summed over chunks
+HESSIAN_BLOCKS = 4  # X^T X computed by block rows of its upper triangle: (n + 1) / 2n of the GEMM, 5/8 at 4
 from pernode.shrink.methods.common import install, projections, pruned_mask, zero_at_pruned
 from pernode.shrink.methods.modifier import Modifier, require
 
@@ -147,7 +148,7 @@ def layer_hessians(layer, x: torch.Tensor, fwd, diagonal_only: bool = False, sto
         if diagonal_only:
             sums[name].add_(inp.square().sum(0), alpha=2.0)
         else:
-            sums[name].addmm_(inp.t(), inp, alpha=2.0)
+            add_gram_upper_(sums[name], inp, 2.0)
         counts[name] += inp.shape[0]
         seen.add(name)
         if stop_early and len(seen) == len(linears):
@@ -160,7 +161,29 @@ def layer_hessians(layer, x: torch.Tensor, fwd, diagonal_only: bool = False, sto
                 part_fwd.layer(layer, part)
             except _AllInputsSeen:
                 pass
+    if not diagonal_only:
+        for h in sums.values():
+            mirror_block_upper_(h)
     return {a: sums[a] / max(counts[a], 1) for a in linears}
+
+
+def _block_edges(k: int, blocks: int = HESSIAN_BLOCKS) -> list[int]:
+    return sorted({round(i * k / blocks) for i in range(blocks + 1)})
+
+
+def add_gram_upper_(h: torch.Tensor, x: torch.Tensor, alpha: float) -> None:
+    """h += alpha x^T x on the diagonal blocks and above only (x [T, K]): X^T X is symmetric, so the blocks below
+    are the transposes of those above (`mirror_block_upper_` fills them once, after the last chunk)."""
+    edges = _block_edges(x.shape[1])
+    for a, b in zip(edges, edges[1:]):
+        h[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:], alpha=alpha)
+
+
+def mirror_block_upper_(h: torch.Tensor) -> None:
+    """Copy the blocks above the diagonal blocks onto those below (what `add_gram_upper_` left at zero)."""
+    edges = _block_edges(h.shape[0])
+    for a, b in zip(edges, edges[1:]):
+        h[b:, a:b] = h[a:b, b:].t()
 
 
 def inverse_hessian_cholesky(h: torch.Tensor, damp_ratio: float, name: str = "layer") -> torch.Tensor:
