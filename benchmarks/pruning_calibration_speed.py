@@ -146,7 +146,7 @@ def main() -> int:
                                   "wall_s": round(wall, 1),
                                   "peak_rss_mb": round(peak_rss_mb()), "load": round(os.getloadavg()[0], 1)}),
                       flush=True)
-    print(f"\n| method | variant | CPU s per layer (best) | speed-up | " + " | ".join(PHASES) + " | other |")
+    print("\n| method | variant | CPU s per layer (best) | speed-up | " + " | ".join(PHASES) + " | other |")
     print("|---|---|---:|---:|" + "---:|" * (len(PHASES) + 1))
     for m in methods:
         for v in ("before", "after"):

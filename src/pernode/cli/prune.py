@@ -46,8 +46,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--bits", type=int, default=4, choices=[4, 8], help="with --quantize (default 4)")
     p.add_argument("--group-size", type=int, default=64, help="with --quantize: 32, 64 or 128 (default 64)")
     p.add_argument("--calib-windows", type=int, default=None, help="calibration windows of --calib-seq-len tokens "
-                   "(default 97, ~50k tokens: the pydoc calibration split plus the pydoc text after the windows `eval ppl` "
-                   "scores; magnitude uses none unless --layerwise owl)")
+                   "(default 97, ~50k tokens: the pydoc calibration split plus the pydoc text after the windows "
+                   "`eval ppl` scores; magnitude uses none unless --layerwise owl)")
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--corpus", default=None, help="UTF-8 text file (default: pydoc topics; first 10%% calibrates)")
     p.add_argument("--out", required=True, help="output folder")

@@ -1,7 +1,7 @@
 """A Linear stored as compressed-tensors' sparse-bitmask (the nonzeros + one bit per weight) whose decode-sized fp32
-or bf16 calls run the C++ bitmask GEMV in csrc/sparse_gemv.cpp, and, on CUDA, 2:4 weights through torch's semi-structured
-sparse GEMM. Magnitude/Wanda/SparseGPT (arXiv 2301.00774) pruning leaves no structure the CPU's GEMMs can use; a
-GEMV that streams fewer bytes can, when decode is bandwidth-bound and enough weights are gone.
+or bf16 calls run the C++ bitmask GEMV in csrc/sparse_gemv.cpp, and, on CUDA, 2:4 weights through torch's
+semi-structured sparse GEMM. Magnitude/Wanda/SparseGPT (arXiv 2301.00774) pruning leaves no structure the CPU's
+GEMMs can use; a GEMV that streams fewer bytes can, when decode is bandwidth-bound and enough weights are gone.
 
 Where it pays was measured by benchmarks/pruning_speed.py against the dense GEMV on the same layers (docs/pruning.md):
 the gate below is that crossover, and the loader says "no speedup at this sparsity" for a checkpoint under it
