@@ -133,3 +133,23 @@ def test_bf16_sparse_linear_runs_the_kernel_and_matches_dense(kernel, monkeypatc
             x = torch.randn(rows, 96).bfloat16()
             torch.testing.assert_close(sparse(x), lin(x), rtol=2 ** -7, atol=2e-2)
     assert calls == [1, 8]
+
+
+def test_bf16_model_is_served_through_the_sparse_kernel(kernel, tmp_path):
+    """The bf16 default no longer falls back to dense: a bf16 model at 50% zeros gets bf16 SparseLinear layers."""
+    from pernode.serve.kernels.sparse_linear import use_sparse_kernels
+    from pernode.serve.models.loader import load_model
+    from tiny_model import tiny_config, write_tiny_model
+
+    folder = write_tiny_model(str(tmp_path / "tiny"), tiny_config(num_hidden_layers=1, hidden_size=64,
+                                                                   intermediate_size=128))
+    model, _ = load_model(folder, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for layer in model.layers:
+            for parent in (layer.self_attn, layer.mlp):
+                for lin in parent.children():
+                    if isinstance(lin, torch.nn.Linear):
+                        lin.weight[:, ::2] = 0
+    assert use_sparse_kernels(model) == 4
+    swapped = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    assert len(swapped) == 4 and all(m.values.dtype == torch.bfloat16 for m in swapped)
