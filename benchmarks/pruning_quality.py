@@ -1,46 +1,78 @@
 """Pruning quality on the default model, measured in one run: perplexity of each pruning recipe beside fp32 on the
 fixed protocol of `pernode eval ppl` (evaluation split of the pydoc topics, windows of 2048 tokens, 16 windows for
-decisions), with the calibration time of each method. Calibration: the first windows of 512 tokens of the
-calibration split (97 windows ~ 50k tokens).
+decisions), with the calibration time of each method. Calibration: 97 windows of 512 tokens (~50k) of pydoc text
+that the evaluation does not score (`shrink/pruning/calibration_text.py`).
+
+A recipe name may carry option overrides of its pruner or quantizer after '@', e.g.
+`sparsegpt-50-owl@owl_spread=0.12,owl_threshold=7` or `sparsegpt-50@damp_ratio=0.05,block_size=64`.
 
     PYTHONPATH=src .venv/bin/python benchmarks/pruning_quality.py --recipes fp32,magnitude-50,wanda-50,sparsegpt-50
-    PYTHONPATH=src .venv/bin/python benchmarks/pruning_quality.py --calib-windows 97 --recipes sparsegpt-2:4
+    PYTHONPATH=src .venv/bin/python benchmarks/pruning_quality.py --recipes sparsegpt-2:4
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import time
 
 import torch
 
 from pernode.serve.models.loader import load_model
-from pernode.shrink.evaluate.perplexity import calibration_windows, evaluate_perplexity
+from pernode.shrink.evaluate.perplexity import evaluate_perplexity
+from pernode.shrink.pruning.calibration_text import held_out_windows
 from pernode.shrink.recipes import PRUNED_RECIPES, RECIPES
 
 PRUNING_RECIPES = {"fp32": RECIPES["fp32"], **PRUNED_RECIPES}
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def recipe_of(name: str):
+    """The recipe `name`, with the '@key=value,...' overrides applied to whichever of its pruner / modifier has
+    the option; SystemExit naming the option and the allowed ones otherwise."""
+    base, _, overrides = name.partition("@")
+    if base not in PRUNING_RECIPES:
+        raise SystemExit(f"--recipes: unknown {base!r}: allowed {', '.join(PRUNING_RECIPES)}")
+    recipe = PRUNING_RECIPES[base]
+    for item in filter(None, overrides.split(",")):
+        key, _, value = item.partition("=")
+        for part in ("pruner", "modifier"):
+            obj = getattr(recipe, part)
+            if obj is not None and key in {f.name for f in dataclasses.fields(obj)}:
+                recipe = dataclasses.replace(recipe, **{part: dataclasses.replace(obj, **{key: _value(value)})})
+                break
+        else:
+            raise SystemExit(f"--recipes {name}: {key!r} is no option of its pruner or quantizer")
+    return dataclasses.replace(recipe, name=name)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--recipes", default="fp32,magnitude-50,wanda-50,sparsegpt-50",
-                    help=f"comma list of {', '.join(PRUNING_RECIPES)}")
+                    help=f"comma list (';' when overrides are given) of {', '.join(PRUNING_RECIPES)}")
     ap.add_argument("--calib-windows", type=int, default=97, help="calibration windows of 512 tokens")
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows")
     ap.add_argument("--seq-len", type=int, default=2048, help="evaluation window length")
     args = ap.parse_args()
-    names = [n.strip() for n in args.recipes.split(",") if n.strip()]
-    unknown = [n for n in names if n not in PRUNING_RECIPES]
-    if unknown:
-        raise SystemExit(f"--recipes: unknown {unknown}: allowed {', '.join(PRUNING_RECIPES)}")
+    names = [n.strip() for n in args.recipes.split(";" if "@" in args.recipes else ",") if n.strip()]
+    recipes = [recipe_of(n) for n in names]
     rows, calib = [], None
-    for name in names:
-        recipe = PRUNING_RECIPES[name]
+    print(f"load {os.getloadavg()[0]:.1f}", flush=True)
+    for name, recipe in zip(names, recipes):
         model, source = load_model(args.model)
         started = time.perf_counter()
         if recipe.needs_calibration and calib is None:
-            calib = calibration_windows(source.tokenizer, 512, args.calib_windows)
+            calib = held_out_windows(source.tokenizer, 512, args.calib_windows, args.seq_len, args.windows)
         report = recipe.apply(model, calib)
         prune_s = time.perf_counter() - started
         ppl = evaluate_perplexity(model, source.tokenizer, seq_len=args.seq_len, max_windows=args.windows)

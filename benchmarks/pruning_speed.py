@@ -5,6 +5,7 @@ of the default model's shapes (qkv 576x960, o 576x576, gate_up 576x3072, down 15
 
     PYTHONPATH=src .venv/bin/python benchmarks/pruning_speed.py
     PYTHONPATH=src .venv/bin/python benchmarks/pruning_speed.py --threads 2 --rounds 5
+    PYTHONPATH=src .venv/bin/python benchmarks/pruning_speed.py --dtype bfloat16   # the serving default
 """
 from __future__ import annotations
 
@@ -35,7 +36,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--sparsities", default="0.5,0.7,0.9")
     ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights and activations")
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
     os.environ["PERNODE_QUANT_THREADS"] = str(args.threads)
     from pernode.serve.kernels.dense_linear import Linear
@@ -45,7 +48,8 @@ def main() -> int:
     if not load_extension(SOURCE):
         raise SystemExit("the sparse kernel did not build: nothing to measure")
     torch.manual_seed(0)
-    print(f"one decoder layer's projections (SmolLM2-135M shapes), {args.threads} thread(s), best of {args.rounds}")
+    print(f"one decoder layer's projections (SmolLM2-135M shapes), {args.dtype}, {args.threads} thread(s), best of "
+          f"{args.rounds}, load {os.getloadavg()[0]:.1f}")
     print("| sparsity | rows | dense us | sparse us | sparse / dense speedup | dense MB | sparse MB | verdict |")
     print("|---:|---:|---:|---:|---:|---:|---:|---|")
     for sparsity in [float(s) for s in args.sparsities.split(",")]:
@@ -56,13 +60,14 @@ def main() -> int:
                 w = torch.randn(n, k)
                 drop = torch.rand(n, k).argsort(dim=1)[:, : int(round(k * sparsity))]
                 lin.weight.copy_(w.scatter(1, drop, 0.0))
+            lin = lin.to(dtype)
             dense_layers.append(lin)
             sparse_layers.append(SparseLinear.from_dense(lin))
-        dense_mb = sum(lin.weight.numel() * 4 for lin in dense_layers) / 1e6
-        sparse_mb = sum(s.values.numel() * 4 + s.bitmask.numel() + s.row_offsets.numel() * 8
+        dense_mb = sum(lin.weight.numel() * lin.weight.element_size() for lin in dense_layers) / 1e6
+        sparse_mb = sum(s.values.numel() * s.values.element_size() + s.bitmask.numel() + s.row_offsets.numel() * 8
                         for s in sparse_layers) / 1e6
         for rows in [int(b) for b in args.batches.split(",")]:
-            xs = [torch.randn(rows, lin.in_features) for lin in dense_layers]
+            xs = [torch.randn(rows, lin.in_features, dtype=dtype) for lin in dense_layers]
 
             def dense():
                 for lin, x in zip(dense_layers, xs):

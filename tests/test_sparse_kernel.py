@@ -89,3 +89,67 @@ def test_semi_structured_2_4_on_cuda_matches_dense():
     sparse = SemiStructuredLinear(lin)
     x = torch.randn(64, 256, device="cuda")
     torch.testing.assert_close(sparse(x), lin(x.half().float()), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("k", [576, 48, 37, 15, 1])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+def test_bf16_kernel_matches_reference(kernel, k, rows, sparsity):
+    """bf16 values and x: the kernel sums in fp32 and rounds once, so it sits within half a bf16 ulp of the fp32
+    sum of the same bf16 inputs (tight), and within bf16 rounding of torch's bf16 F.linear (the reference)."""
+    w = _sparse_weight(40, k, sparsity, seed=k + rows).bfloat16()
+    bias = torch.randn(40).bfloat16()
+    parts = compress_bitmask(w)
+    assert parts["compressed"].dtype == torch.bfloat16
+    x = torch.randn(rows, k).bfloat16()
+    exact = torch.nn.functional.linear(x.float(), w.float(), bias.float())
+    ref = sparse_linear_reference(x, parts["compressed"], parts["bitmask"], parts["row_offsets"], k, bias)
+    for threads in (1, 2):
+        y = torch.ops.pernode.sparse_gemv(x, parts["compressed"], parts["bitmask"], parts["row_offsets"], bias,
+                                          threads)
+        assert y.dtype == torch.bfloat16 and y.shape == (rows, 40)
+        torch.testing.assert_close(y.float(), exact, rtol=2 ** -8, atol=1e-5)
+        torch.testing.assert_close(y, ref, rtol=2 ** -7, atol=1e-2)
+
+
+def test_kernel_refuses_mixed_dtypes(kernel):
+    parts = compress_bitmask(_sparse_weight(8, 32, 0.5))
+    with pytest.raises(RuntimeError, match="both float32 or both bfloat16"):
+        torch.ops.pernode.sparse_gemv(torch.randn(1, 32).bfloat16(), parts["compressed"], parts["bitmask"],
+                                      parts["row_offsets"], None, 1)
+
+
+def test_bf16_sparse_linear_runs_the_kernel_and_matches_dense(kernel, monkeypatch):
+    lin = torch.nn.Linear(96, 50).bfloat16()
+    with torch.no_grad():
+        lin.weight.copy_(_sparse_weight(50, 96, 0.7).bfloat16())
+    sparse = SparseLinear.from_dense(lin)
+    assert sparse.values.dtype == torch.bfloat16
+    calls = []
+    real = torch.ops.pernode.sparse_gemv
+    monkeypatch.setattr(torch.ops.pernode, "sparse_gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    with torch.no_grad():
+        for rows in (1, 8, 64):  # the kernel up to MAX_ROWS, the expanded weight's GEMM above
+            x = torch.randn(rows, 96).bfloat16()
+            torch.testing.assert_close(sparse(x), lin(x), rtol=2 ** -7, atol=2e-2)
+    assert calls == [1, 8]
+
+
+def test_bf16_model_is_served_through_the_sparse_kernel(kernel, tmp_path):
+    """The bf16 default no longer falls back to dense: a bf16 model at 50% zeros gets bf16 SparseLinear layers."""
+    from pernode.serve.kernels.sparse_linear import use_sparse_kernels
+    from pernode.serve.models.loader import load_model
+    from tiny_model import tiny_config, write_tiny_model
+
+    folder = write_tiny_model(str(tmp_path / "tiny"), tiny_config(num_hidden_layers=1, hidden_size=64,
+                                                                   intermediate_size=128))
+    model, _ = load_model(folder, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for layer in model.layers:
+            for parent in (layer.self_attn, layer.mlp):
+                for lin in parent.children():
+                    if isinstance(lin, torch.nn.Linear):
+                        lin.weight[:, ::2] = 0
+    assert use_sparse_kernels(model) == 4
+    swapped = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    assert len(swapped) == 4 and all(m.values.dtype == torch.bfloat16 for m in swapped)

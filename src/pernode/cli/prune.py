@@ -14,6 +14,7 @@ from pernode.serve.kernels.sparse_linear import MIN_SPARSITY
 from pernode.serve.models.loader import load_model
 from pernode.shrink.checkpoint import checkpoint_bytes, save_checkpoint
 from pernode.shrink.evaluate.perplexity import calibration_windows
+from pernode.shrink.pruning.calibration_text import held_out_windows
 from pernode.shrink.methods import GPTQ, RTN
 from pernode.shrink.pruning import PRUNERS, pruner_named
 from pernode.shrink.recipes import Recipe
@@ -45,7 +46,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--bits", type=int, default=4, choices=[4, 8], help="with --quantize (default 4)")
     p.add_argument("--group-size", type=int, default=64, help="with --quantize: 32, 64 or 128 (default 64)")
     p.add_argument("--calib-windows", type=int, default=None, help="calibration windows of --calib-seq-len tokens "
-                   "(default 97, ~50k tokens; magnitude uses none unless --layerwise owl)")
+                   "(default 97, ~50k tokens: the pydoc calibration split plus the pydoc text after the windows "
+                   "`eval ppl` scores; magnitude uses none unless --layerwise owl)")
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--corpus", default=None, help="UTF-8 text file (default: pydoc topics; first 10%% calibrates)")
     p.add_argument("--out", required=True, help="output folder")
@@ -79,7 +81,10 @@ def run(args: argparse.Namespace) -> int:
     model, source = load_model(args.model)
     calib = None
     if recipe.needs_calibration:
-        calib = calibration_windows(source.tokenizer, args.calib_seq_len, args.calib_windows or 97, args.corpus)
+        if args.corpus is None:  # the calibration split alone holds ~10k tokens: add the text eval ppl never scores
+            calib = held_out_windows(source.tokenizer, args.calib_seq_len, args.calib_windows or 97)
+        else:
+            calib = calibration_windows(source.tokenizer, args.calib_seq_len, args.calib_windows or 97, args.corpus)
     report = recipe.apply(model, calib)
     folder = save_checkpoint(model, source, args.out, recipe, details=report)
     layers = report["pruning"]["layer_sparsity"]

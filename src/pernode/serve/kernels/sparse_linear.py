@@ -1,7 +1,7 @@
 """A Linear stored as compressed-tensors' sparse-bitmask (the nonzeros + one bit per weight) whose decode-sized fp32
-calls run the C++ bitmask GEMV in csrc/sparse_gemv.cpp, and, on CUDA, 2:4 weights through torch's semi-structured
-sparse GEMM. Magnitude/Wanda/SparseGPT (arXiv 2301.00774) pruning leaves no structure the CPU's GEMMs can use; a
-GEMV that streams fewer bytes can, when decode is bandwidth-bound and enough weights are gone.
+or bf16 calls run the C++ bitmask GEMV in csrc/sparse_gemv.cpp, and, on CUDA, 2:4 weights through torch's
+semi-structured sparse GEMM. Magnitude/Wanda/SparseGPT (arXiv 2301.00774) pruning leaves no structure the CPU's
+GEMMs can use; a GEMV that streams fewer bytes can, when decode is bandwidth-bound and enough weights are gone.
 
 Where it pays was measured by benchmarks/pruning_speed.py against the dense GEMV on the same layers (docs/pruning.md):
 the gate below is that crossover, and the loader says "no speedup at this sparsity" for a checkpoint under it
@@ -27,17 +27,20 @@ SOURCE = "sparse_gemv.cpp"
 # faster than the dense GEMV at batch 1; above MAX_ROWS rows a step is compute-bound and the dense GEMM wins.
 MIN_SPARSITY = 0.5
 MAX_ROWS = 8
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # the values' dtypes the kernel reads (x in the same dtype)
 
 
 class SparseLinear(nn.Module):
     """y = x W^T (+ b) with W [out, in] held as `values` (nonzeros, row-major), `bitmask` [out, ceil(in/8)] and
-    `row_offsets` [out]: compressed-tensors' sparse-bitmask layout, as the checkpoint stores it."""
+    `row_offsets` [out]: compressed-tensors' sparse-bitmask layout, as the checkpoint stores it. The values keep
+    their dtype when the kernel reads it (fp32, bf16) and are held in fp32 otherwise."""
 
     def __init__(self, in_features: int, out_features: int, values: torch.Tensor, bitmask: torch.Tensor,
                  row_offsets: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("values", values.float().contiguous())
+        keep_dtype = values.dtype in KERNEL_DTYPES
+        self.register_buffer("values", (values if keep_dtype else values.float()).contiguous())
         self.register_buffer("bitmask", bitmask.to(torch.uint8).contiguous())
         self.register_buffer("row_offsets", row_offsets.to(torch.int64).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -59,7 +62,7 @@ class SparseLinear(nn.Module):
                            "bitmask": self.bitmask}).to(self.values.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.use_kernel and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.dtype == torch.float32
+        if (self.use_kernel and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.dtype == self.values.dtype
                 and x.device.type == "cpu" and load_extension(SOURCE)):
             return torch.ops.pernode.sparse_gemv(x, self.values, self.bitmask, self.row_offsets, self.bias,
                                                  self.gemv_threads)
@@ -126,9 +129,10 @@ def use_sparse_kernels(model, sparsity_structure: str = "unstructured", min_spar
         log.warning("pernode: sparse checkpoint (%.0f%% zeros) served dense: no sparse kernel on %s here",
                     100 * sparsity, device.type)
         return 0
-    if linears[0][2].weight.dtype != torch.float32:  # the kernel reads fp32 values; bf16 runs the dense GEMMs
-        log.warning("pernode: sparse checkpoint (%.0f%% zeros) served dense in %s: the bitmask GEMV is fp32 only "
-                    "(--dtype float32 to use it)", 100 * sparsity, str(linears[0][2].weight.dtype).removeprefix("torch."))
+    dtype = linears[0][2].weight.dtype
+    if dtype not in KERNEL_DTYPES:
+        log.warning("pernode: sparse checkpoint (%.0f%% zeros) served dense in %s: the bitmask GEMV reads float32 "
+                    "or bfloat16", 100 * sparsity, str(dtype).removeprefix("torch."))
         return 0
     if sparsity < min_sparsity:
         log.warning("pernode: sparse checkpoint at %.0f%% zeros: no speedup at this sparsity (the bitmask GEMV "
@@ -136,8 +140,8 @@ def use_sparse_kernels(model, sparsity_structure: str = "unstructured", min_spar
         return 0
     for parent, attr, lin in linears:
         setattr(parent, attr, SparseLinear.from_dense(lin))
-    log.info("pernode: sparse checkpoint at %.0f%% zeros: decode steps of <= %d rows run the bitmask GEMV",
-             100 * sparsity, MAX_ROWS)
+    log.info("pernode: sparse checkpoint at %.0f%% zeros: decode steps of <= %d rows run the %s bitmask GEMV",
+             100 * sparsity, MAX_ROWS, str(dtype).removeprefix("torch."))
     return len(linears)
 
 

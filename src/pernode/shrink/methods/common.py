@@ -40,7 +40,7 @@ def set_pruned_mask(linear: nn.Module, keep: torch.Tensor) -> None:
     setattr(linear, PRUNED_MASK, keep)
 
 
-def _zero_at_pruned(q: torch.Tensor, zero: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
+def zero_at_pruned(q: torch.Tensor, zero: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
     """q with pruned entries set to the value that dequantizes to exactly 0 (the group's zero point, or 0)."""
     if zero is None:
         return torch.where(keep, q, torch.zeros_like(q))
@@ -55,7 +55,7 @@ def install(parent: nn.Module, attr: str, q: torch.Tensor, scale: torch.Tensor, 
     linear = getattr(parent, attr)
     keep = pruned_mask(linear)
     if keep is not None:
-        q = _zero_at_pruned(q, zero, keep)
+        q = zero_at_pruned(q, zero, keep)
     module = make_quantized_linear(linear, scheme, name)
     module.set_quantized(q, scale, zero)
     if linear.bias is not None:

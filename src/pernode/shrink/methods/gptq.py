@@ -16,13 +16,17 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 
-from pernode.quant_format import QuantScheme, compute_qparams, mse_qparams
-from pernode.shrink.calibration import capture_inputs, run_sequential
-from pernode.shrink.methods.common import install, projections, pruned_mask
+from pernode.quant_format import QuantScheme, compute_qparams, dequantize, mse_qparams
+from pernode.shrink.calibration import capture_inputs, forward_parts, run_sequential
+
+CALIBRATION_CHUNK_WINDOWS = 8  # windows per calibration forward: 4k tokens of 512, the Hessians summed over chunks
+HESSIAN_BLOCKS = 4  # X^T X computed by block rows of its upper triangle: (n + 1) / 2n of the GEMM, 5/8 at 4
+from pernode.shrink.methods.common import install, projections, pruned_mask, zero_at_pruned
 from pernode.shrink.methods.modifier import Modifier, require
 
 log = logging.getLogger("pernode.shrink")
@@ -72,13 +76,17 @@ class GPTQ(Modifier):
         report = {"damp_ratio": self.damp_ratio, "act_order": self.act_order, "observer": self.observer.value,
                   "calibration_tokens": calibration.numel()}
 
+        staged = []  # the previous layer's installs, run once its calibration forward (on float weights) is done
+
         def process(i, layer, x, fwd):
+            install_staged(staged)
             hessians = layer_hessians(layer, x, fwd)
             for parent, attr, lin in list(projections(layer)):
-                self.quantize_linear(parent, attr, hessians[attr], scheme, f"layers.{i}.{attr}")
+                staged.append(self.stage_linear(parent, attr, hessians[attr], scheme, f"layers.{i}.{attr}"))
             return f"layer {i}"
 
-        run_sequential(model, calibration, process, "GPTQ", quiet)
+        run_sequential(model, calibration, process, "GPTQ", quiet, CALIBRATION_CHUNK_WINDOWS)
+        install_staged(staged)
         return report
 
     def quantize_linear(self, parent, attr: str, hessian: torch.Tensor, scheme: QuantScheme, name: str) -> None:
@@ -89,30 +97,93 @@ class GPTQ(Modifier):
                                        self.act_order, name, self.observer, keep=pruned_mask(lin))
         install(parent, attr, q, s, z, scheme, name)
 
+    def stage_linear(self, parent, attr: str, hessian: torch.Tensor, scheme: QuantScheme, name: str
+                     ) -> Callable[[], None]:
+        """GPTQ parent.attr, leaving its dequantized weights in the float Linear and returning the install.
+
+        The next layer calibrates on this layer's outputs: a float GEMM on the dequantized weights gives them (up
+        to summation order) at BLAS speed, where the weight-only-quantized kernel is several times slower on
+        tens of thousands of calibration tokens. Schemes that quantize activations install at once."""
+        if scheme.activations:
+            self.quantize_linear(parent, attr, hessian, scheme, name)
+            return lambda: None
+        lin = getattr(parent, attr)
+        keep = pruned_mask(lin)
+        q, s, z = gptq_quantize_weight(lin.weight.data, hessian, scheme, self.damp_ratio, self.block_size,
+                                       self.act_order, name, self.observer, keep=keep)
+        if keep is not None:
+            q = zero_at_pruned(q, z, keep)
+        lin.weight.data.copy_(dequantize(q, s, z, scheme.group_size).to(lin.weight.dtype))
+        return lambda: install(parent, attr, q, s, z, scheme, name)
+
+
+def install_staged(staged: list) -> None:
+    """Run and clear the installs `stage_linear` returned."""
+    for do_install in staged:
+        do_install()
+    staged.clear()
+
+
+class _AllInputsSeen(Exception):
+    """Raised from the last projection's hook: the rest of the layer's forward is not needed for its Hessians."""
+
 
 @torch.no_grad()
-def layer_hessians(layer, x: torch.Tensor, fwd, diagonal_only: bool = False) -> dict[str, torch.Tensor]:
+def layer_hessians(layer, x: torch.Tensor, fwd, diagonal_only: bool = False, stop_early: bool = True
+                   ) -> dict[str, torch.Tensor]:
     """H = 2/n sum x x^T of each projection's inputs (attribute -> [K, K]) over one forward of `layer` on `x`, or
     with `diagonal_only` just its diagonal (2/n sum x^2, [K]: what Wanda's ||X|| needs). Shared by GPTQ,
-    SparseGPT and Wanda so that all calibrate on the same statistics."""
+    SparseGPT and Wanda so that all calibrate on the same statistics. With `stop_early` the forward stops once
+    every projection has seen its input (the layer's output is not used here)."""
     linears = {attr: lin for _, attr, lin in projections(layer)}
     if diagonal_only:
         sums = {a: torch.zeros(lin.in_features) for a, lin in linears.items()}
     else:
         sums = {a: torch.zeros(lin.in_features, lin.in_features) for a, lin in linears.items()}
     counts = dict.fromkeys(linears, 0)
+    seen = set()  # projections that saw this chunk's input
 
     def accumulate(name, inp):
         inp = inp.float()
         if diagonal_only:
             sums[name].add_(inp.square().sum(0), alpha=2.0)
         else:
-            sums[name].addmm_(inp.t(), inp, alpha=2.0)
+            add_gram_upper_(sums[name], inp, 2.0)
         counts[name] += inp.shape[0]
+        seen.add(name)
+        if stop_early and len(seen) == len(linears):
+            raise _AllInputsSeen  # skips the last projection's GEMM and what follows: ~1/4 of the layer's FLOPs
 
     with capture_inputs(linears, accumulate):
-        fwd.layer(layer, x)
+        for part_fwd, part in forward_parts(fwd, x):
+            seen.clear()
+            try:
+                part_fwd.layer(layer, part)
+            except _AllInputsSeen:
+                pass
+    if not diagonal_only:
+        for h in sums.values():
+            mirror_block_upper_(h)
     return {a: sums[a] / max(counts[a], 1) for a in linears}
+
+
+def _block_edges(k: int, blocks: int = HESSIAN_BLOCKS) -> list[int]:
+    return sorted({round(i * k / blocks) for i in range(blocks + 1)})
+
+
+def add_gram_upper_(h: torch.Tensor, x: torch.Tensor, alpha: float) -> None:
+    """h += alpha x^T x on the diagonal blocks and above only (x [T, K]): X^T X is symmetric, so the blocks below
+    are the transposes of those above (`mirror_block_upper_` fills them once, after the last chunk)."""
+    edges = _block_edges(x.shape[1])
+    for a, b in zip(edges, edges[1:]):
+        h[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:], alpha=alpha)
+
+
+def mirror_block_upper_(h: torch.Tensor) -> None:
+    """Copy the blocks above the diagonal blocks onto those below (what `add_gram_upper_` left at zero)."""
+    edges = _block_edges(h.shape[0])
+    for a, b in zip(edges, edges[1:]):
+        h[b:, a:b] = h[a:b, b:].t()
 
 
 def inverse_hessian_cholesky(h: torch.Tensor, damp_ratio: float, name: str = "layer") -> torch.Tensor:

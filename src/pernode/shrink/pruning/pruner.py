@@ -12,7 +12,7 @@ import torch
 from pernode.quant_format import QuantScheme
 from pernode.shrink.calibration import run_sequential
 from pernode.shrink.methods.common import projections, set_pruned_mask
-from pernode.shrink.methods.gptq import GPTQ, layer_hessians
+from pernode.shrink.methods.gptq import CALIBRATION_CHUNK_WINDOWS, GPTQ, install_staged, layer_hessians
 from pernode.shrink.methods.modifier import require
 from pernode.shrink.pruning.owl import outlier_ratio, owl_sparsities
 from pernode.sparse_format import SparsityPattern
@@ -102,8 +102,10 @@ class Pruner:
                     f"{'with GPTQ ' if then_gptq else ''}calibrates on text)")
         sparsities = self.layer_sparsities(model, calibration, quiet)
         stats_kind = Statistics.HESSIAN if then_gptq else self.statistics
+        staged = []  # GPTQ installs of the previous layer, run after its calibration forward on float weights
 
         def process(i, layer, x, fwd):
+            install_staged(staged)
             stats = {} if stats_kind is Statistics.NONE else layer_hessians(
                 layer, x, fwd, diagonal_only=stats_kind is Statistics.DIAGONAL)
             for parent, attr, lin in list(projections(layer)):
@@ -113,14 +115,16 @@ class Pruner:
                 lin.weight.data.copy_(pruned)
                 set_pruned_mask(lin, keep)
                 if then_gptq:
-                    then_gptq[0].quantize_linear(parent, attr, stats[attr], then_gptq[1], name)
+                    staged.append(then_gptq[0].stage_linear(parent, attr, stats[attr], then_gptq[1], name))
             return f"layer {i}: {sparsities[i]:.0%}"
 
         if stats_kind is Statistics.NONE:
             for i, layer in enumerate(model.layers):
                 process(i, layer, None, None)
         else:
-            run_sequential(model, calibration, process, f"{self.name} {self.label()}", quiet)
+            run_sequential(model, calibration, process, f"{self.name} {self.label()}", quiet,
+                           CALIBRATION_CHUNK_WINDOWS)
+        install_staged(staged)
         report = {"sparsity": self.sparsity, "pattern": self.pattern, "layerwise": self.layerwise.value,
                   "layer_sparsity": [round(s, 4) for s in sparsities]}
         if calibration is not None and self.needs_calibration:
@@ -141,7 +145,8 @@ class Pruner:
             ratios.append(outlier_ratio(scores, self.owl_threshold))
             return f"layer {i}: outliers {ratios[-1]:.2%}"
 
-        run_sequential(model, calibration[:OWL_CALIBRATION_WINDOWS], rank, "OWL outliers", quiet)
+        run_sequential(model, calibration[:OWL_CALIBRATION_WINDOWS], rank, "OWL outliers", quiet,
+                       CALIBRATION_CHUNK_WINDOWS)
         return owl_sparsities(ratios, self.sparsity, self.owl_spread)
 
 

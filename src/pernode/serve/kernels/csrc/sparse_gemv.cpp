@@ -1,11 +1,13 @@
-// fp32 y = x W^T (+ b) with W stored as compressed-tensors' sparse-bitmask: the nonzeros of each row, row-major
+// y = x W^T (+ b) with W stored as compressed-tensors' sparse-bitmask: the nonzeros of each row, row-major
 // (`values`, row n starting at row_offsets[n]), and a bitmask [N, ceil(K/8)] (column k at bit k%8 of byte k/8).
+// fp32 or bf16 (x and values the same dtype); bf16 products are summed in fp32 and y is rounded to bf16 once.
 //
 // Decode is bound by the bytes of weights it streams. At sparsity s a row costs (1 - s) * 4 + 1/8 bytes per
-// column instead of 4, so above ~50% sparsity the stream shrinks ~2x. The price is the expansion: per 16
-// columns, 2 mask bytes pick which lanes the next popcount(mask) values go to (AVX-512 vexpandps), then the same
-// FMA as the dense GEMV. For up to 4 rows of x the expanded vector is used at once; for more rows each W row is
-// expanded into a buffer in L1 first and dotted with the x rows from there.
+// column instead of 4 (bf16: (1 - s) * 2 + 1/8 instead of 2), so above ~50% sparsity the stream shrinks ~2x. The
+// price is the expansion: per 16 columns, 2 mask bytes pick which lanes the next popcount(mask) values go to
+// (AVX-512 vexpandps; bf16 values are widened to fp32 first, a masked load never reading past the row's values),
+// then the same FMA as the dense GEMV. For up to 4 rows of x the expanded vector is used at once; for more rows
+// each W row is expanded into a buffer in L1 first and dotted with the x rows from there.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -23,37 +25,63 @@ namespace pernode {
 namespace {
 
 constexpr int64_t kMaxRowsFused = 4;
+using bf16_bits = uint16_t;  // a bf16 value's raw bits: the high half of the fp32 with the same value
+
+inline float to_float(float v) { return v; }
+inline float to_float(bf16_bits v) {
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Whether the 16-column SIMD path exists for a value type on the CPU this was built for (-march=native).
+template <typename V> constexpr bool kSimd = false;
+#if defined(__AVX512F__)
+template <> constexpr bool kSimd<float> = true;
+inline __m512 expand16(const float* v, uint16_t mk) { return _mm512_maskz_expandloadu_ps(mk, v); }
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+template <> constexpr bool kSimd<bf16_bits> = true;
+inline __m512 expand16(const bf16_bits* v, uint16_t mk) {
+  const __mmask16 first = static_cast<__mmask16>((1u << __builtin_popcount(mk)) - 1);  // the next popcount values
+  const __m256i raw = _mm256_maskz_loadu_epi16(first, v);
+  const __m512 packed = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  return _mm512_maskz_expand_ps(mk, packed);
+}
+#endif
+#endif
 
 inline uint16_t mask16(const uint8_t* bits, int64_t k0) {  // bits for columns k0..k0+15 (k0 % 16 == 0)
   return static_cast<uint16_t>(bits[k0 / 8]) | (static_cast<uint16_t>(bits[k0 / 8 + 1]) << 8);
 }
 
-// Rows [n0, n1) for MB (<= 4) rows of x: expand 16 columns, FMA into MB accumulators.
-template <int MB>
-void fused_rows(const float* x, int64_t K, const float* values, const uint8_t* bitmask, int64_t KB,
+// Rows [n0, n1) for MB (<= 4) rows of x (fp32): expand 16 columns, FMA into MB accumulators.
+template <int MB, typename V>
+void fused_rows(const float* x, int64_t K, const V* values, const uint8_t* bitmask, int64_t KB,
                 const int64_t* offsets, const float* b, float* y, int64_t N, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
-    const float* v = values + offsets[n];
+    const V* v = values + offsets[n];
     const uint8_t* bits = bitmask + n * KB;
     float out[MB];
+    for (int m = 0; m < MB; ++m) out[m] = 0.f;
     int64_t k = 0;
 #if defined(__AVX512F__)
-    __m512 acc[MB];
-    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
-    for (; k + 16 <= K; k += 16) {
-      const uint16_t mk = mask16(bits, k);
-      if (!mk) continue;
-      const __m512 wv = _mm512_maskz_expandloadu_ps(mk, v);
-      v += __builtin_popcount(mk);
-      for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k), acc[m]);
+    if constexpr (kSimd<V>) {
+      __m512 acc[MB];
+      for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+      for (; k + 16 <= K; k += 16) {
+        const uint16_t mk = mask16(bits, k);
+        if (!mk) continue;
+        const __m512 wv = expand16(v, mk);
+        v += __builtin_popcount(mk);
+        for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k), acc[m]);
+      }
+      for (int m = 0; m < MB; ++m) out[m] = _mm512_reduce_add_ps(acc[m]);
     }
-    for (int m = 0; m < MB; ++m) out[m] = _mm512_reduce_add_ps(acc[m]);
-#else
-    for (int m = 0; m < MB; ++m) out[m] = 0.f;
 #endif
-    for (; k < K; ++k) {  // the ragged tail (and every column without AVX-512)
+    for (; k < K; ++k) {  // the ragged tail (and every column without the SIMD path)
       if (bits[k / 8] >> (k % 8) & 1) {
-        const float w = *v++;
+        const float w = to_float(*v++);
         for (int m = 0; m < MB; ++m) out[m] += w * x[m * K + k];
       }
     }
@@ -61,21 +89,25 @@ void fused_rows(const float* x, int64_t K, const float* values, const uint8_t* b
   }
 }
 
-// One W row expanded into buf [K] (zeros where pruned).
-inline void expand_row(const float* v, const uint8_t* bits, int64_t K, float* buf) {
+// One W row expanded into buf [K] (fp32, zeros where pruned).
+template <typename V>
+inline void expand_row(const V* v, const uint8_t* bits, int64_t K, float* buf) {
   int64_t k = 0;
 #if defined(__AVX512F__)
-  for (; k + 16 <= K; k += 16) {
-    const uint16_t mk = mask16(bits, k);
-    _mm512_storeu_ps(buf + k, _mm512_maskz_expandloadu_ps(mk, v));
-    v += __builtin_popcount(mk);
+  if constexpr (kSimd<V>) {
+    for (; k + 16 <= K; k += 16) {
+      const uint16_t mk = mask16(bits, k);
+      _mm512_storeu_ps(buf + k, expand16(v, mk));
+      v += __builtin_popcount(mk);
+    }
   }
 #endif
-  for (; k < K; ++k) buf[k] = (bits[k / 8] >> (k % 8) & 1) ? *v++ : 0.f;
+  for (; k < K; ++k) buf[k] = (bits[k / 8] >> (k % 8) & 1) ? to_float(*v++) : 0.f;
 }
 
 // Rows [n0, n1) for all M rows of x, through a per-row buffer.
-void buffered_rows(const float* x, int64_t M, int64_t K, const float* values, const uint8_t* bitmask, int64_t KB,
+template <typename V>
+void buffered_rows(const float* x, int64_t M, int64_t K, const V* values, const uint8_t* bitmask, int64_t KB,
                    const int64_t* offsets, const float* b, float* y, int64_t N, int64_t n0, int64_t n1) {
   std::vector<float> buf(K);
   for (int64_t n = n0; n < n1; ++n) {
@@ -109,15 +141,40 @@ void buffered_rows(const float* x, int64_t M, int64_t K, const float* values, co
   }
 }
 
+template <typename V>
+void run_rows(const float* xp, int64_t M, int64_t K, const V* vp, const uint8_t* bp, int64_t KB, const int64_t* op,
+              const float* biasp, float* yp, int64_t N, int64_t num_threads) {
+  auto rows = [&](int64_t n0, int64_t n1) {
+    if (M > kMaxRowsFused) {
+      buffered_rows<V>(xp, M, K, vp, bp, KB, op, biasp, yp, N, n0, n1);
+      return;
+    }
+    switch (M) {
+      case 0: break;
+      case 1: fused_rows<1, V>(xp, K, vp, bp, KB, op, biasp, yp, N, n0, n1); break;
+      case 2: fused_rows<2, V>(xp, K, vp, bp, KB, op, biasp, yp, N, n0, n1); break;
+      case 3: fused_rows<3, V>(xp, K, vp, bp, KB, op, biasp, yp, N, n0, n1); break;
+      default: fused_rows<4, V>(xp, K, vp, bp, KB, op, biasp, yp, N, n0, n1); break;
+    }
+  };
+  if (num_threads == 1)  // as dense_gemv.cpp: no fork-join per layer on an oversubscribed CPU
+    rows(0, N);
+  else
+    at::parallel_for(0, N, 16, rows);
+}
+
 at::Tensor sparse_gemv(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& bitmask_in,
                        const at::Tensor& offsets_in, const c10::optional<at::Tensor>& bias_in, int64_t num_threads) {
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && values_in.scalar_type() == at::kFloat, "sparse_gemv: fp32 only");
+  const auto dtype = x_in.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && values_in.scalar_type() == dtype,
+              "sparse_gemv: x and values both float32 or both bfloat16, got ", x_in.scalar_type(), " and ",
+              values_in.scalar_type());
   TORCH_CHECK(bitmask_in.scalar_type() == at::kByte && offsets_in.scalar_type() == at::kLong,
               "sparse_gemv: bitmask uint8, row_offsets int64");
   TORCH_CHECK(x_in.dim() == 2 && bitmask_in.dim() == 2 && offsets_in.dim() == 1, "sparse_gemv: shapes");
   const int64_t M = x_in.size(0), K = x_in.size(1), N = bitmask_in.size(0), KB = bitmask_in.size(1);
   TORCH_CHECK(KB == (K + 7) / 8 && offsets_in.size(0) == N, "sparse_gemv: bitmask [N, ceil(K/8)], row_offsets [N]");
-  auto x = x_in.contiguous();
+  auto x = x_in.to(at::kFloat).contiguous();  // bf16 x: M x K widened once, so the inner loop is the fp32 one
   auto values = values_in.contiguous();
   auto bitmask = bitmask_in.contiguous();
   auto offsets = offsets_in.contiguous();
@@ -125,29 +182,17 @@ at::Tensor sparse_gemv(const at::Tensor& x_in, const at::Tensor& values_in, cons
   if (bias_in.has_value() && bias_in->defined()) bias = bias_in->to(at::kFloat).contiguous();
   auto y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
-  const float* vp = values.data_ptr<float>();
   const uint8_t* bp = bitmask.data_ptr<uint8_t>();
   const int64_t* op = offsets.data_ptr<int64_t>();
   const float* biasp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  auto rows = [&](int64_t n0, int64_t n1) {
-    if (M > kMaxRowsFused) {
-      buffered_rows(xp, M, K, vp, bp, KB, op, biasp, yp, N, n0, n1);
-      return;
-    }
-    switch (M) {
-      case 0: break;
-      case 1: fused_rows<1>(xp, K, vp, bp, KB, op, biasp, yp, N, n0, n1); break;
-      case 2: fused_rows<2>(xp, K, vp, bp, KB, op, biasp, yp, N, n0, n1); break;
-      case 3: fused_rows<3>(xp, K, vp, bp, KB, op, biasp, yp, N, n0, n1); break;
-      default: fused_rows<4>(xp, K, vp, bp, KB, op, biasp, yp, N, n0, n1); break;
-    }
-  };
-  if (num_threads == 1)  // as dense_gemv.cpp: no fork-join per layer on an oversubscribed CPU
-    rows(0, N);
-  else
-    at::parallel_for(0, N, 16, rows);
-  return y;
+  if (dtype == at::kFloat) {
+    run_rows<float>(xp, M, K, values.data_ptr<float>(), bp, KB, op, biasp, yp, N, num_threads);
+    return y;
+  }
+  const auto* vp = reinterpret_cast<const bf16_bits*>(values.data_ptr<at::BFloat16>());
+  run_rows<bf16_bits>(xp, M, K, vp, bp, KB, op, biasp, yp, N, num_threads);
+  return y.to(at::kBFloat16);
 }
 
 }  // namespace
