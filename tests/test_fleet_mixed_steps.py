@@ -116,6 +116,16 @@ def test_rescore_predicts_a_recorded_run_again_from_another_profile(tmp_path):
     assert sl == pytest.approx(2 * f, rel=0.15)
     assert slow_r["error_pct_same_trace"]["tpot_p50_ms"] == pytest.approx((50.0 - sl) / sl * 100)
     assert slow_r["measured"] == measured and slow_r["rescored_from"].endswith("v.json")
+    # The serving path the run's idle probe measured through the fleet: +80 ms a request, +5 ms a token.
+    report["idle_probe"] = {"added_ms": {"ttft_p50": 80.0, "tpot_p50": 5.0}}
+    (tmp_path / "v.json").write_text(json.dumps(report))
+    probed = rescore(str(tmp_path / "v.json"), str(tmp_path / "fast.json"), interval_seeds=1,
+                     serving_path_from_probe=True)
+    same, base = probed["predicted_same_trace"], fast_r["predicted_same_trace"]
+    # +80 ms before the engine, plus the longer steps (5 ms a running request) it then queues behind
+    assert base["ttft_p50_ms"] + 80.0 <= same["ttft_p50_ms"] <= base["ttft_p50_ms"] + 130.0
+    assert same["tpot_p50_ms"] > base["tpot_p50_ms"] + 4.0
+    assert probed["serving_path_from_probe"]["request_s"] == pytest.approx(0.080)
     del report["same_trace_requests"]
     (tmp_path / "old.json").write_text(json.dumps(report))
     with pytest.raises(ValueError, match="same_trace_requests"):

@@ -46,8 +46,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--profile", required=True, help="the profile to predict the run's exact requests from")
     p.add_argument("--plan", default=None, help="default: the plan the validation ran")
     p.add_argument("--interval-seeds", type=int, default=5)
+    p.add_argument("--serving-path-from-probe", action="store_true",
+                   help="use the serving path the run's idle probe measured through the fleet (Ray Serve's proxy) "
+                        "instead of the profile's")
     p.add_argument("--out", default=None, help="write the rescored report here")
-    p.set_defaults(func=lambda a: run_rescore(a.report, a.profile, a.plan, a.out, a.interval_seeds))
+    p.set_defaults(func=lambda a: run_rescore(a.report, a.profile, a.plan, a.out, a.interval_seeds,
+                                              a.serving_path_from_probe))
 
 
 def add_fleet_arguments(p: argparse.ArgumentParser) -> None:

@@ -3,9 +3,14 @@
 A validation JSON keeps the exact requests it sent (arrival offsets, prompt and output tokens) and what was measured.
 Rescoring replays that trace through the planner's simulator with the profile given, and sets the new prediction
 beside the same measurements: two step-time models, or two profiles of one node, compared on one real run.
+
+`serving_path_from_probe` replaces the profile's serving path (measured against a plain `pernode serve`) by what the
+run's own idle probe measured through the fleet's path (Ray Serve's proxy and the replica's streaming), one request
+at a time before the load: it tells model error from a serving path the profile did not see.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -18,7 +23,8 @@ from pernode.price.fleet_plan import Plan
 from pernode.price.workload import LengthDist, Workload
 
 
-def rescore(report_path: str, profile_path: str, plan_path: str | None = None, interval_seeds: int = 5) -> dict:
+def rescore(report_path: str, profile_path: str, plan_path: str | None = None, interval_seeds: int = 5,
+            serving_path_from_probe: bool = False) -> dict:
     """The validation report at `report_path` with its same-trace prediction (and range) made from `profile_path`."""
     report = json.loads(Path(report_path).read_text())
     trace = report.get("same_trace_requests")
@@ -27,12 +33,15 @@ def rescore(report_path: str, profile_path: str, plan_path: str | None = None, i
                          f"without --profile or before traces were recorded; run the validation again")
     plan = Plan.load(plan_path or report["plan"])
     profile = load_profile(profile_path)
+    if serving_path_from_probe:
+        profile = _with_probed_serving_path(profile, report)
     budget = int(report["token_budget"])
     same = predicted_for_trace(profile, plan, trace["offsets_s"], trace["prompt_tokens"], trace["output_tokens"],
                                budget)
     measured = report["measured"]
     out = dict(report)
     out.update({"profile": os.path.abspath(profile_path), "rescored_from": os.path.abspath(report_path),
+                "serving_path_from_probe": profile.get("serving_path") if serving_path_from_probe else None,
                 "predicted_same_trace": same, "error_pct_same_trace": errors_pct(same, measured)})
     w = report["workload"]
     workload = Workload(float(w["rate_rps"]), LengthDist.parse(w["input_len"], "input_len"),
@@ -45,9 +54,25 @@ def rescore(report_path: str, profile_path: str, plan_path: str | None = None, i
     return out
 
 
+def _with_probed_serving_path(profile: dict, report: dict) -> dict:
+    """`profile` with the serving path the report's idle probe measured: per request, its TTFT beyond the
+    profile's prefill; per token, its TPOT beyond the profile's batch-1 step (which already held the profile's
+    own token term). Negative medians count as 0."""
+    added = (report.get("idle_probe") or {}).get("added_ms")
+    if not isinstance(added, dict) or added.get("ttft_p50") is None or added.get("tpot_p50") is None:
+        raise ValueError("the report's idle_probe has no added_ms: it was validated without --profile; "
+                         "rescore without --serving-path-from-probe")
+    out = copy.deepcopy(profile)
+    own_token_s = float((profile.get("serving_path") or {}).get("token_s", 0.0))
+    out["serving_path"] = {"request_s": max(0.0, added["ttft_p50"] / 1000.0),
+                           "token_s": max(0.0, own_token_s + added["tpot_p50"] / 1000.0),
+                           "method": "the validation run's idle probe, through the fleet's own path"}
+    return out
+
+
 def run_rescore(report_path: str, profile_path: str, plan_path: str | None, out: str | None,
-                interval_seeds: int = 5) -> int:
-    report = rescore(report_path, profile_path, plan_path, interval_seeds)
+                interval_seeds: int = 5, serving_path_from_probe: bool = False) -> int:
+    report = rescore(report_path, profile_path, plan_path, interval_seeds, serving_path_from_probe)
     print_validation(report)
     if out:
         write_report(report, out)
