@@ -34,19 +34,20 @@ def mixed(points):
 def test_mixed_points_scale_the_additive_estimate_exactly_where_measured_and_hold_at_the_edges():
     # additive at (8, 100): 0.05 + 0.01 = 0.06; measured 0.03 -> factor 0.5; at (8, 400): 0.09 vs 0.09 -> 1.0
     prof = toy_profile(mixed=mixed([(8, 100, 0.03), (8, 400, 0.09), (32, 100, 0.06), (32, 400, 0.045)]))
-    m = StepTimeModel.from_profile(prof)
+    m = StepTimeModel.from_profile(prof, mixed_steps=True)
     assert m.step_s(8, 100) == pytest.approx(0.03)
     assert m.step_s(8, 400) == pytest.approx(0.09)
     assert m.step_s(32, 400) == pytest.approx(0.045)
     assert m.mix_factor(8, 200) == pytest.approx(0.75)  # halfway in log p between 100 and 400
     assert m.mix_factor(2, 50) == pytest.approx(0.5)  # held at the measured corner
     assert m.step_s(8, 0) == pytest.approx(STEP) and m.mix_factor(0, 100) == 1.0  # pure steps stay measured
-    plain = StepTimeModel.from_profile(toy_profile())
-    assert plain.mix_factor(8, 100) == 1.0 and plain.step_s(8, 100) == pytest.approx(0.06)
+    for plain in (StepTimeModel.from_profile(toy_profile()), StepTimeModel.from_profile(prof)):  # additive default
+        assert plain.mix_factor(8, 100) == 1.0 and plain.step_s(8, 100) == pytest.approx(0.06)
 
 
 def test_a_missing_cell_takes_its_rows_mean_and_bad_points_name_the_field():
-    m = StepTimeModel.from_profile(toy_profile(mixed=mixed([(8, 100, 0.03), (32, 100, 0.06), (32, 400, 0.09)])))
+    m = StepTimeModel.from_profile(toy_profile(mixed=mixed([(8, 100, 0.03), (32, 100, 0.06), (32, 400, 0.09)])),
+                                   mixed_steps=True)
     assert m.mix_factor(8, 400) == pytest.approx(0.5)
     good = synthetic_profile()
     good["mixed"] = mixed([(8, 100, 0.2)])
@@ -62,7 +63,8 @@ def test_the_simulator_steps_mixed_batches_at_the_corrected_time():
     finish = {}
     for name, prof in (("additive", toy_profile()),
                        ("halved", toy_profile(mixed=mixed([(4, 64, 0.5 * (STEP + 64 / 10_000))])))):
-        cfg = ReplicaConfig(StepTimeModel.from_profile(prof), max_batch=8, kv_max_tokens=3200, token_budget=512)
+        cfg = ReplicaConfig(StepTimeModel.from_profile(prof, mixed_steps=True), max_batch=8, kv_max_tokens=3200,
+                            token_budget=512)
         res = simulate_fleet(trace, cfg, 1)
         finish[name] = float(np.max(res.finish_s))
     assert finish["halved"] < finish["additive"]

@@ -49,9 +49,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--serving-path-from-probe", action="store_true",
                    help="use the serving path the run's idle probe measured through the fleet (Ray Serve's proxy) "
                         "instead of the profile's")
+    p.add_argument("--mixed-steps", action="store_true",
+                   help="scale mixed decode + prompt steps by the profile's measured mixed[] points")
     p.add_argument("--out", default=None, help="write the rescored report here")
     p.set_defaults(func=lambda a: run_rescore(a.report, a.profile, a.plan, a.out, a.interval_seeds,
-                                              a.serving_path_from_probe))
+                                              a.serving_path_from_probe, a.mixed_steps))
 
 
 def add_fleet_arguments(p: argparse.ArgumentParser) -> None:

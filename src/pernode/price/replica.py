@@ -7,7 +7,8 @@ feeds it requests of the right token counts. So token budget, chunked prefill (S
 FIFO admission, recompute preemption and prefix caching are the engine's code, not a copy of it: the simulator and
 the engine cannot disagree on who runs in which step. Only the forward pass is replaced, by StepTimeModel: a step
 with b decodes and prompt chunks lasts decode_step_s(b) + sum(chunk tokens x seconds per token of that prompt),
-the engine's part scaled by the profile's measured mixed-step factor when the step holds both.
+the engine's part scaled by the measured mixed-step factor when the step holds both and the model was built with
+mixed steps (off by default).
 
 Speed: when a step only decodes and nothing waiting can be admitted, the scheduler would repeat it, one token per
 request, until the earliest request finishes, the KV pool runs short, or (when admission is open) a request

@@ -3,11 +3,13 @@
 One step with b running decodes and p scheduled prompt tokens lasts decode_step_s(b) + p / prefill_tokens_per_s:
 the decode part is read off the measured decode[] curve in batch size, the prefill part off prefill[] in prompt length.
 This additive model is the one DistServe (Zhong et al., arXiv 2401.09670) and Sarathi-Serve (Agrawal et al.,
-arXiv 2403.02310) reason with for mixed prefill/decode batches. It overcounts on a CPU: in one forward pass the
-decodes' rows ride in the prompt chunk's GEMMs, which run at the prefill rate rather than as separate GEMVs. When the
-profile measured such steps (its mixed[] points: b decodes plus a p-token chunk in one step), the additive estimate
-of a mixed step is scaled by measured / additive, interpolated in log b and log p and held at the measured edges,
-as vidur predicts a batch's time from profiled batches rather than from its parts.
+arXiv 2403.02310) reason with for mixed prefill/decode batches. Timed alone, a mixed step is faster than that on a
+CPU: in one forward pass the decodes' rows ride in the prompt chunk's GEMMs at the prefill rate instead of running
+as separate GEMVs. The profile measures such steps (its mixed[] points: b decodes plus a p-token chunk in one step),
+and with `mixed_steps=True` the additive estimate of a mixed step is scaled by measured / additive, interpolated in
+log b and log p and held at the measured edges, as vidur predicts a batch's time from profiled batches. It is off by
+default: against real fleets it predicted worse than the additive sum (docs/fleet.md, "Fidelity runs"), whose
+overcount stands in for per-step serving work under load that no term models yet.
 
 The serving path is in the model too, when the profile measured it (`pernode profile --serving-path`, section
 serving_path): each request reaches the engine `serving_request_s` after it was sent (HTTP, tokenizing, the first
@@ -59,9 +61,11 @@ class StepTimeModel:
         return cls.from_profile({"decode": rows_d, "prefill": rows_p})
 
     @classmethod
-    def from_profile(cls, profile: Profile, context_tokens: float | None = None) -> "StepTimeModel":
+    def from_profile(cls, profile: Profile, context_tokens: float | None = None,
+                     mixed_steps: bool = False) -> "StepTimeModel":
         """Read decode[] and prefill[]; when decode[] covers several context lengths, use the one nearest
-        `context_tokens` (ties go to the longer context, which is slower: the safe side)."""
+        `context_tokens` (ties go to the longer context, which is slower: the safe side). `mixed_steps` scales mixed
+        steps by the profile's mixed[] points; off by default, since it validated worse (docs/fleet.md)."""
         decode_rows = profile.get("decode")
         prefill_rows = profile.get("prefill")
         if not isinstance(decode_rows, list) or not decode_rows:
@@ -95,7 +99,7 @@ class StepTimeModel:
         lens_a, rates_a = _merge_duplicates(lens, rates)
         request_s, token_s = serving_path_s(profile)
         model = cls(batch, step, lens_a, rates_a, chosen_ctx, request_s, token_s)
-        grid = _mixed_ratio_grid(model, profile.get("mixed") or [], chosen_ctx)
+        grid = _mixed_ratio_grid(model, profile.get("mixed") or [], chosen_ctx) if mixed_steps else {}
         return dataclasses.replace(model, **grid) if grid else model
 
     @property

@@ -68,29 +68,30 @@ def predicted_same_trace(profile: Profile, plan: Plan, requests: Sequence[BenchR
 
 
 def predicted_for_trace(profile: Profile, plan: Plan, offsets_s, prompt_tokens, output_tokens,
-                        token_budget: int) -> dict:
+                        token_budget: int, mixed_steps: bool = False) -> dict:
     """The planner's simulator on a recorded trace: arrival offsets and each request's prompt and output tokens."""
     prompt = np.asarray(prompt_tokens, dtype=np.int64)
     output = np.asarray(output_tokens, dtype=np.int64)
-    replica = replica_config(profile, plan, float(prompt.mean() + output.mean() / 2.0), token_budget)
+    replica = replica_config(profile, plan, float(prompt.mean() + output.mean() / 2.0), token_budget, mixed_steps)
     trace = RequestTrace(np.asarray(offsets_s, dtype=np.float64), prompt, output)
     return summary_values(simulate_fleet(trace, replica, int(plan.replicas), ROUTER_POLICY), plan.slo)
 
 
-def replica_config(profile: Profile, plan: Plan, mean_decode_context: float, token_budget: int) -> ReplicaConfig:
+def replica_config(profile: Profile, plan: Plan, mean_decode_context: float, token_budget: int,
+                   mixed_steps: bool = False) -> ReplicaConfig:
     """One replica as the fleet runs it: the profile's step times (and serving path), the plan's max batch, the
     profile's KV cache and block size, the engine's token budget."""
-    step_model = StepTimeModel.from_profile(profile, context_tokens=mean_decode_context)
+    step_model = StepTimeModel.from_profile(profile, context_tokens=mean_decode_context, mixed_steps=mixed_steps)
     return ReplicaConfig(step_model, int(plan.max_batch.batch_size), kv_max_tokens(profile), token_budget,
                          kv_block_size(profile))
 
 
 def predicted_interval(profile: Profile, plan: Plan, workload: Workload, num_prompts: int, seeds: list[int],
-                       token_budget: int) -> dict:
+                       token_budget: int, mixed_steps: bool = False) -> dict:
     """The range each figure takes over runs of `num_prompts` requests drawn from `workload` with each seed: how
     far a run of the measured size may fall from another by chance alone."""
     mean_decode_context = workload.mean_input_tokens + workload.mean_output_tokens / 2.0
-    replica = replica_config(profile, plan, mean_decode_context, token_budget)
+    replica = replica_config(profile, plan, mean_decode_context, token_budget, mixed_steps)
     return seed_intervals(lambda s: workload.generate(num_prompts, s), replica, int(plan.replicas), ROUTER_POLICY,
                           plan.slo, seeds)
 

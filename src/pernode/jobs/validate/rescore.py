@@ -3,6 +3,7 @@
 A validation JSON keeps the exact requests it sent (arrival offsets, prompt and output tokens) and what was measured.
 Rescoring replays that trace through the planner's simulator with the profile given, and sets the new prediction
 beside the same measurements: two step-time models, or two profiles of one node, compared on one real run.
+`mixed_steps` predicts with the profile's measured mixed steps (price/step_time.py), off by default as in the planner.
 
 `serving_path_from_probe` replaces the profile's serving path (measured against a plain `pernode serve`) by what the
 run's own idle probe measured through the fleet's path (Ray Serve's proxy and the replica's streaming), one request
@@ -24,7 +25,7 @@ from pernode.price.workload import LengthDist, Workload
 
 
 def rescore(report_path: str, profile_path: str, plan_path: str | None = None, interval_seeds: int = 5,
-            serving_path_from_probe: bool = False) -> dict:
+            serving_path_from_probe: bool = False, mixed_steps: bool = False) -> dict:
     """The validation report at `report_path` with its same-trace prediction (and range) made from `profile_path`."""
     report = json.loads(Path(report_path).read_text())
     trace = report.get("same_trace_requests")
@@ -37,18 +38,19 @@ def rescore(report_path: str, profile_path: str, plan_path: str | None = None, i
         profile = _with_probed_serving_path(profile, report)
     budget = int(report["token_budget"])
     same = predicted_for_trace(profile, plan, trace["offsets_s"], trace["prompt_tokens"], trace["output_tokens"],
-                               budget)
+                               budget, mixed_steps)
     measured = report["measured"]
     out = dict(report)
     out.update({"profile": os.path.abspath(profile_path), "rescored_from": os.path.abspath(report_path),
                 "serving_path_from_probe": profile.get("serving_path") if serving_path_from_probe else None,
+                "mixed_steps": mixed_steps,
                 "predicted_same_trace": same, "error_pct_same_trace": errors_pct(same, measured)})
     w = report["workload"]
     workload = Workload(float(w["rate_rps"]), LengthDist.parse(w["input_len"], "input_len"),
                         LengthDist.parse(w["output_len"], "output_len"), float(w["burstiness"]))
     seed = int(w.get("seed", 0))
     interval = predicted_interval(profile, plan, workload, len(trace["offsets_s"]),
-                                  [seed + k for k in range(interval_seeds)], budget)
+                                  [seed + k for k in range(interval_seeds)], budget, mixed_steps)
     out["predicted_interval"] = interval
     out["interval_position"] = interval_positions(interval, measured)
     return out
@@ -71,8 +73,8 @@ def _with_probed_serving_path(profile: dict, report: dict) -> dict:
 
 
 def run_rescore(report_path: str, profile_path: str, plan_path: str | None, out: str | None,
-                interval_seeds: int = 5, serving_path_from_probe: bool = False) -> int:
-    report = rescore(report_path, profile_path, plan_path, interval_seeds, serving_path_from_probe)
+                interval_seeds: int = 5, serving_path_from_probe: bool = False, mixed_steps: bool = False) -> int:
+    report = rescore(report_path, profile_path, plan_path, interval_seeds, serving_path_from_probe, mixed_steps)
     print_validation(report)
     if out:
         write_report(report, out)
