@@ -323,30 +323,10 @@ void gemv_vnni_rows(const QuantizedInput& qi, int64_t m0, const void* w, const f
 }
 #endif
 
-// fp32 rows [n0, n1) of W into dst ([n1 - n0][K]).
-void dequant_rows(const at::Tensor& w, const float* scale, const float* bias, int64_t bits, int64_t K, int64_t G,
-                  int64_t gs, int64_t n0, int64_t n1, float* dst) {
-  for (int64_t n = n0; n < n1; ++n) {
-    float* d = dst + (n - n0) * K;
-    const float* sr = scale + n * G;
-    const float* br = bias ? bias + n * G : nullptr;
-    for (int64_t g = 0; g < G; ++g) {
-      const float s = sr[g], z = br ? br[g] : (bits == 4 ? -8.f * s : 0.f);
-      float* dg = d + g * gs;
-      if (bits == 8) {
-        const int8_t* wg = w.data_ptr<int8_t>() + n * K + g * gs;
-        for (int64_t k = 0; k < gs; ++k) dg[k] = float(wg[k]) * s + z;
-      } else {
-        const int32_t* wg = w.data_ptr<int32_t>() + n * (K / 8) + g * gs / 8;
-        for (int64_t k8 = 0; k8 < gs / 8; ++k8) {
-          const int32_t v = wg[k8];
-#pragma GCC unroll 8
-          for (int j = 0; j < 8; ++j) dg[8 * k8 + j] = float((v >> (4 * j)) & 0xF) * s + z;
-        }
-      }
-    }
-  }
-}
+// Rows [n0, n1) of W dequantised to T into dst ([n1 - n0][K]); defined with the GEMM-in-x's-dtype path below.
+template <typename T>
+void dequant_rows_to(const void* w, const float* scale, const float* bias, int64_t bits, int64_t K, int64_t G,
+                     int64_t gs, int64_t n0, int64_t n1, T* dst);
 
 // Batches: W is dequantised kTileRows output rows at a time into a buffer that stays in cache, each tile one fp32
 // GEMM, so no fp32 copy of the whole W is written (113 MB for SmolLM2's quantized lm_head).
@@ -364,7 +344,7 @@ at::Tensor tiled_matmul(const at::Tensor& x, const at::Tensor& w, const float* s
     auto tile = at::empty({kTileRows, K}, x.options());
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * kTileRows, rows = std::min(kTileRows, N - n0);
-      dequant_rows(w, scale, bias, bits, K, G, gs, n0, n0 + rows, tile.data_ptr<float>());
+      dequant_rows_to<float>(w.data_ptr(), scale, bias, bits, K, G, gs, n0, n0 + rows, tile.data_ptr<float>());
       auto out = yt.narrow(0, n0, rows);
       at::mm_out(out, tile.narrow(0, 0, rows), xt);
     }
@@ -374,7 +354,7 @@ at::Tensor tiled_matmul(const at::Tensor& x, const at::Tensor& w, const float* s
 
 // ---- GEMM in x's dtype over dequantised tiles -----------------------------------------------------------------
 // One group of `gs` weights of row n, dequantised to T: u * scale + bias (bias: the zero term; int4 without one
-// uses -8 * scale, the stored offset), as dequant_rows computes it.
+// uses -8 * scale, the stored offset).
 template <typename T>
 inline void store_values(T* dst, const float* v, int64_t count) {
   for (int64_t i = 0; i < count; ++i) dst[i] = T(v[i]);
