@@ -37,7 +37,9 @@ def _dense_gemv(x, weight, bias, num_threads=0):
 
 
 def _woq_linear(x, weight, scale, zero_term, bits, group_size, num_threads=0, quantize_input=False):
-    return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+    # bf16 x gives bf16 y; any other x gives fp32 y
+    return x.new_empty((x.shape[0], weight.shape[0]),
+                       dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32)
 
 
 def _woq_gemm(x, weight, scale, zero_term, bits, group_size):

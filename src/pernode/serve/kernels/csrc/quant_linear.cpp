@@ -7,7 +7,8 @@
 // A missing bias (zero_term) means no zero point: for int4 the nibbles' offset alone, bias = -8 * scale.
 // So the inner loop multiplies raw integers; scales are applied once per group (or per 16-lane chunk).
 //
-// Small batches (decode) run a GEMV that streams each weight row once and reuses it for up to 4 activation rows;
+// Small batches (decode, speculative verify steps) run a GEMV that streams each weight row once and reuses it for up
+// to 8 activation rows held in registers (8 accumulators of 16 lanes: a third of AVX-512's 32 registers);
 // OpenMP (at::parallel_for) over output rows. Two flavours:
 //  * float x: convert each weight to fp32 and FMA (exact up to fp32 rounding).
 //  * int8 x (`quantize_input`, the decode default): x is quantized per 32-value block (q = rint(x * 127/amax)),
@@ -43,7 +44,9 @@
 namespace pernode {
 namespace {
 
-constexpr int64_t kMaxGemvRows = 4;  // activation rows sharing one pass over the weights
+constexpr int64_t kMaxGemvRows = 8;  // activation rows sharing one pass over the weights
+// Float x (no int8 quantisation): from this many rows on, dequantised tiles + one fp32 GEMM beat the GEMV.
+constexpr int64_t kFloatGemvMaxRows = 8;
 // Weights are streamed once per call; one thread's demand loads alone leave DRAM bandwidth unused (measured:
 // the int4 GEMV went from ~6.5 to ~10 GB/s with a software prefetch this far ahead of each 64-byte load).
 constexpr int64_t kPrefetchBytes = PERNODE_PREFETCH_BYTES;
@@ -522,7 +525,11 @@ void gemv_float(const FloatInput& fi, int64_t M, int64_t K, int64_t bits, const 
         case 1: gemv_int8_rows<1>(xm, K, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
         case 2: gemv_int8_rows<2>(xm, K, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
         case 3: gemv_int8_rows<3>(xm, K, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
-        default: gemv_int8_rows<4>(xm, K, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        case 4: gemv_int8_rows<4>(xm, K, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        case 5: gemv_int8_rows<5>(xm, K, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        case 6: gemv_int8_rows<6>(xm, K, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        case 7: gemv_int8_rows<7>(xm, K, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        default: gemv_int8_rows<8>(xm, K, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
       }
     } else {
       const int32_t* wp = w.data_ptr<int32_t>();
@@ -532,7 +539,11 @@ void gemv_float(const FloatInput& fi, int64_t M, int64_t K, int64_t bits, const 
         case 1: gemv_int4_rows<1>(xm, ld, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
         case 2: gemv_int4_rows<2>(xm, ld, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
         case 3: gemv_int4_rows<3>(xm, ld, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
-        default: gemv_int4_rows<4>(xm, ld, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        case 4: gemv_int4_rows<4>(xm, ld, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        case 5: gemv_int4_rows<5>(xm, ld, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        case 6: gemv_int4_rows<6>(xm, ld, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        case 7: gemv_int4_rows<7>(xm, ld, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        default: gemv_int4_rows<8>(xm, ld, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
       }
     }
   }
@@ -551,7 +562,11 @@ void gemv_vnni(const QuantizedInput& qi, int64_t M, int64_t K, int64_t bits, con
       case 1: PERNODE_VNNI_CASE(1) break;
       case 2: PERNODE_VNNI_CASE(2) break;
       case 3: PERNODE_VNNI_CASE(3) break;
-      default: PERNODE_VNNI_CASE(4) break;
+      case 4: PERNODE_VNNI_CASE(4) break;
+      case 5: PERNODE_VNNI_CASE(5) break;
+      case 6: PERNODE_VNNI_CASE(6) break;
+      case 7: PERNODE_VNNI_CASE(7) break;
+      default: PERNODE_VNNI_CASE(8) break;
     }
 #undef PERNODE_VNNI_CASE
   }
@@ -563,34 +578,51 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
                       int64_t num_threads, bool quantize_input) {
   TORCH_CHECK(bits == 4 || bits == 8, "woq_linear: bits must be 4 or 8");
   TORCH_CHECK(w.is_contiguous() && w.dim() == 2, "woq_linear: weight must be a contiguous 2-D tensor");
-  auto x = x_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(x_in.dim() == 2, "woq_linear: x must be 2-D");
   auto scale = scale_in.to(at::kFloat).contiguous();
   at::Tensor bias;
   if (bias_in.has_value() && bias_in->defined()) bias = bias_in->to(at::kFloat).contiguous();
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = scale.size(1);
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = w.size(0), G = scale.size(1);
   const int64_t gs = group_size > 0 ? group_size : K;
   TORCH_CHECK(K % gs == 0 && K / gs == G, "woq_linear: scale has ", G, " groups, expected ", K / gs);
   TORCH_CHECK(bits == 8 ? w.size(1) == K : w.size(1) * 8 == K, "woq_linear: weight shape does not match x");
   TORCH_CHECK(bits == 8 ? w.scalar_type() == at::kChar : w.scalar_type() == at::kInt, "woq_linear: weight dtype");
   TORCH_CHECK(!quantize_input || (K % kActBlock == 0 && gs % kActBlock == 0),
               "woq_linear: quantize_input needs the input size and group size to be multiples of ", kActBlock);
-  auto y = at::empty({M, N}, x.options());
-
-  if (!quantize_input && M > 2 * kMaxGemvRows)  // batch: the matmul's compute dwarfs dequantising W
-    return tiled_matmul(x, w, scale.data_ptr<float>(), bp, bits, N, K, G, gs);
-
-  float* yp = y.data_ptr<float>();
+  // bf16 x (the default dtype's decode steps) comes back as bf16 y; the widening and narrowing are plain loops here:
+  // two aten::to per call cost more in dispatch than the conversions themselves (~120 calls a decode step).
+  const bool bf16_io = x_in.scalar_type() == at::kBFloat16;
+  if (!quantize_input && M > kFloatGemvMaxRows) {  // batch: the matmul's compute dwarfs dequantising W
+    auto y = tiled_matmul(x_in.to(at::kFloat).contiguous(), w, scale.data_ptr<float>(), bp, bits, N, K, G, gs);
+    return bf16_io ? y.to(at::kBFloat16) : y;
+  }
+  at::Tensor x;
+  std::vector<float> x_widened, y_wide;
+  const float* xptr;
+  if (bf16_io) {
+    const auto xc = x_in.contiguous();
+    const c10::BFloat16* src = xc.data_ptr<c10::BFloat16>();
+    x_widened.resize(M * K);
+    for (int64_t i = 0; i < M * K; ++i) x_widened[i] = static_cast<float>(src[i]);
+    xptr = x_widened.data();
+  } else {
+    x = x_in.to(at::kFloat).contiguous();
+    xptr = x.data_ptr<float>();
+  }
+  at::Tensor y = at::empty({M, N}, x_in.options().dtype(bf16_io ? at::kBFloat16 : at::kFloat));
+  if (bf16_io) y_wide.resize(M * N);
+  float* yp = bf16_io ? y_wide.data() : y.data_ptr<float>();
   const float* sp = scale.data_ptr<float>();
   std::function<void(int64_t, int64_t)> rows;
   FloatInput fi;
   QuantizedInput qi;
   std::unique_ptr<ChunkGroups> cg;
   if (!quantize_input) {
-    fi = prepare_float_input(x.data_ptr<float>(), M, K, bits, G, gs, bp != nullptr || bits == 4);
+    fi = prepare_float_input(xptr, M, K, bits, G, gs, bp != nullptr || bits == 4);
     rows = [&](int64_t n0, int64_t n1) { gemv_float(fi, M, K, bits, w, sp, bp, G, gs, yp, N, n0, n1); };
   } else {
-    qi = quantize_input_blocks(x.data_ptr<float>(), M, K, bits);
+    qi = quantize_input_blocks(xptr, M, K, bits);
 #if defined(PERNODE_VNNI)
     cg = std::make_unique<ChunkGroups>(bits == 4 ? K / 8 : K / 4, bits == 4 ? 8 : 4, G, gs);
     rows = [&](int64_t n0, int64_t n1) { gemv_vnni(qi, M, K, bits, w, sp, bp, *cg, G, yp, N, n0, n1); };
@@ -605,6 +637,10 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
     rows(0, N);
   else
     at::parallel_for(0, N, 16, rows);
+  if (bf16_io) {  // rounds to nearest even, as y.to(bfloat16) does
+    c10::BFloat16* dst = y.data_ptr<c10::BFloat16>();
+    for (int64_t i = 0; i < M * N; ++i) dst[i] = c10::BFloat16(y_wide[i]);
+  }
   return y;
 }
 
