@@ -4,8 +4,10 @@ An OpenMP team only goes as fast as its slowest thread: every parallel region en
 busy (other processes on the same cores), a thread that loses its core stalls the whole team at each barrier, and
 a decode step runs a few hundred small parallel regions. So the default is measured, not assumed: the CPUs this
 process may run on (its affinity mask, capped by a cgroup CPU quota) bound the team, and a short probe times a
-decode-sized and a prefill-sized matmul with one thread and with the full team, keeping the full team only where
-it is faster on the two together. An explicit count is taken as given.
+decode-sized and a prefill-sized matmul with one thread and with the full team, in interleaved pairs. The full team
+is kept unless one thread is clearly and consistently faster: a neighbour at nice 19 yields its core to the team
+at once, so a few slow samples while it runs must not halve the engine's throughput for the whole process.
+An explicit count is taken as given.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import functools
 import logging
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,9 +29,13 @@ log = logging.getLogger("pernode.serve.engine")
 
 # The probe's shapes: SmolLM2-sized projections at a decode step of 8 rows and a prefill chunk of 256 rows.
 PROBE_SHAPES = ((8, 576, 1536), (256, 576, 1536))
-PROBE_REPEATS = 5
-# The full team must beat one thread by this factor: a tie is not worth the stalls a busy box adds later.
-TEAM_MARGIN = 0.9
+PROBE_REPEATS = 2  # timed passes per probe sample (best of), after one warm-up pass
+PROBE_ROUNDS = 7  # paired samples (one thread, the team; which goes first alternates)
+# One thread replaces the team only when it is clearly faster (a team/one time ratio of at least this in the
+# median pair) and consistently so (in at least CONSISTENT_SHARE of the pairs). Anything less keeps every core:
+# a tie, or a team that lost a few samples to a neighbour's burst, is still the better bet over the process's life.
+ONE_THREAD_MARGIN = 1.15
+CONSISTENT_SHARE = 0.75
 
 
 @dataclass(frozen=True)
@@ -73,13 +80,19 @@ def usable_cpus(cpus: tuple[int, ...], quota: float | None) -> int:
     return max(1, n)
 
 
+@functools.lru_cache(maxsize=4)
+def _probe_operands(shapes: tuple[tuple[int, int, int], ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The probe's matrices, made once: the interleaved samples must time the matmuls, not the random fill."""
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)) for m, k, n in shapes]
+
+
 def time_matmuls(num_threads: int, shapes=PROBE_SHAPES, repeats: int = PROBE_REPEATS) -> float:
-    """Seconds for one pass over `shapes` at `num_threads`: the best of `repeats`, after a warm-up."""
+    """Seconds for one pass over `shapes` at `num_threads`: the best of `repeats`, after a warm-up pass."""
     before = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:
-        g = torch.Generator().manual_seed(0)
-        pairs = [(torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)) for m, k, n in shapes]
+        pairs = _probe_operands(tuple(shapes))
         best = math.inf
         for i in range(repeats + 1):
             t0 = time.perf_counter()
@@ -92,10 +105,42 @@ def time_matmuls(num_threads: int, shapes=PROBE_SHAPES, repeats: int = PROBE_REP
         torch.set_num_threads(before)
 
 
+def team_verdict(pairs: list[tuple[float, float]], team: int) -> tuple[bool, str]:
+    """Whether to keep the full team, from paired probe samples (one thread's seconds, the team's seconds), and why.
+
+    The team is dropped only when one thread is clearly faster in the median pair (the team takes at least
+    ONE_THREAD_MARGIN times as long) and consistently so (in CONSISTENT_SHARE of the pairs). The pairs are compared
+    one by one, so load that drifts over the probe scales both sides of a pair alike."""
+    if not pairs:
+        raise ValueError("team_verdict needs at least one (one thread, team) sample pair")
+    ratios = [team_s / one_s if one_s > 0 else math.inf for one_s, team_s in pairs]
+    median = statistics.median(ratios)
+    slower = sum(r >= ONE_THREAD_MARGIN for r in ratios) / len(ratios)
+    summary = f"team/one time ratio median {median:.2f}, team clearly slower in {slower:.0%} of {len(pairs)} pairs"
+    if median >= ONE_THREAD_MARGIN and slower >= CONSISTENT_SHARE:
+        return False, f"probe: 1 thread clearly faster than {team} (busy CPUs; {summary})"
+    faster = "faster than" if median < 1 else "not clearly slower than"
+    return True, f"probe: {team} threads {faster} 1 ({summary})"
+
+
+def probe_pairs(probe: Callable[[int], float], team: int, rounds: int = PROBE_ROUNDS) -> list[tuple[float, float]]:
+    """`rounds` (one thread, team) samples taken back to back, which one goes first alternating."""
+    pairs = []
+    for i in range(rounds):
+        if i % 2 == 0:
+            one_s = probe(1)
+            team_s = probe(team)
+        else:
+            team_s = probe(team)
+            one_s = probe(1)
+        pairs.append((one_s, team_s))
+    return pairs
+
+
 def choose_threads(requested: int | None, cpus: tuple[int, ...], quota: float | None,
                    probe: Callable[[int], float] | None = time_matmuls) -> ThreadPlan:
-    """The thread count: `requested` when given; else the usable CPUs, lowered to one thread when the probe finds
-    the full team no faster than one thread (a busy box). `probe=None` skips measuring."""
+    """The thread count: `requested` when given; else the usable CPUs, lowered to one thread only when the probe
+    finds one thread clearly and consistently faster than the full team (team_verdict). `probe=None` skips it."""
     usable = usable_cpus(cpus, quota)
     if requested is not None:
         if requested < 1:
@@ -108,17 +153,17 @@ def choose_threads(requested: int | None, cpus: tuple[int, ...], quota: float | 
         return ThreadPlan(1, cpus, "one usable CPU")
     if probe is None:
         return ThreadPlan(usable, cpus, "usable CPUs (not probed)")
-    times = {1: probe(1), usable: probe(usable)}
-    if times[usable] < TEAM_MARGIN * times[1]:
-        return ThreadPlan(usable, cpus, f"probe: {usable} threads faster than 1", times)
-    return ThreadPlan(1, cpus, f"probe: {usable} threads no faster than 1 (busy CPUs)", times)
+    pairs = probe_pairs(probe, usable)
+    keep_team, reason = team_verdict(pairs, usable)
+    medians = {1: statistics.median(p[0] for p in pairs), usable: statistics.median(p[1] for p in pairs)}
+    return ThreadPlan(usable if keep_team else 1, cpus, reason, medians)
 
 
 def apply_thread_plan(plan: ThreadPlan) -> None:
     """Set torch's intra-op threads (process-wide) and log the choice with its reason."""
     torch.set_num_threads(plan.num_threads)
     log.info("CPU threads: %d (%s); CPUs allowed: %s%s", plan.num_threads, plan.reason, _ranges(plan.cpus),
-             "" if not plan.probe_s else " ; probe " + ", ".join(f"{k} threads {1e3 * v:.2f} ms"
+             "" if not plan.probe_s else " ; probe medians " + ", ".join(f"{k} threads {1e3 * v:.2f} ms"
                                                                  for k, v in plan.probe_s.items()))
 
 

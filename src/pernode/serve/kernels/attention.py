@@ -28,8 +28,10 @@ def write_kv_cache(
         write_quantized(value, v_cache, slot_mapping)
         return
     num_blocks, block_size, hkv, d = k_cache.shape
-    k_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    v_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+    if key.dtype != k_cache.dtype:  # checked here: a no-op .to still costs a dispatch, twice per layer per step
+        key, value = key.to(k_cache.dtype), value.to(v_cache.dtype)
+    k_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, key)
+    v_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, value)
 
 
 def _sequences(query: torch.Tensor, k_cache: KVCache, v_cache: KVCache, meta: AttentionMetadata):

@@ -1,0 +1,128 @@
+"""Old code against new, interleaved: the same measurement run alternately under two source trees, so load that
+drifts over the run hits both alike. Each round runs one process per tree (order alternating) and the verdict is
+the median of the per-round ratios. Usage (a baseline tree from any commit, e.g. `git archive HEAD~1 | tar -x -C
+/tmp/base`):
+
+    python benchmarks/tree_ab.py --baseline /tmp/base/src --rounds 6 decode-step
+    python benchmarks/tree_ab.py --baseline /tmp/base/src --rounds 6 gemv-rows
+
+decode-step: the median CPU time (and wall time) of a batch-1 greedy decode step of the default model (1 thread,
+128-token prompt). On a busy box the CPU time is the figure to read: the wall time adds the waits for a core. gemv-rows: the int4 (Q4_1) GEMVs of one decoder pass of the default model's shapes (30 layers, weights streamed
+from memory) at 1, 2, 4, 5, 8 and 16 rows with int8 activations, 1 thread, as multiples of the 1-row time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+GEMV_ROWS = (1, 2, 4, 5, 8, 16)
+SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # SmolLM2-135M: qkv, o, gate_up, down
+
+
+def decode_step(steps: int) -> dict:
+    import torch
+    sys.path.insert(0, str(HERE.parent))
+    from step_overhead import start_batch
+    from pernode.config import EngineConfig
+    from pernode.serve.engine.llm_engine import LLMEngine
+    engine = LLMEngine(EngineConfig(model="smollm2-135m", num_threads=1, kv_cache_bytes=256 * 2**20))
+    start_batch(engine, 1, 128, steps + 40, "ab")
+    for _ in range(10):
+        engine.step()
+    times, cpu = [], []
+    for _ in range(steps):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.thread_time() - c0)
+    # CPU time of the (only) thread: what the step costs, without the time it waited for a core on a busy box
+    return {"step_ms": 1e3 * statistics.median(times), "cpu_ms": 1e3 * statistics.median(cpu),
+            "threads": torch.get_num_threads()}
+
+
+def gemv_rows(repeats: int, layers: int = 30) -> dict:
+    """One decoder pass of GEMVs (the four shapes x `layers` distinct layers, ~80 MB of Q4_1 weights: more than
+    the L3, so the weights stream from memory as in a real decode step) at each row count, row counts interleaved,
+    best of `repeats`."""
+    import torch
+    torch.set_num_threads(1)
+    from pernode.quant_format import QuantScheme
+    from pernode.serve.kernels.quant_linear import QuantLinear
+    calls = []
+    for _ in range(layers):
+        for n, k in SHAPES:
+            layer = QuantLinear(k, n, QuantScheme(4, 32, symmetric=False, float_min=True))
+            layer.set_quantized(torch.randint(-8, 8, (n, k), dtype=torch.int8), torch.rand(n, k // 32) / 10,
+                                -torch.rand(n, k // 32))
+            calls.append((layer._op, (layer.qweight, layer._scale, layer._zero_term, 4, 32, 1, True), k))
+    xs = {(r, k): torch.randn(r, k) for r in GEMV_ROWS for _, k in SHAPES}
+    best = {r: float("inf") for r in GEMV_ROWS}
+    for i in range(repeats):
+        for r in (GEMV_ROWS if i % 2 else GEMV_ROWS[::-1]):
+            t0 = time.thread_time()  # CPU time: a busy box's waits for a core do not count
+            for op, args, k in calls:
+                op(xs[r, k], *args)
+            best[r] = min(best[r], time.thread_time() - t0)
+    out = {str(r): best[r] / best[1] for r in GEMV_ROWS}
+    out["1-row ms"] = 1e3 * best[1]
+    return {"decoder pass": out}
+
+
+def run_worker(src: str, what: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=src, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(HERE), "--worker", what], env=env, capture_output=True, text=True,
+                          check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("decode-step", "gemv-rows"))
+    p.add_argument("--baseline", help="the old tree's src folder")
+    p.add_argument("--candidate", default=str(HERE.parents[1] / "src"), help="the new tree's src folder")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(decode_step(60) if args.what == "decode-step" else gemv_rows(9)))
+        return 0
+    if not args.baseline:
+        p.error("--baseline: the old tree's src folder is required")
+    trees = {"old": args.baseline, "new": args.candidate}
+    results: dict[str, list] = {"old": [], "new": []}
+    for i in range(args.rounds):
+        for name in (("old", "new") if i % 2 == 0 else ("new", "old")):
+            results[name].append(run_worker(trees[name], args.what))
+        load = os.getloadavg()[0]
+        if args.what == "decode-step":
+            o, n = results["old"][-1], results["new"][-1]
+            print(f"round {i + 1}: wall old {o['step_ms']:.2f} ms, new {n['step_ms']:.2f} ms; CPU old "
+                  f"{o['cpu_ms']:.2f} ms, new {n['cpu_ms']:.2f} ms, new/old {n['cpu_ms'] / o['cpu_ms']:.3f} "
+                  f"(load {load:.2f})", flush=True)
+        else:
+            print(f"round {i + 1} done (load {load:.2f})", flush=True)
+    if args.what == "decode-step":
+        for key, label in (("cpu_ms", "CPU time"), ("step_ms", "wall time")):
+            ratios = [n[key] / o[key] for o, n in zip(results["old"], results["new"])]
+            print(f"batch-1 decode step {label}, new/old median {statistics.median(ratios):.3f} over {len(ratios)} "
+                  f"rounds (old median {statistics.median(r[key] for r in results['old']):.2f} ms, new "
+                  f"{statistics.median(r[key] for r in results['new']):.2f} ms)")
+    else:
+        for name in ("old", "new"):
+            for shape in results[name][0]:
+                cells = {r: statistics.median(res[shape][r] for res in results[name])
+                         for r in results[name][0][shape]}
+                print(f"{name} {shape}: " + ", ".join(f"{r} rows {v:.2f}x" if r != "1-row ms" else f"1 row {v:.2f} ms"
+                                                      for r, v in cells.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
