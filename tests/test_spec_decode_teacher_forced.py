@@ -1,12 +1,30 @@
 """The engine's greedy acceptance equals the replay of one teacher-forced pass of the draft over the target's own
 output: any position, draft K/V catch-up, rollback or reduced-head mapping error in the incremental path shows up
 as a gap between the two counts (a weak draft does not: it lowers both)."""
+import os
+import shutil
+
 import pytest
 
 from pernode import LLM
 from pernode.serve.engine.spec_decode.teacher_forced import ReplayedAcceptance, agreement, replay_greedy
-from test_spec_decode import (ENGINE, README_PROMPTS, draft, greedy, random_prompts, reduced_draft,  # noqa: F401
-                              target)
+from test_spec_decode import (ENGINE, README_PROMPTS, draft, edit_weights, greedy, random_prompts,  # noqa: F401
+                              reduced_draft, target)
+
+
+def sharpened(source, folder):
+    """A copy whose q/k projections are scaled up: sharp attention, so predictions depend on the context and on
+    positions (a tiny random model's flat attention hides context errors: it mostly predicts from the last token)."""
+    shutil.copytree(source, folder)
+    edit_weights(folder, lambda w, g: [v.mul_(4.0) for k, v in w.items() if k.endswith(("q_proj.weight",
+                                                                                          "k_proj.weight"))])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sharp(tmp_path_factory, target, draft):  # noqa: F811
+    root = tmp_path_factory.mktemp("sharp")
+    return sharpened(target, str(root / "target")), sharpened(draft, str(root / "draft"))
 
 
 def test_replay_counts_rounds_by_hand():
@@ -20,9 +38,10 @@ def test_replay_counts_rounds_by_hand():
         replay_greedy(agree, k=0)
 
 
-@pytest.mark.parametrize("k,subset", [(1, False), (3, False), (3, True)])
-def test_engine_acceptance_equals_teacher_forced_replay(target, draft, tmp_path, k, subset):  # noqa: F811
-    prompts = README_PROMPTS + random_prompts(5, seed=7)
+@pytest.mark.parametrize("k,subset", [(1, False), (3, True)])
+def test_engine_acceptance_equals_teacher_forced_replay(sharp, tmp_path, k, subset):
+    target, draft = sharp
+    prompts = README_PROMPTS + random_prompts(3, seed=7)
     folder = draft
     if subset:  # a reduced head over every other token id
         folder = reduced_draft(str(tmp_path / "reduced"), draft, list(range(0, 49152, 2)))
