@@ -9,7 +9,9 @@
   beside the speed-up measured directly (TPOT without / with).
 
     PYTHONPATH=src .venv/bin/python benchmarks/draft_payoff.py --drafts new=/work/artifacts/draft \
-        --num-prompts 8 --max-tokens 64
+        --num-prompts 8 --max-tokens 64 --k 1,2,3,4
+
+Several k values (--k 1,2,3,4) give one engine per (draft, k), all interleaved with the plain one in the same run.
 """
 from __future__ import annotations
 
@@ -69,17 +71,19 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--drafts", required=True, help="NAME=PATH,... draft model folders")
-    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--k", default="4", help="proposal length(s), comma-separated: one engine per draft and k")
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    config = EngineConfig(model=args.model, max_model_len=2048)
-    drafts = dict(item.split("=", 1) for item in args.drafts.split(","))
+    config = EngineConfig(model=args.model, max_model_len=2048, kv_cache_bytes=128 * 2**20)  # many engines
+    ks = [int(k) for k in str(args.k).split(",")]
+    paths = dict(item.split("=", 1) for item in args.drafts.split(","))
+    drafts = {(f"{name}@k{k}" if len(ks) > 1 else name): (path, k) for name, path in paths.items() for k in ks}
     engines = {"off": LLMEngine(config)}
     timings = {name: Timings() for name in ["off", *drafts]}
-    for name, path in drafts.items():
-        spec = SpeculativeConfig("draft", k=args.k, draft_model=path, adaptive=False)
+    for name, (path, k) in drafts.items():
+        spec = SpeculativeConfig("draft", k=k, draft_model=path, adaptive=False)
         engines[name] = LLMEngine(dataclasses.replace(config, speculative=spec))
         instrument(engines[name], timings[name])
     llms = {name: LLM.from_engine(e) for name, e in engines.items()}
@@ -87,7 +91,8 @@ def main() -> int:
     for llm in llms.values():
         llm.chat(chat_prompts(1), SamplingParams(temperature=0.0, max_tokens=8))  # warm-up
     before = {n: e.stats().spec_decode for n, e in engines.items()}
-    print(f"load average before: {load_average()}", flush=True)
+    load_before = load_average()
+    print(f"load average before: {load_before}", flush=True)
     names = list(llms)
     outputs: dict[str, list[list[int]]] = {n: [] for n in names}
     for i, conv in enumerate(chat_prompts(args.num_prompts)):
@@ -98,7 +103,8 @@ def main() -> int:
             if m and m.first_token_s is not None and m.finished_s is not None and n > 1:
                 timings[name].decode_s += m.finished_s - m.first_token_s
                 timings[name].decode_tokens += n - 1
-    print(f"load average after: {load_average()}", flush=True)
+    load_after = load_average()
+    print(f"load average after: {load_after}", flush=True)
     plain = timings["off"].decode_s / max(timings["off"].decode_tokens, 1)
     rows = []
     for name in drafts:
@@ -110,7 +116,7 @@ def main() -> int:
         verify_s = t.verify_s / max(t.verify_steps, 1)
         per_step = t.propose_s / max(t.propose_calls, 1) + verify_s
         tpot = t.decode_s / max(t.decode_tokens, 1)
-        rows.append({"draft": name, "path": drafts[name], "k": args.k,
+        rows.append({"draft": name, "path": drafts[name][0], "k": drafts[name][1],
                      "acceptance_rate": round(accepted / max(drafted, 1), 4),
                      "mean_accepted_length": round(length, 3), "plain_tpot_ms": round(1e3 * plain, 2),
                      "draft_ms_per_token": round(1e3 * draft_token_s, 2), "verify_step_ms": round(1e3 * verify_s, 2),
@@ -119,15 +125,16 @@ def main() -> int:
                      "predicted_speedup": round(length * plain / per_step, 3),
                      "spec_tpot_ms": round(1e3 * tpot, 2), "measured_speedup": round(plain / tpot, 3),
                      "greedy_identical": outputs[name] == outputs["off"]})
-    print(f"{'draft':10s} {'accept':>6s} {'len':>5s} {'draft/target':>12s} {'verify/target':>13s} "
+    print(f"{'draft':14s} {'accept':>6s} {'len':>5s} {'draft/target':>12s} {'verify/target':>13s} "
           f"{'predicted':>9s} {'measured':>8s}")
     for r in rows:
-        print(f"{r['draft']:10s} {r['acceptance_rate']:6.3f} {r['mean_accepted_length']:5.2f} "
+        print(f"{r['draft']:14s} {r['acceptance_rate']:6.3f} {r['mean_accepted_length']:5.2f} "
               f"{r['draft_to_target_cost']:12.3f} {r['verify_to_target_cost']:13.3f} {r['predicted_speedup']:8.2f}x "
               f"{r['measured_speedup']:7.2f}x" + ("" if r["greedy_identical"] else "  OUTPUT DIFFERS"))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"rows": rows, "num_prompts": args.num_prompts, "max_tokens": args.max_tokens}, f, indent=1)
+            json.dump({"rows": rows, "num_prompts": args.num_prompts, "max_tokens": args.max_tokens,
+                       "load_before": load_before, "load_after": load_after}, f, indent=1)
     return 0 if all(r["greedy_identical"] for r in rows) else 1
 
 

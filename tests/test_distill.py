@@ -273,3 +273,23 @@ def test_report_section_states_the_kd_comparison():
     assert "raises held-out perplexity by 12.5%" in section["text"]
     assert [r[0] for r in section["rows"]][-1] == "student, KD, 40 steps"
     assert section["rows"][-1][2] == 450.0 and section["rows"][-1][4] == 10.0
+
+
+def test_chat_prompts_are_seeded_and_quote_module_docstrings(tmp_path):
+    from pernode.measure.bench.datasets import CHAT_MIX
+    from pernode.shrink.distill.sequence_kd import chat_prompts
+
+    (tmp_path / "pkg").mkdir()
+    doc = "Tools for counting things. " * 5
+    (tmp_path / "alpha.py").write_text(f'"""{doc}\n\nSecond paragraph, never quoted."""\n')
+    (tmp_path / "pkg" / "__init__.py").write_text("x = 1\n")  # no docstring: asked about by name
+    (tmp_path / "_private.py").write_text('"""Private."""\n')
+    paths = ["alpha.py", "pkg/__init__.py", "_private.py"]
+    prompts = chat_prompts(paths, 8, seed=1, root=str(tmp_path))
+    assert prompts == chat_prompts(paths, 8, seed=1, root=str(tmp_path)) and len(prompts) == 8
+    assert not any("_private" in p or "Private." in p for p in prompts)
+    quoted = [p for p in prompts if doc.strip() in p]
+    assert quoted and all("Second paragraph" not in p for p in prompts)
+    assert any("`pkg`" in p for p in prompts)
+    assert not set(prompts) & {text for text, _ in CHAT_MIX}  # the benchmark's prompts are never trained on
+    assert all("{" not in p for p in chat_prompts(paths, 8, seed=1))  # without root: names only

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import torch
 
 from pernode.serve.models.loader import load_model
-from pernode.shrink.distill.data import distillation_text, pack_windows, shuffled_windows, stdlib_files, is_heldout
+from pernode.shrink.distill.data import (distillation_text, is_heldout, pack_windows, shuffled_windows, stdlib_files,
+                                        stdlib_root)
 from pernode.shrink.distill.draft_vocab import (count_tokens, coverage, select_draft_vocab, special_token_ids,
                                                 write_draft_vocab)
 from pernode.shrink.distill.sequence_kd import chat_prompts, teacher_generations
@@ -71,7 +72,7 @@ def training_windows(tokenizer, config: DistillConfig, teacher_model: str, log=p
     generated: list[list[int]] = []
     if config.seq_kd_prompts:
         train_paths = [p for p in stdlib_files() if not is_heldout(p)]
-        prompts = chat_prompts(train_paths, config.seq_kd_prompts, config.training.seed)
+        prompts = chat_prompts(train_paths, config.seq_kd_prompts, config.training.seed, root=stdlib_root())
         log(f"sequence-level KD: the teacher answers {len(prompts)} chat prompts")
         generated = teacher_generations(teacher_model, prompts, config.seq_kd_max_tokens)
         docs += generated
