@@ -178,3 +178,18 @@ def test_recipe_round_trips_with_its_pruner():
     again = Recipe.from_dict(recipe.to_dict())
     assert again == recipe and again.method == "sparsegpt+gptq" and again.label == "sparse 50% owl w4-g64"
     assert pruner_from_dict(SparseGPT(0.5, "2:4").to_dict()) == SparseGPT(0.5, "2:4")
+
+
+def test_sensitivity_allocation_keeps_the_mean_and_spares_the_layer_that_turns_its_input_most(tiny_folder, calib):
+    from pernode.shrink.structured import measure_importance
+    model = _with_outlier_features(load_model(tiny_folder)[0], seed=5)
+    block = measure_importance(model, calib).layers
+    pruner = SparseGPT(0.5, layerwise="sensitivity", owl_spread=0.1)
+    assert pruner.needs_calibration and pruner.label() == "50% sensitivity"
+    report = Recipe("p", pruner=pruner).apply(model, calib, quiet=True)
+    per_layer = report["pruning"]["layer_sparsity"]
+    assert sum(per_layer) / len(per_layer) == pytest.approx(0.5, abs=1e-3)
+    assert max(per_layer) - min(per_layer) == pytest.approx(0.2, abs=1e-3)
+    assert per_layer[int(block.argmax())] == min(per_layer)
+    with pytest.raises(ValueError, match=r"owl_spread=0.6: allowed 0 <= owl_spread < 0.5"):
+        SparseGPT(0.5, layerwise="sensitivity", owl_spread=0.6)

@@ -15,6 +15,7 @@ from pernode.shrink.methods.common import projections, set_pruned_mask
 from pernode.shrink.methods.gptq import CALIBRATION_CHUNK_WINDOWS, GPTQ, install_staged, layer_hessians
 from pernode.shrink.methods.modifier import require
 from pernode.shrink.pruning.owl import outlier_ratio, owl_sparsities
+from pernode.shrink.structured.importance import measure_importance
 from pernode.sparse_format import SparsityPattern
 
 OWL_CALIBRATION_WINDOWS = 8  # OWL only ranks layers: a few windows rank them as well as all of them
@@ -25,6 +26,7 @@ class Layerwise(str, enum.Enum):
 
     UNIFORM = "uniform"  # every layer at the target
     OWL = "owl"  # by outlier ratio, mean kept at the target (arXiv 2310.05175)
+    SENSITIVITY = "sensitivity"  # by block importance 1 - cos(in, out) on calibration text, mean kept at the target
 
 
 class Statistics(enum.Enum):
@@ -64,7 +66,7 @@ class Pruner:
                     f"uniform with pattern {pattern.label()} (N:M sets every layer's sparsity)")
         require(isinstance(self.owl_threshold, (int, float)) and self.owl_threshold > 1, "owl_threshold",
                 self.owl_threshold, "> 1 (an outlier scores this many times its layer's mean)")
-        if self.layerwise is Layerwise.OWL:
+        if self.layerwise is not Layerwise.UNIFORM:
             room = min(self.sparsity, 1 - self.sparsity)
             require(isinstance(self.owl_spread, (int, float)) and 0 <= self.owl_spread < room, "owl_spread",
                     self.owl_spread, f"0 <= owl_spread < {room:g} (layers' sparsities stay within target +- spread)")
@@ -75,14 +77,14 @@ class Pruner:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.statistics is not Statistics.NONE or self.layerwise is Layerwise.OWL
+        return self.statistics is not Statistics.NONE or self.layerwise is not Layerwise.UNIFORM
 
     def label(self) -> str:
         """`50% unstructured (owl)`, `2:4`."""
         if self.sparsity_pattern.is_structured:
             return self.pattern
-        owl = " owl" if self.layerwise is Layerwise.OWL else ""
-        return f"{self.sparsity:.0%}{owl}"
+        layerwise = "" if self.layerwise is Layerwise.UNIFORM else f" {self.layerwise.value}"
+        return f"{self.sparsity:.0%}{layerwise}"
 
     def prune_weight(self, weight: torch.Tensor, stats: torch.Tensor | None, sparsity: float, name: str
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,10 +135,14 @@ class Pruner:
 
     def layer_sparsities(self, model, calibration: torch.Tensor | None, quiet: bool = False) -> list[float]:
         """Each decoder layer's sparsity: the target everywhere, or OWL's allocation from the dense model's Wanda
-        scores on the first few calibration windows."""
+        scores (or, `sensitivity`, from its block importance) on the first few calibration windows."""
         num_layers = len(model.layers)
         if self.layerwise is Layerwise.UNIFORM:
             return [self.sparsity] * num_layers
+        if self.layerwise is Layerwise.SENSITIVITY:
+            # a layer that turns its input more (layer 0 most, by far, in SmolLM2) loses more when pruned
+            scores = measure_importance(model, calibration[:OWL_CALIBRATION_WINDOWS]).layers
+            return owl_sparsities([float(v) for v in scores], self.sparsity, self.owl_spread)
         ratios = []
 
         def rank(i, layer, x, fwd):
