@@ -193,3 +193,31 @@ def test_sensitivity_allocation_keeps_the_mean_and_spares_the_layer_that_turns_i
     assert per_layer[int(block.argmax())] == min(per_layer)
     with pytest.raises(ValueError, match=r"owl_spread=0.6: allowed 0 <= owl_spread < 0.5"):
         SparseGPT(0.5, layerwise="sensitivity", owl_spread=0.6)
+
+
+def test_dense_target_refit_is_the_identity_without_drift_and_fits_the_dense_outputs_with_it():
+    from pernode.shrink.pruning.dense_target import refit_to_dense_target
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 32, generator=g)
+    x_dense = torch.randn(512, 32, generator=g) * torch.linspace(0.1, 3, 32)
+    drift = torch.eye(32) + 0.2 * torch.randn(32, 32, generator=g)  # what the earlier pruned layers changed
+    x_pruned = x_dense @ drift + 0.1 * torch.randn(512, 32, generator=g)
+    h, c = 2 * x_pruned.t() @ x_pruned / 512, 2 * x_dense.t() @ x_pruned / 512
+    h_dense = 2 * x_dense.t() @ x_dense / 512
+    assert torch.allclose(refit_to_dense_target(w, h_dense, h_dense, 0.01), w, atol=1e-4)
+    refit = refit_to_dense_target(w, h, c, 0.01)
+
+    def error(v):
+        return float(((x_dense @ w.t() - x_pruned @ v.t()) ** 2).mean())
+    assert error(refit) < 0.2 * error(w)
+
+
+def test_dense_target_pruning_keeps_exact_sparsity(tiny_folder, calib):
+    model = load_model(tiny_folder)[0]
+    pruner = SparseGPT(0.5, "2:4", target="dense")
+    assert pruner.label() == "2:4 dense-target" and pruner.needs_calibration
+    Recipe("p", pruner=pruner).apply(model, calib, quiet=True)
+    for name, w in _projection_zeros(model).items():
+        assert int((w == 0).sum()) == w.numel() // 2 and follows_pattern(w, pruner.sparsity_pattern), name
+    with pytest.raises(ValueError, match=r"target='teacher': allowed pruned"):
+        SparseGPT(0.5, target="teacher")
