@@ -221,3 +221,20 @@ def test_dense_target_pruning_keeps_exact_sparsity(tiny_folder, calib):
         assert int((w == 0).sum()) == w.numel() // 2 and follows_pattern(w, pruner.sparsity_pattern), name
     with pytest.raises(ValueError, match=r"target='teacher': allowed pruned"):
         SparseGPT(0.5, target="teacher")
+
+
+def test_dense_target_statistics_match_the_pruners_hessians(tiny_folder, calib):
+    """Each projection's H is the one layer_hessians accumulates, and C = H where nothing drifted (layer 0)."""
+    from pernode.shrink.calibration import ChunkedForward
+    from pernode.shrink.methods.gptq import layer_hessians
+    from pernode.shrink.pruning.dense_target import cross_statistics
+    model = load_model(tiny_folder)[0]
+    fwd = ChunkedForward(model, calib.shape[0], calib.shape[1], 2)
+    x = model.embed_tokens(calib.flatten())
+    layer = model.layers[0]
+    pairs = cross_statistics(layer, x, x.clone(), fwd)
+    expected = layer_hessians(layer, x, fwd, stop_early=False)
+    assert set(pairs) == set(expected)
+    for attr, (h, c) in pairs.items():
+        assert torch.allclose(h, expected[attr], rtol=1e-4, atol=1e-5), attr
+        assert torch.allclose(c, h, rtol=1e-4, atol=1e-5), attr

@@ -21,7 +21,7 @@ from pernode.shrink.recipes import Recipe
 
 # flag -> the pruner option it sets; which methods take it follows from their fields
 PRUNER_FLAGS = {"--damp": "damp_ratio", "--block-size": "block_size", "--owl-threshold": "owl_threshold",
-                "--owl-spread": "owl_spread", "--target": "target"}
+                "--owl-spread": "owl_spread"}
 QUANTIZERS = {"gptq": GPTQ, "rtn": RTN}
 
 
@@ -38,9 +38,6 @@ def add_parsers(sub) -> None:
                    help="OWL: an outlier scores this many times its layer's mean (default 5)")
     p.add_argument("--owl-spread", dest="owl_spread", type=float, default=None,
                    help="owl / sensitivity: layers' sparsities within target +- this (default 0.08)")
-    p.add_argument("--target", dest="target", default=None, choices=["pruned", "dense"],
-                   help="fit each pruned layer to its own output on the pruned model's inputs (pruned, default) or "
-                        "to the dense model's output (dense: asymmetric calibration, ~2x the calibration time)")
     p.add_argument("--damp", dest="damp_ratio", type=float, default=None,
                    help="SparseGPT: damping, fraction of the mean Hessian diagonal (default 0.01)")
     p.add_argument("--block-size", dest="block_size", type=int, default=None,

@@ -28,31 +28,23 @@ def cross_statistics(layer, x_pruned: torch.Tensor, x_dense: torch.Tensor, fwd
     linears = {attr: lin for _, attr, lin in projections(layer)}
     h = {a: torch.zeros(lin.in_features, lin.in_features) for a, lin in linears.items()}
     c = {a: torch.zeros(lin.in_features, lin.in_features) for a, lin in linears.items()}
-    # projections fed the same tensor (q/k/v, gate/up when unfused) share one H and one C: computed once
-    first_of: dict[str, str] = {}
+    # one H and one C per projection: the model holds q/k/v and gate/up fused, so no two share an input (telling
+    # shared inputs apart by address is unsafe: a freed input's storage is reused by a later one of the same shape)
     count = 0
     for (part_fwd, xp), (_, xd) in zip(forward_parts(fwd, x_pruned), forward_parts(fwd, x_dense)):
-        seen_p: dict[str, tuple[int, torch.Tensor]] = {}
+        seen_p: dict[str, torch.Tensor] = {}
         seen_d: dict[str, torch.Tensor] = {}
-        with capture_inputs(linears, lambda name, inp: seen_p.__setitem__(name, (inp.data_ptr(), inp.float().clone()))):
+        with capture_inputs(linears, lambda name, inp: seen_p.__setitem__(name, inp.float().clone())):
             part_fwd.layer(layer, xp)
         with capture_inputs(linears, lambda name, inp: seen_d.__setitem__(name, inp.float().clone())):
             part_fwd.layer(layer, xd)
-        if not first_of:
-            owner: dict[tuple, str] = {}
-            for a in linears:
-                first_of[a] = owner.setdefault((seen_p[a][0], tuple(seen_p[a][1].shape)), a)
         for a in linears:
-            if first_of[a] == a:
-                add_gram_upper_(h[a], seen_p[a][1], 2.0)
-                c[a].addmm_(seen_d[a].t(), seen_p[a][1], alpha=2.0)
+            add_gram_upper_(h[a], seen_p[a], 2.0)
+            c[a].addmm_(seen_d[a].t(), seen_p[a], alpha=2.0)
         count += xp.shape[0]
-    out = {}
     for a in linears:
-        if first_of.get(a, a) == a:
-            mirror_block_upper_(h[a])
-            out[a] = (h[a] / max(count, 1), c[a] / max(count, 1))
-    return {a: out[first_of.get(a, a)] for a in linears}
+        mirror_block_upper_(h[a])
+    return {a: (h[a] / max(count, 1), c[a] / max(count, 1)) for a in linears}
 
 
 @torch.no_grad()
