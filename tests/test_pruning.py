@@ -178,3 +178,63 @@ def test_recipe_round_trips_with_its_pruner():
     again = Recipe.from_dict(recipe.to_dict())
     assert again == recipe and again.method == "sparsegpt+gptq" and again.label == "sparse 50% owl w4-g64"
     assert pruner_from_dict(SparseGPT(0.5, "2:4").to_dict()) == SparseGPT(0.5, "2:4")
+
+
+def test_sensitivity_allocation_keeps_the_mean_and_spares_the_layer_that_turns_its_input_most(tiny_folder, calib):
+    from pernode.shrink.structured import measure_importance
+    model = _with_outlier_features(load_model(tiny_folder)[0], seed=5)
+    block = measure_importance(model, calib).layers
+    pruner = SparseGPT(0.5, layerwise="sensitivity", owl_spread=0.1)
+    assert pruner.needs_calibration and pruner.label() == "50% sensitivity"
+    report = Recipe("p", pruner=pruner).apply(model, calib, quiet=True)
+    per_layer = report["pruning"]["layer_sparsity"]
+    assert sum(per_layer) / len(per_layer) == pytest.approx(0.5, abs=1e-3)
+    assert max(per_layer) - min(per_layer) == pytest.approx(0.2, abs=1e-3)
+    assert per_layer[int(block.argmax())] == min(per_layer)
+    with pytest.raises(ValueError, match=r"owl_spread=0.6: allowed 0 <= owl_spread < 0.5"):
+        SparseGPT(0.5, layerwise="sensitivity", owl_spread=0.6)
+
+
+def test_dense_target_refit_is_the_identity_without_drift_and_fits_the_dense_outputs_with_it():
+    from pernode.shrink.pruning.dense_target import refit_to_dense_target
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 32, generator=g)
+    x_dense = torch.randn(512, 32, generator=g) * torch.linspace(0.1, 3, 32)
+    drift = torch.eye(32) + 0.2 * torch.randn(32, 32, generator=g)  # what the earlier pruned layers changed
+    x_pruned = x_dense @ drift + 0.1 * torch.randn(512, 32, generator=g)
+    h, c = 2 * x_pruned.t() @ x_pruned / 512, 2 * x_dense.t() @ x_pruned / 512
+    h_dense = 2 * x_dense.t() @ x_dense / 512
+    assert torch.allclose(refit_to_dense_target(w, h_dense, h_dense, 0.01), w, atol=1e-4)
+    refit = refit_to_dense_target(w, h, c, 0.01)
+
+    def error(v):
+        return float(((x_dense @ w.t() - x_pruned @ v.t()) ** 2).mean())
+    assert error(refit) < 0.2 * error(w)
+
+
+def test_dense_target_pruning_keeps_exact_sparsity(tiny_folder, calib):
+    model = load_model(tiny_folder)[0]
+    pruner = SparseGPT(0.5, "2:4", target="dense")
+    assert pruner.label() == "2:4 dense-target" and pruner.needs_calibration
+    Recipe("p", pruner=pruner).apply(model, calib, quiet=True)
+    for name, w in _projection_zeros(model).items():
+        assert int((w == 0).sum()) == w.numel() // 2 and follows_pattern(w, pruner.sparsity_pattern), name
+    with pytest.raises(ValueError, match=r"target='teacher': allowed pruned"):
+        SparseGPT(0.5, target="teacher")
+
+
+def test_dense_target_statistics_match_the_pruners_hessians(tiny_folder, calib):
+    """Each projection's H is the one layer_hessians accumulates, and C = H where nothing drifted (layer 0)."""
+    from pernode.shrink.calibration import ChunkedForward
+    from pernode.shrink.methods.gptq import layer_hessians
+    from pernode.shrink.pruning.dense_target import cross_statistics
+    model = load_model(tiny_folder)[0]
+    fwd = ChunkedForward(model, calib.shape[0], calib.shape[1], 2)
+    x = model.embed_tokens(calib.flatten())
+    layer = model.layers[0]
+    pairs = cross_statistics(layer, x, x.clone(), fwd)
+    expected = layer_hessians(layer, x, fwd, stop_early=False)
+    assert set(pairs) == set(expected)
+    for attr, (h, c) in pairs.items():
+        assert torch.allclose(h, expected[attr], rtol=1e-4, atol=1e-5), attr
+        assert torch.allclose(c, h, rtol=1e-4, atol=1e-5), attr

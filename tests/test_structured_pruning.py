@@ -152,3 +152,21 @@ def test_least_squares_refit_reduces_each_layers_error(dense):
     assert float((a - b).norm() / b.norm()) < 1e-2
     with pytest.raises(ValueError, match="refit_windows: 96 calibration tokens"):
         refit_output_projections(model, same, [0, 1, 2], windows[:2])
+
+
+def test_distillation_student_can_start_from_the_refitted_pruned_model(dense):
+    from pernode.shrink.distill.student import StudentSpec, build_student
+    from pernode.shrink.evaluate.perplexity import calibration_windows
+    model, source = dense
+    windows = calibration_windows(source.tokenizer, 64, 8)
+    width = PruningPlan(ffn=FFN // 2)
+    plain, _ = build_student(model, StudentSpec(width=width), windows)
+    refit, layers = build_student(model, StudentSpec(width=width, refit_windows=8), windows)
+    assert layers == list(range(LAYERS))
+    expected = prune_model(model, PruningPlan(ffn=FFN // 2, layers=LAYERS), measure_importance(model, windows),
+                           refit_windows=windows)
+    for a, b, c in zip(refit.layers, expected.layers, plain.layers):
+        assert torch.equal(a.mlp.down_proj.weight, b.mlp.down_proj.weight)
+        assert not torch.equal(a.mlp.down_proj.weight, c.mlp.down_proj.weight)
+    with pytest.raises(ValueError, match=r"refit_windows=4: allowed 0, or >= 1 with a width to prune"):
+        StudentSpec(refit_windows=4)

@@ -36,6 +36,9 @@ def add_parsers(sub) -> None:
     g.add_argument("--structured", default=None, metavar="SPEC",
                    help="narrower student by structured pruning first: heads=N,kv_heads=N,ffn=N (layers=N keeps "
                         "the N most important layers)")
+    g.add_argument("--refit-windows", type=int, default=0,
+                   help="with --structured: 256-token calibration windows for the least-squares refit of "
+                        "o_proj/down_proj before KD (0: none; e.g. 16 for ffn=1024)")
     g.add_argument("--train-embedding", dest="freeze_embedding", action="store_false",
                    help="train the (tied) embedding / lm_head too (default: shared with the teacher, frozen)")
     g = p.add_argument_group("loss")
@@ -108,7 +111,8 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
         width = PruningPlan(heads=width.heads, kv_heads=width.kv_heads, ffn=width.ffn)
     if layers is None and keep is None and width.is_identity:
         keep = 8
-    student = StudentSpec(layers=layers, keep_layers=keep, layer_choice=choice, width=width)
+    student = StudentSpec(layers=layers, keep_layers=keep, layer_choice=choice, width=width,
+                          refit_windows=args.refit_windows)
     steps = _pick(args.steps, args.quick, "steps")
     training = TrainingConfig(steps=steps, batch_size=_pick(args.batch_size, args.quick, "batch_size"), lr=args.lr,
                               warmup_steps=args.warmup_steps if args.warmup_steps is not None else max(1, steps // 20),

@@ -31,12 +31,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--method", default="sparsegpt", help=f"one of {', '.join(PRUNERS)} (default sparsegpt)")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each projection's weights set to zero")
     p.add_argument("--pattern", default="unstructured", help="N:M such as 2:4 or 4:8 (default unstructured)")
-    p.add_argument("--layerwise", default="uniform", choices=["uniform", "owl"],
-                   help="per-layer sparsity: uniform, or owl (by each layer's outlier ratio, mean kept)")
+    p.add_argument("--layerwise", default="uniform", choices=["uniform", "owl", "sensitivity"],
+                   help="per-layer sparsity: uniform, owl (by each layer's outlier ratio) or sensitivity (by its "
+                        "block importance on calibration text); the mean stays the target")
     p.add_argument("--owl-threshold", dest="owl_threshold", type=float, default=None,
                    help="OWL: an outlier scores this many times its layer's mean (default 5)")
     p.add_argument("--owl-spread", dest="owl_spread", type=float, default=None,
-                   help="OWL: layers' sparsities within target +- this (default 0.08)")
+                   help="owl / sensitivity: layers' sparsities within target +- this (default 0.08)")
     p.add_argument("--damp", dest="damp_ratio", type=float, default=None,
                    help="SparseGPT: damping, fraction of the mean Hessian diagonal (default 0.01)")
     p.add_argument("--block-size", dest="block_size", type=int, default=None,

@@ -104,7 +104,8 @@ def distill(config: DistillConfig, log=print) -> dict:
     os.makedirs(config.out, exist_ok=True)
     with open(heldout_path, "w", encoding="utf-8") as f:
         f.write("\n\n".join(heldout))
-    calibration = calibration_windows(tok, 256, 8) if config.student.needs_importance else None
+    calibration = (calibration_windows(tok, 256, max(8, config.student.refit_windows))
+                   if config.student.needs_importance else None)
     student, layers = build_student(teacher, config.student, calibration)
     init_student = copy.deepcopy(student) if config.hard_label_baseline else None
     log(f"student: teacher layers {layers}, {non_embedding_params(student.config) / 1e6:.1f}M non-embedding "

@@ -24,6 +24,7 @@ class StudentSpec:
     keep_layers: int | None = None
     layer_choice: str = "even"
     width: PruningPlan = PruningPlan()
+    refit_windows: int = 0  # calibration windows for the least-squares refit of o_proj/down_proj after narrowing
 
     def __post_init__(self) -> None:
         if self.layer_choice not in ("even", "importance"):
@@ -32,6 +33,8 @@ class StudentSpec:
             raise ValueError("layers and keep_layers are alternatives: give one")
         if self.width.layers is not None:
             raise ValueError("width: give the layer count as keep_layers, not as width's layers")
+        if self.refit_windows < 0 or (self.refit_windows and self.width.is_identity):
+            raise ValueError(f"refit_windows={self.refit_windows}: allowed 0, or >= 1 with a width to prune")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -66,4 +69,5 @@ def build_student(teacher, spec: StudentSpec, calibration: torch.Tensor | None =
     else:
         layers = list(range(n))
     plan = dataclasses.replace(spec.width, layers=len(layers))
-    return prune_model(teacher, plan, importance, layer_indices=layers), layers
+    refit = calibration[:spec.refit_windows] if spec.refit_windows else None
+    return prune_model(teacher, plan, importance, layer_indices=layers, refit_windows=refit), layers

@@ -14,7 +14,9 @@ from pernode.shrink.calibration import run_sequential
 from pernode.shrink.methods.common import projections, set_pruned_mask
 from pernode.shrink.methods.gptq import CALIBRATION_CHUNK_WINDOWS, GPTQ, install_staged, layer_hessians
 from pernode.shrink.methods.modifier import require
+from pernode.shrink.pruning.dense_target import cross_statistics, refit_to_dense_target
 from pernode.shrink.pruning.owl import outlier_ratio, owl_sparsities
+from pernode.shrink.structured.importance import measure_importance
 from pernode.sparse_format import SparsityPattern
 
 OWL_CALIBRATION_WINDOWS = 8  # OWL only ranks layers: a few windows rank them as well as all of them
@@ -25,6 +27,7 @@ class Layerwise(str, enum.Enum):
 
     UNIFORM = "uniform"  # every layer at the target
     OWL = "owl"  # by outlier ratio, mean kept at the target (arXiv 2310.05175)
+    SENSITIVITY = "sensitivity"  # by block importance 1 - cos(in, out) on calibration text, mean kept at the target
 
 
 class Statistics(enum.Enum):
@@ -47,6 +50,7 @@ class Pruner:
     layerwise: Layerwise = Layerwise.UNIFORM
     owl_threshold: float = 5.0
     owl_spread: float = 0.08
+    target: str = "pruned"  # each layer fitted to its own output on the pruned inputs, or to the dense model's
 
     def __post_init__(self) -> None:
         require(isinstance(self.sparsity, (int, float)) and 0 < self.sparsity < 1, "sparsity", self.sparsity,
@@ -62,9 +66,12 @@ class Pruner:
         if pattern.is_structured:
             require(self.layerwise is Layerwise.UNIFORM, "layerwise", self.layerwise.value,
                     f"uniform with pattern {pattern.label()} (N:M sets every layer's sparsity)")
+        require(self.target in ("pruned", "dense"), "target", self.target,
+                "pruned (fit each layer's own output on the pruned model's inputs) or dense (fit the dense model's "
+                "output: shrink/pruning/dense_target.py)")
         require(isinstance(self.owl_threshold, (int, float)) and self.owl_threshold > 1, "owl_threshold",
                 self.owl_threshold, "> 1 (an outlier scores this many times its layer's mean)")
-        if self.layerwise is Layerwise.OWL:
+        if self.layerwise is not Layerwise.UNIFORM:
             room = min(self.sparsity, 1 - self.sparsity)
             require(isinstance(self.owl_spread, (int, float)) and 0 <= self.owl_spread < room, "owl_spread",
                     self.owl_spread, f"0 <= owl_spread < {room:g} (layers' sparsities stay within target +- spread)")
@@ -75,14 +82,16 @@ class Pruner:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.statistics is not Statistics.NONE or self.layerwise is Layerwise.OWL
+        return (self.statistics is not Statistics.NONE or self.layerwise is not Layerwise.UNIFORM
+                or self.target == "dense")
 
     def label(self) -> str:
         """`50% unstructured (owl)`, `2:4`."""
+        target = " dense-target" if self.target == "dense" else ""
         if self.sparsity_pattern.is_structured:
-            return self.pattern
-        owl = " owl" if self.layerwise is Layerwise.OWL else ""
-        return f"{self.sparsity:.0%}{owl}"
+            return self.pattern + target
+        layerwise = "" if self.layerwise is Layerwise.UNIFORM else f" {self.layerwise.value}"
+        return f"{self.sparsity:.0%}{layerwise}{target}"
 
     def prune_weight(self, weight: torch.Tensor, stats: torch.Tensor | None, sparsity: float, name: str
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,13 +112,26 @@ class Pruner:
         sparsities = self.layer_sparsities(model, calibration, quiet)
         stats_kind = Statistics.HESSIAN if then_gptq else self.statistics
         staged = []  # GPTQ installs of the previous layer, run after its calibration forward on float weights
+        dense_x: list[torch.Tensor] = []  # with target "dense": the dense model's inputs to the current layer
 
         def process(i, layer, x, fwd):
             install_staged(staged)
-            stats = {} if stats_kind is Statistics.NONE else layer_hessians(
-                layer, x, fwd, diagonal_only=stats_kind is Statistics.DIAGONAL)
+            cross = {}
+            if self.target == "dense":
+                xd = dense_x.pop() if dense_x else x
+                pairs = cross_statistics(layer, x, xd, fwd)
+                dense_x.append(fwd.layer(layer, xd))  # the dense layer's output: the next layer's dense inputs
+                stats = {a: h if stats_kind is not Statistics.DIAGONAL else torch.diagonal(h)
+                         for a, (h, _) in pairs.items()}
+                cross = {a: cc for a, (_, cc) in pairs.items()}
+            else:
+                stats = {} if stats_kind is Statistics.NONE else layer_hessians(
+                    layer, x, fwd, diagonal_only=stats_kind is Statistics.DIAGONAL)
             for parent, attr, lin in list(projections(layer)):
                 name = f"layers.{i}.{attr}"
+                if cross:
+                    lin.weight.data.copy_(refit_to_dense_target(lin.weight.data, pairs[attr][0], cross[attr],
+                                                                getattr(self, "damp_ratio", 0.01)))
                 pruned, keep = self.prune_weight(lin.weight.data, _diagonal_if(stats.get(attr), self.statistics),
                                                  sparsities[i], name)
                 lin.weight.data.copy_(pruned)
@@ -118,7 +140,7 @@ class Pruner:
                     staged.append(then_gptq[0].stage_linear(parent, attr, stats[attr], then_gptq[1], name))
             return f"layer {i}: {sparsities[i]:.0%}"
 
-        if stats_kind is Statistics.NONE:
+        if stats_kind is Statistics.NONE and self.target == "pruned":
             for i, layer in enumerate(model.layers):
                 process(i, layer, None, None)
         else:
@@ -133,10 +155,14 @@ class Pruner:
 
     def layer_sparsities(self, model, calibration: torch.Tensor | None, quiet: bool = False) -> list[float]:
         """Each decoder layer's sparsity: the target everywhere, or OWL's allocation from the dense model's Wanda
-        scores on the first few calibration windows."""
+        scores (or, `sensitivity`, from its block importance) on the first few calibration windows."""
         num_layers = len(model.layers)
         if self.layerwise is Layerwise.UNIFORM:
             return [self.sparsity] * num_layers
+        if self.layerwise is Layerwise.SENSITIVITY:
+            # a layer that turns its input more (layer 0 most, by far, in SmolLM2) loses more when pruned
+            scores = measure_importance(model, calibration[:OWL_CALIBRATION_WINDOWS]).layers
+            return owl_sparsities([float(v) for v in scores], self.sparsity, self.owl_spread)
         ratios = []
 
         def rank(i, layer, x, fwd):
