@@ -30,8 +30,13 @@ def measured_basis(profile: Profile, step_model: StepTimeModel) -> tuple[str, ..
     lines.append(f"kv_cache: {kv.get('max_tokens')} tokens in blocks of {kv.get('block_size')}")
     serving = profile.get("serving_path")
     if isinstance(serving, Mapping):
-        line = (f"serving_path: {step_model.serving_request_s * 1000:.1f} ms per request, "
-                f"{step_model.serving_token_s * 1000:.2f} ms per streamed token (measured over HTTP on loopback")
+        via = {"ray": "through Ray Serve's proxy into one pinned replica, at "
+                      f"{_points(serving.get('streams') or [], 'streams')} concurrent streams",
+               "serve": "straight to `pernode serve`"}.get(step_model.serving_path or "serve", "")
+        line = (f"serving_path ({step_model.serving_path or 'serve'}): {step_model.serving_request_s * 1000:.1f} ms "
+                f"per request, {step_model.serving_step_s * 1000:.2f} ms per decode step + "
+                f"{step_model.serving_token_s * 1000:.2f} ms per streamed token of each running request "
+                f"(measured over HTTP on loopback, {via}")
         noisy = [what for what in ("request", "token")
                  if isinstance(serving.get(what), Mapping) and serving[what].get("below_noise")]
         negative = [what for what in ("request", "token") if isinstance(serving.get(what), Mapping)

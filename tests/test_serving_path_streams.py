@@ -1,0 +1,89 @@
+"""The serving path measured at several concurrent streams: the line fit that splits it into a cost per step and a
+cost per running stream, the profile section it writes, and how the planner's step time and simulator add it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pernode.measure.profile.serving_path_streams import (StreamTiming, fit_stream_costs, parse_streams,
+                                                          summarize_streams)
+from pernode.price.plan_basis import measured_basis
+from pernode.price.simulator import ReplicaConfig, simulate_fleet
+from pernode.price.step_time import StepTimeModel, serving_path_s
+from pernode.price.workload import RequestTrace
+
+PROFILE = {"decode": [{"batch_size": 1, "step_s": 0.010}, {"batch_size": 8, "step_s": 0.024}],
+           "prefill": [{"prompt_len": 32, "prefill_tokens_per_s": 2000.0},
+                       {"prompt_len": 256, "prefill_tokens_per_s": 5000.0}],
+           "kv_cache": {"max_tokens": 10_000, "block_size": 16}}
+
+
+def test_fit_recovers_a_fixed_part_and_a_part_per_stream():
+    c = [1, 2, 4, 8]
+    fit = fit_stream_costs(c, [0.002 + 0.003 * k for k in c])  # 2 ms per step + 3 ms per stream, exactly
+    assert fit.step_s == pytest.approx(0.002) and fit.token_s == pytest.approx(0.003)
+    assert fit.raw_intercept_s == pytest.approx(0.002) and "line" in fit.note
+
+
+def test_a_negative_intercept_is_dropped_and_the_slope_refitted_through_the_origin():
+    c, d = [1, 2, 4, 8], [-0.002, 0.004, 0.010, 0.030]
+    fit = fit_stream_costs(c, d)
+    assert fit.raw_intercept_s < 0 and fit.step_s == 0.0
+    assert fit.token_s == pytest.approx(np.dot(c, d) / np.dot(c, c))  # sum(c d) / sum(c^2)
+    assert "through the origin" in fit.note
+
+
+def test_a_negative_slope_is_planned_as_zero_with_the_mean_as_the_fixed_part():
+    fit = fit_stream_costs([1, 2, 4], [0.006, 0.005, 0.004])
+    assert fit.token_s == 0.0 and fit.step_s == pytest.approx(0.005) and fit.raw_slope_s < 0
+    only_noise = fit_stream_costs([1, 2, 4], [-0.001, -0.002, -0.003])
+    assert only_noise.token_s == 0.0 and only_noise.step_s == 0.0
+    one_level = fit_stream_costs([4, 4], [0.008, 0.012])  # one stream count: all of it per stream
+    assert one_level.token_s == pytest.approx(0.0025) and one_level.step_s == 0.0
+    with pytest.raises(ValueError, match="streams"):
+        fit_stream_costs([0, 1], [0.0, 0.0])
+    with pytest.raises(ValueError, match="serving_path_streams"):
+        parse_streams("1,x")
+    assert parse_streams("1, 2,8") == (1, 2, 8)
+
+
+def test_section_from_rounds_names_the_path_and_plans_the_fit():
+    # HTTP adds 40 ms of TTFT at every level and 1 ms + 2 ms x streams to each token.
+    by_level = {c: [(StreamTiming(0.100 + 0.01 * r, 0.020 + 0.005 * c),
+                     StreamTiming(0.140 + 0.01 * r, 0.020 + 0.005 * c + 0.001 + 0.002 * c)) for r in range(6)]
+                for c in (1, 2, 4, 8)}
+    sp = summarize_streams(by_level, "ray", 64, 32, (0.5, 0.7), {"replica_cores": ["0"]})
+    assert sp["path"] == "ray" and sp["request_s"] == pytest.approx(0.040)
+    assert sp["step_s"] == pytest.approx(0.001) and sp["token_s"] == pytest.approx(0.002)
+    assert [lv["streams"] for lv in sp["streams"]] == [1, 2, 4, 8] and sp["pairs"] == 24 and sp["requests"] == 90
+    assert serving_path_s({"serving_path": sp}) == pytest.approx((0.040, 0.002, 0.001))
+    assert serving_path_s({"serving_path": {"request_s": 0.004, "token_s": 0.0}}) == (0.004, 0.0, 0.0)  # older
+    with pytest.raises(ValueError, match="serving_path.step_s"):
+        serving_path_s({"serving_path": {"request_s": 0.0, "token_s": 0.0, "step_s": -1.0}})
+
+
+def test_step_time_and_simulator_add_the_path_per_step_and_per_stream():
+    profile = dict(PROFILE, serving_path={"path": "ray", "request_s": 0.050, "token_s": 0.003, "step_s": 0.001,
+                                          "streams": [{"streams": 1}, {"streams": 8}]})
+    model = StepTimeModel.from_profile(profile)
+    assert model.serving_path == "ray"
+    assert model.engine_decode_step_s(4) == pytest.approx(0.016)  # 0.010 + 3/7 x 0.014
+    assert model.decode_step_s(4) == pytest.approx(0.016 + 0.001 + 4 * 0.003)
+    assert model.decode_step_s(0) == 0.0
+    # a mixed step: 2 decodes and a 64-token chunk pays the engine's sum plus the path's 2 streams
+    rate = 2000 + (64 - 32) / (256 - 32) * 3000
+    assert model.step_s(2, 64, 64) == pytest.approx(0.012 + 64 / rate + 0.001 + 2 * 0.003)
+    assert model.step_s(0, 64, 64) == pytest.approx(64 / rate)  # nothing streams in a prefill-only step
+    # One request alone: it reaches the engine 50 ms late, and each of its 9 later tokens takes 10 + 1 + 3 ms.
+    trace = RequestTrace(np.array([1.0]), np.array([100]), np.array([10]))
+    res = simulate_fleet(trace, ReplicaConfig(model, 4, 10_000, 512), 1)
+    rate100 = 2000 + (100 - 32) / (256 - 32) * 3000
+    assert res.ttft_s[0] == pytest.approx(0.050 + 100 / rate100, rel=1e-9)
+    assert res.tpot_s[0] == pytest.approx(0.014, rel=1e-9)
+    assert any("serving_path (ray)" in line and "Ray Serve" in line and "1, 8 concurrent streams" in line
+               for line in measured_basis(profile, model))
+    plain = StepTimeModel.from_profile(dict(PROFILE, serving_path={"request_s": 0.004, "token_s": 0.0}))
+    assert plain.serving_path == "serve" and plain.decode_step_s(4) == pytest.approx(0.016)
+    assert any("serving_path (serve)" in line for line in measured_basis(PROFILE | {"serving_path": {
+        "request_s": 0.004, "token_s": 0.0}}, plain))
+    assert StepTimeModel.from_profile(PROFILE).serving_path is None
