@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pernode.measure.profile.serving_path_streams import (StreamTiming, fit_stream_costs, parse_streams,
+from pernode.measure.profile.serving_path_streams import (StreamTiming, added_cpu_s, fit_stream_costs, parse_streams,
                                                           summarize_streams)
 from pernode.price.plan_basis import measured_basis
 from pernode.price.simulator import ReplicaConfig, simulate_fleet
@@ -60,6 +60,21 @@ def test_section_from_rounds_names_the_path_and_plans_the_fit():
     assert serving_path_s({"serving_path": {"request_s": 0.004, "token_s": 0.0}}) == (0.004, 0.0, 0.0)  # older
     with pytest.raises(ValueError, match="serving_path.step_s"):
         serving_path_s({"serving_path": {"request_s": 0.0, "token_s": 0.0, "step_s": -1.0}})
+
+
+def test_cpu_time_on_the_serving_core_sets_the_plan_when_measured():
+    # Per round: the direct half ran 1.0 s of wall with the engine thread at 0.5 s and the idle server at 0.01 s;
+    # the HTTP half ran 1.2 s with the server at 0.5 + 0.012 (background) + 32 steps x (1 ms + c x 2 ms).
+    def rnd(c):
+        extra = 32 * (0.001 + 0.002 * c)
+        return (StreamTiming(0.1, 0.02, cpu_s=0.5, wall_s=1.0, server_cpu_s=0.01),
+                StreamTiming(0.15, 0.03, cpu_s=0.5 + 0.012 + extra, wall_s=1.2))
+    assert added_cpu_s(*rnd(2)) == pytest.approx(32 * 0.005)
+    assert added_cpu_s(StreamTiming(0.1, 0.02), StreamTiming(0.1, 0.02)) is None  # no CPU readings: no estimate
+    sp = summarize_streams({c: [rnd(c)] * 5 for c in (1, 2, 4)}, "serve", 64, 32, (0.0, 0.0), {})
+    assert sp["fit"]["from"] == "cpu" and sp["step_s"] == pytest.approx(0.001) and sp["token_s"] == pytest.approx(0.002)
+    assert sp["request_s"] == pytest.approx(0.05) and sp["wall_fit"]["token_s"] == 0.0  # the wall TPOT did not move
+    assert sp["streams"][2]["added_cpu_per_step"]["median_s"] == pytest.approx(0.009)
 
 
 def test_step_time_and_simulator_add_the_path_per_step_and_per_stream():

@@ -34,6 +34,25 @@ class ServingPath:
     url: str
     client_cores: set[int] | None
     layout: dict
+    server_pids: tuple[int, ...] = ()  # the process(es) serving on the measured cores: their CPU time is read
+
+
+def process_cpu_s(pids: tuple[int, ...]) -> float:
+    """CPU seconds the processes' threads have run so far, at nanosecond resolution (/proc/PID/task/*/schedstat).
+    Time spent waiting for a busy core does not count: a loaded machine inflates it far less than wall time."""
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue  # a thread that ended meanwhile
+    return total / 1e9
 
 
 def _cpu_list(cores: set[int]) -> str:
@@ -79,7 +98,7 @@ def pernode_serve(engine_flags: Sequence[str], timeout_s: float = 600.0) -> Iter
         try:
             _wait_ready(url, proc, timeout_s)
             layout = {"server_cores": cores_of(proc.pid), "client_cores": _cpu_list(client_cores or server_cores)}
-            yield ServingPath(url, client_cores, layout)
+            yield ServingPath(url, client_cores, layout, (proc.pid,))
         except Exception:
             server_log.seek(0)
             print("pernode serve output:\n" + server_log.read().decode(errors="replace")[-4000:], file=sys.stderr)
@@ -115,7 +134,12 @@ def ray_serve(engine: EngineConfig, timeout_s: float = 600.0) -> Iterator[Servin
     spec = FleetSpec(engine=dataclasses.replace(engine, num_threads=threads), settings=ServerSettings(),
                      replicas=1, threads_per_replica=threads, cpusets=(_cpu_list(server_cores),),
                      port=free_port())
+    threads_before = set(os.listdir("/proc/self/task"))
     with LocalFleet(spec, timeout_s=timeout_s) as fleet:
+        if client_cores:  # Ray's driver threads in this process: off the engine's core, as Ray's other processes
+            for tid in set(os.listdir("/proc/self/task")) - threads_before:
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(tid), client_cores)
         replica = claims(fleet.deployment.cpuset_claim_dir)
         replica_pids = {c["pid"] for c in replica.values()}
         others = _pin_other_ray_processes(replica_pids, client_cores) if client_cores else []
@@ -123,4 +147,4 @@ def ray_serve(engine: EngineConfig, timeout_s: float = 600.0) -> Iterator[Servin
                   "ray_other_processes_cores": others,
                   "client_cores": _cpu_list(client_cores or server_cores),
                   "startup_s": round(fleet.deployment.startup_s, 1)}
-        yield ServingPath(fleet.url, client_cores, layout)
+        yield ServingPath(fleet.url, client_cores, layout, tuple(sorted(replica_pids)))

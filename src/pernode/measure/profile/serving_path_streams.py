@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import httpx
 import numpy as np
@@ -52,10 +53,24 @@ PATHS = ("serve", "ray")
 
 @dataclass(frozen=True)
 class StreamTiming:
-    """Mean TTFT and TPOT of the c streams of one round."""
+    """Mean TTFT and TPOT of the c streams of one round, and CPU time: for the direct half the engine thread's,
+    for the HTTP half the serving process's; `server_cpu_s` is the serving process's during the direct half (its
+    background work while idle); `wall_s` the half's length."""
 
     ttft_s: float
     tpot_s: float
+    cpu_s: float | None = None
+    wall_s: float | None = None
+    server_cpu_s: float | None = None
+
+
+def added_cpu_s(direct: StreamTiming, http: StreamTiming) -> float | None:
+    """CPU seconds the serving process spent on one round beyond the engine's own work: its CPU time in the HTTP
+    half, less its idle background rate over that half, less what the same requests cost the engine directly."""
+    if None in (direct.cpu_s, direct.wall_s, direct.server_cpu_s, http.cpu_s, http.wall_s) or direct.wall_s <= 0:
+        return None
+    background = direct.server_cpu_s / direct.wall_s * http.wall_s
+    return http.cpu_s - background - direct.cpu_s
 
 
 @dataclass(frozen=True)
@@ -159,7 +174,8 @@ async def _http_streams(client: httpx.AsyncClient, model: str, config: BenchConf
 
 
 async def _rounds(engine: LLMEngine, url: str, streams: Sequence[int], rounds: int, input_len: int,
-                  output_len: int, client_cores: set[int] | None, seed: int) -> dict[int, list]:
+                  output_len: int, client_cores: set[int] | None, seed: int,
+                  server_cpu: Callable[[], float] | None) -> dict[int, list]:
     """{c: [(direct, http), ...]} after WARMUP_ROUNDS dropped per level."""
     config = BenchConfig(base_url=url, ignore_eos=True, temperature=0.0)
     timeout = httpx.Timeout(connect=30.0, read=config.request_timeout_s, write=30.0, pool=None)
@@ -176,19 +192,30 @@ async def _rounds(engine: LLMEngine, url: str, streams: Sequence[int], rounds: i
                 http_reqs = _prompts(engine, c, input_len, output_len, seed + 1000 * c + r + 500)
                 halves = {}
                 for half in (("direct", "http") if k % 2 == 0 else ("http", "direct")):
+                    wall0, own0 = time.perf_counter(), time.thread_time()
+                    server0 = server_cpu() if server_cpu else None
                     if half == "direct":
-                        halves[half] = time_direct_streams(engine, ids, output_len)
+                        t = time_direct_streams(engine, ids, output_len)
                     else:
                         with on_cores(client_cores):
-                            halves[half] = await _http_streams(client, model, config, timeout, http_reqs, url)
+                            t = await _http_streams(client, model, config, timeout, http_reqs, url)
+                    wall = time.perf_counter() - wall0
+                    server = server_cpu() - server0 if server_cpu else None
+                    if half == "direct":
+                        t = dataclasses.replace(t, cpu_s=time.thread_time() - own0, wall_s=wall, server_cpu_s=server)
+                    else:
+                        t = dataclasses.replace(t, cpu_s=server, wall_s=wall)
+                    halves[half] = t
                     await asyncio.sleep(GAP_S)
                 k += 1
                 d, h = halves["direct"], halves["http"]
                 if r >= WARMUP_ROUNDS:
                     out[c].append((d, h))
                 label = "warm-up" if r < WARMUP_ROUNDS else f"{r + 1 - WARMUP_ROUNDS}/{rounds}"
+                extra = added_cpu_s(d, h)
                 print(f"serving path: {c} stream(s), round {label}: TTFT direct {d.ttft_s * 1e3:.1f} / HTTP "
-                      f"{h.ttft_s * 1e3:.1f} ms, TPOT direct {d.tpot_s * 1e3:.2f} / HTTP {h.tpot_s * 1e3:.2f} ms",
+                      f"{h.ttft_s * 1e3:.1f} ms, TPOT direct {d.tpot_s * 1e3:.2f} / HTTP {h.tpot_s * 1e3:.2f} ms"
+                      + ("" if extra is None else f", serving CPU {extra * 1e3 / output_len:+.2f} ms per step"),
                       flush=True)
     return out
 
@@ -200,17 +227,31 @@ def summarize_streams(by_level: dict[int, list], path: str, input_len: int, outp
     for c, pairs in sorted(by_level.items()):
         ttft = paired_difference([d.ttft_s for d, _ in pairs], [h.ttft_s for _, h in pairs])
         tpot = paired_difference([d.tpot_s for d, _ in pairs], [h.tpot_s for _, h in pairs])
-        levels.append({"streams": c, "rounds": len(pairs), "added_ttft": ttft.to_dict(), "added_tpot": tpot.to_dict(),
-                       "direct_tpot_p50_s": statistics.median(d.tpot_s for d, _ in pairs),
-                       "http_tpot_p50_s": statistics.median(h.tpot_s for _, h in pairs),
-                       "notes": [ttft.describe(f"{c} stream(s), per request"),
-                                 tpot.describe(f"{c} stream(s), per token of each stream")]})
-    fit = fit_stream_costs([lv["streams"] for lv in levels], [lv["added_tpot"]["median_s"] for lv in levels])
+        level = {"streams": c, "rounds": len(pairs), "added_ttft": ttft.to_dict(), "added_tpot": tpot.to_dict(),
+                 "direct_tpot_p50_s": statistics.median(d.tpot_s for d, _ in pairs),
+                 "http_tpot_p50_s": statistics.median(h.tpot_s for _, h in pairs),
+                 "notes": [ttft.describe(f"{c} stream(s), per request (wall)"),
+                           tpot.describe(f"{c} stream(s), per token of each stream (wall)")]}
+        extra = [added_cpu_s(d, h) for d, h in pairs]
+        if extra and None not in extra:  # per decode step: each step of a round streams one token of each stream
+            per_step = sorted(x / output_len for x in extra)
+            level["added_cpu_per_step"] = paired_difference([0.0] * len(per_step), per_step).to_dict()
+            level["notes"].append(paired_difference([0.0] * len(per_step), per_step).describe(
+                f"{c} stream(s), serving CPU per decode step on the replica's core"))
+        levels.append(level)
+    by_cpu = all("added_cpu_per_step" in lv for lv in levels)
+    wall = fit_stream_costs([lv["streams"] for lv in levels], [lv["added_tpot"]["median_s"] for lv in levels])
+    fit = (fit_stream_costs([lv["streams"] for lv in levels], [lv["added_cpu_per_step"]["median_s"] for lv in levels])
+           if by_cpu else wall)
     one = next((lv for lv in levels if lv["streams"] == 1), levels[0])
     request = one["added_ttft"]
     notes = [n for lv in levels for n in lv["notes"]]
-    notes.append(f"per step {fit.step_s * 1e3:.2f} ms + {fit.token_s * 1e3:.2f} ms per running stream ({fit.note}; "
-                 f"raw line {fit.raw_intercept_s * 1e3:+.2f} ms {fit.raw_slope_s * 1e3:+.2f} ms x streams)")
+    for what, f in ((("serving CPU on the replica's core", fit), ("wall TPOT", wall)) if by_cpu
+                    else (("wall TPOT", wall),)):
+        notes.append(f"from {what}: per step {f.step_s * 1e3:.2f} ms + {f.token_s * 1e3:.2f} ms per running stream "
+                     f"({f.note}; raw line {f.raw_intercept_s * 1e3:+.2f} ms {f.raw_slope_s * 1e3:+.2f} ms x streams)")
+    notes.append("planned: " + ("the CPU fit (CPU time barely depends on the machine's load; the wall fit is kept "
+                                "for comparison)" if by_cpu else "the wall fit"))
     return {
         "path": path,
         "request_s": max(0.0, request["median_s"]),
@@ -220,8 +261,10 @@ def summarize_streams(by_level: dict[int, list], path: str, input_len: int, outp
         "token": levels[-1]["added_tpot"],
         "below_noise": bool(request["below_noise"]) or all(lv["added_tpot"]["below_noise"] for lv in levels),
         "streams": levels,
-        "fit": {"step_s": fit.step_s, "token_s": fit.token_s, "raw_intercept_s": fit.raw_intercept_s,
-                "raw_slope_s": fit.raw_slope_s, "note": fit.note},
+        "fit": {"from": "cpu" if by_cpu else "wall", "step_s": fit.step_s, "token_s": fit.token_s,
+                "raw_intercept_s": fit.raw_intercept_s, "raw_slope_s": fit.raw_slope_s, "note": fit.note},
+        "wall_fit": {"step_s": wall.step_s, "token_s": wall.token_s, "raw_intercept_s": wall.raw_intercept_s,
+                     "raw_slope_s": wall.raw_slope_s, "note": wall.note},
         "pairs": sum(lv["rounds"] for lv in levels),
         "requests": sum(lv["rounds"] * lv["streams"] for lv in levels),
         "load_avg_1m": [round(load[0], 2), round(load[1], 2)],
@@ -238,7 +281,8 @@ def summarize_streams(by_level: dict[int, list], path: str, input_len: int, outp
 def measure_streams(engine: LLMEngine, url: str, path: str, streams: Sequence[int] = DEFAULT_STREAMS,
                     rounds: int = DEFAULT_ROUNDS, input_len: int = DEFAULT_INPUT_LEN,
                     output_len: int = DEFAULT_OUTPUT_LEN, client_cores: set[int] | None = None,
-                    layout: dict | None = None, seed: int = 0) -> dict:
+                    layout: dict | None = None, seed: int = 0,
+                    server_cpu: Callable[[], float] | None = None) -> dict:
     """Time `rounds` paired rounds at each stream count against the server at `url`; the serving_path section."""
     if path not in PATHS:
         raise ValueError(f"path={path!r}: allowed {', '.join(PATHS)}")
@@ -250,7 +294,7 @@ def measure_streams(engine: LLMEngine, url: str, path: str, streams: Sequence[in
         raise ValueError(f"input_len={input_len}, output_len={output_len}: allowed >= 1 and >= 2 tokens")
     load_before = os.getloadavg()[0]
     by_level = asyncio.run(_rounds(engine, url, sorted(set(streams)), rounds, input_len, output_len,
-                                   client_cores, seed))
+                                   client_cores, seed, server_cpu))
     return summarize_streams(by_level, path, input_len, output_len, (load_before, os.getloadavg()[0]),
                              layout or {})
 
