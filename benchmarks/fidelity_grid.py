@@ -212,7 +212,7 @@ def table(results: list[tuple[str, int, dict]]) -> str:
     return "\n".join(lines)
 
 
-def rescore_recorded(folder: str, profiles: list[str]) -> int:
+def rescore_recorded(folder: str, profiles: list[str], mixed_steps: bool = False) -> int:
     """Every recorded validation in `folder` (v_SHAPE_LOAD.json through Ray, d_SHAPE_LOAD.json straight to
     `pernode serve`) predicted again from the profile given for its shape and path; the errors before (the
     run's `additive_` rescoring when there is one, else its own) and after, in one markdown table."""
@@ -238,7 +238,7 @@ def rescore_recorded(folder: str, profiles: list[str]) -> int:
         before_file = os.path.join(folder, "additive_" + name)
         with open(before_file if os.path.isfile(before_file) else os.path.join(folder, name)) as f:
             before = json.load(f).get("error_pct_same_trace") or {}
-        after = rescore(os.path.join(folder, name), profile).get("error_pct_same_trace") or {}
+        after = rescore(os.path.join(folder, name), profile, mixed_steps=mixed_steps).get("error_pct_same_trace") or {}
         for label, errs in (("before", before), ("after", after)):
             cells = [f"{errs[k]:+.1f}%{' ✓' if abs(errs[k]) <= TARGETS[k] else ''}" if k in errs else "–"
                      for k in keys]
@@ -272,12 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rescore-profile", action="append", default=[], metavar="SHAPE:PATH=FILE",
                     help="the profile for recorded runs of SHAPE (chat, rag) through PATH (ray: v_*.json, serve: "
                          "d_*.json), e.g. chat:ray=p_chat_ray.json; repeatable")
+    ap.add_argument("--rescore-mixed-steps", action="store_true",
+                    help="with --rescore: predict mixed steps from the profiles' measured mixed[] points "
+                         "(`pernode fleet rescore --mixed-steps`) instead of the additive sum")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     ap.add_argument("--resume", action="store_true",
                     help="keep every step whose output file OUT_DIR already holds (after an interruption)")
     args = ap.parse_args(argv)
     if args.rescore:
-        return rescore_recorded(args.rescore, args.rescore_profile)
+        return rescore_recorded(args.rescore, args.rescore_profile, args.rescore_mixed_steps)
     if len(os.sched_getaffinity(0) & {0, 1}) < 2:
         raise SystemExit("fidelity_grid: needs cores 0 and 1 (the replica on 0, the client and Ray on 1)")
     shapes = {s.name: s for s in (QUICK_SHAPES if args.quick else FULL_SHAPES)}

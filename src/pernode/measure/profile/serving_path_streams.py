@@ -230,11 +230,15 @@ def summarize_streams(by_level: dict[int, list], path: str, input_len: int, outp
         level = {"streams": c, "rounds": len(pairs), "added_ttft": ttft.to_dict(), "added_tpot": tpot.to_dict(),
                  "direct_tpot_p50_s": statistics.median(d.tpot_s for d, _ in pairs),
                  "http_tpot_p50_s": statistics.median(h.tpot_s for _, h in pairs),
+                 "timings": [[dataclasses.asdict(d), dataclasses.asdict(h)] for d, h in pairs],  # (direct, http)
                  "notes": [ttft.describe(f"{c} stream(s), per request (wall)"),
                            tpot.describe(f"{c} stream(s), per token of each stream (wall)")]}
         extra = [added_cpu_s(d, h) for d, h in pairs]
         if extra and None not in extra:  # per decode step: each step of a round streams one token of each stream
             per_step = sorted(x / output_len for x in extra)
+            # the engine's own CPU per step in the same rounds: set beside the profile's decode step at batch c,
+            # it shows how much the machine's load inflated CPU time
+            level["direct_cpu_per_step_p50_s"] = statistics.median(d.cpu_s / output_len for d, _ in pairs)
             level["added_cpu_per_step"] = paired_difference([0.0] * len(per_step), per_step).to_dict()
             level["notes"].append(paired_difference([0.0] * len(per_step), per_step).describe(
                 f"{c} stream(s), serving CPU per decode step on the replica's core"))
