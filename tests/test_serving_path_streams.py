@@ -102,3 +102,27 @@ def test_step_time_and_simulator_add_the_path_per_step_and_per_stream():
     assert any("serving_path (serve)" in line for line in measured_basis(PROFILE | {"serving_path": {
         "request_s": 0.004, "token_s": 0.0}}, plain))
     assert StepTimeModel.from_profile(PROFILE).serving_path is None
+
+
+def test_a_step_that_starts_on_an_idle_replica_pays_the_measured_idle_start():
+    # One-stream rounds: direct TTFT 130, 140, 150 ms for 64-token prompts; the profile's warm prefill of 64
+    # tokens, interpolated between 32 (80 ms) and 128 (200 ms), is 120 ms: the idle start is the median, 20 ms.
+    by_level = {1: [(StreamTiming(t, 0.02), StreamTiming(t + 0.004, 0.02)) for t in (0.130, 0.140, 0.150)]}
+    warm = [{"prompt_len": 32, "ttft_s": 0.080}, {"prompt_len": 128, "ttft_s": 0.200}]
+    sp = summarize_streams(by_level, "serve", 64, 32, (0.0, 0.0), {}, warm)
+    assert sp["idle_start"]["warm_prefill_s"] == pytest.approx(0.120)
+    assert sp["idle_start_s"] == pytest.approx(0.020) and sp["request_s"] == pytest.approx(0.004)
+    assert summarize_streams(by_level, "serve", 64, 32, (0.0, 0.0), {})["idle_start_s"] == 0.0  # no sweep here
+    model = StepTimeModel.from_profile(dict(PROFILE, serving_path={"request_s": 0.004, "token_s": 0.0,
+                                                                   "idle_start_s": 0.020}))
+    rate100 = 2000 + (100 - 32) / (256 - 32) * 3000
+    # Two requests: the first meets an idle replica (+20 ms), the second arrives while it is busy (no extra).
+    trace = RequestTrace(np.array([1.0, 1.05]), np.array([100, 100]), np.array([10, 10]))
+    res = simulate_fleet(trace, ReplicaConfig(model, 4, 10_000, 512), 1)
+    assert res.ttft_s[0] == pytest.approx(0.004 + 0.020 + 100 / rate100, rel=1e-9)
+    first_done = 1.0 + 0.004 + 0.020 + 100 / rate100
+    assert res.ttft_s[1] == pytest.approx(first_done + 100 / rate100 + 0.010 - 1.05, rel=1e-9)  # 1 decode rides along
+    assert any("idle replica" in line for line in measured_basis(
+        dict(PROFILE, serving_path={"request_s": 0.004, "token_s": 0.0, "idle_start_s": 0.020}), model))
+    with pytest.raises(ValueError, match="idle_start_s"):
+        StepTimeModel.from_profile(dict(PROFILE, serving_path={"request_s": 0.0, "token_s": 0.0, "idle_start_s": -1}))

@@ -71,7 +71,7 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
     return flags
 
 
-def _measure_path(args: argparse.Namespace, engine: LLMEngine) -> dict:
+def _measure_path(args: argparse.Namespace, engine: LLMEngine, warm_prefill: list | None) -> dict:
     """The profile's serving_path section for the path asked for."""
     streams = parse_streams(args.serving_path_streams) if args.serving_path_streams else None
     if args.serving_path == "serve" and streams is None:
@@ -83,7 +83,7 @@ def _measure_path(args: argparse.Namespace, engine: LLMEngine) -> dict:
         return measure_streams(engine, path.url, args.serving_path, streams or DEFAULT_STREAMS,
                                args.serving_path_rounds, args.serving_path_prompt_len, args.serving_path_output_len,
                                path.client_cores, path.layout,
-                               server_cpu=lambda: process_cpu_s(path.server_pids))
+                               server_cpu=lambda: process_cpu_s(path.server_pids), warm_prefill=warm_prefill)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
                               prompt_lens=int_list(args.prompt_lens), context_len=args.context_len)
     profile["serve_runs"].extend(serve_runs)
     if args.serving_path:  # paired against this engine: both halves of a pair see the same machine
-        profile["serving_path"] = _measure_path(args, engine)
+        # the idle-start cost needs prefill points timed in this same run, on this machine as it is now
+        profile["serving_path"] = _measure_path(args, engine, None if base is not None else profile.get("prefill"))
     del engine
     gc.collect()
     save_profile(args.out, profile)

@@ -36,7 +36,9 @@ def measured_basis(profile: Profile, step_model: StepTimeModel) -> tuple[str, ..
         line = (f"serving_path ({step_model.serving_path or 'serve'}): {step_model.serving_request_s * 1000:.1f} ms "
                 f"per request, {step_model.serving_step_s * 1000:.2f} ms per decode step + "
                 f"{step_model.serving_token_s * 1000:.2f} ms per streamed token of each running request "
-                f"(measured over HTTP on loopback, {via}")
+                f"(measured over HTTP on loopback, {via}"
+                + (f"; {step_model.idle_start_s * 1000:.1f} ms more for a step that starts on an idle replica"
+                   if step_model.idle_start_s else ""))
         noisy = [what for what in ("request", "token")
                  if isinstance(serving.get(what), Mapping) and serving[what].get("below_noise")]
         negative = [what for what in ("request", "token") if isinstance(serving.get(what), Mapping)

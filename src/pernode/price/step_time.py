@@ -53,6 +53,7 @@ class StepTimeModel:
     serving_token_s: float = 0.0  # per token streamed: detokenize, frame, send, on the engine's own core
     serving_step_s: float = 0.0  # per decode step with any stream running: the path's fixed work per step
     serving_path: str | None = None  # which path the serving terms were measured through: "serve", "ray", None
+    idle_start_s: float = 0.0  # added to a step that starts on an idle replica (its first step after a pause)
     mixed_batch_sizes: np.ndarray | None = None  # mixed-step correction grid: decodes (increasing)
     mixed_prompt_tokens: np.ndarray | None = None  # ... prompt tokens (increasing)
     mixed_ratio: np.ndarray | None = None  # measured / additive step time, [batch, prompt tokens]
@@ -104,7 +105,7 @@ class StepTimeModel:
         lens_a, rates_a = _merge_duplicates(lens, rates)
         request_s, token_s, step_s = serving_path_s(profile)
         model = cls(batch, step, lens_a, rates_a, chosen_ctx, request_s, token_s, step_s,
-                    serving_path_name(profile))
+                    serving_path_name(profile), idle_start_s(profile))
         grid = _mixed_ratio_grid(model, profile.get("mixed") or [], chosen_ctx) if mixed_steps else {}
         return dataclasses.replace(model, **grid) if grid else model
 
@@ -206,6 +207,17 @@ def serving_path_name(profile: Profile) -> str | None:
     if not isinstance(section, Mapping):
         return None
     return str(section.get("path") or "serve")
+
+
+def idle_start_s(profile: Profile) -> float:
+    """Seconds a step that starts on an idle replica takes beyond the profile's back-to-back timings (the
+    serving_path section's `idle_start_s`, measured by `pernode profile --serving-path ... --serving-path-streams`
+    in the same run as the prefill points); 0 when absent."""
+    section = profile.get("serving_path")
+    v = section.get("idle_start_s", 0.0) if isinstance(section, Mapping) else 0.0
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
+        raise ValueError(f"profile serving_path.idle_start_s={v!r}: must be a finite number >= 0 seconds")
+    return float(v)
 
 
 def serving_path_s(profile: Profile) -> tuple[float, float, float]:

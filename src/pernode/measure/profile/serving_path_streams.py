@@ -220,9 +220,28 @@ async def _rounds(engine: LLMEngine, url: str, streams: Sequence[int], rounds: i
     return out
 
 
+def idle_start_s(by_level: dict[int, list], input_len: int, warm_prefill: Sequence[dict]) -> dict | None:
+    """What a prompt's first step costs on an engine that was idle (200 ms between rounds) beyond the profile's
+    prefill, which times prompts back to back: the median over one-stream rounds of the direct TTFT less the
+    profile's TTFT at that prompt length (interpolated). Both halves of a pair start idle, so the paired
+    difference leaves this out; a plan adds it to a step that starts on an idle replica. Only meaningful when the
+    prefill points were measured in the same run (not with --serving-path-into)."""
+    rows = [r for r in warm_prefill if isinstance(r, dict) and "prompt_len" in r and "ttft_s" in r]
+    if 1 not in by_level or not rows:
+        return None
+    rows.sort(key=lambda r: r["prompt_len"])
+    warm = float(np.interp(input_len, [r["prompt_len"] for r in rows], [r["ttft_s"] for r in rows]))
+    d = paired_difference([warm] * len(by_level[1]), [direct.ttft_s for direct, _ in by_level[1]])
+    out = d.to_dict()
+    out["warm_prefill_s"] = warm
+    out["note"] = d.describe("first step on an idle engine beyond the profile's warm prefill")
+    return out
+
+
 def summarize_streams(by_level: dict[int, list], path: str, input_len: int, output_len: int,
-                      load: tuple[float, float], layout: dict) -> dict:
-    """The profile's serving_path section from paired (direct, http) round timings at each stream count."""
+                      load: tuple[float, float], layout: dict, warm_prefill: Sequence[dict] | None = None) -> dict:
+    """The profile's serving_path section from paired (direct, http) round timings at each stream count; with
+    the profile's prefill points measured in the same run, also `idle_start_s` (see idle_start_s)."""
     levels = []
     for c, pairs in sorted(by_level.items()):
         ttft = paired_difference([d.ttft_s for d, _ in pairs], [h.ttft_s for _, h in pairs])
@@ -256,8 +275,13 @@ def summarize_streams(by_level: dict[int, list], path: str, input_len: int, outp
                      f"({f.note}; raw line {f.raw_intercept_s * 1e3:+.2f} ms {f.raw_slope_s * 1e3:+.2f} ms x streams)")
     notes.append("planned: " + ("the CPU fit (CPU time barely depends on the machine's load; the wall fit is kept "
                                 "for comparison)" if by_cpu else "the wall fit"))
+    idle = idle_start_s(by_level, input_len, warm_prefill) if warm_prefill else None
+    if idle is not None:
+        notes.append(idle["note"])
     return {
         "path": path,
+        "idle_start_s": idle["planned_s"] if idle else 0.0,
+        "idle_start": idle,
         "request_s": max(0.0, request["median_s"]),
         "token_s": fit.token_s,
         "step_s": fit.step_s,
@@ -286,7 +310,8 @@ def measure_streams(engine: LLMEngine, url: str, path: str, streams: Sequence[in
                     rounds: int = DEFAULT_ROUNDS, input_len: int = DEFAULT_INPUT_LEN,
                     output_len: int = DEFAULT_OUTPUT_LEN, client_cores: set[int] | None = None,
                     layout: dict | None = None, seed: int = 0,
-                    server_cpu: Callable[[], float] | None = None) -> dict:
+                    server_cpu: Callable[[], float] | None = None,
+                    warm_prefill: Sequence[dict] | None = None) -> dict:
     """Time `rounds` paired rounds at each stream count against the server at `url`; the serving_path section."""
     if path not in PATHS:
         raise ValueError(f"path={path!r}: allowed {', '.join(PATHS)}")
@@ -300,7 +325,7 @@ def measure_streams(engine: LLMEngine, url: str, path: str, streams: Sequence[in
     by_level = asyncio.run(_rounds(engine, url, sorted(set(streams)), rounds, input_len, output_len,
                                    client_cores, seed, server_cpu))
     return summarize_streams(by_level, path, input_len, output_len, (load_before, os.getloadavg()[0]),
-                             layout or {})
+                             layout or {}, warm_prefill)
 
 
 def parse_streams(text: str) -> tuple[int, ...]:
