@@ -14,6 +14,9 @@ it meets the issue's targets (p50s and goodput within 10%, p99s within 20%), the
     python benchmarks/fidelity_grid.py --out-dir grid            # the full grid: about 80 minutes on a quiet box
     nice -n 19 python benchmarks/fidelity_grid.py --quick --out-dir grid-quick   # a smoke check of the pipeline
 
+`--path ray|serve` validates through Ray or straight to `pernode serve` and measures that path in the profile at
+1, 2, 4 and 8 concurrent streams; `--rescore DIR` predicts recorded runs again with other profiles and runs nothing.
+
 Needs two cores (0 and 1) and Ray (`pernode[fleet]`). Every command it runs is printed first and saved in
 OUT_DIR/commands.sh, so any step can be rerun by hand.
 """
