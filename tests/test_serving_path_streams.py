@@ -95,11 +95,12 @@ def test_step_time_and_simulator_add_the_path_per_step_and_per_stream():
     rate100 = 2000 + (100 - 32) / (256 - 32) * 3000
     assert res.ttft_s[0] == pytest.approx(0.050 + 100 / rate100, rel=1e-9)
     assert res.tpot_s[0] == pytest.approx(0.014, rel=1e-9)
-    assert any("serving_path (ray)" in line and "Ray Serve" in line and "1, 8 concurrent streams" in line
+    assert any("path ray:" in line and "Ray Serve" in line and "1, 8 concurrent streams" in line
+               and "+ 1.00 ms per decode step" in line
                for line in measured_basis(profile, model))
     plain = StepTimeModel.from_profile(dict(PROFILE, serving_path={"request_s": 0.004, "token_s": 0.0}))
     assert plain.serving_path == "serve" and plain.decode_step_s(4) == pytest.approx(0.016)
-    assert any("serving_path (serve)" in line for line in measured_basis(PROFILE | {"serving_path": {
+    assert any("(path serve: " in line for line in measured_basis(PROFILE | {"serving_path": {
         "request_s": 0.004, "token_s": 0.0}}, plain))
     assert StepTimeModel.from_profile(PROFILE).serving_path is None
 

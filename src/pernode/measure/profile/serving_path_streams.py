@@ -11,7 +11,12 @@ difference is what the path adds to a step that streams c tokens; a line through
     added TPOT(c) = step_s + c * token_s,
 
 splits it into a fixed part per step and a part per running stream (least squares; a negative intercept is
-refitted through the origin, a negative slope planned as 0, and both are said). The per-request term is the
+refitted through the origin, a negative slope planned as 0, and both are said). The line is fitted on the serving
+process's CPU time per decode step beyond the engine's own (its threads' schedstat, less its idle background
+rate, less the engine thread's CPU time for the same requests straight in): CPU time hardly moves with the
+neighbours' load, wall time does; the wall-time line is kept beside it. With prefill points timed in the same run,
+`idle_start_s` is the one-stream direct TTFT beyond the profile's back-to-back prefill: a step that starts on an
+idle engine pays it (price/replica.py). The per-request term is the
 TTFT difference at one stream. The planner adds `request_s` before a request reaches the engine and
 `step_s + b * token_s` to every decode step of b streams (price/step_time.py), since that work runs on the
 replica's own core. This is vidur's approach to a replica's non-model overheads (Agrawal et al., arXiv
