@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tiny_model import write_tiny_model
 
 from pernode.measure.profile.serving_path_streams import (StreamTiming, added_cpu_s, fit_stream_costs, parse_streams,
                                                           summarize_streams)
@@ -127,3 +128,25 @@ def test_a_step_that_starts_on_an_idle_replica_pays_the_measured_idle_start():
         dict(PROFILE, serving_path={"request_s": 0.004, "token_s": 0.0, "idle_start_s": 0.020}), model))
     with pytest.raises(ValueError, match="idle_start_s"):
         StepTimeModel.from_profile(dict(PROFILE, serving_path={"request_s": 0.0, "token_s": 0.0, "idle_start_s": -1}))
+
+
+def test_streams_measured_against_a_real_pernode_serve(tmp_path):
+    from pernode.config import EngineConfig
+    from pernode.measure.profile.serving_path_servers import pernode_serve, process_cpu_s
+    from pernode.measure.profile.serving_path_streams import measure_streams
+    from pernode.serve.engine.llm_engine import LLMEngine
+
+    model = write_tiny_model(str(tmp_path / "tiny"))
+    flags = ["--model", model, "--device", "cpu", "--num-threads", "1", "--num-blocks", "64", "--max-model-len", "512"]
+    engine = LLMEngine(EngineConfig(model=model, device="cpu", num_threads=1, num_blocks=64, max_model_len=512))
+    with pernode_serve(flags) as path:
+        assert path.server_pids and process_cpu_s(path.server_pids) > 0  # the server's threads have run
+        sp = measure_streams(engine, path.url, "serve", (1, 2), rounds=2, input_len=16, output_len=4,
+                             client_cores=path.client_cores, layout=path.layout,
+                             server_cpu=lambda: process_cpu_s(path.server_pids),
+                             warm_prefill=[{"prompt_len": 16, "ttft_s": 0.001}])
+    assert sp["path"] == "serve" and [lv["streams"] for lv in sp["streams"]] == [1, 2] and sp["pairs"] == 4
+    assert all("added_cpu_per_step" in lv and len(lv["timings"]) == 2 for lv in sp["streams"])
+    assert sp["fit"]["from"] == "cpu" and sp["token_s"] >= 0 and sp["step_s"] >= 0 and sp["request_s"] >= 0
+    assert sp["idle_start"]["warm_prefill_s"] == 0.001 and sp["idle_start_s"] >= 0
+    assert serving_path_s({"serving_path": sp}) == (sp["request_s"], sp["token_s"], sp["step_s"])
