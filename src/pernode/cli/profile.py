@@ -90,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
     serve_runs = [BenchResult.load(path).to_dict() for path in args.serve_results or ()]  # fail before measuring
     if args.remeasure_kernels:
         forget_cached_crossovers()  # the engine's load measures every layer shape again
+    if args.serving_path_streams:  # bad input fails before minutes of measuring
+        parse_streams(args.serving_path_streams)
+    for name, low in (("serving_path_rounds", 1), ("serving_path_prompt_len", 1), ("serving_path_output_len", 2)):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: allowed >= {low}")
     if args.serving_path_into and not args.serving_path:
         raise ValueError("--serving-path-into needs --serving-path serve|ray: it measures only that")
     base = load_profile(args.serving_path_into) if args.serving_path_into else None  # fail before measuring
