@@ -14,6 +14,9 @@ it meets the issue's targets (p50s and goodput within 10%, p99s within 20%), the
     python benchmarks/fidelity_grid.py --out-dir grid            # the full grid: about 80 minutes on a quiet box
     nice -n 19 python benchmarks/fidelity_grid.py --quick --out-dir grid-quick   # a smoke check of the pipeline
 
+`--path ray|serve` validates through Ray or straight to `pernode serve` and measures that path in the profile at
+1, 2, 4 and 8 concurrent streams; `--rescore DIR` predicts recorded runs again with other profiles and runs nothing.
+
 Needs two cores (0 and 1) and Ray (`pernode[fleet]`). Every command it runs is printed first and saved in
 OUT_DIR/commands.sh, so any step can be rerun by hand.
 """
@@ -24,9 +27,11 @@ import json
 import math
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 
 TARGETS = {"ttft_p50_ms": 10.0, "tpot_p50_ms": 10.0, "goodput_rps": 10.0, "ttft_p99_ms": 20.0, "tpot_p99_ms": 20.0}
@@ -93,12 +98,25 @@ class Runner:
             raise SystemExit(f"fidelity_grid: step failed (exit status {rc}, {out} not written): {line}")
 
 
-def profile_shape(run: Runner, shape: Shape, model_flags: list[str], quick: bool) -> str:
+def serving_path_flags(path: str | None, shape: Shape, quick: bool) -> list[str]:
+    """The profile's serving-path measurement: None the one-at-a-time pairs against `pernode serve` (the grid's
+    first runs); `ray` or `serve` the path the grid validates through, at several concurrent streams."""
+    if path is None:
+        return ["--serving-path", "--serving-path-requests", "4" if quick else "16"]
+    lo, hi = (int(x) for x in shape.input_len.split(":"))
+    return ["--serving-path", path, "--serving-path-streams", "1,2" if quick else "1,2,4,8",
+            "--serving-path-rounds", "1" if quick else "6", "--serving-path-prompt-len", str((lo + hi) // 2),
+            "--serving-path-output-len", "8" if quick else "32"]
+
+
+def profile_shape(run: Runner, shape: Shape, model_flags: list[str], quick: bool, path: str | None = None,
+                  profile_from: str | None = None) -> str:
+    """Profile the shape on core 0; with `profile_from`, keep that profile's sweep and measure only the path."""
     out = os.path.join(run.out_dir, f"p_{shape.name}.json")
-    run.cli(["profile", *model_flags, "--num-threads", "1", "--max-num-seqs", str(shape.max_num_seqs),
-             "--batch-sizes", shape.batch_sizes, "--prompt-lens", shape.prompt_lens,
-             "--context-len", str(shape.context_len), "--serving-path",
-             "--serving-path-requests", "4" if quick else "16", "--out", out], out, cores="0")
+    base = ["--serving-path-into", profile_from] if profile_from else [
+        "--batch-sizes", shape.batch_sizes, "--prompt-lens", shape.prompt_lens, "--context-len", str(shape.context_len)]
+    run.cli(["profile", *model_flags, "--num-threads", "1", "--max-num-seqs", str(shape.max_num_seqs), *base,
+             *serving_path_flags(path, shape, quick), "--out", out], out, cores="0")
     return out
 
 
@@ -111,11 +129,65 @@ def plan_shape(run: Runner, shape: Shape, profile: str, rate: float, out: str, q
 
 
 def validate(run: Runner, plan: str, profile: str, model_flags: list[str], num_prompts: int, out: str,
-             quick: bool) -> str:
-    run.cli(["fleet", "validate", "--plan", plan, "--profile", profile, *model_flags,
-             "--cpuset", "0", "--client-cpuset", "1", "--num-prompts", str(num_prompts),
-             "--interval-seeds", "2" if quick else "5", "--out", out], out)
+             quick: bool, path: str | None = None) -> str:
+    """Through Ray (one replica on core 0, Ray's other processes and the client on core 1), or with path `serve`
+    against a `pernode serve` on core 0 with the plan's max batch and the client on core 1."""
+    seeds = ["--interval-seeds", "2" if quick else "5"]
+    if path != "serve":
+        run.cli(["fleet", "validate", "--plan", plan, "--profile", profile, *model_flags,
+                 "--cpuset", "0", "--client-cpuset", "1", "--num-prompts", str(num_prompts), *seeds, "--out", out],
+                out)
+        return out
+    if run.resume and os.path.isfile(out):
+        return out
+    with open(plan) as f:
+        batch = json.load(f)["max_batch_per_replica"]["batch_size"]
+    port = free_port()
+    server = (["taskset", "-c", "0", sys.executable, "-m", "pernode.cli", "serve", *model_flags, "--num-threads", "1",
+               "--max-num-seqs", str(max(1, batch)), "--max-queued-requests", str(max(256, num_prompts)),
+               "--host", "127.0.0.1", "--port", str(port)])
+    print(f"\n$ {' '.join(shlex.quote(c) for c in server)} &", flush=True)
+    with open(run.log, "a") as f:
+        f.write(" ".join(shlex.quote(c) for c in server) + " &\n")
+    if run.dry_run:
+        run.cli(["fleet", "validate", "--plan", plan, "--profile", profile, *model_flags, "--base-url",
+                 f"http://127.0.0.1:{port}", "--num-prompts", str(num_prompts), *seeds, "--out", out], out, cores="1")
+        return out
+    with open(os.path.join(run.out_dir, f"serve_{os.path.basename(out)}.log"), "w") as log:
+        proc = subprocess.Popen(server, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        wait_served(f"http://127.0.0.1:{port}", proc)
+        run.cli(["fleet", "validate", "--plan", plan, "--profile", profile, *model_flags, "--base-url",
+                 f"http://127.0.0.1:{port}", "--num-prompts", str(num_prompts), *seeds, "--out", out], out, cores="1")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_served(url: str, proc: subprocess.Popen, timeout_s: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"fidelity_grid: pernode serve exited with status {proc.returncode} before answering")
+        try:
+            with urllib.request.urlopen(f"{url}/v1/models", timeout=2.0) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1.0)
+    raise SystemExit(f"fidelity_grid: pernode serve did not answer {url} within {timeout_s:.0f} s")
 
 
 def row(shape: str, load: int, v: dict) -> str:
@@ -143,6 +215,41 @@ def table(results: list[tuple[str, int, dict]]) -> str:
     return "\n".join(lines)
 
 
+def rescore_recorded(folder: str, profiles: list[str], mixed_steps: bool = False) -> int:
+    """Every recorded validation in `folder` (v_SHAPE_LOAD.json through Ray, d_SHAPE_LOAD.json straight to
+    `pernode serve`) predicted again from the profile given for its shape and path; the errors before (the
+    run's `additive_` rescoring when there is one, else its own) and after, in one markdown table."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+    from pernode.jobs.validate.rescore import rescore
+
+    chosen = {}
+    for item in profiles:
+        key, sep, path = item.partition("=")
+        if not sep or key.count(":") != 1 or key.split(":")[1] not in ("ray", "serve"):
+            raise SystemExit(f"--rescore-profile {item!r}: allowed SHAPE:PATH=FILE with PATH ray or serve")
+        chosen[key] = path
+    keys = [k for _, k in COLUMNS]
+    lines = ["| run | path | model | " + " | ".join(label for label, _ in COLUMNS) + " |", "|---|---|---|" + "---:|" * 5]
+    for name in sorted(os.listdir(folder)):
+        if not (name.startswith(("v_", "d_")) and name.endswith(".json")):
+            continue
+        shape, load = name[2:-5].rsplit("_", 1)
+        path = "serve" if name.startswith("d_") else "ray"
+        profile = chosen.get(f"{shape}:{path}")
+        if profile is None:
+            continue
+        before_file = os.path.join(folder, "additive_" + name)
+        with open(before_file if os.path.isfile(before_file) else os.path.join(folder, name)) as f:
+            before = json.load(f).get("error_pct_same_trace") or {}
+        after = rescore(os.path.join(folder, name), profile, mixed_steps=mixed_steps).get("error_pct_same_trace") or {}
+        for label, errs in (("before", before), ("after", after)):
+            cells = [f"{errs[k]:+.1f}%{' ✓' if abs(errs[k]) <= TARGETS[k] else ''}" if k in errs else "–"
+                     for k in keys]
+            lines.append(f"| {shape} {load}% | {path} | {label} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -154,10 +261,29 @@ def main(argv: list[str] | None = None) -> int:
                     help="arrivals per validation run, seconds (default 300; --quick: 8 requests)")
     ap.add_argument("--min-requests", type=int, default=40, help="fewest requests per validation run")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke check that every step runs")
+    ap.add_argument("--path", choices=("ray", "serve"), default=None,
+                    help="the serving path to validate through and to measure in the profile at 1, 2, 4 and 8 "
+                         "concurrent streams: `ray` (one Ray Serve replica on core 0) or `serve` (`pernode serve` on "
+                         "core 0); default: through Ray, with the profile's path measured against `pernode serve` "
+                         "one request at a time (the grid's first runs)")
+    ap.add_argument("--profile-from", default=None, metavar="DIR",
+                    help="keep the decode/prefill sweep of DIR/p_SHAPE.json and measure only the serving path "
+                         "(minutes instead of a full profile)")
+    ap.add_argument("--rescore", default=None, metavar="DIR",
+                    help="run nothing on a fleet: predict every recorded validation in DIR again (`pernode fleet "
+                         "rescore`) with the profiles of --rescore-profile and print errors before / after")
+    ap.add_argument("--rescore-profile", action="append", default=[], metavar="SHAPE:PATH=FILE",
+                    help="the profile for recorded runs of SHAPE (chat, rag) through PATH (ray: v_*.json, serve: "
+                         "d_*.json), e.g. chat:ray=p_chat_ray.json; repeatable")
+    ap.add_argument("--rescore-mixed-steps", action="store_true",
+                    help="with --rescore: predict mixed steps from the profiles' measured mixed[] points "
+                         "(`pernode fleet rescore --mixed-steps`) instead of the additive sum")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     ap.add_argument("--resume", action="store_true",
                     help="keep every step whose output file OUT_DIR already holds (after an interruption)")
     args = ap.parse_args(argv)
+    if args.rescore:
+        return rescore_recorded(args.rescore, args.rescore_profile, args.rescore_mixed_steps)
     if len(os.sched_getaffinity(0) & {0, 1}) < 2:
         raise SystemExit("fidelity_grid: needs cores 0 and 1 (the replica on 0, the client and Ray on 1)")
     shapes = {s.name: s for s in (QUICK_SHAPES if args.quick else FULL_SHAPES)}
@@ -172,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fidelity grid: shapes {[s.name for s in chosen]}, loads {loads}%, load average {os.getloadavg()}",
           flush=True)
     for shape in chosen:
-        profile = profile_shape(run, shape, model_flags, args.quick)
+        profile_from = os.path.join(args.profile_from, f"p_{shape.name}.json") if args.profile_from else None
+        profile = profile_shape(run, shape, model_flags, args.quick, args.path, profile_from)
         cap = plan_shape(run, shape, profile, 0.01, os.path.join(args.out_dir, f"cap_{shape.name}.json"), args.quick)
         if args.dry_run:
             continue
@@ -184,8 +311,9 @@ def main(argv: list[str] | None = None) -> int:
             tag = f"{shape.name}_{load}"
             plan = plan_shape(run, shape, profile, rate, os.path.join(args.out_dir, f"plan_{tag}.json"), args.quick)
             n = 8 if args.quick else max(args.min_requests, math.ceil(rate * args.duration_s))
-            out = validate(run, plan, profile, model_flags, n, os.path.join(args.out_dir, f"v_{tag}.json"),
-                           args.quick)
+            prefix = "d" if args.path == "serve" else "v"
+            out = validate(run, plan, profile, model_flags, n, os.path.join(args.out_dir, f"{prefix}_{tag}.json"),
+                           args.quick, args.path)
             with open(out) as f:
                 results.append((shape.name, load, json.load(f)))
             with open(os.path.join(args.out_dir, "grid.md"), "w") as f:  # after every run: a partial grid survives

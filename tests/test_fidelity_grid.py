@@ -41,3 +41,21 @@ def test_dry_run_prints_the_pinned_commands(tmp_path, capsys):
     assert "--num-threads 1" in commands[0] and " plan " in commands[1] and "--replicas 1" in commands[1]
     with pytest.raises(SystemExit, match="--loads"):
         grid.main(["--quick", "--dry-run", "--out-dir", str(tmp_path), "--loads", "120"])
+
+
+def test_path_flags_measure_that_path_at_several_streams(tmp_path):
+    if len(os.sched_getaffinity(0) & {0, 1}) < 2:
+        pytest.skip("the grid needs cores 0 and 1")
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "p_chat.json").write_text("{}")
+    assert grid.main(["--quick", "--dry-run", "--out-dir", str(tmp_path / "r"), "--shapes", "chat", "--path", "ray",
+                      "--profile-from", str(base)]) == 0
+    profile = (tmp_path / "r" / "commands.sh").read_text().splitlines()[0]
+    assert "--serving-path ray" in profile and "--serving-path-streams 1,2" in profile
+    assert f"--serving-path-into {base / 'p_chat.json'}" in profile and "--batch-sizes" not in profile
+    flags = grid.serving_path_flags("serve", grid.FULL_SHAPES[0], quick=False)
+    assert flags[:4] == ["--serving-path", "serve", "--serving-path-streams", "1,2,4,8"]
+    assert "80" in flags  # the chat shape's middle prompt length
+    with pytest.raises(SystemExit, match="SHAPE:PATH=FILE"):
+        grid.rescore_recorded(str(tmp_path), ["chat=p.json"])

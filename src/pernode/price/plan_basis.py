@@ -30,8 +30,16 @@ def measured_basis(profile: Profile, step_model: StepTimeModel) -> tuple[str, ..
     lines.append(f"kv_cache: {kv.get('max_tokens')} tokens in blocks of {kv.get('block_size')}")
     serving = profile.get("serving_path")
     if isinstance(serving, Mapping):
+        via = {"ray": "through Ray Serve's proxy into one pinned replica, at "
+                      f"{_points(serving.get('streams') or [], 'streams')} concurrent streams",
+               "serve": "straight to `pernode serve`"}.get(step_model.serving_path or "serve", "")
         line = (f"serving_path: {step_model.serving_request_s * 1000:.1f} ms per request, "
-                f"{step_model.serving_token_s * 1000:.2f} ms per streamed token (measured over HTTP on loopback")
+                f"{step_model.serving_token_s * 1000:.2f} ms per streamed token"
+                + (f" of each running request + {step_model.serving_step_s * 1000:.2f} ms per decode step"
+                   if step_model.serving_step_s else "")
+                + f" (path {step_model.serving_path or 'serve'}: measured over HTTP on loopback, {via}"
+                + (f"; {step_model.idle_start_s * 1000:.1f} ms more for a step that starts on an idle replica"
+                   if step_model.idle_start_s else ""))
         noisy = [what for what in ("request", "token")
                  if isinstance(serving.get(what), Mapping) and serving[what].get("below_noise")]
         negative = [what for what in ("request", "token") if isinstance(serving.get(what), Mapping)

@@ -135,7 +135,7 @@ class Replica:
         """Queue a request; returns the replica's new run end if the arrival started or shortened a run."""
         self.scheduler.add(self.book.make_request(rid))
         if not self.busy:
-            return self.start_run(t)
+            return self.start_run(t, from_idle=True)
         if not self.run_open_to_arrivals:
             return None
         done = max(math.ceil((t - self.run_start) / self.run_step_s - 1e-9), 1)
@@ -145,9 +145,10 @@ class Replica:
             return self.run_start + self.run_step_s * done
         return None
 
-    def start_run(self, t: float) -> float | None:
+    def start_run(self, t: float, from_idle: bool = False) -> float | None:
         """Let the scheduler pick the next step (or run of identical decode steps); returns its end time, None
-        when there is nothing to run."""
+        when there is nothing to run. A step that starts on an idle replica (`from_idle`) also pays the step
+        model's `idle_start_s`: the profile times its steps back to back, warm."""
         book = self.book
         batch = self.scheduler.schedule()
         for victim in batch.preempted:
@@ -179,6 +180,9 @@ class Replica:
         if decodes and prompt_tokens:
             mix = self.step_model.mix_factor(decodes, prompt_tokens)
             step_s += (mix - 1.0) * (self.engine_decode_s[decodes] + prefill_s)
+        if from_idle:  # its own first step: a run of identical steps would spread it over every step
+            steps = 1
+            step_s += getattr(self.step_model, "idle_start_s", 0.0)
         self.run_start, self.run_step_s, self.run_steps = t, step_s, steps
         self.run_open_to_arrivals = open_to_arrivals
         self.version += 1

@@ -13,7 +13,10 @@ overcount stands in for per-step serving work under load that no term models yet
 
 The serving path is in the model too, when the profile measured it (`pernode profile --serving-path`, section
 serving_path): each request reaches the engine `serving_request_s` after it was sent (HTTP, tokenizing, the first
-chunk back) and each decode step pays `serving_token_s` per running request (detokenizing and streaming a token).
+chunk back) and each decode step of b running requests pays `serving_step_s + b * serving_token_s` (detokenizing
+and streaming b tokens, on the engine's own core). The section names its path: `serve` (straight to `pernode
+serve`) or `ray` (through Ray Serve's proxy into a pinned replica, measured at several concurrent streams,
+measure/profile/serving_path_streams.py); a plan says which one it assumed.
 """
 from __future__ import annotations
 
@@ -48,6 +51,9 @@ class StepTimeModel:
     decode_context_len: int | None = None  # the profile's context length the decode points were taken at
     serving_request_s: float = 0.0  # per request: send to engine admission, plus the first chunk's way back
     serving_token_s: float = 0.0  # per token streamed: detokenize, frame, send, on the engine's own core
+    serving_step_s: float = 0.0  # per decode step with any stream running: the path's fixed work per step
+    serving_path: str | None = None  # which path the serving terms were measured through: "serve", "ray", None
+    idle_start_s: float = 0.0  # added to a step that starts on an idle replica (its first step after a pause)
     mixed_batch_sizes: np.ndarray | None = None  # mixed-step correction grid: decodes (increasing)
     mixed_prompt_tokens: np.ndarray | None = None  # ... prompt tokens (increasing)
     mixed_ratio: np.ndarray | None = None  # measured / additive step time, [batch, prompt tokens]
@@ -97,8 +103,9 @@ class StepTimeModel:
             lens.append(_number(row, "prompt_len", f"prefill[{i}]"))
             rates.append(_number(row, "prefill_tokens_per_s", f"prefill[{i}]"))
         lens_a, rates_a = _merge_duplicates(lens, rates)
-        request_s, token_s = serving_path_s(profile)
-        model = cls(batch, step, lens_a, rates_a, chosen_ctx, request_s, token_s)
+        request_s, token_s, step_s = serving_path_s(profile)
+        model = cls(batch, step, lens_a, rates_a, chosen_ctx, request_s, token_s, step_s,
+                    serving_path_name(profile), idle_start_s(profile))
         grid = _mixed_ratio_grid(model, profile.get("mixed") or [], chosen_ctx) if mixed_steps else {}
         return dataclasses.replace(model, **grid) if grid else model
 
@@ -115,7 +122,13 @@ class StepTimeModel:
         """
         if batch_size <= 0:
             return 0.0
-        return self.engine_decode_step_s(batch_size) + batch_size * self.serving_token_s
+        return self.engine_decode_step_s(batch_size) + self.serving_decode_s(batch_size)
+
+    def serving_decode_s(self, batch_size: int) -> float:
+        """What the serving path adds to a decode step of `batch_size` streams: a fixed part and a part per stream."""
+        if batch_size <= 0:
+            return 0.0
+        return self.serving_step_s + batch_size * self.serving_token_s
 
     def engine_decode_step_s(self, batch_size: int) -> float:
         """decode_step_s without the serving path: the engine's forward and sampling alone."""
@@ -187,20 +200,44 @@ def _mixed_ratio_grid(model: StepTimeModel, points: list, context_len: int | Non
             "mixed_prompt_tokens": np.asarray(ps, dtype=np.float64), "mixed_ratio": grid}
 
 
-def serving_path_s(profile: Profile) -> tuple[float, float]:
-    """(per-request, per-token) seconds the serving path adds, from the profile's serving_path section; zeros
-    when the profile did not measure it (the plan then says it leaves the serving path out)."""
+def serving_path_name(profile: Profile) -> str | None:
+    """The path the profile's serving terms were measured through: "serve" (an older section without a name was
+    measured against `pernode serve`), "ray", or None when the profile has no serving_path."""
     section = profile.get("serving_path")
     if not isinstance(section, Mapping):
-        return 0.0, 0.0
+        return None
+    return str(section.get("path") or "serve")
+
+
+def idle_start_s(profile: Profile) -> float:
+    """Seconds a step that starts on an idle replica takes beyond the profile's back-to-back timings (the
+    serving_path section's `idle_start_s`, measured by `pernode profile --serving-path ... --serving-path-streams`
+    in the same run as the prefill points); 0 when absent."""
+    section = profile.get("serving_path")
+    v = section.get("idle_start_s", 0.0) if isinstance(section, Mapping) else 0.0
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
+        raise ValueError(f"profile serving_path.idle_start_s={v!r}: must be a finite number >= 0 seconds")
+    return float(v)
+
+
+def serving_path_s(profile: Profile) -> tuple[float, float, float]:
+    """(per-request, per-token, per-step) seconds the serving path adds, from the profile's serving_path section;
+    zeros when the profile did not measure it (the plan then says it leaves the serving path out). `step_s` is
+    optional (0 in sections measured one stream at a time)."""
+    section = profile.get("serving_path")
+    if not isinstance(section, Mapping):
+        return 0.0, 0.0, 0.0
     out = []
-    for key in ("request_s", "token_s"):
+    for key in ("request_s", "token_s", "step_s"):
+        if key == "step_s" and key not in section:
+            out.append(0.0)
+            continue
         v = section.get(key)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
             raise ValueError(f"profile serving_path.{key}={v!r}: must be a finite number >= 0 seconds; re-run "
                              f"`pernode profile --serving-path`")
         out.append(float(v))
-    return out[0], out[1]
+    return out[0], out[1], out[2]
 
 
 def _merge_duplicates(xs: list[float], ys: list[float]) -> tuple[np.ndarray, np.ndarray]:

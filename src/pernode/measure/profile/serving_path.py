@@ -12,13 +12,8 @@ before the engine sees it, the token's share to every decode step, since streami
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -30,36 +25,15 @@ from pernode.measure.bench.bench_serve import send_request, served_model_name
 from pernode.measure.bench.config import BenchConfig, parse_token_range
 from pernode.measure.bench.datasets import BenchRequest, word_prompt
 from pernode.measure.profile.paired_difference import paired_difference
+from pernode.measure.profile.serving_path_servers import pernode_serve
 from pernode.serve.engine.llm_engine import LLMEngine
 from pernode.serve.sampling.params import SamplingParams
-
-log = logging.getLogger("pernode.profile")
 
 DEFAULT_PAIRS = 12
 DEFAULT_INPUT_LEN = "32:256"
 DEFAULT_OUTPUT_LEN = "32"
 WARMUP_PAIRS = 2
 GAP_S = 0.2  # between the halves of a pair: the other side finishes its own bookkeeping and goes idle first
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"pernode serve exited with status {proc.returncode} before answering")
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"pernode serve did not answer {url}/v1/models within {timeout_s:.0f} s")
 
 
 @dataclass(frozen=True)
@@ -184,27 +158,10 @@ def measure_serving_path(engine: LLMEngine, engine_flags: Sequence[str], num_pai
     if num_pairs < 1:
         raise ValueError(f"num_pairs={num_pairs}: allowed >= 1")
     requests = _prompts(engine, num_pairs + WARMUP_PAIRS, input_len, output_len, seed)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "pernode.cli", "serve", *engine_flags, "--host", "127.0.0.1", "--port", str(port)]
-    with tempfile.TemporaryFile() as server_log:
-        proc = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT, env={**os.environ})
-        try:
-            _wait_ready(url, proc, timeout_s)
-            print(f"serving path: pernode serve up on {url}; {num_pairs} prompts, each straight into the engine "
-                  f"and over HTTP, alternating", flush=True)
-            load_before = os.getloadavg()[0]
-            pairs = asyncio.run(_paired_timings(engine, url, requests, WARMUP_PAIRS))
-            load_after = os.getloadavg()[0]
-        except Exception:
-            server_log.seek(0)
-            log.error("pernode serve output:\n%s", server_log.read().decode(errors="replace")[-4000:])
-            raise
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with pernode_serve(engine_flags, timeout_s) as server:
+        print(f"serving path: pernode serve up on {server.url}; {num_pairs} prompts, each straight into the engine "
+              f"and over HTTP, alternating", flush=True)
+        load_before = os.getloadavg()[0]
+        pairs = asyncio.run(_paired_timings(engine, server.url, requests, WARMUP_PAIRS))
+        load_after = os.getloadavg()[0]
     return summarize_pairs(pairs, input_len, output_len, load_before, load_after)

@@ -1,0 +1,347 @@
+"""The serving path under load: what it adds per request and per streamed token while several streams run at once,
+through the path a fleet really serves by (Ray Serve's proxy into a pinned replica) or straight to `pernode serve`.
+
+At each concurrency level c (default 1, 2, 4, 8) a round sends c different prompts of one length at once, twice:
+straight into an in-process engine built from the same settings (already tokenized, stepped to the end) and over
+HTTP through the path, alternating which half goes first (A-B, B-A, ...), so a load that drifts falls on both
+halves alike (paired_difference.py). Per round: mean HTTP TTFT minus mean direct TTFT, and mean HTTP TPOT minus
+mean direct TPOT over the c streams. At c streams one decode step gives each stream a token, so the TPOT
+difference is what the path adds to a step that streams c tokens; a line through the per-level medians,
+
+    added TPOT(c) = step_s + c * token_s,
+
+splits it into a fixed part per step and a part per running stream (least squares; a negative intercept is
+refitted through the origin, a negative slope planned as 0, and both are said). The line is fitted on the serving
+process's CPU time per decode step beyond the engine's own (its threads' schedstat, less its idle background
+rate, less the engine thread's CPU time for the same requests straight in): CPU time hardly moves with the
+neighbours' load, wall time does; the wall-time line is kept beside it. With prefill points timed in the same run,
+`idle_start_s` is the one-stream direct TTFT beyond the profile's back-to-back prefill: a step that starts on an
+idle engine pays it (price/replica.py). The per-request term is the
+TTFT difference at one stream. The planner adds `request_s` before a request reaches the engine and
+`step_s + b * token_s` to every decode step of b streams (price/step_time.py), since that work runs on the
+replica's own core. This is vidur's approach to a replica's non-model overheads (Agrawal et al., arXiv
+2405.05465: CPU overheads profiled and added per batch), measured here against the serving path's own stack.
+
+While the HTTP half runs, this thread moves to the client's cores (`client_cores`) so that parsing the stream
+does not land on the replica's core, as in `fleet validate` with `--client-cpuset`; for the direct half it moves
+back. The replica is pinned to this process's own cores (where the profile was taken).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import httpx
+import numpy as np
+
+from pernode.measure.bench.bench_serve import send_request, served_model_name
+from pernode.measure.bench.config import BenchConfig
+from pernode.measure.bench.datasets import BenchRequest, word_prompt
+from pernode.measure.profile.paired_difference import paired_difference
+from pernode.serve.engine.llm_engine import LLMEngine
+from pernode.serve.sampling.params import SamplingParams
+
+DEFAULT_STREAMS = (1, 2, 4, 8)
+DEFAULT_ROUNDS = 6
+WARMUP_ROUNDS = 1
+DEFAULT_INPUT_LEN = 64
+DEFAULT_OUTPUT_LEN = 32
+GAP_S = 0.2
+PATHS = ("serve", "ray")
+
+
+@dataclass(frozen=True)
+class StreamTiming:
+    """Mean TTFT and TPOT of the c streams of one round, and CPU time: for the direct half the engine thread's,
+    for the HTTP half the serving process's; `server_cpu_s` is the serving process's during the direct half (its
+    background work while idle); `wall_s` the half's length."""
+
+    ttft_s: float
+    tpot_s: float
+    cpu_s: float | None = None
+    wall_s: float | None = None
+    server_cpu_s: float | None = None
+
+
+def added_cpu_s(direct: StreamTiming, http: StreamTiming) -> float | None:
+    """CPU seconds the serving process spent on one round beyond the engine's own work: its CPU time in the HTTP
+    half, less its idle background rate over that half, less what the same requests cost the engine directly."""
+    if None in (direct.cpu_s, direct.wall_s, direct.server_cpu_s, http.cpu_s, http.wall_s) or direct.wall_s <= 0:
+        return None
+    background = direct.server_cpu_s / direct.wall_s * http.wall_s
+    return http.cpu_s - background - direct.cpu_s
+
+
+@dataclass(frozen=True)
+class StreamCosts:
+    """The fitted serving path: per step, per running stream, and how the fit went."""
+
+    step_s: float
+    token_s: float
+    raw_intercept_s: float
+    raw_slope_s: float
+    note: str
+
+
+def fit_stream_costs(streams: Sequence[int], added_tpot_s: Sequence[float]) -> StreamCosts:
+    """added TPOT(c) = step_s + c * token_s by least squares over (c, added TPOT) points, never negative.
+
+    A negative intercept (noise, or a path cheaper per step than the engine alone) is dropped and the slope
+    refitted through the origin; a negative slope is planned as 0 with the mean as the fixed part."""
+    c = np.asarray(streams, dtype=np.float64)
+    d = np.asarray(added_tpot_s, dtype=np.float64)
+    if c.size != d.size or c.size == 0:
+        raise ValueError(f"fit_stream_costs: {c.size} stream counts and {d.size} differences; need the same, >= 1")
+    if np.any(c < 1):
+        raise ValueError(f"streams={list(streams)}: each must be >= 1")
+    if np.unique(c).size == 1:
+        slope, intercept = float(np.mean(d)) / float(c[0]), 0.0  # one level: all of it per stream
+    else:
+        slope, intercept = (float(v) for v in np.polyfit(c, d, 1))
+    if intercept >= 0 and slope >= 0:
+        return StreamCosts(intercept, slope, intercept, slope, "line through the per-level medians")
+    if intercept < 0:
+        through_origin = float(np.dot(c, d) / np.dot(c, c))
+        if through_origin >= 0:
+            return StreamCosts(0.0, through_origin, intercept, slope,
+                               f"intercept {intercept * 1e3:+.2f} ms < 0 dropped; slope refitted through the origin")
+    fixed = max(0.0, float(np.mean(d)))
+    return StreamCosts(fixed, 0.0, intercept, slope,
+                       f"slope {slope * 1e3:+.2f} ms per stream <= 0: planned as 0, the mean as a fixed part")
+
+
+def _prompts(engine: LLMEngine, n: int, input_len: int, output_len: int, seed: int) -> list[BenchRequest]:
+    rng = np.random.default_rng(seed)
+    params = SamplingParams(max_tokens=1)
+    tokenize = lambda text: engine.validate_prompt(text, params)  # noqa: E731 - the server's own tokenizing
+    out = []
+    for _ in range(n):
+        text, n_tok = word_prompt(rng, input_len, tokenize)
+        out.append(BenchRequest(prompt=text, messages=None, prompt_len=n_tok, max_tokens=output_len))
+    return out
+
+
+def time_direct_streams(engine: LLMEngine, prompts: Sequence[Sequence[int]], max_tokens: int) -> StreamTiming:
+    """c requests added at once to the engine and stepped to the end; their mean TTFT and TPOT."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    tag = time.monotonic_ns()
+    start = time.perf_counter()
+    ids = [f"streams-{tag}-{i}" for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts):
+        engine.add_request(rid, list(p), params)
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    produced: dict[str, int] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if not out.outputs:
+                continue
+            n = len(out.outputs[0].token_ids)
+            if n > produced.get(out.request_id, 0):
+                now = time.perf_counter()
+                first.setdefault(out.request_id, now)
+                last[out.request_id], produced[out.request_id] = now, n
+    if set(first) != set(ids) or min(produced.values()) < 2:
+        raise RuntimeError("serving path: a direct request produced fewer than two tokens")
+    ttft = statistics.fmean(first[r] - start for r in ids)
+    tpot = statistics.fmean((last[r] - first[r]) / (produced[r] - 1) for r in ids)
+    return StreamTiming(ttft, tpot)
+
+
+@contextlib.contextmanager
+def on_cores(cores: set[int] | None) -> Iterator[None]:
+    """Run this thread on `cores` for the block (None: leave it where it is)."""
+    if not cores:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+async def _http_streams(client: httpx.AsyncClient, model: str, config: BenchConfig, timeout: httpx.Timeout,
+                        requests: Sequence[BenchRequest], url: str) -> StreamTiming:
+    timings = await asyncio.gather(*(send_request(client, i, r, model, config, timeout)
+                                     for i, r in enumerate(requests)))
+    for t in timings:
+        if not t.success or t.num_output_tokens < 2:
+            raise RuntimeError(f"serving path: a request to {url} failed: {t.error or 'fewer than two tokens'}")
+    return StreamTiming(statistics.fmean(t.ttft_s for t in timings), statistics.fmean(t.tpot_s for t in timings))
+
+
+async def _rounds(engine: LLMEngine, url: str, streams: Sequence[int], rounds: int, input_len: int,
+                  output_len: int, client_cores: set[int] | None, seed: int,
+                  server_cpu: Callable[[], float] | None) -> dict[int, list]:
+    """{c: [(direct, http), ...]} after WARMUP_ROUNDS dropped per level."""
+    config = BenchConfig(base_url=url, ignore_eos=True, temperature=0.0)
+    timeout = httpx.Timeout(connect=30.0, read=config.request_timeout_s, write=30.0, pool=None)
+    out: dict[int, list] = {}
+    k = 0
+    async with httpx.AsyncClient(base_url=url, timeout=timeout,
+                                 limits=httpx.Limits(max_connections=max(streams) + 4)) as client:
+        model = await served_model_name(client, url)
+        for c in streams:
+            out[c] = []
+            for r in range(rounds + WARMUP_ROUNDS):
+                reqs = _prompts(engine, c, input_len, output_len, seed + 1000 * c + r)  # fresh: no prefix hits
+                ids = [engine.validate_prompt(q.prompt, SamplingParams(max_tokens=output_len)) for q in reqs]
+                http_reqs = _prompts(engine, c, input_len, output_len, seed + 1000 * c + r + 500)
+                halves = {}
+                for half in (("direct", "http") if k % 2 == 0 else ("http", "direct")):
+                    wall0, own0 = time.perf_counter(), time.thread_time()
+                    server0 = server_cpu() if server_cpu else None
+                    if half == "direct":
+                        t = time_direct_streams(engine, ids, output_len)
+                    else:
+                        with on_cores(client_cores):
+                            t = await _http_streams(client, model, config, timeout, http_reqs, url)
+                    wall = time.perf_counter() - wall0
+                    server = server_cpu() - server0 if server_cpu else None
+                    if half == "direct":
+                        t = dataclasses.replace(t, cpu_s=time.thread_time() - own0, wall_s=wall, server_cpu_s=server)
+                    else:
+                        t = dataclasses.replace(t, cpu_s=server, wall_s=wall)
+                    halves[half] = t
+                    await asyncio.sleep(GAP_S)
+                k += 1
+                d, h = halves["direct"], halves["http"]
+                if r >= WARMUP_ROUNDS:
+                    out[c].append((d, h))
+                label = "warm-up" if r < WARMUP_ROUNDS else f"{r + 1 - WARMUP_ROUNDS}/{rounds}"
+                extra = added_cpu_s(d, h)
+                print(f"serving path: {c} stream(s), round {label}: TTFT direct {d.ttft_s * 1e3:.1f} / HTTP "
+                      f"{h.ttft_s * 1e3:.1f} ms, TPOT direct {d.tpot_s * 1e3:.2f} / HTTP {h.tpot_s * 1e3:.2f} ms"
+                      + ("" if extra is None else f", serving CPU {extra * 1e3 / output_len:+.2f} ms per step"),
+                      flush=True)
+    return out
+
+
+def idle_start_s(by_level: dict[int, list], input_len: int, warm_prefill: Sequence[dict]) -> dict | None:
+    """What a prompt's first step costs on an engine that was idle (200 ms between rounds) beyond the profile's
+    prefill, which times prompts back to back: the median over one-stream rounds of the direct TTFT less the
+    profile's TTFT at that prompt length (interpolated). Both halves of a pair start idle, so the paired
+    difference leaves this out; a plan adds it to a step that starts on an idle replica. Only meaningful when the
+    prefill points were measured in the same run (not with --serving-path-into)."""
+    rows = [r for r in warm_prefill if isinstance(r, dict) and "prompt_len" in r and "ttft_s" in r]
+    if 1 not in by_level or not rows:
+        return None
+    rows.sort(key=lambda r: r["prompt_len"])
+    warm = float(np.interp(input_len, [r["prompt_len"] for r in rows], [r["ttft_s"] for r in rows]))
+    d = paired_difference([warm] * len(by_level[1]), [direct.ttft_s for direct, _ in by_level[1]])
+    out = d.to_dict()
+    out["warm_prefill_s"] = warm
+    out["note"] = d.describe("first step on an idle engine beyond the profile's warm prefill")
+    return out
+
+
+def summarize_streams(by_level: dict[int, list], path: str, input_len: int, output_len: int,
+                      load: tuple[float, float], layout: dict, warm_prefill: Sequence[dict] | None = None) -> dict:
+    """The profile's serving_path section from paired (direct, http) round timings at each stream count; with
+    the profile's prefill points measured in the same run, also `idle_start_s` (see idle_start_s)."""
+    levels = []
+    for c, pairs in sorted(by_level.items()):
+        ttft = paired_difference([d.ttft_s for d, _ in pairs], [h.ttft_s for _, h in pairs])
+        tpot = paired_difference([d.tpot_s for d, _ in pairs], [h.tpot_s for _, h in pairs])
+        level = {"streams": c, "rounds": len(pairs), "added_ttft": ttft.to_dict(), "added_tpot": tpot.to_dict(),
+                 "direct_tpot_p50_s": statistics.median(d.tpot_s for d, _ in pairs),
+                 "http_tpot_p50_s": statistics.median(h.tpot_s for _, h in pairs),
+                 "timings": [[dataclasses.asdict(d), dataclasses.asdict(h)] for d, h in pairs],  # (direct, http)
+                 "notes": [ttft.describe(f"{c} stream(s), per request (wall)"),
+                           tpot.describe(f"{c} stream(s), per token of each stream (wall)")]}
+        extra = [added_cpu_s(d, h) for d, h in pairs]
+        if extra and None not in extra:  # per decode step: each step of a round streams one token of each stream
+            per_step = sorted(x / output_len for x in extra)
+            # the engine's own CPU per step in the same rounds: set beside the profile's decode step at batch c,
+            # it shows how much the machine's load inflated CPU time
+            level["direct_cpu_per_step_p50_s"] = statistics.median(d.cpu_s / output_len for d, _ in pairs)
+            level["added_cpu_per_step"] = paired_difference([0.0] * len(per_step), per_step).to_dict()
+            level["notes"].append(paired_difference([0.0] * len(per_step), per_step).describe(
+                f"{c} stream(s), serving CPU per decode step on the replica's core"))
+        levels.append(level)
+    by_cpu = all("added_cpu_per_step" in lv for lv in levels)
+    wall = fit_stream_costs([lv["streams"] for lv in levels], [lv["added_tpot"]["median_s"] for lv in levels])
+    fit = (fit_stream_costs([lv["streams"] for lv in levels], [lv["added_cpu_per_step"]["median_s"] for lv in levels])
+           if by_cpu else wall)
+    one = next((lv for lv in levels if lv["streams"] == 1), levels[0])
+    request = one["added_ttft"]
+    notes = [n for lv in levels for n in lv["notes"]]
+    for what, f in ((("serving CPU on the replica's core", fit), ("wall TPOT", wall)) if by_cpu
+                    else (("wall TPOT", wall),)):
+        notes.append(f"from {what}: per step {f.step_s * 1e3:.2f} ms + {f.token_s * 1e3:.2f} ms per running stream "
+                     f"({f.note}; raw line {f.raw_intercept_s * 1e3:+.2f} ms {f.raw_slope_s * 1e3:+.2f} ms x streams)")
+    notes.append("planned: " + ("the CPU fit (CPU time barely depends on the machine's load; the wall fit is kept "
+                                "for comparison)" if by_cpu else "the wall fit"))
+    idle = idle_start_s(by_level, input_len, warm_prefill) if warm_prefill else None
+    if idle is not None:
+        notes.append(idle["note"])
+    return {
+        "path": path,
+        "idle_start_s": idle["planned_s"] if idle else 0.0,
+        "idle_start": idle,
+        "request_s": max(0.0, request["median_s"]),
+        "token_s": fit.token_s,
+        "step_s": fit.step_s,
+        "request": request,
+        "token": levels[-1]["added_tpot"],
+        "below_noise": bool(request["below_noise"]) or all(lv["added_tpot"]["below_noise"] for lv in levels),
+        "streams": levels,
+        "fit": {"from": "cpu" if by_cpu else "wall", "step_s": fit.step_s, "token_s": fit.token_s,
+                "raw_intercept_s": fit.raw_intercept_s, "raw_slope_s": fit.raw_slope_s, "note": fit.note},
+        "wall_fit": {"step_s": wall.step_s, "token_s": wall.token_s, "raw_intercept_s": wall.raw_intercept_s,
+                     "raw_slope_s": wall.raw_slope_s, "note": wall.note},
+        "pairs": sum(lv["rounds"] for lv in levels),
+        "requests": sum(lv["rounds"] * lv["streams"] for lv in levels),
+        "load_avg_1m": [round(load[0], 2), round(load[1], 2)],
+        "input_len": str(input_len), "output_len": str(output_len),
+        "layout": layout,
+        "notes": notes,
+        "method": "paired rounds at several concurrent streams: c prompts at once straight into an in-process "
+                  "engine and over HTTP through the path, alternating which goes first; per level the median "
+                  "of the paired differences with an order-statistics interval; per-step and per-stream costs "
+                  "from a line through the levels' medians",
+    }
+
+
+def measure_streams(engine: LLMEngine, url: str, path: str, streams: Sequence[int] = DEFAULT_STREAMS,
+                    rounds: int = DEFAULT_ROUNDS, input_len: int = DEFAULT_INPUT_LEN,
+                    output_len: int = DEFAULT_OUTPUT_LEN, client_cores: set[int] | None = None,
+                    layout: dict | None = None, seed: int = 0,
+                    server_cpu: Callable[[], float] | None = None,
+                    warm_prefill: Sequence[dict] | None = None) -> dict:
+    """Time `rounds` paired rounds at each stream count against the server at `url`; the serving_path section."""
+    if path not in PATHS:
+        raise ValueError(f"path={path!r}: allowed {', '.join(PATHS)}")
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds}: allowed >= 1")
+    if not streams or any(c < 1 for c in streams):
+        raise ValueError(f"streams={list(streams)}: allowed a list of counts >= 1")
+    if input_len < 1 or output_len < 2:
+        raise ValueError(f"input_len={input_len}, output_len={output_len}: allowed >= 1 and >= 2 tokens")
+    load_before = os.getloadavg()[0]
+    by_level = asyncio.run(_rounds(engine, url, sorted(set(streams)), rounds, input_len, output_len,
+                                   client_cores, seed, server_cpu))
+    return summarize_streams(by_level, path, input_len, output_len, (load_before, os.getloadavg()[0]),
+                             layout or {}, warm_prefill)
+
+
+def parse_streams(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"serving_path_streams={text!r}: allowed a comma-separated list of integers >= 1") from None
+    if not out or any(c < 1 for c in out):
+        raise ValueError(f"serving_path_streams={text!r}: allowed a comma-separated list of integers >= 1")
+    return out
+
+
+__all__ = ["DEFAULT_STREAMS", "PATHS", "StreamCosts", "StreamTiming", "fit_stream_costs", "measure_streams",
+           "on_cores", "parse_streams", "summarize_streams", "time_direct_streams"]
