@@ -27,12 +27,13 @@ import json
 import math
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
+
+from pernode.measure.profile.serving_path_servers import wait_ready
+from pernode.serve.deploy import free_port
 
 TARGETS = {"ttft_p50_ms": 10.0, "tpot_p50_ms": 10.0, "goodput_rps": 10.0, "ttft_p99_ms": 20.0, "tpot_p99_ms": 20.0}
 COLUMNS = (("TTFT p50 ms", "ttft_p50_ms"), ("TPOT p50 ms", "tpot_p50_ms"), ("goodput req/s", "goodput_rps"),
@@ -156,7 +157,7 @@ def validate(run: Runner, plan: str, profile: str, model_flags: list[str], num_p
     with open(os.path.join(run.out_dir, f"serve_{os.path.basename(out)}.log"), "w") as log:
         proc = subprocess.Popen(server, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        wait_served(f"http://127.0.0.1:{port}", proc)
+        wait_ready(f"http://127.0.0.1:{port}", proc)
         run.cli(["fleet", "validate", "--plan", plan, "--profile", profile, *model_flags, "--base-url",
                  f"http://127.0.0.1:{port}", "--num-prompts", str(num_prompts), *seeds, "--out", out], out, cores="1")
     finally:
@@ -167,27 +168,6 @@ def validate(run: Runner, plan: str, profile: str, model_flags: list[str], num_p
             proc.kill()
             proc.wait()
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_served(url: str, proc: subprocess.Popen, timeout_s: float = 600.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"fidelity_grid: pernode serve exited with status {proc.returncode} before answering")
-        try:
-            with urllib.request.urlopen(f"{url}/v1/models", timeout=2.0) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1.0)
-    raise SystemExit(f"fidelity_grid: pernode serve did not answer {url} within {timeout_s:.0f} s")
 
 
 def row(shape: str, load: int, v: dict) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -66,13 +65,8 @@ def split_cores() -> tuple[set[int], set[int] | None]:
     return own, (rest or None)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 600.0) -> None:
+    """Return once the `pernode serve` in `proc` answers GET /v1/models at `url`; raise if it exits or times out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -90,13 +84,13 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
 def pernode_serve(engine_flags: Sequence[str], timeout_s: float = 600.0) -> Iterator[ServingPath]:
     """`pernode serve ENGINE_FLAGS` on a free loopback port, on this process's cores; stopped on exit."""
     server_cores, client_cores = split_cores()
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "pernode.cli", "serve", *engine_flags, "--host", "127.0.0.1", "--port", str(port)]
     with tempfile.TemporaryFile() as server_log:
         proc = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT, env={**os.environ})
         try:
-            _wait_ready(url, proc, timeout_s)
+            wait_ready(url, proc, timeout_s)
             layout = {"server_cores": cores_of(proc.pid), "client_cores": _cpu_list(client_cores or server_cores)}
             yield ServingPath(url, client_cores, layout, (proc.pid,))
         except Exception:
