@@ -128,6 +128,38 @@ def test_kernel_split_kv(kernel, seqs):
     check(out, paged_attention_reference(query, k_cache, v_cache, meta, scale), torch.float32)
 
 
+def decode_alone(query, k_cache, v_cache, meta, scale, seq, j):
+    """The kernel's output for query j of sequence `seq` computed as a decode: that query alone, at its position."""
+    q0, q1 = meta.query_start_loc_cpu[seq], meta.query_start_loc_cpu[seq + 1]
+    seq_len = meta.seq_lens_cpu[seq] - (q1 - q0) + j + 1
+    one = AttentionMetadata(
+        query_start_loc=torch.tensor([0, 1], dtype=torch.int32), seq_lens=torch.tensor([seq_len], dtype=torch.int32),
+        block_tables=meta.block_tables[seq:seq + 1], slot_mapping=meta.slot_mapping[:1], max_query_len=1,
+        max_seq_len=seq_len, query_start_loc_cpu=[0, 1], seq_lens_cpu=[seq_len])
+    return paged_attention_cpu(query[q0 + j:q0 + j + 1], k_cache, v_cache, one, scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("threads", [1, 8])
+@pytest.mark.parametrize("seqs,seq", [([(41, 5)], 0), ([(700, 4)], 0), ([(1500, 17)], 0), ([(1400, 2)], 0),
+                                      ([(60, 1), (41, 5), (300, 200), (33, 3)], 1)],
+                         ids=["short", "split-from-verify", "long-k16", "long-k1", "in-a-batch"])
+def test_kernel_verify_rows_equal_decodes_bit_for_bit(kernel, seqs, seq, threads, dtype):
+    # Speculative verification scores k + 1 queries of one sequence at once; each must come out exactly as the
+    # decode at its position would, split kv included (fp32 output shows any other accumulation order).
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        query, k_cache, v_cache, meta, scale = make_problem(seqs, 9, 3, 64, 16, dtype=dtype, seed=13)
+        out = paged_attention_cpu(query, k_cache, v_cache, meta, scale)
+        q0, q1 = meta.query_start_loc_cpu[seq], meta.query_start_loc_cpu[seq + 1]
+        for j in range(q1 - q0):
+            assert torch.equal(out[q0 + j:q0 + j + 1], decode_alone(query, k_cache, v_cache, meta, scale, seq, j)), j
+    finally:
+        torch.set_num_threads(before)
+    check(out, paged_attention_reference(query, k_cache, v_cache, meta, scale), dtype)
+
+
 def test_kernel_long_prefill_chunk(kernel):
     # Several query tiles per sequence, the later ones with a cached prefix in front.
     query, k_cache, v_cache, meta, scale = make_problem([(700, 300), (200, 200)], 9, 3, 64, 32, seed=11)

@@ -43,6 +43,10 @@ typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 constexpr int kLanes = 16;
 
+// A sequence bringing at most this many new tokens is a decode or a speculative verification (k + 1 <= 17 tokens,
+// config.MAX_SPECULATIVE_TOKENS): each of its queries is a work item of its own, exactly the item a decode at that
+// position would be (same rows, path, kv range and split), so a verified token's attention is bit for bit its decode's.
+constexpr int kMaxDecodeQueries = 32;
 constexpr int kTileRows = 64;          // rows (query x group head) per tile: enough reuse of each block, fits L1/L2
 constexpr int kRowVectorMinRows = 12;  // from here the row-vectorised matmul beats per-key dot products (measured)
 constexpr int64_t kMinParallelWork = 1 << 18;  // rows x keys x head_dim under which one thread does it all
@@ -714,12 +718,19 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& k_cache, c
   P.load_q = pick_loader(q.scalar_type());
   P.store_out = pick_storer(q.scalar_type());
 
-  // Work items: one per (sequence, query tile, kv head), checked against the metadata on the way.
+  // Work items: one per (sequence, query tile, kv head), checked against the metadata on the way. A decode-like
+  // sequence (kMaxDecodeQueries) has tiles of one query.
   const int G = P.group;
   const int tile_q = std::max(1, kTileRows / G);
   const int64_t T = q.size(0);
   std::vector<Item> items;
   int max_rows = 1;
+  // What the kv split below looks at, counted so that a decode-like sequence weighs the same whatever its query
+  // count: as one query at its last position (`unit_cost`) and hkv items. A verify step thus splits each query's
+  // item exactly as the decode step at that query's position would (at batch 1; in a batch, alike when the other
+  // sequences are alike).
+  int64_t split_items = 0, split_cost = 0;
+  std::vector<int64_t> unit_cost(S, -1);  // per decode-like sequence: hkv * G * seq_len
   for (int64_t s = 0; s < S; ++s) {
     const int q0 = P.query_start_loc[s], q1 = P.query_start_loc[s + 1], L = P.seq_lens[s];
     const int q_len = q1 - q0;
@@ -736,13 +747,25 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& k_cache, c
       TORCH_CHECK(id >= 0 && id < num_blocks, "block_tables[", s, ", ", b, "] = ", id,
                   " is outside the cache's ", num_blocks, " blocks");
     }
-    for (int qb = 0; qb < q_len; qb += tile_q) {
-      const int qe = std::min(q_len, qb + tile_q);
+    const bool decode_like = q_len <= kMaxDecodeQueries;
+    const int tile = decode_like ? 1 : tile_q;
+    if (decode_like) {
+      unit_cost[s] = hkv * G * int64_t(L);
+      split_items += hkv;
+      split_cost += unit_cost[s];
+    }
+    for (int qb = 0; qb < q_len; qb += tile) {
+      const int qe = std::min(q_len, qb + tile);
       const int kv_len = L - q_len + qe;
       const int rows = (qe - qb) * G;
       max_rows = std::max(max_rows, rows);
-      for (int h = 0; h < hkv; ++h)
+      for (int h = 0; h < hkv; ++h) {
         items.push_back({int32_t(s), h, qb, qe, 0, int32_t((kv_len + bs - 1) / bs), -1, int64_t(rows) * kv_len});
+        if (!decode_like) {
+          ++split_items;
+          split_cost += int64_t(rows) * kv_len;
+        }
+      }
     }
   }
   if (items.empty()) return out;
@@ -751,17 +774,21 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& k_cache, c
   // Below ~20 us of work, waking other threads costs more than it saves.
   int64_t total_cost = 0;
   for (const Item& it : items) total_cost += it.cost;
-  const int threads = total_cost * d < kMinParallelWork ? 1 : at::get_num_threads();
+  const int max_threads = at::get_num_threads();
+  int threads = total_cost * d < kMinParallelWork ? 1 : max_threads;
   std::vector<std::pair<int, int>> merges;  // (first item, slices) of each split item
   Partials parts;
-  if (threads > 1 && int64_t(items.size()) < 2 * threads) {
-    const int64_t want = (4 * threads + items.size() - 1) / items.size();
+  if (max_threads > 1 && split_items < 2 * max_threads) {
+    const int64_t want = (4 * max_threads + split_items - 1) / split_items;
     const int min_blocks = std::max<int>(1, kSplitMinTokens / bs);
     std::vector<Item> sliced;
     int64_t partial_rows = 0;
     for (const Item& it : items) {
       const int n_blk = it.blk_end - it.blk_begin;
-      const int slices = int(std::min<int64_t>(want, n_blk / min_blocks));
+      int64_t cost = split_cost;  // a decode-like item: the step's cost had its sequence been a decode here
+      if (unit_cost[it.seq] >= 0) cost += hkv * G * int64_t(P.seq_lens[it.seq] - (P.query_start_loc[it.seq + 1] -
+                                          P.query_start_loc[it.seq]) + it.q_end) - unit_cost[it.seq];
+      const int slices = cost * d < kMinParallelWork ? 1 : int(std::min<int64_t>(want, n_blk / min_blocks));
       if (slices <= 1) {
         sliced.push_back(it);
         continue;
@@ -779,6 +806,7 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& k_cache, c
       }
     }
     items.swap(sliced);
+    if (!merges.empty()) threads = max_threads;
     parts.o.resize(partial_rows * d);
     parts.m.resize(partial_rows);
     parts.l.resize(partial_rows);
