@@ -112,7 +112,7 @@ class LLMEngine:
         self.sampler = Sampler()
         self.speculator = None if config.speculative is None else Speculator.create(
             config.speculative, self.model_config, self.tokenizer, self.num_blocks, self.block_size, self.device,
-            self.dtype, self.max_model_len)
+            self.dtype, self.max_model_len, self.model.kernel_switch_rows(self.dtype))
         self._prompt_validator = PromptValidator(self.tokenizer, self.model_config.vocab_size, self.max_model_len,
                                                self.kv)
         self.output_processor = OutputProcessor(self.tokenizer)

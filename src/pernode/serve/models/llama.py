@@ -16,11 +16,12 @@ from pernode.config import ModelConfig
 from pernode.envs import KernelChoice
 from pernode.serve.kernels.attention import paged_attention, write_kv_cache
 from pernode.serve.kernels.attention_metadata import AttentionMetadata
+from pernode.serve.kernels.dense_linear import MAX_ROWS as DENSE_GEMV_MAX_ROWS
 from pernode.serve.kernels.dense_linear import Linear
 from pernode.serve.kernels.layer_ops import native_by_default as layer_ops_native_by_default
 from pernode.serve.kernels.layer_ops import add_rms_norm, rms_norm, rotary_embedding_, silu_and_mul
-from pernode.serve.kernels.quant_linear import make_quantized_linear, replace_linears
-from pernode.serve.models.fp32_logits import sampled_logits
+from pernode.serve.kernels.quant_linear import QuantLinear, make_quantized_linear, replace_linears
+from pernode.serve.models.fp32_logits import runs_in_fp32, sampled_logits
 
 
 class RMSNorm(nn.Module):
@@ -170,6 +171,22 @@ class LlamaForCausalLM(nn.Module):
         if logits_indices is not None:
             x = x[logits_indices]
         return sampled_logits(self.norm, self.lm_head, x)
+
+    def kernel_switch_rows(self, dtype: torch.dtype) -> tuple[list[int], list[int]]:
+        """Row counts at which a linear layer changes kernel (GEMV below, GEMM from there on; see gemm_dispatch and
+        dense_linear), whose accumulation order differs: (the decoder's, seen by a step's token count; the lm_head's,
+        seen by its sampled rows). A step that adds rows without crossing any of them computes every row as
+        before, bit for bit: what speculative verification keeps to."""
+        def switches(module: nn.Module, x_dtype: torch.dtype) -> list[int]:
+            if isinstance(module, QuantLinear) and module._op is not None:
+                return [module.gemm_from_rows(x_dtype)]
+            if (isinstance(module, Linear) and module.use_gemv and module.weight.dtype == torch.float32
+                    and x_dtype == torch.float32 and module.weight.device.type == "cpu"):
+                return [DENSE_GEMV_MAX_ROWS + 1]
+            return []
+        decoder = sorted({r for layer in self.layers for m in layer.modules() for r in switches(m, dtype)})
+        head_dtype = torch.float32 if runs_in_fp32(self.lm_head) else dtype
+        return decoder, sorted(set(switches(self.lm_head, head_dtype)))
 
     def apply_quantization(self, scheme, lm_head_scheme=None) -> None:
         """Swap the decoder's projections (and, with `lm_head_scheme`, the untied lm_head) for empty quantized

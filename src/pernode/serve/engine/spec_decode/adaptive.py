@@ -73,14 +73,23 @@ class AcceptanceTracker:
         self.per_request.pop(request_id, None)
 
 
+def max_proposed_without_switching(num_rows: int, switch_rows: list[int]) -> int:
+    """The most rows that can join a step of `num_rows` rows without reaching a row count where a layer changes
+    kernel (`switch_rows`, LlamaForCausalLM.kernel_switch_rows): below it, every row is computed as in the step
+    without them, bit for bit."""
+    above = [r for r in switch_rows if r > num_rows]
+    return min(above) - num_rows - 1 if above else 1 << 30
+
+
 def plan_num_tokens(rates: list[float], k_max: int, num_other_tokens: int, verify: StepCostModel,
-                    propose: StepCostModel) -> list[int]:
-    """Tokens to propose per request (0..k_max) maximising expected tokens per second of the step.
+                    propose: StepCostModel, max_total: int = 1 << 30) -> list[int]:
+    """Tokens to propose per request (0..k_max, at most `max_total` in all) maximising expected tokens per second
+    of the step.
 
     `rates`: acceptance rate of each decoding request; `num_other_tokens`: tokens of the step that are not these
     requests' (prefill chunks), which cost time and yield no decode tokens."""
     gains = sorted(((rate ** j, i) for i, rate in enumerate(rates) for j in range(1, k_max + 1)
-                    if rate > 0), reverse=True)
+                    if rate > 0), reverse=True)[:max_total]
     base_tokens = len(rates) + num_other_tokens
     best_m, best_rate = 0, len(rates) / max(verify.predict(base_tokens), 1e-9)
     expected = float(len(rates))

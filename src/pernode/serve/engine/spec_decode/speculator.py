@@ -15,7 +15,8 @@ import torch
 from pernode.config import ModelConfig, SpeculativeConfig
 from pernode.serve.engine.kv_cache_manager import KVCacheManager
 from pernode.serve.engine.request import Request
-from pernode.serve.engine.spec_decode.adaptive import AcceptanceTracker, StepCostModel, plan_num_tokens
+from pernode.serve.engine.spec_decode.adaptive import (AcceptanceTracker, StepCostModel,
+                                                       max_proposed_without_switching, plan_num_tokens)
 from pernode.serve.engine.spec_decode.draft_proposer import DraftModelProposer
 from pernode.serve.engine.spec_decode.ngram_proposer import NgramProposer
 from pernode.serve.engine.spec_decode.proposal import Proposal
@@ -38,9 +39,13 @@ class SpeculativeSampleResult(SampleResult):
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig, proposer: NgramProposer | DraftModelProposer):
+    def __init__(self, config: SpeculativeConfig, proposer: NgramProposer | DraftModelProposer,
+                 switch_rows: tuple[list[int], list[int]] = ([], [])):
         self.config = config
         self.proposer = proposer
+        # row counts where the target's linear layers change kernel (decoder's, lm_head's): a verifying step never
+        # crosses one that the step without proposals would not, so verified rows are computed as decodes are
+        self.switch_rows = switch_rows
         self.verify_cost = StepCostModel()  # engine steps (forward + sampling) by token count
         self.propose_cost = StepCostModel()  # proposer calls by tokens proposed
         self.acceptance = AcceptanceTracker()
@@ -50,11 +55,12 @@ class Speculator:
 
     @classmethod
     def create(cls, config: SpeculativeConfig, target_config: ModelConfig, tokenizer: Tokenizer, num_blocks: int,
-               block_size: int, device: torch.device, dtype: torch.dtype, max_model_len: int) -> Speculator:
+               block_size: int, device: torch.device, dtype: torch.dtype, max_model_len: int,
+               switch_rows: tuple[list[int], list[int]] = ([], [])) -> Speculator:
         if config.method == "ngram":
-            return cls(config, NgramProposer(config.ngram_min, config.ngram_max))
+            return cls(config, NgramProposer(config.ngram_min, config.ngram_max), switch_rows)
         return cls(config, DraftModelProposer(config.draft_model, target_config, tokenizer, num_blocks, block_size,
-                                              device, dtype, max_model_len))
+                                              device, dtype, max_model_len), switch_rows)
 
     # ---- before scheduling: propose --------------------------------------------------------------------
     def propose(self, running: list[Request], kv: KVCacheManager, token_budget: int, max_model_len: int) -> None:
@@ -67,13 +73,19 @@ class Speculator:
         other_tokens = min(sum(r.num_tokens - r.num_computed_tokens for r in running) - len(decoding), token_budget)
         room = max(0, token_budget - other_tokens - len(decoding))  # proposed tokens the budget can take at all
         k_max = min(self.config.k, room)
+        decoder_switches, head_switches = self.switch_rows
+        max_total = min(room, max_proposed_without_switching(other_tokens + len(decoding), decoder_switches),
+                        max_proposed_without_switching(len(decoding), head_switches))
         if k_max == 0:
+            return
+        if max_total == 0:
+            self.stats.num_steps_declined += 1
             return
         if self.config.adaptive:
             plan = plan_num_tokens([self.acceptance.rate(r.request_id) for r in decoding], k_max, other_tokens,
-                                   self.verify_cost, self.propose_cost)
-        else:
-            plan = [k_max] * len(decoding)
+                                   self.verify_cost, self.propose_cost, max_total)
+        else:  # k each, as far as max_total goes
+            plan = [min(k_max, max(0, max_total - i * k_max)) for i in range(len(decoding))]
         # never past max_tokens or max_model_len: those tokens would be thrown away (or have no position)
         plan = [max(0, min(k, max_model_len - r.num_tokens - 1,
                            (r.params.max_tokens or max_model_len) - r.num_output_tokens - 1))

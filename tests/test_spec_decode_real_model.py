@@ -1,0 +1,76 @@
+"""Speculative decoding on the default model (SmolLM2-135M GGUF, native Q4_1 weights, bf16): greedy outputs are
+token-for-token those without speculation on the README prompts and 32 random prompts, with prompt lookup (k=4)
+and with a draft model at every k from 1 to 4.
+
+bf16 leaves near-ties among the logits, so any difference in how a verified position is computed (another
+attention path, another GEMV/GEMM kernel) flips tokens within a few dozen; exactness here holds by construction:
+each verified position is computed bit for bit as the decode step at that position. Requests run one at a time,
+so the step without speculation and the verifying step have the same batch. The draft is the teacher's first
+three layers with a 4096-token head: it agrees with it often enough to accept and reject plenty, which is all exactness needs."""
+import dataclasses
+
+import pytest
+import torch
+
+from pernode import LLM, SamplingParams
+from pernode.serve.models.loader import build_model
+from pernode.shrink.distill.draft_vocab import write_draft_vocab
+from pernode.shrink.distill.student import StudentSpec, build_student
+from pernode.shrink.distill.student_checkpoint import save_student
+from test_spec_decode import README_PROMPTS, random_prompts
+
+pytestmark = pytest.mark.slow
+MAX_TOKENS = 10
+ENGINE = dict(max_model_len=256, max_num_batched_tokens=256)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    # the random prompts' ids over the model's whole vocabulary; shorter ones keep the test fast
+    return README_PROMPTS + [p[:24] for p in random_prompts()]
+
+
+def run(llm, prompts):
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    out = []
+    for p in prompts:  # one at a time: batch 1 in both engines
+        (o,) = llm.generate([p], params)
+        out.append(list(o.outputs[0].token_ids))
+    return out
+
+
+@pytest.fixture(scope="module")
+def baseline(default_gguf_path, prompts):
+    return run(LLM(default_gguf_path, **ENGINE), prompts)
+
+
+@pytest.fixture(scope="module")
+def draft_llm(default_gguf_path, default_model_source, tmp_path_factory):
+    teacher = build_model(default_model_source, "cpu", torch.float32)
+    student, _ = build_student(teacher, StudentSpec(layers=(0, 1, 2)))
+    folder = save_student(student, default_model_source, str(tmp_path_factory.mktemp("draft") / "draft"))
+    write_draft_vocab(folder, list(range(4096)))  # a reduced head (FR-Spec): the draft's lm_head costs 1/12
+    return LLM(default_gguf_path, speculative=f"draft={folder},k=4,adaptive=false", **ENGINE)
+
+
+def check_identical(llm, prompts, baseline):
+    assert llm.engine.dtype == torch.bfloat16  # the default dtype on this CPU: where near-ties show
+    before = llm.engine.stats().spec_decode
+    outputs = run(llm, prompts)
+    differing = [i for i, (a, b) in enumerate(zip(outputs, baseline)) if a != b]
+    assert not differing, f"{len(differing)} of {len(prompts)} prompts differ, the first is prompt {differing[0]}"
+    after = llm.engine.stats().spec_decode
+    drafted = after.num_draft_tokens - before.num_draft_tokens
+    accepted = after.num_accepted_tokens - before.num_accepted_tokens
+    assert 0 < accepted < drafted  # both acceptances and rejections were verified
+
+
+def test_greedy_identical_with_prompt_lookup(default_gguf_path, prompts, baseline):
+    check_identical(LLM(default_gguf_path, speculative="ngram,k=4,adaptive=false", **ENGINE), prompts, baseline)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_greedy_identical_with_draft(draft_llm, prompts, baseline, k):
+    speculator = draft_llm.engine.speculator
+    speculator.config = dataclasses.replace(speculator.config, k=k)
+    check_identical(draft_llm, prompts, baseline)
