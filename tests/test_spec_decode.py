@@ -15,7 +15,8 @@ from pernode.cli import build_parser
 from pernode.cli.options import engine_config_from_args
 from pernode.config import EngineConfig, SpeculativeConfig
 from pernode.serve.engine.block_pool import hash_block
-from pernode.serve.engine.spec_decode.adaptive import AcceptanceTracker, StepCostModel, plan_num_tokens
+from pernode.serve.engine.spec_decode.adaptive import (AcceptanceTracker, StepCostModel,
+                                                       max_proposed_without_switching, plan_num_tokens)
 from pernode.serve.engine.spec_decode.draft_vocab import DRAFT_VOCAB_FILE
 from pernode.serve.engine.spec_decode.ngram_proposer import find_continuation
 from pernode.serve.sampling.structured.spec import StructuredOutputs
@@ -198,6 +199,29 @@ def test_plan_follows_measured_costs():
         tracker.record("a", 4, 4)
         tracker.record("b", 4, 0)
     assert tracker.rate("a") > 0.8 > 0.2 > tracker.rate("b")
+
+
+def test_plan_prices_the_drafts_catch_up():
+    verify, draft = StepCostModel(), StepCostModel()
+    for n in (1, 2, 4, 8):
+        verify.record(n, 0.1)  # memory-bound target: proposals are nearly free to verify
+    for n in (1, 4, 64, 512):
+        draft.record(n, 0.002 + 0.001 * n)  # the draft's forward grows with the tokens it reads
+    assert plan_num_tokens([0.8], 4, 0, verify, draft, catch_up=[1.0]) == [4]  # in step: speculate
+    # a draft 500 tokens behind costs more to catch up than the step can gain: decline
+    assert plan_num_tokens([0.8], 4, 0, verify, draft, catch_up=[500.0]) == [0]
+    # of two requests the one whose draft is up to date proposes, the one far behind does not
+    assert plan_num_tokens([0.8, 0.8], 4, 0, verify, draft, catch_up=[1.0, 500.0]) == [4, 0]
+
+
+def test_proposals_never_cross_a_kernel_switch():
+    assert max_proposed_without_switching(3, [9, 15]) == 5  # up to 8 rows: the GEMV, as at 3
+    assert max_proposed_without_switching(9, [9, 15]) == 5  # already on the GEMM at 9: up to 14
+    assert max_proposed_without_switching(20, [9, 15]) >= 1 << 20  # past every switch
+    verify, propose = StepCostModel(), StepCostModel()
+    verify.record(1, 0.1)
+    propose.record(1, 0.0)
+    assert sum(plan_num_tokens([0.9] * 3, 4, 0, verify, propose, max_total=5)) == 5
 
 
 def test_options_validate_and_parse(target, tmp_path):

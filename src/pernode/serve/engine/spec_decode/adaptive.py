@@ -41,10 +41,12 @@ class StepCostModel:
         return max((self.t0 - slope * self.s1) / self.s0, 0.0), slope
 
     def predict(self, num_tokens: int) -> float:
-        if num_tokens in self.mean_s:
-            return self.mean_s[num_tokens]
-        intercept, slope = self.line()
-        return intercept + slope * num_tokens
+        return self.predictor()(num_tokens)
+
+    def predictor(self):
+        """`predict` with the line fitted once: a plan prices hundreds of token counts per step."""
+        mean_s, (intercept, slope) = self.mean_s, self.line()
+        return lambda num_tokens: mean_s.get(num_tokens, intercept + slope * num_tokens)
 
 
 class AcceptanceTracker:
@@ -82,24 +84,63 @@ def max_proposed_without_switching(num_rows: int, switch_rows: list[int]) -> int
 
 
 def plan_num_tokens(rates: list[float], k_max: int, num_other_tokens: int, verify: StepCostModel,
-                    propose: StepCostModel, max_total: int = 1 << 30) -> list[int]:
+                    propose: StepCostModel, max_total: int = 1 << 30,
+                    catch_up: list[float] | None = None) -> list[int]:
     """Tokens to propose per request (0..k_max, at most `max_total` in all) maximising expected tokens per second
     of the step.
 
     `rates`: acceptance rate of each decoding request; `num_other_tokens`: tokens of the step that are not these
-    requests' (prefill chunks), which cost time and yield no decode tokens."""
-    gains = sorted(((rate ** j, i) for i, rate in enumerate(rates) for j in range(1, k_max + 1)
-                    if rate > 0), reverse=True)[:max_total]
+    requests' (prefill chunks), which cost time and yield no decode tokens. Without `catch_up`, `propose` prices a
+    proposer call by the tokens it proposes (prompt lookup). With it (a draft model), `propose` prices one draft
+    forward by its token count, and `catch_up[i]` is what request i's first forward must read before it proposes
+    (the tokens the target accepted since, or its whole prompt the first time): a plan costs that first forward
+    over every proposing request, then one forward per further depth over the requests proposing that deep."""
     base_tokens = len(rates) + num_other_tokens
     best_m, best_rate = 0, len(rates) / max(verify.predict(base_tokens), 1e-9)
-    expected = float(len(rates))
-    for m, (gain, _) in enumerate(gains, start=1):
-        expected += gain
-        seconds = verify.predict(base_tokens + m) + propose.predict(m)
-        rate = expected / max(seconds, 1e-9)
+    best_gains: list[tuple[float, float, int]] = []
+    # Tokens join the plan by expected gain (ties: the draft least behind first). A draft far behind costs its
+    # catch-up however little it then proposes, so the plan among the requests whose drafts are in step is priced too.
+    lag = catch_up or [0.0] * len(rates)
+    candidates = [range(len(rates))]
+    if catch_up is not None:
+        candidates.append([i for i in range(len(rates)) if lag[i] <= k_max + 1])
+    step_s, propose_s = verify.predictor(), propose.predictor()
+    for requests in candidates:
+        gains = sorted(((rates[i] ** j, -lag[i], i) for i in requests for j in range(1, k_max + 1)
+                        if rates[i] > 0), reverse=True)[:max_total]
+        m, rate = _best_prefix(gains, len(rates), k_max, base_tokens, step_s, propose_s, catch_up)
         if rate > best_rate:
-            best_m, best_rate = m, rate
+            best_m, best_rate, best_gains = m, rate, gains
     plan = [0] * len(rates)
-    for _, i in gains[:best_m]:
+    for _, _, i in best_gains[:best_m]:
         plan[i] += 1
     return plan
+
+
+def _best_prefix(gains: list[tuple[float, float, int]], num_requests: int, k_max: int, base_tokens: int,
+                 step_s, propose_s, catch_up: list[float] | None) -> tuple[int, float]:
+    """(m, expected tokens per second) of the fastest plan made of the first m of `gains`, m >= 1; `step_s` and
+    `propose_s` price a step and a proposer call (or draft forward) by token count."""
+    best_m, best_rate = 0, 0.0
+    expected = float(num_requests)
+    planned = [0] * num_requests
+    deeper = [0] * (k_max + 1)  # deeper[d]: requests proposing at least d tokens
+    first_forward = 0.0
+    later_forwards_s = 0.0  # the draft forwards at depth 2 and on, kept up to date as `deeper` grows
+    for m, (gain, _, i) in enumerate(gains, start=1):
+        expected += gain
+        planned[i] += 1
+        d = planned[i]
+        deeper[d] += 1
+        if catch_up is None:
+            proposing = propose_s(m)
+        else:
+            if d == 1:
+                first_forward += catch_up[i]
+            else:
+                later_forwards_s += propose_s(deeper[d]) - (propose_s(deeper[d] - 1) if deeper[d] > 1 else 0.0)
+            proposing = propose_s(round(first_forward)) + later_forwards_s
+        rate = expected / max(step_s(base_tokens + m) + proposing, 1e-9)
+        if rate > best_rate:
+            best_m, best_rate = m, rate
+    return best_m, best_rate

@@ -15,11 +15,14 @@ those tokens, and its q for sampled requests is its distribution over them.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
 from pernode.config import ModelConfig, SpeculativeConfig
 from pernode.serve.engine.request import Request
+from pernode.serve.engine.spec_decode.adaptive import StepCostModel
 from pernode.serve.engine.spec_decode.draft_vocab import ReducedVocabHead, read_draft_vocab
 from pernode.serve.engine.spec_decode.proposal import Proposal
 from pernode.serve.engine.spec_decode.rejection_sampler import ExtendedHistory, needs_per_position_processing
@@ -63,10 +66,25 @@ class DraftModelProposer:
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
                            torch.zeros(shape, dtype=dtype, device=device)) for _ in range(c.num_hidden_layers)]
         self.num_computed: dict[str, tuple[int, int]] = {}  # request id -> (its num_preemptions, draft tokens done)
-        self.last_call_caught_up = False  # whether the last call also prefilled (its time says little of the next)
+        self.forward_cost = StepCostModel()  # seconds of one draft forward (and its sampling) by its token count
 
     def forget(self, request_id: str) -> None:
         self.num_computed.pop(request_id, None)
+
+    def _done(self, request: Request) -> int:
+        """Tokens of `request` whose draft K/V is still valid."""
+        preemptions, done = self.num_computed.get(request.request_id, (request.num_preemptions, 0))
+        return min(done, request.num_computed_tokens) if preemptions == request.num_preemptions else 0
+
+    def catch_up_tokens(self, request: Request, k_max: int) -> float:
+        """Tokens the draft's first forward for `request` would read, as the adaptive rule should price them: the
+        k_max + 1 a request brings after a verification in full; any beyond (its prompt, or what the target decoded
+        while this request did not speculate) is paid once and serves every later step, so it is spread over the
+        steps the request has left, about (tokens left) / (k_max + 1)."""
+        pending = request.num_tokens - self._done(request)
+        usual = min(pending, k_max + 1)
+        left = (request.params.max_tokens or 1 << 30) - request.num_output_tokens
+        return usual + (pending - usual) * min(1.0, (k_max + 1) / max(left, 1))
 
     @torch.inference_mode()
     def propose(self, requests: list[Request], num_tokens: list[int]) -> list[Proposal]:
@@ -76,13 +94,10 @@ class DraftModelProposer:
         # step 1 catches each request's draft K/V up with its tokens (a prefill the first time) and proposes one
         feeds = []
         for i in active:
-            r = requests[i]
-            preemptions, done = self.num_computed.get(r.request_id, (r.num_preemptions, 0))
-            done = min(done, r.num_computed_tokens) if preemptions == r.num_preemptions else 0
-            feeds.append((i, done, r.all_token_ids[done:]))
-        # after a verification a request brings at most k + 1 new tokens; more means a prompt or a preemption
-        self.last_call_caught_up = any(len(t) > max(num_tokens) + 2 for _, _, t in feeds)
+            done = self._done(requests[i])
+            feeds.append((i, done, requests[i].all_token_ids[done:]))
         while feeds:
+            started = time.perf_counter()
             logits = self._forward([requests[i] for i, _, _ in feeds], [(s, t) for _, s, t in feeds])
             next_feeds = []
             for row, (i, start, tokens) in enumerate(feeds):
@@ -94,6 +109,8 @@ class DraftModelProposer:
                 self.num_computed[r.request_id] = (r.num_preemptions, start + len(tokens))
                 if len(proposed[i]) < num_tokens[i]:
                     next_feeds.append((i, start + len(tokens), [token]))
+            # timed to after the sampling, whose token ids already waited for the forward (no extra sync)
+            self.forward_cost.record(sum(len(t) for _, _, t in feeds), time.perf_counter() - started)
             feeds = next_feeds
         return [Proposal(proposed[i], torch.stack(probs[i]) if probs[i] else None) for i in range(len(requests))]
 

@@ -31,7 +31,6 @@ def find_continuation(token_ids: np.ndarray, ngram_min: int, ngram_max: int, k: 
 
 class NgramProposer:
     needs_blocks_ahead = False  # proposes without writing any K/V
-    last_call_caught_up = False
 
     def __init__(self, ngram_min: int, ngram_max: int):
         self.ngram_min = ngram_min

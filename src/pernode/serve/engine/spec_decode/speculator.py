@@ -47,7 +47,7 @@ class Speculator:
         # crosses one that the step without proposals would not, so verified rows are computed as decodes are
         self.switch_rows = switch_rows
         self.verify_cost = StepCostModel()  # engine steps (forward + sampling) by token count
-        self.propose_cost = StepCostModel()  # proposer calls by tokens proposed
+        self.propose_cost = StepCostModel()  # proposer calls by tokens proposed (prompt lookup's price)
         self.acceptance = AcceptanceTracker()
         self.stats = SpecDecodeStats()
         self._proposals: dict[str, Proposal] = {}
@@ -82,8 +82,11 @@ class Speculator:
             self.stats.num_steps_declined += 1
             return
         if self.config.adaptive:
+            draft = self.proposer if isinstance(self.proposer, DraftModelProposer) else None
             plan = plan_num_tokens([self.acceptance.rate(r.request_id) for r in decoding], k_max, other_tokens,
-                                   self.verify_cost, self.propose_cost, max_total)
+                                   self.verify_cost, self.propose_cost if draft is None else draft.forward_cost,
+                                   max_total, None if draft is None else
+                                   [draft.catch_up_tokens(r, k_max) for r in decoding])
         else:  # k each, as far as max_total goes
             plan = [min(k_max, max(0, max_total - i * k_max)) for i in range(len(decoding))]
         # never past max_tokens or max_model_len: those tokens would be thrown away (or have no position)
@@ -100,8 +103,7 @@ class Speculator:
             return
         started = time.perf_counter()
         proposals = self.proposer.propose(decoding, plan)
-        if not self.proposer.last_call_caught_up:  # a draft's prefill is paid once per request, not per proposal
-            self.propose_cost.record(sum(plan), time.perf_counter() - started)
+        self.propose_cost.record(sum(plan), time.perf_counter() - started)  # a draft times its own forwards
         for r, proposal in zip(decoding, proposals):
             if proposal.token_ids and (self.proposer.needs_blocks_ahead
                                        or self._allocate(r, len(proposal.token_ids), kv, reserve)):
