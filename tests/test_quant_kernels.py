@@ -134,3 +134,20 @@ def test_batch_path_under_inference_mode_with_worker_threads():
     ref = woq_linear_reference(x, layer.qweight, layer.weight_scale, None, 4, 64,
                                quantize_input=layer.gemv_quantizes_input(64))
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 32, symmetric=False), QuantScheme(8, 32)], ids=["w4g32", "w8g32"])
+def test_gemv_row_does_not_depend_on_the_rows_beside_it(monkeypatch, scheme, dtype):
+    # Exact speculative verification relies on it: a verify step's k + 1 rows go through the GEMV together, and
+    # each must come out bit for bit as the one-row decode call would.
+    if load_kernel() is None:
+        pytest.skip("C++ kernel unavailable")
+    monkeypatch.setenv("PERNODE_GEMM_FROM_ROWS", "1000")  # no measured GEMM crossover in the way
+    layer = _random_layer(scheme, 576, 200)
+    x = torch.randn(13, 576, generator=torch.Generator().manual_seed(3)).to(dtype)
+    alone = torch.cat([layer(x[i:i + 1]) for i in range(len(x))])
+    below = min(layer.kernel_switch_rows(dtype))  # float x (int8 weights here): the op's own switch at 9 rows
+    assert below == (1000 if layer._int8_input else 9)
+    for m in range(2, min(below, len(x) + 1)):
+        assert torch.equal(layer(x[:m]), alone[:m]), m

@@ -30,6 +30,10 @@ ACT_BLOCK = 32  # x values sharing one int8 scale in the GEMV
 QPARAM_BUFFERS = ("weight_scale", "weight_min")  # float qparams: kept in fp32 whatever dtype the model runs in
 
 
+# csrc/quant_linear.cpp kFloatGemvMaxRows: with float x the op runs its GEMV up to this many rows, a tiled fp32
+# matmul beyond
+FLOAT_GEMV_MAX_ROWS = 8
+
 def load_kernel() -> Callable | None:
     """`torch.ops.pernode.woq_linear`, building it if needed; None if it can't be built (or
     PERNODE_QUANT_KERNEL=reference)."""
@@ -200,6 +204,14 @@ class QuantLinear(nn.Module):
             self.post_load()
         if self._op is not None:
             self.gemm_from_rows(dtype)
+
+    def kernel_switch_rows(self, dtype: torch.dtype) -> list[int]:
+        """Row counts from which a call with x of `dtype` runs another kernel, whose accumulation order differs:
+        the measured GEMM crossover, and for float x the op's own switch to a tiled fp32 matmul past
+        FLOAT_GEMV_MAX_ROWS. Below the first, each row is computed alike whatever the rows beside it."""
+        if self._op is None:
+            return []
+        return sorted({self.gemm_from_rows(dtype)} | (set() if self._int8_input else {FLOAT_GEMV_MAX_ROWS + 1}))
 
     def gemv_quantizes_input(self, rows: int, dtype: torch.dtype = torch.float32) -> bool:
         """Whether a call with `rows` rows goes through the int8-x GEMV (what its reference must model)."""

@@ -178,8 +178,8 @@ class LlamaForCausalLM(nn.Module):
         seen by its sampled rows). A step that adds rows without crossing any of them computes every row as
         before, bit for bit: what speculative verification keeps to."""
         def switches(module: nn.Module, x_dtype: torch.dtype) -> list[int]:
-            if isinstance(module, QuantLinear) and module._op is not None:
-                return [module.gemm_from_rows(x_dtype)]
+            if isinstance(module, QuantLinear):
+                return module.kernel_switch_rows(x_dtype)
             if (isinstance(module, Linear) and module.use_gemv and module.weight.dtype == torch.float32
                     and x_dtype == torch.float32 and module.weight.device.type == "cpu"):
                 return [DENSE_GEMV_MAX_ROWS + 1]
