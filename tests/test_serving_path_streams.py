@@ -2,6 +2,8 @@
 cost per running stream, the profile section it writes, and how the planner's step time and simulator add it."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from tiny_model import write_tiny_model
@@ -78,6 +80,38 @@ def test_cpu_time_on_the_serving_core_sets_the_plan_when_measured():
     assert sp["streams"][2]["added_cpu_per_step"]["median_s"] == pytest.approx(0.009)
 
 
+def test_serving_threads_cpu_sets_the_plan_whatever_the_engines_cost():
+    # The server's engine thread runs each step 20% cheaper than the in-process engine (0.4 s against 0.5 s per
+    # round), and its serving threads spend 32 steps x (1 ms + c x 2 ms) beyond an idle background of 10 ms per
+    # second. Subtracting the in-process engine from the whole process would give a negative cost; the serving
+    # threads' own CPU time gives the path exactly, at every level.
+    def rnd(c):
+        serving = 32 * (0.001 + 0.002 * c)
+        direct = StreamTiming(0.1, 0.020 + 0.004 * c, cpu_s=0.5, wall_s=1.0, server_cpu_s=0.01)
+        http = StreamTiming(0.15, 0.016 + 0.0032 * c + 0.001 + 0.002 * c, cpu_s=0.012 + serving, wall_s=1.2,
+                            engine_cpu_s=0.4)
+        return direct, http
+    assert added_cpu_s(*rnd(4)) == pytest.approx(32 * 0.009)
+    whole = dataclasses.replace(rnd(4)[1], cpu_s=0.4 + 0.012 + 32 * 0.009, engine_cpu_s=None)
+    assert added_cpu_s(rnd(4)[0], whole) == pytest.approx(32 * 0.009 - 0.1)  # the older estimate, biased low
+    sp = summarize_streams({c: [rnd(c)] * 5 for c in (1, 2, 4, 8, 16)}, "serve", 64, 32, (0.0, 0.0), {})
+    assert sp["fit"]["from"] == "cpu"
+    assert sp["step_s"] == pytest.approx(0.001) and sp["token_s"] == pytest.approx(0.002)
+    assert sp["wall_fit"]["raw_slope_s"] < sp["token_s"]  # the cheaper engine hides part of it in wall time
+    assert [lv["server_engine_cpu_per_step_p50_s"] for lv in sp["streams"]] == [pytest.approx(0.4 / 32)] * 5
+    for lv in sp["streams"]:  # the engine's TPOT plus the planned path, against the HTTP TPOT of the level
+        c = lv["streams"]
+        assert lv["predicted_http_tpot_s"] == pytest.approx(0.020 + 0.004 * c + 0.001 + 0.002 * c)
+    assert any("16 stream(s): HTTP TPOT" in n for n in sp["notes"])
+
+
+def test_server_cpu_is_split_into_the_engine_thread_and_the_serving_threads():
+    from pernode.measure.profile.serving_path_servers import ServerCpu
+    later, earlier = ServerCpu(2.5, 1.25), ServerCpu(2.0, 1.0)
+    assert (later - earlier) == ServerCpu(0.5, 0.25) and later.total_s == 3.75
+    assert (ServerCpu(None, 3.0) - ServerCpu(1.0, 1.0)) == ServerCpu(None, 2.0)  # no engine thread: no split
+
+
 def test_step_time_and_simulator_add_the_path_per_step_and_per_stream():
     profile = dict(PROFILE, serving_path={"path": "ray", "request_s": 0.050, "token_s": 0.003, "step_s": 0.001,
                                           "streams": [{"streams": 1}, {"streams": 8}]})
@@ -132,7 +166,7 @@ def test_a_step_that_starts_on_an_idle_replica_pays_the_measured_idle_start():
 
 def test_streams_measured_against_a_real_pernode_serve(tmp_path):
     from pernode.config import EngineConfig
-    from pernode.measure.profile.serving_path_servers import pernode_serve, process_cpu_s
+    from pernode.measure.profile.serving_path_servers import pernode_serve, process_cpu_s, server_cpu_s
     from pernode.measure.profile.serving_path_streams import measure_streams
     from pernode.serve.engine.llm_engine import LLMEngine
 
@@ -143,10 +177,13 @@ def test_streams_measured_against_a_real_pernode_serve(tmp_path):
         assert path.server_pids and process_cpu_s(path.server_pids) > 0  # the server's threads have run
         sp = measure_streams(engine, path.url, "serve", (1, 2), rounds=2, input_len=16, output_len=4,
                              client_cores=path.client_cores, layout=path.layout,
-                             server_cpu=lambda: process_cpu_s(path.server_pids),
+                             server_cpu=lambda: server_cpu_s(path.server_pids),
                              warm_prefill=[{"prompt_len": 16, "ttft_s": 0.001}])
+        split = server_cpu_s(path.server_pids)
+        assert split.engine_s is not None and split.engine_s > 0 and split.serving_s > 0  # the named engine thread
     assert sp["path"] == "serve" and [lv["streams"] for lv in sp["streams"]] == [1, 2] and sp["pairs"] == 4
-    assert all("added_cpu_per_step" in lv and len(lv["timings"]) == 2 for lv in sp["streams"])
+    assert all("added_cpu_per_step" in lv and "server_engine_cpu_per_step_p50_s" in lv and len(lv["timings"]) == 2
+               for lv in sp["streams"])
     assert sp["fit"]["from"] == "cpu" and sp["token_s"] >= 0 and sp["step_s"] >= 0 and sp["request_s"] >= 0
     assert sp["idle_start"]["warm_prefill_s"] == 0.001 and sp["idle_start_s"] >= 0
     assert serving_path_s({"serving_path": sp}) == (sp["request_s"], sp["token_s"], sp["step_s"])

@@ -44,6 +44,7 @@ from pernode.measure.bench.bench_serve import send_request, served_model_name
 from pernode.measure.bench.config import BenchConfig
 from pernode.measure.bench.datasets import BenchRequest, word_prompt
 from pernode.measure.profile.paired_difference import paired_difference
+from pernode.measure.profile.serving_path_servers import ServerCpu
 from pernode.serve.engine.llm_engine import LLMEngine
 from pernode.serve.sampling.params import SamplingParams
 
@@ -58,23 +59,31 @@ PATHS = ("serve", "ray")
 
 @dataclass(frozen=True)
 class StreamTiming:
-    """Mean TTFT and TPOT of the c streams of one round, and CPU time: for the direct half the engine thread's,
-    for the HTTP half the serving process's; `server_cpu_s` is the serving process's during the direct half (its
-    background work while idle); `wall_s` the half's length."""
+    """Mean TTFT and TPOT of the c streams of one round, and CPU time. Direct half: `cpu_s` the in-process engine
+    thread's, `server_cpu_s` the server's serving threads' meanwhile (their background work while idle). HTTP
+    half: `cpu_s` the server's serving threads' (every thread but the engine's), `engine_cpu_s` the server's
+    engine thread's. Where the server's engine thread cannot be told apart (`engine_cpu_s` None), `cpu_s` and
+    `server_cpu_s` are the whole server process's. `wall_s` is the half's length."""
 
     ttft_s: float
     tpot_s: float
     cpu_s: float | None = None
     wall_s: float | None = None
     server_cpu_s: float | None = None
+    engine_cpu_s: float | None = None
 
 
 def added_cpu_s(direct: StreamTiming, http: StreamTiming) -> float | None:
-    """CPU seconds the serving process spent on one round beyond the engine's own work: its CPU time in the HTTP
-    half, less its idle background rate over that half, less what the same requests cost the engine directly."""
+    """CPU seconds of serving work on the server's cores in one round: the serving threads' CPU time in the HTTP
+    half less their idle background rate over that half. Measured on the serving threads themselves, it does not
+    depend on the in-process engine costing the same as the server's (on one core every such second delays the
+    engine's steps, by the core or by the GIL). Without a named engine thread: the whole process's CPU time less
+    the background, less what the same requests cost the in-process engine (the older, biased estimate)."""
     if None in (direct.cpu_s, direct.wall_s, direct.server_cpu_s, http.cpu_s, http.wall_s) or direct.wall_s <= 0:
         return None
     background = direct.server_cpu_s / direct.wall_s * http.wall_s
+    if http.engine_cpu_s is not None:
+        return http.cpu_s - background
     return http.cpu_s - background - direct.cpu_s
 
 
@@ -178,9 +187,16 @@ async def _http_streams(client: httpx.AsyncClient, model: str, config: BenchConf
     return StreamTiming(statistics.fmean(t.ttft_s for t in timings), statistics.fmean(t.tpot_s for t in timings))
 
 
+def _split(cpu: ServerCpu | float) -> tuple[float, float | None]:
+    """(serving threads' CPU, engine thread's CPU or None) from a server CPU reading; a float is the process's."""
+    if isinstance(cpu, ServerCpu):
+        return (cpu.serving_s, cpu.engine_s) if cpu.engine_s is not None else (cpu.total_s, None)
+    return float(cpu), None
+
+
 async def _rounds(engine: LLMEngine, url: str, streams: Sequence[int], rounds: int, input_len: int,
                   output_len: int, client_cores: set[int] | None, seed: int,
-                  server_cpu: Callable[[], float] | None) -> dict[int, list]:
+                  server_cpu: Callable[[], ServerCpu | float] | None) -> dict[int, list]:
     """{c: [(direct, http), ...]} after WARMUP_ROUNDS dropped per level."""
     config = BenchConfig(base_url=url, ignore_eos=True, temperature=0.0)
     timeout = httpx.Timeout(connect=30.0, read=config.request_timeout_s, write=30.0, pool=None)
@@ -205,11 +221,12 @@ async def _rounds(engine: LLMEngine, url: str, streams: Sequence[int], rounds: i
                         with on_cores(client_cores):
                             t = await _http_streams(client, model, config, timeout, http_reqs, url)
                     wall = time.perf_counter() - wall0
-                    server = server_cpu() - server0 if server_cpu else None
+                    serving, server_engine = _split(server_cpu() - server0) if server_cpu else (None, None)
                     if half == "direct":
-                        t = dataclasses.replace(t, cpu_s=time.thread_time() - own0, wall_s=wall, server_cpu_s=server)
+                        t = dataclasses.replace(t, cpu_s=time.thread_time() - own0, wall_s=wall,
+                                                server_cpu_s=serving)
                     else:
-                        t = dataclasses.replace(t, cpu_s=server, wall_s=wall)
+                        t = dataclasses.replace(t, cpu_s=serving, wall_s=wall, engine_cpu_s=server_engine)
                     halves[half] = t
                     await asyncio.sleep(GAP_S)
                 k += 1
@@ -263,6 +280,9 @@ def summarize_streams(by_level: dict[int, list], path: str, input_len: int, outp
             # the engine's own CPU per step in the same rounds: set beside the profile's decode step at batch c,
             # it shows how much the machine's load inflated CPU time
             level["direct_cpu_per_step_p50_s"] = statistics.median(d.cpu_s / output_len for d, _ in pairs)
+            if all(h.engine_cpu_s is not None for _, h in pairs):  # the server's own engine thread, same rounds
+                level["server_engine_cpu_per_step_p50_s"] = statistics.median(h.engine_cpu_s / output_len
+                                                                              for _, h in pairs)
             level["added_cpu_per_step"] = paired_difference([0.0] * len(per_step), per_step).to_dict()
             level["notes"].append(paired_difference([0.0] * len(per_step), per_step).describe(
                 f"{c} stream(s), serving CPU per decode step on the replica's core"))
@@ -278,6 +298,12 @@ def summarize_streams(by_level: dict[int, list], path: str, input_len: int, outp
                     else (("wall TPOT", wall),)):
         notes.append(f"from {what}: per step {f.step_s * 1e3:.2f} ms + {f.token_s * 1e3:.2f} ms per running stream "
                      f"({f.note}; raw line {f.raw_intercept_s * 1e3:+.2f} ms {f.raw_slope_s * 1e3:+.2f} ms x streams)")
+    for lv in levels:  # does the planned fit, added to the engine's own TPOT, give the TPOT seen over HTTP?
+        predicted = lv["direct_tpot_p50_s"] + fit.step_s + lv["streams"] * fit.token_s
+        lv["predicted_http_tpot_s"] = predicted
+        notes.append(f"{lv['streams']} stream(s): HTTP TPOT {lv['http_tpot_p50_s'] * 1e3:.2f} ms, direct "
+                     f"{lv['direct_tpot_p50_s'] * 1e3:.2f} ms + the planned path = {predicted * 1e3:.2f} ms "
+                     f"({(lv['http_tpot_p50_s'] / predicted - 1) * 100:+.1f}%)")
     notes.append("planned: " + ("the CPU fit (CPU time barely depends on the machine's load; the wall fit is kept "
                                 "for comparison)" if by_cpu else "the wall fit"))
     idle = idle_start_s(by_level, input_len, warm_prefill) if warm_prefill else None
@@ -315,7 +341,7 @@ def measure_streams(engine: LLMEngine, url: str, path: str, streams: Sequence[in
                     rounds: int = DEFAULT_ROUNDS, input_len: int = DEFAULT_INPUT_LEN,
                     output_len: int = DEFAULT_OUTPUT_LEN, client_cores: set[int] | None = None,
                     layout: dict | None = None, seed: int = 0,
-                    server_cpu: Callable[[], float] | None = None,
+                    server_cpu: Callable[[], ServerCpu | float] | None = None,
                     warm_prefill: Sequence[dict] | None = None) -> dict:
     """Time `rounds` paired rounds at each stream count against the server at `url`; the serving_path section."""
     if path not in PATHS:
