@@ -9,7 +9,7 @@ import pytest
 from tiny_model import write_tiny_model
 
 from pernode.measure.profile.serving_path_streams import (StreamTiming, added_cpu_s, fit_stream_costs, parse_streams,
-                                                          summarize_streams)
+                                                          per_step_curve, summarize_streams)
 from pernode.price.plan_basis import measured_basis
 from pernode.price.simulator import ReplicaConfig, simulate_fleet
 from pernode.price.step_time import StepTimeModel, serving_path_s
@@ -103,6 +103,35 @@ def test_serving_threads_cpu_sets_the_plan_whatever_the_engines_cost():
         c = lv["streams"]
         assert lv["predicted_http_tpot_s"] == pytest.approx(0.020 + 0.004 * c + 0.001 + 0.002 * c)
     assert any("16 stream(s): HTTP TPOT" in n for n in sp["notes"])
+
+
+def test_a_cost_per_stream_that_falls_with_streams_is_planned_on_the_measured_curve():
+    # Through Ray the serving CPU per step grows ~1 ms per stream up to 4 streams, then flattens: 1, 2, 3.5, 4.5,
+    # 5.5, 6.5 ms at 1..32 streams. A line through those misses both ends; the planned curve goes through them.
+    levels = (1, 2, 4, 8, 16, 32)
+    added = dict(zip(levels, (0.0010, 0.0020, 0.0035, 0.0045, 0.0055, 0.0065)))
+
+    def rnd(c):
+        return (StreamTiming(0.1, 0.02, cpu_s=0.5, wall_s=1.0, server_cpu_s=0.0),
+                StreamTiming(0.1, 0.02, cpu_s=32 * added[c], wall_s=1.0, engine_cpu_s=0.5))
+    sp = summarize_streams({c: [rnd(c)] * 5 for c in levels}, "ray", 64, 32, (0.0, 0.0), {})
+    assert [(r["streams"], r["added_s"]) for r in sp["per_step_curve"]] == [
+        (c, pytest.approx(added[c])) for c in levels]
+    model = StepTimeModel.from_profile(dict(PROFILE, serving_path=sp))
+    assert model.serving_decode_s(4) == pytest.approx(0.0035)
+    assert model.serving_decode_s(12) == pytest.approx(0.0050)  # halfway between 8 and 16 streams
+    assert model.serving_decode_s(64) == pytest.approx(0.0065 + 32 * 0.001 / 16)  # the last segment's slope on
+    assert model.serving_decode_s(0) == 0.0
+    line = sp["fit"]
+    assert line["step_s"] + line["token_s"] > 2 * 0.0010  # the line doubles the 1-stream cost: why the curve is planned
+    assert any("per decode step 1.00, 2.00, 3.50, 4.50, 5.50, 6.50 ms at 1, 2, 4, 8, 16, 32 streams" in n
+               for n in measured_basis(dict(PROFILE, serving_path=sp), model))
+    # A dip between levels is noise, and a negative level is nothing: the curve never falls and never goes below 0.
+    assert [r["added_s"] for r in per_step_curve([4, 1, 2], [0.003, -0.001, 0.002])] == [0.0, 0.002, 0.003]
+    assert [r["added_s"] for r in per_step_curve([1, 2, 4], [0.002, 0.001, 0.003])] == [0.002, 0.002, 0.003]
+    with pytest.raises(ValueError, match=r"per_step_curve\[1\].added_s"):
+        StepTimeModel.from_profile(dict(PROFILE, serving_path={"request_s": 0.0, "token_s": 0.0, "per_step_curve": [
+            {"streams": 1, "added_s": 0.001}, {"streams": 2, "added_s": -0.001}]}))
 
 
 def test_server_cpu_is_split_into_the_engine_thread_and_the_serving_threads():

@@ -13,8 +13,9 @@ overcount stands in for per-step serving work under load that no term models yet
 
 The serving path is in the model too, when the profile measured it (`pernode profile --serving-path`, section
 serving_path): each request reaches the engine `serving_request_s` after it was sent (HTTP, tokenizing, the first
-chunk back) and each decode step of b running requests pays `serving_step_s + b * serving_token_s` (detokenizing
-and streaming b tokens, on the engine's own core). The section names its path: `serve` (straight to `pernode
+chunk back) and each decode step of b running requests pays what the path adds at b streams (detokenizing and
+streaming b tokens, on the engine's own core): interpolated on the measured per-level curve (`per_step_curve`)
+when the section has one, else `serving_step_s + b * serving_token_s`. The section names its path: `serve` (straight to `pernode
 serve`) or `ray` (through Ray Serve's proxy into a pinned replica, measured at several concurrent streams,
 measure/profile/serving_path_streams.py); a plan says which one it assumed.
 """
@@ -54,6 +55,8 @@ class StepTimeModel:
     serving_step_s: float = 0.0  # per decode step with any stream running: the path's fixed work per step
     serving_path: str | None = None  # which path the serving terms were measured through: "serve", "ray", None
     idle_start_s: float = 0.0  # added to a step that starts on an idle replica (its first step after a pause)
+    serving_curve_streams: np.ndarray | None = None  # measured stream counts (increasing), when the path has them
+    serving_curve_s: np.ndarray | None = None  # ... and what the path adds to a decode step at each (non-decreasing)
     mixed_batch_sizes: np.ndarray | None = None  # mixed-step correction grid: decodes (increasing)
     mixed_prompt_tokens: np.ndarray | None = None  # ... prompt tokens (increasing)
     mixed_ratio: np.ndarray | None = None  # measured / additive step time, [batch, prompt tokens]
@@ -104,8 +107,9 @@ class StepTimeModel:
             rates.append(_number(row, "prefill_tokens_per_s", f"prefill[{i}]"))
         lens_a, rates_a = _merge_duplicates(lens, rates)
         request_s, token_s, step_s = serving_path_s(profile)
+        curve = serving_curve(profile)
         model = cls(batch, step, lens_a, rates_a, chosen_ctx, request_s, token_s, step_s,
-                    serving_path_name(profile), idle_start_s(profile))
+                    serving_path_name(profile), idle_start_s(profile), *(curve or (None, None)))
         grid = _mixed_ratio_grid(model, profile.get("mixed") or [], chosen_ctx) if mixed_steps else {}
         return dataclasses.replace(model, **grid) if grid else model
 
@@ -125,10 +129,18 @@ class StepTimeModel:
         return self.engine_decode_step_s(batch_size) + self.serving_decode_s(batch_size)
 
     def serving_decode_s(self, batch_size: int) -> float:
-        """What the serving path adds to a decode step of `batch_size` streams: a fixed part and a part per stream."""
+        """What the serving path adds to a decode step of `batch_size` streams: on the measured curve (linear between
+        its stream counts, its first value below them, the last segment's slope beyond them), else a fixed part and
+        a part per stream."""
         if batch_size <= 0:
             return 0.0
-        return self.serving_step_s + batch_size * self.serving_token_s
+        c, v = self.serving_curve_streams, self.serving_curve_s
+        if c is None or v is None:
+            return self.serving_step_s + batch_size * self.serving_token_s
+        if batch_size <= c[-1]:
+            return float(np.interp(batch_size, c, v))
+        slope = (v[-1] - v[-2]) / (c[-1] - c[-2]) if c.size >= 2 else v[-1] / c[-1]
+        return float(v[-1] + max(slope, 0.0) * (batch_size - c[-1]))
 
     def engine_decode_step_s(self, batch_size: int) -> float:
         """decode_step_s without the serving path: the engine's forward and sampling alone."""
@@ -218,6 +230,25 @@ def idle_start_s(profile: Profile) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
         raise ValueError(f"profile serving_path.idle_start_s={v!r}: must be a finite number >= 0 seconds")
     return float(v)
+
+
+def serving_curve(profile: Profile) -> tuple[np.ndarray, np.ndarray] | None:
+    """(stream counts, seconds added per decode step) from the serving_path section's `per_step_curve`, measured
+    by `pernode profile --serving-path ... --serving-path-streams`; None when the section has none."""
+    section = profile.get("serving_path")
+    rows = section.get("per_step_curve") if isinstance(section, Mapping) else None
+    if not rows:
+        return None
+    streams, added = [], []
+    for i, row in enumerate(rows):
+        streams.append(_number(row, "streams", f"serving_path.per_step_curve[{i}]"))
+        v = row.get("added_s") if isinstance(row, Mapping) else None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
+            raise ValueError(f"profile serving_path.per_step_curve[{i}].added_s={v!r}: must be a finite number >= 0 "
+                             f"seconds; re-run `pernode profile --serving-path ... --serving-path-streams`")
+        added.append(float(v))
+    c, v = _merge_duplicates(streams, added)
+    return c, np.maximum.accumulate(v)
 
 
 def serving_path_s(profile: Profile) -> tuple[float, float, float]:

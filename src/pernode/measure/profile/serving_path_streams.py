@@ -10,11 +10,18 @@ difference is what the path adds to a step that streams c tokens; a line through
 
     added TPOT(c) = step_s + c * token_s,
 
-splits it into a fixed part per step and a part per running stream (least squares; a negative intercept is
-refitted through the origin, a negative slope planned as 0, and both are said). The line is fitted on the serving
-process's CPU time per decode step beyond the engine's own (its threads' schedstat, less its idle background
-rate, less the engine thread's CPU time for the same requests straight in): CPU time hardly moves with the
-neighbours' load, wall time does; the wall-time line is kept beside it. With prefill points timed in the same run,
+summarizes it as a fixed part per step and a part per running stream (least squares; a negative intercept is
+refitted through the origin, a negative slope planned as 0, and both are said). What a plan adds per decode step is
+the measured curve itself (`per_step_curve`: the per-level medians, never falling, interpolated between stream
+counts), since through Ray the cost per stream falls as streams grow and no line follows it at both ends.
+
+Both are read off the serving threads' own CPU time per decode step: every thread of the serving process but the
+engine's (which names itself `pernode-engine`), from their schedstat, less their idle background rate. On the
+replica's core each such second delays the engine's steps, by the core or by the GIL. CPU time hardly moves with
+the neighbours' load, wall time does; the wall-time line is kept beside it. (The process's CPU time beyond the
+in-process engine's, measured before, mixed the serving work with any difference between two engines' step costs
+and came out negative straight to `pernode serve`; the server's engine thread's CPU per step is kept beside the
+in-process engine's as a check.) With prefill points timed in the same run,
 `idle_start_s` is the one-stream direct TTFT beyond the profile's back-to-back prefill: a step that starts on an
 idle engine pays it (price/replica.py). The per-request term is the
 TTFT difference at one stream. The planner adds `request_s` before a request reaches the engine and
@@ -85,6 +92,17 @@ def added_cpu_s(direct: StreamTiming, http: StreamTiming) -> float | None:
     if http.engine_cpu_s is not None:
         return http.cpu_s - background
     return http.cpu_s - background - direct.cpu_s
+
+
+def per_step_curve(streams: Sequence[int], added_s: Sequence[float]) -> list[dict]:
+    """The measured levels as the curve a plan interpolates: per stream count, the added seconds per decode step,
+    never negative and never falling as streams grow (a bigger batch streams more, never less; a dip between
+    levels is noise). Through Ray the cost per stream falls as streams grow, which no line through the origin
+    follows (docs/fleet.md)."""
+    order = np.argsort(np.asarray(streams, dtype=np.float64), kind="stable")
+    c = [int(streams[i]) for i in order]
+    v = np.maximum.accumulate(np.maximum(0.0, np.asarray([added_s[i] for i in order], dtype=np.float64)))
+    return [{"streams": k, "added_s": float(x)} for k, x in zip(c, v)]
 
 
 @dataclass(frozen=True)
@@ -298,14 +316,19 @@ def summarize_streams(by_level: dict[int, list], path: str, input_len: int, outp
                     else (("wall TPOT", wall),)):
         notes.append(f"from {what}: per step {f.step_s * 1e3:.2f} ms + {f.token_s * 1e3:.2f} ms per running stream "
                      f"({f.note}; raw line {f.raw_intercept_s * 1e3:+.2f} ms {f.raw_slope_s * 1e3:+.2f} ms x streams)")
-    for lv in levels:  # does the planned fit, added to the engine's own TPOT, give the TPOT seen over HTTP?
-        predicted = lv["direct_tpot_p50_s"] + fit.step_s + lv["streams"] * fit.token_s
+    planned_key = "added_cpu_per_step" if by_cpu else "added_tpot"
+    curve = per_step_curve([lv["streams"] for lv in levels], [lv[planned_key]["median_s"] for lv in levels])
+    at = {row["streams"]: row["added_s"] for row in curve}
+    for lv in levels:  # does the planned curve, added to the engine's own TPOT, give the TPOT seen over HTTP?
+        predicted = lv["direct_tpot_p50_s"] + at[lv["streams"]]
         lv["predicted_http_tpot_s"] = predicted
         notes.append(f"{lv['streams']} stream(s): HTTP TPOT {lv['http_tpot_p50_s'] * 1e3:.2f} ms, direct "
                      f"{lv['direct_tpot_p50_s'] * 1e3:.2f} ms + the planned path = {predicted * 1e3:.2f} ms "
                      f"({(lv['http_tpot_p50_s'] / predicted - 1) * 100:+.1f}%)")
-    notes.append("planned: " + ("the CPU fit (CPU time barely depends on the machine's load; the wall fit is kept "
-                                "for comparison)" if by_cpu else "the wall fit"))
+    notes.append("planned: " + ("the serving threads' CPU time per level (CPU time barely depends on the machine's "
+                                "load; the wall fit is kept for comparison)" if by_cpu else "the wall TPOT per level")
+                 + ", interpolated between the measured stream counts and carried on by the last segment's slope; "
+                 "the line is its summary")
     idle = idle_start_s(by_level, input_len, warm_prefill) if warm_prefill else None
     if idle is not None:
         notes.append(idle["note"])
@@ -316,6 +339,7 @@ def summarize_streams(by_level: dict[int, list], path: str, input_len: int, outp
         "request_s": max(0.0, request["median_s"]),
         "token_s": fit.token_s,
         "step_s": fit.step_s,
+        "per_step_curve": curve,
         "request": request,
         "token": levels[-1]["added_tpot"],
         "below_noise": bool(request["below_noise"]) or all(lv["added_tpot"]["below_noise"] for lv in levels),
@@ -370,4 +394,4 @@ def parse_streams(text: str) -> tuple[int, ...]:
 
 
 __all__ = ["DEFAULT_STREAMS", "PATHS", "StreamCosts", "StreamTiming", "fit_stream_costs", "measure_streams",
-           "on_cores", "parse_streams", "summarize_streams", "time_direct_streams"]
+           "on_cores", "parse_streams", "per_step_curve", "summarize_streams", "time_direct_streams"]
