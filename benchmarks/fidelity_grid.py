@@ -15,7 +15,7 @@ it meets the issue's targets (p50s and goodput within 10%, p99s within 20%), the
     nice -n 19 python benchmarks/fidelity_grid.py --quick --out-dir grid-quick   # a smoke check of the pipeline
 
 `--path ray|serve` validates through Ray or straight to `pernode serve` and measures that path in the profile at
-1, 2, 4 and 8 concurrent streams; `--rescore DIR` predicts recorded runs again with other profiles and runs nothing.
+1, 2, 4, 8, 16 and 32 concurrent streams (the chat plans run up to ~20 at 90%); `--rescore DIR` predicts recorded runs again with other profiles and runs nothing.
 
 Needs two cores (0 and 1) and Ray (`pernode[fleet]`). Every command it runs is printed first and saved in
 OUT_DIR/commands.sh, so any step can be rerun by hand.
@@ -105,8 +105,10 @@ def serving_path_flags(path: str | None, shape: Shape, quick: bool) -> list[str]
     if path is None:
         return ["--serving-path", "--serving-path-requests", "4" if quick else "16"]
     lo, hi = (int(x) for x in shape.input_len.split(":"))
-    return ["--serving-path", path, "--serving-path-streams", "1,2" if quick else "1,2,4,8",
-            "--serving-path-rounds", "1" if quick else "6", "--serving-path-prompt-len", str((lo + hi) // 2),
+    # up to the streams a short-prompt plan runs; long prompts at 32 streams would take a quarter of an hour
+    streams = "1,2" if quick else ("1,2,4,8,16,32" if hi <= 256 else "1,2,4,8")
+    return ["--serving-path", path, "--serving-path-streams", streams,
+            "--serving-path-rounds", "1" if quick else "5", "--serving-path-prompt-len", str((lo + hi) // 2),
             "--serving-path-output-len", "8" if quick else "32"]
 
 

@@ -55,7 +55,8 @@ def test_path_flags_measure_that_path_at_several_streams(tmp_path):
     assert "--serving-path ray" in profile and "--serving-path-streams 1,2" in profile
     assert f"--serving-path-into {base / 'p_chat.json'}" in profile and "--batch-sizes" not in profile
     flags = grid.serving_path_flags("serve", grid.FULL_SHAPES[0], quick=False)
-    assert flags[:4] == ["--serving-path", "serve", "--serving-path-streams", "1,2,4,8"]
+    assert flags[:4] == ["--serving-path", "serve", "--serving-path-streams", "1,2,4,8,16,32"]
+    assert grid.serving_path_flags("ray", grid.FULL_SHAPES[1], quick=False)[3] == "1,2,4,8"  # long prompts
     assert "80" in flags  # the chat shape's middle prompt length
     with pytest.raises(SystemExit, match="SHAPE:PATH=FILE"):
         grid.rescore_recorded(str(tmp_path), ["chat=p.json"])
