@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-requests", type=int, default=40, help="fewest requests per validation run")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke check that every step runs")
     ap.add_argument("--path", choices=("ray", "serve"), default=None,
-                    help="the serving path to validate through and to measure in the profile at 1, 2, 4 and 8 "
+                    help="the serving path to validate through and to measure in the profile at 1 to 32 "
                          "concurrent streams: `ray` (one Ray Serve replica on core 0) or `serve` (`pernode serve` on "
                          "core 0); default: through Ray, with the profile's path measured against `pernode serve` "
                          "one request at a time (the grid's first runs)")

@@ -99,9 +99,21 @@ def test_serving_threads_cpu_sets_the_plan_whatever_the_engines_cost():
     assert sp["step_s"] == pytest.approx(0.001) and sp["token_s"] == pytest.approx(0.002)
     assert sp["wall_fit"]["raw_slope_s"] < sp["token_s"]  # the cheaper engine hides part of it in wall time
     assert [lv["server_engine_cpu_per_step_p50_s"] for lv in sp["streams"]] == [pytest.approx(0.4 / 32)] * 5
-    for lv in sp["streams"]:  # the engine's TPOT plus the planned path, against the HTTP TPOT of the level
+    # The server's engine ran 0.8x the in-process engine's CPU time in every round: planned, the profile's engine
+    # step times scaled by it; with them the HTTP TPOT of every level is predicted exactly.
+    assert sp["engine_ratio"] == pytest.approx(0.8) and sp["engine_ratio_measured"]["rounds"] == 25
+    for lv in sp["streams"]:
         c = lv["streams"]
-        assert lv["predicted_http_tpot_s"] == pytest.approx(0.020 + 0.004 * c + 0.001 + 0.002 * c)
+        assert lv["predicted_http_tpot_s"] == pytest.approx(lv["http_tpot_p50_s"])
+        assert lv["predicted_http_tpot_s"] == pytest.approx((0.020 + 0.004 * c) * 0.8 + 0.001 + 0.002 * c)
+    model = StepTimeModel.from_profile(dict(PROFILE, serving_path=sp))
+    assert model.engine_decode_step_s(8) == pytest.approx(0.024 * 0.8)
+    assert model.prefill_s(32) == pytest.approx(32 / 2000 * 0.8)
+    assert any("x 0.800" in line for line in measured_basis(dict(PROFILE, serving_path=sp), model))
+    noisy = {1: [rnd(1)[0:1] + (dataclasses.replace(rnd(1)[1], engine_cpu_s=e),) for e in (0.45, 0.5, 0.55)]}
+    assert summarize_streams(noisy, "serve", 64, 32, (0.0, 0.0), {})["engine_ratio"] == 1.0  # holds 1: not planned
+    with pytest.raises(ValueError, match="engine_ratio"):
+        StepTimeModel.from_profile(dict(PROFILE, serving_path={"request_s": 0.0, "token_s": 0.0, "engine_ratio": 3}))
     assert any("16 stream(s): HTTP TPOT" in n for n in sp["notes"])
 
 

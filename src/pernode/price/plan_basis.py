@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from pernode.measure.profile.profile_schema import Profile
-from pernode.price.step_time import StepTimeModel
+from pernode.price.step_time import StepTimeModel, serving_engine_ratio
 
 
 def _points(rows: list, key: str) -> str:
@@ -43,7 +43,9 @@ def measured_basis(profile: Profile, step_model: StepTimeModel) -> tuple[str, ..
         line = (f"serving_path: {step_model.serving_request_s * 1000:.1f} ms per request, " + per_step
                 + f" (path {step_model.serving_path or 'serve'}: measured over HTTP on loopback, {via}"
                 + (f"; {step_model.idle_start_s * 1000:.1f} ms more for a step that starts on an idle replica"
-                   if step_model.idle_start_s else ""))
+                   if step_model.idle_start_s else "")
+                + (f"; the engine's step times x {serving_engine_ratio(profile):.3f}, its CPU time inside the "
+                   f"serving process against the profile's" if serving_engine_ratio(profile) != 1.0 else ""))
         noisy = [what for what in ("request", "token")
                  if isinstance(serving.get(what), Mapping) and serving[what].get("below_noise")]
         negative = [what for what in ("request", "token") if isinstance(serving.get(what), Mapping)

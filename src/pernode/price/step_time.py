@@ -15,7 +15,9 @@ The serving path is in the model too, when the profile measured it (`pernode pro
 serving_path): each request reaches the engine `serving_request_s` after it was sent (HTTP, tokenizing, the first
 chunk back) and each decode step of b running requests pays what the path adds at b streams (detokenizing and
 streaming b tokens, on the engine's own core): interpolated on the measured per-level curve (`per_step_curve`)
-when the section has one, else `serving_step_s + b * serving_token_s`. The section names its path: `serve` (straight to `pernode
+when the section has one, else `serving_step_s + b * serving_token_s`. When the section measured the engine
+running slower or faster inside the serving process than in the profile (`engine_ratio`, its CPU time for the same
+work), the engine's step times are scaled by it. The section names its path: `serve` (straight to `pernode
 serve`) or `ray` (through Ray Serve's proxy into a pinned replica, measured at several concurrent streams,
 measure/profile/serving_path_streams.py); a plan says which one it assumed.
 """
@@ -106,11 +108,14 @@ class StepTimeModel:
             lens.append(_number(row, "prompt_len", f"prefill[{i}]"))
             rates.append(_number(row, "prefill_tokens_per_s", f"prefill[{i}]"))
         lens_a, rates_a = _merge_duplicates(lens, rates)
+        # the engine as it runs inside the serving process, when the serving path measured it differing
+        ratio = serving_engine_ratio(profile)
+        step, rates_a = step * ratio, rates_a / ratio
         request_s, token_s, step_s = serving_path_s(profile)
         curve = serving_curve(profile)
         model = cls(batch, step, lens_a, rates_a, chosen_ctx, request_s, token_s, step_s,
                     serving_path_name(profile), idle_start_s(profile), *(curve or (None, None)))
-        grid = _mixed_ratio_grid(model, profile.get("mixed") or [], chosen_ctx) if mixed_steps else {}
+        grid = _mixed_ratio_grid(model, profile.get("mixed") or [], chosen_ctx, ratio) if mixed_steps else {}
         return dataclasses.replace(model, **grid) if grid else model
 
     @property
@@ -187,14 +192,14 @@ class StepTimeModel:
                 + engine_s * self.mix_factor(num_decodes, prompt_tokens))
 
 
-def _mixed_ratio_grid(model: StepTimeModel, points: list, context_len: int | None) -> dict:
+def _mixed_ratio_grid(model: StepTimeModel, points: list, context_len: int | None, scale: float = 1.0) -> dict:
     """The correction grid from a profile's mixed[] points (those at the decode sweep's context when it has one):
     batch sizes x prompt tokens, each cell measured / additive; a cell not measured takes its row's mean."""
     ratios: dict[tuple[int, int], float] = {}
     for i, point in enumerate(points):
         b = int(_number(point, "batch_size", f"mixed[{i}]"))
         p = int(_number(point, "prompt_tokens", f"mixed[{i}]"))
-        measured = _number(point, "step_s", f"mixed[{i}]")
+        measured = _number(point, "step_s", f"mixed[{i}]") * scale  # scaled as the decode and prefill points
         if context_len is not None and point.get("context_len") not in (None, context_len):
             continue
         additive = model.engine_decode_step_s(b) + p / model.prefill_tokens_per_s(p)
@@ -229,6 +234,17 @@ def idle_start_s(profile: Profile) -> float:
     v = section.get("idle_start_s", 0.0) if isinstance(section, Mapping) else 0.0
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
         raise ValueError(f"profile serving_path.idle_start_s={v!r}: must be a finite number >= 0 seconds")
+    return float(v)
+
+
+def serving_engine_ratio(profile: Profile) -> float:
+    """How much slower (> 1) or faster the engine runs inside the serving process than the profile timed it: the
+    serving_path section's `engine_ratio` (serving_path_streams.engine_ratio); 1 when absent."""
+    section = profile.get("serving_path")
+    v = section.get("engine_ratio", 1.0) if isinstance(section, Mapping) else 1.0
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or not 0.5 <= v <= 2.0:
+        raise ValueError(f"profile serving_path.engine_ratio={v!r}: must be a number in [0.5, 2]; re-run "
+                         f"`pernode profile --serving-path ... --serving-path-streams`")
     return float(v)
 
 

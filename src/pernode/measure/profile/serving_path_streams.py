@@ -105,6 +105,31 @@ def per_step_curve(streams: Sequence[int], added_s: Sequence[float]) -> list[dic
     return [{"streams": k, "added_s": float(x)} for k, x in zip(c, v)]
 
 
+def engine_ratio(by_level: dict[int, list]) -> dict | None:
+    """How much more CPU the serving process's engine thread spends than the in-process engine on the same work
+    (the same prompt length, output length and stream count, in alternating halves), pooled over every round: its
+    caches and the GIL are shared with the serving threads, the in-process engine's are not. The median of the
+    per-round ratios with its order-statistics interval; planned (the profile's engine step times scaled by it)
+    only when the interval excludes 1, else 1. None without the server's engine thread's CPU time."""
+    ratios = [h.engine_cpu_s / d.cpu_s for pairs in by_level.values() for d, h in pairs
+              if h.engine_cpu_s is not None and d.cpu_s]
+    if len(ratios) < 3:
+        return None
+    d = paired_difference([1.0] * len(ratios), ratios)  # ratio - 1
+    planned = 1.0 if d.below_noise else 1.0 + d.median_s
+    per_level = {c: statistics.median(h.engine_cpu_s / dd.cpu_s for dd, h in pairs)
+                 for c, pairs in sorted(by_level.items()) if all(h.engine_cpu_s is not None and dd.cpu_s
+                                                                 for dd, h in pairs)}
+    return {"median": 1.0 + d.median_s, "interval": [1.0 + d.interval_s[0], 1.0 + d.interval_s[1]],
+            "coverage": d.coverage, "rounds": d.pairs, "planned": planned,
+            "per_level_median": {str(c): v for c, v in per_level.items()},
+            "note": (f"the serving process's engine thread ran {1.0 + d.median_s:.3f}x the in-process engine's CPU "
+                     f"time for the same work (median of {d.pairs} rounds, {100 * d.coverage:.0f}% interval "
+                     f"[{1.0 + d.interval_s[0]:.3f}, {1.0 + d.interval_s[1]:.3f}]); "
+                     + ("the interval holds 1: planned as 1" if d.below_noise
+                        else f"the profile's engine step times are planned x {planned:.3f}"))}
+
+
 @dataclass(frozen=True)
 class StreamCosts:
     """The fitted serving path: per step, per running stream, and how the fit went."""
@@ -316,19 +341,24 @@ def summarize_streams(by_level: dict[int, list], path: str, input_len: int, outp
                     else (("wall TPOT", wall),)):
         notes.append(f"from {what}: per step {f.step_s * 1e3:.2f} ms + {f.token_s * 1e3:.2f} ms per running stream "
                      f"({f.note}; raw line {f.raw_intercept_s * 1e3:+.2f} ms {f.raw_slope_s * 1e3:+.2f} ms x streams)")
+    ratio = engine_ratio(by_level)
+    scale = ratio["planned"] if ratio else 1.0
     planned_key = "added_cpu_per_step" if by_cpu else "added_tpot"
     curve = per_step_curve([lv["streams"] for lv in levels], [lv[planned_key]["median_s"] for lv in levels])
     at = {row["streams"]: row["added_s"] for row in curve}
     for lv in levels:  # does the planned curve, added to the engine's own TPOT, give the TPOT seen over HTTP?
-        predicted = lv["direct_tpot_p50_s"] + at[lv["streams"]]
+        predicted = lv["direct_tpot_p50_s"] * scale + at[lv["streams"]]
         lv["predicted_http_tpot_s"] = predicted
         notes.append(f"{lv['streams']} stream(s): HTTP TPOT {lv['http_tpot_p50_s'] * 1e3:.2f} ms, direct "
-                     f"{lv['direct_tpot_p50_s'] * 1e3:.2f} ms + the planned path = {predicted * 1e3:.2f} ms "
+                     f"{lv['direct_tpot_p50_s'] * 1e3:.2f} ms" + (f" x {scale:.3f}" if scale != 1.0 else "")
+                     + f" + the planned path = {predicted * 1e3:.2f} ms "
                      f"({(lv['http_tpot_p50_s'] / predicted - 1) * 100:+.1f}%)")
     notes.append("planned: " + ("the serving threads' CPU time per level (CPU time barely depends on the machine's "
                                 "load; the wall fit is kept for comparison)" if by_cpu else "the wall TPOT per level")
                  + ", interpolated between the measured stream counts and carried on by the last segment's slope; "
                  "the line is its summary")
+    if ratio is not None:
+        notes.append(ratio["note"])
     idle = idle_start_s(by_level, input_len, warm_prefill) if warm_prefill else None
     if idle is not None:
         notes.append(idle["note"])
@@ -340,6 +370,8 @@ def summarize_streams(by_level: dict[int, list], path: str, input_len: int, outp
         "token_s": fit.token_s,
         "step_s": fit.step_s,
         "per_step_curve": curve,
+        "engine_ratio": ratio["planned"] if ratio else 1.0,
+        "engine_ratio_measured": ratio,
         "request": request,
         "token": levels[-1]["added_tpot"],
         "below_noise": bool(request["below_noise"]) or all(lv["added_tpot"]["below_noise"] for lv in levels),
@@ -394,4 +426,4 @@ def parse_streams(text: str) -> tuple[int, ...]:
 
 
 __all__ = ["DEFAULT_STREAMS", "PATHS", "StreamCosts", "StreamTiming", "fit_stream_costs", "measure_streams",
-           "on_cores", "parse_streams", "per_step_curve", "summarize_streams", "time_direct_streams"]
+           "engine_ratio", "on_cores", "parse_streams", "per_step_curve", "summarize_streams", "time_direct_streams"]
