@@ -228,3 +228,16 @@ def test_streams_measured_against_a_real_pernode_serve(tmp_path):
     assert sp["fit"]["from"] == "cpu" and sp["token_s"] >= 0 and sp["step_s"] >= 0 and sp["request_s"] >= 0
     assert sp["idle_start"]["warm_prefill_s"] == 0.001 and sp["idle_start_s"] >= 0
     assert serving_path_s({"serving_path": sp}) == (sp["request_s"], sp["token_s"], sp["step_s"])
+
+
+def test_a_request_arriving_mid_step_waits_for_the_step_boundary_as_in_the_engine():
+    # A decodes alone at 10 ms a step from its first token on. B arrives 3 ms into one of those steps: the engine
+    # takes new requests only between steps, so B waits the 7 ms left, then rides a mixed step with A's decode.
+    model = StepTimeModel.from_profile(PROFILE)
+    rate100 = 2000 + (100 - 32) / (256 - 32) * 3000
+    a_first = 1.0 + 100 / rate100
+    trace = RequestTrace(np.array([1.0, a_first + 0.020 + 0.003]), np.array([100, 100]), np.array([50, 10]))
+    res = simulate_fleet(trace, ReplicaConfig(model, 4, 10_000, 512), 1)
+    assert res.ttft_s[0] == pytest.approx(100 / rate100)
+    assert res.admit_s[1] == pytest.approx(a_first + 0.030)  # the end of the step it arrived in
+    assert res.ttft_s[1] == pytest.approx(0.007 + 0.010 + 100 / rate100)  # the wait, then decode + its prefill
