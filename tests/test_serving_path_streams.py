@@ -207,6 +207,7 @@ def test_a_step_that_starts_on_an_idle_replica_pays_the_measured_idle_start():
 
 def test_streams_measured_against_a_real_pernode_serve(tmp_path):
     from pernode.config import EngineConfig
+    from pernode.jobs.validate.ttft_parts import scrape_server_timing
     from pernode.measure.profile.serving_path_servers import pernode_serve, process_cpu_s, server_cpu_s
     from pernode.measure.profile.serving_path_streams import measure_streams
     from pernode.serve.engine.llm_engine import LLMEngine
@@ -220,6 +221,8 @@ def test_streams_measured_against_a_real_pernode_serve(tmp_path):
                              client_cores=path.client_cores, layout=path.layout,
                              server_cpu=lambda: server_cpu_s(path.server_pids),
                              warm_prefill=[{"prompt_len": 16, "ttft_s": 0.001}])
+        timing = scrape_server_timing(path.url)  # what `fleet validate` reads around its run
+        assert timing is not None and timing["ttft_count"] >= 6 and timing["queue_sum"] > 0
         split = server_cpu_s(path.server_pids)
         assert split.engine_s is not None and split.engine_s > 0 and split.serving_s > 0  # the named engine thread
     assert sp["path"] == "serve" and [lv["streams"] for lv in sp["streams"]] == [1, 2] and sp["pairs"] == 4
