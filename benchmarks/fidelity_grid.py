@@ -197,6 +197,25 @@ def table(results: list[tuple[str, int, dict]]) -> str:
     return "\n".join(lines)
 
 
+PARTS = (("ttft_ms", "TTFT mean"), ("way_in_and_out_ms", "way in and out"), ("queue_ms", "queue"),
+         ("first_steps_ms", "admission to first token"))
+
+
+def ttft_parts_table(results: list[tuple[str, int, dict]]) -> str:
+    """Where each run's mean TTFT went (ms), measured / predicted: the server's histograms against the simulator's
+    split of the same trace (jobs/validate/ttft_parts.py); runs without the split are left out."""
+    lines = ["| run | " + " | ".join(f"{label} ms: measured / predicted" for _, label in PARTS) + " |",
+             "|---|" + "---:|" * len(PARTS)]
+    for shape, load, v in results:
+        parts = v.get("ttft_parts") or {}
+        m, p = parts.get("measured"), parts.get("predicted")
+        if not m or not p:
+            continue
+        lines.append(f"| {shape} {load}% | " + " | ".join(f"{m[k]:.1f} / {p[k]:.1f} ({m[k] - p[k]:+.1f})"
+                                                          for k, _ in PARTS) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def rescore_recorded(folder: str, profiles: list[str], mixed_steps: bool = False) -> int:
     """Every recorded validation in `folder` (v_SHAPE_LOAD.json through Ray, d_SHAPE_LOAD.json straight to
     `pernode serve`) predicted again from the profile given for its shape and path; the errors before (the
@@ -211,6 +230,7 @@ def rescore_recorded(folder: str, profiles: list[str], mixed_steps: bool = False
             raise SystemExit(f"--rescore-profile {item!r}: allowed SHAPE:PATH=FILE with PATH ray or serve")
         chosen[key] = path
     keys = [k for _, k in COLUMNS]
+    rescored = []
     lines = ["| run | path | model | " + " | ".join(label for label, _ in COLUMNS) + " |", "|---|---|---|" + "---:|" * 5]
     for name in sorted(os.listdir(folder)):
         if not (name.startswith(("v_", "d_")) and name.endswith(".json")):
@@ -223,12 +243,17 @@ def rescore_recorded(folder: str, profiles: list[str], mixed_steps: bool = False
         before_file = os.path.join(folder, "additive_" + name)
         with open(before_file if os.path.isfile(before_file) else os.path.join(folder, name)) as f:
             before = json.load(f).get("error_pct_same_trace") or {}
-        after = rescore(os.path.join(folder, name), profile, mixed_steps=mixed_steps).get("error_pct_same_trace") or {}
+        report = rescore(os.path.join(folder, name), profile, mixed_steps=mixed_steps)
+        rescored.append((f"{shape} {path}", int(load), report))
+        after = report.get("error_pct_same_trace") or {}
         for label, errs in (("before", before), ("after", after)):
             cells = [f"{errs[k]:+.1f}%{' ✓' if abs(errs[k]) <= TARGETS[k] else ''}" if k in errs else "–"
                      for k in keys]
             lines.append(f"| {shape} {load}% | {path} | {label} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
+    parts = ttft_parts_table(rescored)
+    if parts:
+        print("\nwhere TTFT goes (after):\n\n" + parts)
     return 0
 
 
@@ -305,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     md = table(results)
     print(f"\nfidelity grid ({time.monotonic() - started:.0f} s; targets: p50s and goodput within 10%, p99s within "
           f"20%; ✓/✗ against them; range = where the measurement falls in the predicted range over seeds)\n")
+    parts = ttft_parts_table(results)
+    if parts:
+        md += "\n\nWhere TTFT goes:\n\n" + parts
     print(md)
     with open(os.path.join(args.out_dir, "grid.md"), "w") as f:
         f.write(md + "\n")
