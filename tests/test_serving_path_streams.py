@@ -94,7 +94,11 @@ def test_serving_threads_cpu_sets_the_plan_whatever_the_engines_cost():
     assert added_cpu_s(*rnd(4)) == pytest.approx(32 * 0.009)
     whole = dataclasses.replace(rnd(4)[1], cpu_s=0.4 + 0.012 + 32 * 0.009, engine_cpu_s=None)
     assert added_cpu_s(rnd(4)[0], whole) == pytest.approx(32 * 0.009 - 0.1)  # the older estimate, biased low
-    sp = summarize_streams({c: [rnd(c)] * 5 for c in (1, 2, 4, 8, 16)}, "serve", 64, 32, (0.0, 0.0), {})
+    by_level = {c: [rnd(c)] * 5 for c in (1, 2, 4, 8, 16)}
+    plain = summarize_streams(by_level, "serve", 64, 32, (0.0, 0.0), {})
+    assert plain["engine_ratio"] == 1.0 and plain["engine_ratio_measured"]["planned"] == pytest.approx(0.8)
+    assert any("0.800x" in n and n.endswith("not planned") for n in plain["notes"])
+    sp = summarize_streams(by_level, "serve", 64, 32, (0.0, 0.0), {}, plan_engine_ratio=True)
     assert sp["fit"]["from"] == "cpu"
     assert sp["step_s"] == pytest.approx(0.001) and sp["token_s"] == pytest.approx(0.002)
     assert sp["wall_fit"]["raw_slope_s"] < sp["token_s"]  # the cheaper engine hides part of it in wall time
@@ -111,7 +115,7 @@ def test_serving_threads_cpu_sets_the_plan_whatever_the_engines_cost():
     assert model.prefill_s(32) == pytest.approx(32 / 2000 * 0.8)
     assert any("x 0.800" in line for line in measured_basis(dict(PROFILE, serving_path=sp), model))
     noisy = {1: [rnd(1)[0:1] + (dataclasses.replace(rnd(1)[1], engine_cpu_s=e),) for e in (0.45, 0.5, 0.55)]}
-    assert summarize_streams(noisy, "serve", 64, 32, (0.0, 0.0), {})["engine_ratio"] == 1.0  # holds 1: not planned
+    assert summarize_streams(noisy, "serve", 64, 32, (0.0, 0.0), {}, plan_engine_ratio=True)["engine_ratio"] == 1.0
     with pytest.raises(ValueError, match="engine_ratio"):
         StepTimeModel.from_profile(dict(PROFILE, serving_path={"request_s": 0.0, "token_s": 0.0, "engine_ratio": 3}))
     assert any("16 stream(s): HTTP TPOT" in n for n in sp["notes"])

@@ -109,8 +109,10 @@ def engine_ratio(by_level: dict[int, list]) -> dict | None:
     """How much more CPU the serving process's engine thread spends than the in-process engine on the same work
     (the same prompt length, output length and stream count, in alternating halves), pooled over every round: its
     caches and the GIL are shared with the serving threads, the in-process engine's are not. The median of the
-    per-round ratios with its order-statistics interval; planned (the profile's engine step times scaled by it)
-    only when the interval excludes 1, else 1. None without the server's engine thread's CPU time."""
+    per-round ratios with its order-statistics interval, and what a plan could scale the profile's engine step
+    times by (`planned`: the median when the interval excludes 1, else 1). The section plans it only with
+    `plan_engine_ratio`: two runs on a loaded box each excluded 1 but on opposite sides (0.947 and 1.028), so the
+    interval of one run does not yet bound the ratio. None without the server's engine thread's CPU time."""
     ratios = [h.engine_cpu_s / d.cpu_s for pairs in by_level.values() for d, h in pairs
               if h.engine_cpu_s is not None and d.cpu_s]
     if len(ratios) < 3:
@@ -126,8 +128,8 @@ def engine_ratio(by_level: dict[int, list]) -> dict | None:
             "note": (f"the serving process's engine thread ran {1.0 + d.median_s:.3f}x the in-process engine's CPU "
                      f"time for the same work (median of {d.pairs} rounds, {100 * d.coverage:.0f}% interval "
                      f"[{1.0 + d.interval_s[0]:.3f}, {1.0 + d.interval_s[1]:.3f}]); "
-                     + ("the interval holds 1: planned as 1" if d.below_noise
-                        else f"the profile's engine step times are planned x {planned:.3f}"))}
+                     + ("the interval holds 1" if d.below_noise
+                        else f"plannable as x {planned:.3f} on the profile's engine step times"))}
 
 
 @dataclass(frozen=True)
@@ -304,7 +306,8 @@ def idle_start_s(by_level: dict[int, list], input_len: int, warm_prefill: Sequen
 
 
 def summarize_streams(by_level: dict[int, list], path: str, input_len: int, output_len: int,
-                      load: tuple[float, float], layout: dict, warm_prefill: Sequence[dict] | None = None) -> dict:
+                      load: tuple[float, float], layout: dict, warm_prefill: Sequence[dict] | None = None,
+                      plan_engine_ratio: bool = False) -> dict:
     """The profile's serving_path section from paired (direct, http) round timings at each stream count; with
     the profile's prefill points measured in the same run, also `idle_start_s` (see idle_start_s)."""
     levels = []
@@ -342,7 +345,7 @@ def summarize_streams(by_level: dict[int, list], path: str, input_len: int, outp
         notes.append(f"from {what}: per step {f.step_s * 1e3:.2f} ms + {f.token_s * 1e3:.2f} ms per running stream "
                      f"({f.note}; raw line {f.raw_intercept_s * 1e3:+.2f} ms {f.raw_slope_s * 1e3:+.2f} ms x streams)")
     ratio = engine_ratio(by_level)
-    scale = ratio["planned"] if ratio else 1.0
+    scale = ratio["planned"] if ratio and plan_engine_ratio else 1.0
     planned_key = "added_cpu_per_step" if by_cpu else "added_tpot"
     curve = per_step_curve([lv["streams"] for lv in levels], [lv[planned_key]["median_s"] for lv in levels])
     at = {row["streams"]: row["added_s"] for row in curve}
@@ -358,7 +361,7 @@ def summarize_streams(by_level: dict[int, list], path: str, input_len: int, outp
                  + ", interpolated between the measured stream counts and carried on by the last segment's slope; "
                  "the line is its summary")
     if ratio is not None:
-        notes.append(ratio["note"])
+        notes.append(ratio["note"] + ("; planned" if scale != 1.0 else "; not planned"))
     idle = idle_start_s(by_level, input_len, warm_prefill) if warm_prefill else None
     if idle is not None:
         notes.append(idle["note"])
@@ -370,7 +373,7 @@ def summarize_streams(by_level: dict[int, list], path: str, input_len: int, outp
         "token_s": fit.token_s,
         "step_s": fit.step_s,
         "per_step_curve": curve,
-        "engine_ratio": ratio["planned"] if ratio else 1.0,
+        "engine_ratio": scale,
         "engine_ratio_measured": ratio,
         "request": request,
         "token": levels[-1]["added_tpot"],
@@ -398,7 +401,7 @@ def measure_streams(engine: LLMEngine, url: str, path: str, streams: Sequence[in
                     output_len: int = DEFAULT_OUTPUT_LEN, client_cores: set[int] | None = None,
                     layout: dict | None = None, seed: int = 0,
                     server_cpu: Callable[[], ServerCpu | float] | None = None,
-                    warm_prefill: Sequence[dict] | None = None) -> dict:
+                    warm_prefill: Sequence[dict] | None = None, plan_engine_ratio: bool = False) -> dict:
     """Time `rounds` paired rounds at each stream count against the server at `url`; the serving_path section."""
     if path not in PATHS:
         raise ValueError(f"path={path!r}: allowed {', '.join(PATHS)}")
@@ -412,7 +415,7 @@ def measure_streams(engine: LLMEngine, url: str, path: str, streams: Sequence[in
     by_level = asyncio.run(_rounds(engine, url, sorted(set(streams)), rounds, input_len, output_len,
                                    client_cores, seed, server_cpu))
     return summarize_streams(by_level, path, input_len, output_len, (load_before, os.getloadavg()[0]),
-                             layout or {}, warm_prefill)
+                             layout or {}, warm_prefill, plan_engine_ratio)
 
 
 def parse_streams(text: str) -> tuple[int, ...]:
