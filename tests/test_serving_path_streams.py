@@ -150,6 +150,17 @@ def test_a_cost_per_stream_that_falls_with_streams_is_planned_on_the_measured_cu
             {"streams": 1, "added_s": 0.001}, {"streams": 2, "added_s": -0.001}]}))
 
 
+def test_the_per_request_term_is_the_way_in_and_out_when_the_server_reports_its_first_steps():
+    # The paired TTFT differences swing by 100 ms with the engine's noise; the client's TTFT less the server's own
+    # first steps (first scheduled step -> first token) is 6, 7 or 8 ms every round.
+    rounds = [(StreamTiming(0.100 + noise, 0.02), StreamTiming(0.150 + way, 0.02, server_first_steps_s=0.150))
+              for noise, way in ((0.1, 0.006), (-0.1, 0.007), (0.0, 0.008))]
+    sp = summarize_streams({1: rounds}, "ray", 64, 32, (0.0, 0.0), {})
+    assert sp["request_s"] == pytest.approx(0.007) and sp["request"]["interval_s"] == pytest.approx([0.006, 0.008])
+    assert sp["streams"][0]["way_in_and_out"]["median_s"] == pytest.approx(0.007)
+    assert sp["streams"][0]["added_ttft"]["median_s"] == pytest.approx(0.058)  # the paired difference, kept
+
+
 def test_server_cpu_is_split_into_the_engine_thread_and_the_serving_threads():
     from pernode.measure.profile.serving_path_servers import ServerCpu
     later, earlier = ServerCpu(2.5, 1.25), ServerCpu(2.0, 1.0)
@@ -233,6 +244,8 @@ def test_streams_measured_against_a_real_pernode_serve(tmp_path):
     assert all("added_cpu_per_step" in lv and "server_engine_cpu_per_step_p50_s" in lv and len(lv["timings"]) == 2
                for lv in sp["streams"])
     assert sp["fit"]["from"] == "cpu" and sp["token_s"] >= 0 and sp["step_s"] >= 0 and sp["request_s"] >= 0
+    assert sp["streams"][0]["way_in_and_out"]["pairs"] == 2  # the server's /metrics read around each HTTP half
+    assert all(h["server_first_steps_s"] > 0 for _, h in sp["streams"][0]["timings"])
     assert sp["idle_start"]["warm_prefill_s"] == 0.001 and sp["idle_start_s"] >= 0
     assert serving_path_s({"serving_path": sp}) == (sp["request_s"], sp["token_s"], sp["step_s"])
 

@@ -14,40 +14,19 @@ replicas /metrics answers from one replica; the split is then that replica's.
 from __future__ import annotations
 
 import math
-import re
 
-import httpx
 import numpy as np
 
 from pernode.measure.bench.bench_result import BenchResult
+from pernode.measure.bench.server_timing import mean_s, parse_server_timing, scrape_server_timing
 from pernode.price.fleet_result import FleetSimResult
 
-_HISTOGRAMS = {"ttft": "pernode:time_to_first_token_seconds", "queue": "pernode:request_queue_time_seconds"}
-
-
-def parse_server_timing(text: str) -> dict[str, float]:
-    """{'ttft_sum', 'ttft_count', 'queue_sum', 'queue_count'} from a Prometheus exposition (summed over labels)."""
-    out = {f"{k}_{part}": 0.0 for k in _HISTOGRAMS for part in ("sum", "count")}
-    for key, name in _HISTOGRAMS.items():
-        for part in ("sum", "count"):
-            pattern = rf"^{re.escape(name)}_{part}(?:{{[^}}]*}})?\s+(\S+)$"
-            for m in re.finditer(pattern, text, re.MULTILINE):
-                out[f"{key}_{part}"] += float(m.group(1))
-    return out
-
-
-def scrape_server_timing(base_url: str, timeout_s: float = 10.0) -> dict[str, float] | None:
-    """The server's TTFT and queue-time histogram sums and counts now; None when /metrics does not answer."""
-    try:
-        resp = httpx.get(f"{base_url.rstrip('/')}/metrics", timeout=timeout_s)
-    except httpx.HTTPError:
-        return None
-    return parse_server_timing(resp.text) if resp.status_code == 200 else None
+__all__ = ["describe_ttft_parts", "parse_server_timing", "scrape_server_timing", "ttft_parts"]
 
 
 def _mean_ms(before: dict, after: dict, key: str) -> float | None:
-    n = after[f"{key}_count"] - before[f"{key}_count"]
-    return (after[f"{key}_sum"] - before[f"{key}_sum"]) / n * 1000.0 if n > 0 else None
+    v = mean_s(before, after, key)
+    return None if v is None else v * 1000.0
 
 
 def ttft_parts(before: dict | None, after: dict | None, result: BenchResult | None, predicted: FleetSimResult | None,

@@ -24,7 +24,8 @@ and came out negative straight to `pernode serve`; the server's engine thread's 
 in-process engine's as a check.) With prefill points timed in the same run,
 `idle_start_s` is the one-stream direct TTFT beyond the profile's back-to-back prefill: a step that starts on an
 idle engine pays it (price/replica.py). The per-request term is the
-TTFT difference at one stream. The planner adds `request_s` before a request reaches the engine and
+way in and out at one stream: the client's TTFT less the server's own first steps (its /metrics: first scheduled
+step to first token), or, where the server has no /metrics, the paired TTFT difference. The planner adds `request_s` before a request reaches the engine and
 `step_s + b * token_s` to every decode step of b streams (price/step_time.py), since that work runs on the
 replica's own core. This is vidur's approach to a replica's non-model overheads (Agrawal et al., arXiv
 2405.05465: CPU overheads profiled and added per batch), measured here against the serving path's own stack.
@@ -50,6 +51,7 @@ import numpy as np
 from pernode.measure.bench.bench_serve import send_request, served_model_name
 from pernode.measure.bench.config import BenchConfig
 from pernode.measure.bench.datasets import BenchRequest, word_prompt
+from pernode.measure.bench.server_timing import mean_s, scrape_server_timing
 from pernode.measure.profile.paired_difference import paired_difference
 from pernode.measure.profile.serving_path_servers import ServerCpu
 from pernode.serve.engine.llm_engine import LLMEngine
@@ -78,6 +80,7 @@ class StreamTiming:
     wall_s: float | None = None
     server_cpu_s: float | None = None
     engine_cpu_s: float | None = None
+    server_first_steps_s: float | None = None  # HTTP half: the server's mean first scheduled step -> first token
 
 
 def added_cpu_s(direct: StreamTiming, http: StreamTiming) -> float | None:
@@ -232,6 +235,15 @@ async def _http_streams(client: httpx.AsyncClient, model: str, config: BenchConf
     return StreamTiming(statistics.fmean(t.ttft_s for t in timings), statistics.fmean(t.tpot_s for t in timings))
 
 
+def _first_steps_s(before: dict | None, after: dict | None) -> float | None:
+    """The server's mean time from a request's first scheduled step to its first token between two readings of
+    its /metrics (the engine's part of TTFT); None when it has no /metrics (Ray's proxy routes it to the replica)."""
+    if before is None or after is None:
+        return None
+    ttft, queue = mean_s(before, after, "ttft"), mean_s(before, after, "queue")
+    return None if ttft is None or queue is None else ttft - queue
+
+
 def _split(cpu: ServerCpu | float) -> tuple[float, float | None]:
     """(serving threads' CPU, engine thread's CPU or None) from a server CPU reading; a float is the process's."""
     if isinstance(cpu, ServerCpu):
@@ -264,7 +276,10 @@ async def _rounds(engine: LLMEngine, url: str, streams: Sequence[int], rounds: i
                         t = time_direct_streams(engine, ids, output_len)
                     else:
                         with on_cores(client_cores):
+                            timing0 = scrape_server_timing(url)
                             t = await _http_streams(client, model, config, timeout, http_reqs, url)
+                            t = dataclasses.replace(t, server_first_steps_s=_first_steps_s(timing0,
+                                                                                           scrape_server_timing(url)))
                     wall = time.perf_counter() - wall0
                     serving, server_engine = _split(server_cpu() - server0) if server_cpu else (None, None)
                     if half == "direct":
@@ -339,6 +354,16 @@ def summarize_streams(by_level: dict[int, list], path: str, input_len: int, outp
            if by_cpu else wall)
     one = next((lv for lv in levels if lv["streams"] == 1), levels[0])
     request = one["added_ttft"]
+    one_pairs = by_level[one["streams"]]
+    if all(h.server_first_steps_s is not None for _, h in one_pairs):
+        # The way in and out measured on the path itself: the client's TTFT less the server's own first steps
+        # (from its first scheduled step to its first token). Unlike the paired TTFT difference it holds no
+        # prefill, so the engine's noise stays out of it.
+        way = [h.ttft_s - h.server_first_steps_s for _, h in one_pairs]
+        request = paired_difference([0.0] * len(way), way).to_dict()
+        one["way_in_and_out"] = request
+        one["notes"].append(paired_difference([0.0] * len(way), way).describe(
+            f"{one['streams']} stream(s), per request: client TTFT less the server's first steps"))
     notes = [n for lv in levels for n in lv["notes"]]
     for what, f in ((("serving CPU on the replica's core", fit), ("wall TPOT", wall)) if by_cpu
                     else (("wall TPOT", wall),)):
