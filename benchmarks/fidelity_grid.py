@@ -15,7 +15,7 @@ it meets the issue's targets (p50s and goodput within 10%, p99s within 20%), the
     nice -n 19 python benchmarks/fidelity_grid.py --quick --out-dir grid-quick   # a smoke check of the pipeline
 
 `--path ray|serve` validates through Ray or straight to `pernode serve` and measures that path in the profile at
-1, 2, 4 and 8 concurrent streams; `--rescore DIR` predicts recorded runs again with other profiles and runs nothing.
+1, 2, 4, 8, 16 and 32 concurrent streams (the chat plans run up to ~20 at 90%); `--rescore DIR` predicts recorded runs again with other profiles and runs nothing.
 
 Needs two cores (0 and 1) and Ray (`pernode[fleet]`). Every command it runs is printed first and saved in
 OUT_DIR/commands.sh, so any step can be rerun by hand.
@@ -105,8 +105,10 @@ def serving_path_flags(path: str | None, shape: Shape, quick: bool) -> list[str]
     if path is None:
         return ["--serving-path", "--serving-path-requests", "4" if quick else "16"]
     lo, hi = (int(x) for x in shape.input_len.split(":"))
-    return ["--serving-path", path, "--serving-path-streams", "1,2" if quick else "1,2,4,8",
-            "--serving-path-rounds", "1" if quick else "6", "--serving-path-prompt-len", str((lo + hi) // 2),
+    # up to the streams a short-prompt plan runs; long prompts at 32 streams would take a quarter of an hour
+    streams = "1,2" if quick else ("1,2,4,8,16,32" if hi <= 256 else "1,2,4,8")
+    return ["--serving-path", path, "--serving-path-streams", streams,
+            "--serving-path-rounds", "1" if quick else "5", "--serving-path-prompt-len", str((lo + hi) // 2),
             "--serving-path-output-len", "8" if quick else "32"]
 
 
@@ -195,6 +197,25 @@ def table(results: list[tuple[str, int, dict]]) -> str:
     return "\n".join(lines)
 
 
+PARTS = (("ttft_ms", "TTFT mean"), ("way_in_and_out_ms", "way in and out"), ("queue_ms", "queue"),
+         ("first_steps_ms", "admission to first token"))
+
+
+def ttft_parts_table(results: list[tuple[str, int, dict]]) -> str:
+    """Where each run's mean TTFT went (ms), measured / predicted: the server's histograms against the simulator's
+    split of the same trace (jobs/validate/ttft_parts.py); runs without the split are left out."""
+    lines = ["| run | " + " | ".join(f"{label} ms: measured / predicted" for _, label in PARTS) + " |",
+             "|---|" + "---:|" * len(PARTS)]
+    for shape, load, v in results:
+        parts = v.get("ttft_parts") or {}
+        m, p = parts.get("measured"), parts.get("predicted")
+        if not m or not p:
+            continue
+        lines.append(f"| {shape} {load}% | " + " | ".join(f"{m[k]:.1f} / {p[k]:.1f} ({m[k] - p[k]:+.1f})"
+                                                          for k, _ in PARTS) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def rescore_recorded(folder: str, profiles: list[str], mixed_steps: bool = False) -> int:
     """Every recorded validation in `folder` (v_SHAPE_LOAD.json through Ray, d_SHAPE_LOAD.json straight to
     `pernode serve`) predicted again from the profile given for its shape and path; the errors before (the
@@ -209,6 +230,7 @@ def rescore_recorded(folder: str, profiles: list[str], mixed_steps: bool = False
             raise SystemExit(f"--rescore-profile {item!r}: allowed SHAPE:PATH=FILE with PATH ray or serve")
         chosen[key] = path
     keys = [k for _, k in COLUMNS]
+    rescored = []
     lines = ["| run | path | model | " + " | ".join(label for label, _ in COLUMNS) + " |", "|---|---|---|" + "---:|" * 5]
     for name in sorted(os.listdir(folder)):
         if not (name.startswith(("v_", "d_")) and name.endswith(".json")):
@@ -221,12 +243,17 @@ def rescore_recorded(folder: str, profiles: list[str], mixed_steps: bool = False
         before_file = os.path.join(folder, "additive_" + name)
         with open(before_file if os.path.isfile(before_file) else os.path.join(folder, name)) as f:
             before = json.load(f).get("error_pct_same_trace") or {}
-        after = rescore(os.path.join(folder, name), profile, mixed_steps=mixed_steps).get("error_pct_same_trace") or {}
+        report = rescore(os.path.join(folder, name), profile, mixed_steps=mixed_steps)
+        rescored.append((f"{shape} {path}", int(load), report))
+        after = report.get("error_pct_same_trace") or {}
         for label, errs in (("before", before), ("after", after)):
             cells = [f"{errs[k]:+.1f}%{' ✓' if abs(errs[k]) <= TARGETS[k] else ''}" if k in errs else "–"
                      for k in keys]
             lines.append(f"| {shape} {load}% | {path} | {label} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
+    parts = ttft_parts_table(rescored)
+    if parts:
+        print("\nwhere TTFT goes (after):\n\n" + parts)
     return 0
 
 
@@ -242,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-requests", type=int, default=40, help="fewest requests per validation run")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke check that every step runs")
     ap.add_argument("--path", choices=("ray", "serve"), default=None,
-                    help="the serving path to validate through and to measure in the profile at 1, 2, 4 and 8 "
+                    help="the serving path to validate through and to measure in the profile at 1 to 32 "
                          "concurrent streams: `ray` (one Ray Serve replica on core 0) or `serve` (`pernode serve` on "
                          "core 0); default: through Ray, with the profile's path measured against `pernode serve` "
                          "one request at a time (the grid's first runs)")
@@ -303,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     md = table(results)
     print(f"\nfidelity grid ({time.monotonic() - started:.0f} s; targets: p50s and goodput within 10%, p99s within "
           f"20%; ✓/✗ against them; range = where the measurement falls in the predicted range over seeds)\n")
+    parts = ttft_parts_table(results)
+    if parts:
+        md += "\n\nWhere TTFT goes:\n\n" + parts
     print(md)
     with open(os.path.join(args.out_dir, "grid.md"), "w") as f:
         f.write(md + "\n")

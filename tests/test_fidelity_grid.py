@@ -55,7 +55,16 @@ def test_path_flags_measure_that_path_at_several_streams(tmp_path):
     assert "--serving-path ray" in profile and "--serving-path-streams 1,2" in profile
     assert f"--serving-path-into {base / 'p_chat.json'}" in profile and "--batch-sizes" not in profile
     flags = grid.serving_path_flags("serve", grid.FULL_SHAPES[0], quick=False)
-    assert flags[:4] == ["--serving-path", "serve", "--serving-path-streams", "1,2,4,8"]
+    assert flags[:4] == ["--serving-path", "serve", "--serving-path-streams", "1,2,4,8,16,32"]
+    assert grid.serving_path_flags("ray", grid.FULL_SHAPES[1], quick=False)[3] == "1,2,4,8"  # long prompts
     assert "80" in flags  # the chat shape's middle prompt length
     with pytest.raises(SystemExit, match="SHAPE:PATH=FILE"):
         grid.rescore_recorded(str(tmp_path), ["chat=p.json"])
+
+
+def test_the_grid_tabulates_where_ttft_goes():
+    parts = {"measured": {"ttft_ms": 200.0, "way_in_and_out_ms": 10.0, "queue_ms": 30.0, "first_steps_ms": 160.0},
+             "predicted": {"ttft_ms": 160.0, "way_in_and_out_ms": 2.0, "queue_ms": 18.0, "first_steps_ms": 140.0}}
+    text = grid.ttft_parts_table([("chat", 30, {"ttft_parts": parts}), ("chat", 60, {})])
+    assert "| chat 30% | 200.0 / 160.0 (+40.0) | 10.0 / 2.0 (+8.0) | 30.0 / 18.0 (+12.0) |" in text
+    assert "chat 60%" not in text and grid.ttft_parts_table([("chat", 60, {})]) == ""

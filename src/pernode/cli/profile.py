@@ -10,7 +10,7 @@ from pernode.measure.bench.bench_result import BenchResult
 from pernode.measure.profile.profile_schema import load_profile, save_profile
 from pernode.measure.profile.profiler import print_profile, run_profile
 from pernode.measure.profile.serving_path import measure_serving_path
-from pernode.measure.profile.serving_path_servers import pernode_serve, process_cpu_s, ray_serve
+from pernode.measure.profile.serving_path_servers import pernode_serve, ray_serve, server_cpu_s
 from pernode.measure.profile.serving_path_streams import (DEFAULT_STREAMS, PATHS as SERVING_PATHS, measure_streams,
                                                           parse_streams)
 from pernode.measure.report_html import write_report_html
@@ -83,7 +83,7 @@ def _measure_path(args: argparse.Namespace, engine: LLMEngine, warm_prefill: lis
         return measure_streams(engine, path.url, args.serving_path, streams or DEFAULT_STREAMS,
                                args.serving_path_rounds, args.serving_path_prompt_len, args.serving_path_output_len,
                                path.client_cores, path.layout,
-                               server_cpu=lambda: process_cpu_s(path.server_pids), warm_prefill=warm_prefill)
+                               server_cpu=lambda: server_cpu_s(path.server_pids), warm_prefill=warm_prefill)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from pernode.measure.profile.profile_schema import Profile
-from pernode.price.step_time import StepTimeModel
+from pernode.price.step_time import StepTimeModel, serving_engine_ratio
 
 
 def _points(rows: list, key: str) -> str:
@@ -33,13 +33,19 @@ def measured_basis(profile: Profile, step_model: StepTimeModel) -> tuple[str, ..
         via = {"ray": "through Ray Serve's proxy into one pinned replica, at "
                       f"{_points(serving.get('streams') or [], 'streams')} concurrent streams",
                "serve": "straight to `pernode serve`"}.get(step_model.serving_path or "serve", "")
-        line = (f"serving_path: {step_model.serving_request_s * 1000:.1f} ms per request, "
-                f"{step_model.serving_token_s * 1000:.2f} ms per streamed token"
-                + (f" of each running request + {step_model.serving_step_s * 1000:.2f} ms per decode step"
-                   if step_model.serving_step_s else "")
+        curve = step_model.serving_curve_streams
+        per_step = (f"per decode step {', '.join(f'{step_model.serving_decode_s(int(c)) * 1000:.2f}' for c in curve)} "
+                    f"ms at {', '.join(str(int(c)) for c in curve)} streams (interpolated between them)"
+                    if curve is not None else
+                    f"{step_model.serving_token_s * 1000:.2f} ms per streamed token"
+                    + (f" of each running request + {step_model.serving_step_s * 1000:.2f} ms per decode step"
+                       if step_model.serving_step_s else ""))
+        line = (f"serving_path: {step_model.serving_request_s * 1000:.1f} ms per request, " + per_step
                 + f" (path {step_model.serving_path or 'serve'}: measured over HTTP on loopback, {via}"
                 + (f"; {step_model.idle_start_s * 1000:.1f} ms more for a step that starts on an idle replica"
-                   if step_model.idle_start_s else ""))
+                   if step_model.idle_start_s else "")
+                + (f"; the engine's step times x {serving_engine_ratio(profile):.3f}, its CPU time inside the "
+                   f"serving process against the profile's" if serving_engine_ratio(profile) != 1.0 else ""))
         noisy = [what for what in ("request", "token")
                  if isinstance(serving.get(what), Mapping) and serving[what].get("below_noise")]
         negative = [what for what in ("request", "token") if isinstance(serving.get(what), Mapping)

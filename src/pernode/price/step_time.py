@@ -13,8 +13,11 @@ overcount stands in for per-step serving work under load that no term models yet
 
 The serving path is in the model too, when the profile measured it (`pernode profile --serving-path`, section
 serving_path): each request reaches the engine `serving_request_s` after it was sent (HTTP, tokenizing, the first
-chunk back) and each decode step of b running requests pays `serving_step_s + b * serving_token_s` (detokenizing
-and streaming b tokens, on the engine's own core). The section names its path: `serve` (straight to `pernode
+chunk back) and each decode step of b running requests pays what the path adds at b streams (detokenizing and
+streaming b tokens, on the engine's own core): interpolated on the measured per-level curve (`per_step_curve`)
+when the section has one, else `serving_step_s + b * serving_token_s`. When the section measured the engine
+running slower or faster inside the serving process than in the profile (`engine_ratio`, its CPU time for the same
+work), the engine's step times are scaled by it. The section names its path: `serve` (straight to `pernode
 serve`) or `ray` (through Ray Serve's proxy into a pinned replica, measured at several concurrent streams,
 measure/profile/serving_path_streams.py); a plan says which one it assumed.
 """
@@ -54,6 +57,8 @@ class StepTimeModel:
     serving_step_s: float = 0.0  # per decode step with any stream running: the path's fixed work per step
     serving_path: str | None = None  # which path the serving terms were measured through: "serve", "ray", None
     idle_start_s: float = 0.0  # added to a step that starts on an idle replica (its first step after a pause)
+    serving_curve_streams: np.ndarray | None = None  # measured stream counts (increasing), when the path has them
+    serving_curve_s: np.ndarray | None = None  # ... and what the path adds to a decode step at each (non-decreasing)
     mixed_batch_sizes: np.ndarray | None = None  # mixed-step correction grid: decodes (increasing)
     mixed_prompt_tokens: np.ndarray | None = None  # ... prompt tokens (increasing)
     mixed_ratio: np.ndarray | None = None  # measured / additive step time, [batch, prompt tokens]
@@ -103,10 +108,14 @@ class StepTimeModel:
             lens.append(_number(row, "prompt_len", f"prefill[{i}]"))
             rates.append(_number(row, "prefill_tokens_per_s", f"prefill[{i}]"))
         lens_a, rates_a = _merge_duplicates(lens, rates)
+        # the engine as it runs inside the serving process, when the serving path measured it differing
+        ratio = serving_engine_ratio(profile)
+        step, rates_a = step * ratio, rates_a / ratio
         request_s, token_s, step_s = serving_path_s(profile)
+        curve = serving_curve(profile)
         model = cls(batch, step, lens_a, rates_a, chosen_ctx, request_s, token_s, step_s,
-                    serving_path_name(profile), idle_start_s(profile))
-        grid = _mixed_ratio_grid(model, profile.get("mixed") or [], chosen_ctx) if mixed_steps else {}
+                    serving_path_name(profile), idle_start_s(profile), *(curve or (None, None)))
+        grid = _mixed_ratio_grid(model, profile.get("mixed") or [], chosen_ctx, ratio) if mixed_steps else {}
         return dataclasses.replace(model, **grid) if grid else model
 
     @property
@@ -125,10 +134,18 @@ class StepTimeModel:
         return self.engine_decode_step_s(batch_size) + self.serving_decode_s(batch_size)
 
     def serving_decode_s(self, batch_size: int) -> float:
-        """What the serving path adds to a decode step of `batch_size` streams: a fixed part and a part per stream."""
+        """What the serving path adds to a decode step of `batch_size` streams: on the measured curve (linear between
+        its stream counts, its first value below them, the last segment's slope beyond them), else a fixed part and
+        a part per stream."""
         if batch_size <= 0:
             return 0.0
-        return self.serving_step_s + batch_size * self.serving_token_s
+        c, v = self.serving_curve_streams, self.serving_curve_s
+        if c is None or v is None:
+            return self.serving_step_s + batch_size * self.serving_token_s
+        if batch_size <= c[-1]:
+            return float(np.interp(batch_size, c, v))
+        slope = (v[-1] - v[-2]) / (c[-1] - c[-2]) if c.size >= 2 else v[-1] / c[-1]
+        return float(v[-1] + max(slope, 0.0) * (batch_size - c[-1]))
 
     def engine_decode_step_s(self, batch_size: int) -> float:
         """decode_step_s without the serving path: the engine's forward and sampling alone."""
@@ -175,14 +192,14 @@ class StepTimeModel:
                 + engine_s * self.mix_factor(num_decodes, prompt_tokens))
 
 
-def _mixed_ratio_grid(model: StepTimeModel, points: list, context_len: int | None) -> dict:
+def _mixed_ratio_grid(model: StepTimeModel, points: list, context_len: int | None, scale: float = 1.0) -> dict:
     """The correction grid from a profile's mixed[] points (those at the decode sweep's context when it has one):
     batch sizes x prompt tokens, each cell measured / additive; a cell not measured takes its row's mean."""
     ratios: dict[tuple[int, int], float] = {}
     for i, point in enumerate(points):
         b = int(_number(point, "batch_size", f"mixed[{i}]"))
         p = int(_number(point, "prompt_tokens", f"mixed[{i}]"))
-        measured = _number(point, "step_s", f"mixed[{i}]")
+        measured = _number(point, "step_s", f"mixed[{i}]") * scale  # scaled as the decode and prefill points
         if context_len is not None and point.get("context_len") not in (None, context_len):
             continue
         additive = model.engine_decode_step_s(b) + p / model.prefill_tokens_per_s(p)
@@ -218,6 +235,36 @@ def idle_start_s(profile: Profile) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
         raise ValueError(f"profile serving_path.idle_start_s={v!r}: must be a finite number >= 0 seconds")
     return float(v)
+
+
+def serving_engine_ratio(profile: Profile) -> float:
+    """How much slower (> 1) or faster the engine runs inside the serving process than the profile timed it: the
+    serving_path section's `engine_ratio` (serving_path_streams.engine_ratio); 1 when absent."""
+    section = profile.get("serving_path")
+    v = section.get("engine_ratio", 1.0) if isinstance(section, Mapping) else 1.0
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or not 0.5 <= v <= 2.0:
+        raise ValueError(f"profile serving_path.engine_ratio={v!r}: must be a number in [0.5, 2]; re-run "
+                         f"`pernode profile --serving-path ... --serving-path-streams`")
+    return float(v)
+
+
+def serving_curve(profile: Profile) -> tuple[np.ndarray, np.ndarray] | None:
+    """(stream counts, seconds added per decode step) from the serving_path section's `per_step_curve`, measured
+    by `pernode profile --serving-path ... --serving-path-streams`; None when the section has none."""
+    section = profile.get("serving_path")
+    rows = section.get("per_step_curve") if isinstance(section, Mapping) else None
+    if not rows:
+        return None
+    streams, added = [], []
+    for i, row in enumerate(rows):
+        streams.append(_number(row, "streams", f"serving_path.per_step_curve[{i}]"))
+        v = row.get("added_s") if isinstance(row, Mapping) else None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
+            raise ValueError(f"profile serving_path.per_step_curve[{i}].added_s={v!r}: must be a finite number >= 0 "
+                             f"seconds; re-run `pernode profile --serving-path ... --serving-path-streams`")
+        added.append(float(v))
+    c, v = _merge_duplicates(streams, added)
+    return c, np.maximum.accumulate(v)
 
 
 def serving_path_s(profile: Profile) -> tuple[float, float, float]:

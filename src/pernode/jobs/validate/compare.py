@@ -16,6 +16,7 @@ import numpy as np
 from pernode.measure.bench.bench_result import BenchResult
 from pernode.measure.bench.datasets import BenchRequest
 from pernode.measure.profile.profile_schema import Profile
+from pernode.price.fleet_result import FleetSimResult
 from pernode.price.planner import Plan
 from pernode.price.replica import ReplicaConfig
 from pernode.price.simulator import simulate_fleet
@@ -70,11 +71,18 @@ def predicted_same_trace(profile: Profile, plan: Plan, requests: Sequence[BenchR
 def predicted_for_trace(profile: Profile, plan: Plan, offsets_s, prompt_tokens, output_tokens,
                         token_budget: int, mixed_steps: bool = False) -> dict:
     """The planner's simulator on a recorded trace: arrival offsets and each request's prompt and output tokens."""
+    return summary_values(simulated_trace(profile, plan, offsets_s, prompt_tokens, output_tokens, token_budget,
+                                          mixed_steps), plan.slo)
+
+
+def simulated_trace(profile: Profile, plan: Plan, offsets_s, prompt_tokens, output_tokens, token_budget: int,
+                    mixed_steps: bool = False) -> FleetSimResult:
+    """The simulator's run of a recorded trace, request by request."""
     prompt = np.asarray(prompt_tokens, dtype=np.int64)
     output = np.asarray(output_tokens, dtype=np.int64)
     replica = replica_config(profile, plan, float(prompt.mean() + output.mean() / 2.0), token_budget, mixed_steps)
     trace = RequestTrace(np.asarray(offsets_s, dtype=np.float64), prompt, output)
-    return summary_values(simulate_fleet(trace, replica, int(plan.replicas), ROUTER_POLICY), plan.slo)
+    return simulate_fleet(trace, replica, int(plan.replicas), ROUTER_POLICY)
 
 
 def replica_config(profile: Profile, plan: Plan, mean_decode_context: float, token_budget: int,

@@ -7,6 +7,7 @@ import math
 from rich.console import Console
 from rich.table import Table
 
+from pernode.jobs.validate.ttft_parts import describe_ttft_parts
 from pernode.progress import output_console
 from pernode.jobs.validate.compare import METRICS
 
@@ -66,6 +67,8 @@ def print_validation(report: dict, console: Console | None = None) -> None:
                      f"{added['ttft_p50']:+.1f} ms to TTFT and {added['tpot_p50']:+.2f} ms to TPOT (medians) before "
                      f"any queueing")
         console.print(line)
+    for line in describe_ttft_parts(report.get("ttft_parts") or {}):
+        console.print(f"where TTFT goes: {line}")
     cpu = report.get("cpu_cores_used") or {}
     if cpu:
         who = "this command and its fleet" if not report["fleet"].get("base_url") else "this command"

@@ -16,11 +16,13 @@ import json
 import os
 from pathlib import Path
 
-from pernode.jobs.validate.compare import (errors_pct, interval_positions, predicted_for_trace,
-                                           predicted_interval)
+from pernode.jobs.validate.compare import (errors_pct, interval_positions, predicted_interval, replica_config,
+                                           simulated_trace)
 from pernode.jobs.validate.report import print_validation, write_report
+from pernode.jobs.validate.ttft_parts import ttft_parts
 from pernode.measure.profile.profile_schema import load_profile
 from pernode.price.fleet_plan import Plan
+from pernode.price.intervals import summary_values
 from pernode.price.workload import LengthDist, Workload
 
 
@@ -37,10 +39,16 @@ def rescore(report_path: str, profile_path: str, plan_path: str | None = None, i
     if serving_path_from_probe:
         profile = _with_probed_serving_path(profile, report)
     budget = int(report["token_budget"])
-    same = predicted_for_trace(profile, plan, trace["offsets_s"], trace["prompt_tokens"], trace["output_tokens"],
-                               budget, mixed_steps)
+    sim = simulated_trace(profile, plan, trace["offsets_s"], trace["prompt_tokens"], trace["output_tokens"], budget,
+                          mixed_steps)
+    same = summary_values(sim, plan.slo)
     measured = report["measured"]
     out = dict(report)
+    parts = report.get("ttft_parts")
+    if isinstance(parts, dict):  # the measured split stays; the predicted one is the new model's
+        step_model = replica_config(profile, plan, 1.0, budget).step_model
+        out["ttft_parts"] = {"measured": parts.get("measured"),
+                             "predicted": ttft_parts(None, None, None, sim, step_model.serving_request_s)["predicted"]}
     out.update({"profile": os.path.abspath(profile_path), "rescored_from": os.path.abspath(report_path),
                 "serving_path_from_probe": profile.get("serving_path") if serving_path_from_probe else None,
                 "mixed_steps": mixed_steps,

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from pernode.config import EngineConfig
 from pernode.jobs.fleet_from_plan import fleet_spec_for_plan, plan_replicas
 from pernode.jobs.validate.compare import (errors_pct, idle_probe_report, interval_positions, measured_from_bench,
-                                           predicted_from_plan, predicted_interval, predicted_same_trace)
+                                           predicted_from_plan, predicted_interval, predicted_same_trace,
+                                           replica_config, simulated_trace)
 from pernode.jobs.validate.config import ValidateConfig
 from pernode.jobs.validate.cpu_share import CpuShare
 from pernode.jobs.validate.machine_split import split_machine
 from pernode.jobs.validate.replay import ReplayWorkload, tokenizer_path
 from pernode.jobs.validate.report import print_validation, write_report
+from pernode.jobs.validate.ttft_parts import scrape_server_timing, ttft_parts
 from pernode.measure.bench.arrivals import arrival_offsets_s
 from pernode.measure.bench.bench_serve import build_requests, run_bench
 from pernode.measure.bench.bench_result import BenchResult
@@ -45,6 +47,7 @@ class Measured:
     result: BenchResult
     probe_result: BenchResult
     cpu_cores_used: dict
+    server_timing: tuple[dict | None, dict | None] = (None, None)  # /metrics before and after the workload
 
 
 def measure(url: str, workload: ReplayWorkload, plan: Plan, config: ValidateConfig, num_prompts: int,
@@ -56,9 +59,11 @@ def measure(url: str, workload: ReplayWorkload, plan: Plan, config: ValidateConf
     probe_result = run_bench(probe)
     bench = dataclasses.replace(workload.bench_config(url, num_prompts, config.seed, plan.slo, tokenizer,
                                                       num_warmup=0), out=config.bench_out)
+    before = scrape_server_timing(url)
     share = CpuShare()
     result = run_bench(bench)
-    return Measured(bench, result, probe_result, share.stop())
+    used = share.stop()
+    return Measured(bench, result, probe_result, used, (before, scrape_server_timing(url)))
 
 
 def run_validate(config: ValidateConfig, engine: EngineConfig) -> int:
@@ -142,11 +147,15 @@ def _same_trace(profile: Profile, plan: Plan, measured: Measured, token_budget: 
     counted = [row.prompt_tokens if row.success and row.prompt_tokens else req.prompt_len
                for row, req in zip(measured.result.per_request, requests)]
     same = predicted_same_trace(profile, plan, requests, offsets_s, token_budget, counted)
+    sim = simulated_trace(profile, plan, offsets_s, counted, [r.max_tokens for r in requests], token_budget)
+    parts = ttft_parts(*measured.server_timing, measured.result, sim,
+                       replica_config(profile, plan, 1.0, token_budget).step_model.serving_request_s)
     # The trace itself, so that `pernode fleet rescore` can predict this run again from another profile or model.
     trace = {"offsets_s": [float(t) for t in offsets_s], "prompt_tokens": [int(n) for n in counted],
              "output_tokens": [int(r.max_tokens) for r in requests]}
     return {"predicted_same_trace": same, "error_pct_same_trace": errors_pct(same, observed),
-            "token_budget": token_budget, "same_trace_requests": trace}
+            "token_budget": token_budget, "same_trace_requests": trace, "ttft_parts": parts,
+            "server_timing_before_after": list(measured.server_timing)}
 
 
 def _notes(plan: Plan, profile: Profile | None) -> list[str]:

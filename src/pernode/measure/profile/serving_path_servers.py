@@ -23,6 +23,7 @@ import httpx
 from pernode.config import EngineConfig
 from pernode.serve.deploy import FleetSpec, LocalFleet, child_processes, free_port
 from pernode.serve.deploy.cpuset import claims, cores_of
+from pernode.serve.server.async_engine import ENGINE_THREAD_NAME
 from pernode.serve.server.options import ServerSettings
 
 
@@ -36,10 +37,29 @@ class ServingPath:
     server_pids: tuple[int, ...] = ()  # the process(es) serving on the measured cores: their CPU time is read
 
 
-def process_cpu_s(pids: tuple[int, ...]) -> float:
-    """CPU seconds the processes' threads have run so far, at nanosecond resolution (/proc/PID/task/*/schedstat).
-    Time spent waiting for a busy core does not count: a loaded machine inflates it far less than wall time."""
-    total = 0
+@dataclass(frozen=True)
+class ServerCpu:
+    """CPU seconds a serving process's threads have run so far: the engine's thread, and every other thread (the
+    event loop, HTTP, tokenizing, streaming; in a Ray replica also Ray's own threads). `engine_s` is None when no
+    thread carries the engine thread's OS name (then only the total means anything)."""
+
+    engine_s: float | None
+    serving_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.serving_s + (self.engine_s or 0.0)
+
+    def __sub__(self, earlier: ServerCpu) -> ServerCpu:
+        engine = None if self.engine_s is None or earlier.engine_s is None else self.engine_s - earlier.engine_s
+        return ServerCpu(engine, self.serving_s - earlier.serving_s)
+
+
+def server_cpu_s(pids: tuple[int, ...]) -> ServerCpu:
+    """The processes' CPU time so far, split by thread name (/proc/PID/task/TID/comm), at nanosecond resolution
+    (schedstat). Time spent waiting for a busy core, or for the GIL, does not count: a loaded machine inflates it
+    far less than wall time. With torch's intra-op threads (--num-threads > 1) their time counts as serving."""
+    engine, serving, named = 0, 0, False
     for pid in pids:
         try:
             tids = os.listdir(f"/proc/{pid}/task")
@@ -48,10 +68,21 @@ def process_cpu_s(pids: tuple[int, ...]) -> float:
         for tid in tids:
             try:
                 with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    total += int(f.read().split()[0])
+                    ns = int(f.read().split()[0])
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    comm = f.read().strip()
             except (OSError, ValueError, IndexError):
                 continue  # a thread that ended meanwhile
-    return total / 1e9
+            if comm == ENGINE_THREAD_NAME:
+                engine, named = engine + ns, True
+            else:
+                serving += ns
+    return ServerCpu(engine / 1e9 if named else None, serving / 1e9)
+
+
+def process_cpu_s(pids: tuple[int, ...]) -> float:
+    """CPU seconds the processes' threads have run so far, all threads together."""
+    return server_cpu_s(pids).total_s
 
 
 def _cpu_list(cores: set[int]) -> str:

@@ -10,14 +10,22 @@ difference is what the path adds to a step that streams c tokens; a line through
 
     added TPOT(c) = step_s + c * token_s,
 
-splits it into a fixed part per step and a part per running stream (least squares; a negative intercept is
-refitted through the origin, a negative slope planned as 0, and both are said). The line is fitted on the serving
-process's CPU time per decode step beyond the engine's own (its threads' schedstat, less its idle background
-rate, less the engine thread's CPU time for the same requests straight in): CPU time hardly moves with the
-neighbours' load, wall time does; the wall-time line is kept beside it. With prefill points timed in the same run,
+summarizes it as a fixed part per step and a part per running stream (least squares; a negative intercept is
+refitted through the origin, a negative slope planned as 0, and both are said). What a plan adds per decode step is
+the measured curve itself (`per_step_curve`: the per-level medians, never falling, interpolated between stream
+counts), since through Ray the cost per stream falls as streams grow and no line follows it at both ends.
+
+Both are read off the serving threads' own CPU time per decode step: every thread of the serving process but the
+engine's (which names itself `pernode-engine`), from their schedstat, less their idle background rate. On the
+replica's core each such second delays the engine's steps, by the core or by the GIL. CPU time hardly moves with
+the neighbours' load, wall time does; the wall-time line is kept beside it. (The process's CPU time beyond the
+in-process engine's, measured before, mixed the serving work with any difference between two engines' step costs
+and came out negative straight to `pernode serve`; the server's engine thread's CPU per step is kept beside the
+in-process engine's as a check.) With prefill points timed in the same run,
 `idle_start_s` is the one-stream direct TTFT beyond the profile's back-to-back prefill: a step that starts on an
 idle engine pays it (price/replica.py). The per-request term is the
-TTFT difference at one stream. The planner adds `request_s` before a request reaches the engine and
+way in and out at one stream: the client's TTFT less the server's own first steps (its /metrics: first scheduled
+step to first token), or, where the server has no /metrics, the paired TTFT difference. The planner adds `request_s` before a request reaches the engine and
 `step_s + b * token_s` to every decode step of b streams (price/step_time.py), since that work runs on the
 replica's own core. This is vidur's approach to a replica's non-model overheads (Agrawal et al., arXiv
 2405.05465: CPU overheads profiled and added per batch), measured here against the serving path's own stack.
@@ -43,7 +51,9 @@ import numpy as np
 from pernode.measure.bench.bench_serve import send_request, served_model_name
 from pernode.measure.bench.config import BenchConfig
 from pernode.measure.bench.datasets import BenchRequest, word_prompt
+from pernode.measure.bench.server_timing import mean_s, scrape_server_timing
 from pernode.measure.profile.paired_difference import paired_difference
+from pernode.measure.profile.serving_path_servers import ServerCpu
 from pernode.serve.engine.llm_engine import LLMEngine
 from pernode.serve.sampling.params import SamplingParams
 
@@ -58,24 +68,71 @@ PATHS = ("serve", "ray")
 
 @dataclass(frozen=True)
 class StreamTiming:
-    """Mean TTFT and TPOT of the c streams of one round, and CPU time: for the direct half the engine thread's,
-    for the HTTP half the serving process's; `server_cpu_s` is the serving process's during the direct half (its
-    background work while idle); `wall_s` the half's length."""
+    """Mean TTFT and TPOT of the c streams of one round, and CPU time. Direct half: `cpu_s` the in-process engine
+    thread's, `server_cpu_s` the server's serving threads' meanwhile (their background work while idle). HTTP
+    half: `cpu_s` the server's serving threads' (every thread but the engine's), `engine_cpu_s` the server's
+    engine thread's. Where the server's engine thread cannot be told apart (`engine_cpu_s` None), `cpu_s` and
+    `server_cpu_s` are the whole server process's. `wall_s` is the half's length."""
 
     ttft_s: float
     tpot_s: float
     cpu_s: float | None = None
     wall_s: float | None = None
     server_cpu_s: float | None = None
+    engine_cpu_s: float | None = None
+    server_first_steps_s: float | None = None  # HTTP half: the server's mean first scheduled step -> first token
 
 
 def added_cpu_s(direct: StreamTiming, http: StreamTiming) -> float | None:
-    """CPU seconds the serving process spent on one round beyond the engine's own work: its CPU time in the HTTP
-    half, less its idle background rate over that half, less what the same requests cost the engine directly."""
+    """CPU seconds of serving work on the server's cores in one round: the serving threads' CPU time in the HTTP
+    half less their idle background rate over that half. Measured on the serving threads themselves, it does not
+    depend on the in-process engine costing the same as the server's (on one core every such second delays the
+    engine's steps, by the core or by the GIL). Without a named engine thread: the whole process's CPU time less
+    the background, less what the same requests cost the in-process engine (the older, biased estimate)."""
     if None in (direct.cpu_s, direct.wall_s, direct.server_cpu_s, http.cpu_s, http.wall_s) or direct.wall_s <= 0:
         return None
     background = direct.server_cpu_s / direct.wall_s * http.wall_s
+    if http.engine_cpu_s is not None:
+        return http.cpu_s - background
     return http.cpu_s - background - direct.cpu_s
+
+
+def per_step_curve(streams: Sequence[int], added_s: Sequence[float]) -> list[dict]:
+    """The measured levels as the curve a plan interpolates: per stream count, the added seconds per decode step,
+    never negative and never falling as streams grow (a bigger batch streams more, never less; a dip between
+    levels is noise). Through Ray the cost per stream falls as streams grow, which no line through the origin
+    follows (docs/fleet.md)."""
+    order = np.argsort(np.asarray(streams, dtype=np.float64), kind="stable")
+    c = [int(streams[i]) for i in order]
+    v = np.maximum.accumulate(np.maximum(0.0, np.asarray([added_s[i] for i in order], dtype=np.float64)))
+    return [{"streams": k, "added_s": float(x)} for k, x in zip(c, v)]
+
+
+def engine_ratio(by_level: dict[int, list]) -> dict | None:
+    """How much more CPU the serving process's engine thread spends than the in-process engine on the same work
+    (the same prompt length, output length and stream count, in alternating halves), pooled over every round: its
+    caches and the GIL are shared with the serving threads, the in-process engine's are not. The median of the
+    per-round ratios with its order-statistics interval, and what a plan could scale the profile's engine step
+    times by (`planned`: the median when the interval excludes 1, else 1). The section plans it only with
+    `plan_engine_ratio`: two runs on a loaded box each excluded 1 but on opposite sides (0.947 and 1.028), so the
+    interval of one run does not yet bound the ratio. None without the server's engine thread's CPU time."""
+    ratios = [h.engine_cpu_s / d.cpu_s for pairs in by_level.values() for d, h in pairs
+              if h.engine_cpu_s is not None and d.cpu_s]
+    if len(ratios) < 3:
+        return None
+    d = paired_difference([1.0] * len(ratios), ratios)  # ratio - 1
+    planned = 1.0 if d.below_noise else 1.0 + d.median_s
+    per_level = {c: statistics.median(h.engine_cpu_s / dd.cpu_s for dd, h in pairs)
+                 for c, pairs in sorted(by_level.items()) if all(h.engine_cpu_s is not None and dd.cpu_s
+                                                                 for dd, h in pairs)}
+    return {"median": 1.0 + d.median_s, "interval": [1.0 + d.interval_s[0], 1.0 + d.interval_s[1]],
+            "coverage": d.coverage, "rounds": d.pairs, "planned": planned,
+            "per_level_median": {str(c): v for c, v in per_level.items()},
+            "note": (f"the serving process's engine thread ran {1.0 + d.median_s:.3f}x the in-process engine's CPU "
+                     f"time for the same work (median of {d.pairs} rounds, {100 * d.coverage:.0f}% interval "
+                     f"[{1.0 + d.interval_s[0]:.3f}, {1.0 + d.interval_s[1]:.3f}]); "
+                     + ("the interval holds 1" if d.below_noise
+                        else f"plannable as x {planned:.3f} on the profile's engine step times"))}
 
 
 @dataclass(frozen=True)
@@ -178,9 +235,25 @@ async def _http_streams(client: httpx.AsyncClient, model: str, config: BenchConf
     return StreamTiming(statistics.fmean(t.ttft_s for t in timings), statistics.fmean(t.tpot_s for t in timings))
 
 
+def _first_steps_s(before: dict | None, after: dict | None) -> float | None:
+    """The server's mean time from a request's first scheduled step to its first token between two readings of
+    its /metrics (the engine's part of TTFT); None when it has no /metrics (Ray's proxy routes it to the replica)."""
+    if before is None or after is None:
+        return None
+    ttft, queue = mean_s(before, after, "ttft"), mean_s(before, after, "queue")
+    return None if ttft is None or queue is None else ttft - queue
+
+
+def _split(cpu: ServerCpu | float) -> tuple[float, float | None]:
+    """(serving threads' CPU, engine thread's CPU or None) from a server CPU reading; a float is the process's."""
+    if isinstance(cpu, ServerCpu):
+        return (cpu.serving_s, cpu.engine_s) if cpu.engine_s is not None else (cpu.total_s, None)
+    return float(cpu), None
+
+
 async def _rounds(engine: LLMEngine, url: str, streams: Sequence[int], rounds: int, input_len: int,
                   output_len: int, client_cores: set[int] | None, seed: int,
-                  server_cpu: Callable[[], float] | None) -> dict[int, list]:
+                  server_cpu: Callable[[], ServerCpu | float] | None) -> dict[int, list]:
     """{c: [(direct, http), ...]} after WARMUP_ROUNDS dropped per level."""
     config = BenchConfig(base_url=url, ignore_eos=True, temperature=0.0)
     timeout = httpx.Timeout(connect=30.0, read=config.request_timeout_s, write=30.0, pool=None)
@@ -203,13 +276,17 @@ async def _rounds(engine: LLMEngine, url: str, streams: Sequence[int], rounds: i
                         t = time_direct_streams(engine, ids, output_len)
                     else:
                         with on_cores(client_cores):
+                            timing0 = scrape_server_timing(url)
                             t = await _http_streams(client, model, config, timeout, http_reqs, url)
+                            t = dataclasses.replace(t, server_first_steps_s=_first_steps_s(timing0,
+                                                                                           scrape_server_timing(url)))
                     wall = time.perf_counter() - wall0
-                    server = server_cpu() - server0 if server_cpu else None
+                    serving, server_engine = _split(server_cpu() - server0) if server_cpu else (None, None)
                     if half == "direct":
-                        t = dataclasses.replace(t, cpu_s=time.thread_time() - own0, wall_s=wall, server_cpu_s=server)
+                        t = dataclasses.replace(t, cpu_s=time.thread_time() - own0, wall_s=wall,
+                                                server_cpu_s=serving)
                     else:
-                        t = dataclasses.replace(t, cpu_s=server, wall_s=wall)
+                        t = dataclasses.replace(t, cpu_s=serving, wall_s=wall, engine_cpu_s=server_engine)
                     halves[half] = t
                     await asyncio.sleep(GAP_S)
                 k += 1
@@ -244,7 +321,8 @@ def idle_start_s(by_level: dict[int, list], input_len: int, warm_prefill: Sequen
 
 
 def summarize_streams(by_level: dict[int, list], path: str, input_len: int, output_len: int,
-                      load: tuple[float, float], layout: dict, warm_prefill: Sequence[dict] | None = None) -> dict:
+                      load: tuple[float, float], layout: dict, warm_prefill: Sequence[dict] | None = None,
+                      plan_engine_ratio: bool = False) -> dict:
     """The profile's serving_path section from paired (direct, http) round timings at each stream count; with
     the profile's prefill points measured in the same run, also `idle_start_s` (see idle_start_s)."""
     levels = []
@@ -263,6 +341,9 @@ def summarize_streams(by_level: dict[int, list], path: str, input_len: int, outp
             # the engine's own CPU per step in the same rounds: set beside the profile's decode step at batch c,
             # it shows how much the machine's load inflated CPU time
             level["direct_cpu_per_step_p50_s"] = statistics.median(d.cpu_s / output_len for d, _ in pairs)
+            if all(h.engine_cpu_s is not None for _, h in pairs):  # the server's own engine thread, same rounds
+                level["server_engine_cpu_per_step_p50_s"] = statistics.median(h.engine_cpu_s / output_len
+                                                                              for _, h in pairs)
             level["added_cpu_per_step"] = paired_difference([0.0] * len(per_step), per_step).to_dict()
             level["notes"].append(paired_difference([0.0] * len(per_step), per_step).describe(
                 f"{c} stream(s), serving CPU per decode step on the replica's core"))
@@ -273,13 +354,39 @@ def summarize_streams(by_level: dict[int, list], path: str, input_len: int, outp
            if by_cpu else wall)
     one = next((lv for lv in levels if lv["streams"] == 1), levels[0])
     request = one["added_ttft"]
+    one_pairs = by_level[one["streams"]]
+    if all(h.server_first_steps_s is not None for _, h in one_pairs):
+        # The way in and out measured on the path itself: the client's TTFT less the server's own first steps
+        # (from its first scheduled step to its first token). Unlike the paired TTFT difference it holds no
+        # prefill, so the engine's noise stays out of it.
+        way = [h.ttft_s - h.server_first_steps_s for _, h in one_pairs]
+        request = paired_difference([0.0] * len(way), way).to_dict()
+        one["way_in_and_out"] = request
+        one["notes"].append(paired_difference([0.0] * len(way), way).describe(
+            f"{one['streams']} stream(s), per request: client TTFT less the server's first steps"))
     notes = [n for lv in levels for n in lv["notes"]]
     for what, f in ((("serving CPU on the replica's core", fit), ("wall TPOT", wall)) if by_cpu
                     else (("wall TPOT", wall),)):
         notes.append(f"from {what}: per step {f.step_s * 1e3:.2f} ms + {f.token_s * 1e3:.2f} ms per running stream "
                      f"({f.note}; raw line {f.raw_intercept_s * 1e3:+.2f} ms {f.raw_slope_s * 1e3:+.2f} ms x streams)")
-    notes.append("planned: " + ("the CPU fit (CPU time barely depends on the machine's load; the wall fit is kept "
-                                "for comparison)" if by_cpu else "the wall fit"))
+    ratio = engine_ratio(by_level)
+    scale = ratio["planned"] if ratio and plan_engine_ratio else 1.0
+    planned_key = "added_cpu_per_step" if by_cpu else "added_tpot"
+    curve = per_step_curve([lv["streams"] for lv in levels], [lv[planned_key]["median_s"] for lv in levels])
+    at = {row["streams"]: row["added_s"] for row in curve}
+    for lv in levels:  # does the planned curve, added to the engine's own TPOT, give the TPOT seen over HTTP?
+        predicted = lv["direct_tpot_p50_s"] * scale + at[lv["streams"]]
+        lv["predicted_http_tpot_s"] = predicted
+        notes.append(f"{lv['streams']} stream(s): HTTP TPOT {lv['http_tpot_p50_s'] * 1e3:.2f} ms, direct "
+                     f"{lv['direct_tpot_p50_s'] * 1e3:.2f} ms" + (f" x {scale:.3f}" if scale != 1.0 else "")
+                     + f" + the planned path = {predicted * 1e3:.2f} ms "
+                     f"({(lv['http_tpot_p50_s'] / predicted - 1) * 100:+.1f}%)")
+    notes.append("planned: " + ("the serving threads' CPU time per level (CPU time barely depends on the machine's "
+                                "load; the wall fit is kept for comparison)" if by_cpu else "the wall TPOT per level")
+                 + ", interpolated between the measured stream counts and carried on by the last segment's slope; "
+                 "the line is its summary")
+    if ratio is not None:
+        notes.append(ratio["note"] + ("; planned" if scale != 1.0 else "; not planned"))
     idle = idle_start_s(by_level, input_len, warm_prefill) if warm_prefill else None
     if idle is not None:
         notes.append(idle["note"])
@@ -290,6 +397,9 @@ def summarize_streams(by_level: dict[int, list], path: str, input_len: int, outp
         "request_s": max(0.0, request["median_s"]),
         "token_s": fit.token_s,
         "step_s": fit.step_s,
+        "per_step_curve": curve,
+        "engine_ratio": scale,
+        "engine_ratio_measured": ratio,
         "request": request,
         "token": levels[-1]["added_tpot"],
         "below_noise": bool(request["below_noise"]) or all(lv["added_tpot"]["below_noise"] for lv in levels),
@@ -315,8 +425,8 @@ def measure_streams(engine: LLMEngine, url: str, path: str, streams: Sequence[in
                     rounds: int = DEFAULT_ROUNDS, input_len: int = DEFAULT_INPUT_LEN,
                     output_len: int = DEFAULT_OUTPUT_LEN, client_cores: set[int] | None = None,
                     layout: dict | None = None, seed: int = 0,
-                    server_cpu: Callable[[], float] | None = None,
-                    warm_prefill: Sequence[dict] | None = None) -> dict:
+                    server_cpu: Callable[[], ServerCpu | float] | None = None,
+                    warm_prefill: Sequence[dict] | None = None, plan_engine_ratio: bool = False) -> dict:
     """Time `rounds` paired rounds at each stream count against the server at `url`; the serving_path section."""
     if path not in PATHS:
         raise ValueError(f"path={path!r}: allowed {', '.join(PATHS)}")
@@ -330,7 +440,7 @@ def measure_streams(engine: LLMEngine, url: str, path: str, streams: Sequence[in
     by_level = asyncio.run(_rounds(engine, url, sorted(set(streams)), rounds, input_len, output_len,
                                    client_cores, seed, server_cpu))
     return summarize_streams(by_level, path, input_len, output_len, (load_before, os.getloadavg()[0]),
-                             layout or {}, warm_prefill)
+                             layout or {}, warm_prefill, plan_engine_ratio)
 
 
 def parse_streams(text: str) -> tuple[int, ...]:
@@ -344,4 +454,4 @@ def parse_streams(text: str) -> tuple[int, ...]:
 
 
 __all__ = ["DEFAULT_STREAMS", "PATHS", "StreamCosts", "StreamTiming", "fit_stream_costs", "measure_streams",
-           "on_cores", "parse_streams", "summarize_streams", "time_direct_streams"]
+           "engine_ratio", "on_cores", "parse_streams", "per_step_curve", "summarize_streams", "time_direct_streams"]

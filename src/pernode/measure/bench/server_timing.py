@@ -1,0 +1,38 @@
+"""The server's own view of its requests' first tokens, read from its Prometheus `/metrics`: the sums and counts of
+`pernode:time_to_first_token_seconds` (from the handler having the request to its first token) and
+`pernode:request_queue_time_seconds` (to its first scheduled step). Two readings around a run give the run's means;
+set beside the client's TTFT they split it into the way in and out, the queue and the engine's first steps.
+"""
+from __future__ import annotations
+
+import re
+
+import httpx
+
+_HISTOGRAMS = {"ttft": "pernode:time_to_first_token_seconds", "queue": "pernode:request_queue_time_seconds"}
+
+
+def parse_server_timing(text: str) -> dict[str, float]:
+    """{'ttft_sum', 'ttft_count', 'queue_sum', 'queue_count'} from a Prometheus exposition (summed over labels)."""
+    out = {f"{k}_{part}": 0.0 for k in _HISTOGRAMS for part in ("sum", "count")}
+    for key, name in _HISTOGRAMS.items():
+        for part in ("sum", "count"):
+            pattern = rf"^{re.escape(name)}_{part}(?:{{[^}}]*}})?\s+(\S+)$"
+            for m in re.finditer(pattern, text, re.MULTILINE):
+                out[f"{key}_{part}"] += float(m.group(1))
+    return out
+
+
+def scrape_server_timing(base_url: str, timeout_s: float = 10.0) -> dict[str, float] | None:
+    """The server's TTFT and queue-time histogram sums and counts now; None when /metrics does not answer."""
+    try:
+        resp = httpx.get(f"{base_url.rstrip('/')}/metrics", timeout=timeout_s)
+    except httpx.HTTPError:
+        return None
+    return parse_server_timing(resp.text) if resp.status_code == 200 else None
+
+
+def mean_s(before: dict, after: dict, key: str) -> float | None:
+    """The mean of histogram `key` ('ttft' or 'queue') over what it observed between two readings."""
+    n = after[f"{key}_count"] - before[f"{key}_count"]
+    return (after[f"{key}_sum"] - before[f"{key}_sum"]) / n if n > 0 else None
