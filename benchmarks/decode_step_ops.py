@@ -28,6 +28,9 @@ from pernode.config import EngineConfig  # noqa: E402
 from pernode.serve.engine.llm_engine import LLMEngine  # noqa: E402
 
 BUCKETS = [  # (bucket, substrings of op names), first match wins
+    # the fused stack's own self time: its GEMVs, norms, rotary and attention are direct C++ calls inside it (the
+    # few aten ops it dispatches, index_copy_, silu, mul, add, land in their buckets below)
+    ("decoder stack in one C++ call (decoder_stack)", ("decoder_stack",)),
     ("weight GEMVs (woq_linear, incl. the Q8_0 lm_head)", ("woq_linear", "dense_gemv", "aten::mm", "aten::addmm")),
     ("attention (paged_attention)", ("paged_attention",)),
     ("KV writes (index_copy_)", ("index_copy", "write_quantized")),

@@ -120,8 +120,8 @@ class FusedDecoder:
                 if type(proj) is QuantLinear:
                     s = proj.scheme
                     weights.append(proj.qweight)
-                    scales.append(proj._scale)
-                    zero_terms.append(proj._zero_term)
+                    scales.append(proj._op_args[1])  # the GEMV's own qparams (fp16 where exact)
+                    zero_terms.append(proj._op_args[2])
                     flags = decoder_stack.INT8_INPUT if proj._int8_input else 0
                     config += [s.num_bits, s.group_size or 0, flags, proj.gemm_from_rows(dtype)]
                 else:
@@ -135,7 +135,8 @@ class FusedDecoder:
         """The hidden states after the last decoder layer (before the final norm), K/V written as the layers would."""
         norms, weights, scales, zero_terms, biases, config = self._operands(x.dtype)
         rotary = self.model.rotary
-        return self.op(x, positions, rotary.cos, rotary.sin, meta.slot_mapping, meta.block_tables,
-                       meta.query_start_loc, meta.seq_lens, norms, weights, scales, zero_terms, biases, config,
+        int32 = torch.int32  # as AttentionMetadata.build makes them (a no-op then); the kernel takes only int32
+        return self.op(x, positions, rotary.cos, rotary.sin, meta.slot_mapping, meta.block_tables.to(int32),
+                       meta.query_start_loc.to(int32), meta.seq_lens.to(int32), norms, weights, scales, zero_terms, biases, config,
                        self._kv_flat, self.num_heads, self.num_kv_heads, self.head_dim, self.eps, self.attn_scale,
                        self.num_threads)

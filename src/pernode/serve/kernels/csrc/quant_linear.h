@@ -282,8 +282,13 @@ struct ChunkGroups {
 // bits 4: w is int32 words, 16 per chunk; bits 8: w is int8, 64 per chunk (XOR 0x80 makes it unsigned, w + 128).
 // Per lane: y += scale * x_scale * dot(u, q) + zero_term * sum(x), all 16 lanes at once, so the zero-point and
 // offset terms cost one FMA per chunk instead of a scalar loop over groups per row.
-template <int MB, int BITS>
-void gemv_vnni_rows(const QuantizedInput& qi, int64_t m0, const void* w, const float* scale, const float* bias,
+// Group qparams as stored: fp32, or fp16 bits where they are exact in fp16 (GGUF's own scales and mins), which
+// halves their share of the bytes a decode step streams (a quarter of a Q4_1 layer's).
+inline __m512 load_qparams(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load_qparams(const uint16_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+
+template <int MB, int BITS, typename S>
+void gemv_vnni_rows(const QuantizedInput& qi, int64_t m0, const void* w, const S* scale, const S* bias,
                     const ChunkGroups& cg, int64_t K, int64_t G, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   const __m512i nibble = _mm512_set1_epi8(0x0F), sign = _mm512_set1_epi8(char(0x80));
   const int64_t row_stride = BITS == 4 ? K / 2 : K;  // bytes per weight row
@@ -298,8 +303,8 @@ void gemv_vnni_rows(const QuantizedInput& qi, int64_t m0, const void* w, const f
   }
   for (int64_t n = n0; n < n1; ++n) {
     const char* wr = static_cast<const char*>(w) + n * row_stride;
-    const float* sr = scale + n * G;
-    const float* br = bias ? bias + n * G : nullptr;
+    const S* sr = scale + n * G;
+    const S* br = bias ? bias + n * G : nullptr;
     __m512 tot[MB];
     PERNODE_UNROLL_ROWS
     for (int m = 0; m < MB; ++m) tot[m] = _mm512_setzero_ps();
@@ -308,7 +313,7 @@ void gemv_vnni_rows(const QuantizedInput& qi, int64_t m0, const void* w, const f
       const __m512i lane_group = _mm512_loadu_si512(cg.lane_group.data() + c * 16);
       _mm_prefetch(wr + c * 64 + kPrefetchBytes, _MM_HINT_T0);
       const __m512i v = _mm512_maskz_loadu_epi32(lanes, wr + c * 64);
-      const __m512 sw = _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(groups, sr + cg.first[c]));
+      const __m512 sw = _mm512_permutexvar_ps(lane_group, load_qparams(sr + cg.first[c], groups));
       __m512i lo, hi;
       if (BITS == 4) {
         lo = _mm512_and_si512(v, nibble);
@@ -328,7 +333,7 @@ void gemv_vnni_rows(const QuantizedInput& qi, int64_t m0, const void* w, const f
         }
         continue;
       }
-      __m512 zt = _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(groups, br + cg.first[c]));
+      __m512 zt = _mm512_permutexvar_ps(lane_group, load_qparams(br + cg.first[c], groups));
       if (BITS == 8) zt = _mm512_fnmadd_ps(_mm512_set1_ps(128.f), sw, zt);  // undo the XOR's +128
       PERNODE_UNROLL_ROWS
       for (int m = 0; m < MB; ++m) {
@@ -570,14 +575,15 @@ void gemv_float(const FloatInput& fi, int64_t M, int64_t K, int64_t bits, const 
 }
 
 #if defined(PERNODE_VNNI)
-void gemv_vnni(const QuantizedInput& qi, int64_t M, int64_t K, int64_t bits, const at::Tensor& w, const float* sp,
-               const float* bp, const ChunkGroups& cg, int64_t G, float* yp, int64_t N, int64_t n0, int64_t n1) {
+template <typename S>
+void gemv_vnni(const QuantizedInput& qi, int64_t M, int64_t K, int64_t bits, const at::Tensor& w, const S* sp,
+               const S* bp, const ChunkGroups& cg, int64_t G, float* yp, int64_t N, int64_t n0, int64_t n1) {
   for (int64_t m0 = 0; m0 < M; m0 += kMaxGemvRows) {
     const int64_t mb = std::min(kMaxGemvRows, M - m0);
     const void* wp = w.data_ptr();
 #define PERNODE_VNNI_CASE(MBV)                                                                 \
-  if (bits == 4) gemv_vnni_rows<MBV, 4>(qi, m0, wp, sp, bp, cg, K, G, yp, N, n0, n1);          \
-  else gemv_vnni_rows<MBV, 8>(qi, m0, wp, sp, bp, cg, K, G, yp, N, n0, n1);
+  if (bits == 4) gemv_vnni_rows<MBV, 4, S>(qi, m0, wp, sp, bp, cg, K, G, yp, N, n0, n1);       \
+  else gemv_vnni_rows<MBV, 8, S>(qi, m0, wp, sp, bp, cg, K, G, yp, N, n0, n1);
     switch (mb) {
       case 1: PERNODE_VNNI_CASE(1) break;
       case 2: PERNODE_VNNI_CASE(2) break;
@@ -599,10 +605,18 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
   TORCH_CHECK(bits == 4 || bits == 8, "woq_linear: bits must be 4 or 8");
   TORCH_CHECK(w.is_contiguous() && w.dim() == 2, "woq_linear: weight must be a contiguous 2-D tensor");
   TORCH_CHECK(x_in.dim() == 2, "woq_linear: x must be 2-D");
-  auto scale = scale_in.to(at::kFloat).contiguous();
+  const bool has_bias = bias_in.has_value() && bias_in->defined();
+#if defined(PERNODE_VNNI)
+  // fp16 qparams (see load_qparams) go to the int8-x GEMV as stored; every other path reads fp32
+  const bool half_qparams = quantize_input && scale_in.scalar_type() == at::kHalf &&
+                            (!has_bias || bias_in->scalar_type() == at::kHalf);
+#else
+  const bool half_qparams = false;
+#endif
+  auto scale = half_qparams ? scale_in.contiguous() : scale_in.to(at::kFloat).contiguous();
   at::Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) bias = bias_in->to(at::kFloat).contiguous();
-  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  if (has_bias) bias = half_qparams ? bias_in->contiguous() : bias_in->to(at::kFloat).contiguous();
+  const float* bp = bias.defined() && !half_qparams ? bias.data_ptr<float>() : nullptr;
   const int64_t M = x_in.size(0), K = x_in.size(1), N = w.size(0), G = scale.size(1);
   const int64_t gs = group_size > 0 ? group_size : K;
   TORCH_CHECK(K % gs == 0 && K / gs == G, "woq_linear: scale has ", G, " groups, expected ", K / gs);
@@ -633,7 +647,7 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
   at::Tensor y = at::empty({M, N}, x_in.options().dtype(bf16_io ? at::kBFloat16 : at::kFloat));
   if (bf16_io) y_wide.resize(M * N);
   float* yp = bf16_io ? y_wide.data() : y.data_ptr<float>();
-  const float* sp = scale.data_ptr<float>();
+  const float* sp = half_qparams ? nullptr : scale.data_ptr<float>();
   std::function<void(int64_t, int64_t)> rows;
   FloatInput fi;
   QuantizedInput qi;
@@ -645,7 +659,13 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
     qi = quantize_input_blocks(xptr, M, K, bits);
 #if defined(PERNODE_VNNI)
     cg = std::make_unique<ChunkGroups>(bits == 4 ? K / 8 : K / 4, bits == 4 ? 8 : 4, G, gs);
-    rows = [&](int64_t n0, int64_t n1) { gemv_vnni(qi, M, K, bits, w, sp, bp, *cg, G, yp, N, n0, n1); };
+    if (half_qparams) {
+      const auto* sh = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+      const auto* bh = bias.defined() ? reinterpret_cast<const uint16_t*>(bias.data_ptr<at::Half>()) : nullptr;
+      rows = [&, sh, bh](int64_t n0, int64_t n1) { gemv_vnni(qi, M, K, bits, w, sh, bh, *cg, G, yp, N, n0, n1); };
+    } else {
+      rows = [&](int64_t n0, int64_t n1) { gemv_vnni(qi, M, K, bits, w, sp, bp, *cg, G, yp, N, n0, n1); };
+    }
 #else  // no VNNI: the float GEMV on the dequantized int8 x gives the same numbers, slower
     fi = prepare_float_input(qi.dequantized.data(), M, K, bits, G, gs, bp != nullptr || bits == 4);
     rows = [&](int64_t n0, int64_t n1) { gemv_float(fi, M, K, bits, w, sp, bp, G, gs, yp, N, n0, n1); };
