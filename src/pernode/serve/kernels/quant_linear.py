@@ -1,7 +1,7 @@
 """Quantized linear layers: weight-only int8/int4 (group) and W8A8 (int8 weights x dynamic per-token int8
 activations, with LLM.int8()'s float path for outlier columns, arXiv 2208.07339).
 
-Weight-only layers call the C++ kernels in csrc/quant_linear.cpp (built by kernels/jit.py); `woq_linear_reference`
+Weight-only layers call the C++ kernels in csrc/quant_linear.h (built by kernels/jit.py); `woq_linear_reference`
 is the plain-torch result they are held to, and the fallback where they cannot build. Each call picks one of two
 kernels by its row count, from the crossover measured for the layer's shape on this CPU (gemm_dispatch.py):
 decode-sized steps run the GEMV, which streams the packed weights (for int4 it quantizes x to int8 per 32-value
