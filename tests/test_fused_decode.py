@@ -131,12 +131,15 @@ def test_steps_the_fused_stack_does_not_cover_take_the_per_op_layers(monkeypatch
     fused = model.fused_decoder
     x = torch.zeros(9, model.config.hidden_size)
     caches = caches_for(model, torch.float32)
-    assert fused.applies(x[:8], caches)
-    assert not fused.applies(x, caches)  # a prefill-sized step
-    assert not fused.applies(x[:1].bfloat16(), caches)  # not the model's dtype
+    with torch.inference_mode():
+        assert fused.applies(x[:8], caches)
+        assert not fused.applies(x, caches)  # a prefill-sized step
+        assert not fused.applies(x[:1].bfloat16(), caches)  # not the model's dtype
+    assert not fused.applies(x[:1], caches)  # gradients enabled: the op has no autograd formula
     int8_caches = [(allocate_kv_cache(k.shape, "int8", torch.float32, "cpu"),
                     allocate_kv_cache(v.shape, "int8", torch.float32, "cpu")) for k, v in caches]
-    assert not fused.applies(x[:1], int8_caches)
+    with torch.inference_mode():
+        assert not fused.applies(x[:1], int8_caches)
     monkeypatch.setenv("PERNODE_FUSED_DECODE", "reference")
     assert not model.use_fused_decoder()
     monkeypatch.setenv("PERNODE_FUSED_DECODE", "sometimes")

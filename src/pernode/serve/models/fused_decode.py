@@ -89,7 +89,7 @@ class FusedDecoder:
         if not (0 < x.shape[0] <= MAX_ROWS and x.dtype in DTYPES and x.dtype == self.model.norm.weight.dtype
                 and x.device.type == "cpu"):
             return False
-        if torch.is_grad_enabled() and x.requires_grad or torch.compiler.is_compiling():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # the op has no autograd formula
             return False
         if kv_caches is not self._kv_source:
             self._kv_flat = self._flatten_caches(x, kv_caches)
