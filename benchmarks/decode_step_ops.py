@@ -28,6 +28,9 @@ from pernode.config import EngineConfig  # noqa: E402
 from pernode.serve.engine.llm_engine import LLMEngine  # noqa: E402
 
 BUCKETS = [  # (bucket, substrings of op names), first match wins
+    # the fused stack's own self time: its GEMVs, norms, rotary and attention are direct C++ calls inside it (the
+    # few aten ops it dispatches, index_copy_, silu, mul, add, land in their buckets below)
+    ("decoder stack in one C++ call (decoder_stack)", ("decoder_stack",)),
     ("weight GEMVs (woq_linear, incl. the Q8_0 lm_head)", ("woq_linear", "dense_gemv", "aten::mm", "aten::addmm")),
     ("attention (paged_attention)", ("paged_attention",)),
     ("KV writes (index_copy_)", ("index_copy", "write_quantized")),
@@ -44,12 +47,21 @@ BUCKETS = [  # (bucket, substrings of op names), first match wins
 
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes a decode step reads from the weights: every parameter and buffer but the embedding table (one row is
-    gathered) and the rotary tables, the lm_head counted once even where it is tied."""
+    gathered) and the rotary tables, the lm_head counted once even where it is tied. A quantized layer counts the
+    operands its GEMV streams (fp16 scales and mins where they are exact in fp16), not its stored fp32 qparams."""
     seen, total = set(), 0
+    gemv_qparams = {}  # stored qparam buffer -> what the GEMV reads in its place
+    for module in model.modules():
+        args = getattr(module, "_op_args", None)
+        if args is not None:
+            gemv_qparams[module.weight_scale.data_ptr()] = args[1]
+            if getattr(module, "weight_min", None) is not None and args[2] is not None:
+                gemv_qparams[module.weight_min.data_ptr()] = args[2]
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.data_ptr() in seen or "embed_tokens" in name or name.endswith(("cos", "sin")):
             continue
         seen.add(t.data_ptr())
+        t = gemv_qparams.get(t.data_ptr(), t)
         total += t.numel() * t.element_size()
     head = getattr(model, "lm_head", None)
     if head is not None and head.weight.data_ptr() not in seen and hasattr(head, "weight"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pernode.quant_format import QuantScheme, quantize_weight
+from pernode.quant_format import QuantScheme, quantize_weight, unpack_int4
 from pernode.serve.kernels.quant_linear import QuantLinear, load_kernel, woq_linear_reference
 
 # 608 inputs: a partial last 128-value (int4) and 64-value (int8) chunk; 37 outputs: not a multiple of 16.
@@ -82,3 +82,27 @@ def test_non_2d_input_is_refused_with_the_field_named():
     layer = _layer(SCHEMES[1])
     with pytest.raises(RuntimeError, match="x must be 2-D"):
         op(torch.randn(2, 3, IN_FEATURES), layer.qweight, layer._scale, None, 4, 32, 1, True)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES[:2], ids=lambda s: s.label())
+def test_qparams_exact_in_fp16_stream_as_fp16_with_the_fp32_results(scheme):
+    """GGUF's scales and mins are fp16: the int8-x GEMV reads them as stored (half the bytes), bit for bit the
+    result of the fp32 copies; qparams fp16 cannot hold stay fp32."""
+    op = load_kernel()
+    if op is None:
+        pytest.skip("C++ kernel unavailable: the reference is what runs")
+    layer = _layer(scheme)
+    assert layer._op_args[1].dtype == torch.float32  # random fp32 scales: not exact in fp16
+    exact = _layer(scheme)
+    exact.set_quantized(unpack_int4(exact.qweight, IN_FEATURES), exact.weight_scale.half().float(),
+                        None if exact.weight_min is None else exact.weight_min.half().float())
+    scale, term = exact._op_args[1:3]
+    assert scale.dtype == torch.float16 and (term is None or term.dtype == torch.float16)
+    x_all = torch.randn(11, IN_FEATURES)
+    for rows in (1, 2, 5, 8, 11):
+        x = x_all[:rows]
+        y16 = op(x, *exact._op_args[:5], 1, True)
+        y32 = op(x, exact.qweight, exact._scale, exact._zero_term, scheme.num_bits, scheme.group_size or 0, 1, True)
+        assert torch.equal(y16, y32), rows
+        ref = _reference(exact, x, True)
+        torch.testing.assert_close(y16, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())

@@ -79,6 +79,12 @@ def layer_ops_kernel() -> KernelChoice:
     return _kernel_choice("PERNODE_LAYER_OPS")
 
 
+def fused_decode_kernel() -> KernelChoice:
+    """PERNODE_FUSED_DECODE: `reference` runs decode-sized steps layer by layer in Python instead of the one C++
+    call over the whole decoder stack."""
+    return _kernel_choice("PERNODE_FUSED_DECODE")
+
+
 def dense_gemv_kernel() -> KernelChoice:
     """PERNODE_DENSE_GEMV: `reference` (or `off`) keeps dense linears on F.linear at decode."""
     return _kernel_choice("PERNODE_DENSE_GEMV")

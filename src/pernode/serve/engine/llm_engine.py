@@ -105,6 +105,8 @@ class LLMEngine:
             compile_model(self.model, self.device)
             self.compile_time_s = warm_up(self.model, self.runner.kv_caches, self.block_size, self.device)
             log.info("torch.compile warm-up (compiling, or loading from the cache) took %.1f s", self.compile_time_s)
+        else:  # compiled layers fuse their own ops; eager decode steps run the stack as one C++ call
+            self.model.use_fused_decoder()
         max_batched = config.max_num_batched_tokens or (512 if self.device.type == "cpu" else 4096)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_batched,

@@ -7,9 +7,11 @@ from __future__ import annotations
 import logging
 import sys
 
-from pernode.serve.kernels import dense_linear, layer_ops, paged_attention_cpu, quant_linear, sparse_linear
+from pernode.serve.kernels import (decoder_stack, dense_linear, layer_ops, paged_attention_cpu, quant_linear,
+                                  sparse_linear)
 
-KERNEL_MODULES = (paged_attention_cpu, quant_linear, layer_ops, dense_linear, sparse_linear)  # each has build_kernels()
+KERNEL_MODULES = (paged_attention_cpu, quant_linear, layer_ops, dense_linear, sparse_linear,
+                  decoder_stack)  # each has build_kernels()
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""nn.Linear whose decode-sized fp32 calls (<= 4 rows) run the C++ GEMV in csrc/dense_gemv.cpp.
+"""nn.Linear whose decode-sized fp32 calls (<= 4 rows) run the C++ GEMV in csrc/dense_gemv.h.
 
 oneDNN's fp32 GEMM is a poor fit for the rows a decode step has: for SmolLM2's 49152 x 576 lm_head it streams
 ~10 GB/s at one row and takes 23-34 ms at two or three rows against 16 ms at four (measured, 1 thread), which made

@@ -44,7 +44,7 @@ METHOD = "ladder-median-v2"
 # Row counts probed, doubling: the crossing is found between two measured neighbours, never extrapolated. The ladder
 # stops once the GEMM has won at two probes in a row, so a layer that crosses at 16 rows is never timed at 256.
 PROBE_ROWS = (4, 8, 16, 32, 64, 128, 256)
-# The GEMV passes over the weights once per 8 rows (csrc/quant_linear.cpp kMaxGemvRows); under 4 rows it does the
+# The GEMV passes over the weights once per 8 rows (csrc/quant_linear.h kMaxGemvRows); under 4 rows it does the
 # least work any kernel can, so the GEMM is never chosen there. Crossovers are keyed by the kernel binary's build
 # hash (_build_and_machine), so a changed GEMV is measured afresh without a new METHOD.
 MIN_ROWS = 4

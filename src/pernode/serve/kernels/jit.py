@@ -12,6 +12,7 @@ import functools
 import hashlib
 import logging
 import platform
+import re
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
+LOCAL_INCLUDE = re.compile(r'^#include "([\w.]+)"', re.MULTILINE)
 
 
 def cpu_signature() -> str:
@@ -33,14 +35,28 @@ def cpu_signature() -> str:
         return platform.processor() + platform.machine()
 
 
+def local_includes(source: str) -> list[Path]:
+    """csrc/<source> and the csrc headers it includes ("name.h"), transitively: everything its binary is built from."""
+    seen: list[Path] = []
+    pending = [CSRC / source]
+    while pending:
+        path = pending.pop()
+        if path in seen:
+            continue
+        seen.append(path)
+        pending.extend(CSRC / name for name in LOCAL_INCLUDE.findall(path.read_text()) if (CSRC / name).exists())
+    return seen
+
+
 def build_name(source: str) -> str:
-    """pernode_<source stem>_<hash of source, its path, flags, torch version, CPU>. The path is in the key because
-    torch's builder records it: two checkouts sharing one build folder would rebuild (and rewrite the .so under
-    each other) every time the other one loads."""
+    """pernode_<source stem>_<hash of source and its headers, its path, flags, torch version, CPU>. The path is in
+    the key because torch's builder records it: two checkouts sharing one build folder would rebuild (and rewrite
+    the .so under each other) every time the other one loads."""
     path = CSRC / source
     h = hashlib.sha256()
-    for part in (path.read_bytes(), str(path.resolve()).encode(), " ".join(CFLAGS).encode(),
-                 torch.__version__.encode(), cpu_signature().encode()):
+    for part in ([f.read_bytes() for f in local_includes(source)]
+                 + [str(path.resolve()).encode(), " ".join(CFLAGS).encode(), torch.__version__.encode(),
+                    cpu_signature().encode()]):
         h.update(part)
         h.update(b"\0")
     return f"pernode_{path.stem}_{h.hexdigest()[:16]}"

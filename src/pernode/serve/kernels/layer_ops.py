@@ -1,5 +1,5 @@
 """RMSNorm (alone and fused with the residual add before it), rotary embedding and SwiGLU's silu-and-mul of the
-decoder layer: one C++ call each on CPU (csrc/layer_ops.cpp), plain torch elsewhere, and the plain-torch versions
+decoder layer: one C++ call each on CPU (csrc/layer_ops.h), plain torch elsewhere, and the plain-torch versions
 are the references the kernels are held to.
 
 At decode a layer sees one row per sequence, so these ops are all dispatch: RMSNorm is ~6 torch ops (~20 us) and

@@ -1,4 +1,4 @@
-"""Paged attention on CPU: builds, loads and calls the C++ kernel in csrc/paged_attention.cpp.
+"""Paged attention on CPU: builds, loads and calls the C++ kernel in csrc/paged_attention.h.
 
 FlashAttention's online softmax (arXiv 2205.14135, 2307.08691) over PagedAttention's block tables (arXiv 2309.06180).
 The kernel is compiled on first use (torch JIT extension) for this very CPU and cached; `python -m

@@ -1,7 +1,7 @@
 """Quantized linear layers: weight-only int8/int4 (group) and W8A8 (int8 weights x dynamic per-token int8
 activations, with LLM.int8()'s float path for outlier columns, arXiv 2208.07339).
 
-Weight-only layers call the C++ kernels in csrc/quant_linear.cpp (built by kernels/jit.py); `woq_linear_reference`
+Weight-only layers call the C++ kernels in csrc/quant_linear.h (built by kernels/jit.py); `woq_linear_reference`
 is the plain-torch result they are held to, and the fallback where they cannot build. Each call picks one of two
 kernels by its row count, from the crossover measured for the layer's shape on this CPU (gemm_dispatch.py):
 decode-sized steps run the GEMV, which streams the packed weights (for int4 it quantizes x to int8 per 32-value
@@ -107,6 +107,14 @@ def zero_term(scale: torch.Tensor, zero_point: torch.Tensor | None, num_bits: in
     return (-(offset + zero_point.float()) * scale.float()).contiguous()
 
 
+def fp16_if_exact(scale: torch.Tensor, term: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scale, term) in fp16 if both hold exactly the same values there, else as given (fp32)."""
+    halves = [t if t is None else t.half() for t in (scale, term)]
+    if all(t is None or torch.equal(h.float(), t) for t, h in zip((scale, term), halves)):
+        return halves[0], halves[1]
+    return scale, term
+
+
 class QuantLinear(nn.Module):
     """Weight-only int8/int4 linear; tensors named as compressed-tensors checkpoints name them."""
 
@@ -172,7 +180,10 @@ class QuantLinear(nn.Module):
         # PERNODE_QUANT_THREADS: 1 is the robust choice on a CPU shared with other busy processes (see the kernel).
         self._op = load_kernel() if self.qweight.device.type == "cpu" else None
         self._gemm = torch.ops.pernode.woq_gemm if self._op is not None else None
-        self._op_args = (self.qweight, self._scale, self._zero_term, self.scheme.num_bits,
+        scale, term = self._scale, self._zero_term
+        if self._int8_input:  # the int8-x GEMV reads fp16 qparams where they are exact (GGUF's are): fewer bytes
+            scale, term = fp16_if_exact(scale, term)
+        self._op_args = (self.qweight, scale, term, self.scheme.num_bits,
                          self.scheme.group_size or 0, envs.quant_threads())
         self._gemm_from_rows = {}
 
@@ -186,7 +197,7 @@ class QuantLinear(nn.Module):
 
     def _run_gemm(self, x2: torch.Tensor) -> torch.Tensor:
         gemm_x = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
-        return self._gemm(gemm_x, *self._op_args[:5])
+        return self._gemm(gemm_x, self.qweight, self._scale, self._zero_term, *self._op_args[3:5])  # fp32 qparams
 
     def gemm_from_rows(self, dtype: torch.dtype) -> int:
         """Row count from which calls with x of `dtype` run the GEMM (measured once per shape, see gemm_dispatch)."""

@@ -22,6 +22,7 @@ from pernode.serve.kernels.layer_ops import native_by_default as layer_ops_nativ
 from pernode.serve.kernels.layer_ops import add_rms_norm, rms_norm, rotary_embedding_, silu_and_mul
 from pernode.serve.kernels.quant_linear import QuantLinear, make_quantized_linear, replace_linears
 from pernode.serve.models.fp32_logits import runs_in_fp32, sampled_logits
+from pernode.serve.models.fused_decode import FusedDecoder
 
 
 class RMSNorm(nn.Module):
@@ -153,7 +154,15 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = rotary
+        self.fused_decoder: FusedDecoder | None = None  # see use_fused_decoder
         self.tie_weights()
+
+    def use_fused_decoder(self, enabled: bool = True) -> bool:
+        """Run decode-sized steps' decoder layers as one C++ call where the layers allow it (models/fused_decode.py);
+        call once the weights are loaded and in place. Returns whether it is on. Off by default: code that hooks
+        into the layers (calibration, activation statistics) needs each layer's own forward."""
+        self.fused_decoder = FusedDecoder.for_model(self) if enabled else None
+        return self.fused_decoder is not None
 
     def tie_weights(self) -> None:
         """Share the embedding with the lm_head when the model ties them; moving modules can untie them."""
@@ -166,8 +175,11 @@ class LlamaForCausalLM(nn.Module):
         """fp32 logits of the rows in `logits_indices` (all rows if None): only sampled positions pay for the lm_head,
         and they pay for it in fp32 (fp32_logits.py)."""
         x = self.embed_tokens(input_ids)
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, kv_cache, meta)
+        if self.fused_decoder is not None and self.fused_decoder.applies(x, kv_caches):
+            x = self.fused_decoder.forward(x, positions, meta)
+        else:
+            for layer, kv_cache in zip(self.layers, kv_caches):
+                x = layer(x, positions, kv_cache, meta)
         if logits_indices is not None:
             x = x[logits_indices]
         return sampled_logits(self.norm, self.lm_head, x)

@@ -57,6 +57,7 @@ class DraftModelProposer:
                              "the draft must share the tokenizer")
         self.config = source.config
         self.model = build_model(source, device, dtype, max_positions=max_model_len)
+        self.model.use_fused_decoder()  # its one-token proposal steps are all per-layer overhead otherwise
         draft_vocab = read_draft_vocab(path, self.config.vocab_size)
         self.reduced_head = ReducedVocabHead(self.model, draft_vocab) if draft_vocab is not None else None
         self.device = device

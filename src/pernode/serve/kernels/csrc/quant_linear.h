@@ -1,0 +1,689 @@
+#pragma once
+// Weight-only quantized linear on CPU: y = x W^T with W stored as int8 [N, K] or int4 packed 8 per int32 along K
+// (compressed-tensors "pack-quantized": value k at bits 4*(k%8) of word k/8, stored unsigned as q + 8).
+//
+// Dequantisation factors out of each group's dot product:
+//   y[m, n] = sum_g scale[n, g] * dot_g(u[n], x[m]) + bias[n, g] * sum_g(x[m])
+// where u is the stored integer (signed int8, or the unsigned nibble) and bias = -(offset + zero_point) * scale.
+// A missing bias (zero_term) means no zero point: for int4 the nibbles' offset alone, bias = -8 * scale.
+// So the inner loop multiplies raw integers; scales are applied once per group (or per 16-lane chunk).
+//
+// Small batches (decode, speculative verify steps) run a GEMV that streams each weight row once and reuses it for up
+// to 8 activation rows held in registers (8 accumulators of 16 lanes: a third of AVX-512's 32 registers);
+// OpenMP (at::parallel_for) over output rows. Two flavours:
+//  * float x: convert each weight to fp32 and FMA (exact up to fp32 rounding).
+//  * int8 x (`quantize_input`, the decode default): x is quantized per 32-value block (q = rint(x * 127/amax)),
+//    as llama.cpp does for its Q8 activations, so a VNNI `vpdpbusd` multiplies 64 weight bytes by 64 x bytes and
+//    sums groups of 4 in one instruction: ~4x fewer instructions than unpack + convert + FMA, which lets the int4
+//    GEMV run at memory speed. u8 x s8: the unsigned operand is the weight (the int4 nibble, or int8 XOR 0x80 =
+//    w + 128, whose extra 128 * sum(x) is subtracted per group).
+// int4 rows are read 64 bytes (128 values) at a time: lane i holds word i (values 8i..8i+7); x is laid out once
+// per call to match (permuted floats, or low/high-nibble byte planes for VNNI).
+// Large batches: dequantise W to fp32 a cache-sized tile at a time, each tile one at::mm.
+// woq_gemm (compute-bound steps: prefill chunks, large decode batches) does the same in x's dtype: on a CPU with
+// AVX512_BF16 or AMX, bf16 tiles go through oneDNN's bf16 GEMM, ~2.5x the fp32 rate; the tiles are dequantised
+// with AVX-512 16 values at a time so the dequantisation stays a small fraction of the GEMM.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
+#include <torch/library.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#ifndef PERNODE_PREFETCH_BYTES
+#define PERNODE_PREFETCH_BYTES 2048
+#endif
+#include <cmath>
+#include <functional>
+#include <memory>
+#include <cstdint>
+#include <vector>
+
+namespace pernode {
+namespace quant {
+namespace {
+
+// Loops over the activation rows sharing a weight pass are unrolled, so each row's accumulator stays in a register
+// (a loop GCC leaves rolled keeps the accumulator array on the stack, which made 4 rows cost 2x one row, not ~1.3x).
+#define PERNODE_UNROLL_ROWS _Pragma("GCC unroll 8")
+constexpr int64_t kMaxGemvRows = 8;  // activation rows sharing one pass over the weights
+// Float x (no int8 quantisation): from this many rows on, dequantised tiles + one fp32 GEMM beat the GEMV.
+constexpr int64_t kFloatGemvMaxRows = 8;
+// Weights are streamed once per call; one thread's demand loads alone leave DRAM bandwidth unused (measured:
+// the int4 GEMV went from ~6.5 to ~10 GB/s with a software prefetch this far ahead of each 64-byte load).
+constexpr int64_t kPrefetchBytes = PERNODE_PREFETCH_BYTES;
+
+// ---- int8 weights ----------------------------------------------------------------------------------------------
+template <int MB>
+void gemv_int8_rows(const float* x, int64_t ldx, const int8_t* w, const float* scale, const float* bias,
+                    const float* xsum, int64_t K, int64_t G, int64_t gs, float* y, int64_t ldy, int64_t n0,
+                    int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wr = w + n * K;
+    const float* sr = scale + n * G;
+    float out[MB];
+#if defined(__AVX512F__)
+    if (gs % 16 == 0) {
+      __m512 tot[MB];
+      PERNODE_UNROLL_ROWS
+      for (int m = 0; m < MB; ++m) tot[m] = _mm512_setzero_ps();
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 acc[MB];
+        PERNODE_UNROLL_ROWS
+        for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
+          if (k % 64 == 0) _mm_prefetch((const char*)(wr + k) + kPrefetchBytes, _MM_HINT_T0);
+          __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(wr + k))));
+          PERNODE_UNROLL_ROWS
+          for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * ldx + k), acc[m]);
+        }
+        __m512 s = _mm512_set1_ps(sr[g]);
+        PERNODE_UNROLL_ROWS
+        for (int m = 0; m < MB; ++m) tot[m] = _mm512_fmadd_ps(acc[m], s, tot[m]);
+      }
+      PERNODE_UNROLL_ROWS
+      for (int m = 0; m < MB; ++m) out[m] = _mm512_reduce_add_ps(tot[m]);
+    } else
+#endif
+    {
+      for (int m = 0; m < MB; ++m) out[m] = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        for (int m = 0; m < MB; ++m) {
+          float acc = 0.f;
+          for (int64_t k = g * gs; k < (g + 1) * gs; ++k) acc += float(wr[k]) * x[m * ldx + k];
+          out[m] += acc * sr[g];
+        }
+      }
+    }
+    if (bias) {
+      const float* br = bias + n * G;
+      for (int m = 0; m < MB; ++m)
+        for (int64_t g = 0; g < G; ++g) out[m] += br[g] * xsum[m * G + g];
+    }
+    for (int m = 0; m < MB; ++m) y[m * ldy + n] = out[m];
+  }
+}
+
+// ---- int4 weights ----------------------------------------------------------------------------------------------
+// xp: x permuted per 128-value block: xp[m][b][j][i] = x[m][128 b + 8 i + j] (0 past K).
+template <int MB>
+void gemv_int4_rows(const float* xp, int64_t ldxp, const int32_t* w, const float* scale, const float* bias,
+                    const float* xsum, int64_t K, int64_t G, int64_t gs, float* y, int64_t ldy, int64_t n0,
+                    int64_t n1) {
+  const int64_t KW = K / 8;  // words per row
+  const int64_t NB = (K + 127) / 128;
+#if defined(__AVX512F__)
+  // Per block: the first group it touches, the group of each lane relative to it, and how many words it has.
+  std::vector<int32_t> g0(NB), nw(NB);
+  std::vector<int32_t> idx(NB * 16);
+  for (int64_t b = 0; b < NB; ++b) {
+    g0[b] = int32_t(b * 128 / gs);
+    nw[b] = int32_t(std::min<int64_t>(16, KW - b * 16));
+    for (int i = 0; i < 16; ++i) idx[b * 16 + i] = int32_t(std::min<int64_t>((b * 128 + 8 * i) / gs, G - 1) - g0[b]);
+  }
+  const __m512i mask4 = _mm512_set1_epi32(0xF);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int32_t* wr = w + n * KW;
+    const float* sr = scale + n * G;
+    __m512 tot[MB];
+    PERNODE_UNROLL_ROWS
+    for (int m = 0; m < MB; ++m) tot[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < NB; ++b) {
+      __mmask16 wm = (__mmask16)((1u << nw[b]) - 1u);
+      __m512i v = _mm512_maskz_loadu_epi32(wm, wr + b * 16);
+      __m512 acc[MB];
+      PERNODE_UNROLL_ROWS
+      for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+      const float* xb = xp + b * 128;
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        __m512 wv = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 4 * j), mask4));
+        PERNODE_UNROLL_ROWS
+        for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xb + m * ldxp + j * 16), acc[m]);
+      }
+      int64_t ng = std::min<int64_t>(16, G - g0[b]);
+      __m512 s = _mm512_permutexvar_ps(_mm512_loadu_si512(idx.data() + b * 16),
+                                       _mm512_maskz_loadu_ps((__mmask16)((1u << ng) - 1u), sr + g0[b]));
+      PERNODE_UNROLL_ROWS
+      for (int m = 0; m < MB; ++m) tot[m] = _mm512_fmadd_ps(acc[m], s, tot[m]);
+    }
+    float out[MB];
+    PERNODE_UNROLL_ROWS
+    for (int m = 0; m < MB; ++m) out[m] = _mm512_reduce_add_ps(tot[m]);
+#else
+  for (int64_t n = n0; n < n1; ++n) {
+    const int32_t* wr = w + n * KW;
+    const float* sr = scale + n * G;
+    float out[MB];
+    for (int m = 0; m < MB; ++m) {
+      out[m] = 0.f;
+      for (int64_t k = 0; k < K; ++k) {
+        float u = float((wr[k / 8] >> (4 * (k % 8))) & 0xF);
+        int64_t b = k / 128, i = (k % 128) / 8, j = k % 8;
+        out[m] += u * xp[m * ldxp + b * 128 + j * 16 + i] * sr[k / gs];
+      }
+    }
+#endif
+    {  // zero-point/offset term; without a bias, the int4 offset alone
+      for (int m = 0; m < MB; ++m)
+        for (int64_t g = 0; g < G; ++g) out[m] += (bias ? bias[n * G + g] : -8.f * sr[g]) * xsum[m * G + g];
+    }
+    for (int m = 0; m < MB; ++m) y[m * ldy + n] = out[m];
+  }
+}
+
+// ---- int8 activations -----------------------------------------------------------------------------------------
+constexpr int64_t kActBlock = 32;  // x values sharing one int8 scale
+
+// x quantized per 32-value block and laid out for one weight format's 64-byte chunks.
+struct QuantizedInput {
+  int64_t chunk_values;  // weight values per 64-byte chunk: 128 (int4) or 64 (int8)
+  int64_t chunks, row_bytes, row_lanes;
+  std::vector<int8_t> bytes;       // [M][chunks][64 or 2 x 64]: int4 chunks hold a low- then a high-nibble plane
+  std::vector<float> lane_scale;   // [M][chunks][16]: x scale of the block each 32-bit lane's values come from
+  std::vector<float> lane_sum;     // [M][chunks][16]: sum of the dequantized x of each lane's values
+  std::vector<float> lane_offset;  // lane_sum * -(the weights' stored offset: 8 for int4, 128 for int8 XOR 0x80)
+  std::vector<float> dequantized;  // [M][K]: q * scale, for the float GEMV where VNNI is missing
+};
+
+// Quantizes x row by row, one 32-value block at a time; all index arithmetic is by compile-time powers of two
+// (this runs once per call on K values, and runtime divisions here once cost more than the GEMV itself).
+template <int BITS>
+QuantizedInput quantize_input_blocks_t(const float* x, int64_t M, int64_t K) {
+  constexpr int64_t kChunkValues = BITS == 4 ? 128 : 64, kValuesPerLane = kChunkValues / 16;
+  constexpr int64_t kChunkBytes = BITS == 4 ? 128 : 64;
+  QuantizedInput qi;
+  qi.chunk_values = kChunkValues;
+  qi.chunks = (K + kChunkValues - 1) / kChunkValues;
+  qi.row_bytes = qi.chunks * kChunkBytes;
+  qi.row_lanes = qi.chunks * 16;
+  qi.bytes.assign(M * qi.row_bytes, 0);  // padding stays 0 so masked-off weights add nothing
+  qi.lane_scale.assign(M * qi.row_lanes, 0.f);
+  qi.lane_sum.assign(M * qi.row_lanes, 0.f);
+  qi.lane_offset.assign(M * qi.row_lanes, 0.f);
+  qi.dequantized.resize(M * K);
+  constexpr float kOffset = BITS == 4 ? 8.f : 128.f;
+  int8_t q[kActBlock];
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    float* deq = qi.dequantized.data() + m * K;
+    for (int64_t k0 = 0; k0 < K; k0 += kActBlock) {
+#if defined(__AVX512F__)
+      const __m512 a = _mm512_loadu_ps(xr + k0), b = _mm512_loadu_ps(xr + k0 + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f, s = amax / 127.f;
+      // cvtps_epi32 rounds to nearest even (the default MXCSR mode), like std::nearbyint and torch.round;
+      // |x * inv| <= 127 up to one ulp, so the rounded values need no clamp.
+      const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inv)));
+      const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(inv)));
+      _mm_storeu_si128((__m128i*)q, _mm512_cvtepi32_epi8(qa));
+      _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtepi32_epi8(qb));
+      _mm512_storeu_ps(deq + k0, _mm512_mul_ps(_mm512_cvtepi32_ps(qa), _mm512_set1_ps(s)));
+      _mm512_storeu_ps(deq + k0 + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(qb), _mm512_set1_ps(s)));
+#else
+      float amax = 0.f;
+      for (int t = 0; t < kActBlock; ++t) amax = std::max(amax, std::fabs(xr[k0 + t]));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f, s = amax / 127.f;
+      for (int t = 0; t < kActBlock; ++t) {
+        q[t] = int8_t(std::max(-127.f, std::min(127.f, std::nearbyint(xr[k0 + t] * inv))));
+        deq[k0 + t] = float(q[t]) * s;
+      }
+#endif
+      const int64_t c = k0 / kChunkValues, r0 = k0 % kChunkValues;
+      int8_t* dst = qi.bytes.data() + m * qi.row_bytes + c * kChunkBytes;
+      const int64_t lane0 = m * qi.row_lanes + c * 16 + r0 / kValuesPerLane;
+      for (int t = 0; t < kActBlock; ++t) {
+        const int64_t r = r0 + t;
+        if (BITS == 4)  // lane i = word i of the chunk; value j of the word sits in byte 4i + j/2, nibble j%2
+          dst[(r & 1) * 64 + 4 * (r / 8) + (r % 8) / 2] = q[t];
+        else  // lane i holds values 4i..4i+3 in order
+          dst[r] = q[t];
+      }
+      for (int l = 0; l < kActBlock / kValuesPerLane; ++l) {  // a lane never straddles two blocks
+        int32_t sum = 0;
+        for (int t = 0; t < kValuesPerLane; ++t) sum += q[l * kValuesPerLane + t];
+        qi.lane_scale[lane0 + l] = s;
+        qi.lane_sum[lane0 + l] = float(sum) * s;
+        qi.lane_offset[lane0 + l] = -kOffset * float(sum) * s;
+      }
+    }
+  }
+  return qi;
+}
+
+QuantizedInput quantize_input_blocks(const float* x, int64_t M, int64_t K, int64_t bits) {
+  return bits == 4 ? quantize_input_blocks_t<4>(x, M, K) : quantize_input_blocks_t<8>(x, M, K);
+}
+
+// Per 64-byte chunk of a weight row: which 32-bit lanes are real, the first weight group it touches, how many
+// groups from there exist, and each lane's group relative to the first (to gather 16 lanes' scales in one permute).
+struct ChunkGroups {
+  std::vector<uint16_t> lane_mask, group_mask;
+  std::vector<int32_t> first, lane_group;
+  ChunkGroups(int64_t row_lanes_total, int64_t values_per_lane, int64_t G, int64_t gs) {
+    const int64_t chunks = (row_lanes_total + 15) / 16;
+    lane_mask.resize(chunks), group_mask.resize(chunks), first.resize(chunks), lane_group.resize(chunks * 16);
+    for (int64_t c = 0; c < chunks; ++c) {
+      first[c] = int32_t(c * 16 * values_per_lane / gs);
+      lane_mask[c] = uint16_t((1u << std::min<int64_t>(16, row_lanes_total - c * 16)) - 1u);
+      group_mask[c] = uint16_t((1u << std::min<int64_t>(16, G - first[c])) - 1u);
+      for (int i = 0; i < 16; ++i)
+        lane_group[c * 16 + i] =
+            int32_t(std::min<int64_t>((c * 16 + i) * values_per_lane / gs, G - 1) - first[c]);
+    }
+  }
+};
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define PERNODE_VNNI 1
+// bits 4: w is int32 words, 16 per chunk; bits 8: w is int8, 64 per chunk (XOR 0x80 makes it unsigned, w + 128).
+// Per lane: y += scale * x_scale * dot(u, q) + zero_term * sum(x), all 16 lanes at once, so the zero-point and
+// offset terms cost one FMA per chunk instead of a scalar loop over groups per row.
+// Group qparams as stored: fp32, or fp16 bits where they are exact in fp16 (GGUF's own scales and mins), which
+// halves their share of the bytes a decode step streams (a quarter of a Q4_1 layer's).
+inline __m512 load_qparams(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load_qparams(const uint16_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+
+template <int MB, int BITS, typename S>
+void gemv_vnni_rows(const QuantizedInput& qi, int64_t m0, const void* w, const S* scale, const S* bias,
+                    const ChunkGroups& cg, int64_t K, int64_t G, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F), sign = _mm512_set1_epi8(char(0x80));
+  const int64_t row_stride = BITS == 4 ? K / 2 : K;  // bytes per weight row
+  const int8_t* xq[MB];
+  const float *sx[MB], *xs[MB], *xo[MB];
+  PERNODE_UNROLL_ROWS
+  for (int m = 0; m < MB; ++m) {
+    xq[m] = qi.bytes.data() + (m0 + m) * qi.row_bytes;
+    sx[m] = qi.lane_scale.data() + (m0 + m) * qi.row_lanes;
+    xs[m] = qi.lane_sum.data() + (m0 + m) * qi.row_lanes;
+    xo[m] = qi.lane_offset.data() + (m0 + m) * qi.row_lanes;
+  }
+  for (int64_t n = n0; n < n1; ++n) {
+    const char* wr = static_cast<const char*>(w) + n * row_stride;
+    const S* sr = scale + n * G;
+    const S* br = bias ? bias + n * G : nullptr;
+    __m512 tot[MB];
+    PERNODE_UNROLL_ROWS
+    for (int m = 0; m < MB; ++m) tot[m] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < qi.chunks; ++c) {
+      const __mmask16 lanes = cg.lane_mask[c], groups = cg.group_mask[c];
+      const __m512i lane_group = _mm512_loadu_si512(cg.lane_group.data() + c * 16);
+      _mm_prefetch(wr + c * 64 + kPrefetchBytes, _MM_HINT_T0);
+      const __m512i v = _mm512_maskz_loadu_epi32(lanes, wr + c * 64);
+      const __m512 sw = _mm512_permutexvar_ps(lane_group, load_qparams(sr + cg.first[c], groups));
+      __m512i lo, hi;
+      if (BITS == 4) {
+        lo = _mm512_and_si512(v, nibble);
+        hi = _mm512_and_si512(_mm512_srli_epi32(v, 4), nibble);
+      } else {
+        lo = _mm512_maskz_mov_epi32(lanes, _mm512_xor_si512(v, sign));  // padding lanes stay 0, not 128
+      }
+      if (!br) {  // no zero point: the offset term is x-side only, sw * (sx * dot - offset * sum(x))
+        PERNODE_UNROLL_ROWS
+        for (int m = 0; m < MB; ++m) {
+          const int8_t* xc = xq[m] + c * (BITS == 4 ? 128 : 64);
+          __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xc));
+          if (BITS == 4) d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xc + 64));
+          const __m512 part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(sx[m] + c * 16),
+                                              _mm512_loadu_ps(xo[m] + c * 16));
+          tot[m] = _mm512_fmadd_ps(sw, part, tot[m]);
+        }
+        continue;
+      }
+      __m512 zt = _mm512_permutexvar_ps(lane_group, load_qparams(br + cg.first[c], groups));
+      if (BITS == 8) zt = _mm512_fnmadd_ps(_mm512_set1_ps(128.f), sw, zt);  // undo the XOR's +128
+      PERNODE_UNROLL_ROWS
+      for (int m = 0; m < MB; ++m) {
+        const int8_t* xc = xq[m] + c * (BITS == 4 ? 128 : 64);
+        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xc));
+        if (BITS == 4) d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xc + 64));
+        const __m512 s = _mm512_mul_ps(sw, _mm512_loadu_ps(sx[m] + c * 16));
+        tot[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, tot[m]);
+        tot[m] = _mm512_fmadd_ps(zt, _mm512_loadu_ps(xs[m] + c * 16), tot[m]);
+      }
+    }
+    PERNODE_UNROLL_ROWS
+    for (int m = 0; m < MB; ++m) y[(m0 + m) * ldy + n] = _mm512_reduce_add_ps(tot[m]);
+  }
+}
+#endif
+
+// Rows [n0, n1) of W dequantised to T into dst ([n1 - n0][K]); defined with the GEMM-in-x's-dtype path below.
+template <typename T>
+void dequant_rows_to(const void* w, const float* scale, const float* bias, int64_t bits, int64_t K, int64_t G,
+                     int64_t gs, int64_t n0, int64_t n1, T* dst);
+
+// Batches: W is dequantised kTileRows output rows at a time into a buffer that stays in cache, each tile one fp32
+// GEMM, so no fp32 copy of the whole W is written (113 MB for SmolLM2's quantized lm_head).
+constexpr int64_t kTileRows = 128;
+
+at::Tensor tiled_matmul(const at::Tensor& x, const at::Tensor& w, const float* scale, const float* bias,
+                        int64_t bits, int64_t N, int64_t K, int64_t G, int64_t gs) {
+  auto yt = at::empty({N, x.size(0)}, x.options());  // y^T: each tile fills whole rows
+  const auto xt = x.t();
+  // Inference mode is thread-local: worker threads must share the caller's, or writing into yt (an inference
+  // tensor when the caller runs under torch.inference_mode) is refused.
+  const bool inference_mode = c10::InferenceMode::is_enabled();
+  at::parallel_for(0, (N + kTileRows - 1) / kTileRows, 1, [&](int64_t t0, int64_t t1) {
+    c10::InferenceMode guard(inference_mode);
+    auto tile = at::empty({kTileRows, K}, x.options());
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kTileRows, rows = std::min(kTileRows, N - n0);
+      dequant_rows_to<float>(w.data_ptr(), scale, bias, bits, K, G, gs, n0, n0 + rows, tile.data_ptr<float>());
+      auto out = yt.narrow(0, n0, rows);
+      at::mm_out(out, tile.narrow(0, 0, rows), xt);
+    }
+  });
+  return yt.t().contiguous();
+}
+
+// ---- GEMM in x's dtype over dequantised tiles -----------------------------------------------------------------
+// One group of `gs` weights of row n, dequantised to T: u * scale + bias (bias: the zero term; int4 without one
+// uses -8 * scale, the stored offset).
+template <typename T>
+inline void store_values(T* dst, const float* v, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) dst[i] = T(v[i]);
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+inline void store16(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
+inline void store16(c10::BFloat16* dst, __m512 v) {
+#if defined(__AVX512BF16__)
+  _mm256_storeu_si256((__m256i*)dst, (__m256i)_mm512_cvtneps_pbh(v));
+#else  // round to nearest even by hand: bf16 is the top half of the fp32 bits
+  __m512i bits = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  _mm256_storeu_si256((__m256i*)dst, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+#endif
+}
+#endif
+
+template <typename T>
+void dequant_rows_to(const void* w, const float* scale, const float* bias, int64_t bits, int64_t K, int64_t G,
+                     int64_t gs, int64_t n0, int64_t n1, T* dst) {
+  for (int64_t n = n0; n < n1; ++n) {
+    T* d = dst + (n - n0) * K;
+    const float* sr = scale + n * G;
+    const float* br = bias ? bias + n * G : nullptr;
+    for (int64_t g = 0; g < G; ++g) {
+      const float s = sr[g], z = br ? br[g] : (bits == 4 ? -8.f * s : 0.f);
+      T* dg = d + g * gs;
+      int64_t k = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+      const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
+      if (bits == 8) {
+        const int8_t* wg = static_cast<const int8_t*>(w) + n * K + g * gs;
+        for (; k + 16 <= gs; k += 16) {
+          const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(wg + k))));
+          store16(dg + k, _mm512_fmadd_ps(v, vs, vz));
+        }
+      } else {
+        // 16 bytes = 32 values in order: byte t holds value 2t (low nibble) and 2t + 1 (high nibble).
+        const uint8_t* wg = reinterpret_cast<const uint8_t*>(static_cast<const int32_t*>(w) + n * (K / 8)) + g * gs / 2;
+        const __m128i lo4 = _mm_set1_epi8(0x0F);
+        for (; k + 32 <= gs; k += 32) {
+          const __m128i b = _mm_loadu_si128((const __m128i*)(wg + k / 2));
+          const __m128i lo = _mm_and_si128(b, lo4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), lo4);
+          const __m512 v0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
+          const __m512 v1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)));
+          store16(dg + k, _mm512_fmadd_ps(v0, vs, vz));
+          store16(dg + k + 16, _mm512_fmadd_ps(v1, vs, vz));
+        }
+      }
+#endif
+      float tail[64];
+      for (; k < gs; k += 64) {  // what the vector loop left (or everything without AVX-512)
+        const int64_t count = std::min<int64_t>(64, gs - k);
+        for (int64_t t = 0; t < count; ++t) {
+          const int64_t kk = g * gs + k + t;
+          const float u = bits == 8 ? float(static_cast<const int8_t*>(w)[n * K + kk])
+                                    : float((static_cast<const int32_t*>(w)[n * (K / 8) + kk / 8] >> (4 * (kk % 8))) & 0xF);
+          tail[t] = u * s + z;
+        }
+        store_values(dg + k, tail, count);
+      }
+    }
+  }
+}
+
+// Output rows per tile: enough tiles for every thread, each tile's weights at most ~512 KiB (they are re-read by the
+// GEMM from cache), rows a multiple of 16.
+int64_t gemm_tile_rows(int64_t N, int64_t K, int64_t elem_bytes) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t cache_rows = std::max<int64_t>(16, (512 * 1024) / std::max<int64_t>(1, K * elem_bytes));
+  const int64_t tiles = std::max<int64_t>(threads, (N + cache_rows - 1) / cache_rows);
+  const int64_t rows = (N + tiles - 1) / tiles;
+  return std::max<int64_t>(16, (rows + 15) / 16 * 16);
+}
+
+template <typename T>
+at::Tensor tiled_gemm(const at::Tensor& x, const at::Tensor& w, const float* scale, const float* bias, int64_t bits,
+                      int64_t N, int64_t K, int64_t G, int64_t gs) {
+  const int64_t M = x.size(0);
+  auto yt = at::empty({N, M}, x.options());
+  const auto xt = x.t();
+  const int64_t tile_rows = gemm_tile_rows(N, K, x.element_size());
+  const bool inference_mode = c10::InferenceMode::is_enabled();
+  const void* wp = w.data_ptr();
+  at::parallel_for(0, (N + tile_rows - 1) / tile_rows, 1, [&](int64_t t0, int64_t t1) {
+    c10::InferenceMode guard(inference_mode);
+    auto tile = at::empty({tile_rows, K}, x.options());
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * tile_rows, rows = std::min(tile_rows, N - n0);
+      dequant_rows_to<T>(wp, scale, bias, bits, K, G, gs, n0, n0 + rows, tile.data_ptr<T>());
+      auto out = yt.narrow(0, n0, rows);
+      at::mm_out(out, tile.narrow(0, 0, rows), xt);
+    }
+  });
+  return yt.t().contiguous();
+}
+
+// y = x W^T in x's dtype (fp32 or bf16) for compute-bound row counts.
+at::Tensor woq_gemm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale_in,
+                    const c10::optional<at::Tensor>& bias_in, int64_t bits, int64_t group_size) {
+  TORCH_CHECK(bits == 4 || bits == 8, "woq_gemm: bits must be 4 or 8");
+  TORCH_CHECK(w.is_contiguous() && w.dim() == 2, "woq_gemm: weight must be a contiguous 2-D tensor");
+  TORCH_CHECK(x_in.dim() == 2, "woq_gemm: x must be 2-D");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
+              "woq_gemm: x must be float32 or bfloat16");
+  auto x = x_in.contiguous();
+  auto scale = scale_in.to(at::kFloat).contiguous();
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) bias = bias_in->to(at::kFloat).contiguous();
+  const int64_t K = x.size(1), N = w.size(0), G = scale.size(1);
+  const int64_t gs = group_size > 0 ? group_size : K;
+  TORCH_CHECK(K % gs == 0 && K / gs == G, "woq_gemm: scale has ", G, " groups, expected ", K / gs);
+  TORCH_CHECK(bits == 8 ? w.size(1) == K : w.size(1) * 8 == K, "woq_gemm: weight shape does not match x");
+  TORCH_CHECK(bits == 8 ? w.scalar_type() == at::kChar : w.scalar_type() == at::kInt, "woq_gemm: weight dtype");
+  TORCH_CHECK(scale.size(0) == N && (!bias.defined() || bias.sizes() == scale.sizes()), "woq_gemm: qparam shapes");
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  if (x.scalar_type() == at::kBFloat16)
+    return tiled_gemm<c10::BFloat16>(x, w, scale.data_ptr<float>(), bp, bits, N, K, G, gs);
+  return tiled_gemm<float>(x, w, scale.data_ptr<float>(), bp, bits, N, K, G, gs);
+}
+
+// Float x laid out once per call as the float GEMV reads it.
+struct FloatInput {
+  const float* x;            // [M][K] (int8 GEMV)
+  std::vector<float> xsum;   // [M][G] per-group sums, for the zero-point/offset term (only with a bias)
+  std::vector<float> xp;     // [M][NB][128] permuted per 128-value block (int4 GEMV)
+};
+
+FloatInput prepare_float_input(const float* xs, int64_t M, int64_t K, int64_t bits, int64_t G, int64_t gs,
+                               bool with_sums) {
+  FloatInput fi{xs, {}, {}};
+  if (with_sums) {
+    fi.xsum.assign(M * G, 0.f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t k = g * gs; k < (g + 1) * gs; ++k) fi.xsum[m * G + g] += xs[m * K + k];
+  }
+  if (bits == 4) {
+    const int64_t NB = (K + 127) / 128;
+    fi.xp.assign(M * NB * 128, 0.f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) {
+        int64_t b = k / 128, i = (k % 128) / 8, j = k % 8;
+        fi.xp[m * NB * 128 + b * 128 + j * 16 + i] = xs[m * K + k];
+      }
+  }
+  return fi;
+}
+
+// The float GEMV over output rows [n0, n1).
+void gemv_float(const FloatInput& fi, int64_t M, int64_t K, int64_t bits, const at::Tensor& w, const float* sp,
+                const float* bp, int64_t G, int64_t gs, float* yp, int64_t N, int64_t n0, int64_t n1) {
+  const float* xs = fi.x;
+  const int64_t NB = (K + 127) / 128;
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxGemvRows) {
+    int64_t mb = std::min(kMaxGemvRows, M - m0);
+    const float* xsm = fi.xsum.empty() ? nullptr : fi.xsum.data() + m0 * G;
+    float* ym = yp + m0 * N;
+    if (bits == 8) {
+      const int8_t* wp = w.data_ptr<int8_t>();
+      const float* xm = xs + m0 * K;
+      switch (mb) {
+        case 1: gemv_int8_rows<1>(xm, K, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        case 2: gemv_int8_rows<2>(xm, K, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        case 3: gemv_int8_rows<3>(xm, K, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        case 4: gemv_int8_rows<4>(xm, K, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        case 5: gemv_int8_rows<5>(xm, K, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        case 6: gemv_int8_rows<6>(xm, K, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        case 7: gemv_int8_rows<7>(xm, K, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        default: gemv_int8_rows<8>(xm, K, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+      }
+    } else {
+      const int32_t* wp = w.data_ptr<int32_t>();
+      const int64_t ld = NB * 128;
+      const float* xm = fi.xp.data() + m0 * ld;
+      switch (mb) {
+        case 1: gemv_int4_rows<1>(xm, ld, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        case 2: gemv_int4_rows<2>(xm, ld, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        case 3: gemv_int4_rows<3>(xm, ld, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        case 4: gemv_int4_rows<4>(xm, ld, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        case 5: gemv_int4_rows<5>(xm, ld, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        case 6: gemv_int4_rows<6>(xm, ld, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        case 7: gemv_int4_rows<7>(xm, ld, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+        default: gemv_int4_rows<8>(xm, ld, wp, sp, bp, xsm, K, G, gs, ym, N, n0, n1); break;
+      }
+    }
+  }
+}
+
+#if defined(PERNODE_VNNI)
+template <typename S>
+void gemv_vnni(const QuantizedInput& qi, int64_t M, int64_t K, int64_t bits, const at::Tensor& w, const S* sp,
+               const S* bp, const ChunkGroups& cg, int64_t G, float* yp, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxGemvRows) {
+    const int64_t mb = std::min(kMaxGemvRows, M - m0);
+    const void* wp = w.data_ptr();
+#define PERNODE_VNNI_CASE(MBV)                                                                 \
+  if (bits == 4) gemv_vnni_rows<MBV, 4, S>(qi, m0, wp, sp, bp, cg, K, G, yp, N, n0, n1);       \
+  else gemv_vnni_rows<MBV, 8, S>(qi, m0, wp, sp, bp, cg, K, G, yp, N, n0, n1);
+    switch (mb) {
+      case 1: PERNODE_VNNI_CASE(1) break;
+      case 2: PERNODE_VNNI_CASE(2) break;
+      case 3: PERNODE_VNNI_CASE(3) break;
+      case 4: PERNODE_VNNI_CASE(4) break;
+      case 5: PERNODE_VNNI_CASE(5) break;
+      case 6: PERNODE_VNNI_CASE(6) break;
+      case 7: PERNODE_VNNI_CASE(7) break;
+      default: PERNODE_VNNI_CASE(8) break;
+    }
+#undef PERNODE_VNNI_CASE
+  }
+}
+#endif
+
+at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale_in,
+                      const c10::optional<at::Tensor>& bias_in, int64_t bits, int64_t group_size,
+                      int64_t num_threads, bool quantize_input) {
+  TORCH_CHECK(bits == 4 || bits == 8, "woq_linear: bits must be 4 or 8");
+  TORCH_CHECK(w.is_contiguous() && w.dim() == 2, "woq_linear: weight must be a contiguous 2-D tensor");
+  TORCH_CHECK(x_in.dim() == 2, "woq_linear: x must be 2-D");
+  const bool has_bias = bias_in.has_value() && bias_in->defined();
+#if defined(PERNODE_VNNI)
+  // fp16 qparams (see load_qparams) go to the int8-x GEMV as stored; every other path reads fp32
+  const bool half_qparams = quantize_input && scale_in.scalar_type() == at::kHalf &&
+                            (!has_bias || bias_in->scalar_type() == at::kHalf);
+#else
+  const bool half_qparams = false;
+#endif
+  auto scale = half_qparams ? scale_in.contiguous() : scale_in.to(at::kFloat).contiguous();
+  at::Tensor bias;
+  if (has_bias) bias = half_qparams ? bias_in->contiguous() : bias_in->to(at::kFloat).contiguous();
+  const float* bp = bias.defined() && !half_qparams ? bias.data_ptr<float>() : nullptr;
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = w.size(0), G = scale.size(1);
+  const int64_t gs = group_size > 0 ? group_size : K;
+  TORCH_CHECK(K % gs == 0 && K / gs == G, "woq_linear: scale has ", G, " groups, expected ", K / gs);
+  TORCH_CHECK(bits == 8 ? w.size(1) == K : w.size(1) * 8 == K, "woq_linear: weight shape does not match x");
+  TORCH_CHECK(bits == 8 ? w.scalar_type() == at::kChar : w.scalar_type() == at::kInt, "woq_linear: weight dtype");
+  TORCH_CHECK(!quantize_input || (K % kActBlock == 0 && gs % kActBlock == 0),
+              "woq_linear: quantize_input needs the input size and group size to be multiples of ", kActBlock);
+  // bf16 x (the default dtype's decode steps) comes back as bf16 y; the widening and narrowing are plain loops here:
+  // two aten::to per call cost more in dispatch than the conversions themselves (~120 calls a decode step).
+  const bool bf16_io = x_in.scalar_type() == at::kBFloat16;
+  if (!quantize_input && M > kFloatGemvMaxRows) {  // batch: the matmul's compute dwarfs dequantising W
+    auto y = tiled_matmul(x_in.to(at::kFloat).contiguous(), w, scale.data_ptr<float>(), bp, bits, N, K, G, gs);
+    return bf16_io ? y.to(at::kBFloat16) : y;
+  }
+  at::Tensor x;
+  std::vector<float> x_widened, y_wide;
+  const float* xptr;
+  if (bf16_io) {
+    const auto xc = x_in.contiguous();
+    const c10::BFloat16* src = xc.data_ptr<c10::BFloat16>();
+    x_widened.resize(M * K);
+    for (int64_t i = 0; i < M * K; ++i) x_widened[i] = static_cast<float>(src[i]);
+    xptr = x_widened.data();
+  } else {
+    x = x_in.to(at::kFloat).contiguous();
+    xptr = x.data_ptr<float>();
+  }
+  at::Tensor y = at::empty({M, N}, x_in.options().dtype(bf16_io ? at::kBFloat16 : at::kFloat));
+  if (bf16_io) y_wide.resize(M * N);
+  float* yp = bf16_io ? y_wide.data() : y.data_ptr<float>();
+  const float* sp = half_qparams ? nullptr : scale.data_ptr<float>();
+  std::function<void(int64_t, int64_t)> rows;
+  FloatInput fi;
+  QuantizedInput qi;
+  std::unique_ptr<ChunkGroups> cg;
+  if (!quantize_input) {
+    fi = prepare_float_input(xptr, M, K, bits, G, gs, bp != nullptr || bits == 4);
+    rows = [&](int64_t n0, int64_t n1) { gemv_float(fi, M, K, bits, w, sp, bp, G, gs, yp, N, n0, n1); };
+  } else {
+    qi = quantize_input_blocks(xptr, M, K, bits);
+#if defined(PERNODE_VNNI)
+    cg = std::make_unique<ChunkGroups>(bits == 4 ? K / 8 : K / 4, bits == 4 ? 8 : 4, G, gs);
+    if (half_qparams) {
+      const auto* sh = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+      const auto* bh = bias.defined() ? reinterpret_cast<const uint16_t*>(bias.data_ptr<at::Half>()) : nullptr;
+      rows = [&, sh, bh](int64_t n0, int64_t n1) { gemv_vnni(qi, M, K, bits, w, sh, bh, *cg, G, yp, N, n0, n1); };
+    } else {
+      rows = [&](int64_t n0, int64_t n1) { gemv_vnni(qi, M, K, bits, w, sp, bp, *cg, G, yp, N, n0, n1); };
+    }
+#else  // no VNNI: the float GEMV on the dequantized int8 x gives the same numbers, slower
+    fi = prepare_float_input(qi.dequantized.data(), M, K, bits, G, gs, bp != nullptr || bits == 4);
+    rows = [&](int64_t n0, int64_t n1) { gemv_float(fi, M, K, bits, w, sp, bp, G, gs, yp, N, n0, n1); };
+#endif
+  }
+  // num_threads == 1 runs on the caller's thread: on an oversubscribed CPU a fork-join per layer waits for the
+  // slowest, descheduled thread, which costs far more than the second core gains for a memory-bound GEMV.
+  if (num_threads == 1)
+    rows(0, N);
+  else
+    at::parallel_for(0, N, 16, rows);
+  if (bf16_io) {  // rounds to nearest even, as y.to(bfloat16) does
+    c10::BFloat16* dst = y.data_ptr<c10::BFloat16>();
+    for (int64_t i = 0; i < M * N; ++i) dst[i] = c10::BFloat16(y_wide[i]);
+  }
+  return y;
+}
+
+}  // namespace
+}  // namespace quant
+}  // namespace pernode

@@ -1,0 +1,170 @@
+"""The fused decoder stack (one C++ call for every layer of a decode-sized step) against the per-op layers it
+replaces: the same logits and the same K/V written, over dense, int4 and int8 projections, fp32 and bf16, batches of
+1..8 with ragged contexts, and the same greedy tokens from the default model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pernode.config import EngineConfig
+from pernode.quant_format import QuantScheme
+from pernode.serve.kernels import decoder_stack
+from pernode.serve.kernels.attention_metadata import AttentionMetadata
+from pernode.serve.kernels.kv_quant import allocate_kv_cache
+from pernode.serve.kernels.quant_linear import QuantLinear, replace_linears
+from pernode.serve.models.llama import LlamaForCausalLM
+
+from tiny_model import tiny_config
+
+pytestmark = pytest.mark.skipif(decoder_stack.load_kernel() is None, reason="decoder_stack kernel did not build")
+
+BLOCK_SIZE = 16
+NUM_BLOCKS = 48
+SCHEMES = {
+    "dense": None,
+    "int4": QuantScheme(4, 32, symmetric=False, float_min=True),  # GGUF Q4_1's form, the default model's
+    "int4-sym": QuantScheme(4, 32),
+    "int8": QuantScheme(8, None),
+}
+
+
+def tiny_model(weights: str, dtype: torch.dtype, architecture: str = "llama") -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config(architecture, vocab_size=512, num_hidden_layers=3))
+    with torch.no_grad():
+        model.embed_tokens.weight.normal_(0, 0.5)
+        for layer in model.layers:  # norms away from 1 so a missed weight shows
+            layer.input_layernorm.weight.uniform_(0.5, 1.5)
+            layer.post_attention_layernorm.weight.uniform_(0.5, 1.5)
+            if layer.self_attn.qkv_proj.bias is not None:
+                layer.self_attn.qkv_proj.bias.normal_(0, 0.1)
+    scheme = SCHEMES[weights]
+    if scheme is not None:
+        replace_linears(model, scheme)
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                lo, hi = (-8, 8) if scheme.num_bits == 4 else (-127, 128)
+                groups = m.weight_scale.shape[1]
+                q = torch.randint(lo, hi, (m.out_features, m.in_features), dtype=torch.int8)
+                scale = torch.rand(m.out_features, groups) / (10 * hi) + 1e-3
+                zero = -torch.rand(m.out_features, groups) * 0.05 if scheme.float_min else None
+                m.set_quantized(q, scale, zero)
+    return model.to(dtype).eval()
+
+
+def caches_for(model: LlamaForCausalLM, dtype: torch.dtype):
+    c = model.config
+    shape = (NUM_BLOCKS, BLOCK_SIZE, c.num_key_value_heads, c.head_dim)
+    return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(c.num_hidden_layers)]
+
+
+def clone(caches):
+    return [(k.clone(), v.clone()) for k, v in caches]
+
+
+def step(model, caches, tables, num_cached, query_lens, ids):
+    meta = AttentionMetadata.build(tables, num_cached, query_lens, BLOCK_SIZE)
+    positions = torch.cat([torch.arange(n, n + q) for n, q in zip(num_cached, query_lens)])
+    return model(ids, positions, caches, meta)
+
+
+def prefilled(model, dtype, contexts):
+    """Caches holding `contexts[s]` tokens of sequence s (written by the per-op layers), and the block tables."""
+    fused, model.fused_decoder = model.fused_decoder, None
+    caches = caches_for(model, dtype)
+    per_seq = NUM_BLOCKS // len(contexts)
+    tables = torch.arange(len(contexts) * per_seq, dtype=torch.int32).view(len(contexts), per_seq)
+    gen = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        for s, n in enumerate(contexts):
+            ids = torch.randint(0, model.config.vocab_size, (n,), generator=gen)
+            step(model, caches, tables[s:s + 1], [0], [n], ids)
+    model.fused_decoder = fused
+    return caches, tables
+
+
+def both_paths(model, caches, tables, num_cached, query_lens):
+    """(per-op logits, caches), (fused logits, caches) of one step from the same starting caches."""
+    ids = torch.randint(0, model.config.vocab_size, (sum(query_lens),), generator=torch.Generator().manual_seed(2))
+    fused = model.fused_decoder
+    assert fused is not None
+    out = []
+    with torch.inference_mode():
+        for decoder in (None, fused):
+            model.fused_decoder = decoder
+            c = clone(caches)
+            out.append((step(model, c, tables, num_cached, query_lens, ids), c))
+    return out
+
+
+CONTEXTS = [5, 40, 17, 1, 63, 16, 2, 33]  # ragged: partial blocks, exact block ends, one token
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weights", list(SCHEMES))
+def test_fused_stack_matches_the_per_op_layers(weights, dtype):
+    model = tiny_model(weights, dtype)
+    assert model.use_fused_decoder()
+    for batch in (1, 2, 5, 8):
+        contexts = CONTEXTS[:batch]
+        caches, tables = prefilled(model, dtype, contexts)
+        (ref, ref_caches), (got, got_caches) = both_paths(model, caches, tables, contexts, [1] * batch)
+        # the same kernels in the same order: equal to the bit, not just close
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+        for (k0, v0), (k1, v1) in zip(ref_caches, got_caches):
+            assert torch.equal(k0, k1) and torch.equal(v0, v1)
+
+
+def test_fused_stack_covers_verify_steps_and_qkv_bias():
+    """Several query tokens per sequence (a speculative verify step) and a Qwen2-style qkv bias."""
+    model = tiny_model("int4", torch.bfloat16, architecture="qwen2")
+    assert model.use_fused_decoder()
+    contexts = [9, 30, 16]
+    caches, tables = prefilled(model, torch.bfloat16, contexts)
+    (ref, _), (got, _) = both_paths(model, caches, tables, contexts, [3, 1, 4])
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_steps_the_fused_stack_does_not_cover_take_the_per_op_layers(monkeypatch):
+    model = tiny_model("int4", torch.float32)
+    assert model.use_fused_decoder()
+    fused = model.fused_decoder
+    x = torch.zeros(9, model.config.hidden_size)
+    caches = caches_for(model, torch.float32)
+    with torch.inference_mode():
+        assert fused.applies(x[:8], caches)
+        assert not fused.applies(x, caches)  # a prefill-sized step
+        assert not fused.applies(x[:1].bfloat16(), caches)  # not the model's dtype
+    assert not fused.applies(x[:1], caches)  # gradients enabled: the op has no autograd formula
+    int8_caches = [(allocate_kv_cache(k.shape, "int8", torch.float32, "cpu"),
+                    allocate_kv_cache(v.shape, "int8", torch.float32, "cpu")) for k, v in caches]
+    with torch.inference_mode():
+        assert not fused.applies(x[:1], int8_caches)
+    monkeypatch.setenv("PERNODE_FUSED_DECODE", "reference")
+    assert not model.use_fused_decoder()
+    monkeypatch.setenv("PERNODE_FUSED_DECODE", "sometimes")
+    with pytest.raises(ValueError, match="PERNODE_FUSED_DECODE"):
+        model.use_fused_decoder()
+
+
+def test_default_model_greedy_tokens_are_the_per_op_tokens():
+    from pernode.serve.engine.llm_engine import LLMEngine
+    from pernode.serve.sampling.params import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model="smollm2-135m", kv_cache_bytes=64 * 2**20))
+    fused = engine.model.fused_decoder
+    assert fused is not None  # the engine turns it on for the default model
+
+    def greedy(prompt: str) -> list[int]:
+        engine.add_request("r", prompt, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    return list(out.outputs[0].token_ids)
+        raise AssertionError("no output")
+
+    for prompt in ("The capital of France is", "def fib(n):", "Hi!"):
+        engine.model.fused_decoder = fused
+        got = greedy(prompt)
+        engine.model.fused_decoder = None
+        assert got == greedy(prompt), prompt
