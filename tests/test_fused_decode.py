@@ -1,6 +1,6 @@
 """The fused decoder stack (one C++ call for every layer of a decode-sized step) against the per-op layers it
 replaces: the same logits and the same K/V written, over dense, int4 and int8 projections, fp32 and bf16, batches of
-1..8 with ragged contexts, and the same greedy tokens from the default model."""
+1..32 (up to 64 rows) with ragged contexts, and the same greedy tokens from the default model."""
 from __future__ import annotations
 
 import pytest
@@ -19,7 +19,7 @@ from tiny_model import tiny_config
 pytestmark = pytest.mark.skipif(decoder_stack.load_kernel() is None, reason="decoder_stack kernel did not build")
 
 BLOCK_SIZE = 16
-NUM_BLOCKS = 48
+NUM_BLOCKS = 128
 SCHEMES = {
     "dense": None,
     "int4": QuantScheme(4, 32, symmetric=False, float_min=True),  # GGUF Q4_1's form, the default model's
@@ -115,6 +115,20 @@ def test_fused_stack_matches_the_per_op_layers(weights, dtype):
             assert torch.equal(k0, k1) and torch.equal(v0, v1)
 
 
+@pytest.mark.parametrize("weights", ["dense", "int4", "int8"])
+def test_fused_stack_matches_the_per_op_layers_at_decode_batches_up_to_64_rows(weights):
+    """Several GEMV passes of 8 rows, and the GEMM wherever a shape's measured crossover lies below the row count."""
+    model = tiny_model(weights, torch.bfloat16)
+    assert model.use_fused_decoder()
+    for batch, query_len in ((32, 1), (16, 4)):  # 32 decodes; 16 sequences verifying 3 proposed tokens: 64 rows
+        contexts = [(7 * s) % 60 + 1 for s in range(batch)]
+        caches, tables = prefilled(model, torch.bfloat16, contexts)
+        (ref, ref_caches), (got, got_caches) = both_paths(model, caches, tables, contexts, [query_len] * batch)
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+        for (k0, v0), (k1, v1) in zip(ref_caches, got_caches):
+            assert torch.equal(k0, k1) and torch.equal(v0, v1)
+
+
 def test_fused_stack_covers_verify_steps_and_qkv_bias():
     """Several query tokens per sequence (a speculative verify step) and a Qwen2-style qkv bias."""
     model = tiny_model("int4", torch.bfloat16, architecture="qwen2")
@@ -129,10 +143,10 @@ def test_steps_the_fused_stack_does_not_cover_take_the_per_op_layers(monkeypatch
     model = tiny_model("int4", torch.float32)
     assert model.use_fused_decoder()
     fused = model.fused_decoder
-    x = torch.zeros(9, model.config.hidden_size)
+    x = torch.zeros(65, model.config.hidden_size)
     caches = caches_for(model, torch.float32)
     with torch.inference_mode():
-        assert fused.applies(x[:8], caches)
+        assert fused.applies(x[:64], caches)
         assert not fused.applies(x, caches)  # a prefill-sized step
         assert not fused.applies(x[:1].bfloat16(), caches)  # not the model's dtype
     assert not fused.applies(x[:1], caches)  # gradients enabled: the op has no autograd formula
