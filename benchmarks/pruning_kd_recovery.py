@@ -12,6 +12,7 @@ second pruning and KD. Each stage's perplexity is printed and written to OUT/res
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -26,6 +27,7 @@ from pruning_quality import recipe_of  # noqa: E402
 from pernode.quant_format import QuantScheme  # noqa: E402
 from pernode.serve.models.loader import load_model  # noqa: E402
 from pernode.shrink.checkpoint import save_checkpoint  # noqa: E402
+from pernode.shrink.distill.teacher_cache import CACHE_JSON  # noqa: E402
 from pernode.shrink.evaluate.perplexity import evaluate_perplexity  # noqa: E402
 from pernode.shrink.methods import GPTQ, quantize_model  # noqa: E402
 from pernode.shrink.pruning.calibration_text import held_out_windows  # noqa: E402
@@ -45,6 +47,11 @@ def main() -> None:
     ap.add_argument("--skip-one-shot-eval", action="store_true", help="do not score the pruned model before KD")
     ap.add_argument("--then-gptq", action="store_true", help="also GPTQ int4 g64 the recovered model (after KD)")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--cache-dir", default=None, help="the teacher cache's folder (default OUT/teacher_cache); runs "
+                                                       "with the same KD windows can share one")
+    ap.add_argument("--prune-first", action="store_true",
+                    help="prune before the teacher cache (on a copy kept as the teacher), then wait for a cache "
+                         "another run is writing to --cache-dir")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -69,13 +76,20 @@ def main() -> None:
 
     model, source = load_model(args.model)
     calib = held_out_windows(source.tokenizer, 512, args.calib_windows)
-    t = time.perf_counter()
+    cache_dir = args.cache_dir or os.path.join(args.out, "teacher_cache")
     windows, provenance = kd_windows(source.tokenizer, recovery)
-    cache = teacher_cache(model, windows, os.path.join(args.out, "teacher_cache"), recovery, source.path)
-    stage("teacher_cache", time.perf_counter() - t)
-    t = time.perf_counter()
-    recipe.apply(model, calib)
-    stage("pruned", time.perf_counter() - t, None if args.skip_one_shot_eval else model)
+    teacher = copy.deepcopy(model) if args.prune_first else model
+    for what in (["prune", "cache"] if args.prune_first else ["cache", "prune"]):
+        t = time.perf_counter()
+        if what == "cache":
+            while args.prune_first and not os.path.isfile(os.path.join(cache_dir, CACHE_JSON)):
+                time.sleep(10)
+            cache = teacher_cache(teacher, windows, cache_dir, recovery, source.path)
+            stage("teacher_cache", time.perf_counter() - t)
+        else:
+            recipe.apply(model, calib)
+            stage("pruned", time.perf_counter() - t, None if args.skip_one_shot_eval else model)
+    del teacher
     t = time.perf_counter()
     kd = recover(model, windows, cache, recovery, os.path.join(args.out, "train_state"), args.resume)
     result["history"] = kd["history"]

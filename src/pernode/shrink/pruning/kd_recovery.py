@@ -65,11 +65,15 @@ def kd_windows(tokenizer, recovery: KDRecovery) -> tuple[torch.Tensor, dict]:
     """[steps x batch, seq_len] training windows of `pernode distill`'s text (the pydoc calibration part and the
     stdlib's training files: the evaluation split of the perplexity protocol is never in it), and its provenance."""
     needed = recovery.steps * recovery.batch_size
-    text = distillation_text(int(needed * recovery.seq_len * CHARS_PER_TOKEN), seed=recovery.seed)
-    docs = [tokenizer.encode(t, add_special_tokens=False) for t in text.train]
-    windows = shuffled_windows(pack_windows(docs, recovery.seq_len, tokenizer.eos_token_id), recovery.seed)
-    if windows.shape[0] < needed:  # the trainer walks epochs; say so rather than hide it
-        text.provenance["epochs"] = round(needed / windows.shape[0], 2)
+    chars = int(needed * recovery.seq_len * CHARS_PER_TOKEN)
+    while True:  # code packs more characters per token than prose: ask for more text until every step's is new
+        text = distillation_text(chars, seed=recovery.seed)
+        docs = [tokenizer.encode(t, add_special_tokens=False) for t in text.train]
+        windows = shuffled_windows(pack_windows(docs, recovery.seq_len, tokenizer.eos_token_id), recovery.seed)
+        if windows.shape[0] >= needed or text.provenance["stdlib"]["train_chars"] < chars - len(text.train[0]):
+            break  # enough, or the stdlib is used up (the trainer then walks more than one epoch)
+        chars = int(chars * 1.5 * needed / max(1, windows.shape[0]))
+    text.provenance["windows"] = {"available": windows.shape[0], "used": needed, "seq_len": recovery.seq_len}
     return windows[:needed], text.provenance
 
 
