@@ -31,7 +31,7 @@ from pernode.shrink.distill.teacher_cache import CACHE_JSON  # noqa: E402
 from pernode.shrink.evaluate.perplexity import evaluate_perplexity  # noqa: E402
 from pernode.shrink.methods import GPTQ, quantize_model  # noqa: E402
 from pernode.shrink.pruning.calibration_text import held_out_windows  # noqa: E402
-from pernode.shrink.pruning.kd_recovery import KDRecovery, kd_windows, recover, teacher_cache  # noqa: E402
+from pernode.shrink.distill.sparse_recovery import KDRecovery, kd_windows, recover, teacher_cache  # noqa: E402
 
 
 def main() -> None:

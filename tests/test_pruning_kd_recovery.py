@@ -15,7 +15,7 @@ from pernode.shrink.distill.losses import distillation_loss
 from pernode.shrink.evaluate.perplexity import final_hidden_states
 from pernode.shrink.methods.common import projections, pruned_mask
 from pernode.shrink.pruning import Magnitude
-from pernode.shrink.pruning.kd_recovery import KDRecovery, kd_windows, recover, teacher_cache
+from pernode.shrink.distill.sparse_recovery import KDRecovery, kd_windows, recover, teacher_cache
 from pernode.shrink.pruning.masks import follows_pattern
 from pernode.shrink.recipes import Recipe
 from pernode.shrink.training_forward import logits

@@ -22,7 +22,7 @@ from pernode.shrink.evaluate.perplexity import DEFAULT_SEQ_LEN, calibration_wind
 from pernode.shrink.methods import GPTQ, RTN, quantize_model
 from pernode.shrink.pruning import PRUNERS, pruner_named
 from pernode.shrink.pruning.calibration_text import held_out_windows
-from pernode.shrink.pruning.kd_recovery import KDRecovery, kd_windows, recover, teacher_cache
+from pernode.shrink.distill.sparse_recovery import KDRecovery, kd_windows, recover, teacher_cache
 from pernode.shrink.recipes import Recipe
 
 # flag -> the pruner option it sets; which methods take it follows from their fields
