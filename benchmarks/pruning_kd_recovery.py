@@ -7,7 +7,7 @@ One process does what `pernode prune ... --recover-kd STEPS` does, and then, on 
 second pruning and KD. Each stage's perplexity is printed and written to OUT/result.json; each model is saved.
 
     OMP_NUM_THREADS=1 nice -n 10 PYTHONPATH=src .venv/bin/python benchmarks/pruning_kd_recovery.py \\
-        --recipe sparsegpt-50@layerwise=sensitivity,owl_spread=0.1 --steps 100 --then-gptq --out ckpt/sgpt50-kd
+        --recipe sparsegpt-50@layerwise=sensitivity,owl_spread=0.1 --steps 60 --lr 2e-4 --then-gptq --out ckpt/sgpt50-kd
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--recipe", required=True, help="a pruning recipe of benchmarks/pruning_quality.py (float)")
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=KDRecovery.steps)
     ap.add_argument("--lr", type=float, default=KDRecovery.lr)
     ap.add_argument("--batch-size", type=int, default=KDRecovery.batch_size)
     ap.add_argument("--seq-len", type=int, default=KDRecovery.seq_len)
