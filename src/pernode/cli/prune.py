@@ -1,5 +1,7 @@
 """`pernode prune`: prune a model (magnitude, Wanda, SparseGPT; unstructured or N:M; uniform or OWL per layer),
-optionally quantize the survivors, and write a compressed-tensors sparse checkpoint folder.
+optionally recover the survivors by KD from the dense model (masks fixed), optionally quantize them, and write a
+compressed-tensors sparse checkpoint folder. The order is prune -> KD recovery -> quantize: with `--recover-kd` and
+`--quantize gptq`, GPTQ runs on the recovered weights (a second calibration pass) instead of jointly with SparseGPT.
 
 A method's flags set its own options; they default to None here, so a flag given to a method that does not take it
 is an error instead of being dropped (as `pernode quantize`)."""
@@ -7,16 +9,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+
+import torch
 
 from pernode.cli.options import add_model_argument
 from pernode.quant_format import QuantScheme
 from pernode.serve.kernels.sparse_linear import MIN_SPARSITY
 from pernode.serve.models.loader import load_model
 from pernode.shrink.checkpoint import checkpoint_bytes, save_checkpoint
-from pernode.shrink.evaluate.perplexity import calibration_windows
-from pernode.shrink.pruning.calibration_text import held_out_windows
-from pernode.shrink.methods import GPTQ, RTN
+from pernode.shrink.evaluate.perplexity import DEFAULT_SEQ_LEN, calibration_windows, evaluate_perplexity
+from pernode.shrink.methods import GPTQ, RTN, quantize_model
 from pernode.shrink.pruning import PRUNERS, pruner_named
+from pernode.shrink.pruning.calibration_text import held_out_windows
+from pernode.shrink.distill.sparse_recovery import KDRecovery, kd_windows, recover, teacher_cache
 from pernode.shrink.recipes import Recipe
 
 # flag -> the pruner option it sets; which methods take it follows from their fields
@@ -52,6 +58,23 @@ def add_parsers(sub) -> None:
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--corpus", default=None, help="UTF-8 text file (default: pydoc topics; first 10%% calibrates)")
     p.add_argument("--out", required=True, help="output folder")
+    g = p.add_argument_group("KD recovery (prune, then distill from the dense model with the masks fixed)")
+    g.add_argument("--recover-kd", dest="recover_kd", type=int, default=0, metavar="STEPS",
+                   help="distill the pruned model from the dense one for STEPS optimizer steps before any "
+                        "quantization (0: one-shot, the default); pruned weights stay exactly zero")
+    g.add_argument("--kd-lr", type=float, default=KDRecovery.lr, help=f"(default {KDRecovery.lr:g})")
+    g.add_argument("--kd-batch-size", type=int, default=KDRecovery.batch_size,
+                   help=f"windows per step (default {KDRecovery.batch_size})")
+    g.add_argument("--kd-seq-len", type=int, default=KDRecovery.seq_len,
+                   help=f"tokens per window (default {KDRecovery.seq_len})")
+    g.add_argument("--kd-top-k", type=int, default=KDRecovery.top_k,
+                   help=f"teacher logits cached per position (default {KDRecovery.top_k})")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the KD from OUT/kd_recovery/train_state (same settings; the pruning is rerun)")
+    g.add_argument("--threads", dest="num_threads", type=int, default=None, help="CPU threads (default: torch's)")
+    g.add_argument("--eval-windows", type=int, default=0,
+                   help=f"also print the fixed-protocol perplexity ({DEFAULT_SEQ_LEN}-token windows) after pruning "
+                        "and at the end (0: none; 16 for decisions)")
     p.set_defaults(func=run)
 
 
@@ -74,19 +97,45 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
                   pruner=pruner)
 
 
+def kd_recovery_from_args(args: argparse.Namespace) -> KDRecovery | None:
+    if args.recover_kd < 0:
+        raise ValueError(f"--recover-kd={args.recover_kd}: allowed >= 0 (0: no KD recovery)")
+    if not args.recover_kd:
+        return None
+    return KDRecovery(steps=args.recover_kd, batch_size=args.kd_batch_size, seq_len=args.kd_seq_len, lr=args.kd_lr,
+                      top_k=args.kd_top_k)
+
+
+def _ppl(model, tokenizer, windows: int, what: str, report: dict) -> None:
+    if windows:
+        ppl = round(evaluate_perplexity(model, tokenizer, max_windows=windows).perplexity, 4)
+        report.setdefault("perplexity", {})[what] = ppl
+        print(f"perplexity {what}: {ppl} ({windows} x {DEFAULT_SEQ_LEN} tokens)", flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)
+    recovery = kd_recovery_from_args(args)
+    if args.eval_windows < 0:
+        raise ValueError(f"--eval-windows={args.eval_windows}: allowed >= 0")
     if args.calib_windows is not None and not recipe.needs_calibration:
         raise ValueError(f"--calib-windows: --method {args.method} with --layerwise {args.layerwise} uses no "
                          "calibration text")
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
     model, source = load_model(args.model)
+    tokenizer = source.tokenizer
     calib = None
     if recipe.needs_calibration:
         if args.corpus is None:  # the calibration split alone holds ~10k tokens: add the text eval ppl never scores
-            calib = held_out_windows(source.tokenizer, args.calib_seq_len, args.calib_windows or 97)
+            calib = held_out_windows(tokenizer, args.calib_seq_len, args.calib_windows or 97)
         else:
-            calib = calibration_windows(source.tokenizer, args.calib_seq_len, args.calib_windows or 97, args.corpus)
-    report = recipe.apply(model, calib)
+            calib = calibration_windows(tokenizer, args.calib_seq_len, args.calib_windows or 97, args.corpus)
+    if recovery is None:
+        report = recipe.apply(model, calib)
+        _ppl(model, tokenizer, args.eval_windows, "pruned", report)
+    else:
+        report = prune_recover_quantize(model, source, recipe, recovery, calib, args)
     folder = save_checkpoint(model, source, args.out, recipe, details=report)
     layers = report["pruning"]["layer_sparsity"]
     print(f"wrote {args.out} ({checkpoint_bytes(folder) / 1e6:.1f} MB of weights, {recipe.label}, {recipe.method}); "
@@ -102,3 +151,25 @@ def run(args: argparse.Namespace) -> int:
               "sparsity at small batches; larger batches run dense GEMMs)")
     logging.getLogger("pernode").debug("prune report: %s", report)
     return 0
+
+
+def prune_recover_quantize(model, source, recipe: Recipe, recovery: KDRecovery, calib, args) -> dict:
+    """The teacher's logits on the KD text (the dense model, before pruning), then prune, distill with the masks
+    fixed, then quantize the recovered survivors (a separate GPTQ / RTN pass on the recovered weights)."""
+    tokenizer = source.tokenizer
+    work = os.path.join(args.out, "kd_recovery")
+    windows, provenance = kd_windows(tokenizer, recovery)
+    cache = teacher_cache(model, windows, os.path.join(work, "teacher_cache"), recovery, source.path)
+    report = {"pruning": recipe.pruner.apply(model, calib)}
+    _ppl(model, tokenizer, args.eval_windows, "pruned", report)
+    kd = recover(model, windows, cache, recovery, os.path.join(work, "train_state"), args.resume)
+    kd["data"] = provenance
+    report["kd_recovery"] = kd
+    first, last = kd["history"][0], kd["history"][-1]
+    print(f"KD recovery: {recovery.steps} steps, {kd['tokens']} tokens, loss {first['loss']:.3f} (step "
+          f"{first['step']}) -> {last['loss']:.3f}, {kd['train_s'] / 60:.1f} min", flush=True)
+    _ppl(model, tokenizer, args.eval_windows, "pruned+kd", report)
+    if recipe.modifier is not None:
+        report.update(quantize_model(model, recipe.modifier, recipe.scheme, calib))
+        _ppl(model, tokenizer, args.eval_windows, "pruned+kd+quantized", report)
+    return report

@@ -1,6 +1,7 @@
 """Knowledge distillation of a smaller student from the served model (Hinton et al. 2015, arXiv 1503.02531): a
 student from chosen teacher layers (optionally narrowed by structured pruning), soft targets from the teacher's
-cached top-k logits, sequence-level KD on the teacher's own chat replies, and a checkpoint the engine serves."""
+cached top-k logits, sequence-level KD on the teacher's own chat replies, and a checkpoint the engine serves; and
+the KD recovery of a pruned model from its dense self with the masks fixed (`sparse_recovery`)."""
 from __future__ import annotations
 
 from pernode.shrink.distill.losses import Divergence, TeacherTopK, distillation_loss, soft_target_kl

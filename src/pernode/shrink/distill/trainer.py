@@ -154,10 +154,11 @@ def _load_state(folder: str, model, optimizer, config: TrainingConfig) -> tuple[
 
 def train_student(student, windows: torch.Tensor, teacher: TeacherCache | None, config: TrainingConfig,
                   state_dir: str | None = None, resume: bool = False, stop_at: int | None = None,
-                  quiet: bool = False, log_every: int = 10) -> list[dict]:
+                  quiet: bool = False, log_every: int = 10, after_step=None) -> list[dict]:
     """Train `student` in place on windows [N, L] (inputs = window[:-1], labels = window[1:]); with a teacher cache
     (same windows) the loss is Hinton KD, without one hard labels only. Returns the loss history. `stop_at` ends
-    early (after saving state) to exercise resume."""
+    early (after saving state) to exercise resume. `after_step()` runs after every optimizer step (e.g. to
+    re-apply pruning masks)."""
     if teacher is not None and not torch.equal(teacher.windows, windows):
         raise ValueError("the teacher cache was built over other windows than the ones given")
     device = student.embed_tokens.weight.device
@@ -195,6 +196,8 @@ def train_student(student, windows: torch.Tensor, teacher: TeacherCache | None, 
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], config.grad_clip)
             optimizer.step()
+            if after_step is not None:
+                after_step()
             step += 1
             record = {"step": step, "loss": round(loss.item(), 5), "lr": config.lr_at(step - 1),
                       "grad_norm": round(float(grad_norm), 4), **{k: round(v, 5) for k, v in parts.items()}}
