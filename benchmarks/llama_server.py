@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -96,6 +97,20 @@ def llama_bench(gguf: str, threads: int) -> dict:
     return out
 
 
+def pernode_prefill(model: str, threads: int, extra: str, prompt_len: int = 512) -> dict:
+    """pernode's own prefill of one `prompt_len`-token prompt, from `pernode profile`, to set beside llama-bench's pp512."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "prefill.json"
+        cmd = [sys.executable, "-m", "pernode.cli", "profile", "--model", model, "--threads", str(threads),
+               "--batch-sizes", "1", "--prompt-lens", f"128,{prompt_len}", "--out", str(out), *shlex.split(extra)]
+        print("$", " ".join(cmd), flush=True)
+        load = load_averages()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        # A shorter prompt first: the first prefill of a process also pays one-time costs the second does not.
+        row = next(r for r in json.loads(out.read_text())["prefill"] if r["prompt_len"] == prompt_len)
+    return {"load": load, f"pp{prompt_len}": row["prefill_tokens_per_s"]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="pernode's model name or a .gguf (the same file serves both)")
@@ -134,6 +149,7 @@ def main(argv=None) -> int:
                 proc.kill()
     if args.llama_bench:
         results["llama-bench"] = llama_bench(args.gguf, args.threads)
+        results["pernode prefill"] = pernode_prefill(args.model, args.threads, args.pernode_args)
 
     t = Table(title=f"{Path(args.gguf).name}: input {args.input_len}, output {args.output_len} tokens, ignore_eos, "
                     f"{args.threads} threads each")
@@ -150,6 +166,9 @@ def main(argv=None) -> int:
     Console(width=200).print(t)
     if "llama-bench" in results:
         print("llama-bench:", json.dumps(results["llama-bench"]))
+        ours, peer = results["pernode prefill"]["pp512"], results["llama-bench"]["pp512"]
+        print(f"pernode prefill of 512 tokens: {ours:.0f} tok/s, {ours / peer:.2f}x llama-bench pp512 "
+              f"(load {results['pernode prefill']['load']})")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
