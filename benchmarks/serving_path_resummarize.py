@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pernode.measure.profile.serving_path_streams import StreamTiming, summarize_streams
+from pernode.measure.profile.serving_path_fit import StreamTiming, summarize_streams
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from tiny_model import write_tiny_model
 
-from pernode.measure.profile.serving_path_streams import (StreamTiming, added_cpu_s, fit_stream_costs, parse_streams,
-                                                          per_step_curve, summarize_streams)
+from pernode.measure.profile.serving_path_fit import (StreamTiming, added_cpu_s, fit_stream_costs, per_step_curve,
+                                                     summarize_streams)
+from pernode.measure.profile.serving_path_streams import parse_streams
 from pernode.price.plan_basis import measured_basis
 from pernode.price.simulator import ReplicaConfig, simulate_fleet
 from pernode.price.step_time import StepTimeModel, serving_path_s

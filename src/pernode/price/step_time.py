@@ -239,7 +239,7 @@ def idle_start_s(profile: Profile) -> float:
 
 def serving_engine_ratio(profile: Profile) -> float:
     """How much slower (> 1) or faster the engine runs inside the serving process than the profile timed it: the
-    serving_path section's `engine_ratio` (serving_path_streams.engine_ratio); 1 when absent."""
+    serving_path section's `engine_ratio` (serving_path_fit.engine_ratio); 1 when absent."""
     section = profile.get("serving_path")
     v = section.get("engine_ratio", 1.0) if isinstance(section, Mapping) else 1.0
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or not 0.5 <= v <= 2.0:
