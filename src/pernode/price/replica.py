@@ -129,6 +129,7 @@ class Replica:
         self.run_open_to_arrivals = False  # a decode-only run that an arrival could join at a step boundary
         self.version = 0  # bumped whenever the run's end changes, so a stale end event is ignored
         self.busy_s = 0.0
+        self.steps = 0  # engine steps run, each step of a decode run counted
         self.slot_seconds = 0.0
 
     def arrive(self, rid: int, t: float) -> float | None:
@@ -215,6 +216,7 @@ class Replica:
         book, kv, steps = self.book, self.kv, self.run_steps
         duration = self.run_step_s * steps
         self.busy_s += duration
+        self.steps += steps
         self.slot_seconds += len(self.scheduler.running) * duration
         batch = self.batch
         if self.schedule_log is not None:

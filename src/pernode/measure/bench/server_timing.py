@@ -45,7 +45,10 @@ def scrape_server_timing(base_url: str, timeout_s: float = 10.0) -> dict[str, fl
         resp = httpx.get(f"{base_url.rstrip('/')}/metrics", timeout=timeout_s)
     except httpx.HTTPError:
         return None
-    return parse_server_timing(resp.text) if resp.status_code == 200 else None
+    if resp.status_code != 200:
+        return None
+    # the engine's step clock too, where the server exports it (jobs/validate/engine_busy.py)
+    return {**parse_server_timing(resp.text), **(parse_engine_steps(resp.text) or {})}
 
 
 def mean_s(before: dict, after: dict, key: str) -> float | None:
