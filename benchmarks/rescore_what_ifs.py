@@ -8,6 +8,8 @@ again on its own recorded trace (`pernode fleet rescore`), with
   --sweep-from OTHER.json  the decode, prefill and mixed points of another profile of the same node, the serving
                            path kept: how far two profiles' sweeps disagree, in prediction error;
   --mixed-steps            mixed steps from the profile's measured mixed[] points instead of the additive sum;
+  --request-cpu-ms 2,5     the serving path's per-request work on the engine's core (serving_path.request_cpu_s),
+                           added to the step each request is admitted in;
   --steps                  where the simulated replica spends its busy time: steps by running decodes, pure or
                            with a prompt chunk (which decode batches and which model terms matter at each load).
 
@@ -38,9 +40,14 @@ SWEEP_KEYS = ("decode", "prefill", "mixed")
 DECODE_BINS = ((0, 0), (1, 4), (5, 8), (9, 16), (17, 32), (33, 64), (65, 10**6))
 
 
-def variant(profile: dict, scale: float | None = None, sweep_from: dict | None = None) -> dict:
-    """`profile` with its engine step times scaled by `scale` and/or the sweep points of `sweep_from`."""
+def variant(profile: dict, scale: float | None = None, sweep_from: dict | None = None,
+            request_cpu_ms: float | None = None) -> dict:
+    """`profile` with its engine step times scaled by `scale`, the sweep points of `sweep_from`, and/or a per-request
+    serving cost of `request_cpu_ms` on the engine's core."""
     out = copy.deepcopy(profile)
+    if request_cpu_ms is not None:
+        section = out.setdefault("serving_path", {"request_s": 0.0, "token_s": 0.0})
+        section["request_cpu_s"] = request_cpu_ms / 1000.0
     if sweep_from is not None:
         for key in SWEEP_KEYS:
             if key in sweep_from:
@@ -91,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", default="", help="comma-separated engine speed factors, e.g. 0.95,1.05")
     ap.add_argument("--sweep-from", default=None, metavar="PROFILE")
     ap.add_argument("--mixed-steps", action="store_true")
+    ap.add_argument("--request-cpu-ms", default="", help="comma-separated per-request serving CPU, ms, e.g. 2,5")
     ap.add_argument("--steps", action="store_true")
     args = ap.parse_args(argv)
     profile_path = args.profile or os.path.join(args.dir, f"p_{args.shape}.json")
@@ -101,15 +109,17 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.sweep_from) as f:
             sweep = json.load(f)
     scales = [float(x) for x in args.scale.split(",") if x.strip()] or [None]
+    request_cpus = [float(x) for x in args.request_cpu_ms.split(",") if x.strip()] or [None]
     prefix = "v_" if args.path == "ray" else "d_"
     with tempfile.TemporaryDirectory() as tmp:
-        for scale in scales:
-            changed = variant(profile, scale, sweep)
-            path = os.path.join(tmp, f"p_{scale}.json")
+        for scale, request_cpu in [(a, b) for a in scales for b in request_cpus]:
+            changed = variant(profile, scale, sweep, request_cpu)
+            path = os.path.join(tmp, f"p_{scale}_{request_cpu}.json")
             with open(path, "w") as f:
                 json.dump(changed, f)
             label = ", ".join(x for x in (f"engine x{scale}" if scale else "",
                                           f"sweep from {args.sweep_from}" if sweep else "",
+                                          f"{request_cpu} ms per request" if request_cpu is not None else "",
                                           "mixed steps measured" if args.mixed_steps else "") if x) or "as recorded"
             print(f"\n## {args.dir} ({args.path}), {label}\n")
             rescore_recorded(args.dir, [f"{args.shape}:{args.path}={path}"], args.mixed_steps)

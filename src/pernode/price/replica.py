@@ -160,7 +160,7 @@ class Replica:
         if not batch:
             self.busy, self.batch = False, batch
             return None
-        decodes, prefill_s, prompt_tokens = 0, 0.0, 0
+        decodes, prefill_s, prompt_tokens, admitted = 0, 0.0, 0, 0
         for request, n in zip(batch.requests, batch.num_new_tokens):
             if request.decoding:
                 decodes += 1
@@ -169,6 +169,7 @@ class Replica:
             prompt_tokens += n
             if math.isnan(book.admit_s[request.rid]):
                 book.admit_s[request.rid] = t
+                admitted += 1
         steps = 1
         open_to_arrivals = False
         if decodes == len(batch.requests) and not batch.preempted:
@@ -181,6 +182,8 @@ class Replica:
         if decodes and prompt_tokens:
             mix = self.step_model.mix_factor(decodes, prompt_tokens)
             step_s += (mix - 1.0) * (self.engine_decode_s[decodes] + prefill_s)
+        # the serving path's per-request work (parsing, tokenizing, first and last chunks) on the engine's core
+        step_s += admitted * getattr(self.step_model, "serving_admit_s", 0.0)
         if from_idle:  # its own first step: a run of identical steps would spread it over every step
             steps = 1
             step_s += getattr(self.step_model, "idle_start_s", 0.0)
