@@ -216,6 +216,25 @@ def ttft_parts_table(results: list[tuple[str, int, dict]]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def engine_busy_table(results: list[tuple[str, int, dict]]) -> str:
+    """Each run's engine steps, measured by the server's step clock against the simulated replica on the same trace
+    (jobs/validate/engine_busy.py): the step-time error before queueing magnifies it; runs without it left out."""
+    lines = ["| run | steps: measured / predicted | busy s: measured wall / predicted | ms a step: measured / "
+             "predicted | waited ms a step (wall beyond the engine thread's CPU) | measured / predicted busy |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for shape, load, v in results:
+        busy = v.get("engine_busy") or {}
+        m, p = busy.get("measured"), busy.get("predicted")
+        if not m or not p or not busy.get("wall_over_predicted"):
+            continue
+        per = (f"{m['wall_per_step_ms']:.1f} / {p['wall_per_step_ms']:.1f}" if m.get("wall_per_step_ms")
+               and p.get("wall_per_step_ms") else "–")
+        lines.append(f"| {shape} {load}% | {m['steps']} / {p.get('steps') or '–'} | {m['wall_s']:.1f} / "
+                     f"{p['busy_s']:.1f} | {per} | {m['waited_per_step_ms'] or 0:.2f} | "
+                     f"{busy['wall_over_predicted']:.3f}x |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def rescore_recorded(folder: str, profiles: list[str], mixed_steps: bool = False) -> int:
     """Every recorded validation in `folder` (v_SHAPE_LOAD.json through Ray, d_SHAPE_LOAD.json straight to
     `pernode serve`) predicted again from the profile given for its shape and path; the errors before (the
@@ -254,6 +273,9 @@ def rescore_recorded(folder: str, profiles: list[str], mixed_steps: bool = False
     parts = ttft_parts_table(rescored)
     if parts:
         print("\nwhere TTFT goes (after):\n\n" + parts)
+    busy = engine_busy_table(rescored)
+    if busy:
+        print("\nthe engine's steps (after):\n\n" + busy)
     return 0
 
 
@@ -333,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     parts = ttft_parts_table(results)
     if parts:
         md += "\n\nWhere TTFT goes:\n\n" + parts
+    busy = engine_busy_table(results)
+    if busy:
+        md += "\n\nThe engine's steps, measured against the model:\n\n" + busy
     print(md)
     with open(os.path.join(args.out_dir, "grid.md"), "w") as f:
         f.write(md + "\n")

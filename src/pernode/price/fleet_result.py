@@ -32,6 +32,7 @@ class FleetSimResult:
     preemptions: np.ndarray  # per request: times the KV cache ran out and it was preempted to be recomputed
     num_events: int = 0
     schedules: list | None = None  # per replica, when recorded: (step start s, [(request, new tokens), ...])
+    steps: np.ndarray | None = None  # per replica: engine steps run (a run of identical decode steps counts each)
 
     @property
     def num_requests(self) -> int:

@@ -129,6 +129,7 @@ class Replica:
         self.run_open_to_arrivals = False  # a decode-only run that an arrival could join at a step boundary
         self.version = 0  # bumped whenever the run's end changes, so a stale end event is ignored
         self.busy_s = 0.0
+        self.steps = 0  # engine steps run, each step of a decode run counted
         self.slot_seconds = 0.0
 
     def arrive(self, rid: int, t: float) -> float | None:
@@ -159,7 +160,7 @@ class Replica:
         if not batch:
             self.busy, self.batch = False, batch
             return None
-        decodes, prefill_s, prompt_tokens = 0, 0.0, 0
+        decodes, prefill_s, prompt_tokens, admitted = 0, 0.0, 0, 0
         for request, n in zip(batch.requests, batch.num_new_tokens):
             if request.decoding:
                 decodes += 1
@@ -168,6 +169,7 @@ class Replica:
             prompt_tokens += n
             if math.isnan(book.admit_s[request.rid]):
                 book.admit_s[request.rid] = t
+                admitted += 1
         steps = 1
         open_to_arrivals = False
         if decodes == len(batch.requests) and not batch.preempted:
@@ -180,6 +182,8 @@ class Replica:
         if decodes and prompt_tokens:
             mix = self.step_model.mix_factor(decodes, prompt_tokens)
             step_s += (mix - 1.0) * (self.engine_decode_s[decodes] + prefill_s)
+        # the serving path's per-request work (parsing, tokenizing, first and last chunks) on the engine's core
+        step_s += admitted * getattr(self.step_model, "serving_admit_s", 0.0)
         if from_idle:  # its own first step: a run of identical steps would spread it over every step
             steps = 1
             step_s += getattr(self.step_model, "idle_start_s", 0.0)
@@ -215,6 +219,7 @@ class Replica:
         book, kv, steps = self.book, self.kv, self.run_steps
         duration = self.run_step_s * steps
         self.busy_s += duration
+        self.steps += steps
         self.slot_seconds += len(self.scheduler.running) * duration
         batch = self.batch
         if self.schedule_log is not None:

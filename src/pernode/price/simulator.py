@@ -122,7 +122,8 @@ def simulate_fleet(trace: RequestTrace, replica: ReplicaConfig, num_replicas: in
         output_tokens=trace.output_tokens.copy(), replica=np.asarray(book.replica), num_replicas=num_replicas,
         max_batch=replica.max_batch, busy_s=np.asarray([rp.busy_s for rp in replicas]),
         slot_seconds=np.asarray([rp.slot_seconds for rp in replicas]), in_system_seconds=in_system_seconds,
-        preemptions=np.asarray(book.preemptions), num_events=num_events, schedules=schedules)
+        preemptions=np.asarray(book.preemptions), num_events=num_events, schedules=schedules,
+        steps=np.asarray([rp.steps for rp in replicas]))
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ class StepTimeModel:
     mixed_batch_sizes: np.ndarray | None = None  # mixed-step correction grid: decodes (increasing)
     mixed_prompt_tokens: np.ndarray | None = None  # ... prompt tokens (increasing)
     mixed_ratio: np.ndarray | None = None  # measured / additive step time, [batch, prompt tokens]
+    serving_admit_s: float = 0.0  # per request admitted: the path's per-request work on the engine's core
     _mix_cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -116,6 +117,9 @@ class StepTimeModel:
         model = cls(batch, step, lens_a, rates_a, chosen_ctx, request_s, token_s, step_s,
                     serving_path_name(profile), idle_start_s(profile), *(curve or (None, None)))
         grid = _mixed_ratio_grid(model, profile.get("mixed") or [], chosen_ctx, ratio) if mixed_steps else {}
+        admit_s = serving_request_cpu_s(profile)
+        if admit_s:
+            grid["serving_admit_s"] = admit_s
         return dataclasses.replace(model, **grid) if grid else model
 
     @property
@@ -234,6 +238,19 @@ def idle_start_s(profile: Profile) -> float:
     v = section.get("idle_start_s", 0.0) if isinstance(section, Mapping) else 0.0
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
         raise ValueError(f"profile serving_path.idle_start_s={v!r}: must be a finite number >= 0 seconds")
+    return float(v)
+
+
+def serving_request_cpu_s(profile: Profile) -> float:
+    """CPU seconds of the serving path's own work per request on the engine's core (accepting and parsing the
+    request, tokenizing, the first and last chunks): the serving_path section's `request_cpu_s`; 0 when absent.
+    The simulator adds it to the step a request is admitted in. Steady streams started together spread it over
+    every token of `per_step_curve`; under a live trace it lands as requests arrive
+    (benchmarks/engine_step_waits.py)."""
+    section = profile.get("serving_path")
+    v = section.get("request_cpu_s", 0.0) if isinstance(section, Mapping) else 0.0
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or not 0 <= v <= 1.0:
+        raise ValueError(f"profile serving_path.request_cpu_s={v!r}: must be a number of seconds in [0, 1]")
     return float(v)
 
 

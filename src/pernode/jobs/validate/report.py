@@ -7,6 +7,7 @@ import math
 from rich.console import Console
 from rich.table import Table
 
+from pernode.jobs.validate.engine_busy import describe_engine_busy
 from pernode.jobs.validate.ttft_parts import describe_ttft_parts
 from pernode.progress import output_console
 from pernode.jobs.validate.compare import METRICS
@@ -69,6 +70,8 @@ def print_validation(report: dict, console: Console | None = None) -> None:
         console.print(line)
     for line in describe_ttft_parts(report.get("ttft_parts") or {}):
         console.print(f"where TTFT goes: {line}")
+    for line in describe_engine_busy(report.get("engine_busy") or {}):
+        console.print(line)
     cpu = report.get("cpu_cores_used") or {}
     if cpu:
         who = "this command and its fleet" if not report["fleet"].get("base_url") else "this command"

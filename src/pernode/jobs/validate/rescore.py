@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pernode.jobs.validate.compare import (errors_pct, interval_positions, predicted_interval, replica_config,
                                            simulated_trace)
+from pernode.jobs.validate.engine_busy import engine_busy
 from pernode.jobs.validate.report import print_validation, write_report
 from pernode.jobs.validate.ttft_parts import ttft_parts
 from pernode.measure.profile.profile_schema import load_profile
@@ -49,6 +50,9 @@ def rescore(report_path: str, profile_path: str, plan_path: str | None = None, i
         step_model = replica_config(profile, plan, 1.0, budget).step_model
         out["ttft_parts"] = {"measured": parts.get("measured"),
                              "predicted": ttft_parts(None, None, None, sim, step_model.serving_request_s)["predicted"]}
+    timing = report.get("server_timing_before_after")
+    if isinstance(timing, list) and len(timing) == 2:  # the measured step clock stays; the predicted busy time is new
+        out["engine_busy"] = engine_busy(timing[0], timing[1], sim)
     out.update({"profile": os.path.abspath(profile_path), "rescored_from": os.path.abspath(report_path),
                 "serving_path_from_probe": profile.get("serving_path") if serving_path_from_probe else None,
                 "mixed_steps": mixed_steps,

@@ -19,6 +19,7 @@ from pernode.jobs.validate.compare import (errors_pct, idle_probe_report, interv
                                            replica_config, simulated_trace)
 from pernode.jobs.validate.config import ValidateConfig
 from pernode.jobs.validate.cpu_share import CpuShare
+from pernode.jobs.validate.engine_busy import engine_busy
 from pernode.jobs.validate.machine_split import split_machine
 from pernode.jobs.validate.replay import ReplayWorkload, tokenizer_path
 from pernode.jobs.validate.report import print_validation, write_report
@@ -150,11 +151,12 @@ def _same_trace(profile: Profile, plan: Plan, measured: Measured, token_budget: 
     sim = simulated_trace(profile, plan, offsets_s, counted, [r.max_tokens for r in requests], token_budget)
     parts = ttft_parts(*measured.server_timing, measured.result, sim,
                        replica_config(profile, plan, 1.0, token_budget).step_model.serving_request_s)
+    busy = engine_busy(*measured.server_timing, sim)
     # The trace itself, so that `pernode fleet rescore` can predict this run again from another profile or model.
     trace = {"offsets_s": [float(t) for t in offsets_s], "prompt_tokens": [int(n) for n in counted],
              "output_tokens": [int(r.max_tokens) for r in requests]}
     return {"predicted_same_trace": same, "error_pct_same_trace": errors_pct(same, observed),
-            "token_budget": token_budget, "same_trace_requests": trace, "ttft_parts": parts,
+            "token_budget": token_budget, "same_trace_requests": trace, "ttft_parts": parts, "engine_busy": busy,
             "server_timing_before_after": list(measured.server_timing)}
 
 

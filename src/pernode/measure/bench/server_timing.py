@@ -23,13 +23,32 @@ def parse_server_timing(text: str) -> dict[str, float]:
     return out
 
 
+_STEP_COUNTERS = {"steps": "pernode:engine_steps_total", "step_wall_s": "pernode:engine_step_seconds_total",
+                  "step_cpu_s": "pernode:engine_step_cpu_seconds_total"}
+
+
+def parse_engine_steps(text: str) -> dict[str, float] | None:
+    """{'steps', 'step_wall_s', 'step_cpu_s'}: the engine's steps so far and their wall and CPU seconds, from a
+    Prometheus exposition; None when the server does not export them (an older `pernode serve`)."""
+    out = {}
+    for key, name in _STEP_COUNTERS.items():
+        m = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})?\s+(\S+)$", text, re.MULTILINE)
+        if m is None:
+            return None
+        out[key] = float(m.group(1))
+    return out
+
+
 def scrape_server_timing(base_url: str, timeout_s: float = 10.0) -> dict[str, float] | None:
     """The server's TTFT and queue-time histogram sums and counts now; None when /metrics does not answer."""
     try:
         resp = httpx.get(f"{base_url.rstrip('/')}/metrics", timeout=timeout_s)
     except httpx.HTTPError:
         return None
-    return parse_server_timing(resp.text) if resp.status_code == 200 else None
+    if resp.status_code != 200:
+        return None
+    # the engine's step clock too, where the server exports it (jobs/validate/engine_busy.py)
+    return {**parse_server_timing(resp.text), **(parse_engine_steps(resp.text) or {})}
 
 
 def mean_s(before: dict, after: dict, key: str) -> float | None:

@@ -9,6 +9,7 @@ import logging
 import resource
 import statistics
 import time
+from typing import Callable, Sequence
 
 import torch
 from rich.console import Console
@@ -23,9 +24,11 @@ from pernode.serve.sampling.params import SamplingParams
 
 log = logging.getLogger("pernode.profile")
 
-QUICK = dict(batch_sizes=(1, 4, 16, 64), prompt_lens=(64, 256, 1024), context_len=256, decode_steps=4)
+# prefill_passes: each prompt length is timed once per pass, the passes one after another, and the median kept
+QUICK = dict(batch_sizes=(1, 4, 16, 64), prompt_lens=(64, 256, 1024), context_len=256, decode_steps=4,
+             prefill_passes=1)
 FULL = dict(batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256), prompt_lens=(64, 128, 256, 512, 1024, 2048),
-            context_len=512, decode_steps=8)
+            context_len=512, decode_steps=8, prefill_passes=3)
 
 
 def _random_prompt(engine: LLMEngine, n: int, g: torch.Generator) -> list[int]:
@@ -52,6 +55,20 @@ def time_ttft_s(engine: LLMEngine, prompt_len: int, g: torch.Generator) -> float
     while engine.has_unfinished_requests():
         engine.step()
     return time.perf_counter() - start
+
+
+def prefill_medians_s(time_one_s: Callable[[int], float], prompt_lens: Sequence[int], passes: int,
+                      after_each: Callable[[], None] = lambda: None) -> dict[int, float]:
+    """{prompt length: median TTFT} over `passes` passes, each timing every length once in turn. A prefill is timed
+    from one request, so one reading carries whatever the machine was doing then; passes spread a drift in its speed
+    over every length alike instead of bending the curve (on a 2-vCPU VM two quiet profiles 15 minutes apart put the
+    same prefill 5-14% apart), and the median drops a pass that hit a stall."""
+    samples: dict[int, list[float]] = {p: [] for p in prompt_lens}
+    for _ in range(max(passes, 1)):
+        for p in prompt_lens:
+            samples[p].append(time_one_s(p))
+            after_each()
+    return {p: statistics.median(v) for p, v in samples.items()}
 
 
 def time_mixed_step_s(engine: LLMEngine, batch_size: int, context_len: int, prompt_tokens: int, num_steps: int,
@@ -84,7 +101,7 @@ def memory_high_water_bytes(device: torch.device) -> int:
 
 def run_profile(engine: LLMEngine, quick: bool = False, hardware: schema.HardwareSection | None = None, seed: int = 0,
                 batch_sizes=None, prompt_lens=None, context_len: int | None = None,
-                max_step_s: float = 5.0) -> schema.Profile:
+                max_step_s: float = 5.0, prefill_passes: int | None = None) -> schema.Profile:
     """Measure the node and return a validated profile dict (docs/profile_schema.md)."""
     plan = dict(QUICK if quick else FULL)
     if batch_sizes:
@@ -93,6 +110,10 @@ def run_profile(engine: LLMEngine, quick: bool = False, hardware: schema.Hardwar
         plan["prompt_lens"] = tuple(prompt_lens)
     if context_len:
         plan["context_len"] = context_len
+    if prefill_passes is not None:
+        if prefill_passes < 1:
+            raise ValueError(f"prefill_passes={prefill_passes}: allowed >= 1")
+        plan["prefill_passes"] = prefill_passes
     g = torch.Generator().manual_seed(seed)
     dtype = str(engine.dtype).removeprefix("torch.")
     cfg = engine.model_config
@@ -117,12 +138,12 @@ def run_profile(engine: LLMEngine, quick: bool = False, hardware: schema.Hardwar
             if step_s > max_step_s:
                 log.info("batch %d takes %.2f s per step (cap %.1f s): sweep stops", b, step_s, max_step_s)
                 break
-        task = bar.add_task("prefill: TTFT vs prompt length", total=len(prompt_lens))
+        passes = max(int(plan["prefill_passes"]), 1)
+        task = bar.add_task("prefill: TTFT vs prompt length", total=len(prompt_lens) * passes)
         time_ttft_s(engine, 16, g)  # warm-up
-        for p in prompt_lens:
-            ttft = time_ttft_s(engine, p, g)
+        for p, ttft in prefill_medians_s(lambda n: time_ttft_s(engine, n, g), prompt_lens, passes,
+                                         lambda: bar.advance(task)).items():
             prefill.append(schema.prefill_point(p, ttft, prefill_cost(cfg, p, wbytes, kvbytes), hardware, dtype))
-            bar.advance(task)
         # Steps that mix decodes with a prompt chunk, as chunked prefill runs them under load: the planner scales
         # its additive estimate (decode step + prompt tokens at the prefill rate) by what these measure.
         grid = mixed_grid([d["batch_size"] for d in decode], prompt_lens, engine.scheduler.config.max_num_batched_tokens)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from pernode.serve.engine.llm_engine import EngineStats, LLMEngine
 from pernode.serve.engine.outputs import RequestOutput
+from pernode.serve.engine.step_clock import StepClock
 from pernode.serve.sampling.params import SamplingParams
 
 log = logging.getLogger("pernode.serve.server")
@@ -99,6 +100,7 @@ class AsyncEngine:
         self.max_queued_requests = max_queued_requests
         self.metrics = metrics  # ServerMetrics or None
         self.stats: EngineStats = engine.stats()
+        self.step_clock = StepClock()  # the engine thread's steps: wall and CPU seconds (/metrics)
         self.dead_reason: str | None = None  # set when the engine loop stopped on an exception
         self.accepting = True
         self._cond = threading.Condition()
@@ -211,7 +213,7 @@ class AsyncEngine:
                             rejected.append((command.request_id, str(exc)))
                     else:
                         engine.abort_request(command.request_id)
-                outputs = engine.step() if engine.has_unfinished_requests() else []
+                outputs = self.step_clock.run(engine.step) if engine.has_unfinished_requests() else []
                 now = time.monotonic()
                 stats = engine.stats()
                 with self._cond:

@@ -28,7 +28,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 class _EngineStatsCollector:
     """Engine state at scrape time: no copy to keep in sync."""
 
-    def __init__(self, model_name: str, read: Callable[[], tuple[EngineStats, EngineStats, int] | None]):
+    def __init__(self, model_name: str, read: Callable[[], tuple | None]):
         self.model_name = model_name
         self.read = read
 
@@ -36,7 +36,8 @@ class _EngineStatsCollector:
         current = self.read()
         if current is None:  # still loading
             return
-        s, base, num_waiting = current
+        s, base, num_waiting = current[:3]
+        clock = current[3] if len(current) > 3 else None
         labels = [self.model_name]
 
         def gauge(name: str, doc: str, value: float):
@@ -66,6 +67,13 @@ class _EngineStatsCollector:
         yield counter("pernode:generation_tokens", "Tokens generated.", s.generation_tokens - base.generation_tokens)
         if s.spec_decode is not None:
             yield from _spec_decode_metrics(s.spec_decode, base.spec_decode, gauge, counter, labels)
+        if clock is not None:
+            steps, wall_s, cpu_s = clock.reading()
+            yield counter("pernode:engine_steps", "Engine steps run.", steps)
+            yield counter("pernode:engine_step_seconds", "Wall time of the engine's steps.", wall_s)
+            yield counter("pernode:engine_step_cpu_seconds",
+                          "The engine thread's CPU time inside its steps (wall beyond it: waiting for the core or "
+                          "the GIL).", cpu_s)
 
 
 def _spec_decode_metrics(spec, base, gauge, counter, labels):
@@ -123,7 +131,7 @@ class ServerMetrics:
 
     def _read_engine(self):
         e = self._engine
-        return None if e is None else (e.stats, self._baseline, e.num_waiting)
+        return None if e is None else (e.stats, self._baseline, e.num_waiting, getattr(e, "step_clock", None))
 
     def observe_step(self, outputs: list[RequestOutput], now_s: float) -> None:
         """Called by the engine thread after each step with that step's outputs."""
