@@ -148,14 +148,19 @@ class EagleHead(nn.Module):
         gate, up = F.linear(h, self.gate_up.to(h.dtype)).split(self.intermediate, dim=-1)
         return x + F.linear(F.silu(gate) * up, self.down.to(h.dtype)), (k, v)
 
+    def layer_output(self, features: torch.Tensor, next_embeds: torch.Tensor, positions: torch.Tensor,
+               rotary_cos: torch.Tensor, rotary_sin: torch.Tensor, past: tuple | None = None
+               ) -> tuple[torch.Tensor, tuple]:
+        """features f_t [B, L, d] and embed(x_{t+1}) [B, L, d] at positions t [L] (the position of f_t) -> (the
+        layer's output [B, L, d] before the target's final norm, its (K, V) including these positions)."""
+        x = self.fc(torch.cat((features, next_embeds.to(features.dtype)), dim=-1).to(self.fc.weight.dtype))
+        return self._layer(x, rotary_cos[positions], rotary_sin[positions], past, causal=True)
+
     def forward(self, features: torch.Tensor, next_embeds: torch.Tensor, positions: torch.Tensor,
                 rotary_cos: torch.Tensor, rotary_sin: torch.Tensor, final_norm: torch.Tensor,
                 past: tuple | None = None) -> tuple[torch.Tensor, tuple]:
-        """features f_t [B, L, d] and embed(x_{t+1}) [B, L, d] at positions t [L] (the position of f_t) ->
-        (predicted f_{t+1} [B, L, d] after the target's final norm, the layer's (K, V) including these positions)."""
-        x = self.fc(torch.cat((features, next_embeds.to(features.dtype)), dim=-1).to(self.fc.weight.dtype))
-        cos, sin = rotary_cos[positions], rotary_sin[positions]
-        h, kv = self._layer(x, cos, sin, past, causal=True)
+        """`layer_output` through the target's final norm: the predicted f_{t+1} [B, L, d], and the (K, V)."""
+        h, kv = self.layer_output(features, next_embeds, positions, rotary_cos, rotary_sin, past)
         return rms_norm(h, final_norm, self.eps), kv
 
 
