@@ -35,10 +35,10 @@ from pernode.shrink.training_forward import hidden_states
 class EagleTrainingConfig:
     teacher: str
     out: str
-    chat_prompts: int = 192  # the teacher answers these (training split of stdlib modules)
-    chat_max_tokens: int = 128
-    text_tokens: int = 16_000  # pydoc/stdlib tokens beside the replies
-    eval_prompts: int = 24  # held-out stdlib modules' prompts, answered by the teacher
+    chat_prompts: int = 48  # the teacher answers these (training split of stdlib modules)
+    chat_max_tokens: int = 96
+    text_tokens: int = 2000  # pydoc/stdlib tokens beside the replies
+    eval_prompts: int = 12  # held-out stdlib modules' prompts, answered by the teacher
     seq_len: int = 256
     top_k: int = 32
     steps: int = 150
