@@ -111,3 +111,22 @@ def test_eagle_option_parses_and_validates(head_folder):
     assert (config.method, config.draft_model, config.k) == ("eagle", head_folder, 2)
     with pytest.raises(ValueError, match="draft_model"):
         SpeculativeConfig(method="eagle")
+
+
+def test_eagle_reduced_vocabulary_head(target, head_folder, baseline, tmp_path):  # noqa: F811
+    import shutil
+    from pernode.shrink.distill.draft_vocab import write_draft_vocab
+    folder = str(tmp_path / "head-fr")
+    shutil.copytree(head_folder, folder)
+    subset = sorted(set(t for seq in baseline["random"] for t in seq[::2]) | set(range(2, 4000)))
+    write_draft_vocab(folder, subset)
+    llm = LLM(target, speculative=f"eagle={folder},k=3,adaptive=false", **ENGINE)
+    proposed = []
+    propose = llm.engine.speculator.proposer.propose
+    llm.engine.speculator.proposer.propose = lambda r, k: [proposed.extend(p.token_ids) or p for p in propose(r, k)]
+    assert ids(llm.generate(random_prompts(), greedy())) == baseline["random"]
+    stats = llm.engine.stats().spec_decode
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    assert proposed and set(proposed) <= set(subset)
+    sampled = llm.generate(["Hello"], SamplingParams(temperature=1.0, seed=3, max_tokens=12, ignore_eos=True))
+    assert len(sampled[0].outputs[0].token_ids) == 12

@@ -14,7 +14,9 @@ no features for the cached positions, so the head's cache starts where the targe
 
 Tokens come from the target's own final norm and lm_head (fp32 logits, as the target samples); greedy requests
 take the argmax, sampled ones draw from the sampler's own distribution over those logits, which is the q handed to
-the rejection sampler, so verification stays exact either way.
+the rejection sampler, so verification stays exact either way. With a `draft_vocab.json` in the head's folder
+(FR-Spec, draft_vocab.py) only those rows of the lm_head are scored, the head's largest cost otherwise; a sampled
+request's q is then the distribution over the subset, zero elsewhere, which keeps rejection sampling exact.
 """
 from __future__ import annotations
 
@@ -25,9 +27,11 @@ import torch
 
 from pernode.serve.engine.request import Request
 from pernode.serve.engine.spec_decode.adaptive import StepCostModel
-from pernode.serve.engine.spec_decode.eagle_head import EagleHead
+from pernode.serve.engine.spec_decode.draft_vocab import read_draft_vocab
+from pernode.serve.engine.spec_decode.eagle_head import EagleHead, dense_weight
 from pernode.serve.engine.spec_decode.proposal import Proposal
 from pernode.serve.engine.spec_decode.rejection_sampler import ExtendedHistory, needs_per_position_processing
+from pernode.serve.kernels.dense_linear import Linear
 from pernode.serve.models.fp32_logits import sampled_logits
 from pernode.serve.sampling.sampler import draw, is_greedy, row_probs
 
@@ -52,6 +56,15 @@ class EagleProposer:
         self.dtype = dtype
         self.states: dict[str, _HeadState] = {}
         self.forward_cost = StepCostModel()  # seconds of one head forward (and its lm_head) by tokens read
+        ids = read_draft_vocab(path, target.config.vocab_size)
+        self.vocab_ids = None if ids is None else torch.tensor(ids, dtype=torch.long, device=device)
+        self.vocab_list = ids
+        self.reduced_head = None
+        if ids is not None:  # the subset's rows of the target's lm_head (dequantized), on the dense GEMV
+            rows = dense_weight(target.lm_head)[self.vocab_ids.cpu()]
+            self.reduced_head = Linear(rows.shape[1], len(ids), bias=False, device=device, dtype=dtype)
+            with torch.no_grad():
+                self.reduced_head.weight.copy_(rows)
 
     def forget(self, request_id: str) -> None:
         self.states.pop(request_id, None)
@@ -105,8 +118,11 @@ class EagleProposer:
                                  torch.tensor(positions, dtype=torch.long, device=device), rotary.cos, rotary.sin,
                                  past)
         h = h[0]
+        normed = self.target.norm(h[-1:])
+        if self.reduced_head is not None:  # FR-Spec: logits over the subset only
+            return self.reduced_head(normed.to(self.reduced_head.weight.dtype))[0].float(), normed, kv
         logits = sampled_logits(self.target.norm, self.target.lm_head, h[-1:])[0]
-        return logits, self.target.norm(h[-1:]), kv
+        return logits, normed, kv
 
     def _propose_one(self, request: Request, k: int) -> Proposal:
         state = self._state(request)
@@ -140,7 +156,12 @@ class EagleProposer:
     def _sample(self, logits: torch.Tensor, request: Request, proposed: list[int]) -> tuple[int, torch.Tensor | None]:
         """The head's token under the request's sampling rules and the distribution it came from (None: greedy)."""
         if is_greedy(request.params) and not needs_per_position_processing(request):
-            return int(logits.argmax()), None
+            index = int(logits.argmax())
+            return (self.vocab_list[index] if self.vocab_list is not None else index), None
+        if self.vocab_ids is not None:  # q over the subset: -inf elsewhere
+            full = logits.new_full((self.target.config.vocab_size,), float("-inf"))
+            full[self.vocab_ids] = logits
+            logits = full
         q = row_probs(logits, ExtendedHistory(request, list(proposed)))
         if is_greedy(request.params):
             return int(q.argmax()), None
