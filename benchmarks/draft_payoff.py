@@ -1,4 +1,5 @@
-"""Does a draft model pay at batch 1? For each draft (NAME=PATH) on the chat workload, in one run:
+"""Does a draft model pay at batch 1? For each draft (NAME=PATH: a draft model folder, or an EAGLE head folder,
+recognised by its head.json) on the chat workload, in one run:
 
 - acceptance rate and mean accepted length at a fixed k (greedy, so they do not depend on the machine's load);
 - interleaved prompt by prompt (the engines' order rotates), the batch-1 TPOT of the target without speculation
@@ -12,17 +13,22 @@
         --num-prompts 8 --max-tokens 64 --k 1,2,3,4
 
 Several k values (--k 1,2,3,4) give one engine per (draft, k), all interleaved with the plain one in the same run.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/draft_payoff.py --drafts eagle=/work/artifacts/eagle_head \
+        --num-prompts 8 --max-tokens 64 --k 1,2,3,4
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import time
 
 from pernode.config import DEFAULT_MODEL, EngineConfig, SpeculativeConfig
 from pernode.jobs.speculative import chat_prompts
 from pernode.serve.engine.llm_engine import LLMEngine
+from pernode.serve.engine.spec_decode.eagle_head import HEAD_CONFIG
 from pernode.serve.llm import LLM
 from pernode.serve.sampling.params import SamplingParams
 
@@ -50,7 +56,11 @@ def instrument(engine: LLMEngine, t: Timings) -> None:
 
     def timed_propose(requests, num_tokens):
         # a call that also prefills the draft (far more tokens to read than k + 1) says little of the next one
-        caught_up = any(r.num_tokens - spec.proposer._done(r) > max(num_tokens) + 2 for r in requests)
+        k = max(num_tokens)
+        if hasattr(spec.proposer, "_done"):  # a draft model
+            caught_up = any(r.num_tokens - spec.proposer._done(r) > k + 2 for r in requests)
+        else:  # an EAGLE head: pairs it has not read yet
+            caught_up = any(spec.proposer.catch_up_tokens(r, k) > k + 2 for r in requests)
         started = time.perf_counter()
         out = propose(requests, num_tokens)
         if not caught_up:
@@ -72,7 +82,7 @@ def instrument(engine: LLMEngine, t: Timings) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--drafts", required=True, help="NAME=PATH,... draft model folders")
+    p.add_argument("--drafts", required=True, help="NAME=PATH,... draft model folders or EAGLE head folders")
     p.add_argument("--k", default="4", help="proposal length(s), comma-separated: one engine per draft and k")
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
@@ -85,7 +95,8 @@ def main() -> int:
     engines = {"off": LLMEngine(config)}
     timings = {name: Timings() for name in ["off", *drafts]}
     for name, (path, k) in drafts.items():
-        spec = SpeculativeConfig("draft", k=k, draft_model=path, adaptive=False)
+        method = "eagle" if os.path.isfile(os.path.join(path, HEAD_CONFIG)) else "draft"
+        spec = SpeculativeConfig(method, k=k, draft_model=path, adaptive=False)
         engines[name] = LLMEngine(dataclasses.replace(config, speculative=spec))
         instrument(engines[name], timings[name])
     llms = {name: LLM.from_engine(e) for name, e in engines.items()}

@@ -148,3 +148,32 @@ def test_engine_sampled_tokens_match_the_engine_without_speculation(small_vocab_
                 stat += (na - nb) ** 2 / (na + nb)
                 cells += 1
         assert cells >= 3 and stat < chi_square_critical(cells - 1), (position, stat, cells)
+
+
+def test_engine_sampled_tokens_with_an_eagle_head_match_the_engine_without_speculation(small_vocab_models,
+                                                                                       tmp_path):
+    """The same two-sample test with an (untrained) EAGLE head proposing: its q is the sampler's distribution
+    over the target's logits of the head's features, handed to the same rejection sampler."""
+    from pernode.serve.engine.spec_decode.eagle_head import EagleHead
+    from pernode.serve.models.loader import load_model
+    target, _ = small_vocab_models
+    head = str(tmp_path / "head")
+    EagleHead.from_target(load_model(target)[0], -1, seed=0).save(head)
+    prompt = [5, 9, 17, 3]
+    params = [SamplingParams(temperature=3.0, top_p=0.95, seed=s, max_tokens=4, ignore_eos=True) for s in range(600)]
+    engine = dict(num_blocks=512, max_model_len=64)
+    plain = LLM(target, **engine).generate([prompt] * len(params), params)
+    spec_llm = LLM(target, speculative=f"eagle={head},k=3,adaptive=false", **engine)
+    spec = spec_llm.generate([prompt] * len(params), params)
+    stats = spec_llm.engine.stats().spec_decode
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    for position in (1, 2):
+        a = [o.outputs[0].token_ids[position] for o in plain]
+        b = [o.outputs[0].token_ids[position] for o in spec]
+        stat, cells = 0.0, 0
+        for token in set(a) | set(b):
+            na, nb = a.count(token), b.count(token)
+            if na + nb >= 10:
+                stat += (na - nb) ** 2 / (na + nb)
+                cells += 1
+        assert cells >= 3 and stat < chi_square_critical(cells - 1), (position, stat, cells)

@@ -106,18 +106,19 @@ class EngineConfig:
             self.speculative = SpeculativeConfig.coerce(self.speculative)
 
 
-SPECULATIVE_METHODS = ("ngram", "draft")
+SPECULATIVE_METHODS = ("ngram", "draft", "eagle")
 MAX_SPECULATIVE_TOKENS = 16
 
 
 @dataclass
 class SpeculativeConfig:
     """Speculative decoding: who proposes tokens (`ngram`: prompt lookup; `draft`: a smaller model with the same
-    tokenizer at `draft_model`) and at most how many per request and step (`k`; adaptive below that)."""
+    tokenizer at `draft_model`; `eagle`: an EAGLE head folder at `draft_model`, which drafts from the target's own
+    features) and at most how many per request and step (`k`; adaptive below that)."""
 
     method: str = "ngram"
     k: int = 4  # the most tokens proposed per request and step
-    draft_model: str | None = None  # a name or path the engine can load; required by method="draft"
+    draft_model: str | None = None  # method "draft": a model the engine can load; "eagle": a head folder
     ngram_min: int = 1  # prompt lookup: the shortest suffix n-gram searched for earlier in the sequence
     ngram_max: int = 3  # ... and the longest (tried first)
     adaptive: bool = True  # k per request from its acceptance; none when verifying would cost more than it saves
@@ -132,9 +133,10 @@ class SpeculativeConfig:
         check_range("speculative.k", self.k, 1, MAX_SPECULATIVE_TOKENS)
         check_range("speculative.ngram_min", self.ngram_min, 1, 64)
         check_range("speculative.ngram_max", self.ngram_max, self.ngram_min, 64)
-        if (self.method == "draft") != bool(self.draft_model):
+        if (self.method in ("draft", "eagle")) != bool(self.draft_model):
             raise ValueError(f"speculative.draft_model={self.draft_model!r} is not allowed with "
-                             f"method={self.method!r}: method 'draft' needs a draft model path, 'ngram' takes none")
+                             f"method={self.method!r}: methods 'draft' and 'eagle' need a path (a draft model, an "
+                             "EAGLE head folder), 'ngram' takes none")
         if not isinstance(self.adaptive, bool):
             raise ValueError(f"speculative.adaptive={self.adaptive!r} is out of range: allowed true or false")
 
@@ -163,8 +165,8 @@ class SpeculativeConfig:
             key = key.strip().replace("-", "_")
             if key == "ngram" and not value:
                 fields["method"] = "ngram"
-            elif key == "draft":
-                fields["method"], fields["draft_model"] = "draft", value.strip() or None
+            elif key in ("draft", "eagle"):
+                fields["method"], fields["draft_model"] = key, value.strip() or None
             elif key in ("k", "ngram_min", "ngram_max"):
                 try:
                     fields[key] = int(value)
@@ -173,8 +175,9 @@ class SpeculativeConfig:
             elif key == "adaptive" and value.lower() in ("true", "false", "on", "off"):
                 fields[key] = value.lower() in ("true", "on")
             else:
-                raise ValueError(f"speculative: {part!r} is not understood: allowed 'ngram' or 'draft=PATH', then "
-                                 "k=N, ngram_min=N, ngram_max=N, adaptive=true|false")
+                raise ValueError(f"speculative: {part!r} is not understood: allowed 'ngram', 'draft=PATH' or "
+                                 "'eagle=PATH', then k=N, ngram_min=N, ngram_max=N, adaptive=true|false")
         if "method" not in fields:
-            raise ValueError(f"speculative={text!r} names no proposer: start with 'ngram' or 'draft=PATH'")
+            raise ValueError(f"speculative={text!r} names no proposer: start with 'ngram', 'draft=PATH' or "
+                             "'eagle=PATH'")
         return cls(**fields)

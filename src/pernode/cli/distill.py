@@ -13,6 +13,7 @@ from pernode.jobs.distillation import run_distillation
 from pernode.serve.models.loader import load_model
 from pernode.shrink.distill import DistillConfig, StudentSpec, TrainingConfig
 from pernode.shrink.distill.draft_vocab import build_draft_vocab
+from pernode.shrink.distill.eagle_training import EagleTrainingConfig, train_eagle_head
 from pernode.shrink.distill.student_checkpoint import save_student
 from pernode.shrink.distill.trainer import training_threads
 from pernode.shrink.evaluate.perplexity import calibration_windows, evaluate_perplexity
@@ -83,6 +84,22 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=128, help="tokens per teacher reply")
     p.set_defaults(func=run_draft_vocab)
 
+    p = sub.add_parser("draft-head", help="train an EAGLE draft head on the served model's own features (for "
+                                          "--speculative eagle=OUT)")
+    add_model_argument(p, "the served model (the head reads its hidden states)")
+    p.add_argument("--out", required=True, help="folder for head.safetensors + head.json")
+    p.add_argument("--chat-prompts", type=int, default=48, help="training chat prompts the served model answers")
+    p.add_argument("--chat-max-tokens", type=int, default=96, help="tokens per reply")
+    p.add_argument("--text-tokens", type=int, default=2000, help="pydoc/stdlib tokens beside the replies")
+    p.add_argument("--eval-prompts", type=int, default=12, help="held-out chat prompts for the acceptance figure")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--k-eval", type=int, default=4, help="drafts chained in the teacher-forced acceptance")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=run_draft_head)
+
     p = sub.add_parser("prune-structured",
                        help="remove heads/KV groups/FFN channels/layers by activation importance (Minitron)")
     add_model_argument(p)
@@ -144,6 +161,16 @@ def run_draft_vocab(args: argparse.Namespace) -> int:
         raise ValueError(f"--draft {args.draft!r} is not a folder: give the draft checkpoint's folder")
     details = build_draft_vocab(args.model, args.draft, args.size, args.prompts, args.max_tokens)
     print(json.dumps(details, indent=1))
+    return 0
+
+
+def run_draft_head(args: argparse.Namespace) -> int:
+    config = EagleTrainingConfig(teacher=args.model, out=args.out, chat_prompts=args.chat_prompts,
+                                 chat_max_tokens=args.chat_max_tokens, text_tokens=args.text_tokens,
+                                 eval_prompts=args.eval_prompts, steps=args.steps, batch_size=args.batch_size,
+                                 lr=args.lr, k_eval=args.k_eval, seed=args.seed, threads=args.threads)
+    details = train_eagle_head(config)
+    print(json.dumps({k: details[k] for k in ("acceptance", "features_s", "train_s", "elapsed_s")}, indent=1))
     return 0
 
 

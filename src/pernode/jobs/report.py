@@ -149,10 +149,11 @@ def _quantization(model: str, out_dir: str, quick: bool, console) -> list[dict]:
 
 
 def _speculation(config: EngineConfig, quick: bool) -> list:
-    """Batch-1 TPOT without speculation, with prompt lookup, and with the draft model of --speculative if any."""
+    """Batch-1 TPOT without speculation, with prompt lookup, and with the draft model or EAGLE head of
+    --speculative if any."""
     proposers = {"off": None, "ngram": SpeculativeConfig("ngram")}
-    if config.speculative is not None and config.speculative.method == "draft":
-        proposers["draft"] = config.speculative
+    if config.speculative is not None and config.speculative.method in ("draft", "eagle"):
+        proposers[config.speculative.method] = config.speculative
     return measure_speculation(dataclasses.replace(config, speculative=None), proposers,
                                num_prompts=1 if quick else 4, max_tokens=32 if quick else 64)
 

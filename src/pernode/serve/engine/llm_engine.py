@@ -114,7 +114,7 @@ class LLMEngine:
         self.sampler = Sampler()
         self.speculator = None if config.speculative is None else Speculator.create(
             config.speculative, self.model_config, self.tokenizer, self.num_blocks, self.block_size, self.device,
-            self.dtype, self.max_model_len, self.model.kernel_switch_rows(self.dtype))
+            self.dtype, self.max_model_len, self.model.kernel_switch_rows(self.dtype), self.model)
         self._prompt_validator = PromptValidator(self.tokenizer, self.model_config.vocab_size, self.max_model_len,
                                                self.kv)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -236,6 +236,8 @@ class LLMEngine:
                 self.prompt_logprobs.record({r.request_id: r for r in batch.requests}, prompt_logits)
             else:
                 logits, sampling = self.runner.execute(batch)
+            if self.speculator is not None:
+                self.speculator.observe(batch, self.model)
             token_masks = masks.result() if masks is not None else None
             if self.speculator is None:
                 result = self.sampler(logits, sampling, token_masks)

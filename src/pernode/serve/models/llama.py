@@ -155,6 +155,9 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = rotary
         self.fused_decoder: FusedDecoder | None = None  # see use_fused_decoder
+        # an EAGLE proposer reads every row's last hidden state (before the final norm) after each forward
+        self.keep_hidden_states = False
+        self.last_hidden_states: torch.Tensor | None = None
         self.tie_weights()
 
     def use_fused_decoder(self, enabled: bool = True) -> bool:
@@ -180,6 +183,8 @@ class LlamaForCausalLM(nn.Module):
         else:
             for layer, kv_cache in zip(self.layers, kv_caches):
                 x = layer(x, positions, kv_cache, meta)
+        if self.keep_hidden_states:
+            self.last_hidden_states = x
         if logits_indices is not None:
             x = x[logits_indices]
         return sampled_logits(self.norm, self.lm_head, x)

@@ -18,6 +18,7 @@ from pernode.serve.engine.request import Request
 from pernode.serve.engine.spec_decode.adaptive import (AcceptanceTracker, StepCostModel,
                                                        max_proposed_without_switching, plan_num_tokens)
 from pernode.serve.engine.spec_decode.draft_proposer import DraftModelProposer
+from pernode.serve.engine.spec_decode.eagle_proposer import EagleProposer
 from pernode.serve.engine.spec_decode.ngram_proposer import NgramProposer
 from pernode.serve.engine.spec_decode.proposal import Proposal
 from pernode.serve.engine.spec_decode.rejection_sampler import verify
@@ -39,7 +40,7 @@ class SpeculativeSampleResult(SampleResult):
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig, proposer: NgramProposer | DraftModelProposer,
+    def __init__(self, config: SpeculativeConfig, proposer: NgramProposer | DraftModelProposer | EagleProposer,
                  switch_rows: tuple[list[int], list[int]] = ([], [])):
         self.config = config
         self.proposer = proposer
@@ -56,9 +57,14 @@ class Speculator:
     @classmethod
     def create(cls, config: SpeculativeConfig, target_config: ModelConfig, tokenizer: Tokenizer, num_blocks: int,
                block_size: int, device: torch.device, dtype: torch.dtype, max_model_len: int,
-               switch_rows: tuple[list[int], list[int]] = ([], [])) -> Speculator:
+               switch_rows: tuple[list[int], list[int]] = ([], []), target_model=None) -> Speculator:
         if config.method == "ngram":
             return cls(config, NgramProposer(config.ngram_min, config.ngram_max), switch_rows)
+        if config.method == "eagle":
+            if target_model is None:
+                raise ValueError("speculative.method='eagle' needs the served model (its hidden states)")
+            target_model.keep_hidden_states = True
+            return cls(config, EagleProposer(config.draft_model, target_model, device, dtype), switch_rows)
         return cls(config, DraftModelProposer(config.draft_model, target_config, tokenizer, num_blocks, block_size,
                                               device, dtype, max_model_len), switch_rows)
 
@@ -82,7 +88,7 @@ class Speculator:
             self.stats.num_steps_declined += 1
             return
         if self.config.adaptive:
-            draft = self.proposer if isinstance(self.proposer, DraftModelProposer) else None
+            draft = self.proposer if isinstance(self.proposer, (DraftModelProposer, EagleProposer)) else None
             plan = plan_num_tokens([self.acceptance.rate(r.request_id) for r in decoding], k_max, other_tokens,
                                    self.verify_cost, self.propose_cost if draft is None else draft.forward_cost,
                                    max_total, None if draft is None else
@@ -117,6 +123,12 @@ class Speculator:
                                and kv.allocate(request, request.num_tokens + num_proposed - request.num_computed_tokens))
 
     # ---- after the forward: verify ---------------------------------------------------------------------
+    def observe(self, batch, model) -> None:
+        """Hand an EAGLE proposer the forward's hidden states (before the step's num_computed_tokens advance)."""
+        if isinstance(self.proposer, EagleProposer) and model.last_hidden_states is not None:
+            self.proposer.observe(batch.requests, batch.num_new_tokens, model.last_hidden_states)
+            model.last_hidden_states = None
+
     def record_step(self, num_tokens: int, seconds: float) -> None:
         self.verify_cost.record(num_tokens, seconds)
 
