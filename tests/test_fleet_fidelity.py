@@ -14,7 +14,8 @@ from pernode.measure.profile.serving_path import measure_serving_path
 from pernode.price.intervals import seed_intervals, where_in_interval
 from pernode.price.planner import plan
 from pernode.price.simulator import ReplicaConfig, simulate_fleet
-from pernode.price.step_time import StepTimeModel, kv_blocks_held_mean, max_batch_size
+from pernode.price.step_time import StepTimeModel
+from pernode.price.max_batch import kv_blocks_held_mean, max_batch_size
 from pernode.price.workload import LengthDist, RequestTrace, Workload
 from pernode.serve.deploy import Autoscale, FleetSpec
 from pernode.serve.deploy.cpuset import check_cpusets, claim_slot, claims, parse_cpu_list, pin_process

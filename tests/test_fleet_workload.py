@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from pernode.price.step_time import StepTimeModel, max_batch_size
+from pernode.price.step_time import StepTimeModel
+from pernode.price.max_batch import max_batch_size
 from pernode.price.workload import LengthDist, Workload
 
 

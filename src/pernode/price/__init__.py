@@ -5,7 +5,8 @@ from pernode.price.planner import Comparison, compare_plans, plan
 from pernode.price.pricing import PRICES, Price, resolve_price
 from pernode.price.replica import ReplicaConfig
 from pernode.price.simulator import POLICIES, simulate_fifo_servers, simulate_fleet
-from pernode.price.step_time import BatchLimit, MaxBatch, StepTimeModel, max_batch_size
+from pernode.price.step_time import StepTimeModel
+from pernode.price.max_batch import BatchLimit, MaxBatch, max_batch_size
 from pernode.price.workload import LengthDist, RequestTrace, Workload
 from pernode.slo import SLO
 

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from pernode.price.pricing import Price
-from pernode.price.step_time import MaxBatch
+from pernode.price.max_batch import MaxBatch
 from pernode.price.workload import Workload
 from pernode.records import read_json
 from pernode.slo import SLO

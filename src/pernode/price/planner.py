@@ -19,7 +19,8 @@ from pernode.price.plan_basis import measured_basis, projection_assumptions
 from pernode.price.pricing import Price, resolve_price
 from pernode.price.queueing import erlang_c, mmc_wait_quantile_s, replica_capacity_rps, request_service_s
 from pernode.price.simulator import ROUTERS, ReplicaConfig, simulate_fleet
-from pernode.price.step_time import BatchLimit, StepTimeModel, kv_block_size, kv_max_tokens, max_batch_size
+from pernode.price.step_time import StepTimeModel
+from pernode.price.max_batch import BatchLimit, kv_block_size, kv_max_tokens, max_batch_size
 from pernode.price.workload import Workload
 from pernode.slo import SLO
 

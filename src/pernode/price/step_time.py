@@ -1,4 +1,4 @@
-"""How long one engine step of a replica takes, and how big a batch a replica can run, from its profile.
+"""How long one engine step of a replica takes, from its profile (how big a batch it can run: price/max_batch.py).
 
 One step with b running decodes and p scheduled prompt tokens lasts decode_step_s(b) + p / prefill_tokens_per_s:
 the decode part is read off the measured decode[] curve in batch size, the prefill part off prefill[] in prompt length.
@@ -24,17 +24,15 @@ measure/profile/serving_path_streams.py); a plan says which one it assumed.
 from __future__ import annotations
 
 import dataclasses
-import enum
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 
-from pernode.config import DEFAULT_BLOCK_SIZE
 from pernode.measure.profile.profile_schema import Profile
 
 
-def _number(row: Mapping[str, Any], key: str, where: str, minimum_exclusive: float = 0.0) -> float:
+def profile_number(row: Mapping[str, Any], key: str, where: str, minimum_exclusive: float = 0.0) -> float:
     if key not in row:
         raise ValueError(f"profile {where}.{key} is missing; re-run `pernode profile` to write a complete profile")
     v = row[key]
@@ -88,8 +86,8 @@ class StepTimeModel:
                              "(prompt_len, prefill_tokens_per_s); re-run `pernode profile`")
         points: list[tuple[int | None, float, float]] = []
         for i, row in enumerate(decode_rows):
-            b = _number(row, "batch_size", f"decode[{i}]")
-            s = _number(row, "step_s", f"decode[{i}]")
+            b = profile_number(row, "batch_size", f"decode[{i}]")
+            s = profile_number(row, "step_s", f"decode[{i}]")
             ctx = row.get("context_len")
             points.append((int(ctx) if isinstance(ctx, (int, float)) and not isinstance(ctx, bool) else None, b, s))
         contexts = sorted({c for c, _, _ in points if c is not None})
@@ -106,8 +104,8 @@ class StepTimeModel:
 
         lens, rates = [], []
         for i, row in enumerate(prefill_rows):
-            lens.append(_number(row, "prompt_len", f"prefill[{i}]"))
-            rates.append(_number(row, "prefill_tokens_per_s", f"prefill[{i}]"))
+            lens.append(profile_number(row, "prompt_len", f"prefill[{i}]"))
+            rates.append(profile_number(row, "prefill_tokens_per_s", f"prefill[{i}]"))
         lens_a, rates_a = _merge_duplicates(lens, rates)
         # the engine as it runs inside the serving process, when the serving path measured it differing
         ratio = serving_engine_ratio(profile)
@@ -201,9 +199,9 @@ def _mixed_ratio_grid(model: StepTimeModel, points: list, context_len: int | Non
     batch sizes x prompt tokens, each cell measured / additive; a cell not measured takes its row's mean."""
     ratios: dict[tuple[int, int], float] = {}
     for i, point in enumerate(points):
-        b = int(_number(point, "batch_size", f"mixed[{i}]"))
-        p = int(_number(point, "prompt_tokens", f"mixed[{i}]"))
-        measured = _number(point, "step_s", f"mixed[{i}]") * scale  # scaled as the decode and prefill points
+        b = int(profile_number(point, "batch_size", f"mixed[{i}]"))
+        p = int(profile_number(point, "prompt_tokens", f"mixed[{i}]"))
+        measured = profile_number(point, "step_s", f"mixed[{i}]") * scale  # scaled as the decode and prefill points
         if context_len is not None and point.get("context_len") not in (None, context_len):
             continue
         additive = model.engine_decode_step_s(b) + p / model.prefill_tokens_per_s(p)
@@ -274,7 +272,7 @@ def serving_curve(profile: Profile) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     streams, added = [], []
     for i, row in enumerate(rows):
-        streams.append(_number(row, "streams", f"serving_path.per_step_curve[{i}]"))
+        streams.append(profile_number(row, "streams", f"serving_path.per_step_curve[{i}]"))
         v = row.get("added_s") if isinstance(row, Mapping) else None
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
             raise ValueError(f"profile serving_path.per_step_curve[{i}].added_s={v!r}: must be a finite number >= 0 "
@@ -314,101 +312,3 @@ def _merge_duplicates(xs: list[float], ys: list[float]) -> tuple[np.ndarray, np.
     np.add.at(sums, inverse, y)
     np.add.at(counts, inverse, 1.0)
     return ux, sums / counts
-
-
-class BatchLimit(str, enum.Enum):
-    """Which limit set a replica's max batch."""
-
-    TPOT_SLO = "tpot_slo"
-    KV_CACHE = "kv_cache"
-    TOKEN_BUDGET = "token_budget"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-@dataclass(frozen=True)
-class MaxBatch:
-    """The largest batch one replica should run, and which limit set it."""
-
-    batch_size: int  # 0 when no batch meets the limits
-    limited_by: BatchLimit
-    tpot_limit: int | None  # largest batch whose pure-decode step meets the TPOT SLO; None without a TPOT SLO
-    kv_limit: int  # largest batch whose mean context fits in kv_cache.max_tokens
-    decode_step_s: float  # step time at batch_size
-    extrapolated: bool  # batch_size lies beyond the largest measured decode batch
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"batch_size": self.batch_size, "limited_by": self.limited_by.value, "tpot_limit": self.tpot_limit,
-                "kv_limit": self.kv_limit, "decode_step_s": self.decode_step_s, "extrapolated": self.extrapolated}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "MaxBatch":
-        try:
-            limited_by = BatchLimit(d["limited_by"])
-            return cls(int(d["batch_size"]), limited_by, None if d["tpot_limit"] is None else int(d["tpot_limit"]),
-                       int(d["kv_limit"]), float(d["decode_step_s"]), bool(d["extrapolated"]))
-        except KeyError as e:
-            raise ValueError(f"max_batch_per_replica: missing {e.args[0]}") from None
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"max_batch_per_replica={dict(d)!r}: {e}") from None
-
-
-def kv_max_tokens(profile: Profile) -> int:
-    kv = profile.get("kv_cache")
-    if not isinstance(kv, Mapping):
-        raise ValueError("profile kv_cache is missing: the planner needs kv_cache.max_tokens; re-run `pernode profile`")
-    return int(_number(kv, "max_tokens", "kv_cache"))
-
-
-def kv_block_size(profile: Profile) -> int:
-    """The engine's KV block size the profile was taken with (the engine's default when an older profile lacks it)."""
-    kv = profile.get("kv_cache") or {}
-    return int(_number(kv, "block_size", "kv_cache")) if "block_size" in kv else DEFAULT_BLOCK_SIZE
-
-
-def kv_blocks_held_mean(prompt_tokens: float, output_tokens: float, block_size: int) -> float:
-    """Blocks a request holds on average over its steps, counted as the engine's KV cache counts them: its
-    prefill step holds blocks for the prompt, and the step that samples output token j (j >= 2) holds blocks for
-    prompt + j - 1 tokens, in whole blocks of `block_size`. The simulator runs that very KV cache, so the batch
-    the planner sizes is the batch the simulator and the engine hold on average."""
-    p, o = max(float(prompt_tokens), 1.0), max(int(round(output_tokens)), 1)
-    tokens = p + np.arange(o, dtype=np.float64)  # prefill: p; then p + 1 ... p + o - 1
-    return float(np.mean(np.ceil(tokens / block_size)))
-
-
-def max_batch_size(step_model: StepTimeModel, kv_max_tokens: int, mean_context_tokens: float,
-                   tpot_slo_s: float | None = None, token_budget: int | None = None, *,
-                   mean_prompt_tokens: float | None = None, mean_output_tokens: float | None = None,
-                   block_size: int = 1) -> MaxBatch:
-    """Largest b with decode_step_s(b) <= TPOT SLO and b requests' KV fitting in kv_max_tokens.
-
-    Given the mean prompt and output, the KV bound is the engine's own rule (`kv_blocks_held_mean`): blocks in
-    the cache over blocks a request holds on average over its life. Without them, the older and conservative
-    bound: b * mean context (prompt + whole output) <= KV tokens. The pure-decode step is the best TPOT a batch
-    can give; prefill chunks riding along stretch it, which the simulator measures.
-    """
-    if mean_prompt_tokens is not None and mean_output_tokens is not None:
-        held = kv_blocks_held_mean(mean_prompt_tokens, mean_output_tokens, block_size)
-        kv_limit = int((kv_max_tokens // block_size) // held)
-    else:
-        kv_limit = int(kv_max_tokens // max(mean_context_tokens, 1.0))
-    limit, limited_by = kv_limit, BatchLimit.KV_CACHE
-    if token_budget is not None and token_budget - 1 < limit:
-        # Decodes take one budget token each; keep at least one for prompts so admissions never starve.
-        limit, limited_by = token_budget - 1, BatchLimit.TOKEN_BUDGET
-    tpot_limit = None
-    if tpot_slo_s is not None:
-        lo, hi = 0, max(limit, 0)
-        while lo < hi:  # largest b in [0, hi] with step <= slo; decode_step_s is non-decreasing
-            mid = (lo + hi + 1) // 2
-            if step_model.decode_step_s(mid) <= tpot_slo_s:
-                lo = mid
-            else:
-                hi = mid - 1
-        tpot_limit = lo
-        if tpot_limit < limit:
-            limit, limited_by = tpot_limit, BatchLimit.TPOT_SLO
-    limit = max(limit, 0)
-    return MaxBatch(limit, limited_by, tpot_limit, kv_limit, step_model.decode_step_s(limit),
-                    limit > step_model.max_measured_batch)

@@ -21,7 +21,8 @@ from pernode.price.planner import Plan
 from pernode.price.replica import ReplicaConfig
 from pernode.price.simulator import simulate_fleet
 from pernode.price.intervals import seed_intervals, summary_values, where_in_interval
-from pernode.price.step_time import StepTimeModel, kv_block_size, kv_max_tokens
+from pernode.price.step_time import StepTimeModel
+from pernode.price.max_batch import kv_block_size, kv_max_tokens
 from pernode.price.workload import RequestTrace, Workload
 from pernode.serve.deploy import ROUTER_POLICY
 
