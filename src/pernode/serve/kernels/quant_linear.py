@@ -194,7 +194,7 @@ class QuantLinear(nn.Module):
         self._op_args = (self.qweight, scale, term, self.scheme.num_bits,
                          self.scheme.group_size or 0, envs.quant_threads())
         self._gemm_from_rows = {}
-        self._panel_from_rows: dict[torch.dtype, int] = {}
+        self._panel_from_rows = {}
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_layer_weight(self.qweight, self.weight_scale, self.weight_zero_point, self.scheme.num_bits,
@@ -259,7 +259,8 @@ class QuantLinear(nn.Module):
     def kernel_switch_rows(self, dtype: torch.dtype) -> list[int]:
         """Row counts from which a call with x of `dtype` runs another kernel, whose accumulation order differs:
         the measured GEMM crossover, the panel kernel's (int4, int8 x) below it, and for float x the op's own switch
-        to a tiled fp32 matmul past FLOAT_GEMV_MAX_ROWS. Below the first, each row is computed alike whatever the rows beside it."""
+        to a tiled fp32 matmul past FLOAT_GEMV_MAX_ROWS. Below the first, each row is computed alike whatever the
+        rows beside it (the panel kernel too: its rows share no accumulator)."""
         if self._op is None:
             return []
         gemm = self.gemm_from_rows(dtype)
