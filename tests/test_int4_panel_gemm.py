@@ -117,12 +117,20 @@ def test_layer_dispatch_runs_gemv_then_panel_then_gemm(monkeypatch):
     assert layer.gemv_quantizes_input(29) and not layer.gemv_quantizes_input(30)
 
 
-def test_a_fixed_gemm_crossover_alone_keeps_the_panel_off(monkeypatch):
+def test_the_panel_is_off_unless_asked_for(monkeypatch):
     monkeypatch.delenv("PERNODE_PANEL_FROM_ROWS", raising=False)
     monkeypatch.setenv("PERNODE_GEMM_FROM_ROWS", "100000")
     layer = _layer(SCHEMES["q4_1"], 128, 32)
     assert layer.panel_from_rows(torch.float32) == NEVER
     assert layer.gemm_from_rows(torch.float32) == 100000
+
+
+def test_a_measured_panel_crossover_lies_in_the_decode_rows(monkeypatch):
+    monkeypatch.setenv("PERNODE_PANEL_FROM_ROWS", "measure")
+    monkeypatch.setenv("PERNODE_GEMM_FROM_ROWS", "100000")
+    forget_measurements()
+    rows = _layer(SCHEMES["q4_1"], 256, 96).panel_from_rows(torch.float32)
+    assert 4 <= rows <= PANEL_MAX_ROWS or rows == NEVER
 
 
 def test_panel_serves_decode_sized_steps_only(monkeypatch):

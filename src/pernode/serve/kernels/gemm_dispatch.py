@@ -238,13 +238,10 @@ def measure_crossover(gemv: Callable[[torch.Tensor], torch.Tensor], gemm: Callab
 def gemm_from_rows(shape: LinearShape, kernel_source: str, gemv: Callable[[torch.Tensor], torch.Tensor],
                    gemm: Callable[[torch.Tensor], torch.Tensor]) -> int:
     """Row count from which this layer runs the GEMM (or, for shape.kernels "gemv/panel", the panel kernel):
-    PERNODE_GEMM_FROM_ROWS (PERNODE_PANEL_FROM_ROWS), else the cached or newly measured crossover
+    PERNODE_GEMM_FROM_ROWS (for the GEMM), else the cached or newly measured crossover
     (PERNODE_REMEASURE_KERNELS=1 measures again and replaces the cached one)."""
-    if shape.kernels == "gemv/panel":  # a fixed GEMM crossover alone keeps its meaning: GEMV up to it, no panel
-        forced = envs.panel_from_rows()
-        forced = NEVER if forced is None and envs.gemm_from_rows() is not None else forced
-    else:
-        forced = envs.gemm_from_rows()
+    # PERNODE_PANEL_FROM_ROWS is read by the layer (QuantLinear.panel_from_rows), which asks here only to measure
+    forced = None if shape.kernels == "gemv/panel" else envs.gemm_from_rows()
     if forced is not None:
         return forced
     key = shape.key(kernel_source)

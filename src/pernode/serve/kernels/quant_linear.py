@@ -6,8 +6,8 @@ is the plain-torch result they are held to, and the fallback where they cannot b
 kernels by its row count, from the crossover measured for the layer's shape on this CPU (gemm_dispatch.py):
 decode-sized steps run the GEMV, which streams the packed weights (for int4 it quantizes x to int8 per 32-value
 block and multiplies integers with VNNI, as llama.cpp's Q8 activations do; int8 weights and
-`PERNODE_QUANT_INPUT=float` keep x in fp32); int4 decode batches from a second measured crossover on (up to
-PANEL_MAX_ROWS rows) run `woq_panel_gemm`, the same int8-x products register-blocked over rows, so each weight is
+`PERNODE_QUANT_INPUT=float` keep x in fp32); with PERNODE_PANEL_FROM_ROWS set, int4 decode batches from a second
+(measured) crossover on, up to PANEL_MAX_ROWS rows, run `woq_panel_gemm`, the same int8-x products register-blocked over rows, so each weight is
 unpacked once per call instead of once per 8 rows; compute-bound steps (prefill chunks) run `woq_gemm`,
 dequantized tiles through a GEMM in the activations' dtype (bf16 on CPUs that compute it natively). W8A8 layers
 use `torch._int_mm` (oneDNN's VNNI int8 GEMM on CPU).
@@ -225,14 +225,18 @@ class QuantLinear(nn.Module):
 
     def panel_from_rows(self, dtype: torch.dtype) -> int:
         """Row count from which calls with x of `dtype` run the panel kernel instead of the GEMV (up to
-        PANEL_MAX_ROWS; NEVER where there is none or it never wins below that)."""
+        PANEL_MAX_ROWS; NEVER where there is none, it never wins below that, or PERNODE_PANEL_FROM_ROWS is off, the
+        default)."""
         rows = self._panel_from_rows.get(dtype)
         if rows is None:
-            if self._panel is None:
+            setting = envs.panel_from_rows()
+            if self._panel is None or setting is None:
                 rows = NEVER
-            else:
+            elif setting == envs.PANEL_MEASURE:
                 rows = gemm_from_rows(self._shape(dtype, "gemv/panel"), SOURCE, self._run_gemv, self._run_panel)
-                rows = rows if rows <= PANEL_MAX_ROWS else NEVER
+            else:
+                rows = setting
+            rows = rows if rows <= PANEL_MAX_ROWS else NEVER
             self._panel_from_rows[dtype] = rows
         return rows
 
