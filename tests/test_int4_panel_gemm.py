@@ -145,3 +145,19 @@ def test_bad_panel_setting_names_the_variable(monkeypatch):
     layer = _layer(SCHEMES["q4_1"], 128, 32)
     with pytest.raises(ValueError, match="PERNODE_PANEL_FROM_ROWS"):
         layer.panel_from_rows(torch.float32)
+
+
+def test_default_engine_keeps_the_bf16_gemm_for_a_short_chat_prompt(monkeypatch):
+    """With the panel off (the default) a ~35-token chat prompt runs through the bf16 GEMM and the default model
+    answers its near-tie question as fp32 does; the panel's int8 activations flip it (docs/threads.md)."""
+    from pernode.config import EngineConfig
+    from pernode.serve.engine.llm_engine import LLMEngine
+    from pernode.serve.llm import LLM
+    from pernode.serve.sampling.params import SamplingParams
+
+    monkeypatch.delenv("PERNODE_PANEL_FROM_ROWS", raising=False)
+    monkeypatch.delenv("PERNODE_GEMM_FROM_ROWS", raising=False)
+    llm = LLM.from_engine(LLMEngine(EngineConfig(model="smollm2-135m", kv_cache_bytes=64 * 2**20)))
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
+    assert out.text.startswith("The capital of France is Paris"), out.text
