@@ -129,6 +129,24 @@ def test_fused_stack_matches_the_per_op_layers_at_decode_batches_up_to_64_rows(w
             assert torch.equal(k0, k1) and torch.equal(v0, v1)
 
 
+@pytest.mark.parametrize("weights", ["int4", "int4-sym"])
+def test_fused_stack_runs_the_panel_kernel_as_the_per_op_layers_do(weights, monkeypatch):
+    """int4 decode batches past the panel crossover (fixed low here) take the panel kernel on both paths."""
+    monkeypatch.setenv("PERNODE_PANEL_FROM_ROWS", "3")
+    monkeypatch.setenv("PERNODE_GEMM_FROM_ROWS", "1000")
+    model = tiny_model(weights, torch.bfloat16)
+    assert model.use_fused_decoder()
+    proj = model.layers[0].mlp.gate_up_proj
+    assert proj.panel_from_rows(torch.bfloat16) == 3 and proj.gemm_from_rows(torch.bfloat16) == 65
+    for batch, query_len in ((2, 1), (13, 1), (16, 4)):
+        contexts = [(5 * s) % 60 + 1 for s in range(batch)]
+        caches, tables = prefilled(model, torch.bfloat16, contexts)
+        (ref, ref_caches), (got, got_caches) = both_paths(model, caches, tables, contexts, [query_len] * batch)
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+        for (k0, v0), (k1, v1) in zip(ref_caches, got_caches):
+            assert torch.equal(k0, k1) and torch.equal(v0, v1)
+
+
 def test_fused_stack_covers_verify_steps_and_qkv_bias():
     """Several query tokens per sequence (a speculative verify step) and a Qwen2-style qkv bias."""
     model = tiny_model("int4", torch.bfloat16, architecture="qwen2")

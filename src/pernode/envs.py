@@ -20,6 +20,8 @@ Other settings:
   PERNODE_QUANT_THREADS  threads of the small-batch quantized and dense GEMVs; 0 (default): torch's thread count
   PERNODE_GEMM_FROM_ROWS rows from which quantized linears run the GEMM instead of the GEMV (default: measured on
                          this CPU per layer shape, see kernels/gemm_dispatch.py)
+  PERNODE_PANEL_FROM_ROWS off (default) | measure | N: rows from which int4 linears with int8 x run the panel
+                         kernel instead of the GEMV (up to 64 rows); measure: the crossover measured per shape
   PERNODE_REMEASURE_KERNELS 1: measure the GEMV/GEMM crossovers again and replace the cached ones (default 0)
   PERNODE_KERNEL_CACHE   folder of compiled kernels (default ~/.cache/pernode/kernels)
   PERNODE_COMPILE_CACHE  torch.compile's (inductor's) cache under --compile (default ~/.cache/pernode/inductor);
@@ -122,9 +124,8 @@ def quant_threads() -> int:
     return threads
 
 
-def gemm_from_rows() -> int | None:
-    """PERNODE_GEMM_FROM_ROWS: a fixed GEMV/GEMM crossover for quantized linears; None (unset): measure it."""
-    value = _raw("PERNODE_GEMM_FROM_ROWS").strip()
+def _rows_setting(name: str) -> int | None:
+    value = _raw(name).strip()
     if not value:
         return None
     try:
@@ -132,7 +133,35 @@ def gemm_from_rows() -> int | None:
     except ValueError:
         rows = 0
     if rows < 1:
-        raise ValueError(f"PERNODE_GEMM_FROM_ROWS={value!r} is not allowed: allowed an integer >= 1 (or unset)")
+        raise ValueError(f"{name}={value!r} is not allowed: allowed an integer >= 1 (or unset)")
+    return rows
+
+
+def gemm_from_rows() -> int | None:
+    """PERNODE_GEMM_FROM_ROWS: a fixed GEMV/GEMM crossover for quantized linears; None (unset): measure it."""
+    return _rows_setting("PERNODE_GEMM_FROM_ROWS")
+
+
+PANEL_MEASURE = -1  # panel_from_rows(): measure the crossover
+
+
+def panel_from_rows() -> int | None:
+    """PERNODE_PANEL_FROM_ROWS: unset or "off" (default): no panel kernel (None); "measure": measure the GEMV/panel
+    crossover (PANEL_MEASURE); an integer >= 1: that crossover. Off by default because the panel's int8 activations
+    would also take short prompts (up to 64 tokens) off the bf16 GEMM, which flips near-tie greedy answers (the
+    chat question "What is the capital of France?")."""
+    value = _raw("PERNODE_PANEL_FROM_ROWS").strip().lower()
+    if value in ("", "off"):
+        return None
+    if value == "measure":
+        return PANEL_MEASURE
+    try:
+        rows = int(value)
+    except ValueError:
+        rows = 0
+    if rows < 1:
+        raise ValueError(f"PERNODE_PANEL_FROM_ROWS={value!r} is not allowed: allowed off, measure or an integer >= 1 "
+                         "(or unset: off)")
     return rows
 
 

@@ -78,11 +78,15 @@ class LinearShape:
     int8_input: bool
     dtype: torch.dtype
     num_threads: int
+    # The two kernels compared, "slower-at-few-rows/faster-at-many": the GEMV against the GEMM, or (int4 with int8
+    # x) the GEMV against the panel kernel, and the GEMV-or-panel decode kernel against the GEMM.
+    kernels: str = "gemv/gemm"
 
     def key(self, kernel_source: str) -> str:
+        pair = "" if self.kernels == "gemv/gemm" else f"|{self.kernels}"
         return (f"{METHOD}|{_build_and_machine(kernel_source)}|N={self.out_features}|K={self.in_features}"
                 f"|w{self.num_bits}g{self.group_size}|zero={int(self.has_zero_term)}|x8={int(self.int8_input)}"
-                f"|{str(self.dtype).removeprefix('torch.')}|threads={self.num_threads}")
+                f"|{str(self.dtype).removeprefix('torch.')}|threads={self.num_threads}{pair}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -233,9 +237,11 @@ def measure_crossover(gemv: Callable[[torch.Tensor], torch.Tensor], gemm: Callab
 
 def gemm_from_rows(shape: LinearShape, kernel_source: str, gemv: Callable[[torch.Tensor], torch.Tensor],
                    gemm: Callable[[torch.Tensor], torch.Tensor]) -> int:
-    """Row count from which this layer runs the GEMM: PERNODE_GEMM_FROM_ROWS, else the cached or newly measured
-    crossover (PERNODE_REMEASURE_KERNELS=1 measures again and replaces the cached one)."""
-    forced = envs.gemm_from_rows()
+    """Row count from which this layer runs the GEMM (or, for shape.kernels "gemv/panel", the panel kernel):
+    PERNODE_GEMM_FROM_ROWS (for the GEMM), else the cached or newly measured crossover
+    (PERNODE_REMEASURE_KERNELS=1 measures again and replaces the cached one)."""
+    # PERNODE_PANEL_FROM_ROWS is read by the layer (QuantLinear.panel_from_rows), which asks here only to measure
+    forced = None if shape.kernels == "gemv/panel" else envs.gemm_from_rows()
     if forced is not None:
         return forced
     key = shape.key(kernel_source)

@@ -46,6 +46,10 @@ def _woq_gemm(x, weight, scale, zero_term, bits, group_size):
     return x.new_empty((x.shape[0], weight.shape[0]))  # in x's dtype, unlike woq_linear
 
 
+def _woq_panel_gemm(x, weight, scale, zero_term, group_size, num_threads=0):
+    return x.new_empty((x.shape[0], weight.shape[0]))  # in x's dtype
+
+
 def _sparse_gemv(x, values, bitmask, row_offsets, bias, num_threads):
     return x.new_empty((x.shape[0], bitmask.shape[0]))
 
@@ -56,7 +60,8 @@ FAKES = {
     "paged_attention.cpp": {"paged_attention": _paged_attention},
     "dense_gemv.cpp": {"dense_gemv": _dense_gemv},
     "sparse_gemv.cpp": {"sparse_gemv": _sparse_gemv},
-    "quant_linear.cpp": {"woq_linear": _woq_linear, "woq_gemm": _woq_gemm},
+    "quant_linear.cpp": {"woq_linear": _woq_linear, "woq_gemm": _woq_gemm,
+                         "woq_panel_gemm": _woq_panel_gemm},
 }
 
 

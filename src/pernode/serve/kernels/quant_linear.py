@@ -6,7 +6,9 @@ is the plain-torch result they are held to, and the fallback where they cannot b
 kernels by its row count, from the crossover measured for the layer's shape on this CPU (gemm_dispatch.py):
 decode-sized steps run the GEMV, which streams the packed weights (for int4 it quantizes x to int8 per 32-value
 block and multiplies integers with VNNI, as llama.cpp's Q8 activations do; int8 weights and
-`PERNODE_QUANT_INPUT=float` keep x in fp32); compute-bound steps (prefill chunks, large batches) run `woq_gemm`,
+`PERNODE_QUANT_INPUT=float` keep x in fp32); with PERNODE_PANEL_FROM_ROWS set, int4 decode batches from a second
+(measured) crossover on, up to PANEL_MAX_ROWS rows, run `woq_panel_gemm`, the same int8-x products register-blocked over rows, so each weight is
+unpacked once per call instead of once per 8 rows; compute-bound steps (prefill chunks) run `woq_gemm`,
 dequantized tiles through a GEMM in the activations' dtype (bf16 on CPUs that compute it natively). W8A8 layers
 use `torch._int_mm` (oneDNN's VNNI int8 GEMM on CPU).
 """
@@ -22,7 +24,7 @@ from torch import nn
 from pernode import envs
 from pernode.envs import KernelChoice, QuantInput
 from pernode.quant_format import QuantScheme, dequantize, dequantize_float_min, pack_int4, unpack_int4
-from pernode.serve.kernels.gemm_dispatch import LinearShape, gemm_from_rows
+from pernode.serve.kernels.gemm_dispatch import NEVER, LinearShape, gemm_from_rows
 from pernode.serve.kernels.jit import build_path, load_extension
 
 SOURCE = "quant_linear.cpp"
@@ -33,6 +35,9 @@ QPARAM_BUFFERS = ("weight_scale", "weight_min")  # float qparams: kept in fp32 w
 # csrc/quant_linear.cpp kFloatGemvMaxRows: with float x the op runs its GEMV up to this many rows, a tiled fp32
 # matmul beyond
 FLOAT_GEMV_MAX_ROWS = 8
+# The int4 panel kernel (csrc/int4_panel_gemm.h) serves decode-sized steps only, as many rows as the fused decoder
+# stack takes (models/fused_decode.MAX_ROWS): prefill chunks keep the GEMM, and its bf16 activations' numbers.
+PANEL_MAX_ROWS = 64
 
 def load_kernel() -> Callable | None:
     """`torch.ops.pernode.woq_linear`, building it if needed; None if it can't be built (or
@@ -143,6 +148,7 @@ class QuantLinear(nn.Module):
         self._scale: torch.Tensor | None = None
         self._zero_term: torch.Tensor | None = None
         self._gemm_from_rows: dict[torch.dtype, int] = {}
+        self._panel_from_rows: dict[torch.dtype, int] = {}
 
     def _apply(self, fn, recurse=True):
         # model.to(bfloat16) must not round the float qparams: GGUF's fp16 scales and mins would lose 3 bits each.
@@ -180,12 +186,15 @@ class QuantLinear(nn.Module):
         # PERNODE_QUANT_THREADS: 1 is the robust choice on a CPU shared with other busy processes (see the kernel).
         self._op = load_kernel() if self.qweight.device.type == "cpu" else None
         self._gemm = torch.ops.pernode.woq_gemm if self._op is not None else None
+        self._panel = (torch.ops.pernode.woq_panel_gemm
+                       if self._op is not None and self._int8_input and self.scheme.num_bits == 4 else None)
         scale, term = self._scale, self._zero_term
         if self._int8_input:  # the int8-x GEMV reads fp16 qparams where they are exact (GGUF's are): fewer bytes
             scale, term = fp16_if_exact(scale, term)
         self._op_args = (self.qweight, scale, term, self.scheme.num_bits,
                          self.scheme.group_size or 0, envs.quant_threads())
         self._gemm_from_rows = {}
+        self._panel_from_rows = {}
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_layer_weight(self.qweight, self.weight_scale, self.weight_zero_point, self.scheme.num_bits,
@@ -199,14 +208,49 @@ class QuantLinear(nn.Module):
         gemm_x = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
         return self._gemm(gemm_x, self.qweight, self._scale, self._zero_term, *self._op_args[3:5])  # fp32 qparams
 
+    def _run_panel(self, x2: torch.Tensor) -> torch.Tensor:
+        return self._panel(x2, self.qweight, self._op_args[1], self._op_args[2], self._op_args[4], self._op_args[5])
+
+    def _run_decode(self, x2: torch.Tensor) -> torch.Tensor:
+        """The kernel below the GEMM crossover: the GEMV, or from its own crossover on the panel kernel."""
+        rows = x2.shape[0]
+        if rows <= PANEL_MAX_ROWS and rows >= self.panel_from_rows(x2.dtype):
+            return self._run_panel(x2)
+        return self._run_gemv(x2)
+
+    def _shape(self, dtype: torch.dtype, kernels: str) -> LinearShape:
+        return LinearShape(self.out_features, self.in_features, self.scheme.num_bits, self.scheme.group_size or 0,
+                           self._zero_term is not None, self._int8_input, dtype,
+                           envs.quant_threads() or torch.get_num_threads(), kernels)
+
+    def panel_from_rows(self, dtype: torch.dtype) -> int:
+        """Row count from which calls with x of `dtype` run the panel kernel instead of the GEMV (up to
+        PANEL_MAX_ROWS; NEVER where there is none, it never wins below that, or PERNODE_PANEL_FROM_ROWS is off, the
+        default)."""
+        rows = self._panel_from_rows.get(dtype)
+        if rows is None:
+            setting = envs.panel_from_rows()
+            if self._panel is None or setting is None:
+                rows = NEVER
+            elif setting == envs.PANEL_MEASURE:
+                rows = gemm_from_rows(self._shape(dtype, "gemv/panel"), SOURCE, self._run_gemv, self._run_panel)
+            else:
+                rows = setting
+            rows = rows if rows <= PANEL_MAX_ROWS else NEVER
+            self._panel_from_rows[dtype] = rows
+        return rows
+
     def gemm_from_rows(self, dtype: torch.dtype) -> int:
         """Row count from which calls with x of `dtype` run the GEMM (measured once per shape, see gemm_dispatch)."""
         rows = self._gemm_from_rows.get(dtype)
         if rows is None:
-            shape = LinearShape(self.out_features, self.in_features, self.scheme.num_bits,
-                                self.scheme.group_size or 0, self._zero_term is not None, self._int8_input, dtype,
-                                envs.quant_threads() or torch.get_num_threads())
-            rows = self._gemm_from_rows[dtype] = gemm_from_rows(shape, SOURCE, self._run_gemv, self._run_gemm)
+            if self.panel_from_rows(dtype) == NEVER:
+                rows = gemm_from_rows(self._shape(dtype, "gemv/gemm"), SOURCE, self._run_gemv, self._run_gemm)
+            else:  # the decode kernel as it runs (GEMV, then panel) against the GEMM; past the panel's rows, the GEMM
+                rows = gemm_from_rows(self._shape(dtype, "gemv+panel/gemm"), SOURCE, self._run_decode,
+                                      self._run_gemm)
+                rows = min(rows, PANEL_MAX_ROWS + 1)
+            self._gemm_from_rows[dtype] = rows
         return rows
 
     def calibrate(self, dtype: torch.dtype) -> None:
@@ -218,14 +262,18 @@ class QuantLinear(nn.Module):
 
     def kernel_switch_rows(self, dtype: torch.dtype) -> list[int]:
         """Row counts from which a call with x of `dtype` runs another kernel, whose accumulation order differs:
-        the measured GEMM crossover, and for float x the op's own switch to a tiled fp32 matmul past
-        FLOAT_GEMV_MAX_ROWS. Below the first, each row is computed alike whatever the rows beside it."""
+        the measured GEMM crossover, the panel kernel's (int4, int8 x) below it, and for float x the op's own switch
+        to a tiled fp32 matmul past FLOAT_GEMV_MAX_ROWS. Below the first, each row is computed alike whatever the
+        rows beside it (the panel kernel too: its rows share no accumulator)."""
         if self._op is None:
             return []
-        return sorted({self.gemm_from_rows(dtype)} | (set() if self._int8_input else {FLOAT_GEMV_MAX_ROWS + 1}))
+        gemm = self.gemm_from_rows(dtype)
+        panel = {self.panel_from_rows(dtype)} if self.panel_from_rows(dtype) < gemm else set()
+        return sorted({gemm} | panel | (set() if self._int8_input else {FLOAT_GEMV_MAX_ROWS + 1}))
 
     def gemv_quantizes_input(self, rows: int, dtype: torch.dtype = torch.float32) -> bool:
-        """Whether a call with `rows` rows goes through the int8-x GEMV (what its reference must model)."""
+        """Whether a call with `rows` rows goes through the int8-x GEMV or panel kernel (what its reference must
+        model)."""
         return self._op is not None and self._int8_input and rows < self.gemm_from_rows(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -235,7 +283,7 @@ class QuantLinear(nn.Module):
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if self._op is not None and x.device.type == "cpu":
             gemm_rows = self._gemm_from_rows.get(x2.dtype) or self.gemm_from_rows(x2.dtype)
-            y = self._run_gemm(x2) if x2.shape[0] >= gemm_rows else self._run_gemv(x2)
+            y = self._run_gemm(x2) if x2.shape[0] >= gemm_rows else self._run_decode(x2)
         else:
             y = woq_linear_reference(x2, self.qweight, self.weight_scale, self.weight_zero_point,
                                      self.scheme.num_bits, self.scheme.group_size, weight_min=self.weight_min)

@@ -125,12 +125,13 @@ class FusedDecoder:
                     scales.append(proj._op_args[1])  # the GEMV's own qparams (fp16 where exact)
                     zero_terms.append(proj._op_args[2])
                     flags = decoder_stack.INT8_INPUT if proj._int8_input else 0
-                    config += [s.num_bits, s.group_size or 0, flags, proj.gemm_from_rows(dtype)]
+                    config += [s.num_bits, s.group_size or 0, flags, proj.gemm_from_rows(dtype),
+                               proj.panel_from_rows(dtype)]
                 else:
                     weights.append(proj.weight)
                     scales.append(None)
                     zero_terms.append(None)
-                    config += [0, 0, decoder_stack.DENSE_GEMV if proj.use_gemv else 0, 0]
+                    config += [0, 0, decoder_stack.DENSE_GEMV if proj.use_gemv else 0, 0, 0]
         return norms, weights, scales, zero_terms, biases, config
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

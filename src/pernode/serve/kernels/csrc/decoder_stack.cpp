@@ -8,14 +8,16 @@
 // in the same order and in the same dtypes, so the result is the per-op path's, bit for bit; the per-op path
 // (models/llama.py) stays the reference and serves everything this does not cover.
 //
-// A projection is described by its tensors and four integers (see `Projection`): int4/int8 weight-only (the GEMV
-// below its measured GEMM crossover, the tiled GEMM from it on), or a float weight (the fp32 GEMV for up to 4 rows
+// A projection is described by its tensors and five integers (see `Projection`): int4/int8 weight-only (the GEMV
+// below its measured crossovers, int4 with int8 x the panel kernel from its own, the tiled GEMM from the GEMM's),
+// or a float weight (the fp32 GEMV for up to 4 rows
 // where allowed, else at::linear).
 
 #include "dense_gemv.h"
 #include "layer_ops.h"
 #include "paged_attention.h"
 #include "quant_linear.h"
+#include "int4_panel_gemm.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -27,7 +29,8 @@ namespace pernode {
 namespace {
 
 constexpr int64_t kProjectionsPerLayer = 4;  // qkv, o, gate_up, down
-constexpr int64_t kConfigPerProjection = 4;  // bits (0: float weight), group_size, flags, gemm_from_rows
+// bits (0: float weight), group_size, flags, gemm_from_rows, panel_from_rows
+constexpr int64_t kConfigPerProjection = 5;
 constexpr int64_t kInt8Input = 1;            // flags: the int4 GEMV quantizes x to int8 per 32-value block
 constexpr int64_t kDenseGemv = 2;            // flags: a float weight may take the fp32 GEMV at <= 4 rows
 constexpr int64_t kDenseGemvMaxRows = 4;     // as dense_linear.MAX_ROWS
@@ -35,7 +38,7 @@ constexpr int64_t kDenseGemvMaxRows = 4;     // as dense_linear.MAX_ROWS
 struct Projection {
   const at::Tensor* weight;
   c10::optional<at::Tensor> scale, zero_term, bias;
-  int64_t bits, group_size, flags, gemm_from_rows;
+  int64_t bits, group_size, flags, gemm_from_rows, panel_from_rows;
 };
 
 // QuantLinear.forward / Linear.forward of models/llama.py, for a 2-D x.
@@ -49,6 +52,8 @@ at::Tensor project(const at::Tensor& x, const Projection& p, int64_t num_threads
   }
   if (x.size(0) >= p.gemm_from_rows)
     y = quant::woq_gemm(x, *p.weight, *p.scale, p.zero_term, p.bits, p.group_size);
+  else if (p.bits == 4 && (p.flags & kInt8Input) && x.size(0) >= p.panel_from_rows)
+    y = quant::woq_panel_gemm(x, *p.weight, *p.scale, p.zero_term, p.group_size, num_threads);
   else
     y = quant::woq_linear(x, *p.weight, *p.scale, p.zero_term, p.bits, p.group_size, num_threads,
                           (p.flags & kInt8Input) != 0);
@@ -78,7 +83,7 @@ at::Tensor decoder_stack(const at::Tensor& hidden, const at::Tensor& positions, 
   std::vector<Projection> proj(weights.size());
   for (size_t i = 0; i < weights.size(); ++i) {
     const int64_t* c = config.data() + i * kConfigPerProjection;
-    proj[i] = Projection{&weights[i], scales.get(i), zero_terms.get(i), biases.get(i), c[0], c[1], c[2], c[3]};
+    proj[i] = Projection{&weights[i], scales.get(i), zero_terms.get(i), biases.get(i), c[0], c[1], c[2], c[3], c[4]};
     TORCH_CHECK(proj[i].bits == 0 || proj[i].scale.has_value(), "decoder_stack: a quantized projection needs scales");
   }
   at::Tensor x = hidden;

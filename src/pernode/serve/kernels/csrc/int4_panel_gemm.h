@@ -1,0 +1,290 @@
+#pragma once
+// int4 weights x int8 activations for decode batches too large for the GEMV's passes (each pass serves 8 rows, so
+// 48 rows re-read every weight 6 times and redo the per-lane scale arithmetic per row), too small for the
+// dequantised-tile bf16 GEMM to pay for writing its tiles. A register-blocked micro-kernel in the manner of
+// Goto & van de Geijn, "Anatomy of high-performance matrix multiplication" (TOMS 2008), on VNNI's vpdpbusd.
+//
+// Same arithmetic as the int8-x GEMV (quant_linear.h): x quantised per 32-value block (the same QuantizedInput, so
+// the same int8 values and scales), the stored nibbles multiplied as unsigned bytes, and per block
+//   y[m, n] += scale[n, g] * x_scale[m, b] * dot_b(u[n], q[m]) + zero_term[n, g] * x_sum[m, b]
+// (zero_term: the GGUF min, or -8 * scale without one). Only the order of the fp32 additions differs from the
+// GEMV's (per block here, per 8-value lane there), so the two agree to fp32 rounding, not bit for bit.
+//
+// Layout: output columns sit in the 16 lanes. A panel of 16 weight rows is transposed once per call into a buffer
+// where, per 32-value block, 8 vectors of 64 bytes hold each row's 4 stored words as low- and high-nibble planes;
+// every activation row then multiplies these with one broadcast 4-byte group of its own quantised x per vpdpbusd.
+// So each weight is unpacked once per call whatever the row count, and the fp32 scale work is 4 instructions per
+// 8 vpdpbusd (the GEMV's is 4 per 2). The transposition reads the weights as stored: no second copy of them.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace pernode {
+namespace quant {
+namespace {
+
+#if defined(PERNODE_VNNI)
+constexpr int64_t kPanelCols = 16;      // output columns per strip: one vector's lanes
+constexpr int64_t kPanelStrips = 2;     // strips sharing each activation broadcast (NR)
+constexpr int64_t kPanelRows = 6;       // activation rows per register block (MR): 2 x 6 int + 2 x 6 fp32 accumulators
+constexpr int64_t kBlockVectors = 8;    // weight vectors per 32-value block: 4 words x (low, high) nibble planes
+
+// Activations per row and block: 8 dwords (word d's low-plane bytes, then its high-plane bytes, d = 0..3), the
+// block's x scale and the sum of its dequantised values.
+struct PanelInput {
+  int64_t blocks;
+  std::vector<int32_t> quads;  // [M][blocks][8]
+  std::vector<float> scale, sum;  // [M][blocks]
+};
+
+PanelInput panel_input(const QuantizedInput& qi, int64_t M, int64_t K) {
+  PanelInput pi;
+  pi.blocks = K / kActBlock;
+  pi.quads.resize(M * pi.blocks * 8);
+  pi.scale.resize(M * pi.blocks);
+  pi.sum.resize(M * pi.blocks);
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* bytes = qi.bytes.data() + m * qi.row_bytes;
+    for (int64_t b = 0; b < pi.blocks; ++b) {
+      int32_t* dst = pi.quads.data() + (m * pi.blocks + b) * 8;
+      float sum = 0.f;
+      for (int64_t d = 0; d < 4; ++d) {
+        const int64_t word = 4 * b + d, chunk = word / 16, lane = word % 16;
+        std::memcpy(dst + 2 * d, bytes + chunk * 128 + 4 * lane, 4);       // low nibbles' x: values 0, 2, 4, 6
+        std::memcpy(dst + 2 * d + 1, bytes + chunk * 128 + 64 + 4 * lane, 4);  // high: 1, 3, 5, 7
+        sum += qi.lane_sum[m * qi.row_lanes + word];
+      }
+      pi.scale[m * pi.blocks + b] = qi.lane_scale[m * qi.row_lanes + 4 * b];
+      pi.sum[m * pi.blocks + b] = sum;
+    }
+  }
+  return pi;
+}
+
+// Rows [n0, n0 + 16) of the int4 weight (rows past N read as zeros) as [blocks][8][64] unsigned bytes: vector 2d
+// holds each row's word d of the block masked to its low nibbles (lane = row), vector 2d + 1 its high nibbles.
+// A 16 x 4-word transpose per block by permutes (vpgatherdd is microcoded and measured slower).
+void transpose_strip(const int32_t* w, int64_t N, int64_t K, int64_t n0, uint8_t* dst) {
+  const int64_t words = K / 8, blocks = K / kActBlock;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  static const int32_t zeros[4] = {0, 0, 0, 0};
+  const int32_t* row[16];
+  for (int i = 0; i < 16; ++i) row[i] = n0 + i < N ? w + (n0 + i) * words : nullptr;
+  // A_q holds rows 4q..4q+3, 4 words each (dword 4r + d). T = words {0,1} (or {2,3}) of rows 0-7 from (A0, A1);
+  // then Z_d = word d of rows 0-15 from (T of A0/A1, T of A2/A3).
+  const __m512i pick01 = _mm512_set_epi32(29, 25, 21, 17, 13, 9, 5, 1, 28, 24, 20, 16, 12, 8, 4, 0);
+  const __m512i pick23 = _mm512_set_epi32(31, 27, 23, 19, 15, 11, 7, 3, 30, 26, 22, 18, 14, 10, 6, 2);
+  const __m512i low_halves = _mm512_set_epi32(23, 22, 21, 20, 19, 18, 17, 16, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i high_halves = _mm512_set_epi32(31, 30, 29, 28, 27, 26, 25, 24, 15, 14, 13, 12, 11, 10, 9, 8);
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i a[4];
+    for (int q = 0; q < 4; ++q) {
+      __m512i v = _mm512_setzero_si512();
+      for (int r = 0; r < 4; ++r) {
+        const int32_t* src = row[4 * q + r] ? row[4 * q + r] + 4 * b : zeros;
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)src), r);
+      }
+      a[q] = v;
+    }
+    const __m512i t01 = _mm512_permutex2var_epi32(a[0], pick01, a[1]);
+    const __m512i t23 = _mm512_permutex2var_epi32(a[0], pick23, a[1]);
+    const __m512i u01 = _mm512_permutex2var_epi32(a[2], pick01, a[3]);
+    const __m512i u23 = _mm512_permutex2var_epi32(a[2], pick23, a[3]);
+    const __m512i z[4] = {_mm512_permutex2var_epi32(t01, low_halves, u01),
+                          _mm512_permutex2var_epi32(t01, high_halves, u01),
+                          _mm512_permutex2var_epi32(t23, low_halves, u23),
+                          _mm512_permutex2var_epi32(t23, high_halves, u23)};
+    for (int d = 0; d < 4; ++d) {
+      uint8_t* out = dst + (b * kBlockVectors + 2 * d) * 64;
+      _mm512_storeu_si512(out, _mm512_and_si512(z[d], nibble));
+      _mm512_storeu_si512(out + 64, _mm512_and_si512(_mm512_srli_epi16(z[d], 4), nibble));
+    }
+  }
+}
+
+// A strip's qparams per block, fp32: the scale and zero term of the group holding the block (lanes = rows; 0 past N).
+inline float qparam_value(const float* p, int64_t i) { return p[i]; }
+inline float qparam_value(const uint16_t* p, int64_t i) { return _cvtsh_ss(p[i]); }
+
+template <typename S>
+void strip_qparams(const S* scale, const S* bias, int64_t N, int64_t G, int64_t gs, int64_t blocks, int64_t n0,
+                   float* sw, float* zt) {
+  for (int64_t i = 0; i < kPanelCols; ++i) {
+    const int64_t n = n0 + i;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t at = n * G + b * kActBlock / gs;
+      const float s = n < N ? qparam_value(scale, at) : 0.f;
+      sw[b * kPanelCols + i] = s;
+      zt[b * kPanelCols + i] = n >= N ? 0.f : bias ? qparam_value(bias, at) : -8.f * s;
+    }
+  }
+}
+
+// MR activation rows x NR strips over every block: y[m0 + r][n0 + 16 j + lane].
+template <int MR, int NR>
+void panel_block(const PanelInput& pi, int64_t m0, const uint8_t* wbuf, const float* sw, const float* zt,
+                 int64_t strip_bytes, int64_t strip_params, float* y, int64_t ldy, int64_t n0, int64_t N) {
+  const int64_t blocks = pi.blocks;
+  __m512 tot[MR][NR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) tot[r][j] = _mm512_setzero_ps();
+  const int32_t* xq[MR];
+  const float *xs[MR], *xsum[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    xq[r] = pi.quads.data() + (m0 + r) * blocks * 8;
+    xs[r] = pi.scale.data() + (m0 + r) * blocks;
+    xsum[r] = pi.sum.data() + (m0 + r) * blocks;
+  }
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i acc[MR][NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int v = 0; v < kBlockVectors; ++v) {
+      __m512i wv[NR];
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) wv[j] = _mm512_loadu_si512(wbuf + j * strip_bytes + (b * kBlockVectors + v) * 64);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const __m512i xb = _mm512_set1_epi32(xq[r][b * 8 + v]);
+#pragma GCC unroll 4
+        for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], wv[j], xb);
+      }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) {
+      const __m512 s = _mm512_loadu_ps(sw + j * strip_params + b * kPanelCols);
+      const __m512 z = _mm512_loadu_ps(zt + j * strip_params + b * kPanelCols);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        tot[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][j]), _mm512_mul_ps(s, _mm512_set1_ps(xs[r][b])),
+                                    tot[r][j]);
+        tot[r][j] = _mm512_fmadd_ps(z, _mm512_set1_ps(xsum[r][b]), tot[r][j]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < NR; ++j) {
+    const int64_t c0 = n0 + j * kPanelCols;
+    if (c0 >= N) break;
+    const __mmask16 cols = (__mmask16)(N - c0 >= 16 ? 0xFFFF : ((1u << (N - c0)) - 1u));
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + (m0 + r) * ldy + c0, cols, tot[r][j]);
+  }
+}
+
+template <int NR>
+void panel_rows(const PanelInput& pi, int64_t M, const uint8_t* wbuf, const float* sw, const float* zt,
+                int64_t strip_bytes, int64_t strip_params, float* y, int64_t n0, int64_t N) {
+  int64_t m0 = 0;
+  for (; m0 + kPanelRows <= M; m0 += kPanelRows)
+    panel_block<kPanelRows, NR>(pi, m0, wbuf, sw, zt, strip_bytes, strip_params, y, N, n0, N);
+  switch (M - m0) {
+    case 1: panel_block<1, NR>(pi, m0, wbuf, sw, zt, strip_bytes, strip_params, y, N, n0, N); break;
+    case 2: panel_block<2, NR>(pi, m0, wbuf, sw, zt, strip_bytes, strip_params, y, N, n0, N); break;
+    case 3: panel_block<3, NR>(pi, m0, wbuf, sw, zt, strip_bytes, strip_params, y, N, n0, N); break;
+    case 4: panel_block<4, NR>(pi, m0, wbuf, sw, zt, strip_bytes, strip_params, y, N, n0, N); break;
+    case 5: panel_block<5, NR>(pi, m0, wbuf, sw, zt, strip_bytes, strip_params, y, N, n0, N); break;
+    default: break;
+  }
+  static_assert(kPanelRows == 6, "the tail switch covers kPanelRows - 1 rows");
+}
+
+// Output columns [16 * kPanelStrips * p0, ... p1) for all M rows.
+template <typename S>
+void panel_gemm_range(const PanelInput& pi, int64_t M, const int32_t* w, const S* scale, const S* bias, int64_t N,
+                      int64_t K, int64_t G, int64_t gs, float* y, int64_t p0, int64_t p1) {
+  const int64_t blocks = K / kActBlock, strip_bytes = blocks * kBlockVectors * 64, strip_params = blocks * kPanelCols;
+  std::vector<uint8_t> wbuf(kPanelStrips * strip_bytes);
+  std::vector<float> sw(kPanelStrips * strip_params), zt(kPanelStrips * strip_params);
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n0 = p * kPanelStrips * kPanelCols;
+    int strips = 0;
+    for (; strips < kPanelStrips && n0 + strips * kPanelCols < N; ++strips) {
+      const int64_t ns = n0 + strips * kPanelCols;
+      transpose_strip(w, N, K, ns, wbuf.data() + strips * strip_bytes);
+      strip_qparams(scale, bias, N, G, gs, blocks, ns, sw.data() + strips * strip_params,
+                    zt.data() + strips * strip_params);
+    }
+    if (strips == kPanelStrips)
+      panel_rows<kPanelStrips>(pi, M, wbuf.data(), sw.data(), zt.data(), strip_bytes, strip_params, y, n0, N);
+    else
+      panel_rows<1>(pi, M, wbuf.data(), sw.data(), zt.data(), strip_bytes, strip_params, y, n0, N);
+    static_assert(kPanelStrips == 2, "a panel is two strips or its last one");
+  }
+}
+#endif  // PERNODE_VNNI
+
+// y = x W^T for int4 W ([N, K/8] words) and x quantised to int8 per 32 values. fp32 or bf16 x; y in x's dtype.
+// scale/zero_term: fp32, or both fp16 (as the GEMV takes them). num_threads == 1 runs on the caller's thread.
+at::Tensor woq_panel_gemm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale_in,
+                          const c10::optional<at::Tensor>& bias_in, int64_t group_size, int64_t num_threads) {
+  TORCH_CHECK(w.is_contiguous() && w.dim() == 2 && w.scalar_type() == at::kInt,
+              "woq_panel_gemm: weight must be contiguous int4 words [N, K/8] (int32)");
+  TORCH_CHECK(x_in.dim() == 2, "woq_panel_gemm: x must be 2-D");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
+              "woq_panel_gemm: x must be float32 or bfloat16");
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = w.size(0);
+  const int64_t gs = group_size > 0 ? group_size : K;
+  TORCH_CHECK(w.size(1) * 8 == K, "woq_panel_gemm: weight shape does not match x");
+  TORCH_CHECK(K % kActBlock == 0 && gs % kActBlock == 0 && K % gs == 0,
+              "woq_panel_gemm: the input size and group size must be multiples of ", kActBlock);
+  const bool has_bias = bias_in.has_value() && bias_in->defined();
+  const bool half = scale_in.scalar_type() == at::kHalf && (!has_bias || bias_in->scalar_type() == at::kHalf);
+  auto scale = half ? scale_in.contiguous() : scale_in.to(at::kFloat).contiguous();
+  at::Tensor bias;
+  if (has_bias) bias = half ? bias_in->contiguous() : bias_in->to(at::kFloat).contiguous();
+  const int64_t G = scale.size(1);
+  TORCH_CHECK(scale.size(0) == N && G == K / gs && (!has_bias || bias.sizes() == scale.sizes()),
+              "woq_panel_gemm: qparam shapes");
+#if defined(PERNODE_VNNI)
+  std::vector<float> x_widened;
+  at::Tensor x;
+  const float* xptr;
+  if (x_in.scalar_type() == at::kBFloat16) {
+    const auto xc = x_in.contiguous();
+    const c10::BFloat16* src = xc.data_ptr<c10::BFloat16>();
+    x_widened.resize(M * K);
+    for (int64_t i = 0; i < M * K; ++i) x_widened[i] = static_cast<float>(src[i]);
+    xptr = x_widened.data();
+  } else {
+    x = x_in.contiguous();
+    xptr = x.data_ptr<float>();
+  }
+  const PanelInput pi = panel_input(quantize_input_blocks(xptr, M, K, 4), M, K);
+  at::Tensor y32 = at::empty({M, N}, x_in.options().dtype(at::kFloat));
+  float* yp = y32.data_ptr<float>();
+  const int32_t* wp = w.data_ptr<int32_t>();
+  const int64_t panels = (N + kPanelStrips * kPanelCols - 1) / (kPanelStrips * kPanelCols);
+  auto run = [&](int64_t p0, int64_t p1) {
+    if (half)
+      panel_gemm_range(pi, M, wp, reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>()),
+                       has_bias ? reinterpret_cast<const uint16_t*>(bias.data_ptr<at::Half>()) : nullptr, N, K, G, gs,
+                       yp, p0, p1);
+    else
+      panel_gemm_range(pi, M, wp, scale.data_ptr<float>(), has_bias ? bias.data_ptr<float>() : nullptr, N, K, G, gs,
+                       yp, p0, p1);
+  };
+  if (num_threads == 1)
+    run(0, panels);
+  else
+    at::parallel_for(0, panels, 1, run);
+  return x_in.scalar_type() == at::kBFloat16 ? y32.to(at::kBFloat16) : y32;
+#else  // no VNNI: the int8-x GEMV computes the same products
+  return woq_linear(x_in, w, scale_in, bias_in, 4, group_size, num_threads, true);
+#endif
+}
+
+}  // namespace
+}  // namespace quant
+}  // namespace pernode
