@@ -21,7 +21,8 @@ import torch
 
 from pernode.jobs.compare_quantized import build_and_score, measure_speeds
 from pernode.quant_format import W8A8_SCHEME, QuantScheme, quantize_weight
-from pernode.serve.kernels.quant_linear import QuantLinear, W8A8Linear
+from pernode.serve.kernels.quant_linear import QuantLinear
+from pernode.serve.kernels.w8a8_linear import W8A8Linear
 from pernode.serve.models.registry import resolve_model
 from pernode.shrink.recipes import RECIPES, recipes_named
 

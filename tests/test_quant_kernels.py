@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from pernode.quant_format import QuantScheme, dequantize, pack_int4, quantize_weight, unpack_int4
-from pernode.serve.kernels.quant_linear import (QuantLinear, W8A8Linear, load_kernel,
-                                          quantize_input_blocks, w8a8_linear_reference, woq_linear_reference)
+from pernode.serve.kernels.quant_linear import QuantLinear, load_kernel, quantize_input_blocks, woq_linear_reference
+from pernode.serve.kernels.w8a8_linear import W8A8Linear, w8a8_linear_reference
 
 
 

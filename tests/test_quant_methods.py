@@ -11,7 +11,8 @@ from safetensors import safe_open
 from pernode.quant_format import (W8A8_SCHEME, QuantScheme, compute_qparams, dequantize, fake_quantize, mse_qparams,
                                   quantize_weight, quantize_with)
 from pernode.serve.engine.llm_engine import LLMEngine
-from pernode.serve.kernels.quant_linear import QuantLinear, W8A8Linear
+from pernode.serve.kernels.quant_linear import QuantLinear
+from pernode.serve.kernels.w8a8_linear import W8A8Linear
 from pernode.serve.models.llama import LlamaForCausalLM
 from pernode.serve.models.loader import load_model
 from pernode.serve.models.registry import resolve_model

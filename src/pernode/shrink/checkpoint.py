@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import save_file
 
 from pernode.quant_format import quantization_config_from_scheme
-from pernode.serve.kernels.quant_linear import QuantLinear, W8A8Linear
+from pernode.serve.kernels.quant_linear import QuantLinear
+from pernode.serve.kernels.w8a8_linear import W8A8Linear
 from pernode.serve.models.llama import FUSED_PROJECTIONS, LlamaForCausalLM
 from pernode.shrink.recipes import Recipe
 from pernode.sparse_format import SparseFormat, compress_24_bitmask, compress_bitmask, sparsity_config

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 
 from pernode.quant_format import W8A8_SCHEME, QuantScheme
-from pernode.serve.kernels.quant_linear import W8A8Linear
+from pernode.serve.kernels.w8a8_linear import W8A8Linear
 from pernode.shrink.evaluate.perplexity import final_hidden_states
 from pernode.shrink.methods.modifier import Modifier, require
 from pernode.shrink.methods.rtn import quantize_all_rtn

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from pernode.quant_format import W8A8_SCHEME, QuantScheme, quantize_weight
-from pernode.serve.kernels.quant_linear import quantize_per_token
+from pernode.serve.kernels.w8a8_linear import quantize_per_token
 from pernode.shrink.calibration import capture_inputs, run_sequential
 from pernode.shrink.methods.common import install, projections
 from pernode.shrink.methods.modifier import Modifier, require
