@@ -250,17 +250,7 @@ at::Tensor woq_panel_gemm(const at::Tensor& x_in, const at::Tensor& w, const at:
 #if defined(PERNODE_VNNI)
   std::vector<float> x_widened;
   at::Tensor x;
-  const float* xptr;
-  if (x_in.scalar_type() == at::kBFloat16) {
-    const auto xc = x_in.contiguous();
-    const c10::BFloat16* src = xc.data_ptr<c10::BFloat16>();
-    x_widened.resize(M * K);
-    for (int64_t i = 0; i < M * K; ++i) x_widened[i] = static_cast<float>(src[i]);
-    xptr = x_widened.data();
-  } else {
-    x = x_in.contiguous();
-    xptr = x.data_ptr<float>();
-  }
+  const float* xptr = fp32_rows(x_in, x, x_widened);  // quant_linear.h
   const PanelInput pi = panel_input(quantize_input_blocks(xptr, M, K, 4), M, K);
   at::Tensor y32 = at::empty({M, N}, x_in.options().dtype(at::kFloat));
   float* yp = y32.data_ptr<float>();

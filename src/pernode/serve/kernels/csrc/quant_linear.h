@@ -599,6 +599,20 @@ void gemv_vnni(const QuantizedInput& qi, int64_t M, int64_t K, int64_t bits, con
 }
 #endif
 
+// x as fp32 rows: bf16 widened into `widened` by a plain loop (an aten::to per call costs more in dispatch than the
+// conversion itself, ~120 calls a decode step), any other dtype converted into `holder`, which keeps it alive.
+inline const float* fp32_rows(const at::Tensor& x_in, at::Tensor& holder, std::vector<float>& widened) {
+  if (x_in.scalar_type() == at::kBFloat16) {
+    const auto xc = x_in.contiguous();
+    const c10::BFloat16* src = xc.data_ptr<c10::BFloat16>();
+    widened.resize(xc.numel());
+    for (int64_t i = 0; i < xc.numel(); ++i) widened[i] = static_cast<float>(src[i]);
+    return widened.data();
+  }
+  holder = x_in.to(at::kFloat).contiguous();
+  return holder.data_ptr<float>();
+}
+
 at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale_in,
                       const c10::optional<at::Tensor>& bias_in, int64_t bits, int64_t group_size,
                       int64_t num_threads, bool quantize_input) {
@@ -633,17 +647,7 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
   }
   at::Tensor x;
   std::vector<float> x_widened, y_wide;
-  const float* xptr;
-  if (bf16_io) {
-    const auto xc = x_in.contiguous();
-    const c10::BFloat16* src = xc.data_ptr<c10::BFloat16>();
-    x_widened.resize(M * K);
-    for (int64_t i = 0; i < M * K; ++i) x_widened[i] = static_cast<float>(src[i]);
-    xptr = x_widened.data();
-  } else {
-    x = x_in.to(at::kFloat).contiguous();
-    xptr = x.data_ptr<float>();
-  }
+  const float* xptr = fp32_rows(x_in, x, x_widened);
   at::Tensor y = at::empty({M, N}, x_in.options().dtype(bf16_io ? at::kBFloat16 : at::kFloat));
   if (bf16_io) y_wide.resize(M * N);
   float* yp = bf16_io ? y_wide.data() : y.data_ptr<float>();
