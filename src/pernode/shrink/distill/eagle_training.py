@@ -15,7 +15,6 @@ while every token before it matched the target's greedy token.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ from pernode.shrink.distill.data import distillation_text, is_heldout, pack_wind
 from pernode.shrink.distill.losses import TeacherTopK
 from pernode.shrink.distill.progress import StepProgress
 from pernode.shrink.distill.sequence_kd import chat_prompts, teacher_generations
+from pernode.shrink.distill.trainer import warmup_cosine_lr
 from pernode.shrink.training_forward import hidden_states
 
 
@@ -106,13 +106,6 @@ def head_step_loss(head: EagleHead, model, windows: torch.Tensor, feats: torch.T
     return loss, {"feature": feature_loss.item(), "kl": kd.item(), "top1": agree.item()}
 
 
-def lr_at(config: EagleTrainingConfig, step: int) -> float:
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def train_head(head: EagleHead, model, windows: torch.Tensor, feats: torch.Tensor, teacher: TeacherTopK,
                config: EagleTrainingConfig, quiet: bool = False) -> list[dict]:
     """AdamW on the head's parameters; the target is frozen. Batches and noise follow from (seed, step)."""
@@ -126,7 +119,7 @@ def train_head(head: EagleHead, model, windows: torch.Tensor, feats: torch.Tenso
             g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
             idx = torch.randint(0, windows.shape[0], (config.batch_size,), generator=g)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(config, step)
+                group["lr"] = warmup_cosine_lr(config.lr, step, config.warmup_steps, config.steps)
             loss, parts = head_step_loss(head, model, windows[idx], feats[idx],
                                          TeacherTopK(teacher.values[idx], teacher.indices[idx],
                                                      teacher.log_normalizer[idx]), config, g)

@@ -96,11 +96,15 @@ class TrainingConfig:
         return d
 
     def lr_at(self, step: int) -> float:
-        """Linear warmup to `lr`, then cosine down to lr * min_lr_ratio at the last step."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return warmup_cosine_lr(self.lr, step, self.warmup_steps, self.steps, self.min_lr_ratio)
+
+
+def warmup_cosine_lr(lr: float, step: int, warmup_steps: int, steps: int, min_lr_ratio: float = 0.1) -> float:
+    """Linear warmup to `lr`, then cosine down to lr * min_lr_ratio at the last step."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def batch_indices(step: int, batch_size: int, num_windows: int, seed: int) -> torch.Tensor:
