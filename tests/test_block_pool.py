@@ -159,3 +159,19 @@ def test_prefix_stats_count_a_waiting_request_once():
     assert kv.stats.queries_tokens == 13 + 10 and kv.stats.hits_tokens == 8
     sched.finish(waiter)
     kv.check_no_leak()
+
+
+def test_reset_prefix_cache_forgets_prefixes_only_when_no_block_is_held():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    tokens = list(range(1, 10))  # 2 full blocks and one token
+    first = make_request(tokens, "a")
+    compute_all(kv, first)
+    assert not kv.reset_prefix_cache()  # a request holds blocks: nothing forgotten
+    assert len(kv.find_cached_prefix(make_request(tokens, "b"))) == 2
+    kv.free(first)
+    assert len(kv.find_cached_prefix(make_request(tokens, "c"))) == 2  # freed blocks keep their content...
+    assert kv.reset_prefix_cache()
+    assert kv.find_cached_prefix(make_request(tokens, "d")) == []  # ...until the reset
+    assert all(b.block_hash is None for b in kv.pool.blocks) and kv.pool.num_free == 8
+    compute_all(kv, make_request(tokens, "e"))  # and the pool caches again afterwards
+    assert len(kv.find_cached_prefix(make_request(tokens, "f"))) == 2

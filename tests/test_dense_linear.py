@@ -24,6 +24,19 @@ def test_gemv_matches_f_linear(in_features, bias, threads):
         torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("in_features", [576, 100])  # 100: a scalar tail on every CPU
+def test_gemv_row_does_not_depend_on_the_rows_beside_it(in_features):
+    # As for the quantized GEMV (tests/test_quant_kernels.py): speculative verification runs k + 1 rows together and
+    # each must come out bit for bit as its one-row decode, on CPUs with and without AVX-512 alike.
+    torch.manual_seed(0)
+    layer = dense_linear.Linear(in_features, 300, bias=True)
+    x = torch.randn(dense_linear.MAX_ROWS, in_features)
+    with torch.inference_mode():
+        alone = torch.cat([torch.ops.pernode.dense_gemv(x[i:i + 1], layer.weight, layer.bias, 1) for i in range(len(x))])
+        for m in range(2, len(x) + 1):
+            assert torch.equal(torch.ops.pernode.dense_gemv(x[:m], layer.weight, layer.bias, 1), alone[:m]), m
+
+
 def test_other_shapes_and_autograd_take_f_linear(monkeypatch):
     calls = []
     real = torch.ops.pernode.dense_gemv

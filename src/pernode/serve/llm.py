@@ -68,6 +68,10 @@ class LLM:
                         bar.advance(task)
         return [results[i] for i in order]
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget all cached prefixes (LLMEngine.reset_prefix_cache): later prompts prefill as on a fresh engine."""
+        return self.engine.reset_prefix_cache()
+
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = False) -> list[RequestOutput]:
         """Render each conversation with the model's chat template and generate the assistant's reply."""

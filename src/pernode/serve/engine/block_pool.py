@@ -90,6 +90,16 @@ class BlockPool:
         block.block_hash, block.parent_hash, block.token_ids = block_hash, parent_hash, token_ids
         self.cached.setdefault(block_hash, block)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block's content, so that no later request finds a prefix. Only while no request
+        holds a block (a held block's content is in use): False, and nothing forgotten, otherwise."""
+        if any(b.ref_count for b in self.blocks):
+            return False
+        for block in self.blocks:
+            block.block_hash, block.parent_hash, block.token_ids = None, None, ()
+        self.cached.clear()
+        return True
+
     def free(self, blocks: list[Block]) -> None:
         """Drop one reference from each block; pass blocks tail-first so a sequence's tail is evicted first."""
         for block in blocks:

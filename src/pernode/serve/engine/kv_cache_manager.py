@@ -104,6 +104,10 @@ class KVCacheManager:
         request.block_ids = []
         request.num_hashed_blocks = 0
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget all cached prefixes (BlockPool.reset_prefix_cache): False while requests hold blocks."""
+        return self.pool.reset_prefix_cache()
+
     def check_no_leak(self) -> None:
         """Every block free: for tests and for the server's idle invariant."""
         held = [b.block_id for b in self.pool.blocks if b.ref_count]

@@ -213,6 +213,13 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.output_processor.groups) or bool(self._pending_outputs)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget all cached prefixes, as vLLM's reset_prefix_cache does; only between requests (False while any
+        runs). A later prompt then prefills whole, as on a fresh engine: a prefix hit changes how many rows its
+        prefill chunk has, and with them, where a kernel's blocking depends on the row count, the last bits of its
+        K/V (ARCHITECTURE.md, speculative decoding)."""
+        return not self.has_unfinished_requests() and self.kv.reset_prefix_cache()
+
     # ---- the loop: schedule, execute, update ------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []

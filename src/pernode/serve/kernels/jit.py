@@ -22,7 +22,11 @@ from pernode import envs
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-CFLAGS = ("-O3", "-march=native", "-fopenmp")
+# -ffp-contract=off: the compiler never fuses a scalar a * b + c into an FMA on its own (the kernels' explicit FMA
+# intrinsics stay). Left to it, GCC fuses differently in each row count's instantiation of a GEMV (MB = 1, 2, 3, ...)
+# where it vectorises across the rows, so on a CPU without AVX-512 (the scalar paths) a row's result depended on the
+# rows beside it, and a speculative verify step's rows were no longer their decodes' bit for bit.
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off")
 LOCAL_INCLUDE = re.compile(r'^#include "([\w.]+)"', re.MULTILINE)
 
 
