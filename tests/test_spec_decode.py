@@ -249,9 +249,11 @@ def test_default_model_readme_prompts_identical(default_gguf_path):
     ask = "Repeat this code exactly:\n```python\ndef add(a, b):\n    return a + b\n```"
     prompts = ["The capital of France is", "def fib(n):",
                plain_llm.tokenizer.apply_chat_template([{"role": "user", "content": ask}], add_generation_prompt=True)]
-    plain = ids(plain_llm.generate(prompts, greedy(12)))
+    # One at a time: where the measured GEMM crossover is as low as 4 rows (CPUs without AVX-512), three decoding
+    # requests leave no room below it for a proposed token, and speculation rightly declines every step.
+    plain = [ids(plain_llm.generate([p], greedy(12)))[0] for p in prompts]
     spec = LLM(default_gguf_path, speculative="ngram,k=4,adaptive=false", **options)
-    assert ids(spec.generate(prompts, greedy(12))) == plain
+    assert [ids(spec.generate([p], greedy(12)))[0] for p in prompts] == plain
     assert spec.engine.stats().spec_decode.num_draft_tokens > 0  # proposals were verified (acceptance: benchmark)
 
 
