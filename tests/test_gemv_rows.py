@@ -84,6 +84,7 @@ def test_non_2d_input_is_refused_with_the_field_named():
         op(torch.randn(2, 3, IN_FEATURES), layer.qweight, layer._scale, None, 4, 32, 1, True)
 
 
+@pytest.mark.usefixtures("int8_x")
 @pytest.mark.parametrize("scheme", SCHEMES[:2], ids=lambda s: s.label())
 def test_qparams_exact_in_fp16_stream_as_fp16_with_the_fp32_results(scheme):
     """GGUF's scales and mins are fp16: the int8-x GEMV reads them as stored (half the bytes), bit for bit the

@@ -11,7 +11,8 @@ from pernode.serve.kernels.gemm_dispatch import NEVER, forget_measurements
 from pernode.serve.kernels.quant_linear import (PANEL_MAX_ROWS, QuantLinear, fp16_if_exact, load_kernel,
                                                 woq_linear_reference)
 
-pytestmark = pytest.mark.skipif(load_kernel() is None, reason="C++ kernel unavailable")
+pytestmark = [pytest.mark.skipif(load_kernel() is None, reason="C++ kernel unavailable"),
+              pytest.mark.usefixtures("int8_x")]  # the panel kernel takes int8 x: on every CPU, not only VNNI's
 
 SCHEMES = {
     "q4_1": QuantScheme(4, 32, symmetric=False, float_min=True),  # GGUF Q4_1: a float min per group

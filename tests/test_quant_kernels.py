@@ -10,6 +10,8 @@ from pernode.serve.kernels.w8a8_linear import W8A8Linear, w8a8_linear_reference
 
 
 
+pytestmark = pytest.mark.usefixtures("int8_x")  # the int8-x GEMV held to its reference on every CPU
+
 def _random_layer(scheme: QuantScheme, in_features: int, out_features: int) -> QuantLinear:
     """A QuantLinear holding RTN-quantized random weights."""
     layer = QuantLinear(in_features, out_features, scheme)
@@ -151,3 +153,15 @@ def test_gemv_row_does_not_depend_on_the_rows_beside_it(monkeypatch, scheme, dty
     assert below == (1000 if layer._int8_input else 9)
     for m in range(2, min(below, len(x) + 1)):
         assert torch.equal(layer(x[:m]), alone[:m]), m
+
+
+def test_int8_x_by_default_only_where_the_cpu_multiplies_int8(monkeypatch):
+    from pernode.serve.kernels.cpu_features import multiplies_int8_natively
+    from pernode.serve.kernels.quant_linear import use_int8_input
+
+    monkeypatch.delenv("PERNODE_QUANT_INPUT")
+    assert use_int8_input(4, 576, 32) == multiplies_int8_natively()
+    monkeypatch.setenv("PERNODE_QUANT_INPUT", "int8")
+    assert use_int8_input(4, 576, 32) and not use_int8_input(8, 576, 32)  # int8 weights keep float x
+    monkeypatch.setenv("PERNODE_QUANT_INPUT", "float")
+    assert not use_int8_input(4, 576, 32)

@@ -16,7 +16,8 @@ Kernel switches share one vocabulary, `native` (the default: the C++/fused kerne
 
 Other settings:
 
-  PERNODE_QUANT_INPUT    int8 (default) | float: whether the int4 GEMV quantizes x to int8 per 32 values
+  PERNODE_QUANT_INPUT    int8 | float: whether the int4 GEMV quantizes x to int8 per 32 values (default: int8 where
+                         the CPU has AVX-512 VNNI to multiply int8 x natively, float elsewhere)
   PERNODE_QUANT_THREADS  threads of the small-batch quantized and dense GEMVs; 0 (default): torch's thread count
   PERNODE_GEMM_FROM_ROWS rows from which quantized linears run the GEMM instead of the GEMV (default: measured on
                          this CPU per layer shape, see kernels/gemm_dispatch.py)
@@ -103,11 +104,14 @@ def quant_kernel() -> KernelChoice:
     return _kernel_choice("PERNODE_QUANT_KERNEL")
 
 
-def quant_input() -> QuantInput:
-    """PERNODE_QUANT_INPUT: `float` keeps x in fp32 in the int4 GEMV (default `int8`)."""
-    value = _raw("PERNODE_QUANT_INPUT")
+def quant_input() -> QuantInput | None:
+    """PERNODE_QUANT_INPUT: `int8` or `float` x in the int4 GEMV; None (unset): the CPU decides
+    (kernels/quant_linear.use_int8_input)."""
+    value = _raw("PERNODE_QUANT_INPUT").strip().lower()
+    if not value:
+        return None
     try:
-        return QuantInput(value.strip().lower() or QuantInput.INT8.value)
+        return QuantInput(value)
     except ValueError:
         raise ValueError(f"PERNODE_QUANT_INPUT={value!r} is not allowed: allowed int8 or float (or unset)") from None
 

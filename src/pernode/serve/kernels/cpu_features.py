@@ -31,3 +31,12 @@ def native_bf16_flags() -> list[str]:
 
 def computes_bf16_natively() -> bool:
     return bool(native_bf16_flags())
+
+
+# What the quantized GEMV's int8-x path multiplies with (csrc/quant_linear.h PERNODE_VNNI, built with -march=native)
+VNNI_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
+
+
+def multiplies_int8_natively() -> bool:
+    """Whether the int8-x GEMV has its VNNI path here; without it, int8 x is dequantized again and run as floats."""
+    return all(flag in cpu_flags() for flag in VNNI_FLAGS)

@@ -23,6 +23,7 @@ from torch import nn
 from pernode import envs
 from pernode.envs import KernelChoice, QuantInput
 from pernode.quant_format import QuantScheme, dequantize, dequantize_float_min, pack_int4, unpack_int4
+from pernode.serve.kernels.cpu_features import multiplies_int8_natively
 from pernode.serve.kernels.gemm_dispatch import NEVER, LinearShape, gemm_from_rows
 from pernode.serve.kernels.jit import build_path, load_extension
 from pernode.serve.kernels.w8a8_linear import W8A8Linear
@@ -68,10 +69,15 @@ def quantize_input_blocks(x: torch.Tensor, block: int = ACT_BLOCK) -> torch.Tens
 
 
 def use_int8_input(num_bits: int, in_features: int, group_size: int | None) -> bool:
-    """Whether the GEMV quantizes x: for int4 weights, where unpack + convert + FMA would make it compute-bound
-    (measured 6 GB/s vs 9.5 with VNNI, 1 thread). int8 weights keep fp32 x: that GEMV already streams faster
-    than memory. PERNODE_QUANT_INPUT=float turns it off."""
-    if num_bits != 4 or envs.quant_input() is QuantInput.FLOAT:
+    """Whether the GEMV quantizes x: for int4 weights on a CPU with AVX-512 VNNI, where unpack + convert + FMA would
+    make it compute-bound (measured 6 GB/s vs 9.5 with VNNI, 1 thread). Without VNNI int8 x would only be
+    dequantized again (measured on an AVX2 CPU: batch-1 TPOT 29.6 ms with int8 x, 24.6 with float x), so x stays
+    fp32 there. int8 weights keep fp32 x: that GEMV already streams faster than memory. PERNODE_QUANT_INPUT=int8 or
+    float decides instead of the CPU."""
+    setting = envs.quant_input()
+    if setting is None:
+        setting = QuantInput.INT8 if multiplies_int8_natively() else QuantInput.FLOAT
+    if num_bits != 4 or setting is QuantInput.FLOAT:
         return False
     return in_features % ACT_BLOCK == 0 and (group_size or in_features) % ACT_BLOCK == 0
 
