@@ -16,6 +16,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "horizontal_sum.h"
+
 namespace pernode {
 namespace dense {
 namespace {
@@ -47,11 +49,7 @@ void dense_rows(const float* x, int64_t K, const float* w, const float* b, float
       const __m256 wv = _mm256_loadu_ps(wr + k);
       for (int m = 0; m < MB; ++m) acc[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[m]);
     }
-    for (int m = 0; m < MB; ++m) {
-      __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1));
-      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      out[m] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-    }
+    for (int m = 0; m < MB; ++m) out[m] = simd::hsum256(acc[m]);
 #else
     for (int m = 0; m < MB; ++m) out[m] = 0.f;
 #endif

@@ -18,6 +18,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "horizontal_sum.h"
+
 namespace pernode {
 namespace quant {
 namespace {
@@ -36,12 +38,7 @@ constexpr int64_t kPrefetchBytes = PERNODE_PREFETCH_BYTES;
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
 // CPUs with AVX2 and FMA but not AVX-512 (most x86 servers before Ice Lake / Zen 4): the same GEMVs 8 lanes wide.
 #define PERNODE_AVX2 1
-inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using simd::hsum256;
 #endif
 
 // ---- int8 weights ----------------------------------------------------------------------------------------------
