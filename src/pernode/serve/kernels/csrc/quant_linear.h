@@ -40,112 +40,12 @@
 #include <vector>
 
 #include "gemv_float_rows.h"
+#include "int8_input.h"
+#include "gemv_int4_int8x_avx2.h"
 
 namespace pernode {
 namespace quant {
 namespace {
-
-// ---- int8 activations -----------------------------------------------------------------------------------------
-constexpr int64_t kActBlock = 32;  // x values sharing one int8 scale
-
-// x quantized per 32-value block and laid out for one weight format's 64-byte chunks.
-struct QuantizedInput {
-  int64_t chunk_values;  // weight values per 64-byte chunk: 128 (int4) or 64 (int8)
-  int64_t chunks, row_bytes, row_lanes;
-  std::vector<int8_t> bytes;       // [M][chunks][64 or 2 x 64]: int4 chunks hold a low- then a high-nibble plane
-  std::vector<float> lane_scale;   // [M][chunks][16]: x scale of the block each 32-bit lane's values come from
-  std::vector<float> lane_sum;     // [M][chunks][16]: sum of the dequantized x of each lane's values
-  std::vector<float> lane_offset;  // lane_sum * -(the weights' stored offset: 8 for int4, 128 for int8 XOR 0x80)
-  std::vector<float> dequantized;  // [M][K]: q * scale, for the float GEMV where VNNI is missing
-};
-
-// Quantizes x row by row, one 32-value block at a time; all index arithmetic is by compile-time powers of two
-// (this runs once per call on K values, and runtime divisions here once cost more than the GEMV itself).
-template <int BITS>
-QuantizedInput quantize_input_blocks_t(const float* x, int64_t M, int64_t K) {
-  constexpr int64_t kChunkValues = BITS == 4 ? 128 : 64, kValuesPerLane = kChunkValues / 16;
-  constexpr int64_t kChunkBytes = BITS == 4 ? 128 : 64;
-  QuantizedInput qi;
-  qi.chunk_values = kChunkValues;
-  qi.chunks = (K + kChunkValues - 1) / kChunkValues;
-  qi.row_bytes = qi.chunks * kChunkBytes;
-  qi.row_lanes = qi.chunks * 16;
-  qi.bytes.assign(M * qi.row_bytes, 0);  // padding stays 0 so masked-off weights add nothing
-  qi.lane_scale.assign(M * qi.row_lanes, 0.f);
-  qi.lane_sum.assign(M * qi.row_lanes, 0.f);
-  qi.lane_offset.assign(M * qi.row_lanes, 0.f);
-  qi.dequantized.resize(M * K);
-  constexpr float kOffset = BITS == 4 ? 8.f : 128.f;
-  int8_t q[kActBlock];
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = x + m * K;
-    float* deq = qi.dequantized.data() + m * K;
-    for (int64_t k0 = 0; k0 < K; k0 += kActBlock) {
-#if defined(__AVX512F__)
-      const __m512 a = _mm512_loadu_ps(xr + k0), b = _mm512_loadu_ps(xr + k0 + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f, s = amax / 127.f;
-      // cvtps_epi32 rounds to nearest even (the default MXCSR mode), like std::nearbyint and torch.round;
-      // |x * inv| <= 127 up to one ulp, so the rounded values need no clamp.
-      const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inv)));
-      const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(inv)));
-      _mm_storeu_si128((__m128i*)q, _mm512_cvtepi32_epi8(qa));
-      _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtepi32_epi8(qb));
-      _mm512_storeu_ps(deq + k0, _mm512_mul_ps(_mm512_cvtepi32_ps(qa), _mm512_set1_ps(s)));
-      _mm512_storeu_ps(deq + k0 + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(qb), _mm512_set1_ps(s)));
-#else
-      float amax = 0.f;
-      for (int t = 0; t < kActBlock; ++t) amax = std::max(amax, std::fabs(xr[k0 + t]));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f, s = amax / 127.f;
-      for (int t = 0; t < kActBlock; ++t) {
-        q[t] = int8_t(std::max(-127.f, std::min(127.f, std::nearbyint(xr[k0 + t] * inv))));
-        deq[k0 + t] = float(q[t]) * s;
-      }
-#endif
-      const int64_t c = k0 / kChunkValues, r0 = k0 % kChunkValues;
-      int8_t* dst = qi.bytes.data() + m * qi.row_bytes + c * kChunkBytes;
-      const int64_t lane0 = m * qi.row_lanes + c * 16 + r0 / kValuesPerLane;
-      for (int t = 0; t < kActBlock; ++t) {
-        const int64_t r = r0 + t;
-        if (BITS == 4)  // lane i = word i of the chunk; value j of the word sits in byte 4i + j/2, nibble j%2
-          dst[(r & 1) * 64 + 4 * (r / 8) + (r % 8) / 2] = q[t];
-        else  // lane i holds values 4i..4i+3 in order
-          dst[r] = q[t];
-      }
-      for (int l = 0; l < kActBlock / kValuesPerLane; ++l) {  // a lane never straddles two blocks
-        int32_t sum = 0;
-        for (int t = 0; t < kValuesPerLane; ++t) sum += q[l * kValuesPerLane + t];
-        qi.lane_scale[lane0 + l] = s;
-        qi.lane_sum[lane0 + l] = float(sum) * s;
-        qi.lane_offset[lane0 + l] = -kOffset * float(sum) * s;
-      }
-    }
-  }
-  return qi;
-}
-
-QuantizedInput quantize_input_blocks(const float* x, int64_t M, int64_t K, int64_t bits) {
-  return bits == 4 ? quantize_input_blocks_t<4>(x, M, K) : quantize_input_blocks_t<8>(x, M, K);
-}
-
-// Per 64-byte chunk of a weight row: which 32-bit lanes are real, the first weight group it touches, how many
-// groups from there exist, and each lane's group relative to the first (to gather 16 lanes' scales in one permute).
-struct ChunkGroups {
-  std::vector<uint16_t> lane_mask, group_mask;
-  std::vector<int32_t> first, lane_group;
-  ChunkGroups(int64_t row_lanes_total, int64_t values_per_lane, int64_t G, int64_t gs) {
-    const int64_t chunks = (row_lanes_total + 15) / 16;
-    lane_mask.resize(chunks), group_mask.resize(chunks), first.resize(chunks), lane_group.resize(chunks * 16);
-    for (int64_t c = 0; c < chunks; ++c) {
-      first[c] = int32_t(c * 16 * values_per_lane / gs);
-      lane_mask[c] = uint16_t((1u << std::min<int64_t>(16, row_lanes_total - c * 16)) - 1u);
-      group_mask[c] = uint16_t((1u << std::min<int64_t>(16, G - first[c])) - 1u);
-      for (int i = 0; i < 16; ++i)
-        lane_group[c * 16 + i] =
-            int32_t(std::min<int64_t>((c * 16 + i) * values_per_lane / gs, G - 1) - first[c]);
-    }
-  }
-};
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define PERNODE_VNNI 1
@@ -490,10 +390,14 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
   TORCH_CHECK(w.is_contiguous() && w.dim() == 2, "woq_linear: weight must be a contiguous 2-D tensor");
   TORCH_CHECK(x_in.dim() == 2, "woq_linear: x must be 2-D");
   const bool has_bias = bias_in.has_value() && bias_in->defined();
-#if defined(PERNODE_VNNI)
+#if defined(PERNODE_VNNI) || defined(PERNODE_AVX2_INT8X)
   // fp16 qparams (see load_qparams) go to the int8-x GEMV as stored; every other path reads fp32
   const bool half_qparams = quantize_input && scale_in.scalar_type() == at::kHalf &&
-                            (!has_bias || bias_in->scalar_type() == at::kHalf);
+                            (!has_bias || bias_in->scalar_type() == at::kHalf)
+#if !defined(PERNODE_VNNI)
+                            && bits == 4  // the AVX2 int8-x GEMV is int4's only
+#endif
+      ;
 #else
   const bool half_qparams = false;
 #endif
@@ -540,9 +444,24 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
     } else {
       rows = [&](int64_t n0, int64_t n1) { gemv_vnni(qi, M, K, bits, w, sp, bp, *cg, G, yp, N, n0, n1); };
     }
-#else  // no VNNI: the float GEMV on the dequantized int8 x gives the same numbers, slower
-    fi = prepare_float_input(qi.dequantized.data(), M, K, bits, G, gs, bp != nullptr || bits == 4);
-    rows = [&](int64_t n0, int64_t n1) { gemv_float(fi, M, K, bits, w, sp, bp, G, gs, yp, N, n0, n1); };
+#else
+#if defined(PERNODE_AVX2_INT8X)
+    if (bits == 4) {  // int4 x int8 with vpmaddubsw + vpmaddwd (gemv_int4_int8x_avx2.h)
+      cg = std::make_unique<ChunkGroups>(K / 8, 8, G, gs);
+      const int32_t* wp = w.data_ptr<int32_t>();
+      if (half_qparams) {
+        const auto* sh = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+        const auto* bh = bias.defined() ? reinterpret_cast<const uint16_t*>(bias.data_ptr<at::Half>()) : nullptr;
+        rows = [&, wp, sh, bh](int64_t n0, int64_t n1) { gemv_int4_int8x_avx2(qi, M, K, wp, sh, bh, *cg, G, yp, N, n0, n1); };
+      } else {
+        rows = [&, wp](int64_t n0, int64_t n1) { gemv_int4_int8x_avx2(qi, M, K, wp, sp, bp, *cg, G, yp, N, n0, n1); };
+      }
+    } else
+#endif
+    {  // the float GEMV on the dequantized int8 x gives the same numbers, slower
+      fi = prepare_float_input(qi.dequantized.data(), M, K, bits, G, gs, bp != nullptr || bits == 4);
+      rows = [&](int64_t n0, int64_t n1) { gemv_float(fi, M, K, bits, w, sp, bp, G, gs, yp, N, n0, n1); };
+    }
 #endif
   }
   // num_threads == 1 runs on the caller's thread: on an oversubscribed CPU a fork-join per layer waits for the

@@ -1,0 +1,124 @@
+#pragma once
+// x quantized to int8 per 32-value block (q = rint(x * 127 / amax), as llama.cpp feeds its Q4 kernels Q8
+// activations), laid out for the int8-x GEMVs' 64-byte weight chunks, with per-lane scales, sums and offset terms;
+// and each chunk's weight groups. Shared by the VNNI GEMV (quant_linear.h), its AVX2 counterpart
+// (gemv_int4_int8x_avx2.h) and the int4 panel kernel (int4_panel_gemm.h).
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace pernode {
+namespace quant {
+namespace {
+
+// ---- int8 activations -----------------------------------------------------------------------------------------
+constexpr int64_t kActBlock = 32;  // x values sharing one int8 scale
+
+// x quantized per 32-value block and laid out for one weight format's 64-byte chunks.
+struct QuantizedInput {
+  int64_t chunk_values;  // weight values per 64-byte chunk: 128 (int4) or 64 (int8)
+  int64_t chunks, row_bytes, row_lanes;
+  std::vector<int8_t> bytes;       // [M][chunks][64 or 2 x 64]: int4 chunks hold a low- then a high-nibble plane
+  std::vector<float> lane_scale;   // [M][chunks][16]: x scale of the block each 32-bit lane's values come from
+  std::vector<float> lane_sum;     // [M][chunks][16]: sum of the dequantized x of each lane's values
+  std::vector<float> lane_offset;  // lane_sum * -(the weights' stored offset: 8 for int4, 128 for int8 XOR 0x80)
+  std::vector<float> dequantized;  // [M][K]: q * scale, for the float GEMV where VNNI is missing
+};
+
+// Quantizes x row by row, one 32-value block at a time; all index arithmetic is by compile-time powers of two
+// (this runs once per call on K values, and runtime divisions here once cost more than the GEMV itself).
+template <int BITS>
+QuantizedInput quantize_input_blocks_t(const float* x, int64_t M, int64_t K) {
+  constexpr int64_t kChunkValues = BITS == 4 ? 128 : 64, kValuesPerLane = kChunkValues / 16;
+  constexpr int64_t kChunkBytes = BITS == 4 ? 128 : 64;
+  QuantizedInput qi;
+  qi.chunk_values = kChunkValues;
+  qi.chunks = (K + kChunkValues - 1) / kChunkValues;
+  qi.row_bytes = qi.chunks * kChunkBytes;
+  qi.row_lanes = qi.chunks * 16;
+  qi.bytes.assign(M * qi.row_bytes, 0);  // padding stays 0 so masked-off weights add nothing
+  qi.lane_scale.assign(M * qi.row_lanes, 0.f);
+  qi.lane_sum.assign(M * qi.row_lanes, 0.f);
+  qi.lane_offset.assign(M * qi.row_lanes, 0.f);
+  qi.dequantized.resize(M * K);
+  constexpr float kOffset = BITS == 4 ? 8.f : 128.f;
+  int8_t q[kActBlock];
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    float* deq = qi.dequantized.data() + m * K;
+    for (int64_t k0 = 0; k0 < K; k0 += kActBlock) {
+#if defined(__AVX512F__)
+      const __m512 a = _mm512_loadu_ps(xr + k0), b = _mm512_loadu_ps(xr + k0 + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f, s = amax / 127.f;
+      // cvtps_epi32 rounds to nearest even (the default MXCSR mode), like std::nearbyint and torch.round;
+      // |x * inv| <= 127 up to one ulp, so the rounded values need no clamp.
+      const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inv)));
+      const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(inv)));
+      _mm_storeu_si128((__m128i*)q, _mm512_cvtepi32_epi8(qa));
+      _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtepi32_epi8(qb));
+      _mm512_storeu_ps(deq + k0, _mm512_mul_ps(_mm512_cvtepi32_ps(qa), _mm512_set1_ps(s)));
+      _mm512_storeu_ps(deq + k0 + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(qb), _mm512_set1_ps(s)));
+#else
+      float amax = 0.f;
+      for (int t = 0; t < kActBlock; ++t) amax = std::max(amax, std::fabs(xr[k0 + t]));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f, s = amax / 127.f;
+      for (int t = 0; t < kActBlock; ++t) {
+        q[t] = int8_t(std::max(-127.f, std::min(127.f, std::nearbyint(xr[k0 + t] * inv))));
+        deq[k0 + t] = float(q[t]) * s;
+      }
+#endif
+      const int64_t c = k0 / kChunkValues, r0 = k0 % kChunkValues;
+      int8_t* dst = qi.bytes.data() + m * qi.row_bytes + c * kChunkBytes;
+      const int64_t lane0 = m * qi.row_lanes + c * 16 + r0 / kValuesPerLane;
+      for (int t = 0; t < kActBlock; ++t) {
+        const int64_t r = r0 + t;
+        if (BITS == 4)  // lane i = word i of the chunk; value j of the word sits in byte 4i + j/2, nibble j%2
+          dst[(r & 1) * 64 + 4 * (r / 8) + (r % 8) / 2] = q[t];
+        else  // lane i holds values 4i..4i+3 in order
+          dst[r] = q[t];
+      }
+      for (int l = 0; l < kActBlock / kValuesPerLane; ++l) {  // a lane never straddles two blocks
+        int32_t sum = 0;
+        for (int t = 0; t < kValuesPerLane; ++t) sum += q[l * kValuesPerLane + t];
+        qi.lane_scale[lane0 + l] = s;
+        qi.lane_sum[lane0 + l] = float(sum) * s;
+        qi.lane_offset[lane0 + l] = -kOffset * float(sum) * s;
+      }
+    }
+  }
+  return qi;
+}
+
+QuantizedInput quantize_input_blocks(const float* x, int64_t M, int64_t K, int64_t bits) {
+  return bits == 4 ? quantize_input_blocks_t<4>(x, M, K) : quantize_input_blocks_t<8>(x, M, K);
+}
+
+// Per 64-byte chunk of a weight row: which 32-bit lanes are real, the first weight group it touches, how many
+// groups from there exist, and each lane's group relative to the first (to gather 16 lanes' scales in one permute).
+struct ChunkGroups {
+  std::vector<uint16_t> lane_mask, group_mask;
+  std::vector<int32_t> first, lane_group;
+  ChunkGroups(int64_t row_lanes_total, int64_t values_per_lane, int64_t G, int64_t gs) {
+    const int64_t chunks = (row_lanes_total + 15) / 16;
+    lane_mask.resize(chunks), group_mask.resize(chunks), first.resize(chunks), lane_group.resize(chunks * 16);
+    for (int64_t c = 0; c < chunks; ++c) {
+      first[c] = int32_t(c * 16 * values_per_lane / gs);
+      lane_mask[c] = uint16_t((1u << std::min<int64_t>(16, row_lanes_total - c * 16)) - 1u);
+      group_mask[c] = uint16_t((1u << std::min<int64_t>(16, G - first[c])) - 1u);
+      for (int i = 0; i < 16; ++i)
+        lane_group[c * 16 + i] =
+            int32_t(std::min<int64_t>((c * 16 + i) * values_per_lane / gs, G - 1) - first[c]);
+    }
+  }
+};
+
+}  // namespace
+}  // namespace quant
+}  // namespace pernode
