@@ -28,11 +28,15 @@ inline float qparam_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
 // The groups a chunk's 128 values fall in (at most 5: groups hold a multiple of 32 values), their qparams (fp32, or
 // fp16 bits as stored) in the low lanes of one register; lanes then pick theirs with one permute.
+inline __m256 load8_qparams(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8_qparams(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+
 template <typename S>
 inline __m256 chunk_qparams(const S* row, const ChunkGroups& cg, int64_t c, int64_t G) {
-  alignas(32) float window[8] = {};
-  const int64_t first = cg.first[c], span = std::min<int64_t>(G - first, 5);
-  for (int64_t i = 0; i < span; ++i) window[i] = qparam_to_float(row[first + i]);
+  const int64_t first = cg.first[c];
+  if (first + 8 <= G) return load8_qparams(row + first);  // one load (and conversion) for all of them
+  alignas(32) float window[8] = {};  // the row's last groups: never read past its end
+  for (int64_t i = 0; i < std::min<int64_t>(G - first, 5); ++i) window[i] = qparam_to_float(row[first + i]);
   return _mm256_load_ps(window);
 }
 
