@@ -155,7 +155,7 @@ def test_gemv_row_does_not_depend_on_the_rows_beside_it(monkeypatch, scheme, dty
         assert torch.equal(layer(x[:m]), alone[:m]), m
 
 
-def test_int8_x_by_default_only_where_the_cpu_multiplies_int8(monkeypatch):
+def test_int8_x_by_default_only_where_the_cpu_multiplies_int8_natively(monkeypatch):
     from pernode.serve.kernels.cpu_features import multiplies_int8_natively
     from pernode.serve.kernels.quant_linear import use_int8_input
 
@@ -165,3 +165,17 @@ def test_int8_x_by_default_only_where_the_cpu_multiplies_int8(monkeypatch):
     assert use_int8_input(4, 576, 32) and not use_int8_input(8, 576, 32)  # int8 weights keep float x
     monkeypatch.setenv("PERNODE_QUANT_INPUT", "float")
     assert not use_int8_input(4, 576, 32)
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ({"avx512f", "avx512bw", "avx512_vnni", "avx2", "fma", "f16c"}, True),  # VNNI's vpdpbusd
+    ({"avx512f", "avx512bw", "avx2", "fma", "f16c"}, False),  # AVX-512 without VNNI: the AVX2 path is not built
+    ({"avx2", "fma", "f16c"}, True),  # AVX2's vpmaddubsw
+    ({"avx", "sse4_2"}, False),
+    (set(), False),  # flags unreadable (not Linux)
+])
+def test_which_cpus_multiply_int8_x_natively(monkeypatch, flags, expected):
+    from pernode.serve.kernels import cpu_features
+
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset(flags))
+    assert cpu_features.multiplies_int8_natively() is expected

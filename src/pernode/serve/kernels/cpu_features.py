@@ -33,10 +33,16 @@ def computes_bf16_natively() -> bool:
     return bool(native_bf16_flags())
 
 
-# What the quantized GEMV's int8-x path multiplies with (csrc/quant_linear.h PERNODE_VNNI, built with -march=native)
+# What the int4 GEMV multiplies int8 x with, the kernels being built with -march=native: AVX-512 VNNI
+# (csrc/quant_linear.h PERNODE_VNNI), or, on a CPU without AVX-512, AVX2's vpmaddubsw (csrc/gemv_int4_int8x_avx2.h)
 VNNI_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
+AVX2_INT8_FLAGS = ("avx2", "fma", "f16c")
 
 
 def multiplies_int8_natively() -> bool:
-    """Whether the int8-x GEMV has its VNNI path here; without it, int8 x is dequantized again and run as floats."""
-    return all(flag in cpu_flags() for flag in VNNI_FLAGS)
+    """Whether the int4 GEMV has an integer path for int8 x here. Without one (AVX-512 without VNNI, or neither
+    AVX-512 nor AVX2), int8 x would be dequantized again and run as floats."""
+    flags = cpu_flags()
+    if all(flag in flags for flag in VNNI_FLAGS):
+        return True
+    return "avx512f" not in flags and all(flag in flags for flag in AVX2_INT8_FLAGS)

@@ -69,11 +69,11 @@ def quantize_input_blocks(x: torch.Tensor, block: int = ACT_BLOCK) -> torch.Tens
 
 
 def use_int8_input(num_bits: int, in_features: int, group_size: int | None) -> bool:
-    """Whether the GEMV quantizes x: for int4 weights on a CPU with AVX-512 VNNI, where unpack + convert + FMA would
-    make it compute-bound (measured 6 GB/s vs 9.5 with VNNI, 1 thread). Without VNNI int8 x would only be
-    dequantized again (measured on an AVX2 CPU: batch-1 TPOT 29.6 ms with int8 x, 24.6 with float x), so x stays
-    fp32 there. int8 weights keep fp32 x: that GEMV already streams faster than memory. PERNODE_QUANT_INPUT=int8 or
-    float decides instead of the CPU."""
+    """Whether the GEMV quantizes x: for int4 weights, where unpack + convert + FMA would make it compute-bound
+    (measured 6 GB/s vs 9.5 with AVX-512 VNNI, 1 thread; batch-1 TPOT 17-20 ms vs 15 with AVX2's vpmaddubsw), on a
+    CPU with an integer path for it (cpu_features.multiplies_int8_natively); elsewhere int8 x would only be
+    dequantized again, so x stays fp32. int8 weights keep fp32 x: that GEMV already streams faster than memory.
+    PERNODE_QUANT_INPUT=int8 or float decides instead of the CPU."""
     setting = envs.quant_input()
     if setting is None:
         setting = QuantInput.INT8 if multiplies_int8_natively() else QuantInput.FLOAT
