@@ -158,6 +158,7 @@ def test_default_engine_keeps_the_bf16_gemm_for_a_short_chat_prompt(monkeypatch)
 
     monkeypatch.delenv("PERNODE_PANEL_FROM_ROWS", raising=False)
     monkeypatch.delenv("PERNODE_GEMM_FROM_ROWS", raising=False)
+    monkeypatch.delenv("PERNODE_QUANT_INPUT", raising=False)  # the engine's own default, not this module's int8 x
     llm = LLM.from_engine(LLMEngine(EngineConfig(model="smollm2-135m", kv_cache_bytes=64 * 2**20)))
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                    SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]

@@ -155,12 +155,12 @@ def test_gemv_row_does_not_depend_on_the_rows_beside_it(monkeypatch, scheme, dty
         assert torch.equal(layer(x[:m]), alone[:m]), m
 
 
-def test_int8_x_by_default_only_where_the_cpu_multiplies_int8_natively(monkeypatch):
-    from pernode.serve.kernels.cpu_features import multiplies_int8_natively
+def test_int8_x_by_default_only_on_vnni_cpus(monkeypatch):
+    from pernode.serve.kernels.cpu_features import has_vnni
     from pernode.serve.kernels.quant_linear import use_int8_input
 
     monkeypatch.delenv("PERNODE_QUANT_INPUT")
-    assert use_int8_input(4, 576, 32) == multiplies_int8_natively()
+    assert use_int8_input(4, 576, 32) == has_vnni()
     monkeypatch.setenv("PERNODE_QUANT_INPUT", "int8")
     assert use_int8_input(4, 576, 32) and not use_int8_input(8, 576, 32)  # int8 weights keep float x
     monkeypatch.setenv("PERNODE_QUANT_INPUT", "float")

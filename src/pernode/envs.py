@@ -17,7 +17,7 @@ Kernel switches share one vocabulary, `native` (the default: the C++/fused kerne
 Other settings:
 
   PERNODE_QUANT_INPUT    int8 | float: whether the int4 GEMV quantizes x to int8 per 32 values (default: int8 where
-                         the CPU multiplies int8 x natively, AVX-512 VNNI or AVX2, float elsewhere)
+                         the CPU has AVX-512 VNNI, float elsewhere; int8 uses AVX2's integer path without it)
   PERNODE_QUANT_THREADS  threads of the small-batch quantized and dense GEMVs; 0 (default): torch's thread count
   PERNODE_GEMM_FROM_ROWS rows from which quantized linears run the GEMM instead of the GEMV (default: measured on
                          this CPU per layer shape, see kernels/gemm_dispatch.py)

@@ -39,10 +39,11 @@ VNNI_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 AVX2_INT8_FLAGS = ("avx2", "fma", "f16c")
 
 
+def has_vnni() -> bool:
+    return all(flag in cpu_flags() for flag in VNNI_FLAGS)
+
+
 def multiplies_int8_natively() -> bool:
     """Whether the int4 GEMV has an integer path for int8 x here. Without one (AVX-512 without VNNI, or neither
     AVX-512 nor AVX2), int8 x would be dequantized again and run as floats."""
-    flags = cpu_flags()
-    if all(flag in flags for flag in VNNI_FLAGS):
-        return True
-    return "avx512f" not in flags and all(flag in flags for flag in AVX2_INT8_FLAGS)
+    return has_vnni() or ("avx512f" not in cpu_flags() and all(flag in cpu_flags() for flag in AVX2_INT8_FLAGS))

@@ -23,7 +23,7 @@ from torch import nn
 from pernode import envs
 from pernode.envs import KernelChoice, QuantInput
 from pernode.quant_format import QuantScheme, dequantize, dequantize_float_min, pack_int4, unpack_int4
-from pernode.serve.kernels.cpu_features import multiplies_int8_natively
+from pernode.serve.kernels.cpu_features import has_vnni
 from pernode.serve.kernels.gemm_dispatch import NEVER, LinearShape, gemm_from_rows
 from pernode.serve.kernels.jit import build_path, load_extension
 from pernode.serve.kernels.w8a8_linear import W8A8Linear
@@ -70,13 +70,14 @@ def quantize_input_blocks(x: torch.Tensor, block: int = ACT_BLOCK) -> torch.Tens
 
 def use_int8_input(num_bits: int, in_features: int, group_size: int | None) -> bool:
     """Whether the GEMV quantizes x: for int4 weights, where unpack + convert + FMA would make it compute-bound
-    (measured 6 GB/s vs 9.5 with AVX-512 VNNI, 1 thread; batch-1 TPOT 17-20 ms vs 15 with AVX2's vpmaddubsw), on a
-    CPU with an integer path for it (cpu_features.multiplies_int8_natively); elsewhere int8 x would only be
-    dequantized again, so x stays fp32. int8 weights keep fp32 x: that GEMV already streams faster than memory.
-    PERNODE_QUANT_INPUT=int8 or float decides instead of the CPU."""
+    (measured 6 GB/s vs 9.5 with AVX-512 VNNI, 1 thread). By default only on CPUs with VNNI. AVX2's integer path
+    (PERNODE_QUANT_INPUT=int8) is faster at batch 1 too (TPOT 15 ms vs 17-20 with fp32 x), but it wins against the
+    GEMM up to 30-40 rows, so short prompts prefill with int8 activations, and that flips the default model's
+    answer to the README's chat question (tests/test_int4_panel_gemm.py); elsewhere int8 x would only be
+    dequantized again. int8 weights keep fp32 x: that GEMV already streams faster than memory."""
     setting = envs.quant_input()
     if setting is None:
-        setting = QuantInput.INT8 if multiplies_int8_natively() else QuantInput.FLOAT
+        setting = QuantInput.INT8 if has_vnni() else QuantInput.FLOAT
     if num_bits != 4 or setting is QuantInput.FLOAT:
         return False
     return in_features % ACT_BLOCK == 0 and (group_size or in_features) % ACT_BLOCK == 0
