@@ -14,6 +14,7 @@ import torch
 
 from pernode import LLM, SamplingParams
 from pernode.config import DEFAULT_MODEL
+from pernode.serve.kernels.cpu_features import has_vnni, multiplies_int8_natively
 from pernode.serve.kernels.jit import cpu_signature
 
 LAYERS = ("layers.0.self_attn.qkv_proj", "layers.0.mlp.gate_up_proj", "layers.0.mlp.down_proj", "lm_head")
@@ -36,7 +37,9 @@ def main() -> None:
     flags = set(cpu_signature().split())
     isa = "avx512f" if "avx512f" in flags else "avx2+fma" if {"avx2", "fma"} <= flags else "scalar"
     llm = LLM(args.model, max_model_len=1024)
-    print(f"[{args.label}] CPU ISA {isa}, {torch.get_num_threads()} threads, dtype {llm.engine.dtype}")
+    int8_x = "VNNI" if has_vnni() else "AVX2 (opt-in)" if multiplies_int8_natively() else "none: dequantized again"
+    print(f"[{args.label}] CPU ISA {isa}, {torch.get_num_threads()} threads, dtype {llm.engine.dtype}, "
+          f"integer path for int8 x: {int8_x}")
     modules = dict(llm.engine.model.named_modules())
     with torch.inference_mode():
         for name in LAYERS:
