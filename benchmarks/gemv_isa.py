@@ -37,7 +37,8 @@ def main() -> None:
     flags = set(cpu_signature().split())
     isa = "avx512f" if "avx512f" in flags else "avx2+fma" if {"avx2", "fma"} <= flags else "scalar"
     llm = LLM(args.model, max_model_len=1024)
-    int8_x = "VNNI" if has_vnni() else "AVX2 (opt-in)" if multiplies_int8_natively() else "none: dequantized again"
+    int8_x = ("VNNI" if has_vnni() else "AVX2, decode-sized calls (up to 8 rows)" if multiplies_int8_natively()
+              else "none: dequantized again")
     print(f"[{args.label}] CPU ISA {isa}, {torch.get_num_threads()} threads, dtype {llm.engine.dtype}, "
           f"integer path for int8 x: {int8_x}")
     modules = dict(llm.engine.model.named_modules())

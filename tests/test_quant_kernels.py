@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from pernode.quant_format import QuantScheme, dequantize, pack_int4, quantize_weight, unpack_int4
-from pernode.serve.kernels.quant_linear import QuantLinear, load_kernel, quantize_input_blocks, woq_linear_reference
+from pernode.serve.kernels.gemm_dispatch import NEVER
+from pernode.serve.kernels.quant_linear import (FLOAT_GEMV_MAX_ROWS, QuantLinear, load_kernel, quantize_input_blocks,
+                                                woq_linear_reference)
 from pernode.serve.kernels.w8a8_linear import W8A8Linear, w8a8_linear_reference
 
 
@@ -149,22 +151,52 @@ def test_gemv_row_does_not_depend_on_the_rows_beside_it(monkeypatch, scheme, dty
     layer = _random_layer(scheme, 576, 200)
     x = torch.randn(13, 576, generator=torch.Generator().manual_seed(3)).to(dtype)
     alone = torch.cat([layer(x[i:i + 1]) for i in range(len(x))])
-    below = min(layer.kernel_switch_rows(dtype))  # float x (int8 weights here): the op's own switch at 9 rows
-    assert below == (1000 if layer._int8_input else 9)
+    below = min(layer.kernel_switch_rows(dtype))  # float x (int8 weights here) or capped int8 x: 9 rows
+    assert below == (1000 if layer._int8_max_rows == NEVER else 9)
     for m in range(2, min(below, len(x) + 1)):
         assert torch.equal(layer(x[:m]), alone[:m]), m
 
 
-def test_int8_x_by_default_only_on_vnni_cpus(monkeypatch):
-    from pernode.serve.kernels.cpu_features import has_vnni
-    from pernode.serve.kernels.quant_linear import use_int8_input
+@pytest.mark.parametrize("flags,rows", [
+    ({"avx512f", "avx512bw", "avx512_vnni", "avx2", "fma", "f16c"}, NEVER),  # VNNI: every GEMV call
+    ({"avx2", "fma", "f16c"}, FLOAT_GEMV_MAX_ROWS),  # AVX2: decode-sized calls, not short prompts' prefill
+    ({"avx512f", "avx512bw", "avx2", "fma", "f16c"}, 0),  # no integer path built: int8 x would be floats again
+    (set(), 0),
+])
+def test_which_calls_quantize_x_by_default(monkeypatch, flags, rows):
+    from pernode.serve.kernels import cpu_features
+    from pernode.serve.kernels.quant_linear import int8_input_max_rows
 
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset(flags))
     monkeypatch.delenv("PERNODE_QUANT_INPUT")
-    assert use_int8_input(4, 576, 32) == has_vnni()
+    assert int8_input_max_rows(4, 576, 32) == rows
+    assert int8_input_max_rows(8, 576, 32) == 0  # int8 weights keep float x
+    assert int8_input_max_rows(4, 560, None) == 0  # 560 is not a whole number of 32-value blocks
     monkeypatch.setenv("PERNODE_QUANT_INPUT", "int8")
-    assert use_int8_input(4, 576, 32) and not use_int8_input(8, 576, 32)  # int8 weights keep float x
+    assert int8_input_max_rows(4, 576, 32) == NEVER and int8_input_max_rows(8, 576, 32) == 0
     monkeypatch.setenv("PERNODE_QUANT_INPUT", "float")
-    assert not use_int8_input(4, 576, 32)
+    assert int8_input_max_rows(4, 576, 32) == 0
+
+
+def test_capped_int8_x_changes_kernel_at_nine_rows(monkeypatch):
+    # On AVX2 a decode-sized call quantizes x and a longer one does not: a speculative verify step must stay below
+    # that switch, and the fused decoder must pick the same kernel per row count as the layer.
+    from pernode.serve.kernels import cpu_features
+
+    if load_kernel() is None:
+        pytest.skip("C++ kernel unavailable")
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
+    monkeypatch.delenv("PERNODE_QUANT_INPUT")
+    monkeypatch.setenv("PERNODE_GEMM_FROM_ROWS", "1000")
+    layer = _random_layer(QuantScheme(4, 32, symmetric=False), 576, 200)
+    assert layer.kernel_switch_rows(torch.float32) == [FLOAT_GEMV_MAX_ROWS + 1, 1000]
+    assert layer.gemv_quantizes_input(FLOAT_GEMV_MAX_ROWS) and not layer.gemv_quantizes_input(FLOAT_GEMV_MAX_ROWS + 1)
+    assert layer.gemv_args(1)[0] is layer.gemv_args(9)[0] and layer.gemv_args(9)[1].dtype == torch.float32
+    x = torch.randn(12, 576, generator=torch.Generator().manual_seed(5))
+    for m in (1, 8, 9, 12):
+        ref = woq_linear_reference(x[:m], layer.qweight, layer.weight_scale, layer.weight_zero_point, 4, 32,
+                                   quantize_input=m <= FLOAT_GEMV_MAX_ROWS)
+        torch.testing.assert_close(layer(x[:m]), ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("flags,expected", [

@@ -7,7 +7,7 @@ import torch
 
 from pernode.serve.kernels.jit import load_extension
 from pernode.serve.kernels.sparse_linear import (SOURCE, SemiStructuredLinear, SparseLinear,
-                                                 sparse_linear_reference)
+                                                 sparse_gate, sparse_linear_reference)
 from pernode.sparse_format import compress_bitmask, decompress, pack_bitmask, unpack_bitmask
 
 
@@ -45,7 +45,7 @@ def test_sparse_linear_matches_dense_linear_on_both_paths(kernel):
     sparse = SparseLinear.from_dense(lin)
     assert sparse.sparsity == pytest.approx(float((lin.weight == 0).float().mean()))
     with torch.no_grad():
-        for rows in (1, 8, 64):  # the kernel up to MAX_ROWS, the expanded weight's GEMM above
+        for rows in (1, 8, 64):  # the kernel up to the CPU's gate (4 or 8 rows), the expanded weight's GEMM above
             x = torch.randn(rows, 96)
             torch.testing.assert_close(sparse(x), lin(x), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(sparse.dense_weight(), lin.weight)
@@ -125,14 +125,16 @@ def test_bf16_sparse_linear_runs_the_kernel_and_matches_dense(kernel, monkeypatc
         lin.weight.copy_(_sparse_weight(50, 96, 0.7).bfloat16())
     sparse = SparseLinear.from_dense(lin)
     assert sparse.values.dtype == torch.bfloat16
+    if not sparse.max_kernel_rows:
+        pytest.skip("the bitmask GEMV has no vector path on this CPU")
     calls = []
     real = torch.ops.pernode.sparse_gemv
     monkeypatch.setattr(torch.ops.pernode, "sparse_gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))
     with torch.no_grad():
-        for rows in (1, 8, 64):  # the kernel up to MAX_ROWS, the expanded weight's GEMM above
+        for rows in (1, sparse.max_kernel_rows, 64):  # the kernel up to the CPU's gate, the dense GEMM above
             x = torch.randn(rows, 96).bfloat16()
             torch.testing.assert_close(sparse(x), lin(x), rtol=2 ** -7, atol=2e-2)
-    assert calls == [1, 8]
+    assert calls == [1, sparse.max_kernel_rows]
 
 
 def test_bf16_model_is_served_through_the_sparse_kernel(kernel, tmp_path):
@@ -150,6 +152,19 @@ def test_bf16_model_is_served_through_the_sparse_kernel(kernel, tmp_path):
                 for lin in parent.children():
                     if isinstance(lin, torch.nn.Linear):
                         lin.weight[:, ::2] = 0
-    assert use_sparse_kernels(model) == 4
+    assert use_sparse_kernels(model, min_sparsity=0.5) == 4  # AVX2's own gate starts higher: this is the dtype's test
     swapped = [m for m in model.modules() if isinstance(m, SparseLinear)]
     assert len(swapped) == 4 and all(m.values.dtype == torch.bfloat16 for m in swapped)
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ({"avx512f", "avx512bw", "avx512vl", "avx2", "fma"}, (0.5, 8)),  # vexpandps: wins from 50% zeros
+    ({"avx2", "fma", "f16c"}, (0.8, 4)),  # table permutes: bound by instructions, wins only when most weights are gone
+    ({"sse4_2"}, None),  # the scalar loop: never
+])
+def test_the_sparse_gate_follows_the_vector_unit(monkeypatch, flags, expected):
+    from pernode.serve.kernels import cpu_features
+
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset(flags))
+    gate = sparse_gate()
+    assert (gate.min_sparsity, gate.max_rows) == expected if expected else gate is None

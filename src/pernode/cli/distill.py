@@ -59,6 +59,9 @@ def add_parsers(sub) -> None:
     g.add_argument("--steps", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--seq-len", type=int, default=None)
+    g.add_argument("--stdlib-text", default="files", choices=["files", "docstrings"],
+                   help="the stdlib part of the training text: whole .py files (mostly code) or their docstrings "
+                        "only (English prose, nearest to the pydoc evaluation text)")
     g.add_argument("--seq-kd-prompts", type=int, default=None,
                    help="chat prompts the teacher answers for sequence-level KD (0: none)")
     g.add_argument("--lr", type=float, default=5e-4)
@@ -137,7 +140,8 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
                               divergence=args.divergence, seed=args.seed, dtype=args.dtype,
                               freeze_embedding=args.freeze_embedding, checkpoint_every=args.checkpoint_every)
     return DistillConfig(teacher=args.model, out=args.out, student=student, training=training,
-                         seq_len=_pick(args.seq_len, args.quick, "seq_len"), top_k=args.top_k,
+                         seq_len=_pick(args.seq_len, args.quick, "seq_len"), stdlib_text=args.stdlib_text,
+                         top_k=args.top_k,
                          seq_kd_prompts=_pick(args.seq_kd_prompts, args.quick, "seq_kd_prompts"),
                          seq_kd_max_tokens=(QUICK if args.quick else FULL)["seq_kd_max_tokens"],
                          eval_windows=_pick(args.eval_windows, args.quick, "eval_windows"),

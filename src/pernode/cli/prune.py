@@ -15,7 +15,7 @@ import torch
 
 from pernode.cli.options import add_model_argument
 from pernode.quant_format import QuantScheme
-from pernode.serve.kernels.sparse_linear import MIN_SPARSITY
+from pernode.serve.kernels.sparse_linear import sparse_gate
 from pernode.serve.models.loader import load_model
 from pernode.shrink.checkpoint import checkpoint_bytes, save_checkpoint
 from pernode.shrink.evaluate.perplexity import DEFAULT_SEQ_LEN, calibration_windows, evaluate_perplexity
@@ -143,12 +143,15 @@ def run(args: argparse.Namespace) -> int:
     if recipe.scheme is not None:
         print("served: the zeros are stored as quantized values and run the dense int kernels "
               "(no speedup from sparsity; the size gain is the quantization's)")
-    elif recipe.pruner.sparsity < MIN_SPARSITY:
-        print(f"served: no speedup at this sparsity ({recipe.pruner.sparsity:.0%} < {MIN_SPARSITY:.0%}, where the "
-              "bitmask GEMV measured faster than dense): the engine runs these weights dense")
+    elif (gate := sparse_gate()) is None:
+        print("served: dense here (the bitmask GEMV has no AVX2 or AVX-512 path on this CPU)")
+    elif recipe.pruner.sparsity < gate.min_sparsity:
+        print(f"served: no speedup at this sparsity ({recipe.pruner.sparsity:.0%} < {gate.min_sparsity:.0%}, where "
+              f"the bitmask GEMV measured faster than dense with {gate.vector_unit}): the engine runs these weights "
+              "dense on this CPU")
     else:
-        print(f"served: decode steps run the bitmask GEMV (measured faster than dense from {MIN_SPARSITY:.0%} "
-              "sparsity at small batches; larger batches run dense GEMMs)")
+        print(f"served: decode steps run the bitmask GEMV (measured faster than dense from {gate.min_sparsity:.0%} "
+              f"sparsity with {gate.vector_unit}, up to {gate.max_rows} rows; larger batches run dense GEMMs)")
     logging.getLogger("pernode").debug("prune report: %s", report)
     return 0
 

@@ -23,7 +23,7 @@ from torch import nn
 from pernode import envs
 from pernode.envs import KernelChoice, QuantInput
 from pernode.quant_format import QuantScheme, dequantize, dequantize_float_min, pack_int4, unpack_int4
-from pernode.serve.kernels.cpu_features import has_vnni
+from pernode.serve.kernels.cpu_features import has_vnni, multiplies_int8_natively
 from pernode.serve.kernels.gemm_dispatch import NEVER, LinearShape, gemm_from_rows
 from pernode.serve.kernels.jit import build_path, load_extension
 from pernode.serve.kernels.w8a8_linear import W8A8Linear
@@ -68,19 +68,29 @@ def quantize_input_blocks(x: torch.Tensor, block: int = ACT_BLOCK) -> torch.Tens
     return (q * (amax / 127.0)).reshape(x.shape)
 
 
-def use_int8_input(num_bits: int, in_features: int, group_size: int | None) -> bool:
-    """Whether the GEMV quantizes x: for int4 weights, where unpack + convert + FMA would make it compute-bound
-    (measured 6 GB/s vs 9.5 with AVX-512 VNNI, 1 thread). By default only on CPUs with VNNI. AVX2's integer path
-    (PERNODE_QUANT_INPUT=int8) is faster at batch 1 too (TPOT 15 ms vs 17-20 with fp32 x), but it wins against the
-    GEMM up to 30-40 rows, so short prompts prefill with int8 activations, and that flips the default model's
-    answer to the README's chat question (tests/test_int4_panel_gemm.py); elsewhere int8 x would only be
-    dequantized again. int8 weights keep fp32 x: that GEMV already streams faster than memory."""
+def int8_input_max_rows(num_bits: int, in_features: int, group_size: int | None) -> int:
+    """Up to how many rows a call's x is quantized to int8 before the int4 GEMV (0: never; NEVER: every call below
+    the GEMM crossover). Integer products keep the int4 GEMV bandwidth-bound where unpack + convert + FMA would make
+    it compute-bound (6 vs 9.5 GB/s with AVX-512 VNNI, 1 thread).
+    - VNNI CPUs, or PERNODE_QUANT_INPUT=int8: every GEMV call.
+    - AVX2 CPUs (vpmaddubsw): decode-sized calls only, the rows the float-x op would run as a GEMV too
+      (FLOAT_GEMV_MAX_ROWS); beyond them x stays float. Batch-1 TPOT is 15 ms against 17-20 with float x, but
+      that GEMV beats the GEMM up to 30-40 rows, and prefilling a short chat prompt with int8 activations flips the
+      default model's answer to the README's question (tests/test_int4_panel_gemm.py).
+    - Elsewhere, and for int8 weights (their GEMV already streams faster than memory): never; int8 x would only be
+      dequantized again."""
     setting = envs.quant_input()
-    if setting is None:
-        setting = QuantInput.INT8 if has_vnni() else QuantInput.FLOAT
-    if num_bits != 4 or setting is QuantInput.FLOAT:
-        return False
-    return in_features % ACT_BLOCK == 0 and (group_size or in_features) % ACT_BLOCK == 0
+    blocks_fit = in_features % ACT_BLOCK == 0 and (group_size or in_features) % ACT_BLOCK == 0
+    if num_bits != 4 or setting is QuantInput.FLOAT or not blocks_fit:
+        return 0
+    if setting is QuantInput.INT8 or has_vnni():
+        return NEVER
+    return FLOAT_GEMV_MAX_ROWS if multiplies_int8_natively() else 0
+
+
+def use_int8_input(num_bits: int, in_features: int, group_size: int | None) -> bool:
+    """Whether some GEMV calls of such a layer quantize x (int8_input_max_rows)."""
+    return int8_input_max_rows(num_bits, in_features, group_size) > 0
 
 
 def dequantize_layer_weight(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
@@ -188,18 +198,19 @@ class QuantLinear(nn.Module):
         """Derive what the kernel reads (fp32 scales, the zero term) once the stored tensors are in place."""
         self._scale = self.weight_scale.float().contiguous()
         self._zero_term = zero_term(self._scale, self.weight_zero_point, self.scheme.num_bits, self.weight_min)
-        self._int8_input = use_int8_input(self.scheme.num_bits, self.in_features, self.scheme.group_size)
+        self._int8_max_rows = int8_input_max_rows(self.scheme.num_bits, self.in_features, self.scheme.group_size)
+        self._int8_input = self._int8_max_rows > 0
         # A decode step calls ~120 of these layers: resolve the kernel and its constant operands once, not per call.
         # PERNODE_QUANT_THREADS: 1 is the robust choice on a CPU shared with other busy processes (see the kernel).
         self._op = load_kernel() if self.qweight.device.type == "cpu" else None
         self._gemm = torch.ops.pernode.woq_gemm if self._op is not None else None
-        self._panel = (torch.ops.pernode.woq_panel_gemm
-                       if self._op is not None and self._int8_input and self.scheme.num_bits == 4 else None)
-        scale, term = self._scale, self._zero_term
+        self._panel = (torch.ops.pernode.woq_panel_gemm  # it quantizes x whatever the rows: not with a row cap
+                       if self._op is not None and self._int8_max_rows == NEVER and self.scheme.num_bits == 4 else None)
+        layout = (self.scheme.num_bits, self.scheme.group_size or 0, envs.quant_threads())
+        self._float_op_args = (self.qweight, self._scale, self._zero_term, *layout)
+        self._op_args = self._float_op_args
         if self._int8_input:  # the int8-x GEMV reads fp16 qparams where they are exact (GGUF's are): fewer bytes
-            scale, term = fp16_if_exact(scale, term)
-        self._op_args = (self.qweight, scale, term, self.scheme.num_bits,
-                         self.scheme.group_size or 0, envs.quant_threads())
+            self._op_args = (self.qweight, *fp16_if_exact(self._scale, self._zero_term), *layout)
         self._gemm_from_rows = {}
         self._panel_from_rows = {}
 
@@ -208,8 +219,17 @@ class QuantLinear(nn.Module):
                                        self.scheme.group_size, self.in_features, self.weight_min)
 
     # ---- GEMV or GEMM -----------------------------------------------------------------------------------------
+    def quantizes_input(self, rows: int) -> bool:
+        """Whether a GEMV call with `rows` rows quantizes x to int8 (int8_input_max_rows)."""
+        return rows <= self._int8_max_rows
+
+    def gemv_args(self, rows: int) -> tuple:
+        """The GEMV's operands after x for a call with `rows` rows: fp16 qparams for the int8-x GEMV where exact."""
+        return self._op_args if self.quantizes_input(rows) else self._float_op_args
+
     def _run_gemv(self, x2: torch.Tensor) -> torch.Tensor:
-        return self._op(x2, *self._op_args, self._int8_input)
+        rows = x2.shape[0]
+        return self._op(x2, *self.gemv_args(rows), self.quantizes_input(rows))
 
     def _run_gemm(self, x2: torch.Tensor) -> torch.Tensor:
         gemm_x = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
@@ -226,6 +246,8 @@ class QuantLinear(nn.Module):
         return self._run_gemv(x2)
 
     def _shape(self, dtype: torch.dtype, kernels: str) -> LinearShape:
+        if 0 < self._int8_max_rows < NEVER:
+            kernels += f" (int8 x up to {self._int8_max_rows} rows)"
         return LinearShape(self.out_features, self.in_features, self.scheme.num_bits, self.scheme.group_size or 0,
                            self._zero_term is not None, self._int8_input, dtype,
                            envs.quant_threads() or torch.get_num_threads(), kernels)
@@ -269,19 +291,23 @@ class QuantLinear(nn.Module):
 
     def kernel_switch_rows(self, dtype: torch.dtype) -> list[int]:
         """Row counts from which a call with x of `dtype` runs another kernel, whose accumulation order differs:
-        the measured GEMM crossover, the panel kernel's (int4, int8 x) below it, and for float x the op's own switch
-        to a tiled fp32 matmul past FLOAT_GEMV_MAX_ROWS. Below the first, each row is computed alike whatever the
-        rows beside it (the panel kernel too: its rows share no accumulator)."""
+        the measured GEMM crossover, the panel kernel's (int4, int8 x) below it, the end of int8 x where it is capped,
+        and for float x the op's own switch to a tiled fp32 matmul past FLOAT_GEMV_MAX_ROWS. Below the first, each
+        row is computed alike whatever the rows beside it (the panel kernel too: its rows share no accumulator)."""
         if self._op is None:
             return []
         gemm = self.gemm_from_rows(dtype)
-        panel = {self.panel_from_rows(dtype)} if self.panel_from_rows(dtype) < gemm else set()
-        return sorted({gemm} | panel | (set() if self._int8_input else {FLOAT_GEMV_MAX_ROWS + 1}))
+        switches = {gemm}
+        if self.panel_from_rows(dtype) < gemm:
+            switches.add(self.panel_from_rows(dtype))
+        if self._int8_max_rows < NEVER:  # some calls run float x
+            switches |= {FLOAT_GEMV_MAX_ROWS + 1} | ({self._int8_max_rows + 1} if self._int8_input else set())
+        return sorted(switches)
 
     def gemv_quantizes_input(self, rows: int, dtype: torch.dtype = torch.float32) -> bool:
         """Whether a call with `rows` rows goes through the int8-x GEMV or panel kernel (what its reference must
         model)."""
-        return self._op is not None and self._int8_input and rows < self.gemm_from_rows(dtype)
+        return self._op is not None and self.quantizes_input(rows) and rows < self.gemm_from_rows(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._scale is None:

@@ -3,13 +3,14 @@ or bf16 calls run the C++ bitmask GEMV in csrc/sparse_gemv.cpp, and, on CUDA, 2:
 semi-structured sparse GEMM. Magnitude/Wanda/SparseGPT (arXiv 2301.00774) pruning leaves no structure the CPU's
 GEMMs can use; a GEMV that streams fewer bytes can, when decode is bandwidth-bound and enough weights are gone.
 
-Where it pays was measured by benchmarks/pruning_speed.py against the dense GEMV on the same layers (docs/pruning.md):
-the gate below is that crossover, and the loader says "no speedup at this sparsity" for a checkpoint under it
-instead of running the slower path. Larger batches (prefill chunks) expand the weight to dense and use the GEMM.
+Where it pays was measured by benchmarks/pruning_speed.py against the dense GEMV on the same layers (docs/pruning.md),
+per vector unit: the gates below are those crossovers, and the loader says "no speedup at this sparsity" for a
+checkpoint under its CPU's gate instead of running the slower path. Larger batches (prefill chunks) expand the weight to dense and use the GEMM.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,16 +18,40 @@ from torch import nn
 
 from pernode import envs
 from pernode.envs import KernelChoice
+from pernode.serve.kernels import cpu_features
 from pernode.serve.kernels.jit import build_path, load_extension
 from pernode.sparse_format import SparsityPattern, compress_bitmask, decompress
 
 log = logging.getLogger("pernode.serve")
 
 SOURCE = "sparse_gemv.cpp"
-# Measured crossovers (benchmarks/pruning_speed.py, docs/pruning.md): below this sparsity the bitmask GEMV is not
-# faster than the dense GEMV at batch 1; above MAX_ROWS rows a step is compute-bound and the dense GEMM wins.
-MIN_SPARSITY = 0.5
-MAX_ROWS = 8
+
+
+@dataclass(frozen=True)
+class SparseGate:
+    """Where the bitmask GEMV measured faster than the dense GEMV (benchmarks/pruning_speed.py, docs/pruning.md):
+    from `min_sparsity` zeros, for calls of up to `max_rows` rows (more rows are compute-bound: the dense GEMM)."""
+
+    min_sparsity: float
+    max_rows: int
+    vector_unit: str
+
+
+# AVX-512 expands 16 columns in one vexpandps: 1.5-2x at 50% zeros. AVX2 permutes 8 at a time from a table and is
+# bound by those instructions, not the bytes: even at 50-70% zeros, 0.8-1.1x at 1 row; 1.2-1.4x at 90%.
+AVX512_GATE = SparseGate(0.5, 8, "AVX-512")
+AVX2_GATE = SparseGate(0.8, 4, "AVX2")
+
+
+def sparse_gate() -> SparseGate | None:
+    """This CPU's gate; None where the kernel has no vector path (its scalar loop is ~20x slower than dense)."""
+    flags = cpu_features.cpu_flags()
+    if "avx512f" in flags:
+        return AVX512_GATE
+    if {"avx2", "fma"} <= flags:
+        return AVX2_GATE
+    return None
+
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # the values' dtypes the kernel reads (x in the same dtype)
 
 
@@ -44,7 +69,8 @@ class SparseLinear(nn.Module):
         self.register_buffer("bitmask", bitmask.to(torch.uint8).contiguous())
         self.register_buffer("row_offsets", row_offsets.to(torch.int64).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.use_kernel = envs.sparse_kernel() is KernelChoice.NATIVE
+        gate = sparse_gate()
+        self.max_kernel_rows = gate.max_rows if gate is not None and envs.sparse_kernel() is KernelChoice.NATIVE else 0
         self.gemv_threads = envs.quant_threads()
 
     @classmethod
@@ -62,7 +88,7 @@ class SparseLinear(nn.Module):
                            "bitmask": self.bitmask}).to(self.values.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.use_kernel and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.dtype == self.values.dtype
+        if (x.dim() == 2 and x.shape[0] <= self.max_kernel_rows and x.dtype == self.values.dtype
                 and x.device.type == "cpu" and load_extension(SOURCE)):
             return torch.ops.pernode.sparse_gemv(x, self.values, self.bitmask, self.row_offsets, self.bias,
                                                  self.gemv_threads)
@@ -107,10 +133,10 @@ def _decoder_linears(model):
 
 
 @torch.no_grad()
-def use_sparse_kernels(model, sparsity_structure: str = "unstructured", min_sparsity: float = MIN_SPARSITY) -> int:
+def use_sparse_kernels(model, sparsity_structure: str = "unstructured", min_sparsity: float | None = None) -> int:
     """Swap the decoder's float projections for SparseLinear (CPU) or SemiStructuredLinear (CUDA, 2:4) where that
-    measured faster; log one line saying what runs where, including "no speedup at this sparsity". Returns how many
-    projections were swapped."""
+    measured faster (min_sparsity: the CPU's gate unless given); log one line saying what runs where, including "no
+    speedup at this sparsity". Returns how many projections were swapped."""
     linears = list(_decoder_linears(model))
     if not linears:  # quantized weights: the zeros are stored as int4/int8 values and run the dense int kernels
         log.warning("pernode: sparse quantized checkpoint: no sparse kernel for quantized weights, the zeros run "
@@ -125,10 +151,13 @@ def use_sparse_kernels(model, sparsity_structure: str = "unstructured", min_spar
         return len(linears)
     zeros = sum(int((lin.weight == 0).sum()) for _, _, lin in linears)
     sparsity = zeros / sum(lin.weight.numel() for _, _, lin in linears)
-    if device.type != "cpu" or envs.sparse_kernel() is not KernelChoice.NATIVE or not load_extension(SOURCE):
-        log.warning("pernode: sparse checkpoint (%.0f%% zeros) served dense: no sparse kernel on %s here",
-                    100 * sparsity, device.type)
+    gate = sparse_gate()
+    if (device.type != "cpu" or gate is None or envs.sparse_kernel() is not KernelChoice.NATIVE
+            or not load_extension(SOURCE)):
+        log.warning("pernode: sparse checkpoint (%.0f%% zeros) served dense: no sparse kernel on %s here%s",
+                    100 * sparsity, device.type, " (no AVX2 or AVX-512)" if device.type == "cpu" and not gate else "")
         return 0
+    min_sparsity = gate.min_sparsity if min_sparsity is None else min_sparsity
     dtype = linears[0][2].weight.dtype
     if dtype not in KERNEL_DTYPES:
         log.warning("pernode: sparse checkpoint (%.0f%% zeros) served dense in %s: the bitmask GEMV reads float32 "
@@ -136,12 +165,13 @@ def use_sparse_kernels(model, sparsity_structure: str = "unstructured", min_spar
         return 0
     if sparsity < min_sparsity:
         log.warning("pernode: sparse checkpoint at %.0f%% zeros: no speedup at this sparsity (the bitmask GEMV "
-                    "measured faster than dense from %.0f%%); served dense", 100 * sparsity, 100 * min_sparsity)
+                    "measured faster than dense from %.0f%% with %s); served dense", 100 * sparsity,
+                    100 * min_sparsity, gate.vector_unit)
         return 0
     for parent, attr, lin in linears:
         setattr(parent, attr, SparseLinear.from_dense(lin))
-    log.info("pernode: sparse checkpoint at %.0f%% zeros: decode steps of <= %d rows run the %s bitmask GEMV",
-             100 * sparsity, MAX_ROWS, str(dtype).removeprefix("torch."))
+    log.info("pernode: sparse checkpoint at %.0f%% zeros: decode steps of <= %d rows run the %s bitmask GEMV (%s)",
+             100 * sparsity, gate.max_rows, str(dtype).removeprefix("torch."), gate.vector_unit)
     return len(linears)
 
 

@@ -19,7 +19,7 @@ from pernode.envs import KernelChoice
 from pernode.serve.kernels import decoder_stack, layer_ops, paged_attention_cpu
 from pernode.serve.kernels.attention_metadata import AttentionMetadata
 from pernode.serve.kernels.dense_linear import Linear
-from pernode.serve.kernels.quant_linear import QuantLinear
+from pernode.serve.kernels.quant_linear import FLOAT_GEMV_MAX_ROWS, QuantLinear
 
 log = logging.getLogger("pernode.serve.models")
 
@@ -46,7 +46,7 @@ class FusedDecoder:
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.eps, self.attn_scale = float(c.rms_norm_eps), c.head_dim ** -0.5
         self.num_threads = envs.quant_threads()
-        self._weights: dict[torch.dtype, tuple] = {}
+        self._weights: dict[tuple[torch.dtype, int], tuple] = {}  # (dtype, rows up to the int8-x cap + 1)
         self._kv_source: list | None = None
         self._kv_flat: list[torch.Tensor] = []
 
@@ -106,13 +106,16 @@ class FusedDecoder:
                     and t.device.type == "cpu" and t.is_contiguous() for t in flat)
         return flat if plain else []
 
-    def _operands(self, dtype: torch.dtype) -> tuple:
-        operands = self._weights.get(dtype)
+    def _operands(self, dtype: torch.dtype, rows: int) -> tuple:
+        # Where int8 x is capped (AVX2), the cap is FLOAT_GEMV_MAX_ROWS (quant_linear.int8_input_max_rows): two
+        # layouts cover every row count, one for decode-sized steps and one beyond.
+        key = (dtype, min(rows, FLOAT_GEMV_MAX_ROWS + 1))
+        operands = self._weights.get(key)
         if operands is None:
-            operands = self._weights[dtype] = self._lay_out(dtype)
+            operands = self._weights[key] = self._lay_out(*key)
         return operands
 
-    def _lay_out(self, dtype: torch.dtype) -> tuple:
+    def _lay_out(self, dtype: torch.dtype, rows: int) -> tuple:
         norms, weights, scales, zero_terms, biases, config = [], [], [], [], [], []
         for layer in self.model.layers:
             norms += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
@@ -122,9 +125,10 @@ class FusedDecoder:
                 if type(proj) is QuantLinear:
                     s = proj.scheme
                     weights.append(proj.qweight)
-                    scales.append(proj._op_args[1])  # the GEMV's own qparams (fp16 where exact)
-                    zero_terms.append(proj._op_args[2])
-                    flags = decoder_stack.INT8_INPUT if proj._int8_input else 0
+                    args = proj.gemv_args(rows)  # the GEMV's own qparams (fp16 for int8 x where exact)
+                    scales.append(args[1])
+                    zero_terms.append(args[2])
+                    flags = decoder_stack.INT8_INPUT if proj.quantizes_input(rows) else 0
                     config += [s.num_bits, s.group_size or 0, flags, proj.gemm_from_rows(dtype),
                                proj.panel_from_rows(dtype)]
                 else:
@@ -136,7 +140,7 @@ class FusedDecoder:
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The hidden states after the last decoder layer (before the final norm), K/V written as the layers would."""
-        norms, weights, scales, zero_terms, biases, config = self._operands(x.dtype)
+        norms, weights, scales, zero_terms, biases, config = self._operands(x.dtype, x.shape[0])
         rotary = self.model.rotary
         int32 = torch.int32  # as AttentionMetadata.build makes them (a no-op then); the kernel takes only int32
         return self.op(x, positions, rotary.cos, rotary.sin, meta.slot_mapping, meta.block_tables.to(int32),

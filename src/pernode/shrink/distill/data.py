@@ -5,12 +5,14 @@ Sources (every Python installation has them; nothing is downloaded):
              the fixed perplexity protocol's evaluation text and is never trained on.
   stdlib     the standard library's own .py files (source and docstrings) under sysconfig's `stdlib` path, without
              site-/dist-packages, test suites and __pycache__. A file is held out for evaluation when the SHA-1 of its
-             relative path is 0 mod 20 (~5%), so the split does not depend on the file set or the seed.
+             relative path is 0 mod 20 (~5%), so the split does not depend on the file set or the seed. Either whole
+             files (mostly code) or their docstrings only (~1.5 MB of English prose, the nearest text to pydoc's).
   seq-kd     the teacher's own generations for chat prompts (Kim & Rush 2016), added by `sequence_kd`.
 The seed only decides which training files fill the token budget and the order of windows.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
 import random
@@ -24,6 +26,7 @@ from pernode.shrink.evaluate.perplexity import corpus_text, split_corpus
 
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"}
 HELDOUT_MODULUS = 20
+STDLIB_TEXTS = ("files", "docstrings")
 
 
 def stdlib_root() -> str:
@@ -61,13 +64,30 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _read_until(root: str, files: list[str], max_chars: int) -> tuple[list[str], list[str]]:
-    """Texts of `files` in order (unreadable or blank ones skipped) until at least `max_chars`; and which files."""
+def docstrings(source: str) -> str:
+    """The module's, classes' and functions' docstrings of one Python file, in source order, blank-line separated
+    ("" when the file does not parse)."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return ""
+    nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                                         ast.AsyncFunctionDef))]
+    nodes.sort(key=lambda n: getattr(n, "lineno", 0))
+    return "\n\n".join(d for d in (ast.get_docstring(n) for n in nodes) if d)
+
+
+def _read_until(root: str, files: list[str], max_chars: int, stdlib_text: str = "files"
+                ) -> tuple[list[str], list[str]]:
+    """Texts of `files` in order (unreadable or blank ones skipped) until at least `max_chars`; and which files.
+    stdlib_text="docstrings" keeps each file's docstrings only."""
     texts, used, total = [], [], 0
     for rel in files:
         if total >= max_chars:
             break
         text = _read(os.path.join(root, rel))
+        if text and stdlib_text == "docstrings":
+            text = docstrings(text)
         if text and text.strip():
             texts.append(text)
             used.append(rel)
@@ -76,16 +96,20 @@ def _read_until(root: str, files: list[str], max_chars: int) -> tuple[list[str],
 
 
 def distillation_text(train_chars: int, heldout_chars: int = 200_000, seed: int = 0,
-                      root: str | None = None) -> DistillationText:
+                      root: str | None = None, stdlib_text: str = "files") -> DistillationText:
     """About `train_chars` characters of training text (pydoc calibration part first, then stdlib files in seeded
-    order) and up to `heldout_chars` of held-out stdlib files, in path order."""
+    order, whole or their docstrings only) and up to `heldout_chars` of held-out stdlib files, in path order.
+    With docstrings there are fewer characters than a large budget asks for: the caller sees it in the window
+    count."""
+    if stdlib_text not in STDLIB_TEXTS:
+        raise ValueError(f"stdlib_text={stdlib_text!r} is not allowed: one of {', '.join(STDLIB_TEXTS)}")
     root = root or stdlib_root()
     files = stdlib_files(root)
     train_files = [f for f in files if not is_heldout(f)]
     heldout_files = [f for f in files if is_heldout(f)]
     random.Random(seed).shuffle(train_files)
     pydoc_train = split_corpus(corpus_text())[0]
-    stdlib_train, used = _read_until(root, train_files, train_chars - len(pydoc_train))
+    stdlib_train, used = _read_until(root, train_files, train_chars - len(pydoc_train), stdlib_text)
     heldout, heldout_used = _read_until(root, heldout_files, heldout_chars)
     train = [pydoc_train] + stdlib_train
     total, held = sum(map(len, train)), sum(map(len, heldout))
@@ -94,7 +118,8 @@ def distillation_text(train_chars: int, heldout_chars: int = 200_000, seed: int 
         "pydoc": {"source": "pydoc_data.topics (Python stdlib), topics joined in sorted-key order",
                   "used": "first 10% (the calibration split of shrink/evaluate); the other 90% is the perplexity "
                           "evaluation text and is never trained on", "chars": len(pydoc_train)},
-        "stdlib": {"root": root, "excluded_dirs": sorted(EXCLUDED_DIRS), "files_total": len(files),
+        "stdlib": {"root": root, "text": stdlib_text, "excluded_dirs": sorted(EXCLUDED_DIRS),
+                   "files_total": len(files),
                    "heldout_rule": f"sha1(relative path) % {HELDOUT_MODULUS} == 0",
                    "train_files_used": len(used), "train_chars": total - len(pydoc_train),
                    "heldout_files_used": len(heldout_used), "heldout_chars": held, "seed": seed,

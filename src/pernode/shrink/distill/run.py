@@ -33,6 +33,7 @@ class DistillConfig:
     student: StudentSpec = StudentSpec(keep_layers=8)
     training: TrainingConfig = TrainingConfig()
     seq_len: int = 256
+    stdlib_text: str = "files"  # "docstrings": the stdlib's prose only (data.STDLIB_TEXTS)
     top_k: int = 64
     seq_kd_prompts: int = 64  # chat prompts the teacher answers (0: no sequence-level KD)
     seq_kd_max_tokens: int = 128
@@ -65,7 +66,8 @@ def training_windows(tokenizer, config: DistillConfig, teacher_model: str, log=p
     """[N, seq_len] token windows (pydoc calibration part + stdlib files + teacher generations), shuffled, N just
     enough for the run's steps; the provenance of the text, the held-out texts and the teacher's generations."""
     needed = config.training.steps * config.training.batch_size
-    text = distillation_text(int(needed * config.seq_len * CHARS_PER_TOKEN), seed=config.training.seed)
+    text = distillation_text(int(needed * config.seq_len * CHARS_PER_TOKEN), seed=config.training.seed,
+                             stdlib_text=config.stdlib_text)
     eos = tokenizer.eos_token_id
     docs = [tokenizer.encode(t, add_special_tokens=False) for t in text.train]
     provenance = dict(text.provenance)

@@ -3,6 +3,7 @@
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
 #include <immintrin.h>
+#define PERNODE_HSUM256 1
 
 namespace pernode {
 namespace simd {
