@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pernode.serve.models.loader import load_model
-from pernode.shrink.distill.data import distillation_text, is_heldout, pack_windows, shuffled_windows, stdlib_files
+from pernode.shrink.distill.data import (distillation_text, docstrings, is_heldout, pack_windows, shuffled_windows,
+                                        stdlib_files)
 from pernode.shrink.distill.losses import Divergence, TeacherTopK, distillation_loss, soft_target_kl
 from pernode.shrink.distill.student import StudentSpec, build_student
 from pernode.shrink.distill.student_checkpoint import save_student
@@ -122,6 +123,19 @@ def test_data_split_is_deterministic_and_disjoint():
     windows = pack_windows([[1, 2, 3], [4, 5]], 3, separator=0)
     assert windows.tolist() == [[1, 2, 3], [0, 4, 5]]
     assert torch.equal(shuffled_windows(_windows(), 3), shuffled_windows(_windows(), 3))
+
+
+def test_docstrings_only_text_is_the_stdlib_prose():
+    source = '"""The module."""\nimport os\n\n\nclass A:\n    """A class."""\n\n    def f(self):\n        """Its method."""\n'
+    assert docstrings(source) == "The module.\n\nA class.\n\nIts method."
+    assert docstrings("def broken(:\n") == ""
+    prose = distillation_text(100_000, seed=1, stdlib_text="docstrings")
+    assert prose.provenance["stdlib"]["text"] == "docstrings" and prose.provenance["stdlib"]["train_chars"] > 50_000
+    code = distillation_text(100_000, seed=1)
+    defs = [sum(doc.count("def ") for doc in text.train[1:]) / sum(map(len, text.train[1:])) for text in (prose, code)]
+    assert defs[0] < 0.1 * defs[1]  # docstrings quote a little code (doctests), files are mostly code
+    with pytest.raises(ValueError, match="stdlib_text='code' is not allowed: one of files, docstrings"):
+        distillation_text(1000, stdlib_text="code")
 
 
 def test_teacher_topk_cache_round_trips(teacher, tmp_path):
