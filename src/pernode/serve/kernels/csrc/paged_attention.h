@@ -40,10 +40,16 @@ namespace pernode {
 namespace attention {
 namespace {
 
-// GCC/Clang vector extensions: 16 floats, lowered to AVX-512, 2x AVX2 or 4x NEON as the target allows.
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
+// GCC/Clang vector extensions as wide as the vector unit: 16 floats with AVX-512, 8 elsewhere (AVX2, 2x NEON).
+// Wider than the registers, gcc lowers them to scalar code in places and spills the accumulators (a 16-float build on
+// AVX2 ran prefill attention at 4 GFLOP/s, a tenth of SDPA's).
+#if defined(__AVX512F__)
 constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float vf __attribute__((vector_size(kLanes * 4)));
+typedef int32_t vi __attribute__((vector_size(kLanes * 4)));
 
 // A sequence bringing at most this many new tokens is a decode or a speculative verification (k + 1 <= 17 tokens,
 // config.MAX_SPECULATIVE_TOKENS): each of its queries is a work item of its own, exactly the item a decode at that
@@ -54,7 +60,9 @@ constexpr int kRowVectorMinRows = 12;  // from here the row-vectorised matmul be
 constexpr int64_t kMinParallelWork = 1 << 18;  // rows x keys x head_dim under which one thread does it all
 constexpr int kSplitMinTokens = 256;   // a kv slice shorter than this is not worth its merge
 constexpr int kPrefetchBlocks = 2;     // how far ahead K/V blocks are requested: enough to cover DRAM latency
-constexpr int kPvColumns = 64;         // head_dim columns whose accumulators stay in registers during o += p v
+// head_dim columns whose accumulators stay in registers during o += p v: 4 rows x 4 vectors, half of AVX-512's 32
+// registers; 4 rows x 2 vectors, half of AVX2's 16
+constexpr int kPvColumns = kLanes == 16 ? 64 : 16;
 constexpr int kKeysPerPass = 8;        // keys whose scores are accumulated together in the row-vectorised path
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -65,23 +73,28 @@ inline vf vload(const float* p) {
 }
 inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline vf vsplat(float x) { return vf{} + x; }
-inline vi viota() { return vi{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
+inline vi viota() {
+  vi v;
+  for (int i = 0; i < kLanes; ++i) v[i] = i;
+  return v;
+}
 
-// Two-input shuffle of 16-lane vectors (lanes 0-15 from a, 16-31 from b): gcc and clang spell it differently.
+// Two-input shuffle (lanes 0..kLanes-1 from a, kLanes..2*kLanes-1 from b): gcc and clang spell it differently.
 #if defined(__clang__)
 #define PERNODE_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
 #define PERNODE_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, vi{__VA_ARGS__})
 #endif
 
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+
+#if defined(__AVX512F__)
 inline float hsum(vf v) {
   v += PERNODE_SHUFFLE(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
   v += PERNODE_SHUFFLE(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
   v += PERNODE_SHUFFLE(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
   return v[0] + v[1];
 }
-
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 
 inline float hmax(vf v) {
   v = vmax(v, PERNODE_SHUFFLE(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
@@ -90,8 +103,8 @@ inline float hmax(vf v) {
   return std::max(v[0], v[1]);
 }
 
-// Lane t of the result = the sum of all lanes of a[t]: 16 horizontal sums for the price of ~3.
-inline vf reduce16(const float* a) {  // a: 16 vectors, one after another
+// Lane t of the result = the sum of all lanes of a[t]: kLanes horizontal sums for the price of ~3.
+inline vf reduce_lanes(const float* a) {  // a: kLanes vectors, one after another
   vf z[8], s[4], r[2];
   for (int i = 0; i < 8; ++i) {  // lane 2k+e: pair k of a[2i+e]
     const vf x = vload(a + (2 * i) * kLanes), y = vload(a + (2 * i + 1) * kLanes);
@@ -107,6 +120,31 @@ inline vf reduce16(const float* a) {  // a: 16 vectors, one after another
   return PERNODE_SHUFFLE(r[0], r[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
          PERNODE_SHUFFLE(r[0], r[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
 }
+#else  // 8 lanes: the same steps, one fewer
+inline float hsum(vf v) {
+  v += PERNODE_SHUFFLE(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  v += PERNODE_SHUFFLE(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+  return v[0] + v[1];
+}
+
+inline float hmax(vf v) {
+  v = vmax(v, PERNODE_SHUFFLE(v, v, 4, 5, 6, 7, 0, 1, 2, 3));
+  v = vmax(v, PERNODE_SHUFFLE(v, v, 2, 3, 0, 1, 6, 7, 4, 5));
+  return std::max(v[0], v[1]);
+}
+
+inline vf reduce_lanes(const float* a) {  // a: 8 vectors, one after another
+  vf z[4], s[2];
+  for (int i = 0; i < 4; ++i) {  // lane 2k+e: pair k of a[2i+e]
+    const vf x = vload(a + (2 * i) * kLanes), y = vload(a + (2 * i + 1) * kLanes);
+    z[i] = PERNODE_SHUFFLE(x, y, 0, 8, 2, 10, 4, 12, 6, 14) + PERNODE_SHUFFLE(x, y, 1, 9, 3, 11, 5, 13, 7, 15);
+  }
+  for (int i = 0; i < 2; ++i)  // lane 4k+e: quad k of a[4i+e]
+    s[i] = PERNODE_SHUFFLE(z[2 * i], z[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+           PERNODE_SHUFFLE(z[2 * i], z[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  return PERNODE_SHUFFLE(s[0], s[1], 0, 1, 2, 3, 8, 9, 10, 11) + PERNODE_SHUFFLE(s[0], s[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+#endif
 
 // exp(x) for x <= 0 (Cephes expf: x = n ln2 + r, degree-5 polynomial in r, ~1 ulp); plain vector ops, no libm call.
 inline vf vexp_nonpos(vf x) {
@@ -129,7 +167,7 @@ inline vf vexp_nonpos(vf x) {
 
 // ---- conversions between the tensors' dtypes and fp32 -------------------------------------------------------------
 
-// 16 consecutive elements widened to fp32.
+// kLanes consecutive elements widened to fp32.
 template <typename T>
 inline vf vload_as(const T* p);
 
@@ -144,8 +182,8 @@ inline vf vload_as<c10::BFloat16>(const c10::BFloat16* p) {
 #if defined(__AVX512F__)
   const __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
 #else
-  typedef uint16_t vu16 __attribute__((vector_size(32)));
-  typedef uint32_t vu32 __attribute__((vector_size(64)));
+  typedef uint16_t vu16 __attribute__((vector_size(kLanes * 2)));
+  typedef uint32_t vu32 __attribute__((vector_size(kLanes * 4)));
   vu16 h;
   std::memcpy(&h, p, sizeof h);
   const vu32 bits = __builtin_convertvector(h, vu32) << 16;
@@ -163,7 +201,7 @@ inline vf vload_as<int8_t>(const int8_t* p) {
   std::memcpy(&f, &w, sizeof f);
   return f;
 #else
-  typedef int8_t vi8 __attribute__((vector_size(16)));
+  typedef int8_t vi8 __attribute__((vector_size(kLanes)));
   vi8 b;
   std::memcpy(&b, p, sizeof b);
   return __builtin_convertvector(b, vf);
@@ -177,10 +215,8 @@ inline vf vload_as<c10::Half>(const c10::Half* p) {
   const __m512 w = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   std::memcpy(&f, &w, sizeof f);
 #elif defined(__F16C__)
-  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
-  std::memcpy(&f, &lo, 32);
-  std::memcpy(reinterpret_cast<char*>(&f) + 32, &hi, 32);
+  const __m256 w = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  std::memcpy(&f, &w, sizeof f);
 #else
   for (int i = 0; i < kLanes; ++i) f[i] = static_cast<float>(p[i]);
 #endif
@@ -307,7 +343,7 @@ struct NextBlock {
 
 // ---- decode path: few rows, vectorised over head_dim and keys ------------------------------------------------------
 
-// s[r * ld + t] = q_r . k_t: per (row, key) a vector of partial sums, parked in `tmp` and reduced 16 keys at a time.
+// s[r * ld + t] = q_r . k_t: per (row, key) a vector of partial sums, parked in `tmp` and reduced kLanes keys at a time.
 // K is read straight from the cache and widened in registers, once per key for all rows. The rows of the block ahead
 // are requested one per key: spread out, the requests overlap with the math instead of stalling on full miss buffers.
 template <int kD, typename T>
@@ -338,7 +374,7 @@ void scores_by_key(const float* q, int rows, int d_rt, const T* k, int64_t k_str
     for (int r = 0; r < rows; ++r) {
       float* tr = tmp + r * kLanes * kLanes;
       for (int t = n; t < kLanes; ++t) vstore(tr + t * kLanes, vf{});
-      vstore(s + r * ld + c, reduce16(tr));
+      vstore(s + r * ld + c, reduce_lanes(tr));
     }
   }
   next.fetch_rows(nk);
@@ -393,7 +429,7 @@ void scores_by_row(const float* qt, int mp, int d, const float* k, int64_t k_str
   for (; t < nk; ++t) scores_by_row_pass<kD, 1>(qt, mp, d, k + t * k_stride, k_stride, s + t * mp);
 }
 
-// The online softmax of a tile, 16 rows at a time: s[t][r] becomes p[t][r], m/l/alpha updated per row.
+// The online softmax of a tile, kLanes rows at a time: s[t][r] becomes p[t][r], m/l/alpha updated per row.
 inline void softmax_rows(float* s, int mp, int nk, int key0, const int32_t* pos, float* m, float* l, float* alpha) {
   for (int rv = 0; rv < mp; rv += kLanes) {
     vi row_pos;
@@ -422,7 +458,7 @@ inline void softmax_rows(float* s, int mp, int nk, int key0, const int32_t* pos,
 // ---- o += p v (both paths) ----------------------------------------------------------------------------------------
 
 // o[r] += sum_t p[r * p_r + t * p_t] * v_t for kRows rows held in registers while the block's values stream by,
-// over a slice of up to 64 columns of head_dim (4 rows x 4 vectors of accumulators, half the vector registers).
+// over a slice of up to kPvColumns columns of head_dim (half the vector registers hold the accumulators).
 template <int kD, typename T, int kRows>
 inline void pv_rows(const float* p, int64_t p_r, int64_t p_t, const T* v, int64_t v_stride, int nk, float* o,
                     int d_rt) {
@@ -685,7 +721,7 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& k_cache, c
   const int64_t hq = query.size(1), hkv = k_cache.size(2), d = query.size(2), bs = k_cache.size(1);
   const int64_t num_blocks = k_cache.size(0);
   TORCH_CHECK(k_cache.size(3) == d, "head_dim of query (", d, ") and k_cache (", k_cache.size(3), ") differ");
-  TORCH_CHECK(d % kLanes == 0 && d <= 512, "head_dim must be a multiple of 16 up to 512, got ", d,
+  TORCH_CHECK(d % 16 == 0 && d <= 512, "head_dim must be a multiple of 16 up to 512, got ", d,
               "; use paged_attention_reference for other sizes");
   TORCH_CHECK(hkv > 0 && hq % hkv == 0, "num_heads (", hq, ") must be a multiple of num_kv_heads (", hkv, ")");
   TORCH_CHECK(bs >= 1 && bs <= kMaxBlockSize, "block_size must be in [1, ", kMaxBlockSize, "], got ", bs);
