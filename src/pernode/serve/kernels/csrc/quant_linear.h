@@ -234,8 +234,7 @@ template <typename T>
 at::Tensor tiled_gemm(const at::Tensor& x, const at::Tensor& w, const float* scale, const float* bias, int64_t bits,
                       int64_t N, int64_t K, int64_t G, int64_t gs) {
   const int64_t M = x.size(0);
-  auto yt = at::empty({N, M}, x.options());
-  const auto xt = x.t();
+  auto y = at::empty({M, N}, x.options());  // each tile's GEMM writes its columns in place (BLAS's ldc = N)
   const int64_t tile_rows = gemm_tile_rows(N, K, x.element_size());
   const bool inference_mode = c10::InferenceMode::is_enabled();
   const void* wp = w.data_ptr();
@@ -245,11 +244,11 @@ at::Tensor tiled_gemm(const at::Tensor& x, const at::Tensor& w, const float* sca
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * tile_rows, rows = std::min(tile_rows, N - n0);
       dequant_rows_to<T>(wp, scale, bias, bits, K, G, gs, n0, n0 + rows, tile.data_ptr<T>());
-      auto out = yt.narrow(0, n0, rows);
-      at::mm_out(out, tile.narrow(0, 0, rows), xt);
+      auto out = y.narrow(1, n0, rows);
+      at::mm_out(out, x, tile.narrow(0, 0, rows).t());
     }
   });
-  return yt.t().contiguous();
+  return y;
 }
 
 // y = x W^T in x's dtype (fp32 or bf16) for compute-bound row counts.
