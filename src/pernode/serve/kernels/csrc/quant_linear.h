@@ -132,8 +132,7 @@ constexpr int64_t kTileRows = 128;
 
 at::Tensor tiled_matmul(const at::Tensor& x, const at::Tensor& w, const float* scale, const float* bias,
                         int64_t bits, int64_t N, int64_t K, int64_t G, int64_t gs) {
-  auto yt = at::empty({N, x.size(0)}, x.options());  // y^T: each tile fills whole rows
-  const auto xt = x.t();
+  auto y = at::empty({x.size(0), N}, x.options());  // each tile's GEMM writes its columns in place (ldc = N)
   // Inference mode is thread-local: worker threads must share the caller's, or writing into yt (an inference
   // tensor when the caller runs under torch.inference_mode) is refused.
   const bool inference_mode = c10::InferenceMode::is_enabled();
@@ -143,11 +142,11 @@ at::Tensor tiled_matmul(const at::Tensor& x, const at::Tensor& w, const float* s
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * kTileRows, rows = std::min(kTileRows, N - n0);
       dequant_rows_to<float>(w.data_ptr(), scale, bias, bits, K, G, gs, n0, n0 + rows, tile.data_ptr<float>());
-      auto out = yt.narrow(0, n0, rows);
-      at::mm_out(out, tile.narrow(0, 0, rows), xt);
+      auto out = y.narrow(1, n0, rows);
+      at::mm_out(out, x, tile.narrow(0, 0, rows).t());
     }
   });
-  return yt.t().contiguous();
+  return y;
 }
 
 // ---- GEMM in x's dtype over dequantised tiles -----------------------------------------------------------------
