@@ -73,7 +73,34 @@ void gemv_int8_rows(const float* x, int64_t ldx, const int8_t* w, const float* s
       for (int m = 0; m < MB; ++m) out[m] = _mm512_reduce_add_ps(tot[m]);
     } else
 #elif defined(PERNODE_AVX2)
-    if (gs % 8 == 0) {
+    if (gs % 32 == 0) {  // Q8_0's groups: 32 weights as a sum tree, so one row's FMAs do not wait on each other
+      __m256 tot[MB];
+      PERNODE_UNROLL_ROWS
+      for (int m = 0; m < MB; ++m) tot[m] = _mm256_setzero_ps();
+      for (int64_t g = 0; g < G; ++g) {
+        __m256 acc[MB];
+        PERNODE_UNROLL_ROWS
+        for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+          if (k % 64 == 0) _mm_prefetch((const char*)(wr + k) + kPrefetchBytes, _MM_HINT_T0);
+          __m256 wv[4];
+          for (int j = 0; j < 4; ++j)
+            wv[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wr + k + 8 * j))));
+          PERNODE_UNROLL_ROWS
+          for (int m = 0; m < MB; ++m) {
+            const float* xk = x + m * ldx + k;
+            const __m256 lo = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(xk + 8), _mm256_mul_ps(wv[0], _mm256_loadu_ps(xk)));
+            const __m256 hi = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(xk + 24), _mm256_mul_ps(wv[2], _mm256_loadu_ps(xk + 16)));
+            acc[m] = _mm256_add_ps(acc[m], _mm256_add_ps(lo, hi));
+          }
+        }
+        __m256 s = _mm256_set1_ps(sr[g]);
+        PERNODE_UNROLL_ROWS
+        for (int m = 0; m < MB; ++m) tot[m] = _mm256_fmadd_ps(acc[m], s, tot[m]);
+      }
+      PERNODE_UNROLL_ROWS
+      for (int m = 0; m < MB; ++m) out[m] = hsum256(tot[m]);
+    } else if (gs % 8 == 0) {
       __m256 tot[MB];
       PERNODE_UNROLL_ROWS
       for (int m = 0; m < MB; ++m) tot[m] = _mm256_setzero_ps();
