@@ -73,7 +73,7 @@ void gemv_int8_rows(const float* x, int64_t ldx, const int8_t* w, const float* s
       for (int m = 0; m < MB; ++m) out[m] = _mm512_reduce_add_ps(tot[m]);
     } else
 #elif defined(PERNODE_AVX2)
-    if (gs % 32 == 0) {  // Q8_0's groups: 32 weights as a sum tree, so one row's FMAs do not wait on each other
+    if (gs % 8 == 0) {
       __m256 tot[MB];
       PERNODE_UNROLL_ROWS
       for (int m = 0; m < MB; ++m) tot[m] = _mm256_setzero_ps();
@@ -81,7 +81,10 @@ void gemv_int8_rows(const float* x, int64_t ldx, const int8_t* w, const float* s
         __m256 acc[MB];
         PERNODE_UNROLL_ROWS
         for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
-        for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+        int64_t k = g * gs;
+        // 32 weights at a time as a sum tree (Q8_0's groups), so one row's FMAs do not wait on each other: one
+        // FMA chain bound the lm_head at one row
+        for (; k + 32 <= (g + 1) * gs; k += 32) {
           if (k % 64 == 0) _mm_prefetch((const char*)(wr + k) + kPrefetchBytes, _MM_HINT_T0);
           __m256 wv[4];
           for (int j = 0; j < 4; ++j)
@@ -94,21 +97,7 @@ void gemv_int8_rows(const float* x, int64_t ldx, const int8_t* w, const float* s
             acc[m] = _mm256_add_ps(acc[m], _mm256_add_ps(lo, hi));
           }
         }
-        __m256 s = _mm256_set1_ps(sr[g]);
-        PERNODE_UNROLL_ROWS
-        for (int m = 0; m < MB; ++m) tot[m] = _mm256_fmadd_ps(acc[m], s, tot[m]);
-      }
-      PERNODE_UNROLL_ROWS
-      for (int m = 0; m < MB; ++m) out[m] = hsum256(tot[m]);
-    } else if (gs % 8 == 0) {
-      __m256 tot[MB];
-      PERNODE_UNROLL_ROWS
-      for (int m = 0; m < MB; ++m) tot[m] = _mm256_setzero_ps();
-      for (int64_t g = 0; g < G; ++g) {
-        __m256 acc[MB];
-        PERNODE_UNROLL_ROWS
-        for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
-        for (int64_t k = g * gs; k < (g + 1) * gs; k += 8) {
+        for (; k < (g + 1) * gs; k += 8) {
           if (k % 64 == 0) _mm_prefetch((const char*)(wr + k) + kPrefetchBytes, _MM_HINT_T0);
           __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wr + k))));
           PERNODE_UNROLL_ROWS
