@@ -175,6 +175,23 @@ void fused_rows(const float* x, int64_t K, const V* values, const V* values_end,
   }
 }
 
+// The dense dot products of the buffered path, as wide as the vector unit.
+#if defined(__AVX512F__)
+using Vec = __m512;
+constexpr int64_t kVec = 16;
+inline Vec vec_zero() { return _mm512_setzero_ps(); }
+inline Vec vec_load(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vec_fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vec_sum(Vec a) { return _mm512_reduce_add_ps(a); }
+#elif defined(PERNODE_SPARSE_AVX2)
+using Vec = __m256;
+constexpr int64_t kVec = 8;
+inline Vec vec_zero() { return _mm256_setzero_ps(); }
+inline Vec vec_load(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec vec_fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vec_sum(Vec a) { return simd::hsum256(a); }
+#endif
+
 // One W row expanded into buf [K] (fp32, zeros where pruned).
 template <typename V>
 inline void expand_row(const V* v, const uint8_t* bits, int64_t K, float* buf) {
@@ -208,37 +225,17 @@ void buffered_rows(const float* x, int64_t M, int64_t K, const V* values, const 
     expand_row(values + offsets[n], bitmask + n * KB, K, buf.data());
     const float bias = b ? b[n] : 0.f;
     int64_t m = 0;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(PERNODE_SPARSE_AVX2)
     for (; m + 4 <= M; m += 4) {
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      Vec a[4] = {vec_zero(), vec_zero(), vec_zero(), vec_zero()};
       const float* x0 = x + m * K;
       int64_t k = 0;
-      for (; k + 16 <= K; k += 16) {
-        const __m512 wv = _mm512_loadu_ps(buf.data() + k);
-        a0 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x0 + k), a0);
-        a1 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x0 + K + k), a1);
-        a2 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x0 + 2 * K + k), a2);
-        a3 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x0 + 3 * K + k), a3);
+      for (; k + kVec <= K; k += kVec) {
+        const Vec wv = vec_load(buf.data() + k);
+        for (int r = 0; r < 4; ++r) a[r] = vec_fma(wv, vec_load(x0 + r * K + k), a[r]);
       }
-      float s[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
-                    _mm512_reduce_add_ps(a3)};
-      for (; k < K; ++k)
-        for (int r = 0; r < 4; ++r) s[r] += buf[k] * x0[r * K + k];
-      for (int r = 0; r < 4; ++r) y[(m + r) * N + n] = s[r] + bias;
-    }
-#elif defined(PERNODE_SPARSE_AVX2)
-    for (; m + 4 <= M; m += 4) {
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      const float* x0 = x + m * K;
-      int64_t k = 0;
-      for (; k + 8 <= K; k += 8) {
-        const __m256 wv = _mm256_loadu_ps(buf.data() + k);
-        a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + k), a0);
-        a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + K + k), a1);
-        a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + 2 * K + k), a2);
-        a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + 3 * K + k), a3);
-      }
-      float s[4] = {simd::hsum256(a0), simd::hsum256(a1), simd::hsum256(a2), simd::hsum256(a3)};
+      float s[4];
+      for (int r = 0; r < 4; ++r) s[r] = vec_sum(a[r]);
       for (; k < K; ++k)
         for (int r = 0; r < 4; ++r) s[r] += buf[k] * x0[r * K + k];
       for (int r = 0; r < 4; ++r) y[(m + r) * N + n] = s[r] + bias;
