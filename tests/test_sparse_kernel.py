@@ -159,7 +159,7 @@ def test_bf16_model_is_served_through_the_sparse_kernel(kernel, tmp_path):
 
 @pytest.mark.parametrize("flags,expected", [
     ({"avx512f", "avx512bw", "avx512vl", "avx2", "fma"}, (0.5, 8)),  # vexpandps: wins from 50% zeros
-    ({"avx2", "fma", "f16c"}, (0.8, 4)),  # table permutes: bound by instructions, wins only when most weights are gone
+    ({"avx2", "fma", "f16c"}, (0.7, 4)),  # table permutes: at 50% zeros no reliable gain over the dense GEMV
     ({"sse4_2"}, None),  # the scalar loop: never
 ])
 def test_the_sparse_gate_follows_the_vector_unit(monkeypatch, flags, expected):
