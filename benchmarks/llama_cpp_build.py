@@ -37,8 +37,10 @@ def download_sdist(version: str | None) -> Path:
         return have[-1]
     spec = "llama-cpp-python" + (f"=={version}" if version else "")
     print(f"downloading the {spec} sdist from PyPI", flush=True)
+    # pip prepares the sdist's metadata before saving it, which needs its build backend (scikit-build-core): with
+    # build isolation pip fetches that from the registry instead of requiring it in this environment
     subprocess.run([sys.executable, "-m", "pip", "download", spec, "--no-deps", "--no-binary", ":all:",
-                    "--no-build-isolation", "-d", str(dest)], check=True)
+                    "-d", str(dest)], check=True)
     return sorted(dest.glob("llama_cpp_python-*.tar.gz"))[-1]
 
 
