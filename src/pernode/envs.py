@@ -106,7 +106,7 @@ def quant_kernel() -> KernelChoice:
 
 def quant_input() -> QuantInput | None:
     """PERNODE_QUANT_INPUT: `int8` or `float` x in the int4 GEMV; None (unset): the CPU decides
-    (kernels/quant_linear.use_int8_input)."""
+    (kernels/quant_linear.int8_input_max_rows)."""
     value = _raw("PERNODE_QUANT_INPUT").strip().lower()
     if not value:
         return None

@@ -88,11 +88,6 @@ def int8_input_max_rows(num_bits: int, in_features: int, group_size: int | None)
     return FLOAT_GEMV_MAX_ROWS if multiplies_int8_natively() else 0
 
 
-def use_int8_input(num_bits: int, in_features: int, group_size: int | None) -> bool:
-    """Whether some GEMV calls of such a layer quantize x (int8_input_max_rows)."""
-    return int8_input_max_rows(num_bits, in_features, group_size) > 0
-
-
 def dequantize_layer_weight(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                             num_bits: int, group_size: int | None, in_features: int,
                             weight_min: torch.Tensor | None = None) -> torch.Tensor:
