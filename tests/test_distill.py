@@ -134,8 +134,35 @@ def test_docstrings_only_text_is_the_stdlib_prose():
     code = distillation_text(100_000, seed=1)
     defs = [sum(doc.count("def ") for doc in text.train[1:]) / sum(map(len, text.train[1:])) for text in (prose, code)]
     assert defs[0] < 0.1 * defs[1]  # docstrings quote a little code (doctests), files are mostly code
-    with pytest.raises(ValueError, match="stdlib_text='code' is not allowed: one of files, docstrings"):
+    with pytest.raises(ValueError, match="stdlib_text='code' is not allowed: one of files, docstrings, none"):
         distillation_text(1000, stdlib_text="code")
+
+
+def test_package_docstrings_are_training_text_with_their_versions():
+    import importlib.metadata
+    text = distillation_text(60_000, seed=2, stdlib_text="none", docstring_packages=("numpy", "httpx"))
+    packages = text.provenance["packages"]
+    assert packages["versions"] == {"numpy": importlib.metadata.version("numpy"),
+                                    "httpx": importlib.metadata.version("httpx")}
+    assert text.provenance["stdlib"]["train_chars"] == 0 and text.heldout  # the stdlib held-out text stays
+    assert packages["chars"] == sum(map(len, text.train[1:])) >= 60_000 - len(text.train[0])
+    assert packages["files_used"] == len(text.train) - 1
+    assert distillation_text(60_000, seed=2, stdlib_text="none", docstring_packages=("numpy", "httpx")).train \
+        == text.train  # seeded: the same files in the same order
+    for bad in ("no_such_package_xyz", "json.decoder"):
+        with pytest.raises(ValueError, match=f"docstring_packages: '{bad}' is not an installed package"):
+            distillation_text(1000, docstring_packages=(bad,))
+
+
+def test_training_windows_fill_the_steps_from_prose(teacher):
+    """Prose tokenizes at ~4.5 characters a token, not the 3 the first request assumes: the run still gets every
+    window its steps need."""
+    from pernode.shrink.distill.run import DistillConfig, training_windows
+    _, source, _ = teacher
+    config = DistillConfig(teacher="unused", out="unused", training=TrainingConfig(steps=40, batch_size=2),
+                           seq_len=512, stdlib_text="docstrings", seq_kd_prompts=0)
+    windows, provenance, _, _ = training_windows(source.tokenizer, config, "unused")
+    assert windows.shape == (80, 512) and provenance["windows"]["available"] >= 80
 
 
 def test_teacher_topk_cache_round_trips(teacher, tmp_path):

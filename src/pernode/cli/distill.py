@@ -40,6 +40,8 @@ def add_parsers(sub) -> None:
     g.add_argument("--refit-windows", type=int, default=0,
                    help="with --structured: 256-token calibration windows for the least-squares refit of "
                         "o_proj/down_proj before KD (0: none; e.g. 16 for ffn=1024)")
+    g.add_argument("--init-student", default=None, metavar="DIR",
+                   help="train this saved student (e.g. a finished KD run, on fresh text) instead of building one")
     g.add_argument("--train-embedding", dest="freeze_embedding", action="store_false",
                    help="train the (tied) embedding / lm_head too (default: shared with the teacher, frozen)")
     g = p.add_argument_group("loss")
@@ -59,9 +61,12 @@ def add_parsers(sub) -> None:
     g.add_argument("--steps", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--seq-len", type=int, default=None)
-    g.add_argument("--stdlib-text", default="files", choices=["files", "docstrings"],
-                   help="the stdlib part of the training text: whole .py files (mostly code) or their docstrings "
-                        "only (English prose, nearest to the pydoc evaluation text)")
+    g.add_argument("--stdlib-text", default="files", choices=["files", "docstrings", "none"],
+                   help="the stdlib part of the training text: whole .py files (mostly code), their docstrings "
+                        "only (English prose, nearest to the pydoc evaluation text) or none")
+    g.add_argument("--docstring-packages", type=lambda s: tuple(p for p in s.split(",") if p), default=(),
+                   metavar="NAMES", help="installed packages whose docstrings are training text too, e.g. "
+                                         "numpy,torch,networkx,matplotlib (each recorded with its version)")
     g.add_argument("--seq-kd-prompts", type=int, default=None,
                    help="chat prompts the teacher answers for sequence-level KD (0: none)")
     g.add_argument("--lr", type=float, default=5e-4)
@@ -141,7 +146,7 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
                               freeze_embedding=args.freeze_embedding, checkpoint_every=args.checkpoint_every)
     return DistillConfig(teacher=args.model, out=args.out, student=student, training=training,
                          seq_len=_pick(args.seq_len, args.quick, "seq_len"), stdlib_text=args.stdlib_text,
-                         top_k=args.top_k,
+                         docstring_packages=args.docstring_packages, init_student=args.init_student, top_k=args.top_k,
                          seq_kd_prompts=_pick(args.seq_kd_prompts, args.quick, "seq_kd_prompts"),
                          seq_kd_max_tokens=(QUICK if args.quick else FULL)["seq_kd_max_tokens"],
                          eval_windows=_pick(args.eval_windows, args.quick, "eval_windows"),

@@ -7,6 +7,8 @@ Sources (every Python installation has them; nothing is downloaded):
              site-/dist-packages, test suites and __pycache__. A file is held out for evaluation when the SHA-1 of its
              relative path is 0 mod 20 (~5%), so the split does not depend on the file set or the seed. Either whole
              files (mostly code) or their docstrings only (~1.5 MB of English prose, the nearest text to pydoc's).
+  packages   on request, the docstrings of installed PyPI packages (numpy, torch, networkx, ...: the project's own
+             dependencies, so the text comes from the package registry), each named with its version and license.
   seq-kd     the teacher's own generations for chat prompts (Kim & Rush 2016), added by `sequence_kd`.
 The seed only decides which training files fill the token budget and the order of windows.
 """
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.metadata
+import importlib.util
 import os
 import random
 import sys
@@ -26,7 +30,7 @@ from pernode.shrink.evaluate.perplexity import corpus_text, split_corpus
 
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"}
 HELDOUT_MODULUS = 20
-STDLIB_TEXTS = ("files", "docstrings")
+STDLIB_TEXTS = ("files", "docstrings", "none")  # "none": no stdlib training text (the held-out files stay)
 
 
 def stdlib_root() -> str:
@@ -35,7 +39,11 @@ def stdlib_root() -> str:
 
 def stdlib_files(root: str | None = None) -> list[str]:
     """Relative paths of the stdlib's .py files, sorted (the walk order of a filesystem is not deterministic)."""
-    root = root or stdlib_root()
+    return python_files(root or stdlib_root())
+
+
+def python_files(root: str) -> list[str]:
+    """Relative paths of the .py files under `root`, without test suites and caches, sorted."""
     found = []
     for directory, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if d not in EXCLUDED_DIRS]
@@ -77,10 +85,36 @@ def docstrings(source: str) -> str:
     return "\n\n".join(d for d in (ast.get_docstring(n) for n in nodes) if d)
 
 
+def package_sources(names: tuple[str, ...]) -> dict[str, dict]:
+    """For each installed package: its directory, distribution, version and license (ValueError naming the package
+    when it is not installed or is a single module)."""
+    distributions = importlib.metadata.packages_distributions()
+    found = {}
+    for name in names:
+        spec = importlib.util.find_spec(name) if name.isidentifier() else None
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"docstring_packages: {name!r} is not an installed package (give import names, "
+                             f"e.g. numpy,torch,networkx)")
+        dist = (distributions.get(name) or [name])[0]
+        meta = importlib.metadata.metadata(dist)
+        found[name] = {"root": list(spec.submodule_search_locations)[0], "distribution": dist,
+                       "version": meta.get("Version"),
+                       "license": meta.get("License-Expression") or (meta.get("License") or "").split("\n")[0][:80]}
+    return found
+
+
+def _package_label(path: str, packages: dict[str, dict]) -> str:
+    """"numpy/linalg/_linalg.py" for a file of an installed package: the same on every machine."""
+    for name, info in packages.items():
+        if path.startswith(info["root"] + os.sep):
+            return f"{name}/{os.path.relpath(path, info['root'])}"
+    return path
+
+
 def _read_until(root: str, files: list[str], max_chars: int, stdlib_text: str = "files"
                 ) -> tuple[list[str], list[str]]:
     """Texts of `files` in order (unreadable or blank ones skipped) until at least `max_chars`; and which files.
-    stdlib_text="docstrings" keeps each file's docstrings only."""
+    stdlib_text="docstrings" keeps each file's docstrings only. `root` may be "" when the files are absolute."""
     texts, used, total = [], [], 0
     for rel in files:
         if total >= max_chars:
@@ -96,11 +130,12 @@ def _read_until(root: str, files: list[str], max_chars: int, stdlib_text: str = 
 
 
 def distillation_text(train_chars: int, heldout_chars: int = 200_000, seed: int = 0,
-                      root: str | None = None, stdlib_text: str = "files") -> DistillationText:
+                      root: str | None = None, stdlib_text: str = "files",
+                      docstring_packages: tuple[str, ...] = ()) -> DistillationText:
     """About `train_chars` characters of training text (pydoc calibration part first, then stdlib files in seeded
-    order, whole or their docstrings only) and up to `heldout_chars` of held-out stdlib files, in path order.
-    With docstrings there are fewer characters than a large budget asks for: the caller sees it in the window
-    count."""
+    order, whole, their docstrings only or none; then the docstrings of `docstring_packages`' files in seeded order)
+    and up to `heldout_chars` of held-out stdlib files, in path order. With docstrings there are fewer characters
+    than a large budget asks for: the caller sees it in the window count."""
     if stdlib_text not in STDLIB_TEXTS:
         raise ValueError(f"stdlib_text={stdlib_text!r} is not allowed: one of {', '.join(STDLIB_TEXTS)}")
     root = root or stdlib_root()
@@ -109,10 +144,17 @@ def distillation_text(train_chars: int, heldout_chars: int = 200_000, seed: int 
     heldout_files = [f for f in files if is_heldout(f)]
     random.Random(seed).shuffle(train_files)
     pydoc_train = split_corpus(corpus_text())[0]
-    stdlib_train, used = _read_until(root, train_files, train_chars - len(pydoc_train), stdlib_text)
+    stdlib_train, used = ([], []) if stdlib_text == "none" else _read_until(
+        root, train_files, train_chars - len(pydoc_train), stdlib_text)
     heldout, heldout_used = _read_until(root, heldout_files, heldout_chars)
-    train = [pydoc_train] + stdlib_train
-    total, held = sum(map(len, train)), sum(map(len, heldout))
+    packages = package_sources(docstring_packages)
+    package_files = [os.path.join(info["root"], rel) for info in packages.values() for rel in python_files(info["root"])]
+    random.Random(seed).shuffle(package_files)
+    budget = train_chars - len(pydoc_train) - sum(map(len, stdlib_train))
+    package_train, package_used = _read_until("", package_files, budget, "docstrings") if packages else ([], [])
+    package_used = [_package_label(path, packages) for path in package_used]
+    train = [pydoc_train] + stdlib_train + package_train
+    held = sum(map(len, heldout))
     provenance = {
         "python": sys.version.split()[0],
         "pydoc": {"source": "pydoc_data.topics (Python stdlib), topics joined in sorted-key order",
@@ -121,11 +163,19 @@ def distillation_text(train_chars: int, heldout_chars: int = 200_000, seed: int 
         "stdlib": {"root": root, "text": stdlib_text, "excluded_dirs": sorted(EXCLUDED_DIRS),
                    "files_total": len(files),
                    "heldout_rule": f"sha1(relative path) % {HELDOUT_MODULUS} == 0",
-                   "train_files_used": len(used), "train_chars": total - len(pydoc_train),
+                   "train_files_used": len(used), "train_chars": sum(map(len, stdlib_train)),
                    "heldout_files_used": len(heldout_used), "heldout_chars": held, "seed": seed,
                    "train_files_sha1": hashlib.sha1("\n".join(used).encode()).hexdigest()},
         "license": "Python Software Foundation License (the CPython distribution's documentation and source)",
     }
+    if packages:
+        provenance["packages"] = {
+            "text": "docstrings of the installed packages' .py files (test suites excluded), files in seeded order",
+            "installed_from": "the package registry (the project's own dependencies, installed by `make install`)",
+            "versions": {info["distribution"]: info["version"] for info in packages.values()},
+            "licenses": {info["distribution"]: info["license"] for info in packages.values()},
+            "files_used": len(package_used), "chars": sum(map(len, package_train)),
+            "files_sha1": hashlib.sha1("\n".join(package_used).encode()).hexdigest()}
     return DistillationText(train, heldout, provenance)
 
 

@@ -34,6 +34,8 @@ class DistillConfig:
     training: TrainingConfig = TrainingConfig()
     seq_len: int = 256
     stdlib_text: str = "files"  # "docstrings": the stdlib's prose only (data.STDLIB_TEXTS)
+    docstring_packages: tuple[str, ...] = ()  # installed packages whose docstrings are training text too
+    init_student: str | None = None  # a saved student to train on (continue a KD on fresh text); else built
     top_k: int = 64
     seq_kd_prompts: int = 64  # chat prompts the teacher answers (0: no sequence-level KD)
     seq_kd_max_tokens: int = 128
@@ -66,10 +68,17 @@ def training_windows(tokenizer, config: DistillConfig, teacher_model: str, log=p
     """[N, seq_len] token windows (pydoc calibration part + stdlib files + teacher generations), shuffled, N just
     enough for the run's steps; the provenance of the text, the held-out texts and the teacher's generations."""
     needed = config.training.steps * config.training.batch_size
-    text = distillation_text(int(needed * config.seq_len * CHARS_PER_TOKEN), seed=config.training.seed,
-                             stdlib_text=config.stdlib_text)
+    wanted_tokens = needed * config.seq_len
+    chars = int(wanted_tokens * CHARS_PER_TOKEN)
+    for _ in range(3):  # prose runs ~4.5 characters a token: ask again for what the first guess left short
+        text = distillation_text(chars, seed=config.training.seed, stdlib_text=config.stdlib_text,
+                                 docstring_packages=config.docstring_packages)
+        docs = [tokenizer.encode(t, add_special_tokens=False) for t in text.train]
+        tokens, got_chars = sum(len(d) + 1 for d in docs), sum(map(len, text.train))
+        if tokens >= wanted_tokens or got_chars < chars:  # enough, or the sources ran out
+            break
+        chars = int(chars * 1.1 * wanted_tokens / tokens)
     eos = tokenizer.eos_token_id
-    docs = [tokenizer.encode(t, add_special_tokens=False) for t in text.train]
     provenance = dict(text.provenance)
     generated: list[list[int]] = []
     if config.seq_kd_prompts:
@@ -106,10 +115,13 @@ def distill(config: DistillConfig, log=print) -> dict:
     os.makedirs(config.out, exist_ok=True)
     with open(heldout_path, "w", encoding="utf-8") as f:
         f.write("\n\n".join(heldout))
-    calibration = (calibration_windows(tok, 256, max(8, config.student.refit_windows))
-                   if config.student.needs_importance else None)
-    student, layers = build_student(teacher, config.student, calibration)
-    init_student = copy.deepcopy(student) if config.hard_label_baseline else None
+    if config.init_student:
+        student, layers = load_model(config.init_student)[0], []  # its layers were chosen by the run that made it
+    else:
+        calibration = (calibration_windows(tok, 256, max(8, config.student.refit_windows))
+                       if config.student.needs_importance else None)
+        student, layers = build_student(teacher, config.student, calibration)
+    hard_student = copy.deepcopy(student) if config.hard_label_baseline else None
     log(f"student: teacher layers {layers}, {non_embedding_params(student.config) / 1e6:.1f}M non-embedding "
         f"parameters (teacher {non_embedding_params(teacher.config) / 1e6:.1f}M)")
     result: dict = {"teacher": config.teacher, "student_layers": layers, "config": config.to_dict(),
@@ -135,16 +147,16 @@ def distill(config: DistillConfig, log=print) -> dict:
     result["train_s_kd"] = round(time.perf_counter() - t0, 1)
     ppl["student_kd"] = _ppl(student, tok, config)
     stdlib_ppl["student_kd"] = _ppl(student, tok, config, heldout_path)
-    if init_student is not None:
+    if hard_student is not None:
         hard = dataclasses.replace(config.training, alpha=0.0)
         t0 = time.perf_counter()
-        result["history_hard"] = train_student(init_student, windows, None, hard,
+        result["history_hard"] = train_student(hard_student, windows, None, hard,
                                                os.path.join(config.out, "hard-labels", "train_state"), config.resume,
                                                quiet=config.quiet)
         result["train_s_hard"] = round(time.perf_counter() - t0, 1)
-        ppl["student_hard_labels"] = _ppl(init_student, tok, config)
-        stdlib_ppl["student_hard_labels"] = _ppl(init_student, tok, config, heldout_path)
-        save_student(init_student, source, os.path.join(config.out, "hard-labels"))
+        ppl["student_hard_labels"] = _ppl(hard_student, tok, config)
+        stdlib_ppl["student_hard_labels"] = _ppl(hard_student, tok, config, heldout_path)
+        save_student(hard_student, source, os.path.join(config.out, "hard-labels"))
         kd, hl = ppl["student_kd"], ppl["student_hard_labels"]
         result["kd_improvement_pct"] = round(100 * (hl - kd) / hl, 2)
     result["perplexity_pydoc"] = ppl

@@ -44,7 +44,8 @@ def save_student(model, source, folder: str, details: dict | None = None, data_n
 def data_note(provenance: dict) -> str:
     """DATA.md: where every training token came from, and what was held out."""
     lines = ["# Training data of this checkpoint", "",
-             "All text is offline and ships with Python itself; nothing was downloaded.", ""]
+             "All text is offline: it ships with Python itself or with the installed packages named below; nothing was "
+             "downloaded at run time.", ""]
     for source, info in provenance.items():
         if isinstance(info, dict):
             lines.append(f"- **{source}**: " + "; ".join(f"{k}: {v}" for k, v in info.items()))
