@@ -12,7 +12,7 @@ from pernode.quant_format import QuantScheme, quantize_weight
 from pernode.serve.kernels import gemm_dispatch
 from pernode.serve.kernels.gemm_dispatch import (MIN_ROWS, NEVER, PROBE_ROWS, ROUNDS, LinearShape,
                                                     gemm_from_rows)
-from pernode.serve.kernels.quant_linear import QuantLinear, load_kernel, woq_linear_reference
+from pernode.serve.kernels.quant_linear import QuantLinear, load_kernel, unpacked_weight, woq_linear_reference
 
 SCHEMES = [QuantScheme(4, 32), QuantScheme(4, 32, symmetric=False, float_min=True), QuantScheme(8, 32),
            QuantScheme(4, 64, symmetric=False), QuantScheme(8, None), QuantScheme(4, None)]
@@ -53,6 +53,29 @@ def test_gemm_matches_reference_with_ragged_tails(scheme, in_features, out_featu
         assert y16.dtype == torch.bfloat16
         # bf16 rounds x and the dequantized weights (8 bits of mantissa): ~2^-8 relative per product
         assert ((y16.float() - _reference(layer, x.bfloat16())).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.label())
+@pytest.mark.parametrize("in_features", [96, 616])
+def test_dequantized_tiles_are_exactly_u_times_scale_plus_bias(scheme, in_features):
+    """x = I gives the tiles themselves (each output is one product by 1.0): they must be u * scale + bias rounded
+    twice, as the scalar loop computes them, whichever vector unit dequantized them (616 = 19 groups of 32 plus 8:
+    a per-channel group with a tail off every vector step)."""
+    if scheme.group_size and in_features % scheme.group_size:
+        pytest.skip("group does not divide")
+    if load_kernel() is None:
+        pytest.skip("C++ kernel unavailable: the reference is what runs")
+    layer = _layer(scheme, in_features, 40)
+    bits, gs = scheme.num_bits, scheme.group_size or in_features
+    u = unpacked_weight(layer.qweight, bits, in_features).float() + (8 if bits == 4 else 0)  # the stored integer
+    scale = layer._scale.repeat_interleave(gs, dim=1)
+    bias = (layer._zero_term.repeat_interleave(gs, dim=1) if layer._zero_term is not None
+            else (-8.0 * scale if bits == 4 else torch.zeros_like(scale)))
+    expected = (u * scale + bias).t()
+    eye = torch.eye(in_features)
+    assert torch.equal(torch.ops.pernode.woq_gemm(eye, *layer._op_args[:5]), expected)
+    assert torch.equal(layer._op(eye, *layer._float_op_args, False), expected)  # the float-x op's tiled matmul
+    assert torch.equal(torch.ops.pernode.woq_gemm(eye.bfloat16(), *layer._op_args[:5]), expected.bfloat16())
 
 
 def test_gemm_rejects_bad_operands():

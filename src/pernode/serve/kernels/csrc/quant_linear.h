@@ -39,6 +39,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "dequant_rows.h"
 #include "gemv_float_rows.h"
 #include "int8_input.h"
 #include "gemv_int4_int8x_avx2.h"
@@ -121,11 +122,6 @@ void gemv_vnni_rows(const QuantizedInput& qi, int64_t m0, const void* w, const S
 }
 #endif
 
-// Rows [n0, n1) of W dequantised to T into dst ([n1 - n0][K]); defined with the GEMM-in-x's-dtype path below.
-template <typename T>
-void dequant_rows_to(const void* w, const float* scale, const float* bias, int64_t bits, int64_t K, int64_t G,
-                     int64_t gs, int64_t n0, int64_t n1, T* dst);
-
 // Batches: W is dequantised kTileRows output rows at a time into a buffer that stays in cache, each tile one fp32
 // GEMM, so no fp32 copy of the whole W is written (113 MB for SmolLM2's quantized lm_head).
 constexpr int64_t kTileRows = 128;
@@ -149,76 +145,7 @@ at::Tensor tiled_matmul(const at::Tensor& x, const at::Tensor& w, const float* s
   return y;
 }
 
-// ---- GEMM in x's dtype over dequantised tiles -----------------------------------------------------------------
-// One group of `gs` weights of row n, dequantised to T: u * scale + bias (bias: the zero term; int4 without one
-// uses -8 * scale, the stored offset).
-template <typename T>
-inline void store_values(T* dst, const float* v, int64_t count) {
-  for (int64_t i = 0; i < count; ++i) dst[i] = T(v[i]);
-}
-
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-inline void store16(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
-inline void store16(c10::BFloat16* dst, __m512 v) {
-#if defined(__AVX512BF16__)
-  _mm256_storeu_si256((__m256i*)dst, (__m256i)_mm512_cvtneps_pbh(v));
-#else  // round to nearest even by hand: bf16 is the top half of the fp32 bits
-  __m512i bits = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  _mm256_storeu_si256((__m256i*)dst, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
-#endif
-}
-#endif
-
-template <typename T>
-void dequant_rows_to(const void* w, const float* scale, const float* bias, int64_t bits, int64_t K, int64_t G,
-                     int64_t gs, int64_t n0, int64_t n1, T* dst) {
-  for (int64_t n = n0; n < n1; ++n) {
-    T* d = dst + (n - n0) * K;
-    const float* sr = scale + n * G;
-    const float* br = bias ? bias + n * G : nullptr;
-    for (int64_t g = 0; g < G; ++g) {
-      const float s = sr[g], z = br ? br[g] : (bits == 4 ? -8.f * s : 0.f);
-      T* dg = d + g * gs;
-      int64_t k = 0;
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-      const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
-      if (bits == 8) {
-        const int8_t* wg = static_cast<const int8_t*>(w) + n * K + g * gs;
-        for (; k + 16 <= gs; k += 16) {
-          const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(wg + k))));
-          store16(dg + k, _mm512_fmadd_ps(v, vs, vz));
-        }
-      } else {
-        // 16 bytes = 32 values in order: byte t holds value 2t (low nibble) and 2t + 1 (high nibble).
-        const uint8_t* wg = reinterpret_cast<const uint8_t*>(static_cast<const int32_t*>(w) + n * (K / 8)) + g * gs / 2;
-        const __m128i lo4 = _mm_set1_epi8(0x0F);
-        for (; k + 32 <= gs; k += 32) {
-          const __m128i b = _mm_loadu_si128((const __m128i*)(wg + k / 2));
-          const __m128i lo = _mm_and_si128(b, lo4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), lo4);
-          const __m512 v0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
-          const __m512 v1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)));
-          store16(dg + k, _mm512_fmadd_ps(v0, vs, vz));
-          store16(dg + k + 16, _mm512_fmadd_ps(v1, vs, vz));
-        }
-      }
-#endif
-      float tail[64];
-      for (; k < gs; k += 64) {  // what the vector loop left (or everything without AVX-512)
-        const int64_t count = std::min<int64_t>(64, gs - k);
-        for (int64_t t = 0; t < count; ++t) {
-          const int64_t kk = g * gs + k + t;
-          const float u = bits == 8 ? float(static_cast<const int8_t*>(w)[n * K + kk])
-                                    : float((static_cast<const int32_t*>(w)[n * (K / 8) + kk / 8] >> (4 * (kk % 8))) & 0xF);
-          tail[t] = u * s + z;
-        }
-        store_values(dg + k, tail, count);
-      }
-    }
-  }
-}
-
+// ---- GEMM in x's dtype over dequantised tiles (dequant_rows.h) --------------------------------------------
 // Output rows per tile: enough tiles for every thread, each tile's weights at most ~512 KiB (they are re-read by the
 // GEMM from cache), rows a multiple of 16.
 int64_t gemm_tile_rows(int64_t N, int64_t K, int64_t elem_bytes) {
