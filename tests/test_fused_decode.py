@@ -1,6 +1,8 @@
 """The fused decoder stack (one C++ call for every layer of a decode-sized step) against the per-op layers it
 replaces: the same logits and the same K/V written, over dense, int4 and int8 projections, fp32 and bf16, batches of
-1..32 (up to 64 rows) with ragged contexts, and the same greedy tokens from the default model."""
+1..32 (up to 64 rows) with ragged contexts, and the same greedy tokens from the default model. Where int8 x is capped
+(AVX2) the stack's decode steps keep it past the cap (measured per shape); the kernel-for-kernel comparisons pin
+that at the cap, and one test holds the stack's int8 decode steps to per-op layers that quantize x everywhere."""
 from __future__ import annotations
 
 import pytest
@@ -17,6 +19,14 @@ from pernode.serve.models.llama import LlamaForCausalLM
 from tiny_model import tiny_config
 
 pytestmark = pytest.mark.skipif(decoder_stack.load_kernel() is None, reason="decoder_stack kernel did not build")
+
+
+
+@pytest.fixture(autouse=True)
+def decode_steps_at_the_cap(monkeypatch):
+    """Decode steps quantize x exactly as far as the per-op layers do, so the two paths run the same kernels."""
+    monkeypatch.setenv("PERNODE_DECODE_INT8_ROWS", "8")
+
 
 BLOCK_SIZE = 16
 NUM_BLOCKS = 128
@@ -156,6 +166,39 @@ def test_fused_stack_covers_verify_steps_and_qkv_bias():
     caches, tables = prefilled(model, torch.bfloat16, contexts)
     (ref, _), (got, _) = both_paths(model, caches, tables, contexts, [3, 1, 4])
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_capped_cpus_decode_steps_keep_int8_x_up_to_the_measured_rows(monkeypatch):
+    """AVX2 (int8 x capped at 8 rows for prefill): a decode or verify step of up to PERNODE_DECODE_INT8_ROWS rows
+    runs the int8-x GEMV, bit for bit what per-op layers quantizing x in every call give; past them, and in any
+    step holding more than 8 tokens of one sequence (a prompt chunk), x stays float as in the per-op layers."""
+    from pernode.serve.kernels import cpu_features
+
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
+    monkeypatch.delenv("PERNODE_QUANT_INPUT", raising=False)
+    monkeypatch.setenv("PERNODE_GEMM_FROM_ROWS", "1000")
+    monkeypatch.setenv("PERNODE_DECODE_INT8_ROWS", "16")
+    capped = tiny_model("int4", torch.float32)
+    assert capped.use_fused_decoder()
+    proj = capped.layers[0].mlp.gate_up_proj
+    assert proj.decode_int8_max_rows(torch.float32) == 16 and not proj.quantizes_input(9)
+    assert 17 in proj.kernel_switch_rows(torch.float32) and 9 in proj.kernel_switch_rows(torch.float32)
+    monkeypatch.setenv("PERNODE_QUANT_INPUT", "int8")
+    everywhere = tiny_model("int4", torch.float32)  # the same weights, x quantized in every GEMV call
+    for query_lens, int8_x in (([1] * 12, True), ([3] * 4, True), ([1] * 16, True), ([1] * 20, False),
+                               ([10, 1, 1], False)):
+        contexts = [(7 * s) % 50 + 1 for s in range(len(query_lens))]
+        caches, tables = prefilled(capped, torch.float32, contexts)
+        (per_op, _), (fused, fused_caches) = both_paths(capped, caches, tables, contexts, query_lens)
+        if int8_x:
+            ids = torch.randint(0, capped.config.vocab_size, (sum(query_lens),),
+                                generator=torch.Generator().manual_seed(2))
+            with torch.inference_mode():
+                reference = step(everywhere, clone(caches), tables, contexts, query_lens, ids)
+            torch.testing.assert_close(fused, reference, rtol=0, atol=0)
+            assert not torch.equal(fused, per_op)  # float x would have been another kernel
+        else:
+            torch.testing.assert_close(fused, per_op, rtol=0, atol=0)
 
 
 def test_steps_the_fused_stack_does_not_cover_take_the_per_op_layers(monkeypatch):

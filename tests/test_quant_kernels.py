@@ -188,8 +188,9 @@ def test_capped_int8_x_changes_kernel_at_nine_rows(monkeypatch):
     monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
     monkeypatch.delenv("PERNODE_QUANT_INPUT")
     monkeypatch.setenv("PERNODE_GEMM_FROM_ROWS", "1000")
+    monkeypatch.setenv("PERNODE_DECODE_INT8_ROWS", "24")  # decode steps keep int8 x further (fused_decode.py)
     layer = _random_layer(QuantScheme(4, 32, symmetric=False), 576, 200)
-    assert layer.kernel_switch_rows(torch.float32) == [FLOAT_GEMV_MAX_ROWS + 1, 1000]
+    assert layer.kernel_switch_rows(torch.float32) == [FLOAT_GEMV_MAX_ROWS + 1, 25, 1000]
     assert layer.gemv_quantizes_input(FLOAT_GEMV_MAX_ROWS) and not layer.gemv_quantizes_input(FLOAT_GEMV_MAX_ROWS + 1)
     assert layer.gemv_args(1)[0] is layer.gemv_args(9)[0] and layer.gemv_args(9)[1].dtype == torch.float32
     x = torch.randn(12, 576, generator=torch.Generator().manual_seed(5))

@@ -23,6 +23,9 @@ Other settings:
                          this CPU per layer shape, see kernels/gemm_dispatch.py)
   PERNODE_PANEL_FROM_ROWS off (default) | measure | N: rows from which int4 linears with int8 x run the panel
                          kernel instead of the GEMV (up to 64 rows); measure: the crossover measured per shape
+  PERNODE_DECODE_INT8_ROWS N: where int8 x is capped at 8 rows (AVX2 without VNNI), the rows up to which decode
+                         steps (no sequence with more than 8 query tokens) still quantize x (default: measured per
+                         layer shape against the float-x path; 8 keeps every step at the cap)
   PERNODE_REMEASURE_KERNELS 1: measure the GEMV/GEMM crossovers again and replace the cached ones (default 0)
   PERNODE_KERNEL_CACHE   folder of compiled kernels (default ~/.cache/pernode/kernels)
   PERNODE_COMPILE_CACHE  torch.compile's (inductor's) cache under --compile (default ~/.cache/pernode/inductor);
@@ -144,6 +147,11 @@ def _rows_setting(name: str) -> int | None:
 def gemm_from_rows() -> int | None:
     """PERNODE_GEMM_FROM_ROWS: a fixed GEMV/GEMM crossover for quantized linears; None (unset): measure it."""
     return _rows_setting("PERNODE_GEMM_FROM_ROWS")
+
+
+def decode_int8_rows() -> int | None:
+    """PERNODE_DECODE_INT8_ROWS: fixed rows up to which decode steps quantize x where int8 x is capped; None: measure."""
+    return _rows_setting("PERNODE_DECODE_INT8_ROWS")
 
 
 PANEL_MEASURE = -1  # panel_from_rows(): measure the crossover

@@ -236,12 +236,12 @@ def measure_crossover(gemv: Callable[[torch.Tensor], torch.Tensor], gemm: Callab
 
 
 def gemm_from_rows(shape: LinearShape, kernel_source: str, gemv: Callable[[torch.Tensor], torch.Tensor],
-                   gemm: Callable[[torch.Tensor], torch.Tensor]) -> int:
-    """Row count from which this layer runs the GEMM (or, for shape.kernels "gemv/panel", the panel kernel):
-    PERNODE_GEMM_FROM_ROWS (for the GEMM), else the cached or newly measured crossover
-    (PERNODE_REMEASURE_KERNELS=1 measures again and replaces the cached one)."""
-    # PERNODE_PANEL_FROM_ROWS is read by the layer (QuantLinear.panel_from_rows), which asks here only to measure
-    forced = None if shape.kernels == "gemv/panel" else envs.gemm_from_rows()
+                   gemm: Callable[[torch.Tensor], torch.Tensor], gemm_setting: bool = True) -> int:
+    """Row count from which this layer runs `gemm` instead of `gemv` (the GEMM; or another pair shape.kernels
+    names): PERNODE_GEMM_FROM_ROWS when `gemm_setting` (the pair is the GEMV and the GEMM), else the cached or newly
+    measured crossover (PERNODE_REMEASURE_KERNELS=1 measures again and replaces the cached one)."""
+    # Other pairs' settings (PERNODE_PANEL_FROM_ROWS, ...) are read by the layer, which asks here only to measure
+    forced = envs.gemm_from_rows() if gemm_setting else None
     if forced is not None:
         return forced
     key = shape.key(kernel_source)
@@ -261,8 +261,9 @@ def gemm_from_rows(shape: LinearShape, kernel_source: str, gemv: Callable[[torch
                 log.warning("gemm crossover %s x %s: rounds disagree (%.0f%% agree) after %d measurements; using "
                             "%s rows without caching it (a busy CPU?)", shape.out_features, shape.in_features,
                             100 * estimate.agreement, MAX_ATTEMPTS, "never" if cached == NEVER else cached)
-            log.info("gemm crossover %s x %s w%d %s: GEMM from %s rows (%.0f%% of rounds agree; measured in %.2f s)",
-                     shape.out_features, shape.in_features, shape.num_bits, str(shape.dtype).removeprefix("torch."),
+            log.info("crossover %s x %s w%d %s, %s: the second from %s rows (%.0f%% of rounds agree; measured in "
+                     "%.2f s)", shape.out_features, shape.in_features, shape.num_bits,
+                     str(shape.dtype).removeprefix("torch."), shape.kernels,
                      "never" if cached == NEVER else cached, 100 * estimate.agreement,
                      time.perf_counter() - started)
         _memory[key] = cached

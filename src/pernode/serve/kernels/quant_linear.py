@@ -39,6 +39,10 @@ FLOAT_GEMV_MAX_ROWS = 8
 # The int4 panel kernel (csrc/int4_panel_gemm.h) serves decode-sized steps only, as many rows as the fused decoder
 # stack takes (models/fused_decode.MAX_ROWS): prefill chunks keep the GEMM, and its bf16 activations' numbers.
 PANEL_MAX_ROWS = 64
+# Decode steps on a CPU that caps int8 x (AVX2) keep it up to the measured crossover with float x, but at most for two
+# GEMV passes of 8 rows: whole one-thread decode steps of the default model measured 0.74-0.86x the float-x step time at 9-16 rows and 1.02-1.08x
+# at 20-28, where one layer timed alone (its weights in cache) still favoured int8 x up to 20-37 rows.
+DECODE_INT8_MAX_ROWS = 2 * FLOAT_GEMV_MAX_ROWS
 
 def load_kernel() -> Callable | None:
     """`torch.ops.pernode.woq_linear`, building it if needed; None if it can't be built (or
@@ -161,6 +165,7 @@ class QuantLinear(nn.Module):
         self._zero_term: torch.Tensor | None = None
         self._gemm_from_rows: dict[torch.dtype, int] = {}
         self._panel_from_rows: dict[torch.dtype, int] = {}
+        self._decode_int8_rows: dict[torch.dtype, int] = {}
 
     def _apply(self, fn, recurse=True):
         # model.to(bfloat16) must not round the float qparams: GGUF's fp16 scales and mins would lose 3 bits each.
@@ -208,6 +213,7 @@ class QuantLinear(nn.Module):
             self._op_args = (self.qweight, *fp16_if_exact(self._scale, self._zero_term), *layout)
         self._gemm_from_rows = {}
         self._panel_from_rows = {}
+        self._decode_int8_rows = {}
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_layer_weight(self.qweight, self.weight_scale, self.weight_zero_point, self.scheme.num_bits,
@@ -218,9 +224,39 @@ class QuantLinear(nn.Module):
         """Whether a GEMV call with `rows` rows quantizes x to int8 (int8_input_max_rows)."""
         return rows <= self._int8_max_rows
 
-    def gemv_args(self, rows: int) -> tuple:
-        """The GEMV's operands after x for a call with `rows` rows: fp16 qparams for the int8-x GEMV where exact."""
-        return self._op_args if self.quantizes_input(rows) else self._float_op_args
+    def decode_int8_max_rows(self, dtype: torch.dtype) -> int:
+        """Up to how many rows a decode step (no sequence with more than FLOAT_GEMV_MAX_ROWS query tokens: decodes
+        and speculative verification, models/fused_decode.py) quantizes x. Where int8 x is capped (AVX2), past the
+        cap for as long as the int8-x GEMV measured faster than the float-x path (GEMV or GEMM) for this shape, at
+        most DECODE_INT8_MAX_ROWS; PERNODE_DECODE_INT8_ROWS fixes it (up to PANEL_MAX_ROWS). Prefill chunks keep the cap, so a prompt's numbers
+        stay float. Elsewhere: the cap itself."""
+        cap = self._int8_max_rows
+        if not 0 < cap < NEVER or self._op is None:
+            return cap
+        rows = self._decode_int8_rows.get(dtype)
+        if rows is None:
+            rows = envs.decode_int8_rows()
+            if rows is None:
+                rows = min(DECODE_INT8_MAX_ROWS, gemm_from_rows(self._shape(dtype, "int8-x gemv/float x"), SOURCE,
+                                                                self._run_int8_gemv, self._run_float_x,
+                                                                gemm_setting=False) - 1)
+            rows = self._decode_int8_rows[dtype] = max(cap, min(rows, PANEL_MAX_ROWS))
+        return rows
+
+    def gemv_args(self, rows: int, int8_x: bool | None = None) -> tuple:
+        """The GEMV's operands after x for a call with `rows` rows (or, given, with int8 x or not): fp16 qparams for
+        the int8-x GEMV where exact."""
+        return self._op_args if (self.quantizes_input(rows) if int8_x is None else int8_x) else self._float_op_args
+
+    def _run_int8_gemv(self, x2: torch.Tensor) -> torch.Tensor:
+        return self._op(x2, *self._op_args, True)
+
+    def _run_float_x(self, x2: torch.Tensor) -> torch.Tensor:
+        """What a call with float x runs: the float-x op (GEMV, tiled matmul past its rows) or, from the crossover, the
+        GEMM."""
+        if x2.shape[0] >= self.gemm_from_rows(x2.dtype):
+            return self._run_gemm(x2)
+        return self._op(x2, *self._float_op_args, False)
 
     def _run_gemv(self, x2: torch.Tensor) -> torch.Tensor:
         rows = x2.shape[0]
@@ -257,7 +293,8 @@ class QuantLinear(nn.Module):
             if self._panel is None or setting is None:
                 rows = NEVER
             elif setting == envs.PANEL_MEASURE:
-                rows = gemm_from_rows(self._shape(dtype, "gemv/panel"), SOURCE, self._run_gemv, self._run_panel)
+                rows = gemm_from_rows(self._shape(dtype, "gemv/panel"), SOURCE, self._run_gemv, self._run_panel,
+                                      gemm_setting=False)
             else:
                 rows = setting
             rows = rows if rows <= PANEL_MAX_ROWS else NEVER
@@ -283,11 +320,13 @@ class QuantLinear(nn.Module):
             self.post_load()
         if self._op is not None:
             self.gemm_from_rows(dtype)
+            self.decode_int8_max_rows(dtype)
 
     def kernel_switch_rows(self, dtype: torch.dtype) -> list[int]:
         """Row counts from which a call with x of `dtype` runs another kernel, whose accumulation order differs:
-        the measured GEMM crossover, the panel kernel's (int4, int8 x) below it, the end of int8 x where it is capped,
-        and for float x the op's own switch to a tiled fp32 matmul past FLOAT_GEMV_MAX_ROWS. Below the first, each
+        the measured GEMM crossover, the panel kernel's (int4, int8 x) below it, the end of int8 x where it is capped
+        (for prefill chunks, and further on for decode steps), and for float x the op's own switch to a tiled fp32
+        matmul past FLOAT_GEMV_MAX_ROWS. Below the first, each
         row is computed alike whatever the rows beside it (the panel kernel too: its rows share no accumulator)."""
         if self._op is None:
             return []
@@ -297,6 +336,9 @@ class QuantLinear(nn.Module):
             switches.add(self.panel_from_rows(dtype))
         if self._int8_max_rows < NEVER:  # some calls run float x
             switches |= {FLOAT_GEMV_MAX_ROWS + 1} | ({self._int8_max_rows + 1} if self._int8_input else set())
+            decode_rows = self.decode_int8_max_rows(dtype)
+            if decode_rows > self._int8_max_rows:  # decode steps leave int8 x there
+                switches.add(decode_rows + 1)
         return sorted(switches)
 
     def gemv_quantizes_input(self, rows: int, dtype: torch.dtype = torch.float32) -> bool:

@@ -106,16 +106,17 @@ class FusedDecoder:
                     and t.device.type == "cpu" and t.is_contiguous() for t in flat)
         return flat if plain else []
 
-    def _operands(self, dtype: torch.dtype, rows: int) -> tuple:
-        # Where int8 x is capped (AVX2), the cap is FLOAT_GEMV_MAX_ROWS (quant_linear.int8_input_max_rows): two
-        # layouts cover every row count, one for decode-sized steps and one beyond.
-        key = (dtype, min(rows, FLOAT_GEMV_MAX_ROWS + 1))
+    def _operands(self, dtype: torch.dtype, rows: int, decode: bool) -> tuple:
+        # Where int8 x is capped (AVX2), the cap is FLOAT_GEMV_MAX_ROWS (quant_linear.int8_input_max_rows): prefill
+        # steps need two layouts, one up to the cap and one beyond; decode steps keep int8 x further, up to each
+        # projection's own measured row count (QuantLinear.decode_int8_max_rows), so they get one per row count.
+        key = (dtype, rows if decode else min(rows, FLOAT_GEMV_MAX_ROWS + 1), decode)
         operands = self._weights.get(key)
         if operands is None:
             operands = self._weights[key] = self._lay_out(*key)
         return operands
 
-    def _lay_out(self, dtype: torch.dtype, rows: int) -> tuple:
+    def _lay_out(self, dtype: torch.dtype, rows: int, decode: bool) -> tuple:
         norms, weights, scales, zero_terms, biases, config = [], [], [], [], [], []
         for layer in self.model.layers:
             norms += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
@@ -125,12 +126,15 @@ class FusedDecoder:
                 if type(proj) is QuantLinear:
                     s = proj.scheme
                     weights.append(proj.qweight)
-                    args = proj.gemv_args(rows)  # the GEMV's own qparams (fp16 for int8 x where exact)
+                    gemm_rows = proj.gemm_from_rows(dtype)
+                    int8_x = proj.quantizes_input(rows)
+                    if decode and not int8_x and rows <= proj.decode_int8_max_rows(dtype):
+                        int8_x, gemm_rows = True, max(gemm_rows, rows + 1)  # measured faster than float x or GEMM
+                    args = proj.gemv_args(rows, int8_x)  # the GEMV's own qparams (fp16 for int8 x where exact)
                     scales.append(args[1])
                     zero_terms.append(args[2])
-                    flags = decoder_stack.INT8_INPUT if proj.quantizes_input(rows) else 0
-                    config += [s.num_bits, s.group_size or 0, flags, proj.gemm_from_rows(dtype),
-                               proj.panel_from_rows(dtype)]
+                    flags = decoder_stack.INT8_INPUT if int8_x else 0
+                    config += [s.num_bits, s.group_size or 0, flags, gemm_rows, proj.panel_from_rows(dtype)]
                 else:
                     weights.append(proj.weight)
                     scales.append(None)
@@ -140,7 +144,8 @@ class FusedDecoder:
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The hidden states after the last decoder layer (before the final norm), K/V written as the layers would."""
-        norms, weights, scales, zero_terms, biases, config = self._operands(x.dtype, x.shape[0])
+        decode = meta.max_query_len <= FLOAT_GEMV_MAX_ROWS  # decodes and verification, no prompt chunk
+        norms, weights, scales, zero_terms, biases, config = self._operands(x.dtype, x.shape[0], decode)
         rotary = self.model.rotary
         int32 = torch.int32  # as AttentionMetadata.build makes them (a no-op then); the kernel takes only int32
         return self.op(x, positions, rotary.cos, rotary.sin, meta.slot_mapping, meta.block_tables.to(int32),
