@@ -78,7 +78,8 @@ def int8_input_max_rows(num_bits: int, in_features: int, group_size: int | None)
     it compute-bound (6 vs 9.5 GB/s with AVX-512 VNNI, 1 thread).
     - VNNI CPUs, or PERNODE_QUANT_INPUT=int8: every GEMV call.
     - AVX2 CPUs (vpmaddubsw): decode-sized calls only, the rows the float-x op would run as a GEMV too
-      (FLOAT_GEMV_MAX_ROWS); beyond them x stays float. Batch-1 TPOT is 15 ms against 17-20 with float x, but
+      (FLOAT_GEMV_MAX_ROWS); beyond them x stays float, but for the fused stack's decode steps
+      (QuantLinear.decode_int8_max_rows). Batch-1 TPOT is 15 ms against 17-20 with float x, but
       that GEMV beats the GEMM up to 30-40 rows, and prefilling a short chat prompt with int8 activations flips the
       default model's answer to the README's question (tests/test_int4_panel_gemm.py).
     - Elsewhere, and for int8 weights (their GEMV already streams faster than memory): never; int8 x would only be

@@ -22,7 +22,8 @@
 // Large batches: dequantise W to fp32 a cache-sized tile at a time, each tile one at::mm.
 // woq_gemm (compute-bound steps: prefill chunks, large decode batches) does the same in x's dtype: on a CPU with
 // AVX512_BF16 or AMX, bf16 tiles go through oneDNN's bf16 GEMM, ~2.5x the fp32 rate; the tiles are dequantised
-// with AVX-512 16 values at a time so the dequantisation stays a small fraction of the GEMM.
+// 16 values at a time with AVX-512, 8 with AVX2 (dequant_rows.h), so the dequantisation stays a small fraction of
+// the GEMM.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
