@@ -40,8 +40,8 @@ FLOAT_GEMV_MAX_ROWS = 8
 # stack takes (models/fused_decode.MAX_ROWS): prefill chunks keep the GEMM, and its bf16 activations' numbers.
 PANEL_MAX_ROWS = 64
 # Decode steps on a CPU that caps int8 x (AVX2) keep it up to the measured crossover with float x, but at most for two
-# GEMV passes of 8 rows: whole one-thread decode steps of the default model measured 0.74-0.86x the float-x step time at 9-16 rows and 1.02-1.08x
-# at 20-28, where one layer timed alone (its weights in cache) still favoured int8 x up to 20-37 rows.
+# GEMV passes of 8 rows: whole one-thread decode steps of the default model measured 0.74-0.97x the float-x step time
+# at 9-16 rows and 1.02-1.08x at 20-28, where one layer timed alone (its weights in cache) favoured int8 x to 20-37.
 DECODE_INT8_MAX_ROWS = 2 * FLOAT_GEMV_MAX_ROWS
 
 def load_kernel() -> Callable | None:
@@ -229,8 +229,8 @@ class QuantLinear(nn.Module):
         """Up to how many rows a decode step (no sequence with more than FLOAT_GEMV_MAX_ROWS query tokens: decodes
         and speculative verification, models/fused_decode.py) quantizes x. Where int8 x is capped (AVX2), past the
         cap for as long as the int8-x GEMV measured faster than the float-x path (GEMV or GEMM) for this shape, at
-        most DECODE_INT8_MAX_ROWS; PERNODE_DECODE_INT8_ROWS fixes it (up to PANEL_MAX_ROWS). Prefill chunks keep the cap, so a prompt's numbers
-        stay float. Elsewhere: the cap itself."""
+        most DECODE_INT8_MAX_ROWS; PERNODE_DECODE_INT8_ROWS fixes it (up to PANEL_MAX_ROWS). Prefill chunks keep the
+        cap, so a prompt's numbers stay float. Elsewhere: the cap itself."""
         cap = self._int8_max_rows
         if not 0 < cap < NEVER or self._op is None:
             return cap
@@ -327,8 +327,8 @@ class QuantLinear(nn.Module):
         """Row counts from which a call with x of `dtype` runs another kernel, whose accumulation order differs:
         the measured GEMM crossover, the panel kernel's (int4, int8 x) below it, the end of int8 x where it is capped
         (for prefill chunks, and further on for decode steps), and for float x the op's own switch to a tiled fp32
-        matmul past FLOAT_GEMV_MAX_ROWS. Below the first, each
-        row is computed alike whatever the rows beside it (the panel kernel too: its rows share no accumulator)."""
+        matmul past FLOAT_GEMV_MAX_ROWS. Below the first, each row is computed alike whatever the rows beside it (the
+        panel kernel too: its rows share no accumulator)."""
         if self._op is None:
             return []
         gemm = self.gemm_from_rows(dtype)

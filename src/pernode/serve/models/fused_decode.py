@@ -24,7 +24,7 @@ from pernode.envs import KernelChoice
 from pernode.serve.kernels import decoder_stack, layer_ops, paged_attention_cpu
 from pernode.serve.kernels.attention_metadata import AttentionMetadata
 from pernode.serve.kernels.dense_linear import Linear
-from pernode.serve.kernels.quant_linear import FLOAT_GEMV_MAX_ROWS, QuantLinear
+from pernode.serve.kernels.quant_linear import FLOAT_GEMV_MAX_ROWS, PANEL_MAX_ROWS, QuantLinear
 
 log = logging.getLogger("pernode.serve.models")
 
@@ -51,7 +51,8 @@ class FusedDecoder:
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.eps, self.attn_scale = float(c.rms_norm_eps), c.head_dim ** -0.5
         self.num_threads = envs.quant_threads()
-        self._weights: dict[tuple[torch.dtype, int], tuple] = {}  # (dtype, rows up to the int8-x cap + 1)
+        self._weights: dict[tuple[torch.dtype, int, bool], tuple] = {}  # (dtype, rows up to a cap + 1, decode)
+        self._decode_rows: dict[torch.dtype, int] = {}
         self._kv_source: list | None = None
         self._kv_flat: list[torch.Tensor] = []
 
@@ -112,14 +113,25 @@ class FusedDecoder:
         return flat if plain else []
 
     def _operands(self, dtype: torch.dtype, rows: int, decode: bool) -> tuple:
-        # Where int8 x is capped (AVX2), the cap is FLOAT_GEMV_MAX_ROWS (quant_linear.int8_input_max_rows): prefill
-        # steps need two layouts, one up to the cap and one beyond; decode steps keep int8 x further, up to each
-        # projection's own measured row count (QuantLinear.decode_int8_max_rows), so they get one per row count.
-        key = (dtype, rows if decode else min(rows, FLOAT_GEMV_MAX_ROWS + 1), decode)
+        # Where int8 x is capped (AVX2), the cap is FLOAT_GEMV_MAX_ROWS (quant_linear.int8_input_max_rows): one layout
+        # per row count up to it and one beyond. Decode steps keep int8 x further, up to each projection's own row
+        # count (QuantLinear.decode_int8_max_rows): one layout per row count up to the largest of those.
+        last = self._decode_int8_rows(dtype) if decode else FLOAT_GEMV_MAX_ROWS
+        key = (dtype, min(rows, last + 1), decode)
         operands = self._weights.get(key)
         if operands is None:
             operands = self._weights[key] = self._lay_out(*key)
         return operands
+
+    def _decode_int8_rows(self, dtype: torch.dtype) -> int:
+        """The most rows at which any projection's decode steps still quantize x past FLOAT_GEMV_MAX_ROWS (that
+        value itself where none does, or where every call does)."""
+        rows = self._decode_rows.get(dtype)
+        if rows is None:
+            finite = [m.decode_int8_max_rows(dtype) for m in self.model.layers.modules() if type(m) is QuantLinear]
+            rows = self._decode_rows[dtype] = max([r for r in finite if r < PANEL_MAX_ROWS + 1]
+                                                  + [FLOAT_GEMV_MAX_ROWS])
+        return rows
 
     def _lay_out(self, dtype: torch.dtype, rows: int, decode: bool) -> tuple:
         norms, weights, scales, zero_terms, biases, config = [], [], [], [], [], []
