@@ -1,11 +1,14 @@
 #pragma once
-// Rows [n0, n1) of a weight-only quantized W (int8 [N, K], or int4 packed 8 per int32 along K as in quant_linear.h)
-// dequantised to T (fp32, or bf16 for a bf16 GEMM) into dst ([n1 - n0][K]): the tiles that tiled_matmul and
-// tiled_gemm hand to the GEMM. Each group of `gs` weights is u * scale + bias (bias: the zero term; int4 without one
-// uses -8 * scale, the stored offset). Vectorised 16 values at a time with AVX-512, 8 with AVX2: a scalar
-// shift-and-mask per weight made dequantising cost more than the GEMM itself for decode batches of 9-64 rows.
+// GEMMs over a weight-only quantized W (int8 [N, K], or int4 packed 8 per int32 along K as in quant_linear.h)
+// dequantised a tile of output rows at a time: `dequant_rows_to` writes rows [n0, n1) as T (fp32, or bf16 for a bf16
+// GEMM) into a buffer that stays in cache, and `tiled_matmul` / `tiled_gemm` hand each tile to at::mm. Each group of
+// `gs` weights is u * scale + bias (bias: the zero term; int4 without one uses -8 * scale, the stored offset).
+// Dequantised 16 values at a time with AVX-512, 8 with AVX2: a scalar shift-and-mask per weight made dequantising
+// cost more than the GEMM itself for decode batches of 9-64 rows.
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -118,6 +121,61 @@ void dequant_rows_to(const void* w, const float* scale, const float* bias, int64
       }
     }
   }
+}
+
+// Batches: W is dequantised kTileRows output rows at a time into a buffer that stays in cache, each tile one fp32
+// GEMM, so no fp32 copy of the whole W is written (113 MB for SmolLM2's quantized lm_head).
+constexpr int64_t kTileRows = 128;
+
+at::Tensor tiled_matmul(const at::Tensor& x, const at::Tensor& w, const float* scale, const float* bias,
+                        int64_t bits, int64_t N, int64_t K, int64_t G, int64_t gs) {
+  auto y = at::empty({x.size(0), N}, x.options());  // each tile's GEMM writes its columns in place (ldc = N)
+  // Inference mode is thread-local: worker threads must share the caller's, or writing into yt (an inference
+  // tensor when the caller runs under torch.inference_mode) is refused.
+  const bool inference_mode = c10::InferenceMode::is_enabled();
+  at::parallel_for(0, (N + kTileRows - 1) / kTileRows, 1, [&](int64_t t0, int64_t t1) {
+    c10::InferenceMode guard(inference_mode);
+    auto tile = at::empty({kTileRows, K}, x.options());
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kTileRows, rows = std::min(kTileRows, N - n0);
+      dequant_rows_to<float>(w.data_ptr(), scale, bias, bits, K, G, gs, n0, n0 + rows, tile.data_ptr<float>());
+      auto out = y.narrow(1, n0, rows);
+      at::mm_out(out, x, tile.narrow(0, 0, rows).t());
+    }
+  });
+  return y;
+}
+
+// ---- GEMM in x's dtype over dequantised tiles ----------------------------------------------------------------
+// Output rows per tile: enough tiles for every thread, each tile's weights at most ~512 KiB (they are re-read by the
+// GEMM from cache), rows a multiple of 16.
+int64_t gemm_tile_rows(int64_t N, int64_t K, int64_t elem_bytes) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t cache_rows = std::max<int64_t>(16, (512 * 1024) / std::max<int64_t>(1, K * elem_bytes));
+  const int64_t tiles = std::max<int64_t>(threads, (N + cache_rows - 1) / cache_rows);
+  const int64_t rows = (N + tiles - 1) / tiles;
+  return std::max<int64_t>(16, (rows + 15) / 16 * 16);
+}
+
+template <typename T>
+at::Tensor tiled_gemm(const at::Tensor& x, const at::Tensor& w, const float* scale, const float* bias, int64_t bits,
+                      int64_t N, int64_t K, int64_t G, int64_t gs) {
+  const int64_t M = x.size(0);
+  auto y = at::empty({M, N}, x.options());  // each tile's GEMM writes its columns in place (BLAS's ldc = N)
+  const int64_t tile_rows = gemm_tile_rows(N, K, x.element_size());
+  const bool inference_mode = c10::InferenceMode::is_enabled();
+  const void* wp = w.data_ptr();
+  at::parallel_for(0, (N + tile_rows - 1) / tile_rows, 1, [&](int64_t t0, int64_t t1) {
+    c10::InferenceMode guard(inference_mode);
+    auto tile = at::empty({tile_rows, K}, x.options());
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * tile_rows, rows = std::min(tile_rows, N - n0);
+      dequant_rows_to<T>(wp, scale, bias, bits, K, G, gs, n0, n0 + rows, tile.data_ptr<T>());
+      auto out = y.narrow(1, n0, rows);
+      at::mm_out(out, x, tile.narrow(0, 0, rows).t());
+    }
+  });
+  return y;
 }
 
 }  // namespace
