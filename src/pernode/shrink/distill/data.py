@@ -103,14 +103,6 @@ def package_sources(names: tuple[str, ...]) -> dict[str, dict]:
     return found
 
 
-def _package_label(path: str, packages: dict[str, dict]) -> str:
-    """"numpy/linalg/_linalg.py" for a file of an installed package: the same on every machine."""
-    for name, info in packages.items():
-        if path.startswith(info["root"] + os.sep):
-            return f"{name}/{os.path.relpath(path, info['root'])}"
-    return path
-
-
 def _read_until(root: str, files: list[str], max_chars: int, stdlib_text: str = "files"
                 ) -> tuple[list[str], list[str]]:
     """Texts of `files` in order (unreadable or blank ones skipped) until at least `max_chars`; and which files.
@@ -148,11 +140,13 @@ def distillation_text(train_chars: int, heldout_chars: int = 200_000, seed: int 
         root, train_files, train_chars - len(pydoc_train), stdlib_text)
     heldout, heldout_used = _read_until(root, heldout_files, heldout_chars)
     packages = package_sources(docstring_packages)
-    package_files = [os.path.join(info["root"], rel) for info in packages.values() for rel in python_files(info["root"])]
+    labels = {os.path.join(info["root"], rel): f"{name}/{rel}"  # "numpy/linalg/_linalg.py": the same on every machine
+              for name, info in packages.items() for rel in python_files(info["root"])}
+    package_files = list(labels)
     random.Random(seed).shuffle(package_files)
     budget = train_chars - len(pydoc_train) - sum(map(len, stdlib_train))
     package_train, package_used = _read_until("", package_files, budget, "docstrings") if packages else ([], [])
-    package_used = [_package_label(path, packages) for path in package_used]
+    package_used = [labels[path] for path in package_used]
     train = [pydoc_train] + stdlib_train + package_train
     held = sum(map(len, heldout))
     provenance = {
