@@ -59,7 +59,7 @@ def test_bytes_per_token_and_layout():
     cache = allocate_kv_cache((5, 16, 2, 16), "int8", torch.float32, CPU)
     assert cache.data.shape == (5, 16, 2, 16) and cache.scale.shape == (5, 16, 2)
     assert cache.data.element_size() * 16 + cache.scale.element_size() == 16 + 4
-    with pytest.raises(ValueError, match="kv_cache_dtype='int4'.*allowed auto, int8, fp8"):
+    with pytest.raises(ValueError, match="kv_cache_dtype='int4'.*allowed auto, float32, float16, bfloat16, int8, fp8"):
         kv_bytes_per_token(cfg, 4, "int4")
 
 
@@ -156,7 +156,7 @@ def test_fp8_cache_on_cuda_matches_reference():
 
 
 def test_engine_config_names_the_setting():
-    with pytest.raises(ValueError, match="kv_cache_dtype='int4' is not supported: allowed auto, int8, fp8"):
+    with pytest.raises(ValueError, match="kv_cache_dtype='int4' is not supported: allowed auto, float32, float16, bfloat16, int8, fp8"):
         EngineConfig(kv_cache_dtype="int4")
 
 
@@ -167,7 +167,7 @@ def test_engine_int8_kv_holds_more_tokens_and_decodes_the_same(tmp_path):
     folder = write_tiny_model(str(tmp_path / "tiny"), tiny_config(head_dim=32, hidden_size=128))
     prompts = ["The capital of France is", "def fib(n):", "Once upon a time " * 5]
     tokens, blocks = {}, {}
-    for kv_dtype in ("auto", "int8"):
+    for kv_dtype in ("float32", "int8"):
         engine = LLMEngine(EngineConfig(model=folder, device="cpu", kv_cache_bytes=2**20, max_model_len=256,
                                         dtype="float32", kv_cache_dtype=kv_dtype))
         for i, p in enumerate(prompts):
@@ -178,8 +178,8 @@ def test_engine_int8_kv_holds_more_tokens_and_decodes_the_same(tmp_path):
                 if out.finished:
                     done[out.request_id] = out.outputs[0].token_ids
         tokens[kv_dtype], blocks[kv_dtype] = done, engine.num_blocks
-    assert blocks["int8"] >= 3.5 * blocks["auto"]  # (32 + 4) bytes per head per token instead of 128
-    assert tokens["int8"] == tokens["auto"]
+    assert blocks["int8"] >= 3.5 * blocks["float32"]  # (32 + 4) bytes per head per token instead of 128
+    assert tokens["int8"] == tokens["float32"]
 
     # The profile records the int8 cache's bytes and capacity, which the planner's KV-limited batch reads.
     from pernode.measure.profile.profiler import run_profile

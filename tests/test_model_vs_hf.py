@@ -16,8 +16,9 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def llm(default_gguf_path):
-    # HF's reference runs the dequantized weights in fp32: so does this engine, whatever the CPU's defaults
-    return LLM(default_gguf_path, dtype="float32", gguf_weights="float", max_model_len=512, num_blocks=128)
+    # HF's reference runs the dequantized weights in fp32 with fp32 K/V: so does this engine, whatever the defaults
+    return LLM(default_gguf_path, dtype="float32", gguf_weights="float", kv_cache_dtype="float32", max_model_len=512,
+               num_blocks=128)
 
 
 def test_logprobs_match_hf_for_a_batch_of_prompts(llm, hf_reference_model):

@@ -23,6 +23,7 @@ def make_problem(
     block_size: int,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    kv_dtype: torch.dtype | None = None,  # the cache's, when it differs from the queries'
 ):
     """Random queries and a paged cache holding every position, on shuffled, non-contiguous blocks.
 
@@ -34,7 +35,7 @@ def make_problem(
     ids = torch.randperm(num_blocks, generator=g)
     max_blocks = max(blocks_per_seq) + 1
     block_tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
-    k_cache = torch.full((num_blocks, block_size, hkv, d), float("nan"), dtype=dtype)
+    k_cache = torch.full((num_blocks, block_size, hkv, d), float("nan"), dtype=kv_dtype or dtype)
     v_cache = torch.full_like(k_cache, float("nan"))
     used = 0
     slots, new_slots, qsl = [], [], [0]
@@ -107,6 +108,17 @@ def test_kernel_low_precision(kernel, dtype, hq, hkv, d):
     check(out, paged_attention_reference(query, k_cache, v_cache, meta, scale), dtype)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16], ids=["fp16-kv", "bf16-kv"])
+def test_kernel_fp32_queries_over_a_half_width_cache(kernel, kv_dtype):
+    # The engine's default cache under fp32 compute is float16: K/V are widened as read, the math stays fp32, so the
+    # kernel matches the reference (which widens the same stored values) to fp32 rounding.
+    query, k_cache, v_cache, meta, scale = make_problem(MIXED, 9, 3, 64, 16, seed=5, kv_dtype=kv_dtype)
+    assert query.dtype == torch.float32 and k_cache.dtype == kv_dtype
+    out = paged_attention_cpu(query, k_cache, v_cache, meta, scale)
+    assert out.dtype == torch.float32
+    check(out, paged_attention_reference(query, k_cache, v_cache, meta, scale), torch.float32)
+
+
 def test_kernel_block_boundaries_and_empty_sequences(kernel):
     # Every length around a block edge, one sequence with no new tokens this step, one that is all new.
     seqs = [(15, 1), (16, 1), (17, 1), (31, 2), (32, 16), (33, 1), (48, 48), (40, 0), (1, 1)]
@@ -139,18 +151,20 @@ def decode_alone(query, k_cache, v_cache, meta, scale, seq, j):
     return paged_attention_cpu(query[q0 + j:q0 + j + 1], k_cache, v_cache, one, scale)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype,kv_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                            (torch.float32, torch.float16)], ids=["fp32", "bf16", "fp32-fp16-kv"])
 @pytest.mark.parametrize("threads", [1, 8])
 @pytest.mark.parametrize("seqs,seq", [([(41, 5)], 0), ([(700, 4)], 0), ([(1500, 17)], 0), ([(1400, 2)], 0),
                                       ([(60, 1), (41, 5), (300, 200), (33, 3)], 1)],
                          ids=["short", "split-from-verify", "long-k16", "long-k1", "in-a-batch"])
-def test_kernel_verify_rows_equal_decodes_bit_for_bit(kernel, seqs, seq, threads, dtype):
+def test_kernel_verify_rows_equal_decodes_bit_for_bit(kernel, seqs, seq, threads, dtype, kv_dtype):
     # Speculative verification scores k + 1 queries of one sequence at once; each must come out exactly as the
     # decode at its position would, split kv included (fp32 output shows any other accumulation order).
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        query, k_cache, v_cache, meta, scale = make_problem(seqs, 9, 3, 64, 16, dtype=dtype, seed=13)
+        query, k_cache, v_cache, meta, scale = make_problem(seqs, 9, 3, 64, 16, dtype=dtype, seed=13,
+                                                            kv_dtype=kv_dtype)
         out = paged_attention_cpu(query, k_cache, v_cache, meta, scale)
         q0, q1 = meta.query_start_loc_cpu[seq], meta.query_start_loc_cpu[seq + 1]
         for j in range(q1 - q0):

@@ -41,16 +41,18 @@ def server(engine):
 @pytest.fixture(scope="module")
 def reference(engine):
     """Per-token log-probabilities from one direct forward of the engine's model over the whole sequence, in a KV
-    cache of its own (no scheduler, chunks, block pool or prefix cache); the model itself is held to
-    transformers in test_model_vs_hf."""
+    cache of its own in the engine's storage dtype (no scheduler, chunks, block pool or prefix cache); the model
+    itself is held to transformers in test_model_vs_hf."""
     model = engine.model
     c = model.config
+    kv_dtype = engine.runner.kv_caches[0][0].dtype
 
     def logprobs(ids: list[int]) -> list[float]:
         n, block = len(ids), 16
         tables = contiguous_block_tables(1, n, block)
         shape = (tables.numel(), block, c.num_key_value_heads, c.head_dim)
-        caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(c.num_hidden_layers)]
+        caches = [(torch.zeros(shape, dtype=kv_dtype), torch.zeros(shape, dtype=kv_dtype))
+                  for _ in range(c.num_hidden_layers)]
         meta = AttentionMetadata.build(tables, [0], [n], block)
         with torch.inference_mode():
             logits = model(torch.tensor(ids), torch.arange(n), caches, meta).float()

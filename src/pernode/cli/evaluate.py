@@ -7,7 +7,9 @@ import sys
 import torch
 
 from pernode.cli.options import add_gguf_weights_argument, add_model_argument
+from pernode.config import KV_CACHE_DTYPES
 from pernode.serve.engine.llm_engine import resolve_dtype
+from pernode.serve.kernels.kv_quant import resolve_kv_cache_dtype
 from pernode.serve.models.loader import load_model
 from pernode.shrink.evaluate.perplexity import DEFAULT_SEQ_LEN, QUICK_SEQ_LEN, evaluate_perplexity
 
@@ -24,8 +26,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--step-tokens", type=int, default=None,
                    help="feed each window N tokens per forward with its KV cache carried, as decode runs (the "
                         "int4 decode kernel quantizes x; default: one forward per window)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
-                   help="score through a quantized KV cache as served (int8: per-token scales; fp8: CUDA)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="score through the KV cache as served: auto (the engine's: float16 under float32 "
+                        "compute, else the compute dtype), float32, float16, bfloat16, int8 (per-token scales), "
+                        "fp8 (CUDA)")
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="compute dtype (default: the engine's, bfloat16 where the CPU computes it natively)")
@@ -43,7 +47,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     model, source = load_model(args.model, dtype=dtype, max_positions=seq_len, gguf_weights=gguf_weights)
     result = evaluate_perplexity(
         model, source.tokenizer, seq_len=seq_len, max_windows=max_windows, corpus=args.corpus,
-        step_tokens=args.step_tokens, kv_cache_dtype=args.kv_cache_dtype,
+        step_tokens=args.step_tokens, kv_cache_dtype=resolve_kv_cache_dtype(args.kv_cache_dtype, dtype),
         progress=lambda i, n, ppl: print(f"  window {i}/{n}: running ppl {ppl:.4f}", file=sys.stderr))
     weights = f", GGUF weights {gguf_weights}" if source.format == "gguf" else ""
     print(f"{source.config.name} in {str(dtype).removeprefix('torch.')}{weights}:")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from pernode.config import DEFAULT_MODEL, GGUF_WEIGHTS, EngineConfig
+from pernode.config import DEFAULT_MODEL, GGUF_WEIGHTS, KV_CACHE_DTYPES, EngineConfig
 from pernode.serve.sampling.params import SamplingParams
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -63,9 +63,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "CPUs too busy for a team; see docs/threads.md)")
     g.add_argument("--compile", action="store_true",
                    help="run the forward through torch.compile (compiles at start; cached between runs)")
-    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
-                   help="KV cache storage: auto (the model's dtype), int8 (per-token scales; ~3.8x the tokens of "
-                        "fp32), fp8 e4m3 (CUDA only)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="KV cache storage: auto (float16 under float32 compute, else the compute dtype), "
+                        "float32 / float16 / bfloat16 (whatever the compute dtype), int8 (per-token scales; ~3.8x "
+                        "the tokens of fp32), fp8 e4m3 (CUDA only)")
     g.add_argument("--speculative", default=None, metavar="SPEC",
                    help="speculative decoding: 'ngram,k=4' (prompt lookup; ngram_min=N, ngram_max=N) or "
                         "'draft=PATH,k=4' (a smaller model with the same tokenizer); add adaptive=false for a fixed k")

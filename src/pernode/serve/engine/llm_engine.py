@@ -26,7 +26,7 @@ from pernode.serve.engine.step_timer import decode_step_times_s, mixed_step_time
 from pernode.serve.engine.stop_checker import check_stop
 from pernode.serve.engine.structured_outputs import StructuredOutputManager
 from pernode.serve.kernels.cpu_features import computes_bf16_natively
-from pernode.serve.kernels.kv_quant import check_kv_cache_dtype, kv_bytes_per_token
+from pernode.serve.kernels.kv_quant import check_kv_cache_dtype, kv_bytes_per_token, resolve_kv_cache_dtype
 from pernode.serve.engine.threads import apply_thread_plan, plan_threads
 from pernode.serve.models.compiled import compile_model, warm_up
 from pernode.serve.models.loader import build_model
@@ -76,7 +76,7 @@ class LLMEngine:
         apply_thread_plan(self.thread_plan)
         self.dtype = resolve_dtype(config.dtype, self.device)
         check_kv_cache_dtype(config.kv_cache_dtype, self.device)
-        self.kv_cache_dtype = config.kv_cache_dtype
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
 
         source = resolve_model(config.model)
         self.model_config = source.config
@@ -92,14 +92,14 @@ class LLMEngine:
         self.load_time_s = time.perf_counter() - started
 
         self.block_size = config.block_size
-        self.kv_bytes_per_token = kv_bytes_per_token(self.model_config, self.dtype.itemsize, config.kv_cache_dtype)
+        self.kv_bytes_per_token = kv_bytes_per_token(self.model_config, self.dtype.itemsize, self.kv_cache_dtype)
         # the draft's own K/V (same blocks as the target's) comes out of the same budget
         self.draft_kv_bytes_per_token = draft_kv_bytes_per_token(config.speculative, self.dtype.itemsize)
         self.num_blocks = num_kv_blocks(config, self.kv_bytes_per_token + self.draft_kv_bytes_per_token, self.device)
         self.kv = KVCacheManager(self.num_blocks, self.block_size, config.enable_prefix_caching,
                                  config.prefix_cache_salt)
         self.runner = ModelRunner(self.model, self.num_blocks, self.block_size, self.device, self.dtype,
-                                  config.kv_cache_dtype)
+                                  self.kv_cache_dtype)
         self.compile_time_s = None
         if config.compile:
             compile_model(self.model, self.device)
