@@ -73,4 +73,4 @@ def test_float16_kv_perplexity_change_is_bounded(default_gguf_path):
     half = evaluate_perplexity(model, source.tokenizer, seq_len=256, max_windows=1, kv_cache_dtype="float16")
     assert half.num_tokens == full.num_tokens == 255
     assert half.perplexity != full.perplexity  # the cache really was float16
-    assert abs(half.perplexity / full.perplexity - 1) < 0.002
+    assert abs(half.perplexity / full.perplexity - 1) < 0.001  # measured -0.003%; over 16 x 2048 tokens -0.001%
