@@ -23,14 +23,22 @@ CPU_QUICK_SIZES = {"bandwidth_mib": 64, "mm_n": 512, "int8_n": 512}
 CUDA_SIZES = {"bandwidth_mib": 2048, "mm_n": 8192, "int8_n": 8192}
 
 
-def _time_best_s(fn: Callable[[], object], device, repeats: int, inner: int) -> float:
-    """Best (least) time of one call to `fn`, over `repeats` timings of `inner` back-to-back calls each."""
+# Timing stops repeating past this many seconds: a format without fast units here (int8 without VNNI or AMX: torch's
+# _int_mm ran 1.6 GFLOP/s, ~5 s a call) is no peak, and three more calls of it cost the profile a minute.
+TIMING_BUDGET_S = 2.0
+
+
+def _time_best_s(fn: Callable[[], object], device, repeats: int, inner: int) -> tuple[float, int]:
+    """Best (least) time of one call to `fn`, over up to `repeats` timings of `inner` back-to-back calls each (fewer,
+    at least one, once TIMING_BUDGET_S has passed); and how many timings that took."""
+    started = time.perf_counter()
     fn()  # warm-up: allocation, kernel selection, page faults
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
-    best = math.inf
-    for _ in range(repeats):
+    best, timings = math.inf, 0
+    while timings < repeats and (timings == 0 or time.perf_counter() - started < TIMING_BUDGET_S):
+        timings += 1
         if cuda:
             # Events time the GPU's own work, not the host's launch overhead.
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -46,14 +54,14 @@ def _time_best_s(fn: Callable[[], object], device, repeats: int, inner: int) -> 
                 fn()
             t = time.perf_counter() - t0
         best = min(best, t / inner)
-    return best
+    return best, timings
 
 
 def measure_bandwidth_gbs(device, size_mib: int, repeats: int = 5, inner: int = 1) -> tuple[float, str]:
     """Read bandwidth of a full-tensor sum: every byte read once, the result is one number."""
     x = torch.ones(size_mib * 2**20 // 4, dtype=torch.float32, device=device)
-    t = _time_best_s(lambda: x.sum(), device, repeats, inner)
-    return x.numel() * 4 / t / 1e9, f"torch.sum over a {size_mib} MiB float32 tensor, best of {repeats}"
+    t, timings = _time_best_s(lambda: x.sum(), device, repeats, inner)
+    return x.numel() * 4 / t / 1e9, f"torch.sum over a {size_mib} MiB float32 tensor, best of {timings}"
 
 
 def measure_matmul_flops(device, dtype_name: str, n: int, repeats: int = 3, inner: int = 1) -> tuple[float, str]:
@@ -75,8 +83,8 @@ def measure_matmul_flops(device, dtype_name: str, n: int, repeats: int = 3, inne
         fn, kernel = (lambda: torch.mm(a, b)), f"torch.mm {dtype_name}, {n}x{n}x{n}"
         if dtype_name == "fp32" and device.type == "cuda":
             kernel += " (TF32 " + ("on" if torch.backends.cuda.matmul.allow_tf32 else "off") + ")"
-    t = _time_best_s(fn, device, repeats, inner)
-    return 2.0 * n**3 / t, f"{kernel}, best of {repeats}"
+    t, timings = _time_best_s(fn, device, repeats, inner)
+    return 2.0 * n**3 / t, f"{kernel}, best of {timings}"
 
 
 def _cpu_name() -> str:
