@@ -29,7 +29,8 @@ def test_generate_streams_the_continuation(tiny_dir):
                 "--max-model-len", "256", "--dtype", "float32")  # fp32: the default is bf16 on bf16-capable CPUs
     assert r.returncode == 0, r.stderr
     assert expected.strip() and expected.strip() in r.stdout
-    assert "KV cache: 512 bytes/token" in r.stderr  # K and V: 2 layers x 2 kv heads x 16 dims x 4 bytes x 2
+    # K and V: 2 layers x 2 kv heads x 16 dims x 2 bytes (float16, the cache under fp32 compute) x 2
+    assert "KV cache: 256 bytes/token (float16)" in r.stderr
     assert "64 blocks" in r.stderr
 
 
