@@ -72,7 +72,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     num_threads: int | None = None  # CPU threads for torch; default: chosen at start (serve/engine/threads.py)
     compile: bool = False  # run the forward through torch.compile (serve/models/compiled.py)
-    kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES: int8/fp8 store K/V quantized with per-token scales
+    kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES: floats as named; int8/fp8 with per-token scales
     # speculative decoding: a SpeculativeConfig, its dict, or the CLI text ("ngram,k=4", "draft=PATH,k=4")
     speculative: SpeculativeConfig | None = None
 

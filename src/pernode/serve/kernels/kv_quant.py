@@ -1,4 +1,5 @@
-"""A quantized paged KV cache: int8 (any device) or fp8 e4m3 (CUDA) K/V, each with one fp32 scale per token per kv head.
+"""The paged KV cache's storage: a float dtype (`auto`: float16 under fp32 compute, else the compute dtype), or
+quantized: int8 (any device) or fp8 e4m3 (CUDA) K/V, each with one fp32 scale per token per kv head.
 
 Quantized KV caches as in FlexGen (Sheng et al., arXiv 2303.06865) and KVQuant (Hooper et al., arXiv 2401.18079);
 absmax scales per vector as in LLM.int8() (Dettmers et al., arXiv 2208.07339).
@@ -79,8 +80,8 @@ def kv_bytes_per_token(config: ModelConfig, float_bytes: int, kv_cache_dtype: st
 
 def allocate_kv_cache(shape: tuple[int, int, int, int], kv_cache_dtype: str, float_dtype: torch.dtype,
                       device: torch.device) -> torch.Tensor | QuantizedKV:
-    """A zeroed cache of [num_blocks, block_size, num_kv_heads, head_dim]: a float tensor (the model's dtype, or
-    float16/bfloat16), or a QuantizedKV."""
+    """A zeroed cache of [num_blocks, block_size, num_kv_heads, head_dim]: a float tensor (`float_dtype` for auto,
+    here unresolved; or the float type named), or a QuantizedKV."""
     check_kv_cache_dtype(kv_cache_dtype)
     if kv_cache_dtype == "auto" or kv_cache_dtype in FLOAT_STORAGE:
         return torch.zeros(shape, dtype=FLOAT_STORAGE.get(kv_cache_dtype, float_dtype), device=device)
