@@ -64,7 +64,9 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str, compute_dtype: torch.dtype) -> s
     check_kv_cache_dtype(kv_cache_dtype)
     if kv_cache_dtype != "auto":
         return kv_cache_dtype
-    return {torch.float32: "float16", torch.bfloat16: "bfloat16", torch.float16: "float16"}[compute_dtype]
+    if compute_dtype == torch.float32:
+        return "float16"
+    return next(name for name, dtype in FLOAT_STORAGE.items() if dtype == compute_dtype)
 
 
 def kv_bytes_per_token(config: ModelConfig, float_bytes: int, kv_cache_dtype: str = "auto") -> int:
