@@ -1,12 +1,21 @@
 #pragma once
-// The int4 GEMV with int8 x on CPUs with AVX2 but not AVX-512 VNNI: the VNNI GEMV's arithmetic (quant_linear.h),
-// with its vpdpbusd (four u8 x s8 products summed into an int32 lane) done as vpmaddubsw + vpmaddwd, and each
-// 64-byte chunk of weights taken as two halves of 8 lanes. Like llama.cpp's AVX2 Q4 x Q8 dot products, it multiplies
-// 32 weights per instruction pair instead of unpacking, converting and FMA-ing each weight as the float-x GEMV does.
+// The int4 GEMV with int8 x on CPUs with AVX2 but not AVX-512 VNNI. Like llama.cpp's AVX2 Q4 x Q8 dot products it
+// multiplies 32 nibbles by 32 int8 x per vpmaddubsw instead of unpacking, converting and FMA-ing each weight as the
+// float-x GEMV does, and it streams the weights 64 values (8 words, two 32-value blocks) at a time:
 //
-// int4 only: a nibble (<= 15) times an int8 (|q| <= 127), summed in pairs, stays inside vpmaddubsw's int16
-// (2 * 15 * 127 = 3810); int8 weights made unsigned (w + 128 <= 255) would saturate it, and keep float x anyway.
-// The integer dot products are exact, so rows differ from the VNNI GEMV's only by the fp32 order of the lane sums.
+//   y[m, n] = sum_h  cvt(dot_h) . (sx_h * sw_h)          8 lanes, one FMA per 64 weights
+//           + sum_g  coef[n, g] * xsum[m, g]             the zero-point / nibble-offset term, once per row
+//
+// where dot_h holds, per 32-bit lane, the integer dot of one word's 8 nibbles with x's 8 int8 values, sx_h and sw_h
+// the x-block and weight-group scales of each lane, xsum[m, g] the sum of group g's dequantized x and coef the
+// stored zero term (or -8 * scale without one). The lo- and hi-nibble products are added in int16
+// (2 * 2 * 15 * 127 = 7620 fits) before one vpmaddwd widens them. Up to 4 weight rows share each x load, with
+// independent accumulators, so the loop keeps several FMA chains in flight; each (x row, weight row) accumulator
+// sees the same operations in the same order whatever the rows beside it, so a row's result does not depend on
+// how many rows share its call.
+//
+// int4 only: int8 weights made unsigned (w + 128 <= 255) would saturate vpmaddubsw's int16, and keep float x.
+// The integer dot products are exact; rows differ from the VNNI GEMV's only by the order of fp32 additions.
 
 #include "int8_input.h"
 
@@ -16,6 +25,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "horizontal_sum.h"
 
@@ -23,87 +33,170 @@ namespace pernode {
 namespace quant {
 namespace {
 
+inline int64_t round_up8(int64_t n) { return (n + 7) / 8 * 8; }
+
+inline __m256 load8_qparams(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8_qparams(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 inline float qparam_to_float(float v) { return v; }
 inline float qparam_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
-// The groups a chunk's 128 values fall in (at most 5: groups hold a multiple of 32 values), their qparams (fp32, or
-// fp16 bits as stored) in the low lanes of one register; lanes then pick theirs with one permute.
-inline __m256 load8_qparams(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8_qparams(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
-
+// A weight row's G group qparams as fp32 in dst[0, round_up8(G)), zero past G. The last 8 are one load where the
+// buffer holds 8 values from there (`overread`: the rows after this one), else a scalar loop.
 template <typename S>
-inline __m256 chunk_qparams(const S* row, const ChunkGroups& cg, int64_t c, int64_t G) {
-  const int64_t first = cg.first[c];
-  if (first + 8 <= G) return load8_qparams(row + first);  // one load (and conversion) for all of them
-  alignas(32) float window[8] = {};  // the row's last groups: never read past its end
-  for (int64_t i = 0; i < std::min<int64_t>(G - first, 5); ++i) window[i] = qparam_to_float(row[first + i]);
-  return _mm256_load_ps(window);
+inline void qparams_to_float(const S* src, float* dst, int64_t G, bool overread) {
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) _mm256_storeu_ps(dst + g, load8_qparams(src + g));
+  if (g == G) return;
+  if (overread) {
+    const __m256i real = _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(G - g)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    _mm256_storeu_ps(dst + g, _mm256_and_ps(load8_qparams(src + g), _mm256_castsi256_ps(real)));
+    return;
+  }
+  for (int64_t t = 0; t < 8; ++t) dst[g + t] = g + t < G ? qparam_to_float(src[g + t]) : 0.f;
+}
+
+// What a call shares across its weight rows: x's per-block scales and per-group sums, zero-padded to 8.
+struct Int4Int8xPlan {
+  int64_t blocks, blocks_padded, groups_padded;
+  std::vector<float> xscale;  // [M][blocks_padded]: each 32-value block's x scale
+  std::vector<float> xsum;    // [M][groups_padded]: sum of the dequantized x of each weight group
+};
+
+inline Int4Int8xPlan plan_int4_int8x(const QuantizedInput& qi, int64_t M, int64_t K, int64_t G) {
+  const int64_t gs = K / G;
+  Int4Int8xPlan p;
+  p.blocks = K / 32, p.blocks_padded = round_up8(p.blocks), p.groups_padded = round_up8(G);
+  p.xscale.assign(M * p.blocks_padded, 0.f);
+  p.xsum.assign(M * p.groups_padded, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < p.blocks; ++b)  // lane_scale repeats each block's scale over its 4 lanes
+      p.xscale[m * p.blocks_padded + b] = qi.lane_scale[m * qi.row_lanes + 4 * b];
+    for (int64_t k = 0; k < K; k += 8)  // lane_sum holds each 8-value lane's sum
+      p.xsum[m * p.groups_padded + k / gs] += qi.lane_sum[m * qi.row_lanes + k / 8];
+  }
+  return p;
+}
+
+#define PERNODE_UNROLL _Pragma("GCC unroll 8")
+
+// One 64-value step of NR weight rows against MB x rows: the rows' nibbles unpacked once, each x load shared by
+// the NR rows. A step whose second block is past the row's end (K % 64 == 32) reads 4 words.
+template <int MB, int NR, bool HALF>
+inline void int4_int8x_step(const int32_t* const* wr, const int8_t* const* xr, const float* cs, int64_t B,
+                            __m256 (&acc)[MB][NR]) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256i xlo[MB], xhi[MB];
+  PERNODE_UNROLL
+  for (int m = 0; m < MB; ++m) {
+    xlo[m] = _mm256_loadu_si256((const __m256i*)xr[m]);
+    xhi[m] = _mm256_loadu_si256((const __m256i*)(xr[m] + 64));
+  }
+  PERNODE_UNROLL
+  for (int r = 0; r < NR; ++r) {
+    const __m256i v = HALF ? _mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)wr[r]))
+                           : _mm256_loadu_si256((const __m256i*)wr[r]);
+    const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+    PERNODE_UNROLL
+    for (int m = 0; m < MB; ++m) {
+      const float* c = cs + (m * NR + r) * B;  // this step's two blocks
+      const __m256 scale = _mm256_permutevar_ps(_mm256_castpd_ps(_mm256_broadcast_sd((const double*)c)), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+      const __m256i d16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo[m]), _mm256_maddubs_epi16(hi, xhi[m]));
+      acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d16, ones)), scale, acc[m][r]);
+    }
+  }
+}
+
+// NR weight rows from n against MB x rows from m0. sw and coef hold NR rows of round_up8(G) floats, cs MB * NR
+// rows of round_up8(K / 32).
+template <int MB, int NR, typename S>
+void gemv_int4_int8x_avx2_block(const QuantizedInput& qi, const Int4Int8xPlan& p, int64_t m0, const int32_t* w,
+                                const S* scale, const S* bias, int64_t K, int64_t G, int64_t N, float* y, int64_t ldy,
+                                int64_t n, float* sw, float* coef, float* cs) {
+  const int64_t words = K / 8, gs = K / G, Gp = p.groups_padded, Bp = p.blocks_padded;
+  PERNODE_UNROLL
+  for (int r = 0; r < NR; ++r) {
+    const bool overread = (n + r) * G + Gp <= N * G;
+    qparams_to_float(scale + (n + r) * G, sw + r * Gp, G, overread);
+    if (bias) {
+      qparams_to_float(bias + (n + r) * G, coef + r * Gp, G, overread);
+    } else {  // no zero point: the nibbles' offset, -8 * scale
+      for (int64_t g = 0; g < Gp; g += 8)
+        _mm256_storeu_ps(coef + r * Gp + g, _mm256_mul_ps(_mm256_set1_ps(-8.f), _mm256_loadu_ps(sw + r * Gp + g)));
+    }
+  }
+  // cs[m][r][b]: the product of x row m's and weight row r's scales for block b
+  PERNODE_UNROLL
+  for (int m = 0; m < MB; ++m)
+    PERNODE_UNROLL
+    for (int r = 0; r < NR; ++r) {
+      const float* xs = p.xscale.data() + (m0 + m) * Bp;
+      float* c = cs + (m * NR + r) * Bp;
+      if (gs == 32) {
+        for (int64_t b = 0; b < Bp; b += 8)
+          _mm256_storeu_ps(c + b, _mm256_mul_ps(_mm256_loadu_ps(sw + r * Gp + b), _mm256_loadu_ps(xs + b)));
+      } else {
+        for (int64_t b = 0; b < Bp; ++b) c[b] = sw[r * Gp + b * 32 / gs] * xs[b];  // pad: xs is 0
+      }
+    }
+  const int32_t* wr[NR];
+  const int8_t* xr[MB];
+  __m256 acc[MB][NR];
+  PERNODE_UNROLL
+  for (int r = 0; r < NR; ++r) wr[r] = w + (n + r) * words;
+  PERNODE_UNROLL
+  for (int m = 0; m < MB; ++m) {
+    xr[m] = qi.bytes.data() + (m0 + m) * qi.row_bytes;
+    PERNODE_UNROLL
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+  }
+  const int64_t full = K / 64;  // whole 64-value steps; x's layout alternates them: low half, high half of a chunk
+  for (int64_t h = 0; h < full; ++h) {
+    int4_int8x_step<MB, NR, false>(wr, xr, cs + 2 * h, Bp, acc);
+    PERNODE_UNROLL
+    for (int r = 0; r < NR; ++r) wr[r] += 8;
+    PERNODE_UNROLL
+    for (int m = 0; m < MB; ++m) xr[m] += h % 2 ? 96 : 32;
+  }
+  if (K % 64) int4_int8x_step<MB, NR, true>(wr, xr, cs + 2 * full, Bp, acc);
+  PERNODE_UNROLL
+  for (int m = 0; m < MB; ++m)
+    PERNODE_UNROLL
+    for (int r = 0; r < NR; ++r) {  // + sum_g coef[g] * xsum[g], in the same lanes before the one horizontal sum
+      const float* xsum = p.xsum.data() + (m0 + m) * Gp;
+      __m256 total = acc[m][r];
+      for (int64_t g = 0; g < Gp; g += 8)
+        total = _mm256_fmadd_ps(_mm256_loadu_ps(coef + r * Gp + g), _mm256_loadu_ps(xsum + g), total);
+      y[(m0 + m) * ldy + n + r] = simd::hsum256(total);
+    }
 }
 
 template <int MB, typename S>
-void gemv_int4_int8x_avx2_rows(const QuantizedInput& qi, int64_t m0, const int32_t* w, const S* scale,
-                               const S* bias, const ChunkGroups& cg, int64_t K, int64_t G, float* y, int64_t ldy,
+void gemv_int4_int8x_avx2_rows(const QuantizedInput& qi, const Int4Int8xPlan& p, int64_t m0, const int32_t* w,
+                               const S* scale, const S* bias, int64_t K, int64_t G, int64_t N, float* y,
                                int64_t n0, int64_t n1) {
-  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  const __m256i lane_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const int64_t words = K / 8;  // per weight row
-  for (int64_t n = n0; n < n1; ++n) {
-    const int32_t* wr = w + n * words;
-    const S* sr = scale + n * G;
-    const S* br = bias ? bias + n * G : nullptr;
-    __m256 tot[MB];
-    for (int m = 0; m < MB; ++m) tot[m] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < qi.chunks; ++c) {
-      const __m256 sw_chunk = chunk_qparams(sr, cg, c, G);
-      const __m256 zt_chunk = br ? chunk_qparams(br, cg, c, G) : _mm256_setzero_ps();
-      for (int half = 0; half < 2; ++half) {
-        const int64_t lane0 = c * 16 + 8 * half, real = std::min<int64_t>(8, words - lane0);
-        if (real <= 0) break;
-        const __m256i v = real == 8 ? _mm256_loadu_si256((const __m256i*)(wr + lane0))
-                                    : _mm256_maskload_epi32(wr + lane0, _mm256_cmpgt_epi32(
-                                          _mm256_set1_epi32(int32_t(real)), lane_index));
-        const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi32(v, 4), nibble);
-        const __m256i group = _mm256_loadu_si256((const __m256i*)(cg.lane_group.data() + lane0));  // < 5
-        const __m256 sw = _mm256_permutevar8x32_ps(sw_chunk, group);
-        const __m256 zt = br ? _mm256_permutevar8x32_ps(zt_chunk, group) : _mm256_setzero_ps();
-        for (int m = 0; m < MB; ++m) {
-          const int64_t row = m0 + m;
-          const int8_t* xc = qi.bytes.data() + row * qi.row_bytes + c * 128 + 32 * half;  // low plane, then high
-          const __m256i d = _mm256_add_epi32(
-              _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)xc)), ones),
-              _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(xc + 64))), ones));
-          const int64_t at = row * qi.row_lanes + lane0;
-          if (!br) {  // no zero point: sw * (sx * dot - 8 * sum(x)), as the VNNI GEMV
-            const __m256 part = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_loadu_ps(qi.lane_scale.data() + at),
-                                                _mm256_loadu_ps(qi.lane_offset.data() + at));
-            tot[m] = _mm256_fmadd_ps(sw, part, tot[m]);
-          } else {
-            const __m256 s = _mm256_mul_ps(sw, _mm256_loadu_ps(qi.lane_scale.data() + at));
-            tot[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, tot[m]);
-            tot[m] = _mm256_fmadd_ps(zt, _mm256_loadu_ps(qi.lane_sum.data() + at), tot[m]);
-          }
-        }
-      }
-    }
-    for (int m = 0; m < MB; ++m) y[(m0 + m) * ldy + n] = simd::hsum256(tot[m]);
-  }
+  constexpr int NR = MB <= 2 ? 4 : MB <= 4 ? 2 : 1;  // accumulators: MB * NR <= 8 of the 16 registers
+  std::vector<float> sw(NR * p.groups_padded), coef(NR * p.groups_padded), cs(MB * NR * p.blocks_padded);
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR)
+    gemv_int4_int8x_avx2_block<MB, NR>(qi, p, m0, w, scale, bias, K, G, N, y, N, n, sw.data(), coef.data(), cs.data());
+  for (; n < n1; ++n)
+    gemv_int4_int8x_avx2_block<MB, 1>(qi, p, m0, w, scale, bias, K, G, N, y, N, n, sw.data(), coef.data(), cs.data());
 }
 
 // Output rows [n0, n1) for all M rows of x, up to 8 rows per pass over the weights.
 template <typename S>
-void gemv_int4_int8x_avx2(const QuantizedInput& qi, int64_t M, int64_t K, const int32_t* w, const S* scale,
-                          const S* bias, const ChunkGroups& cg, int64_t G, float* y, int64_t N, int64_t n0,
-                          int64_t n1) {
+void gemv_int4_int8x_avx2(const QuantizedInput& qi, const Int4Int8xPlan& p, int64_t M, int64_t K, const int32_t* w,
+                          const S* scale, const S* bias, int64_t G, float* y, int64_t N, int64_t n0, int64_t n1) {
   for (int64_t m0 = 0; m0 < M; m0 += 8) {
     switch (std::min<int64_t>(8, M - m0)) {
-      case 1: gemv_int4_int8x_avx2_rows<1>(qi, m0, w, scale, bias, cg, K, G, y, N, n0, n1); break;
-      case 2: gemv_int4_int8x_avx2_rows<2>(qi, m0, w, scale, bias, cg, K, G, y, N, n0, n1); break;
-      case 3: gemv_int4_int8x_avx2_rows<3>(qi, m0, w, scale, bias, cg, K, G, y, N, n0, n1); break;
-      case 4: gemv_int4_int8x_avx2_rows<4>(qi, m0, w, scale, bias, cg, K, G, y, N, n0, n1); break;
-      case 5: gemv_int4_int8x_avx2_rows<5>(qi, m0, w, scale, bias, cg, K, G, y, N, n0, n1); break;
-      case 6: gemv_int4_int8x_avx2_rows<6>(qi, m0, w, scale, bias, cg, K, G, y, N, n0, n1); break;
-      case 7: gemv_int4_int8x_avx2_rows<7>(qi, m0, w, scale, bias, cg, K, G, y, N, n0, n1); break;
-      default: gemv_int4_int8x_avx2_rows<8>(qi, m0, w, scale, bias, cg, K, G, y, N, n0, n1); break;
+      case 1: gemv_int4_int8x_avx2_rows<1>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
+      case 2: gemv_int4_int8x_avx2_rows<2>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
+      case 3: gemv_int4_int8x_avx2_rows<3>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
+      case 4: gemv_int4_int8x_avx2_rows<4>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
+      case 5: gemv_int4_int8x_avx2_rows<5>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
+      case 6: gemv_int4_int8x_avx2_rows<6>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
+      case 7: gemv_int4_int8x_avx2_rows<7>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
+      default: gemv_int4_int8x_avx2_rows<8>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
     }
   }
 }

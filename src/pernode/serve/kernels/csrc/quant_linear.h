@@ -301,6 +301,9 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
   FloatInput fi;
   QuantizedInput qi;
   std::unique_ptr<ChunkGroups> cg;
+#if defined(PERNODE_AVX2_INT8X)
+  Int4Int8xPlan plan;
+#endif
   if (!quantize_input) {
     fi = prepare_float_input(xptr, M, K, bits, G, gs, bp != nullptr || bits == 4);
     rows = [&](int64_t n0, int64_t n1) { gemv_float(fi, M, K, bits, w, sp, bp, G, gs, yp, N, n0, n1); };
@@ -318,14 +321,14 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
 #else
 #if defined(PERNODE_AVX2_INT8X)
     if (bits == 4) {  // int4 x int8 with vpmaddubsw + vpmaddwd (gemv_int4_int8x_avx2.h)
-      cg = std::make_unique<ChunkGroups>(K / 8, 8, G, gs);
+      plan = plan_int4_int8x(qi, M, K, G);
       const int32_t* wp = w.data_ptr<int32_t>();
       if (half_qparams) {
         const auto* sh = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
         const auto* bh = bias.defined() ? reinterpret_cast<const uint16_t*>(bias.data_ptr<at::Half>()) : nullptr;
-        rows = [&, wp, sh, bh](int64_t n0, int64_t n1) { gemv_int4_int8x_avx2(qi, M, K, wp, sh, bh, *cg, G, yp, N, n0, n1); };
+        rows = [&, wp, sh, bh](int64_t n0, int64_t n1) { gemv_int4_int8x_avx2(qi, plan, M, K, wp, sh, bh, G, yp, N, n0, n1); };
       } else {
-        rows = [&, wp](int64_t n0, int64_t n1) { gemv_int4_int8x_avx2(qi, M, K, wp, sp, bp, *cg, G, yp, N, n0, n1); };
+        rows = [&, wp](int64_t n0, int64_t n1) { gemv_int4_int8x_avx2(qi, plan, M, K, wp, sp, bp, G, yp, N, n0, n1); };
       }
     } else
 #endif
