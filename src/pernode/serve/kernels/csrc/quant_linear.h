@@ -43,7 +43,7 @@
 #include "dequant_tiles.h"  // tiled_matmul, tiled_gemm: GEMMs over dequantised weight tiles
 #include "gemv_float_rows.h"
 #include "int8_input.h"
-#include "gemv_int4_int8x_avx2.h"
+#include "gemv_int8x_avx2.h"
 
 namespace pernode {
 namespace quant {
@@ -265,9 +265,6 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
   // fp16 qparams (see load_qparams) go to the int8-x GEMV as stored; every other path reads fp32
   const bool half_qparams = quantize_input && scale_in.scalar_type() == at::kHalf &&
                             (!has_bias || bias_in->scalar_type() == at::kHalf)
-#if !defined(PERNODE_VNNI)
-                            && bits == 4  // the AVX2 int8-x GEMV is int4's only
-#endif
       ;
 #else
   const bool half_qparams = false;
@@ -302,7 +299,7 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
   QuantizedInput qi;
   std::unique_ptr<ChunkGroups> cg;
 #if defined(PERNODE_AVX2_INT8X)
-  Int4Int8xPlan plan;
+  Int8xPlan plan;
 #endif
   if (!quantize_input) {
     fi = prepare_float_input(xptr, M, K, bits, G, gs, bp != nullptr || bits == 4);
@@ -320,22 +317,23 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
     }
 #else
 #if defined(PERNODE_AVX2_INT8X)
-    if (bits == 4) {  // int4 x int8 with vpmaddubsw + vpmaddwd (gemv_int4_int8x_avx2.h)
-      plan = plan_int4_int8x(qi, M, K, G);
-      const int32_t* wp = w.data_ptr<int32_t>();
+    {  // int4 or int8 weights x int8 with vpmaddubsw + vpmaddwd (gemv_int8x_avx2.h)
+      plan = plan_int8x(qi, M, K, G, bits);
+      const void* wp = w.data_ptr();
       if (half_qparams) {
         const auto* sh = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
         const auto* bh = bias.defined() ? reinterpret_cast<const uint16_t*>(bias.data_ptr<at::Half>()) : nullptr;
-        rows = [&, wp, sh, bh](int64_t n0, int64_t n1) { gemv_int4_int8x_avx2(qi, plan, M, K, wp, sh, bh, G, yp, N, n0, n1); };
+        rows = [&, wp, sh, bh](int64_t n0, int64_t n1) { gemv_int8x_avx2(qi, plan, bits, M, K, wp, sh, bh, G, yp, N, n0, n1); };
       } else {
-        rows = [&, wp](int64_t n0, int64_t n1) { gemv_int4_int8x_avx2(qi, plan, M, K, wp, sp, bp, G, yp, N, n0, n1); };
+        rows = [&, wp](int64_t n0, int64_t n1) { gemv_int8x_avx2(qi, plan, bits, M, K, wp, sp, bp, G, yp, N, n0, n1); };
       }
-    } else
-#endif
+    }
+#else
     {  // the float GEMV on the dequantized int8 x gives the same numbers, slower
       fi = prepare_float_input(qi.dequantized.data(), M, K, bits, G, gs, bp != nullptr || bits == 4);
       rows = [&](int64_t n0, int64_t n1) { gemv_float(fi, M, K, bits, w, sp, bp, G, gs, yp, N, n0, n1); };
     }
+#endif
 #endif
   }
   // num_threads == 1 runs on the caller's thread: on an oversubscribed CPU a fork-join per layer waits for the

@@ -1,32 +1,34 @@
 #pragma once
-// The int4 GEMV with int8 x on CPUs with AVX2 but not AVX-512 VNNI. Like llama.cpp's AVX2 Q4 x Q8 dot products it
-// multiplies 32 nibbles by 32 int8 x per vpmaddubsw instead of unpacking, converting and FMA-ing each weight as the
-// float-x GEMV does, and it streams the weights 64 values (8 words, two 32-value blocks) at a time:
+// The int8-x GEMVs on CPUs with AVX2 but not AVX-512 VNNI, for int4 and int8 weights. Like llama.cpp's AVX2
+// Q4 x Q8 and Q8 x Q8 dot products they multiply 32 weights by 32 int8 x per vpmaddubsw instead of unpacking,
+// converting and FMA-ing each weight as the float-x GEMV does:
 //
-//   y[m, n] = sum_h  cvt(dot_h) . (sx_h * sw_h)          8 lanes, one FMA per 64 weights
+//   y[m, n] = sum_b  cvt(dot_b) . (sx_b * sw_b)          8 lanes, one FMA per 64 (int4) or 32 (int8) weights
 //           + sum_g  coef[n, g] * xsum[m, g]             the zero-point / nibble-offset term, once per row
 //
-// where dot_h holds, per 32-bit lane, the integer dot of one word's 8 nibbles with x's 8 int8 values, sx_h and sw_h
-// the x-block and weight-group scales of each lane, xsum[m, g] the sum of group g's dequantized x and coef the
-// stored zero term (or -8 * scale without one). The lo- and hi-nibble products are added in int16
-// (2 * 2 * 15 * 127 = 7620 fits) before one vpmaddwd widens them. Up to 4 weight rows share each x load, with
-// independent accumulators, so the loop keeps several FMA chains in flight; each (x row, weight row) accumulator
-// sees the same operations in the same order whatever the rows beside it, so a row's result does not depend on
-// how many rows share its call.
-//
-// int4 only: int8 weights made unsigned (w + 128 <= 255) would saturate vpmaddubsw's int16, and keep float x.
-// The integer dot products are exact; rows differ from the VNNI GEMV's only by the order of fp32 additions.
+// where dot_b holds, per 32-bit lane, the integer dot of a few weights with x's int8 values, sx_b and sw_b the
+// x-block and weight-group scales of each lane, xsum[m, g] the sum of group g's dequantized x and coef the stored
+// zero term (for int4 without one, the nibbles' offset, -8 * scale). vpmaddubsw multiplies u8 by s8:
+//  * int4: the nibble (<= 15) is the unsigned side; the lo- and hi-nibble products are added in int16
+//    (2 * 2 * 15 * 127 = 7620 fits) before one vpmaddwd widens them.
+//  * int8: |w| is the unsigned side and x takes w's sign (vpsignb); |w| <= 128 and |x| <= 127 keep each pair's sum
+//    (2 * 128 * 127 = 32512) inside int16, for every int8 weight.
+// Up to 4 weight rows share each x load, with independent accumulators, so the loop keeps several FMA chains in
+// flight; each (x row, weight row) accumulator sees the same operations in the same order whatever the rows beside
+// it, so a row's result does not depend on how many rows share its call. The integer dot products are exact; rows
+// differ from the VNNI GEMV's only by the order of fp32 additions.
 
 #include "int8_input.h"
 
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define PERNODE_AVX2_INT8X 1
+#define PERNODE_AVX2_INT8X 1  // the int8-x GEMV for int4 and int8 weights
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
+#include "gemv_float_rows.h"  // kPrefetchBytes
 #include "horizontal_sum.h"
 
 namespace pernode {
@@ -56,23 +58,23 @@ inline void qparams_to_float(const S* src, float* dst, int64_t G, bool overread)
 }
 
 // What a call shares across its weight rows: x's per-block scales and per-group sums, zero-padded to 8.
-struct Int4Int8xPlan {
+struct Int8xPlan {
   int64_t blocks, blocks_padded, groups_padded;
   std::vector<float> xscale;  // [M][blocks_padded]: each 32-value block's x scale
   std::vector<float> xsum;    // [M][groups_padded]: sum of the dequantized x of each weight group
 };
 
-inline Int4Int8xPlan plan_int4_int8x(const QuantizedInput& qi, int64_t M, int64_t K, int64_t G) {
-  const int64_t gs = K / G;
-  Int4Int8xPlan p;
+inline Int8xPlan plan_int8x(const QuantizedInput& qi, int64_t M, int64_t K, int64_t G, int64_t bits) {
+  const int64_t gs = K / G, lane_values = bits == 4 ? 8 : 4;
+  Int8xPlan p;
   p.blocks = K / 32, p.blocks_padded = round_up8(p.blocks), p.groups_padded = round_up8(G);
   p.xscale.assign(M * p.blocks_padded, 0.f);
   p.xsum.assign(M * p.groups_padded, 0.f);
   for (int64_t m = 0; m < M; ++m) {
-    for (int64_t b = 0; b < p.blocks; ++b)  // lane_scale repeats each block's scale over its 4 lanes
-      p.xscale[m * p.blocks_padded + b] = qi.lane_scale[m * qi.row_lanes + 4 * b];
-    for (int64_t k = 0; k < K; k += 8)  // lane_sum holds each 8-value lane's sum
-      p.xsum[m * p.groups_padded + k / gs] += qi.lane_sum[m * qi.row_lanes + k / 8];
+    for (int64_t b = 0; b < p.blocks; ++b)  // lane_scale repeats each block's scale over its lanes
+      p.xscale[m * p.blocks_padded + b] = qi.lane_scale[m * qi.row_lanes + 32 * b / lane_values];
+    for (int64_t k = 0; k < K; k += lane_values)  // lane_sum holds each lane's sum
+      p.xsum[m * p.groups_padded + k / gs] += qi.lane_sum[m * qi.row_lanes + k / lane_values];
   }
   return p;
 }
@@ -93,6 +95,7 @@ inline void int4_int8x_step(const int32_t* const* wr, const int8_t* const* xr, c
   }
   PERNODE_UNROLL
   for (int r = 0; r < NR; ++r) {
+    _mm_prefetch((const char*)wr[r] + kPrefetchBytes, _MM_HINT_T0);  // one thread's demand loads leave DRAM idle
     const __m256i v = HALF ? _mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)wr[r]))
                            : _mm256_loadu_si256((const __m256i*)wr[r]);
     const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
@@ -106,20 +109,42 @@ inline void int4_int8x_step(const int32_t* const* wr, const int8_t* const* xr, c
   }
 }
 
+// One 32-value step (one block) of NR int8 weight rows against MB x rows.
+template <int MB, int NR>
+inline void int8_int8x_step(const int8_t* const* wr, const int8_t* const* xr, const float* cs, int64_t B,
+                            __m256 (&acc)[MB][NR]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i x[MB];
+  PERNODE_UNROLL
+  for (int m = 0; m < MB; ++m) x[m] = _mm256_loadu_si256((const __m256i*)xr[m]);
+  PERNODE_UNROLL
+  for (int r = 0; r < NR; ++r) {
+    _mm_prefetch((const char*)wr[r] + kPrefetchBytes, _MM_HINT_T0);
+    const __m256i v = _mm256_loadu_si256((const __m256i*)wr[r]), magnitude = _mm256_abs_epi8(v);
+    PERNODE_UNROLL
+    for (int m = 0; m < MB; ++m) {
+      const __m256i d16 = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x[m], v));
+      acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d16, ones)),
+                                  _mm256_broadcast_ss(cs + (m * NR + r) * B), acc[m][r]);
+    }
+  }
+}
+
 // NR weight rows from n against MB x rows from m0. sw and coef hold NR rows of round_up8(G) floats, cs MB * NR
 // rows of round_up8(K / 32).
-template <int MB, int NR, typename S>
-void gemv_int4_int8x_avx2_block(const QuantizedInput& qi, const Int4Int8xPlan& p, int64_t m0, const int32_t* w,
+template <int MB, int NR, int BITS, typename S>
+void gemv_int8x_avx2_block(const QuantizedInput& qi, const Int8xPlan& p, int64_t m0, const void* w,
                                 const S* scale, const S* bias, int64_t K, int64_t G, int64_t N, float* y, int64_t ldy,
                                 int64_t n, float* sw, float* coef, float* cs) {
-  const int64_t words = K / 8, gs = K / G, Gp = p.groups_padded, Bp = p.blocks_padded;
+  const int64_t gs = K / G, Gp = p.groups_padded, Bp = p.blocks_padded;
+  const bool group_term = bias || BITS == 4;
   PERNODE_UNROLL
   for (int r = 0; r < NR; ++r) {
     const bool overread = (n + r) * G + Gp <= N * G;
     qparams_to_float(scale + (n + r) * G, sw + r * Gp, G, overread);
     if (bias) {
       qparams_to_float(bias + (n + r) * G, coef + r * Gp, G, overread);
-    } else {  // no zero point: the nibbles' offset, -8 * scale
+    } else if (BITS == 4) {  // no zero point: the nibbles' offset, -8 * scale
       for (int64_t g = 0; g < Gp; g += 8)
         _mm256_storeu_ps(coef + r * Gp + g, _mm256_mul_ps(_mm256_set1_ps(-8.f), _mm256_loadu_ps(sw + r * Gp + g)));
     }
@@ -138,67 +163,89 @@ void gemv_int4_int8x_avx2_block(const QuantizedInput& qi, const Int4Int8xPlan& p
         for (int64_t b = 0; b < Bp; ++b) c[b] = sw[r * Gp + b * 32 / gs] * xs[b];  // pad: xs is 0
       }
     }
-  const int32_t* wr[NR];
   const int8_t* xr[MB];
   __m256 acc[MB][NR];
-  PERNODE_UNROLL
-  for (int r = 0; r < NR; ++r) wr[r] = w + (n + r) * words;
   PERNODE_UNROLL
   for (int m = 0; m < MB; ++m) {
     xr[m] = qi.bytes.data() + (m0 + m) * qi.row_bytes;
     PERNODE_UNROLL
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
   }
-  const int64_t full = K / 64;  // whole 64-value steps; x's layout alternates them: low half, high half of a chunk
-  for (int64_t h = 0; h < full; ++h) {
-    int4_int8x_step<MB, NR, false>(wr, xr, cs + 2 * h, Bp, acc);
+  if (BITS == 4) {
+    const int32_t* wr[NR];
     PERNODE_UNROLL
-    for (int r = 0; r < NR; ++r) wr[r] += 8;
+    for (int r = 0; r < NR; ++r) wr[r] = static_cast<const int32_t*>(w) + (n + r) * (K / 8);
+    const int64_t full = K / 64;  // whole 64-value steps; x's layout alternates them: low half, high half of a chunk
+    for (int64_t h = 0; h < full; ++h) {
+      int4_int8x_step<MB, NR, false>(wr, xr, cs + 2 * h, Bp, acc);
+      PERNODE_UNROLL
+      for (int r = 0; r < NR; ++r) wr[r] += 8;
+      PERNODE_UNROLL
+      for (int m = 0; m < MB; ++m) xr[m] += h % 2 ? 96 : 32;
+    }
+    if (K % 64) int4_int8x_step<MB, NR, true>(wr, xr, cs + 2 * full, Bp, acc);
+  } else {
+    const int8_t* wr[NR];
     PERNODE_UNROLL
-    for (int m = 0; m < MB; ++m) xr[m] += h % 2 ? 96 : 32;
+    for (int r = 0; r < NR; ++r) wr[r] = static_cast<const int8_t*>(w) + (n + r) * K;
+    for (int64_t b = 0; b < K / 32; ++b) {  // x's int8 layout is in order
+      int8_int8x_step<MB, NR>(wr, xr, cs + b, Bp, acc);
+      PERNODE_UNROLL
+      for (int r = 0; r < NR; ++r) wr[r] += 32;
+      PERNODE_UNROLL
+      for (int m = 0; m < MB; ++m) xr[m] += 32;
+    }
   }
-  if (K % 64) int4_int8x_step<MB, NR, true>(wr, xr, cs + 2 * full, Bp, acc);
   PERNODE_UNROLL
   for (int m = 0; m < MB; ++m)
     PERNODE_UNROLL
     for (int r = 0; r < NR; ++r) {  // + sum_g coef[g] * xsum[g], in the same lanes before the one horizontal sum
       const float* xsum = p.xsum.data() + (m0 + m) * Gp;
       __m256 total = acc[m][r];
-      for (int64_t g = 0; g < Gp; g += 8)
+      for (int64_t g = 0; group_term && g < Gp; g += 8)
         total = _mm256_fmadd_ps(_mm256_loadu_ps(coef + r * Gp + g), _mm256_loadu_ps(xsum + g), total);
       y[(m0 + m) * ldy + n + r] = simd::hsum256(total);
     }
 }
 
-template <int MB, typename S>
-void gemv_int4_int8x_avx2_rows(const QuantizedInput& qi, const Int4Int8xPlan& p, int64_t m0, const int32_t* w,
+template <int MB, int BITS, typename S>
+void gemv_int8x_avx2_rows(const QuantizedInput& qi, const Int8xPlan& p, int64_t m0, const void* w,
                                const S* scale, const S* bias, int64_t K, int64_t G, int64_t N, float* y,
                                int64_t n0, int64_t n1) {
   constexpr int NR = MB <= 2 ? 4 : MB <= 4 ? 2 : 1;  // accumulators: MB * NR <= 8 of the 16 registers
   std::vector<float> sw(NR * p.groups_padded), coef(NR * p.groups_padded), cs(MB * NR * p.blocks_padded);
   int64_t n = n0;
   for (; n + NR <= n1; n += NR)
-    gemv_int4_int8x_avx2_block<MB, NR>(qi, p, m0, w, scale, bias, K, G, N, y, N, n, sw.data(), coef.data(), cs.data());
+    gemv_int8x_avx2_block<MB, NR, BITS>(qi, p, m0, w, scale, bias, K, G, N, y, N, n, sw.data(), coef.data(), cs.data());
   for (; n < n1; ++n)
-    gemv_int4_int8x_avx2_block<MB, 1>(qi, p, m0, w, scale, bias, K, G, N, y, N, n, sw.data(), coef.data(), cs.data());
+    gemv_int8x_avx2_block<MB, 1, BITS>(qi, p, m0, w, scale, bias, K, G, N, y, N, n, sw.data(), coef.data(), cs.data());
 }
 
 // Output rows [n0, n1) for all M rows of x, up to 8 rows per pass over the weights.
-template <typename S>
-void gemv_int4_int8x_avx2(const QuantizedInput& qi, const Int4Int8xPlan& p, int64_t M, int64_t K, const int32_t* w,
+template <int BITS, typename S>
+void gemv_int8x_avx2_bits(const QuantizedInput& qi, const Int8xPlan& p, int64_t M, int64_t K, const void* w,
                           const S* scale, const S* bias, int64_t G, float* y, int64_t N, int64_t n0, int64_t n1) {
   for (int64_t m0 = 0; m0 < M; m0 += 8) {
     switch (std::min<int64_t>(8, M - m0)) {
-      case 1: gemv_int4_int8x_avx2_rows<1>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
-      case 2: gemv_int4_int8x_avx2_rows<2>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
-      case 3: gemv_int4_int8x_avx2_rows<3>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
-      case 4: gemv_int4_int8x_avx2_rows<4>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
-      case 5: gemv_int4_int8x_avx2_rows<5>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
-      case 6: gemv_int4_int8x_avx2_rows<6>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
-      case 7: gemv_int4_int8x_avx2_rows<7>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
-      default: gemv_int4_int8x_avx2_rows<8>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
+      case 1: gemv_int8x_avx2_rows<1, BITS>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
+      case 2: gemv_int8x_avx2_rows<2, BITS>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
+      case 3: gemv_int8x_avx2_rows<3, BITS>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
+      case 4: gemv_int8x_avx2_rows<4, BITS>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
+      case 5: gemv_int8x_avx2_rows<5, BITS>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
+      case 6: gemv_int8x_avx2_rows<6, BITS>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
+      case 7: gemv_int8x_avx2_rows<7, BITS>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
+      default: gemv_int8x_avx2_rows<8, BITS>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
     }
   }
+}
+
+template <typename S>
+void gemv_int8x_avx2(const QuantizedInput& qi, const Int8xPlan& p, int64_t bits, int64_t M, int64_t K, const void* w,
+                     const S* scale, const S* bias, int64_t G, float* y, int64_t N, int64_t n0, int64_t n1) {
+  if (bits == 4)
+    gemv_int8x_avx2_bits<4>(qi, p, M, K, w, scale, bias, G, y, N, n0, n1);
+  else
+    gemv_int8x_avx2_bits<8>(qi, p, M, K, w, scale, bias, G, y, N, n0, n1);
 }
 
 }  // namespace
