@@ -34,7 +34,7 @@ def computes_bf16_natively() -> bool:
 
 
 # What the int4 GEMV multiplies int8 x with, the kernels being built with -march=native: AVX-512 VNNI
-# (csrc/quant_linear.h PERNODE_VNNI), or, on a CPU without AVX-512, AVX2's vpmaddubsw (csrc/gemv_int4_int8x_avx2.h)
+# (csrc/quant_linear.h PERNODE_VNNI), or, on a CPU without AVX-512, AVX2's vpmaddubsw (csrc/gemv_int8x_avx2.h)
 VNNI_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 AVX2_INT8_FLAGS = ("avx2", "fma", "f16c")
 

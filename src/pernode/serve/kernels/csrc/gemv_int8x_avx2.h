@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "gemv_float_rows.h"  // kPrefetchBytes
@@ -79,7 +80,57 @@ inline Int8xPlan plan_int8x(const QuantizedInput& qi, int64_t M, int64_t K, int6
   return p;
 }
 
+// x quantized to int16 per 32-value block (q = rint(x * 32767 / amax)) for int8 weights, in order, with the plan's
+// block scales and (float) group sums: ~1e-5 of a block's largest |x| where int8 x errs by ~4e-3, which is enough
+// to flip the default model's near-tie first tokens on its Q8_0 lm_head.
+struct Int16Input {
+  std::vector<int16_t> values;  // [M][K]
+  Int8xPlan plan;
+};
+
+inline Int16Input quantize_input_int16(const float* x, int64_t M, int64_t K, int64_t G) {
+  const int64_t gs = K / G;
+  Int16Input xi;
+  Int8xPlan& p = xi.plan;
+  p.blocks = K / 32, p.blocks_padded = round_up8(p.blocks), p.groups_padded = round_up8(G);
+  p.xscale.assign(M * p.blocks_padded, 0.f);
+  p.xsum.assign(M * p.groups_padded, 0.f);
+  xi.values.resize(M * K);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < p.blocks; ++b) {
+      const float* xb = x + m * K + 32 * b;
+      __m256 v[4], mag = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+      for (int j = 0; j < 4; ++j) {
+        v[j] = _mm256_loadu_ps(xb + 8 * j);
+        mag = _mm256_max_ps(mag, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v[j]));
+        sum = _mm256_add_ps(sum, v[j]);
+      }
+      __m128 h = _mm_max_ps(_mm256_castps256_ps128(mag), _mm256_extractf128_ps(mag, 1));
+      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+      const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+      const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+      __m256i q[4];
+      for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], _mm256_set1_ps(inv)));
+      int16_t* dst = xi.values.data() + m * K + 32 * b;  // packs interleave 4-value pieces across halves: undone
+      _mm256_storeu_si256((__m256i*)dst, _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8));
+      _mm256_storeu_si256((__m256i*)(dst + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8));
+      p.xscale[m * p.blocks_padded + b] = amax / 32767.f;
+      p.xsum[m * p.groups_padded + 32 * b / gs] += simd::hsum256(sum);
+    }
+  }
+  return xi;
+}
+
 #define PERNODE_UNROLL _Pragma("GCC unroll 8")
+
+// Where a call's x rows are: int8 (QuantizedInput's layout) or int16 (Int16Input, in order).
+struct XRows {
+  const void* data;
+  int64_t row_bytes;
+};
+
+// The weight and x operands a block multiplies: int4 or int8 weights with int8 x, or int8 weights with int16 x.
+enum Operands { kInt4Int8x = 4, kInt8Int8x = 8, kInt8Int16x = 16 };
 
 // One 64-value step of NR weight rows against MB x rows: the rows' nibbles unpacked once, each x load shared by
 // the NR rows. A step whose second block is past the row's end (K % 64 == 32) reads 4 words.
@@ -130,12 +181,37 @@ inline void int8_int8x_step(const int8_t* const* wr, const int8_t* const* xr, co
   }
 }
 
+// One 32-value step (one block) of NR int8 weight rows against MB int16 x rows: the weights widened to int16,
+// vpmaddwd sums pairs of products in int32 (|sum| <= 4 * 128 * 32767 per lane, exact in fp32 too).
+template <int MB, int NR>
+inline void int8_int16x_step(const int8_t* const* wr, const int16_t* const* xr, const float* cs, int64_t B,
+                             __m256 (&acc)[MB][NR]) {
+  __m256i x0[MB], x1[MB];
+  PERNODE_UNROLL
+  for (int m = 0; m < MB; ++m) {
+    x0[m] = _mm256_loadu_si256((const __m256i*)xr[m]);
+    x1[m] = _mm256_loadu_si256((const __m256i*)(xr[m] + 16));
+  }
+  PERNODE_UNROLL
+  for (int r = 0; r < NR; ++r) {
+    _mm_prefetch((const char*)wr[r] + kPrefetchBytes, _MM_HINT_T0);
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)wr[r]));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wr[r] + 16)));
+    PERNODE_UNROLL
+    for (int m = 0; m < MB; ++m) {
+      const __m256i d = _mm256_add_epi32(_mm256_madd_epi16(w0, x0[m]), _mm256_madd_epi16(w1, x1[m]));
+      acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_broadcast_ss(cs + (m * NR + r) * B), acc[m][r]);
+    }
+  }
+}
+
 // NR weight rows from n against MB x rows from m0. sw and coef hold NR rows of round_up8(G) floats, cs MB * NR
 // rows of round_up8(K / 32).
-template <int MB, int NR, int BITS, typename S>
-void gemv_int8x_avx2_block(const QuantizedInput& qi, const Int8xPlan& p, int64_t m0, const void* w,
+template <int MB, int NR, int OPS, typename S>
+void gemv_int8x_avx2_block(const XRows& x, const Int8xPlan& p, int64_t m0, const void* w,
                                 const S* scale, const S* bias, int64_t K, int64_t G, int64_t N, float* y, int64_t ldy,
                                 int64_t n, float* sw, float* coef, float* cs) {
+  constexpr int BITS = OPS == kInt4Int8x ? 4 : 8;
   const int64_t gs = K / G, Gp = p.groups_padded, Bp = p.blocks_padded;
   const bool group_term = bias || BITS == 4;
   PERNODE_UNROLL
@@ -163,15 +239,16 @@ void gemv_int8x_avx2_block(const QuantizedInput& qi, const Int8xPlan& p, int64_t
         for (int64_t b = 0; b < Bp; ++b) c[b] = sw[r * Gp + b * 32 / gs] * xs[b];  // pad: xs is 0
       }
     }
-  const int8_t* xr[MB];
+  using XValue = std::conditional_t<OPS == kInt8Int16x, int16_t, int8_t>;
+  const XValue* xr[MB];
   __m256 acc[MB][NR];
   PERNODE_UNROLL
   for (int m = 0; m < MB; ++m) {
-    xr[m] = qi.bytes.data() + (m0 + m) * qi.row_bytes;
+    xr[m] = reinterpret_cast<const XValue*>(static_cast<const char*>(x.data) + (m0 + m) * x.row_bytes);
     PERNODE_UNROLL
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
   }
-  if (BITS == 4) {
+  if constexpr (OPS == kInt4Int8x) {
     const int32_t* wr[NR];
     PERNODE_UNROLL
     for (int r = 0; r < NR; ++r) wr[r] = static_cast<const int32_t*>(w) + (n + r) * (K / 8);
@@ -188,8 +265,11 @@ void gemv_int8x_avx2_block(const QuantizedInput& qi, const Int8xPlan& p, int64_t
     const int8_t* wr[NR];
     PERNODE_UNROLL
     for (int r = 0; r < NR; ++r) wr[r] = static_cast<const int8_t*>(w) + (n + r) * K;
-    for (int64_t b = 0; b < K / 32; ++b) {  // x's int8 layout is in order
-      int8_int8x_step<MB, NR>(wr, xr, cs + b, Bp, acc);
+    for (int64_t b = 0; b < K / 32; ++b) {  // x's int8 and int16 layouts are in order
+      if constexpr (OPS == kInt8Int16x)
+        int8_int16x_step<MB, NR>(wr, xr, cs + b, Bp, acc);
+      else
+        int8_int8x_step<MB, NR>(wr, xr, cs + b, Bp, acc);
       PERNODE_UNROLL
       for (int r = 0; r < NR; ++r) wr[r] += 32;
       PERNODE_UNROLL
@@ -208,33 +288,33 @@ void gemv_int8x_avx2_block(const QuantizedInput& qi, const Int8xPlan& p, int64_t
     }
 }
 
-template <int MB, int BITS, typename S>
-void gemv_int8x_avx2_rows(const QuantizedInput& qi, const Int8xPlan& p, int64_t m0, const void* w,
+template <int MB, int OPS, typename S>
+void gemv_int8x_avx2_rows(const XRows& x, const Int8xPlan& p, int64_t m0, const void* w,
                                const S* scale, const S* bias, int64_t K, int64_t G, int64_t N, float* y,
                                int64_t n0, int64_t n1) {
   constexpr int NR = MB <= 2 ? 4 : MB <= 4 ? 2 : 1;  // accumulators: MB * NR <= 8 of the 16 registers
   std::vector<float> sw(NR * p.groups_padded), coef(NR * p.groups_padded), cs(MB * NR * p.blocks_padded);
   int64_t n = n0;
   for (; n + NR <= n1; n += NR)
-    gemv_int8x_avx2_block<MB, NR, BITS>(qi, p, m0, w, scale, bias, K, G, N, y, N, n, sw.data(), coef.data(), cs.data());
+    gemv_int8x_avx2_block<MB, NR, OPS>(x, p, m0, w, scale, bias, K, G, N, y, N, n, sw.data(), coef.data(), cs.data());
   for (; n < n1; ++n)
-    gemv_int8x_avx2_block<MB, 1, BITS>(qi, p, m0, w, scale, bias, K, G, N, y, N, n, sw.data(), coef.data(), cs.data());
+    gemv_int8x_avx2_block<MB, 1, OPS>(x, p, m0, w, scale, bias, K, G, N, y, N, n, sw.data(), coef.data(), cs.data());
 }
 
 // Output rows [n0, n1) for all M rows of x, up to 8 rows per pass over the weights.
-template <int BITS, typename S>
-void gemv_int8x_avx2_bits(const QuantizedInput& qi, const Int8xPlan& p, int64_t M, int64_t K, const void* w,
+template <int OPS, typename S>
+void gemv_int8x_avx2_ops(const XRows& x, const Int8xPlan& p, int64_t M, int64_t K, const void* w,
                           const S* scale, const S* bias, int64_t G, float* y, int64_t N, int64_t n0, int64_t n1) {
   for (int64_t m0 = 0; m0 < M; m0 += 8) {
     switch (std::min<int64_t>(8, M - m0)) {
-      case 1: gemv_int8x_avx2_rows<1, BITS>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
-      case 2: gemv_int8x_avx2_rows<2, BITS>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
-      case 3: gemv_int8x_avx2_rows<3, BITS>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
-      case 4: gemv_int8x_avx2_rows<4, BITS>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
-      case 5: gemv_int8x_avx2_rows<5, BITS>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
-      case 6: gemv_int8x_avx2_rows<6, BITS>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
-      case 7: gemv_int8x_avx2_rows<7, BITS>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
-      default: gemv_int8x_avx2_rows<8, BITS>(qi, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
+      case 1: gemv_int8x_avx2_rows<1, OPS>(x, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
+      case 2: gemv_int8x_avx2_rows<2, OPS>(x, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
+      case 3: gemv_int8x_avx2_rows<3, OPS>(x, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
+      case 4: gemv_int8x_avx2_rows<4, OPS>(x, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
+      case 5: gemv_int8x_avx2_rows<5, OPS>(x, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
+      case 6: gemv_int8x_avx2_rows<6, OPS>(x, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
+      case 7: gemv_int8x_avx2_rows<7, OPS>(x, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
+      default: gemv_int8x_avx2_rows<8, OPS>(x, p, m0, w, scale, bias, K, G, N, y, n0, n1); break;
     }
   }
 }
@@ -242,10 +322,20 @@ void gemv_int8x_avx2_bits(const QuantizedInput& qi, const Int8xPlan& p, int64_t 
 template <typename S>
 void gemv_int8x_avx2(const QuantizedInput& qi, const Int8xPlan& p, int64_t bits, int64_t M, int64_t K, const void* w,
                      const S* scale, const S* bias, int64_t G, float* y, int64_t N, int64_t n0, int64_t n1) {
+  const XRows x{qi.bytes.data(), qi.row_bytes};
   if (bits == 4)
-    gemv_int8x_avx2_bits<4>(qi, p, M, K, w, scale, bias, G, y, N, n0, n1);
+    gemv_int8x_avx2_ops<kInt4Int8x>(x, p, M, K, w, scale, bias, G, y, N, n0, n1);
   else
-    gemv_int8x_avx2_bits<8>(qi, p, M, K, w, scale, bias, G, y, N, n0, n1);
+    gemv_int8x_avx2_ops<kInt8Int8x>(x, p, M, K, w, scale, bias, G, y, N, n0, n1);
+}
+
+// int8 weights with int16 x (int16_input.h): the float-x GEMV's numbers to ~1e-5 of each block's largest |x|, with
+// vpmaddwd instead of converting every weight to fp32.
+template <typename S>
+void gemv_int8_int16x_avx2(const Int16Input& xi, int64_t M, int64_t K, const int8_t* w, const S* scale,
+                           const S* bias, int64_t G, float* y, int64_t N, int64_t n0, int64_t n1) {
+  gemv_int8x_avx2_ops<kInt8Int16x>(XRows{xi.values.data(), K * int64_t(sizeof(int16_t))}, xi.plan, M, K, w, scale,
+                                   bias, G, y, N, n0, n1);
 }
 
 }  // namespace

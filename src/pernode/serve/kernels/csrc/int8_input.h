@@ -2,7 +2,7 @@
 // x quantized to int8 per 32-value block (q = rint(x * 127 / amax), as llama.cpp feeds its Q4 kernels Q8
 // activations), laid out for the int8-x GEMVs' 64-byte weight chunks, with per-lane scales, sums and offset terms;
 // and each chunk's weight groups. Shared by the VNNI GEMV (quant_linear.h), its AVX2 counterpart
-// (gemv_int4_int8x_avx2.h) and the int4 panel kernel (int4_panel_gemm.h).
+// (gemv_int8x_avx2.h) and the int4 panel kernel (int4_panel_gemm.h).
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
