@@ -157,25 +157,23 @@ def test_gemv_row_does_not_depend_on_the_rows_beside_it(monkeypatch, scheme, dty
         assert torch.equal(layer(x[:m]), alone[:m]), m
 
 
-@pytest.mark.parametrize("flags,rows,int8_weights_opted_in", [
-    ({"avx512f", "avx512bw", "avx512_vnni", "avx2", "fma", "f16c"}, NEVER, 0),  # VNNI: every int4 GEMV call
-    # AVX2: decode-sized calls, not short prompts' prefill; int8 weights only when asked (vpmaddubsw + vpsignb)
-    ({"avx2", "fma", "f16c"}, FLOAT_GEMV_MAX_ROWS, NEVER),
-    ({"avx512f", "avx512bw", "avx2", "fma", "f16c"}, 0, 0),  # no integer path built: int8 x would be floats again
-    (set(), 0, 0),
+@pytest.mark.parametrize("flags,rows", [
+    ({"avx512f", "avx512bw", "avx512_vnni", "avx2", "fma", "f16c"}, NEVER),  # VNNI: every GEMV call
+    ({"avx2", "fma", "f16c"}, FLOAT_GEMV_MAX_ROWS),  # AVX2: decode-sized calls, not short prompts' prefill
+    ({"avx512f", "avx512bw", "avx2", "fma", "f16c"}, 0),  # no integer path built: int8 x would be floats again
+    (set(), 0),
 ])
-def test_which_calls_quantize_x_by_default(monkeypatch, flags, rows, int8_weights_opted_in):
+def test_which_calls_quantize_x_by_default(monkeypatch, flags, rows):
     from pernode.serve.kernels import cpu_features
     from pernode.serve.kernels.quant_linear import int8_input_max_rows
 
     monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset(flags))
     monkeypatch.delenv("PERNODE_QUANT_INPUT")
     assert int8_input_max_rows(4, 576, 32) == rows
-    assert int8_input_max_rows(8, 576, 32) == 0  # int8 weights keep float x: the Q8_0 lm_head's near-ties
+    assert int8_input_max_rows(8, 576, 32) == 0  # int8 weights keep float x
     assert int8_input_max_rows(4, 560, None) == 0  # 560 is not a whole number of 32-value blocks
     monkeypatch.setenv("PERNODE_QUANT_INPUT", "int8")
-    assert int8_input_max_rows(4, 576, 32) == NEVER
-    assert int8_input_max_rows(8, 576, 32) == int8_weights_opted_in
+    assert int8_input_max_rows(4, 576, 32) == NEVER and int8_input_max_rows(8, 576, 32) == 0
     monkeypatch.setenv("PERNODE_QUANT_INPUT", "float")
     assert int8_input_max_rows(4, 576, 32) == 0
 

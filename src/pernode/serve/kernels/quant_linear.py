@@ -73,30 +73,25 @@ def quantize_input_blocks(x: torch.Tensor, block: int = ACT_BLOCK) -> torch.Tens
 
 
 def int8_input_max_rows(num_bits: int, in_features: int, group_size: int | None) -> int:
-    """Up to how many rows a call's x is quantized to int8 before the weight-only GEMV (0: never; NEVER: every call
-    below the GEMM crossover). Integer products keep the GEMV bandwidth-bound where unpack + convert + FMA would make
-    it compute-bound (int4: 6 vs 9.5 GB/s with AVX-512 VNNI, 1 thread).
-    - int4 on VNNI CPUs, or PERNODE_QUANT_INPUT=int8: every GEMV call.
+    """Up to how many rows a call's x is quantized to int8 before the int4 GEMV (0: never; NEVER: every call below
+    the GEMM crossover). Integer products keep the int4 GEMV bandwidth-bound where unpack + convert + FMA would make
+    it compute-bound (6 vs 9.5 GB/s with AVX-512 VNNI, 1 thread).
+    - VNNI CPUs, or PERNODE_QUANT_INPUT=int8: every GEMV call.
     - AVX2 CPUs (vpmaddubsw): decode-sized calls only, the rows the float-x op would run as a GEMV too
       (FLOAT_GEMV_MAX_ROWS); beyond them x stays float, but for the fused stack's decode steps
-      (QuantLinear.decode_int8_max_rows). Prefilling a short chat prompt with int8 activations flips the default
-      model's answer to the README's question (tests/test_int4_panel_gemm.py).
-    - int8 weights keep float x unless PERNODE_QUANT_INPUT=int8 asks for it where AVX2 multiplies them as integers
-      (vpmaddubsw + vpsignb). For the packaged Q8_0 lm_head that GEMV is 1.8x the float-x one here (1 thread,
-      49152 x 576) at +0.08% perplexity and 98.1% top-1 agreement on held-out text, but int8 x there flips the
-      README chat question's first token, a near-tie ('The' -1.88, 'L' -1.97 nats), to 'L'. With AVX-512 their
-      float-x GEMV already streams at memory speed.
-    - CPUs without an integer path: never; int8 x would only be dequantized again."""
+      (QuantLinear.decode_int8_max_rows). Batch-1 TPOT is 15 ms against 17-20 with float x, but
+      that GEMV beats the GEMM up to 30-40 rows, and prefilling a short chat prompt with int8 activations flips the
+      default model's answer to the README's question (tests/test_int4_panel_gemm.py).
+    - Elsewhere, and for int8 weights: never; int8 x would only be dequantized again. With AVX-512 their float-x
+      GEMV already streams faster than memory; on AVX2 it takes x as int16 per 32 values (csrc/gemv_int8x_avx2.h),
+      which is as fast as int8 x there and keeps the Q8_0 lm_head's near-tie first tokens as fp32 picks them."""
     setting = envs.quant_input()
     blocks_fit = in_features % ACT_BLOCK == 0 and (group_size or in_features) % ACT_BLOCK == 0
-    if num_bits not in (4, 8) or setting is QuantInput.FLOAT or not blocks_fit:
+    if num_bits != 4 or setting is QuantInput.FLOAT or not blocks_fit:
         return 0
-    avx2_integer_path = multiplies_int8_natively() and not has_vnni()
-    if num_bits == 8:
-        return NEVER if setting is QuantInput.INT8 and avx2_integer_path else 0
     if setting is QuantInput.INT8 or has_vnni():
         return NEVER
-    return FLOAT_GEMV_MAX_ROWS if avx2_integer_path else 0
+    return FLOAT_GEMV_MAX_ROWS if multiplies_int8_natively() else 0
 
 
 def dequantize_layer_weight(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,

@@ -1,27 +1,27 @@
 #pragma once
-// The int8-x GEMVs on CPUs with AVX2 but not AVX-512 VNNI, for int4 and int8 weights. Like llama.cpp's AVX2
-// Q4 x Q8 and Q8 x Q8 dot products they multiply 32 weights by 32 int8 x per vpmaddubsw instead of unpacking,
-// converting and FMA-ing each weight as the float-x GEMV does:
+// Integer GEMVs on CPUs with AVX2 but not AVX-512 VNNI, in place of unpacking, converting and FMA-ing each weight:
+//  * int4 weights x int8 x (the decode default): like llama.cpp's AVX2 Q4 x Q8 dot products, vpmaddubsw multiplies
+//    32 nibbles (the unsigned side, <= 15) by 32 int8 x; the lo- and hi-nibble products are added in int16
+//    (2 * 2 * 15 * 127 = 7620 fits) before one vpmaddwd widens them: one FMA per 64 weights.
+//  * int8 weights x int16 x (what "float x" means for int8 weights here, e.g. the Q8_0 lm_head): the weights widened
+//    to int16 and multiplied by vpmaddwd, one FMA per 32 weights; x per 32 values to ~1e-5 of the block's largest
+//    |x|, where int8 x would flip the default model's near-tie first tokens.
+// Both compute
 //
-//   y[m, n] = sum_b  cvt(dot_b) . (sx_b * sw_b)          8 lanes, one FMA per 64 (int4) or 32 (int8) weights
+//   y[m, n] = sum_b  cvt(dot_b) . (sx_b * sw_b)          8 lanes, the integer dot of each 32-value block
 //           + sum_g  coef[n, g] * xsum[m, g]             the zero-point / nibble-offset term, once per row
 //
-// where dot_b holds, per 32-bit lane, the integer dot of a few weights with x's int8 values, sx_b and sw_b the
-// x-block and weight-group scales of each lane, xsum[m, g] the sum of group g's dequantized x and coef the stored
-// zero term (for int4 without one, the nibbles' offset, -8 * scale). vpmaddubsw multiplies u8 by s8:
-//  * int4: the nibble (<= 15) is the unsigned side; the lo- and hi-nibble products are added in int16
-//    (2 * 2 * 15 * 127 = 7620 fits) before one vpmaddwd widens them.
-//  * int8: |w| is the unsigned side and x takes w's sign (vpsignb); |w| <= 128 and |x| <= 127 keep each pair's sum
-//    (2 * 128 * 127 = 32512) inside int16, for every int8 weight.
-// Up to 4 weight rows share each x load, with independent accumulators, so the loop keeps several FMA chains in
-// flight; each (x row, weight row) accumulator sees the same operations in the same order whatever the rows beside
-// it, so a row's result does not depend on how many rows share its call. The integer dot products are exact; rows
-// differ from the VNNI GEMV's only by the order of fp32 additions.
+// with sx_b and sw_b the x-block and weight-group scales, xsum[m, g] the sum of group g's x and coef the stored zero
+// term (for int4 without one, the nibbles' offset, -8 * scale). Up to 4 weight rows share each x load, with
+// independent accumulators, so the loop keeps several FMA chains in flight; each (x row, weight row) accumulator sees
+// the same operations in the same order whatever the rows beside it, so a row's result does not depend on how many
+// rows share its call. The integer dot products are exact; int4 rows differ from the VNNI GEMV's only by the order of
+// fp32 additions.
 
 #include "int8_input.h"
 
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define PERNODE_AVX2_INT8X 1  // the int8-x GEMV for int4 and int8 weights
+#define PERNODE_AVX2_INT8X 1
 #include <immintrin.h>
 
 #include <algorithm>
@@ -65,16 +65,16 @@ struct Int8xPlan {
   std::vector<float> xsum;    // [M][groups_padded]: sum of the dequantized x of each weight group
 };
 
-inline Int8xPlan plan_int8x(const QuantizedInput& qi, int64_t M, int64_t K, int64_t G, int64_t bits) {
-  const int64_t gs = K / G, lane_values = bits == 4 ? 8 : 4;
+inline Int8xPlan plan_int4_int8x(const QuantizedInput& qi, int64_t M, int64_t K, int64_t G) {
+  const int64_t gs = K / G, lane_values = 8;
   Int8xPlan p;
   p.blocks = K / 32, p.blocks_padded = round_up8(p.blocks), p.groups_padded = round_up8(G);
   p.xscale.assign(M * p.blocks_padded, 0.f);
   p.xsum.assign(M * p.groups_padded, 0.f);
   for (int64_t m = 0; m < M; ++m) {
-    for (int64_t b = 0; b < p.blocks; ++b)  // lane_scale repeats each block's scale over its lanes
+    for (int64_t b = 0; b < p.blocks; ++b)  // lane_scale repeats each block's scale over its 4 lanes
       p.xscale[m * p.blocks_padded + b] = qi.lane_scale[m * qi.row_lanes + 32 * b / lane_values];
-    for (int64_t k = 0; k < K; k += lane_values)  // lane_sum holds each lane's sum
+    for (int64_t k = 0; k < K; k += lane_values)  // lane_sum holds each 8-value lane's sum
       p.xsum[m * p.groups_padded + k / gs] += qi.lane_sum[m * qi.row_lanes + k / lane_values];
   }
   return p;
@@ -129,8 +129,8 @@ struct XRows {
   int64_t row_bytes;
 };
 
-// The weight and x operands a block multiplies: int4 or int8 weights with int8 x, or int8 weights with int16 x.
-enum Operands { kInt4Int8x = 4, kInt8Int8x = 8, kInt8Int16x = 16 };
+// The weight and x operands a block multiplies: int4 weights with int8 x, or int8 weights with int16 x.
+enum Operands { kInt4Int8x = 4, kInt8Int16x = 16 };
 
 // One 64-value step of NR weight rows against MB x rows: the rows' nibbles unpacked once, each x load shared by
 // the NR rows. A step whose second block is past the row's end (K % 64 == 32) reads 4 words.
@@ -156,27 +156,6 @@ inline void int4_int8x_step(const int32_t* const* wr, const int8_t* const* xr, c
       const __m256 scale = _mm256_permutevar_ps(_mm256_castpd_ps(_mm256_broadcast_sd((const double*)c)), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
       const __m256i d16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo[m]), _mm256_maddubs_epi16(hi, xhi[m]));
       acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d16, ones)), scale, acc[m][r]);
-    }
-  }
-}
-
-// One 32-value step (one block) of NR int8 weight rows against MB x rows.
-template <int MB, int NR>
-inline void int8_int8x_step(const int8_t* const* wr, const int8_t* const* xr, const float* cs, int64_t B,
-                            __m256 (&acc)[MB][NR]) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i x[MB];
-  PERNODE_UNROLL
-  for (int m = 0; m < MB; ++m) x[m] = _mm256_loadu_si256((const __m256i*)xr[m]);
-  PERNODE_UNROLL
-  for (int r = 0; r < NR; ++r) {
-    _mm_prefetch((const char*)wr[r] + kPrefetchBytes, _MM_HINT_T0);
-    const __m256i v = _mm256_loadu_si256((const __m256i*)wr[r]), magnitude = _mm256_abs_epi8(v);
-    PERNODE_UNROLL
-    for (int m = 0; m < MB; ++m) {
-      const __m256i d16 = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x[m], v));
-      acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d16, ones)),
-                                  _mm256_broadcast_ss(cs + (m * NR + r) * B), acc[m][r]);
     }
   }
 }
@@ -265,11 +244,8 @@ void gemv_int8x_avx2_block(const XRows& x, const Int8xPlan& p, int64_t m0, const
     const int8_t* wr[NR];
     PERNODE_UNROLL
     for (int r = 0; r < NR; ++r) wr[r] = static_cast<const int8_t*>(w) + (n + r) * K;
-    for (int64_t b = 0; b < K / 32; ++b) {  // x's int8 and int16 layouts are in order
-      if constexpr (OPS == kInt8Int16x)
-        int8_int16x_step<MB, NR>(wr, xr, cs + b, Bp, acc);
-      else
-        int8_int8x_step<MB, NR>(wr, xr, cs + b, Bp, acc);
+    for (int64_t b = 0; b < K / 32; ++b) {  // int16 x is in order
+      int8_int16x_step<MB, NR>(wr, xr, cs + b, Bp, acc);
       PERNODE_UNROLL
       for (int r = 0; r < NR; ++r) wr[r] += 32;
       PERNODE_UNROLL
@@ -320,13 +296,9 @@ void gemv_int8x_avx2_ops(const XRows& x, const Int8xPlan& p, int64_t M, int64_t 
 }
 
 template <typename S>
-void gemv_int8x_avx2(const QuantizedInput& qi, const Int8xPlan& p, int64_t bits, int64_t M, int64_t K, const void* w,
-                     const S* scale, const S* bias, int64_t G, float* y, int64_t N, int64_t n0, int64_t n1) {
-  const XRows x{qi.bytes.data(), qi.row_bytes};
-  if (bits == 4)
-    gemv_int8x_avx2_ops<kInt4Int8x>(x, p, M, K, w, scale, bias, G, y, N, n0, n1);
-  else
-    gemv_int8x_avx2_ops<kInt8Int8x>(x, p, M, K, w, scale, bias, G, y, N, n0, n1);
+void gemv_int4_int8x_avx2(const QuantizedInput& qi, const Int8xPlan& p, int64_t M, int64_t K, const int32_t* w,
+                          const S* scale, const S* bias, int64_t G, float* y, int64_t N, int64_t n0, int64_t n1) {
+  gemv_int8x_avx2_ops<kInt4Int8x>(XRows{qi.bytes.data(), qi.row_bytes}, p, M, K, w, scale, bias, G, y, N, n0, n1);
 }
 
 // int8 weights with int16 x (int16_input.h): the float-x GEMV's numbers to ~1e-5 of each block's largest |x|, with

@@ -267,6 +267,9 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
   // fp16 qparams (see load_qparams) go to the int8-x GEMV as stored; every other path reads fp32
   const bool half_qparams = quantize_input && scale_in.scalar_type() == at::kHalf &&
                             (!has_bias || bias_in->scalar_type() == at::kHalf)
+#if !defined(PERNODE_VNNI)
+                            && bits == 4  // the AVX2 int8-x GEMV is int4's only
+#endif
       ;
 #else
   const bool half_qparams = false;
@@ -302,8 +305,6 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
   std::unique_ptr<ChunkGroups> cg;
 #if defined(PERNODE_AVX2_INT8X)
   Int8xPlan plan;
-#endif
-#if defined(PERNODE_AVX2_INT8X)
   Int16Input xi;
   if (!quantize_input && bits == 8 && K % 32 == 0 && gs % 32 == 0) {  // int8 weights: int16 x (gemv_int8x_avx2.h)
     xi = quantize_input_int16(xptr, M, K, G);
@@ -327,23 +328,22 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
     }
 #else
 #if defined(PERNODE_AVX2_INT8X)
-    {  // int4 or int8 weights x int8 with vpmaddubsw + vpmaddwd (gemv_int8x_avx2.h)
-      plan = plan_int8x(qi, M, K, G, bits);
-      const void* wp = w.data_ptr();
+    if (bits == 4) {  // int4 x int8 with vpmaddubsw + vpmaddwd (gemv_int8x_avx2.h)
+      plan = plan_int4_int8x(qi, M, K, G);
+      const int32_t* wp = w.data_ptr<int32_t>();
       if (half_qparams) {
         const auto* sh = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
         const auto* bh = bias.defined() ? reinterpret_cast<const uint16_t*>(bias.data_ptr<at::Half>()) : nullptr;
-        rows = [&, wp, sh, bh](int64_t n0, int64_t n1) { gemv_int8x_avx2(qi, plan, bits, M, K, wp, sh, bh, G, yp, N, n0, n1); };
+        rows = [&, wp, sh, bh](int64_t n0, int64_t n1) { gemv_int4_int8x_avx2(qi, plan, M, K, wp, sh, bh, G, yp, N, n0, n1); };
       } else {
-        rows = [&, wp](int64_t n0, int64_t n1) { gemv_int8x_avx2(qi, plan, bits, M, K, wp, sp, bp, G, yp, N, n0, n1); };
+        rows = [&, wp](int64_t n0, int64_t n1) { gemv_int4_int8x_avx2(qi, plan, M, K, wp, sp, bp, G, yp, N, n0, n1); };
       }
-    }
-#else
+    } else
+#endif
     {  // the float GEMV on the dequantized int8 x gives the same numbers, slower
       fi = prepare_float_input(qi.dequantized.data(), M, K, bits, G, gs, bp != nullptr || bits == 4);
       rows = [&](int64_t n0, int64_t n1) { gemv_float(fi, M, K, bits, w, sp, bp, G, gs, yp, N, n0, n1); };
     }
-#endif
 #endif
   }
   // num_threads == 1 runs on the caller's thread: on an oversubscribed CPU a fork-join per layer waits for the
