@@ -51,7 +51,8 @@ inline void qparams_to_float(const S* src, float* dst, int64_t G, bool overread)
   for (; g + 8 <= G; g += 8) _mm256_storeu_ps(dst + g, load8_qparams(src + g));
   if (g == G) return;
   if (overread) {
-    const __m256i real = _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(G - g)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i real = _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(G - g)), lane);
     _mm256_storeu_ps(dst + g, _mm256_and_ps(load8_qparams(src + g), _mm256_castsi256_ps(real)));
     return;
   }
@@ -98,16 +99,9 @@ inline Int16Input quantize_input_int16(const float* x, int64_t M, int64_t K, int
   xi.values.resize(M * K);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < p.blocks; ++b) {
-      const float* xb = x + m * K + 32 * b;
-      __m256 v[4], mag = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
-      for (int j = 0; j < 4; ++j) {
-        v[j] = _mm256_loadu_ps(xb + 8 * j);
-        mag = _mm256_max_ps(mag, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v[j]));
-        sum = _mm256_add_ps(sum, v[j]);
-      }
-      __m128 h = _mm_max_ps(_mm256_castps256_ps128(mag), _mm256_extractf128_ps(mag, 1));
-      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-      const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+      __m256 v[4];
+      const float amax = load_block_amax_avx2(x + m * K + 32 * b, v);
+      const __m256 sum = _mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3]));
       const float inv = amax > 0.f ? 32767.f / amax : 0.f;
       __m256i q[4];
       for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], _mm256_set1_ps(inv)));
@@ -153,7 +147,8 @@ inline void int4_int8x_step(const int32_t* const* wr, const int8_t* const* xr, c
     PERNODE_UNROLL
     for (int m = 0; m < MB; ++m) {
       const float* c = cs + (m * NR + r) * B;  // this step's two blocks
-      const __m256 scale = _mm256_permutevar_ps(_mm256_castpd_ps(_mm256_broadcast_sd((const double*)c)), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+      const __m256 pair = _mm256_castpd_ps(_mm256_broadcast_sd((const double*)c));  // [c0 c1 c0 c1 | c0 c1 ..]
+      const __m256 scale = _mm256_permutevar_ps(pair, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));  // [c0 x4 | c1 x4]
       const __m256i d16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo[m]), _mm256_maddubs_epi16(hi, xhi[m]));
       acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d16, ones)), scale, acc[m][r]);
     }

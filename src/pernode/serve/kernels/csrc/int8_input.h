@@ -35,16 +35,22 @@ struct QuantizedInput {
 // One 32-value block with AVX2, written straight into its layout: for int4, the low-nibble plane takes the block's
 // even values in order and the high plane its odd ones, 16 bytes each at byte k0 % 128 / 2 of the chunk; for int8,
 // the 32 values in order.
-template <int BITS>
-inline void quantize_block_avx2(const float* x, float* deq, QuantizedInput& qi, int64_t m, int64_t k0) {
-  __m256 v[4], mag = _mm256_setzero_ps();
+// A 32-value block loaded into v, and its largest |x|.
+inline float load_block_amax_avx2(const float* x, __m256 (&v)[4]) {
+  __m256 mag = _mm256_setzero_ps();
   for (int j = 0; j < 4; ++j) {
     v[j] = _mm256_loadu_ps(x + 8 * j);
     mag = _mm256_max_ps(mag, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v[j]));
   }
   __m128 h = _mm_max_ps(_mm256_castps256_ps128(mag), _mm256_extractf128_ps(mag, 1));
   h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+
+template <int BITS>
+inline void quantize_block_avx2(const float* x, float* deq, QuantizedInput& qi, int64_t m, int64_t k0) {
+  __m256 v[4];
+  const float amax = load_block_amax_avx2(x, v);
   const float inv = amax > 0.f ? 127.f / amax : 0.f, s = amax / 127.f;
   __m256i q[4];
   for (int j = 0; j < 4; ++j) {  // rounds to nearest even, as std::nearbyint; |x * inv| <= 127 up to one ulp

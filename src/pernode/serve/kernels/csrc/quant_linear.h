@@ -334,7 +334,9 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
       if (half_qparams) {
         const auto* sh = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
         const auto* bh = bias.defined() ? reinterpret_cast<const uint16_t*>(bias.data_ptr<at::Half>()) : nullptr;
-        rows = [&, wp, sh, bh](int64_t n0, int64_t n1) { gemv_int4_int8x_avx2(qi, plan, M, K, wp, sh, bh, G, yp, N, n0, n1); };
+        rows = [&, wp, sh, bh](int64_t n0, int64_t n1) {
+          gemv_int4_int8x_avx2(qi, plan, M, K, wp, sh, bh, G, yp, N, n0, n1);
+        };
       } else {
         rows = [&, wp](int64_t n0, int64_t n1) { gemv_int4_int8x_avx2(qi, plan, M, K, wp, sp, bp, G, yp, N, n0, n1); };
       }
