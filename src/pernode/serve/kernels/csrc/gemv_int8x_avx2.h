@@ -60,15 +60,15 @@ inline void qparams_to_float(const S* src, float* dst, int64_t G, bool overread)
 }
 
 // What a call shares across its weight rows: x's per-block scales and per-group sums, zero-padded to 8.
-struct Int8xPlan {
+struct XBlocks {
   int64_t blocks, blocks_padded, groups_padded;
   std::vector<float> xscale;  // [M][blocks_padded]: each 32-value block's x scale
   std::vector<float> xsum;    // [M][groups_padded]: sum of the dequantized x of each weight group
 };
 
-inline Int8xPlan plan_int4_int8x(const QuantizedInput& qi, int64_t M, int64_t K, int64_t G) {
+inline XBlocks int8_x_blocks(const QuantizedInput& qi, int64_t M, int64_t K, int64_t G) {
   const int64_t gs = K / G, lane_values = 8;
-  Int8xPlan p;
+  XBlocks p;
   p.blocks = K / 32, p.blocks_padded = round_up8(p.blocks), p.groups_padded = round_up8(G);
   p.xscale.assign(M * p.blocks_padded, 0.f);
   p.xsum.assign(M * p.groups_padded, 0.f);
@@ -86,13 +86,13 @@ inline Int8xPlan plan_int4_int8x(const QuantizedInput& qi, int64_t M, int64_t K,
 // to flip the default model's near-tie first tokens on its Q8_0 lm_head.
 struct Int16Input {
   std::vector<int16_t> values;  // [M][K]
-  Int8xPlan plan;
+  XBlocks plan;
 };
 
 inline Int16Input quantize_input_int16(const float* x, int64_t M, int64_t K, int64_t G) {
   const int64_t gs = K / G;
   Int16Input xi;
-  Int8xPlan& p = xi.plan;
+  XBlocks& p = xi.plan;
   p.blocks = K / 32, p.blocks_padded = round_up8(p.blocks), p.groups_padded = round_up8(G);
   p.xscale.assign(M * p.blocks_padded, 0.f);
   p.xsum.assign(M * p.groups_padded, 0.f);
@@ -182,7 +182,7 @@ inline void int8_int16x_step(const int8_t* const* wr, const int16_t* const* xr, 
 // NR weight rows from n against MB x rows from m0. sw and coef hold NR rows of round_up8(G) floats, cs MB * NR
 // rows of round_up8(K / 32).
 template <int MB, int NR, int OPS, typename S>
-void gemv_int8x_avx2_block(const XRows& x, const Int8xPlan& p, int64_t m0, const void* w,
+void gemv_int8x_avx2_block(const XRows& x, const XBlocks& p, int64_t m0, const void* w,
                                 const S* scale, const S* bias, int64_t K, int64_t G, int64_t N, float* y, int64_t ldy,
                                 int64_t n, float* sw, float* coef, float* cs) {
   constexpr int BITS = OPS == kInt4Int8x ? 4 : 8;
@@ -260,7 +260,7 @@ void gemv_int8x_avx2_block(const XRows& x, const Int8xPlan& p, int64_t m0, const
 }
 
 template <int MB, int OPS, typename S>
-void gemv_int8x_avx2_rows(const XRows& x, const Int8xPlan& p, int64_t m0, const void* w,
+void gemv_int8x_avx2_rows(const XRows& x, const XBlocks& p, int64_t m0, const void* w,
                                const S* scale, const S* bias, int64_t K, int64_t G, int64_t N, float* y,
                                int64_t n0, int64_t n1) {
   constexpr int NR = MB <= 2 ? 4 : MB <= 4 ? 2 : 1;  // accumulators: MB * NR <= 8 of the 16 registers
@@ -274,7 +274,7 @@ void gemv_int8x_avx2_rows(const XRows& x, const Int8xPlan& p, int64_t m0, const 
 
 // Output rows [n0, n1) for all M rows of x, up to 8 rows per pass over the weights.
 template <int OPS, typename S>
-void gemv_int8x_avx2_ops(const XRows& x, const Int8xPlan& p, int64_t M, int64_t K, const void* w,
+void gemv_int8x_avx2_ops(const XRows& x, const XBlocks& p, int64_t M, int64_t K, const void* w,
                           const S* scale, const S* bias, int64_t G, float* y, int64_t N, int64_t n0, int64_t n1) {
   for (int64_t m0 = 0; m0 < M; m0 += 8) {
     switch (std::min<int64_t>(8, M - m0)) {
@@ -291,7 +291,7 @@ void gemv_int8x_avx2_ops(const XRows& x, const Int8xPlan& p, int64_t M, int64_t 
 }
 
 template <typename S>
-void gemv_int4_int8x_avx2(const QuantizedInput& qi, const Int8xPlan& p, int64_t M, int64_t K, const int32_t* w,
+void gemv_int4_int8x_avx2(const QuantizedInput& qi, const XBlocks& p, int64_t M, int64_t K, const int32_t* w,
                           const S* scale, const S* bias, int64_t G, float* y, int64_t N, int64_t n0, int64_t n1) {
   gemv_int8x_avx2_ops<kInt4Int8x>(XRows{qi.bytes.data(), qi.row_bytes}, p, M, K, w, scale, bias, G, y, N, n0, n1);
 }

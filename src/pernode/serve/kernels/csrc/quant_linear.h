@@ -304,7 +304,7 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
   QuantizedInput qi;
   std::unique_ptr<ChunkGroups> cg;
 #if defined(PERNODE_AVX2_INT8X)
-  Int8xPlan plan;
+  XBlocks plan;
   Int16Input xi;
   if (!quantize_input && bits == 8 && K % 32 == 0 && gs % 32 == 0) {  // int8 weights: int16 x (gemv_int8x_avx2.h)
     xi = quantize_input_int16(xptr, M, K, G);
@@ -329,7 +329,7 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
 #else
 #if defined(PERNODE_AVX2_INT8X)
     if (bits == 4) {  // int4 x int8 with vpmaddubsw + vpmaddwd (gemv_int8x_avx2.h)
-      plan = plan_int4_int8x(qi, M, K, G);
+      plan = int8_x_blocks(qi, M, K, G);
       const int32_t* wp = w.data_ptr<int32_t>();
       if (half_qparams) {
         const auto* sh = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
