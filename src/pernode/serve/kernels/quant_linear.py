@@ -39,10 +39,10 @@ FLOAT_GEMV_MAX_ROWS = 8
 # The int4 panel kernel (csrc/int4_panel_gemm.h) serves decode-sized steps only, as many rows as the fused decoder
 # stack takes (models/fused_decode.MAX_ROWS): prefill chunks keep the GEMM, and its bf16 activations' numbers.
 PANEL_MAX_ROWS = 64
-# Decode steps on a CPU that caps int8 x (AVX2) keep it up to the measured crossover with float x, but at most for two
-# GEMV passes of 8 rows: whole one-thread decode steps of the default model measured 0.74-0.97x the float-x step time
-# at 9-16 rows and 1.02-1.08x at 20-28, where one layer timed alone (its weights in cache) favoured int8 x to 20-37.
-DECODE_INT8_MAX_ROWS = 2 * FLOAT_GEMV_MAX_ROWS
+# Decode steps on a CPU that caps int8 x (AVX2) keep it up to the measured crossover with float x, but at most for six
+# GEMV passes of 8 rows: with the AVX2 GEMV of csrc/gemv_int8x_avx2.h, whole two-thread decode steps of the default
+# model took 0.73x the time of a 16-row cap at 24 sequences, 0.87x at 32 and 0.85-0.91x at 48 (docs/threads.md).
+DECODE_INT8_MAX_ROWS = 6 * FLOAT_GEMV_MAX_ROWS
 
 def load_kernel() -> Callable | None:
     """`torch.ops.pernode.woq_linear`, building it if needed; None if it can't be built (or
