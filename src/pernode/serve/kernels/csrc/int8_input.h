@@ -32,9 +32,6 @@ struct QuantizedInput {
 };
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
-// One 32-value block with AVX2, written straight into its layout: for int4, the low-nibble plane takes the block's
-// even values in order and the high plane its odd ones, 16 bytes each at byte k0 % 128 / 2 of the chunk; for int8,
-// the 32 values in order.
 // A 32-value block loaded into v, and its largest |x|.
 inline float load_block_amax_avx2(const float* x, __m256 (&v)[4]) {
   __m256 mag = _mm256_setzero_ps();
@@ -47,8 +44,10 @@ inline float load_block_amax_avx2(const float* x, __m256 (&v)[4]) {
   return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
 }
 
-template <int BITS>
-inline void quantize_block_avx2(const float* x, float* deq, QuantizedInput& qi, int64_t m, int64_t k0) {
+// The int4 GEMV's x, one 32-value block with AVX2, written straight into its layout: the low-nibble plane takes the
+// block's even values in order and the high plane its odd ones, 16 bytes each at byte k0 % 128 / 2 of the chunk.
+// (int8 weights' x, only quantized for the float GEMV where VNNI is missing, takes the scalar loop.)
+inline void quantize_int4_block_avx2(const float* x, float* deq, QuantizedInput& qi, int64_t m, int64_t k0) {
   __m256 v[4];
   const float amax = load_block_amax_avx2(x, v);
   const float inv = amax > 0.f ? 127.f / amax : 0.f, s = amax / 127.f;
@@ -58,33 +57,23 @@ inline void quantize_block_avx2(const float* x, float* deq, QuantizedInput& qi, 
     _mm256_storeu_ps(deq + 8 * j, _mm256_mul_ps(_mm256_cvtepi32_ps(q[j]), _mm256_set1_ps(s)));
   }
   // 32 int8 in order: the two packs interleave 4-value pieces across the 128-bit halves, the permute undoes it
-  const __m256i unpack = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-  b = _mm256_permutevar8x32_epi32(b, unpack);
-  // two rounds of pairwise adds: [4-value sums of q0..q3's low halves | of their high halves]
+  b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  const __m256i even_odd = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                            0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  b = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(b, even_odd), 0xD8);  // [even 0-31 | odd 0-31]
+  int8_t* chunk = qi.bytes.data() + m * qi.row_bytes + k0 / 128 * 128 + k0 % 128 / 2;
+  _mm_storeu_si128((__m128i*)chunk, _mm256_castsi256_si128(b));
+  _mm_storeu_si128((__m128i*)(chunk + 64), _mm256_extracti128_si256(b, 1));
+  // each 8-value lane's sum: two rounds of pairwise adds leave its halves in the two 128-bit halves
   const __m256i sum4 = _mm256_hadd_epi32(_mm256_hadd_epi32(q[0], q[1]), _mm256_hadd_epi32(q[2], q[3]));
-  const int64_t lane0 = m * qi.row_lanes + k0 / (BITS == 4 ? 8 : 4);
-  if (BITS == 4) {
-    const __m256i even_odd = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
-                                              0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
-    b = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(b, even_odd), 0xD8);  // [even 0-31 | odd 0-31]
-    int8_t* chunk = qi.bytes.data() + m * qi.row_bytes + k0 / 128 * 128 + k0 % 128 / 2;
-    _mm_storeu_si128((__m128i*)chunk, _mm256_castsi256_si128(b));
-    _mm_storeu_si128((__m128i*)(chunk + 64), _mm256_extracti128_si256(b, 1));
-    const __m128 sums = _mm_mul_ps(_mm_cvtepi32_ps(_mm_add_epi32(_mm256_castsi256_si128(sum4),
-                                                                  _mm256_extracti128_si256(sum4, 1))),
-                                   _mm_set1_ps(s));  // 4 lanes of 8 values
-    _mm_storeu_ps(qi.lane_scale.data() + lane0, _mm_set1_ps(s));
-    _mm_storeu_ps(qi.lane_sum.data() + lane0, sums);
-    _mm_storeu_ps(qi.lane_offset.data() + lane0, _mm_mul_ps(sums, _mm_set1_ps(-8.f)));  // the nibbles' offset
-  } else {
-    _mm256_storeu_si256((__m256i*)(qi.bytes.data() + m * qi.row_bytes + k0), b);
-    const __m256 sums = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_permutevar8x32_epi32(sum4, unpack)),
-                                      _mm256_set1_ps(s));  // 8 lanes of 4 values
-    _mm256_storeu_ps(qi.lane_scale.data() + lane0, _mm256_set1_ps(s));
-    _mm256_storeu_ps(qi.lane_sum.data() + lane0, sums);
-    _mm256_storeu_ps(qi.lane_offset.data() + lane0, _mm256_mul_ps(sums, _mm256_set1_ps(-128.f)));  // XOR 0x80's
-  }
+  const __m128 sums = _mm_mul_ps(_mm_cvtepi32_ps(_mm_add_epi32(_mm256_castsi256_si128(sum4),
+                                                                _mm256_extracti128_si256(sum4, 1))),
+                                 _mm_set1_ps(s));
+  const int64_t lane0 = m * qi.row_lanes + k0 / 8;
+  _mm_storeu_ps(qi.lane_scale.data() + lane0, _mm_set1_ps(s));
+  _mm_storeu_ps(qi.lane_sum.data() + lane0, sums);
+  _mm_storeu_ps(qi.lane_offset.data() + lane0, _mm_mul_ps(sums, _mm_set1_ps(-8.f)));  // the nibbles' offset
 }
 #endif
 
@@ -124,8 +113,10 @@ QuantizedInput quantize_input_blocks_t(const float* x, int64_t M, int64_t K) {
       _mm512_storeu_ps(deq + k0 + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(qb), _mm512_set1_ps(s)));
 #else
 #if defined(__AVX2__)
-      quantize_block_avx2<BITS>(xr + k0, deq + k0, qi, m, k0);
-      continue;
+      if (BITS == 4) {
+        quantize_int4_block_avx2(xr + k0, deq + k0, qi, m, k0);
+        continue;
+      }
 #endif
       float amax = 0.f;
       for (int t = 0; t < kActBlock; ++t) amax = std::max(amax, std::fabs(xr[k0 + t]));
