@@ -207,7 +207,9 @@ def test_forward_runs_the_gemv_below_and_the_gemm_from_the_crossover(monkeypatch
     below, above = torch.randn(5, 128), torch.randn(6, 128)
     assert layer.gemv_quantizes_input(5) and not layer.gemv_quantizes_input(6)
     torch.testing.assert_close(layer(below), torch.ops.pernode.woq_linear(below, *layer._op_args, True))
-    torch.testing.assert_close(layer(above), torch.ops.pernode.woq_gemm(above, *layer._op_args[:5]))
+    gemm = (torch.ops.pernode.woq_gemm_int16x(above, *layer._op_args[:3], *layer._op_args[4:6])
+            if layer.gemm_takes_int16 else torch.ops.pernode.woq_gemm(above, *layer._op_args[:5]))
+    torch.testing.assert_close(layer(above), gemm)
     y = layer(above.bfloat16())
     assert y.dtype == torch.bfloat16
     assert ((y.float() - _reference(layer, above)).norm() / _reference(layer, above).norm()).item() < 1e-2

@@ -115,12 +115,18 @@ def test_native_logits_agree_with_dequantized_within_format_error(native_and_flo
     """GEMM path (fp32 tiles of the exact weights): fp32 rounding only. GEMV path: x is quantized to int8 per 32
     values before every int4 projection (the VNNI kernel, llama.cpp's Q8 activations): ~0.4% per projection,
     compounded over 30 layers x 4 projections (measured: a few % of the logits' norm on average, up to ~9% at one
-    position; 4.5% and 20% in another run, so the bounds leave room and the argmax check carries the weight)."""
+    position; 4.5% and 20% in another run, so the bounds leave room and the argmax check carries the weight).
+    On AVX2 without AVX-512 the GEMM takes x as int16 per 32 values (csrc/gemm_int4_int16x_avx2.h): measured mean
+    0.07%, max 0.18% of the logits' norm, with perplexity on 16 x 2048 tokens equal to the fp32 tiles' (12.0276)."""
     monkeypatch.setenv("PERNODE_GEMM_FROM_ROWS", gemm_from_rows)
     native, dequantized = native_and_float
+    int16_x = False
     for module in native.modules():
         if isinstance(module, QuantLinear):
             module.post_load()  # re-read the crossover
+            int16_x |= module.gemm_takes_int16
+    if int16_x and gemm_from_rows == "1":
+        max_rel_error, mean_rel_error = 5e-3, 2e-3
     text = "The quick brown fox jumps over the lazy dog. Water boils at a temperature of one hundred degrees."
     tokens = torch.tensor(default_model_source.tokenizer.encode(text))
     ours, ref = _logits(native, tokens), _logits(dequantized, tokens)

@@ -19,6 +19,9 @@ Other settings:
   PERNODE_QUANT_INPUT    int8 | float: whether the int4 GEMV quantizes x to int8 per 32 values (default: int8 where
                          the CPU has AVX-512 VNNI, float elsewhere; int8 uses AVX2's integer path without it)
   PERNODE_QUANT_THREADS  threads of the small-batch quantized and dense GEMVs; 0 (default): torch's thread count
+  PERNODE_GEMM_INPUT     int16 | float: whether int4 GEMMs (prefill chunks, large decode batches) quantize x to
+                         int16 per 32 values and multiply integers (default where the CPU has AVX2 without AVX-512:
+                         int16, csrc/gemm_int4_int16x_avx2.h; elsewhere float, the only choice there)
   PERNODE_GEMM_FROM_ROWS rows from which quantized linears run the GEMM instead of the GEMV (default: measured on
                          this CPU per layer shape, see kernels/gemm_dispatch.py)
   PERNODE_PANEL_FROM_ROWS off (default) | measure | N: rows from which int4 linears with int8 x run the panel
@@ -46,6 +49,14 @@ from pathlib import Path
 class KernelChoice(str, enum.Enum):
     NATIVE = "native"
     REFERENCE = "reference"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class GemmInput(str, enum.Enum):
+    INT16 = "int16"
+    FLOAT = "float"
 
     def __str__(self) -> str:
         return self.value
@@ -117,6 +128,18 @@ def quant_input() -> QuantInput | None:
         return QuantInput(value)
     except ValueError:
         raise ValueError(f"PERNODE_QUANT_INPUT={value!r} is not allowed: allowed int8 or float (or unset)") from None
+
+
+def gemm_input() -> GemmInput | None:
+    """PERNODE_GEMM_INPUT: `int16` or `float` x in int4 GEMMs; None (unset): the CPU decides
+    (kernels/quant_linear.QuantLinear.post_load)."""
+    value = _raw("PERNODE_GEMM_INPUT").strip().lower()
+    if not value:
+        return None
+    try:
+        return GemmInput(value)
+    except ValueError:
+        raise ValueError(f"PERNODE_GEMM_INPUT={value!r} is not allowed: allowed int16 or float (or unset)") from None
 
 
 def quant_threads() -> int:

@@ -47,3 +47,9 @@ def multiplies_int8_natively() -> bool:
     """Whether the int4 GEMV has an integer path for int8 x here. Without one (AVX-512 without VNNI, or neither
     AVX-512 nor AVX2), int8 x would be dequantized again and run as floats."""
     return has_vnni() or ("avx512f" not in cpu_flags() and all(flag in cpu_flags() for flag in AVX2_INT8_FLAGS))
+
+
+def multiplies_int16_gemm() -> bool:
+    """Whether int4 GEMMs have an integer path for int16 x here: AVX2 without AVX-512 (csrc/gemm_int4_int16x_avx2.h,
+    vpmaddwd). AVX-512 CPUs keep the dequantised-tile GEMM, in bf16 where they compute it natively."""
+    return "avx512f" not in cpu_flags() and all(flag in cpu_flags() for flag in AVX2_INT8_FLAGS)

@@ -13,6 +13,7 @@ SOURCE = "decoder_stack.cpp"
 PROJECTIONS_PER_LAYER = 4  # qkv, o, gate_up, down: the order of the op's per-projection lists
 INT8_INPUT = 1  # flags of a projection's config (csrc/decoder_stack.cpp)
 DENSE_GEMV = 2
+INT16_GEMM = 4  # an int4 projection's GEMM takes x as int16 (woq_gemm_int16x)
 
 
 def load_kernel() -> Callable | None:

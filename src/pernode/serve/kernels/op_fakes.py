@@ -47,7 +47,7 @@ def _woq_gemm(x, weight, scale, zero_term, bits, group_size):
 
 
 def _woq_panel_gemm(x, weight, scale, zero_term, group_size, num_threads=0):
-    return x.new_empty((x.shape[0], weight.shape[0]))  # in x's dtype
+    return x.new_empty((x.shape[0], weight.shape[0]))  # in x's dtype (woq_gemm_int16x too: the same signature)
 
 
 def _sparse_gemv(x, values, bitmask, row_offsets, bias, num_threads):
@@ -61,7 +61,7 @@ FAKES = {
     "dense_gemv.cpp": {"dense_gemv": _dense_gemv},
     "sparse_gemv.cpp": {"sparse_gemv": _sparse_gemv},
     "quant_linear.cpp": {"woq_linear": _woq_linear, "woq_gemm": _woq_gemm,
-                         "woq_panel_gemm": _woq_panel_gemm},
+                         "woq_panel_gemm": _woq_panel_gemm, "woq_gemm_int16x": _woq_panel_gemm},
 }
 
 

@@ -8,7 +8,9 @@ block and multiplies integers with VNNI, as llama.cpp's Q8 activations do; int8 
 `PERNODE_QUANT_INPUT=float` keep x in fp32); with PERNODE_PANEL_FROM_ROWS set, int4 decode batches from a second
 (measured) crossover on, up to PANEL_MAX_ROWS rows, run `woq_panel_gemm`, the same int8-x products register-blocked over rows, so each weight is
 unpacked once per call instead of once per 8 rows; compute-bound steps (prefill chunks) run `woq_gemm`,
-dequantized tiles through a GEMM in the activations' dtype (bf16 on CPUs that compute it natively). W8A8 layers
+dequantized tiles through a GEMM in the activations' dtype (bf16 on CPUs that compute it natively), or on CPUs with
+AVX2 but not AVX-512, for int4 layers, `woq_gemm_int16x`: x as int16 per 32 values, the nibbles multiplied as
+integers (int16_gemm_applies). W8A8 layers
 (int8 activations too) are in w8a8_linear.py.
 """
 from __future__ import annotations
@@ -21,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pernode import envs
-from pernode.envs import KernelChoice, QuantInput
+from pernode.envs import GemmInput, KernelChoice, QuantInput
 from pernode.quant_format import QuantScheme, dequantize, dequantize_float_min, pack_int4, unpack_int4
-from pernode.serve.kernels.cpu_features import has_vnni, multiplies_int8_natively
+from pernode.serve.kernels.cpu_features import has_vnni, multiplies_int16_gemm, multiplies_int8_natively
 from pernode.serve.kernels.gemm_dispatch import NEVER, LinearShape, gemm_from_rows
 from pernode.serve.kernels.jit import build_path, load_extension
 from pernode.serve.kernels.w8a8_linear import W8A8Linear
@@ -92,6 +94,18 @@ def int8_input_max_rows(num_bits: int, in_features: int, group_size: int | None)
     if setting is QuantInput.INT8 or has_vnni():
         return NEVER
     return FLOAT_GEMV_MAX_ROWS if multiplies_int8_natively() else 0
+
+
+def int16_gemm_applies(num_bits: int, in_features: int, group_size: int | None) -> bool:
+    """Whether the layer's GEMM (prefill chunks, large decode batches) quantizes x to int16 per 32 values and
+    multiplies the int4 weights as integers (csrc/gemm_int4_int16x_avx2.h): int4 layers whose blocks fit, on CPUs with
+    AVX2 but not AVX-512, unless PERNODE_GEMM_INPUT=float. Elsewhere, and for int8 weights, the GEMM dequantises
+    tiles and multiplies in x's dtype. int16 x errs by ~1e-5 of each block's largest |x|: the fp32 GEMM's numbers to
+    well within bf16's, where int8 x would flip the default model's near-tie chat answer."""
+    blocks_fit = in_features % ACT_BLOCK == 0 and (group_size or in_features) % ACT_BLOCK == 0
+    if num_bits != 4 or not blocks_fit or envs.gemm_input() is GemmInput.FLOAT:
+        return False
+    return multiplies_int16_gemm()
 
 
 def dequantize_layer_weight(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
@@ -206,6 +220,9 @@ class QuantLinear(nn.Module):
         # PERNODE_QUANT_THREADS: 1 is the robust choice on a CPU shared with other busy processes (see the kernel).
         self._op = load_kernel() if self.qweight.device.type == "cpu" else None
         self._gemm = torch.ops.pernode.woq_gemm if self._op is not None else None
+        self._gemm_int16 = (torch.ops.pernode.woq_gemm_int16x
+                            if self._op is not None and int16_gemm_applies(self.scheme.num_bits, self.in_features,
+                                                                           self.scheme.group_size) else None)
         self._panel = (torch.ops.pernode.woq_panel_gemm  # it quantizes x whatever the rows: not with a row cap
                        if self._op is not None and self._int8_max_rows == NEVER and self.scheme.num_bits == 4 else None)
         layout = (self.scheme.num_bits, self.scheme.group_size or 0, envs.quant_threads())
@@ -245,6 +262,11 @@ class QuantLinear(nn.Module):
             rows = self._decode_int8_rows[dtype] = max(cap, min(rows, PANEL_MAX_ROWS))
         return rows
 
+    @property
+    def gemm_takes_int16(self) -> bool:
+        """Whether this layer's GEMM quantizes x to int16 (int16_gemm_applies)."""
+        return self._gemm_int16 is not None
+
     def gemv_args(self, rows: int, int8_x: bool | None = None) -> tuple:
         """The GEMV's operands after x for a call with `rows` rows (or, given, with int8 x or not): fp16 qparams for
         the int8-x GEMV where exact."""
@@ -266,6 +288,8 @@ class QuantLinear(nn.Module):
 
     def _run_gemm(self, x2: torch.Tensor) -> torch.Tensor:
         gemm_x = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
+        if self._gemm_int16 is not None:
+            return self._gemm_int16(gemm_x, self.qweight, self._scale, self._zero_term, *self._op_args[4:6])
         return self._gemm(gemm_x, self.qweight, self._scale, self._zero_term, *self._op_args[3:5])  # fp32 qparams
 
     def _run_panel(self, x2: torch.Tensor) -> torch.Tensor:
@@ -279,6 +303,8 @@ class QuantLinear(nn.Module):
         return self._run_gemv(x2)
 
     def _shape(self, dtype: torch.dtype, kernels: str) -> LinearShape:
+        if self._gemm_int16 is not None and kernels.endswith("gemm"):
+            kernels = kernels.removesuffix("gemm") + "int16-x gemm"
         if 0 < self._int8_max_rows < NEVER:
             kernels += f" (int8 x up to {self._int8_max_rows} rows)"
         return LinearShape(self.out_features, self.in_features, self.scheme.num_bits, self.scheme.group_size or 0,

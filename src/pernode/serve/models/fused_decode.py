@@ -150,7 +150,8 @@ class FusedDecoder:
                     args = proj.gemv_args(rows, int8_x)  # the GEMV's own qparams (fp16 for int8 x where exact)
                     scales.append(args[1])
                     zero_terms.append(args[2])
-                    flags = decoder_stack.INT8_INPUT if int8_x else 0
+                    flags = ((decoder_stack.INT8_INPUT if int8_x else 0)
+                             | (decoder_stack.INT16_GEMM if proj.gemm_takes_int16 else 0))
                     config += [s.num_bits, s.group_size or 0, flags, gemm_rows, proj.panel_from_rows(dtype)]
                 else:
                     weights.append(proj.weight)

@@ -33,6 +33,7 @@ constexpr int64_t kProjectionsPerLayer = 4;  // qkv, o, gate_up, down
 constexpr int64_t kConfigPerProjection = 5;
 constexpr int64_t kInt8Input = 1;            // flags: the int4 GEMV quantizes x to int8 per 32-value block
 constexpr int64_t kDenseGemv = 2;            // flags: a float weight may take the fp32 GEMV at <= 4 rows
+constexpr int64_t kInt16Gemm = 4;            // flags: an int4 projection's GEMM takes x as int16 (woq_gemm_int16x)
 constexpr int64_t kDenseGemvMaxRows = 4;     // as dense_linear.MAX_ROWS
 
 struct Projection {
@@ -50,7 +51,9 @@ at::Tensor project(const at::Tensor& x, const Projection& p, int64_t num_threads
       return dense::dense_gemv(x, *p.weight, p.bias, num_threads);
     return at::linear(x, *p.weight, p.bias);
   }
-  if (x.size(0) >= p.gemm_from_rows)
+  if (x.size(0) >= p.gemm_from_rows && (p.flags & kInt16Gemm))
+    y = quant::woq_gemm_int16x(x, *p.weight, *p.scale, p.zero_term, p.group_size, num_threads);
+  else if (x.size(0) >= p.gemm_from_rows)
     y = quant::woq_gemm(x, *p.weight, *p.scale, p.zero_term, p.bits, p.group_size);
   else if (p.bits == 4 && (p.flags & kInt8Input) && x.size(0) >= p.panel_from_rows)
     y = quant::woq_panel_gemm(x, *p.weight, *p.scale, p.zero_term, p.group_size, num_threads);

@@ -46,6 +46,7 @@
 #include "gemv_float_rows.h"
 #include "int8_input.h"
 #include "gemv_int8x_avx2.h"
+#include "gemm_int4_int16x_avx2.h"
 
 namespace pernode {
 namespace quant {

@@ -1,0 +1,235 @@
+#pragma once
+// int4 weights x int16 activations for compute-bound steps (prefill chunks, large decode batches) on CPUs with AVX2
+// but not AVX-512: vpmaddwd multiplies 16 int16 pairs per instruction, and on Zen 3 two of them with their int32
+// adds issue per cycle, ~1.7x the MACs of two fp32 FMAs (benchmarks/gemm_isa.py). The dequantised-tile fp32 GEMM
+// (dequant_tiles.h) reached ~70% of the fp32 peak; this one multiplies the stored nibbles as integers instead.
+//
+// x is quantised per 32-value block to int16 (q = rint(x * 32767 / amax)): ~1e-5 of the block's largest |x|, where
+// int8 x (~4e-3) flips the default model's near-tie chat answer when it prefills the prompt. Per block b and
+// weight row n (zt: the zero term, the GGUF min or -8 * scale without one):
+//
+//   y[m, n] = sum_b  cvt(dot_b(u[n], q[m])) * (scale[n, b] * sx[m, b])  +  zt[n, b] * sum_b(x[m])
+//
+// with the block's integer dot exact in int32 and in fp32 (32 * 15 * 32767 < 2^24), and sum_b(x) the block's float
+// sum. A register-blocked micro-kernel in the manner of Goto & van de Geijn, "Anatomy of high-performance matrix
+// multiplication" (TOMS 2008): output columns in the 8 lanes, 2 strips of 8 columns share each x broadcast, and 3 x
+// rows share each weight load (12 accumulators + 2 weights + 1 x of the 16 registers). Each strip is unpacked once
+// per call into int16 pairs, so every x row after the first reuses it from cache. Each (x row, output column)
+// accumulates in the same order whatever the rows beside it: a row's result does not depend on its batch.
+
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define PERNODE_AVX2_INT16X_GEMM 1
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "int8_input.h"  // load_block_amax_avx2
+
+namespace pernode {
+namespace quant {
+namespace {
+
+constexpr int64_t kStripCols = 8;      // output columns per strip: one vector's lanes
+constexpr int64_t kPanelStripsI16 = 2;  // strips sharing each x broadcast (NR)
+constexpr int64_t kPanelRowsI16 = 4;    // x rows sharing each weight load (MR)
+constexpr int64_t kPairsPerBlock = 16;  // 32 values as 16 int16 pairs
+
+// x per row and 32-value block: 16 dwords, pair p = 4d + i holding (x[8d + i], x[8d + i + 4]) as two int16 (the
+// order a weight word's nibbles unpack in, see pack_strip), the block's scale and the sum of its float values.
+struct Int16Pairs {
+  int64_t blocks;
+  std::vector<int32_t> pairs;     // [M][blocks][16]
+  std::vector<float> scale, sum;  // [M][blocks]
+};
+
+// Rows [m0, m1) of x into xp (sized for all of them).
+inline void int16_pairs_rows(const float* x, int64_t K, int64_t m0, int64_t m1, Int16Pairs& xp) {
+  const __m128i low16 = _mm_set1_epi32(0xFFFF);
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t b = 0; b < xp.blocks; ++b) {
+      __m256 v[4];  // v[d]: values 8d..8d+7 of the block
+      const float amax = load_block_amax_avx2(x + m * K + 32 * b, v);
+      const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+      int32_t* dst = xp.pairs.data() + (m * xp.blocks + b) * kPairsPerBlock;
+      for (int d = 0; d < 4; ++d) {  // rounds to nearest even; |x * inv| <= 32767 up to one ulp
+        const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(v[d], _mm256_set1_ps(inv)));
+        const __m128i pair = _mm_or_si128(_mm_and_si128(_mm256_castsi256_si128(q), low16),
+                                          _mm_slli_epi32(_mm256_extracti128_si256(q, 1), 16));
+        _mm_storeu_si128((__m128i*)(dst + 4 * d), pair);
+      }
+      const __m256 s = _mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3]));
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      xp.scale[m * xp.blocks + b] = amax / 32767.f;
+      xp.sum[m * xp.blocks + b] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+    }
+}
+
+inline Int16Pairs int16_pairs_alloc(int64_t M, int64_t K) {
+  Int16Pairs xp;
+  xp.blocks = K / 32;
+  xp.pairs.resize(M * K / 2);
+  xp.scale.resize(M * xp.blocks);
+  xp.sum.resize(M * xp.blocks);
+  return xp;
+}
+
+inline Int16Pairs int16_pairs(const float* x, int64_t M, int64_t K) {
+  Int16Pairs xp = int16_pairs_alloc(M, K);
+  int16_pairs_rows(x, K, 0, M, xp);
+  return xp;
+}
+
+// Weight rows [n0, n0 + 8) (rows past N as zeros) as [blocks][16 pairs][8 lanes] int32, lane = row, pair p = 4d + i
+// holding nibbles i and i + 4 of the block's word d as two int16: (word >> 4i) & 0x000F000F. An 8 x 4-word
+// transpose per block by unpacks; and the strip's scale and zero term per block, lane = row.
+inline void pack_strip(const int32_t* w, const float* scale, const float* bias, int64_t N, int64_t K, int64_t G,
+                       int64_t gs, int64_t n0, int32_t* dst, float* sw, float* zt) {
+  const int64_t words = K / 8, blocks = K / 32;
+  static const int32_t zeros[4] = {0, 0, 0, 0};
+  const int32_t* row[8];
+  for (int r = 0; r < 8; ++r) row[r] = n0 + r < N ? w + (n0 + r) * words : nullptr;
+  const __m256i mask = _mm256_set1_epi32(0x000F000F);
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256i a[4];  // a[r] = [row r words 0-3 | row r + 4 words 0-3]
+    for (int r = 0; r < 4; ++r) {
+      const int32_t* lo = row[r] ? row[r] + 4 * b : zeros;
+      const int32_t* hi = row[r + 4] ? row[r + 4] + 4 * b : zeros;
+      a[r] = _mm256_set_m128i(_mm_loadu_si128((const __m128i*)hi), _mm_loadu_si128((const __m128i*)lo));
+    }
+    const __m256i t0 = _mm256_unpacklo_epi32(a[0], a[1]), t1 = _mm256_unpacklo_epi32(a[2], a[3]);
+    const __m256i t2 = _mm256_unpackhi_epi32(a[0], a[1]), t3 = _mm256_unpackhi_epi32(a[2], a[3]);
+    const __m256i z[4] = {_mm256_unpacklo_epi64(t0, t1), _mm256_unpackhi_epi64(t0, t1),
+                          _mm256_unpacklo_epi64(t2, t3), _mm256_unpackhi_epi64(t2, t3)};  // z[d]: word d, lane = row
+    int32_t* out = dst + b * kPairsPerBlock * kStripCols;
+    for (int d = 0; d < 4; ++d)
+      for (int i = 0; i < 4; ++i)
+        _mm256_storeu_si256((__m256i*)(out + (4 * d + i) * kStripCols),
+                            _mm256_and_si256(_mm256_srli_epi32(z[d], 4 * i), mask));
+    for (int r = 0; r < 8; ++r) {
+      const int64_t n = n0 + r, at = n * G + b * 32 / gs;
+      const float s = n < N ? scale[at] : 0.f;
+      sw[b * kStripCols + r] = s;
+      zt[b * kStripCols + r] = n >= N ? 0.f : bias ? bias[at] : -8.f * s;
+    }
+  }
+}
+
+// MR x rows from m0 against NR strips: y[m0 + r][n0 + 8 j + lane] for every block.
+// Not inlined: inside its callers' loops the register allocator spilled the weight vectors (2x slower).
+template <int MR, int NR>
+__attribute__((noinline)) void int16x_block(const Int16Pairs& xp, int64_t m0, const int32_t* wbuf, const float* sw, const float* zt,
+                         int64_t strip_words, int64_t strip_params, float* y, int64_t N, int64_t n0) {
+  // the fp32 totals live in L1, not registers: the loop's 2 * MR * NR accumulators would not fit beside the weights
+  alignas(32) float tot[MR][NR][kStripCols] = {};
+  const int32_t* xq[MR];
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; ++r) xq[r] = xp.pairs.data() + (m0 + r) * xp.blocks * kPairsPerBlock;
+  for (int64_t b = 0; b < xp.blocks; ++b) {
+    __m256i acc[MR][NR];
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+      for (int j = 0; j < NR; ++j) acc[r][j] = _mm256_setzero_si256();
+    const int32_t* wb[NR];  // one base per strip, so each load below is base + constant
+#pragma GCC unroll 2
+    for (int j = 0; j < NR; ++j) wb[j] = wbuf + j * strip_words + b * kPairsPerBlock * kStripCols;
+#pragma GCC unroll 16
+    for (int p = 0; p < kPairsPerBlock; ++p) {
+      __m256i wv[NR];
+#pragma GCC unroll 2
+      for (int j = 0; j < NR; ++j) {
+        wv[j] = _mm256_loadu_si256((const __m256i*)(wb[j] + p * kStripCols));
+        asm("" : "+x"(wv[j]));  // one load per weight vector, not one folded into each of the MR multiplies
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; ++r) {
+        const __m256i xb = _mm256_set1_epi32(xq[r][b * kPairsPerBlock + p]);
+#pragma GCC unroll 2
+        for (int j = 0; j < NR; ++j) {
+          acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(wv[j], xb));
+          // keeps each sum one chain in its register: left alone, the compiler reassociates the integer adds into
+          // trees of temporaries and spills them (measured 1.9x slower)
+          asm("" : "+x"(acc[r][j]));
+        }
+      }
+    }
+#pragma GCC unroll 2
+    for (int j = 0; j < NR; ++j) {
+      const __m256 s = _mm256_loadu_ps(sw + j * strip_params + b * kStripCols);
+      const __m256 z = _mm256_loadu_ps(zt + j * strip_params + b * kStripCols);
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; ++r) {
+        const int64_t at = (m0 + r) * xp.blocks + b;
+        __m256 t = _mm256_load_ps(tot[r][j]);
+        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][j]), _mm256_mul_ps(s, _mm256_set1_ps(xp.scale[at])), t);
+        _mm256_store_ps(tot[r][j], _mm256_fmadd_ps(z, _mm256_set1_ps(xp.sum[at]), t));
+      }
+    }
+  }
+#pragma GCC unroll 2
+  for (int j = 0; j < NR; ++j) {
+    const int64_t c0 = n0 + j * kStripCols;
+    if (c0 >= N) break;
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i cols = _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(std::min<int64_t>(N - c0, 8))), lane);
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) _mm256_maskstore_ps(y + (m0 + r) * N + c0, cols, _mm256_load_ps(tot[r][j]));
+  }
+}
+
+template <int NR>
+void int16x_rows(const Int16Pairs& xp, int64_t m0, int64_t m1, const int32_t* wbuf, const float* sw,
+                 const float* zt, int64_t strip_words, int64_t strip_params, float* y, int64_t N, int64_t n0) {
+  for (; m0 + kPanelRowsI16 <= m1; m0 += kPanelRowsI16)
+    int16x_block<kPanelRowsI16, NR>(xp, m0, wbuf, sw, zt, strip_words, strip_params, y, N, n0);
+  switch (m1 - m0) {
+    case 1: int16x_block<1, NR>(xp, m0, wbuf, sw, zt, strip_words, strip_params, y, N, n0); break;
+    case 2: int16x_block<2, NR>(xp, m0, wbuf, sw, zt, strip_words, strip_params, y, N, n0); break;
+    case 3: int16x_block<3, NR>(xp, m0, wbuf, sw, zt, strip_words, strip_params, y, N, n0); break;
+    default: break;
+  }
+  static_assert(kPanelRowsI16 == 4, "the tail covers kPanelRowsI16 - 1 rows");
+}
+
+// x rows per pass over a thread's panels: their int16 pairs (~74-197 KB at K = 576-1536) stay in L2 while each
+// panel's unpacked weights stream past them, instead of all of x streaming from L3 once per panel.
+constexpr int64_t kChunkRowsI16 = 64;
+
+// Panels [p0, p1) of 16 output columns for all M rows of x: y [M, N] fp32. scale/bias: fp32 [N, G] (bias may be null).
+// The panels' weights are unpacked once, then multiplied by x kChunkRowsI16 rows at a time.
+inline void gemm_int4_int16x_avx2(const Int16Pairs& xp, int64_t M, const int32_t* w, const float* scale,
+                                  const float* bias, int64_t N, int64_t K, int64_t G, float* y, int64_t p0,
+                                  int64_t p1) {
+  const int64_t gs = K / G, strip_words = xp.blocks * kPairsPerBlock * kStripCols;
+  const int64_t strip_params = xp.blocks * kStripCols, panel_cols = kPanelStripsI16 * kStripCols;
+  const int64_t panel_words = kPanelStripsI16 * strip_words, panel_params = kPanelStripsI16 * strip_params;
+  std::vector<int32_t> wbuf((p1 - p0) * panel_words);
+  std::vector<float> sw((p1 - p0) * panel_params), zt((p1 - p0) * panel_params);
+  for (int64_t p = p0; p < p1; ++p)
+    for (int s = 0; s < kPanelStripsI16 && p * panel_cols + s * kStripCols < N; ++s) {
+      const int64_t at = (p - p0) * panel_words + s * strip_words, pt = (p - p0) * panel_params + s * strip_params;
+      pack_strip(w, scale, bias, N, K, G, gs, p * panel_cols + s * kStripCols, wbuf.data() + at, sw.data() + pt,
+                 zt.data() + pt);
+    }
+  for (int64_t m0 = 0; m0 < M; m0 += kChunkRowsI16) {
+    const int64_t m1 = std::min(M, m0 + kChunkRowsI16);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int32_t* wp = wbuf.data() + (p - p0) * panel_words;
+      const float *sp = sw.data() + (p - p0) * panel_params, *zp = zt.data() + (p - p0) * panel_params;
+      const int64_t n0 = p * panel_cols;
+      if (n0 + kStripCols < N)
+        int16x_rows<2>(xp, m0, m1, wp, sp, zp, strip_words, strip_params, y, N, n0);
+      else
+        int16x_rows<1>(xp, m0, m1, wp, sp, zp, strip_words, strip_params, y, N, n0);
+    }
+  }
+  static_assert(kPanelStripsI16 == 2, "a panel is two strips or its last one");
+}
+
+}  // namespace
+}  // namespace quant
+}  // namespace pernode
+#endif
