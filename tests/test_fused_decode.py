@@ -178,6 +178,7 @@ def test_capped_cpus_decode_steps_keep_int8_x_up_to_the_measured_rows(monkeypatc
     monkeypatch.delenv("PERNODE_QUANT_INPUT", raising=False)
     monkeypatch.setenv("PERNODE_GEMM_FROM_ROWS", "1000")
     monkeypatch.setenv("PERNODE_DECODE_INT8_ROWS", "16")
+    monkeypatch.setenv("PERNODE_PANEL_FROM_ROWS", "off")  # the GEMV throughout: the panel is the next test's
     capped = tiny_model("int4", torch.float32)
     assert capped.use_fused_decoder()
     proj = capped.layers[0].mlp.gate_up_proj
@@ -244,3 +245,33 @@ def test_default_model_greedy_tokens_are_the_per_op_tokens():
         got = greedy(prompt)
         engine.model.fused_decoder = None
         assert got == greedy(prompt), prompt
+
+
+def test_capped_cpus_decode_steps_run_the_panel_from_its_crossover(monkeypatch):
+    """AVX2: the panel kernel (csrc/panel_int8x_avx2.h) is on by default there, for what takes int8 x anyway. A
+    decode step from PERNODE_PANEL_FROM_ROWS rows runs it, bit for bit what per-op layers that quantize x in every
+    call and run the panel from the same rows give; a prompt chunk of as many rows keeps float x and the GEMM."""
+    from pernode.serve.kernels import cpu_features
+
+    if not cpu_features.multiplies_int16_gemm():
+        pytest.skip("the AVX2 panel kernel is built on AVX2 CPUs without AVX-512")
+    monkeypatch.delenv("PERNODE_QUANT_INPUT", raising=False)
+    monkeypatch.setenv("PERNODE_GEMM_FROM_ROWS", "1000")
+    monkeypatch.setenv("PERNODE_DECODE_INT8_ROWS", "32")
+    monkeypatch.setenv("PERNODE_PANEL_FROM_ROWS", "12")
+    capped = tiny_model("int4", torch.float32)
+    assert capped.use_fused_decoder()
+    proj = capped.layers[0].mlp.gate_up_proj
+    assert proj.panel_from_rows(torch.float32) == 12 and not proj.quantizes_input(12)
+    monkeypatch.setenv("PERNODE_QUANT_INPUT", "int8")
+    everywhere = tiny_model("int4", torch.float32)
+    assert everywhere.layers[0].mlp.gate_up_proj.panel_from_rows(torch.float32) == 12
+    for query_lens in ([1] * 12, [1] * 20, [4] * 5):
+        contexts = [(5 * s) % 40 + 1 for s in range(len(query_lens))]
+        caches, tables = prefilled(capped, torch.float32, contexts)
+        (per_op, _), (fused, _) = both_paths(capped, caches, tables, contexts, query_lens)
+        ids = torch.randint(0, capped.config.vocab_size, (sum(query_lens),), generator=torch.Generator().manual_seed(2))
+        with torch.inference_mode():
+            reference = step(everywhere, clone(caches), tables, contexts, query_lens, ids)
+        torch.testing.assert_close(fused, reference, rtol=0, atol=0)
+        assert not torch.equal(fused, per_op)  # the per-op layers keep float x past 8 rows

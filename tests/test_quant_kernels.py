@@ -189,6 +189,7 @@ def test_capped_int8_x_changes_kernel_at_nine_rows(monkeypatch):
     monkeypatch.delenv("PERNODE_QUANT_INPUT")
     monkeypatch.setenv("PERNODE_GEMM_FROM_ROWS", "1000")
     monkeypatch.setenv("PERNODE_DECODE_INT8_ROWS", "24")  # decode steps keep int8 x further (fused_decode.py)
+    monkeypatch.setenv("PERNODE_PANEL_FROM_ROWS", "off")  # its own switch (tests/test_fused_decode.py)
     layer = _random_layer(QuantScheme(4, 32, symmetric=False), 576, 200)
     assert layer.kernel_switch_rows(torch.float32) == [FLOAT_GEMV_MAX_ROWS + 1, 25, 1000]
     assert layer.gemv_quantizes_input(FLOAT_GEMV_MAX_ROWS) and not layer.gemv_quantizes_input(FLOAT_GEMV_MAX_ROWS + 1)

@@ -24,8 +24,10 @@ Other settings:
                          int16, csrc/gemm_int4_int16x_avx2.h; elsewhere float, the only choice there)
   PERNODE_GEMM_FROM_ROWS rows from which quantized linears run the GEMM instead of the GEMV (default: measured on
                          this CPU per layer shape, see kernels/gemm_dispatch.py)
-  PERNODE_PANEL_FROM_ROWS off (default) | measure | N: rows from which int4 linears with int8 x run the panel
-                         kernel instead of the GEMV (up to 64 rows); measure: the crossover measured per shape
+  PERNODE_PANEL_FROM_ROWS off | measure | N: rows from which int4 linears with int8 x run the panel kernel
+                         instead of the GEMV (up to 64 rows); measure: the crossover measured per shape. Default:
+                         measure on AVX2 without AVX-512, where int8 x past 8 rows is for decode steps only; off
+                         on VNNI CPUs, where it would also take short prompts
   PERNODE_DECODE_INT8_ROWS N: where int8 x is capped at 8 rows (AVX2 without VNNI), the rows up to which decode
                          steps (no sequence with more than 8 query tokens) still quantize x (default: measured per
                          layer shape against the float-x path; 8 keeps every step at the cap)
@@ -178,16 +180,20 @@ def decode_int8_rows() -> int | None:
 
 
 PANEL_MEASURE = -1  # panel_from_rows(): measure the crossover
+PANEL_OFF = 0  # panel_from_rows(): no panel kernel
 
 
 def panel_from_rows() -> int | None:
-    """PERNODE_PANEL_FROM_ROWS: unset or "off" (default): no panel kernel (None); "measure": measure the GEMV/panel
-    crossover (PANEL_MEASURE); an integer >= 1: that crossover. Off by default because the panel's int8 activations
-    would also take short prompts (up to 64 tokens) off the bf16 GEMM, which flips near-tie greedy answers (the
-    chat question "What is the capital of France?")."""
+    """PERNODE_PANEL_FROM_ROWS: unset: None, the CPU decides (kernels/quant_linear.QuantLinear.panel_from_rows);
+    "off": no panel kernel (PANEL_OFF); "measure": measure the GEMV/panel crossover (PANEL_MEASURE); an integer
+    >= 1: that crossover. On VNNI CPUs unset means off, because the panel's int8 activations would also take short
+    prompts (up to 64 tokens) off the bf16 GEMM, which flips near-tie greedy answers (the chat question "What is the
+    capital of France?")."""
     value = _raw("PERNODE_PANEL_FROM_ROWS").strip().lower()
-    if value in ("", "off"):
+    if value == "":
         return None
+    if value == "off":
+        return PANEL_OFF
     if value == "measure":
         return PANEL_MEASURE
     try:

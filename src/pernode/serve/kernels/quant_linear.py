@@ -223,8 +223,12 @@ class QuantLinear(nn.Module):
         self._gemm_int16 = (torch.ops.pernode.woq_gemm_int16x
                             if self._op is not None and int16_gemm_applies(self.scheme.num_bits, self.in_features,
                                                                            self.scheme.group_size) else None)
-        self._panel = (torch.ops.pernode.woq_panel_gemm  # it quantizes x whatever the rows: not with a row cap
-                       if self._op is not None and self._int8_max_rows == NEVER and self.scheme.num_bits == 4 else None)
+        # The panel kernel quantizes x whatever the rows: with VNNI, where every GEMV call does; on AVX2, where int8 x
+        # is capped, only for what takes int8 x anyway (calls within the cap, the fused decoder's decode steps).
+        self._panel_decode_only = 0 < self._int8_max_rows < NEVER and multiplies_int16_gemm()
+        self._panel = (torch.ops.pernode.woq_panel_gemm
+                       if self._op is not None and self.scheme.num_bits == 4
+                       and (self._int8_max_rows == NEVER or self._panel_decode_only) else None)
         layout = (self.scheme.num_bits, self.scheme.group_size or 0, envs.quant_threads())
         self._float_op_args = (self.qweight, self._scale, self._zero_term, *layout)
         self._op_args = self._float_op_args
@@ -255,7 +259,10 @@ class QuantLinear(nn.Module):
         rows = self._decode_int8_rows.get(dtype)
         if rows is None:
             rows = envs.decode_int8_rows()
-            if rows is None:
+            if rows is None and self.panel_from_rows(dtype) <= PANEL_MAX_ROWS:  # GEMV, then panel, against float x
+                rows = gemm_from_rows(self._shape(dtype, "int8-x gemv+panel/float x"), SOURCE, self._run_int8_decode,
+                                      self._run_float_x, gemm_setting=False) - 1
+            elif rows is None:
                 rows = min(DECODE_INT8_MAX_ROWS, gemm_from_rows(self._shape(dtype, "int8-x gemv/float x"), SOURCE,
                                                                 self._run_int8_gemv, self._run_float_x,
                                                                 gemm_setting=False) - 1)
@@ -274,6 +281,12 @@ class QuantLinear(nn.Module):
 
     def _run_int8_gemv(self, x2: torch.Tensor) -> torch.Tensor:
         return self._op(x2, *self._op_args, True)
+
+    def _run_int8_decode(self, x2: torch.Tensor) -> torch.Tensor:
+        """What a decode step with int8 x runs past the cap: the GEMV, or from its crossover the panel kernel."""
+        if x2.shape[0] >= self.panel_from_rows(x2.dtype):
+            return self._run_panel(x2)
+        return self._run_int8_gemv(x2)
 
     def _run_float_x(self, x2: torch.Tensor) -> torch.Tensor:
         """What a call with float x runs: the float-x op (GEMV, tiled matmul past its rows) or, from the crossover, the
@@ -298,7 +311,7 @@ class QuantLinear(nn.Module):
     def _run_decode(self, x2: torch.Tensor) -> torch.Tensor:
         """The kernel below the GEMM crossover: the GEMV, or from its own crossover on the panel kernel."""
         rows = x2.shape[0]
-        if rows <= PANEL_MAX_ROWS and rows >= self.panel_from_rows(x2.dtype):
+        if rows <= PANEL_MAX_ROWS and rows >= self.panel_from_rows(x2.dtype) and self.quantizes_input(rows):
             return self._run_panel(x2)
         return self._run_gemv(x2)
 
@@ -312,16 +325,20 @@ class QuantLinear(nn.Module):
                            envs.quant_threads() or torch.get_num_threads(), kernels)
 
     def panel_from_rows(self, dtype: torch.dtype) -> int:
-        """Row count from which calls with x of `dtype` run the panel kernel instead of the GEMV (up to
-        PANEL_MAX_ROWS; NEVER where there is none, it never wins below that, or PERNODE_PANEL_FROM_ROWS is off, the
-        default)."""
+        """Row count from which calls with int8 x of `dtype` run the panel kernel instead of the GEMV (up to
+        PANEL_MAX_ROWS; NEVER where there is none, it never wins below that, or it is off). Unset
+        PERNODE_PANEL_FROM_ROWS: measured on AVX2 without AVX-512, where only calls with int8 x reach it (those within
+        the cap and the fused decoder's decode steps, csrc/panel_int8x_avx2.h); off with VNNI, where it would also
+        take short prompts from the bf16 GEMM (docs/threads.md)."""
         rows = self._panel_from_rows.get(dtype)
         if rows is None:
             setting = envs.panel_from_rows()
-            if self._panel is None or setting is None:
+            if setting is None:  # unset: measured where only int8-x calls can reach it (AVX2), else off
+                setting = envs.PANEL_MEASURE if self._panel_decode_only else envs.PANEL_OFF
+            if self._panel is None or setting == envs.PANEL_OFF:
                 rows = NEVER
-            elif setting == envs.PANEL_MEASURE:
-                rows = gemm_from_rows(self._shape(dtype, "gemv/panel"), SOURCE, self._run_gemv, self._run_panel,
+            elif setting == envs.PANEL_MEASURE:  # both with int8 x: on AVX2 the float-x GEMV is another question
+                rows = gemm_from_rows(self._shape(dtype, "gemv/panel"), SOURCE, self._run_int8_gemv, self._run_panel,
                                       gemm_setting=False)
             else:
                 rows = setting
@@ -333,7 +350,7 @@ class QuantLinear(nn.Module):
         """Row count from which calls with x of `dtype` run the GEMM (measured once per shape, see gemm_dispatch)."""
         rows = self._gemm_from_rows.get(dtype)
         if rows is None:
-            if self.panel_from_rows(dtype) == NEVER:
+            if self.panel_from_rows(dtype) == NEVER or self._panel_decode_only:  # prefill chunks keep float x
                 rows = gemm_from_rows(self._shape(dtype, "gemv/gemm"), SOURCE, self._run_gemv, self._run_gemm)
             else:  # the decode kernel as it runs (GEMV, then panel) against the GEMM; past the panel's rows, the GEMM
                 rows = gemm_from_rows(self._shape(dtype, "gemv+panel/gemm"), SOURCE, self._run_decode,

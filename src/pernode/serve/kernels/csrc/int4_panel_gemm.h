@@ -19,6 +19,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "panel_int8x_avx2.h"  // the AVX2 counterpart
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -270,7 +272,30 @@ at::Tensor woq_panel_gemm(const at::Tensor& x_in, const at::Tensor& w, const at:
   else
     at::parallel_for(0, panels, 1, run);
   return x_in.scalar_type() == at::kBFloat16 ? y32.to(at::kBFloat16) : y32;
-#else  // no VNNI: the int8-x GEMV computes the same products
+#elif defined(PERNODE_AVX2_INT16X_GEMM)  // AVX2 without AVX-512: panel_int8x_avx2.h
+  std::vector<float> x_widened;
+  at::Tensor x;
+  const float* xptr = fp32_rows(x_in, x, x_widened);  // quant_linear.h
+  const QuantizedInput qi = quantize_input_blocks(xptr, M, K, 4);
+  const Int8Blocks xb = int8_blocks(qi, M, K);
+  at::Tensor y32 = at::empty({M, N}, x_in.options().dtype(at::kFloat));
+  const int32_t* wp = w.data_ptr<int32_t>();
+  const int64_t panels = (N + kPanelStripsI16 * kStripCols - 1) / (kPanelStripsI16 * kStripCols);
+  auto run = [&](int64_t p0, int64_t p1) {
+    if (half)
+      panel_int8x_avx2(xb, M, wp, reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>()),
+                       has_bias ? reinterpret_cast<const uint16_t*>(bias.data_ptr<at::Half>()) : nullptr, N, K, G,
+                       y32.data_ptr<float>(), p0, p1);
+    else
+      panel_int8x_avx2(xb, M, wp, scale.data_ptr<float>(), has_bias ? bias.data_ptr<float>() : nullptr, N, K, G,
+                       y32.data_ptr<float>(), p0, p1);
+  };
+  if (num_threads == 1)
+    run(0, panels);
+  else
+    at::parallel_for(0, panels, 1, run);
+  return x_in.scalar_type() == at::kBFloat16 ? y32.to(at::kBFloat16) : y32;
+#else  // neither: the int8-x GEMV computes the same products
   return woq_linear(x_in, w, scale_in, bias_in, 4, group_size, num_threads, true);
 #endif
 }
