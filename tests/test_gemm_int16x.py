@@ -6,33 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pernode.quant_format import QuantScheme, quantize_weight
 from pernode.serve.kernels.cpu_features import multiplies_int16_gemm
 from pernode.serve.kernels.quant_linear import (QuantLinear, int16_gemm_applies, load_kernel, unpacked_weight,
                                                 woq_linear_reference)
 
+from int4_layers import SCHEMES, int4_layer
+
 pytestmark = pytest.mark.skipif(load_kernel() is None, reason="C++ kernel unavailable")
 on_avx2 = pytest.mark.skipif(not multiplies_int16_gemm(), reason="the int16-x GEMM is built for AVX2 without AVX-512")
 
-SCHEMES = {
-    "q4_1": QuantScheme(4, 32, symmetric=False, float_min=True),  # GGUF Q4_1: a float min per group
-    "sym-g128": QuantScheme(4, 128),  # no zero term: the int4 offset alone
-    "zp-g64": QuantScheme(4, 64, symmetric=False),  # integer zero point
-    "per-channel": QuantScheme(4, None),
-}
-
-
-def _layer(scheme: QuantScheme, in_features: int, out_features: int, seed: int = 0) -> QuantLinear:
-    gen = torch.Generator().manual_seed(seed)
-    layer = QuantLinear(in_features, out_features, scheme)
-    w = torch.randn(out_features, in_features, generator=gen)
-    if scheme.float_min:
-        q, scale, _ = quantize_weight(w, QuantScheme(4, scheme.group_size, symmetric=False))
-        mins = (torch.randn(out_features, scale.shape[1], generator=gen) * 0.05).half().float()
-        layer.set_quantized(q, scale.half().float(), mins)
-    else:
-        layer.set_quantized(*quantize_weight(w, scheme))
-    return layer
+_layer = int4_layer
 
 
 def _gemm(layer: QuantLinear, x: torch.Tensor, threads: int = 0, half_qparams: bool = False) -> torch.Tensor:

@@ -6,34 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pernode.quant_format import QuantScheme, quantize_weight
 from pernode.serve.kernels.gemm_dispatch import NEVER, forget_measurements
 from pernode.serve.kernels.quant_linear import (PANEL_MAX_ROWS, QuantLinear, fp16_if_exact, load_kernel,
                                                 woq_linear_reference)
 
+from int4_layers import SCHEMES, int4_layer
+
 pytestmark = [pytest.mark.skipif(load_kernel() is None, reason="C++ kernel unavailable"),
               pytest.mark.usefixtures("int8_x")]  # the panel kernel takes int8 x: on every CPU, not only VNNI's
 
-SCHEMES = {
-    "q4_1": QuantScheme(4, 32, symmetric=False, float_min=True),  # GGUF Q4_1: a float min per group
-    "sym-g128": QuantScheme(4, 128),  # no zero term: the int4 offset alone
-    "zp-g64": QuantScheme(4, 64, symmetric=False),  # integer zero point
-    "per-channel": QuantScheme(4, None),
-}
-
-
-def _layer(scheme: QuantScheme, in_features: int, out_features: int, seed: int = 0) -> QuantLinear:
-    gen = torch.Generator().manual_seed(seed)
-    layer = QuantLinear(in_features, out_features, scheme)
-    w = torch.randn(out_features, in_features, generator=gen)
-    if scheme.float_min:
-        q, scale, _ = quantize_weight(w, QuantScheme(4, scheme.group_size, symmetric=False))
-        groups = scale.shape[1]
-        layer.set_quantized(q, scale.half().float(), (torch.randn(out_features, groups, generator=gen) * 0.05)
-                            .half().float())
-    else:
-        layer.set_quantized(*quantize_weight(w, scheme))
-    return layer
+_layer = int4_layer
 
 
 def _panel(layer: QuantLinear, x: torch.Tensor, qparams: str = "as-stored", threads: int = 0) -> torch.Tensor:

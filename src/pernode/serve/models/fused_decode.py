@@ -4,7 +4,8 @@ parsing and dispatch that cost ~130 us a layer at batch 1.
 
 One difference by design: where int8 x is capped at 8 rows (AVX2 without VNNI, quant_linear.int8_input_max_rows),
 a decode step here (no sequence with more than 8 query tokens: decodes, speculative verification) keeps int8 x up to
-each projection's `decode_int8_max_rows`, measured faster than float x there; prefill chunks keep the cap, and so do
+each projection's `decode_int8_max_rows`, measured faster than float x there (from the measured panel crossover on, with
+the panel kernel, csrc/panel_int8x_avx2.h); prefill chunks keep the cap, and so do
 the per-op layers, which serve decode steps only under --compile, on CUDA or with a quantized KV cache.
 
 `FusedDecoder.for_model` says once whether a model's layers are all of a kind the op runs (int4/int8 weight-only

@@ -17,7 +17,7 @@
 // per call into int16 pairs, so every x row after the first reuses it from cache. Each (x row, output column)
 // accumulates in the same order whatever the rows beside it: a row's result does not depend on its batch.
 
-#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define PERNODE_AVX2_INT16X_GEMM 1
 #include <immintrin.h>
 
@@ -82,38 +82,68 @@ inline Int16Pairs int16_pairs(const float* x, int64_t M, int64_t K) {
   return xp;
 }
 
+// Words 4b..4b+3 of 8 weight rows (nullptr: a row past N, read as zeros) transposed by unpacks: z[d] holds word d
+// of each row, lane = row.
+inline void transpose_words_8x4(const int32_t* const (&row)[8], int64_t b, __m256i (&z)[4]) {
+  static const int32_t zeros[4] = {0, 0, 0, 0};
+  __m256i a[4];  // a[r] = [row r words 0-3 | row r + 4 words 0-3]
+  for (int r = 0; r < 4; ++r) {
+    const int32_t* lo = row[r] ? row[r] + 4 * b : zeros;
+    const int32_t* hi = row[r + 4] ? row[r + 4] + 4 * b : zeros;
+    a[r] = _mm256_set_m128i(_mm_loadu_si128((const __m128i*)hi), _mm_loadu_si128((const __m128i*)lo));
+  }
+  const __m256i t0 = _mm256_unpacklo_epi32(a[0], a[1]), t1 = _mm256_unpacklo_epi32(a[2], a[3]);
+  const __m256i t2 = _mm256_unpackhi_epi32(a[0], a[1]), t3 = _mm256_unpackhi_epi32(a[2], a[3]);
+  z[0] = _mm256_unpacklo_epi64(t0, t1), z[1] = _mm256_unpackhi_epi64(t0, t1);
+  z[2] = _mm256_unpacklo_epi64(t2, t3), z[3] = _mm256_unpackhi_epi64(t2, t3);
+}
+
+// The first word of each of the strip's 8 weight rows, nullptr past N.
+inline void strip_rows(const int32_t* w, int64_t N, int64_t K, int64_t n0, const int32_t* (&row)[8]) {
+  for (int r = 0; r < 8; ++r) row[r] = n0 + r < N ? w + (n0 + r) * (K / 8) : nullptr;
+}
+
+inline float qparam_f32(float v) { return v; }
+inline float qparam_f32(uint16_t h) { return _cvtsh_ss(h); }  // fp16 bits
+
+// Block b's scale and zero term of the strip's rows (lane = row; 0 past N): fp32 or fp16-bit qparams [N, G].
+template <typename S>
+inline void strip_qparams(const S* scale, const S* bias, int64_t N, int64_t G, int64_t gs, int64_t n0, int64_t b,
+                          float* sw, float* zt) {
+  for (int r = 0; r < 8; ++r) {
+    const int64_t n = n0 + r, at = n * G + b * 32 / gs;
+    const float s = n < N ? qparam_f32(scale[at]) : 0.f;
+    sw[b * kStripCols + r] = s;
+    zt[b * kStripCols + r] = n >= N ? 0.f : bias ? qparam_f32(bias[at]) : -8.f * s;
+  }
+}
+
+// MR rows of one strip's totals into y [., N] at column c0, the columns past N left alone.
+template <int MR>
+inline void store_strip(const float (&tot)[MR][kStripCols], float* y, int64_t N, int64_t m0, int64_t c0) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i cols = _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(std::min<int64_t>(N - c0, 8))), lane);
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; ++r) _mm256_maskstore_ps(y + (m0 + r) * N + c0, cols, _mm256_load_ps(tot[r]));
+}
+
 // Weight rows [n0, n0 + 8) (rows past N as zeros) as [blocks][16 pairs][8 lanes] int32, lane = row, pair p = 4d + i
 // holding nibbles i and i + 4 of the block's word d as two int16: (word >> 4i) & 0x000F000F. An 8 x 4-word
 // transpose per block by unpacks; and the strip's scale and zero term per block, lane = row.
 inline void pack_strip(const int32_t* w, const float* scale, const float* bias, int64_t N, int64_t K, int64_t G,
                        int64_t gs, int64_t n0, int32_t* dst, float* sw, float* zt) {
-  const int64_t words = K / 8, blocks = K / 32;
-  static const int32_t zeros[4] = {0, 0, 0, 0};
   const int32_t* row[8];
-  for (int r = 0; r < 8; ++r) row[r] = n0 + r < N ? w + (n0 + r) * words : nullptr;
+  strip_rows(w, N, K, n0, row);
   const __m256i mask = _mm256_set1_epi32(0x000F000F);
-  for (int64_t b = 0; b < blocks; ++b) {
-    __m256i a[4];  // a[r] = [row r words 0-3 | row r + 4 words 0-3]
-    for (int r = 0; r < 4; ++r) {
-      const int32_t* lo = row[r] ? row[r] + 4 * b : zeros;
-      const int32_t* hi = row[r + 4] ? row[r + 4] + 4 * b : zeros;
-      a[r] = _mm256_set_m128i(_mm_loadu_si128((const __m128i*)hi), _mm_loadu_si128((const __m128i*)lo));
-    }
-    const __m256i t0 = _mm256_unpacklo_epi32(a[0], a[1]), t1 = _mm256_unpacklo_epi32(a[2], a[3]);
-    const __m256i t2 = _mm256_unpackhi_epi32(a[0], a[1]), t3 = _mm256_unpackhi_epi32(a[2], a[3]);
-    const __m256i z[4] = {_mm256_unpacklo_epi64(t0, t1), _mm256_unpackhi_epi64(t0, t1),
-                          _mm256_unpacklo_epi64(t2, t3), _mm256_unpackhi_epi64(t2, t3)};  // z[d]: word d, lane = row
+  for (int64_t b = 0; b < K / 32; ++b) {
+    __m256i z[4];
+    transpose_words_8x4(row, b, z);
     int32_t* out = dst + b * kPairsPerBlock * kStripCols;
     for (int d = 0; d < 4; ++d)
       for (int i = 0; i < 4; ++i)
         _mm256_storeu_si256((__m256i*)(out + (4 * d + i) * kStripCols),
                             _mm256_and_si256(_mm256_srli_epi32(z[d], 4 * i), mask));
-    for (int r = 0; r < 8; ++r) {
-      const int64_t n = n0 + r, at = n * G + b * 32 / gs;
-      const float s = n < N ? scale[at] : 0.f;
-      sw[b * kStripCols + r] = s;
-      zt[b * kStripCols + r] = n >= N ? 0.f : bias ? bias[at] : -8.f * s;
-    }
+    strip_qparams(scale, bias, N, G, gs, n0, b, sw, zt);
   }
 }
 
@@ -123,7 +153,7 @@ template <int MR, int NR>
 __attribute__((noinline)) void int16x_block(const Int16Pairs& xp, int64_t m0, const int32_t* wbuf, const float* sw, const float* zt,
                          int64_t strip_words, int64_t strip_params, float* y, int64_t N, int64_t n0) {
   // the fp32 totals live in L1, not registers: the loop's 2 * MR * NR accumulators would not fit beside the weights
-  alignas(32) float tot[MR][NR][kStripCols] = {};
+  alignas(32) float tot[NR][MR][kStripCols] = {};
   const int32_t* xq[MR];
 #pragma GCC unroll 4
   for (int r = 0; r < MR; ++r) xq[r] = xp.pairs.data() + (m0 + r) * xp.blocks * kPairsPerBlock;
@@ -163,21 +193,15 @@ __attribute__((noinline)) void int16x_block(const Int16Pairs& xp, int64_t m0, co
 #pragma GCC unroll 4
       for (int r = 0; r < MR; ++r) {
         const int64_t at = (m0 + r) * xp.blocks + b;
-        __m256 t = _mm256_load_ps(tot[r][j]);
+        __m256 t = _mm256_load_ps(tot[j][r]);
         t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][j]), _mm256_mul_ps(s, _mm256_set1_ps(xp.scale[at])), t);
-        _mm256_store_ps(tot[r][j], _mm256_fmadd_ps(z, _mm256_set1_ps(xp.sum[at]), t));
+        _mm256_store_ps(tot[j][r], _mm256_fmadd_ps(z, _mm256_set1_ps(xp.sum[at]), t));
       }
     }
   }
 #pragma GCC unroll 2
-  for (int j = 0; j < NR; ++j) {
-    const int64_t c0 = n0 + j * kStripCols;
-    if (c0 >= N) break;
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i cols = _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(std::min<int64_t>(N - c0, 8))), lane);
-#pragma GCC unroll 4
-    for (int r = 0; r < MR; ++r) _mm256_maskstore_ps(y + (m0 + r) * N + c0, cols, _mm256_load_ps(tot[r][j]));
-  }
+  for (int j = 0; j < NR; ++j)
+    if (n0 + j * kStripCols < N) store_strip<MR>(tot[j], y, N, m0, n0 + j * kStripCols);
 }
 
 template <int NR>

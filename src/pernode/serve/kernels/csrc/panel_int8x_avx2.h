@@ -26,7 +26,6 @@
 #include <cstring>
 #include <vector>
 
-#include "gemv_int8x_avx2.h"        // qparam_to_float
 #include "int8_input.h"
 
 namespace pernode {
@@ -60,34 +59,19 @@ inline Int8Blocks int8_blocks(const QuantizedInput& qi, int64_t M, int64_t K) {
 template <typename S>
 void pack_strip_int8x(const int32_t* w, const S* scale, const S* bias, int64_t N, int64_t K, int64_t G, int64_t gs,
                       int64_t n0, int32_t* dst, float* sw, float* zt) {
-  const int64_t words = K / 8, blocks = K / 32;
-  static const int32_t zeros[4] = {0, 0, 0, 0};
   const int32_t* row[8];
-  for (int r = 0; r < 8; ++r) row[r] = n0 + r < N ? w + (n0 + r) * words : nullptr;
+  strip_rows(w, N, K, n0, row);
   const __m256i nibbles = _mm256_set1_epi8(0x0F);
-  for (int64_t b = 0; b < blocks; ++b) {
-    __m256i a[4];  // a[r] = [row r words 0-3 | row r + 4 words 0-3]
-    for (int r = 0; r < 4; ++r) {
-      const int32_t* lo = row[r] ? row[r] + 4 * b : zeros;
-      const int32_t* hi = row[r + 4] ? row[r + 4] + 4 * b : zeros;
-      a[r] = _mm256_set_m128i(_mm_loadu_si128((const __m128i*)hi), _mm_loadu_si128((const __m128i*)lo));
-    }
-    const __m256i t0 = _mm256_unpacklo_epi32(a[0], a[1]), t1 = _mm256_unpacklo_epi32(a[2], a[3]);
-    const __m256i t2 = _mm256_unpackhi_epi32(a[0], a[1]), t3 = _mm256_unpackhi_epi32(a[2], a[3]);
-    const __m256i z[4] = {_mm256_unpacklo_epi64(t0, t1), _mm256_unpackhi_epi64(t0, t1),
-                          _mm256_unpacklo_epi64(t2, t3), _mm256_unpackhi_epi64(t2, t3)};  // z[d]: word d, lane = row
+  for (int64_t b = 0; b < K / 32; ++b) {
+    __m256i z[4];
+    transpose_words_8x4(row, b, z);
     int32_t* out = dst + b * kNibbleVectors * kStripCols;
     for (int d = 0; d < 4; ++d) {
       _mm256_storeu_si256((__m256i*)(out + 2 * d * kStripCols), _mm256_and_si256(z[d], nibbles));
       _mm256_storeu_si256((__m256i*)(out + (2 * d + 1) * kStripCols),
                           _mm256_and_si256(_mm256_srli_epi16(z[d], 4), nibbles));
     }
-    for (int r = 0; r < 8; ++r) {
-      const int64_t n = n0 + r, at = n * G + b * 32 / gs;
-      const float s = n < N ? qparam_to_float(scale[at]) : 0.f;
-      sw[b * kStripCols + r] = s;
-      zt[b * kStripCols + r] = n >= N ? 0.f : bias ? qparam_to_float(bias[at]) : -8.f * s;
-    }
+    strip_qparams(scale, bias, N, G, gs, n0, b, sw, zt);
   }
 }
 
@@ -96,7 +80,7 @@ template <int MR, int NR>
 __attribute__((noinline)) void int8x_block(const Int8Blocks& xb, int64_t m0, const int32_t* wbuf, const float* sw,
                                            const float* zt, int64_t strip_words, int64_t strip_params, float* y,
                                            int64_t N, int64_t n0) {
-  alignas(32) float tot[MR][NR][kStripCols] = {};  // in L1: see int16x_block
+  alignas(32) float tot[NR][MR][kStripCols] = {};  // in L1: see int16x_block
   const int8_t* xr[MR];
 #pragma GCC unroll 4
   for (int r = 0; r < MR; ++r) xr[r] = xb.bytes + (m0 + r) * xb.row_bytes;
@@ -139,21 +123,15 @@ __attribute__((noinline)) void int8x_block(const Int8Blocks& xb, int64_t m0, con
       for (int r = 0; r < MR; ++r) {
         const int64_t at = (m0 + r) * xb.blocks + b;
         const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(acc[r][j], ones));
-        __m256 t = _mm256_load_ps(tot[r][j]);
+        __m256 t = _mm256_load_ps(tot[j][r]);
         t = _mm256_fmadd_ps(dot, _mm256_mul_ps(s, _mm256_set1_ps(xb.scale[at])), t);
-        _mm256_store_ps(tot[r][j], _mm256_fmadd_ps(z, _mm256_set1_ps(xb.sum[at]), t));
+        _mm256_store_ps(tot[j][r], _mm256_fmadd_ps(z, _mm256_set1_ps(xb.sum[at]), t));
       }
     }
   }
 #pragma GCC unroll 2
-  for (int j = 0; j < NR; ++j) {
-    const int64_t c0 = n0 + j * kStripCols;
-    if (c0 >= N) break;
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i cols = _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(std::min<int64_t>(N - c0, 8))), lane);
-#pragma GCC unroll 4
-    for (int r = 0; r < MR; ++r) _mm256_maskstore_ps(y + (m0 + r) * N + c0, cols, _mm256_load_ps(tot[r][j]));
-  }
+  for (int j = 0; j < NR; ++j)
+    if (n0 + j * kStripCols < N) store_strip<MR>(tot[j], y, N, m0, n0 + j * kStripCols);
 }
 
 template <int NR>
