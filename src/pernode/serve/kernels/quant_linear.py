@@ -5,8 +5,9 @@ is the plain-torch result they are held to, and the fallback where they cannot b
 kernels by its row count, from the crossover measured for the layer's shape on this CPU (gemm_dispatch.py):
 decode-sized steps run the GEMV, which streams the packed weights (for int4 it quantizes x to int8 per 32-value
 block and multiplies integers with VNNI, as llama.cpp's Q8 activations do; int8 weights and
-`PERNODE_QUANT_INPUT=float` keep x in fp32); with PERNODE_PANEL_FROM_ROWS set, int4 decode batches from a second
-(measured) crossover on, up to PANEL_MAX_ROWS rows, run `woq_panel_gemm`, the same int8-x products register-blocked over rows, so each weight is
+`PERNODE_QUANT_INPUT=float` keep x in fp32; input_precision.py decides); with PERNODE_PANEL_FROM_ROWS set, or by
+default on AVX2 for the fused decoder's decode steps, int4 decode batches from a second (measured) crossover on, up to
+PANEL_MAX_ROWS rows, run `woq_panel_gemm`, the same int8-x products register-blocked over rows, so each weight is
 unpacked once per call instead of once per 8 rows; compute-bound steps (prefill chunks) run `woq_gemm`,
 dequantized tiles through a GEMM in the activations' dtype (bf16 on CPUs that compute it natively), or on CPUs with
 AVX2 but not AVX-512, for int4 layers, `woq_gemm_int16x`: x as int16 per 32 values, the nibbles multiplied as
@@ -23,26 +24,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from pernode import envs
-from pernode.envs import GemmInput, KernelChoice, QuantInput
+from pernode.envs import KernelChoice
 from pernode.quant_format import QuantScheme, dequantize, dequantize_float_min, pack_int4, unpack_int4
-from pernode.serve.kernels.cpu_features import has_vnni, multiplies_int16_gemm, multiplies_int8_natively
+from pernode.serve.kernels.cpu_features import multiplies_int16_gemm
 from pernode.serve.kernels.gemm_dispatch import NEVER, LinearShape, gemm_from_rows
+from pernode.serve.kernels.input_precision import (ACT_BLOCK, FLOAT_GEMV_MAX_ROWS, int8_input_max_rows,  # noqa: F401
+                                                  int16_gemm_applies, quantize_input_blocks)
 from pernode.serve.kernels.jit import build_path, load_extension
 from pernode.serve.kernels.w8a8_linear import W8A8Linear
 
 SOURCE = "quant_linear.cpp"
-ACT_BLOCK = 32  # x values sharing one int8 scale in the GEMV
 QPARAM_BUFFERS = ("weight_scale", "weight_min")  # float qparams: kept in fp32 whatever dtype the model runs in
 
 
-# csrc/quant_linear.cpp kFloatGemvMaxRows: with float x the op runs its GEMV up to this many rows, a tiled fp32
-# matmul beyond
-FLOAT_GEMV_MAX_ROWS = 8
 # The int4 panel kernel (csrc/int4_panel_gemm.h) serves decode-sized steps only, as many rows as the fused decoder
 # stack takes (models/fused_decode.MAX_ROWS): prefill chunks keep the GEMM, and its bf16 activations' numbers.
 PANEL_MAX_ROWS = 64
-# Decode steps on a CPU that caps int8 x (AVX2) keep it up to the measured crossover with float x, but at most for six
-# GEMV passes of 8 rows: with the AVX2 GEMV of csrc/gemv_int8x_avx2.h, whole two-thread decode steps of the default
+# Decode steps on a CPU that caps int8 x (AVX2) keep it up to the measured crossover with float x; with the panel
+# kernel off, at most for six GEMV passes of 8 rows: with the AVX2 GEMV of csrc/gemv_int8x_avx2.h, whole two-thread decode steps of the default
 # model took 0.73x the time of a 16-row cap at 24 sequences, 0.87x at 32 and 0.85-0.91x at 48 (docs/threads.md).
 DECODE_INT8_MAX_ROWS = 6 * FLOAT_GEMV_MAX_ROWS
 
@@ -63,49 +62,6 @@ def build_kernels() -> Path | None:
 def unpacked_weight(weight: torch.Tensor, num_bits: int, in_features: int) -> torch.Tensor:
     """Signed integer values [N, K] (int8) from the stored int8 weight or int4 words."""
     return weight if num_bits == 8 else unpack_int4(weight, in_features)
-
-
-def quantize_input_blocks(x: torch.Tensor, block: int = ACT_BLOCK) -> torch.Tensor:
-    """x as the GEMV sees it: symmetric int8 per `block` values of a row (rint(x * 127/amax)), dequantized."""
-    xb = x.float().reshape(*x.shape[:-1], -1, block)
-    amax = xb.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    q = torch.round(xb * inv).clamp(-127, 127)
-    return (q * (amax / 127.0)).reshape(x.shape)
-
-
-def int8_input_max_rows(num_bits: int, in_features: int, group_size: int | None) -> int:
-    """Up to how many rows a call's x is quantized to int8 before the int4 GEMV (0: never; NEVER: every call below
-    the GEMM crossover). Integer products keep the int4 GEMV bandwidth-bound where unpack + convert + FMA would make
-    it compute-bound (6 vs 9.5 GB/s with AVX-512 VNNI, 1 thread).
-    - VNNI CPUs, or PERNODE_QUANT_INPUT=int8: every GEMV call.
-    - AVX2 CPUs (vpmaddubsw): decode-sized calls only, the rows the float-x op would run as a GEMV too
-      (FLOAT_GEMV_MAX_ROWS); beyond them x stays float, but for the fused stack's decode steps
-      (QuantLinear.decode_int8_max_rows). Batch-1 TPOT is 15 ms against 17-20 with float x, but
-      that GEMV beats the GEMM up to 30-40 rows, and prefilling a short chat prompt with int8 activations flips the
-      default model's answer to the README's question (tests/test_int4_panel_gemm.py).
-    - Elsewhere, and for int8 weights: never; int8 x would only be dequantized again. With AVX-512 their float-x
-      GEMV already streams faster than memory; on AVX2 it takes x as int16 per 32 values (csrc/gemv_int8x_avx2.h),
-      which is as fast as int8 x there and keeps the Q8_0 lm_head's near-tie first tokens as fp32 picks them."""
-    setting = envs.quant_input()
-    blocks_fit = in_features % ACT_BLOCK == 0 and (group_size or in_features) % ACT_BLOCK == 0
-    if num_bits != 4 or setting is QuantInput.FLOAT or not blocks_fit:
-        return 0
-    if setting is QuantInput.INT8 or has_vnni():
-        return NEVER
-    return FLOAT_GEMV_MAX_ROWS if multiplies_int8_natively() else 0
-
-
-def int16_gemm_applies(num_bits: int, in_features: int, group_size: int | None) -> bool:
-    """Whether the layer's GEMM (prefill chunks, large decode batches) quantizes x to int16 per 32 values and
-    multiplies the int4 weights as integers (csrc/gemm_int4_int16x_avx2.h): int4 layers whose blocks fit, on CPUs with
-    AVX2 but not AVX-512, unless PERNODE_GEMM_INPUT=float. Elsewhere, and for int8 weights, the GEMM dequantises
-    tiles and multiplies in x's dtype. int16 x errs by ~1e-5 of each block's largest |x|: the fp32 GEMM's numbers to
-    well within bf16's, where int8 x would flip the default model's near-tie chat answer."""
-    blocks_fit = in_features % ACT_BLOCK == 0 and (group_size or in_features) % ACT_BLOCK == 0
-    if num_bits != 4 or not blocks_fit or envs.gemm_input() is GemmInput.FLOAT:
-        return False
-    return multiplies_int16_gemm()
 
 
 def dequantize_layer_weight(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
