@@ -127,26 +127,75 @@ inline void store_strip(const float (&tot)[MR][kStripCols], float* y, int64_t N,
   for (int r = 0; r < MR; ++r) _mm256_maskstore_ps(y + (m0 + r) * N + c0, cols, _mm256_load_ps(tot[r]));
 }
 
-// Weight rows [n0, n0 + 8) (rows past N as zeros) as [blocks][16 pairs][8 lanes] int32, lane = row, pair p = 4d + i
-// holding nibbles i and i + 4 of the block's word d as two int16: (word >> 4i) & 0x000F000F. An 8 x 4-word
-// transpose per block by unpacks; and the strip's scale and zero term per block, lane = row.
-inline void pack_strip(const int32_t* w, const float* scale, const float* bias, int64_t N, int64_t K, int64_t G,
-                       int64_t gs, int64_t n0, int32_t* dst, float* sw, float* zt) {
+// ---- the drivers both AVX2 panel kernels share ------------------------------------------------------------------
+// A Kernel names its x (X), how many 8-lane vectors a packed strip holds per 32-value block (kVectors), how one
+// block's transposed words become them (unpack) and its micro-kernel (block<MR, NR>: MR x rows against NR strips).
+
+// Weight rows [n0, n0 + 8) (rows past N as zeros) as [blocks][Kernel::kVectors][8 lanes], lane = row, by an 8 x 4-word
+// transpose per block; and the strip's scale and zero term per block, lane = row.
+template <typename Kernel, typename S>
+void pack_strip(const int32_t* w, const S* scale, const S* bias, int64_t N, int64_t K, int64_t G, int64_t gs,
+                int64_t n0, int32_t* dst, float* sw, float* zt) {
   const int32_t* row[8];
   strip_rows(w, N, K, n0, row);
-  const __m256i mask = _mm256_set1_epi32(0x000F000F);
   for (int64_t b = 0; b < K / 32; ++b) {
     __m256i z[4];
     transpose_words_8x4(row, b, z);
-    int32_t* out = dst + b * kPairsPerBlock * kStripCols;
-    for (int d = 0; d < 4; ++d)
-      for (int i = 0; i < 4; ++i)
-        _mm256_storeu_si256((__m256i*)(out + (4 * d + i) * kStripCols),
-                            _mm256_and_si256(_mm256_srli_epi32(z[d], 4 * i), mask));
+    Kernel::unpack(z, dst + b * Kernel::kVectors * kStripCols);
     strip_qparams(scale, bias, N, G, gs, n0, b, sw, zt);
   }
 }
 
+template <typename Kernel, int NR>
+void panel_rows(const typename Kernel::X& x, int64_t m0, int64_t m1, const int32_t* wbuf, const float* sw,
+                const float* zt, int64_t strip_words, int64_t strip_params, float* y, int64_t N, int64_t n0) {
+  for (; m0 + kPanelRowsI16 <= m1; m0 += kPanelRowsI16)
+    Kernel::template block<kPanelRowsI16, NR>(x, m0, wbuf, sw, zt, strip_words, strip_params, y, N, n0);
+  switch (m1 - m0) {
+    case 1: Kernel::template block<1, NR>(x, m0, wbuf, sw, zt, strip_words, strip_params, y, N, n0); break;
+    case 2: Kernel::template block<2, NR>(x, m0, wbuf, sw, zt, strip_words, strip_params, y, N, n0); break;
+    case 3: Kernel::template block<3, NR>(x, m0, wbuf, sw, zt, strip_words, strip_params, y, N, n0); break;
+    default: break;
+  }
+  static_assert(kPanelRowsI16 == 4, "the tail covers kPanelRowsI16 - 1 rows");
+}
+
+// x rows per pass over a thread's panels: their operands (~74-197 KB at K = 576-1536 for int16 x) stay in L2 while
+// each panel's unpacked weights stream past them, instead of all of x streaming from L3 once per panel.
+constexpr int64_t kChunkRowsI16 = 64;
+
+// Panels [p0, p1) of 16 output columns for all M rows of x: y [M, N] fp32; qparams fp32 or fp16 bits [N, G] (bias
+// may be null). The panels' weights are unpacked once, then multiplied by x kChunkRowsI16 rows at a time.
+template <typename Kernel, typename S>
+void run_panels(const typename Kernel::X& x, int64_t M, const int32_t* w, const S* scale, const S* bias, int64_t N,
+                int64_t K, int64_t G, float* y, int64_t p0, int64_t p1) {
+  const int64_t gs = K / G, strip_words = K / 32 * Kernel::kVectors * kStripCols;
+  const int64_t strip_params = K / 32 * kStripCols, panel_cols = kPanelStripsI16 * kStripCols;
+  const int64_t panel_words = kPanelStripsI16 * strip_words, panel_params = kPanelStripsI16 * strip_params;
+  std::vector<int32_t> wbuf((p1 - p0) * panel_words);
+  std::vector<float> sw((p1 - p0) * panel_params), zt((p1 - p0) * panel_params);
+  for (int64_t p = p0; p < p1; ++p)
+    for (int s = 0; s < kPanelStripsI16 && p * panel_cols + s * kStripCols < N; ++s) {
+      const int64_t at = (p - p0) * panel_words + s * strip_words, pt = (p - p0) * panel_params + s * strip_params;
+      pack_strip<Kernel>(w, scale, bias, N, K, G, gs, p * panel_cols + s * kStripCols, wbuf.data() + at,
+                         sw.data() + pt, zt.data() + pt);
+    }
+  for (int64_t m0 = 0; m0 < M; m0 += kChunkRowsI16) {
+    const int64_t m1 = std::min(M, m0 + kChunkRowsI16);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int32_t* wp = wbuf.data() + (p - p0) * panel_words;
+      const float *sp = sw.data() + (p - p0) * panel_params, *zp = zt.data() + (p - p0) * panel_params;
+      const int64_t n0 = p * panel_cols;
+      if (n0 + kStripCols < N)
+        panel_rows<Kernel, 2>(x, m0, m1, wp, sp, zp, strip_words, strip_params, y, N, n0);
+      else
+        panel_rows<Kernel, 1>(x, m0, m1, wp, sp, zp, strip_words, strip_params, y, N, n0);
+    }
+  }
+  static_assert(kPanelStripsI16 == 2, "a panel is two strips or its last one");
+}
+
+// ---- int16 x ----------------------------------------------------------------------------------------------------
 // MR x rows from m0 against NR strips: y[m0 + r][n0 + 8 j + lane] for every block.
 // Not inlined: inside its callers' loops the register allocator spilled the weight vectors (2x slower).
 template <int MR, int NR>
@@ -204,53 +253,30 @@ __attribute__((noinline)) void int16x_block(const Int16Pairs& xp, int64_t m0, co
     if (n0 + j * kStripCols < N) store_strip<MR>(tot[j], y, N, m0, n0 + j * kStripCols);
 }
 
-template <int NR>
-void int16x_rows(const Int16Pairs& xp, int64_t m0, int64_t m1, const int32_t* wbuf, const float* sw,
-                 const float* zt, int64_t strip_words, int64_t strip_params, float* y, int64_t N, int64_t n0) {
-  for (; m0 + kPanelRowsI16 <= m1; m0 += kPanelRowsI16)
-    int16x_block<kPanelRowsI16, NR>(xp, m0, wbuf, sw, zt, strip_words, strip_params, y, N, n0);
-  switch (m1 - m0) {
-    case 1: int16x_block<1, NR>(xp, m0, wbuf, sw, zt, strip_words, strip_params, y, N, n0); break;
-    case 2: int16x_block<2, NR>(xp, m0, wbuf, sw, zt, strip_words, strip_params, y, N, n0); break;
-    case 3: int16x_block<3, NR>(xp, m0, wbuf, sw, zt, strip_words, strip_params, y, N, n0); break;
-    default: break;
+// The int16-x GEMM as a Kernel: a strip per block is 16 vectors, pair p = 4d + i holding nibbles i and i + 4 of word
+// d as two int16, (word >> 4i) & 0x000F000F, the order int16_pairs lays x out in.
+struct Int16xKernel {
+  using X = Int16Pairs;
+  static constexpr int64_t kVectors = kPairsPerBlock;
+  static void unpack(const __m256i (&z)[4], int32_t* out) {
+    const __m256i mask = _mm256_set1_epi32(0x000F000F);
+    for (int d = 0; d < 4; ++d)
+      for (int i = 0; i < 4; ++i)
+        _mm256_storeu_si256((__m256i*)(out + (4 * d + i) * kStripCols),
+                            _mm256_and_si256(_mm256_srli_epi32(z[d], 4 * i), mask));
   }
-  static_assert(kPanelRowsI16 == 4, "the tail covers kPanelRowsI16 - 1 rows");
-}
-
-// x rows per pass over a thread's panels: their int16 pairs (~74-197 KB at K = 576-1536) stay in L2 while each
-// panel's unpacked weights stream past them, instead of all of x streaming from L3 once per panel.
-constexpr int64_t kChunkRowsI16 = 64;
+  template <int MR, int NR>
+  static void block(const X& x, int64_t m0, const int32_t* wbuf, const float* sw, const float* zt,
+                    int64_t strip_words, int64_t strip_params, float* y, int64_t N, int64_t n0) {
+    int16x_block<MR, NR>(x, m0, wbuf, sw, zt, strip_words, strip_params, y, N, n0);
+  }
+};
 
 // Panels [p0, p1) of 16 output columns for all M rows of x: y [M, N] fp32. scale/bias: fp32 [N, G] (bias may be null).
-// The panels' weights are unpacked once, then multiplied by x kChunkRowsI16 rows at a time.
 inline void gemm_int4_int16x_avx2(const Int16Pairs& xp, int64_t M, const int32_t* w, const float* scale,
                                   const float* bias, int64_t N, int64_t K, int64_t G, float* y, int64_t p0,
                                   int64_t p1) {
-  const int64_t gs = K / G, strip_words = xp.blocks * kPairsPerBlock * kStripCols;
-  const int64_t strip_params = xp.blocks * kStripCols, panel_cols = kPanelStripsI16 * kStripCols;
-  const int64_t panel_words = kPanelStripsI16 * strip_words, panel_params = kPanelStripsI16 * strip_params;
-  std::vector<int32_t> wbuf((p1 - p0) * panel_words);
-  std::vector<float> sw((p1 - p0) * panel_params), zt((p1 - p0) * panel_params);
-  for (int64_t p = p0; p < p1; ++p)
-    for (int s = 0; s < kPanelStripsI16 && p * panel_cols + s * kStripCols < N; ++s) {
-      const int64_t at = (p - p0) * panel_words + s * strip_words, pt = (p - p0) * panel_params + s * strip_params;
-      pack_strip(w, scale, bias, N, K, G, gs, p * panel_cols + s * kStripCols, wbuf.data() + at, sw.data() + pt,
-                 zt.data() + pt);
-    }
-  for (int64_t m0 = 0; m0 < M; m0 += kChunkRowsI16) {
-    const int64_t m1 = std::min(M, m0 + kChunkRowsI16);
-    for (int64_t p = p0; p < p1; ++p) {
-      const int32_t* wp = wbuf.data() + (p - p0) * panel_words;
-      const float *sp = sw.data() + (p - p0) * panel_params, *zp = zt.data() + (p - p0) * panel_params;
-      const int64_t n0 = p * panel_cols;
-      if (n0 + kStripCols < N)
-        int16x_rows<2>(xp, m0, m1, wp, sp, zp, strip_words, strip_params, y, N, n0);
-      else
-        int16x_rows<1>(xp, m0, m1, wp, sp, zp, strip_words, strip_params, y, N, n0);
-    }
-  }
-  static_assert(kPanelStripsI16 == 2, "a panel is two strips or its last one");
+  run_panels<Int16xKernel>(xp, M, w, scale, bias, N, K, G, y, p0, p1);
 }
 
 }  // namespace

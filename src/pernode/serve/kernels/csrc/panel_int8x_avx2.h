@@ -16,7 +16,7 @@
 // integers; only the order of the fp32 additions differs. Each (x row, output column) accumulates in the same order
 // whatever the rows beside it.
 
-#include "gemm_int4_int16x_avx2.h"  // kStripCols, kPanelStripsI16, kPanelRowsI16, kChunkRowsI16
+#include "gemm_int4_int16x_avx2.h"  // run_panels and the strip helpers both kernels share
 
 #if defined(PERNODE_AVX2_INT16X_GEMM)  // AVX2 + FMA without AVX-512
 #include <immintrin.h>
@@ -52,27 +52,6 @@ inline Int8Blocks int8_blocks(const QuantizedInput& qi, int64_t M, int64_t K) {
       xb.sum[m * xb.blocks + b] = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
     }
   return xb;
-}
-
-// Weight rows [n0, n0 + 8) (past N: zeros) as [blocks][8 vectors][8 lanes] u8 x 4: vector 2d holds word d's low
-// nibbles (lane = row), 2d + 1 its high nibbles; and the strip's qparams per block, lane = row, as fp32.
-template <typename S>
-void pack_strip_int8x(const int32_t* w, const S* scale, const S* bias, int64_t N, int64_t K, int64_t G, int64_t gs,
-                      int64_t n0, int32_t* dst, float* sw, float* zt) {
-  const int32_t* row[8];
-  strip_rows(w, N, K, n0, row);
-  const __m256i nibbles = _mm256_set1_epi8(0x0F);
-  for (int64_t b = 0; b < K / 32; ++b) {
-    __m256i z[4];
-    transpose_words_8x4(row, b, z);
-    int32_t* out = dst + b * kNibbleVectors * kStripCols;
-    for (int d = 0; d < 4; ++d) {
-      _mm256_storeu_si256((__m256i*)(out + 2 * d * kStripCols), _mm256_and_si256(z[d], nibbles));
-      _mm256_storeu_si256((__m256i*)(out + (2 * d + 1) * kStripCols),
-                          _mm256_and_si256(_mm256_srli_epi16(z[d], 4), nibbles));
-    }
-    strip_qparams(scale, bias, N, G, gs, n0, b, sw, zt);
-  }
 }
 
 // MR x rows from m0 against NR strips, every block. Not inlined, as int16x_block and for the same reason.
@@ -134,46 +113,31 @@ __attribute__((noinline)) void int8x_block(const Int8Blocks& xb, int64_t m0, con
     if (n0 + j * kStripCols < N) store_strip<MR>(tot[j], y, N, m0, n0 + j * kStripCols);
 }
 
-template <int NR>
-void int8x_rows(const Int8Blocks& xb, int64_t m0, int64_t m1, const int32_t* wbuf, const float* sw, const float* zt,
-                int64_t strip_words, int64_t strip_params, float* y, int64_t N, int64_t n0) {
-  for (; m0 + kPanelRowsI16 <= m1; m0 += kPanelRowsI16)
-    int8x_block<kPanelRowsI16, NR>(xb, m0, wbuf, sw, zt, strip_words, strip_params, y, N, n0);
-  switch (m1 - m0) {
-    case 1: int8x_block<1, NR>(xb, m0, wbuf, sw, zt, strip_words, strip_params, y, N, n0); break;
-    case 2: int8x_block<2, NR>(xb, m0, wbuf, sw, zt, strip_words, strip_params, y, N, n0); break;
-    case 3: int8x_block<3, NR>(xb, m0, wbuf, sw, zt, strip_words, strip_params, y, N, n0); break;
-    default: break;
+// The int8-x panel as a Kernel: a strip per block is 8 vectors of u8 x 4, vector 2d holding word d's low nibbles
+// (lane = row), 2d + 1 its high nibbles: the values that meet one dword of x's low and high plane.
+struct Int8xKernel {
+  using X = Int8Blocks;
+  static constexpr int64_t kVectors = kNibbleVectors;
+  static void unpack(const __m256i (&z)[4], int32_t* out) {
+    const __m256i nibbles = _mm256_set1_epi8(0x0F);
+    for (int d = 0; d < 4; ++d) {
+      _mm256_storeu_si256((__m256i*)(out + 2 * d * kStripCols), _mm256_and_si256(z[d], nibbles));
+      _mm256_storeu_si256((__m256i*)(out + (2 * d + 1) * kStripCols),
+                          _mm256_and_si256(_mm256_srli_epi16(z[d], 4), nibbles));
+    }
   }
-}
+  template <int MR, int NR>
+  static void block(const X& x, int64_t m0, const int32_t* wbuf, const float* sw, const float* zt,
+                    int64_t strip_words, int64_t strip_params, float* y, int64_t N, int64_t n0) {
+    int8x_block<MR, NR>(x, m0, wbuf, sw, zt, strip_words, strip_params, y, N, n0);
+  }
+};
 
 // Panels [p0, p1) of 16 output columns for all M rows of x: y [M, N] fp32; qparams fp32 or fp16 bits [N, G].
 template <typename S>
 void panel_int8x_avx2(const Int8Blocks& xb, int64_t M, const int32_t* w, const S* scale, const S* bias, int64_t N,
                       int64_t K, int64_t G, float* y, int64_t p0, int64_t p1) {
-  const int64_t gs = K / G, strip_words = xb.blocks * kNibbleVectors * kStripCols;
-  const int64_t strip_params = xb.blocks * kStripCols, panel_cols = kPanelStripsI16 * kStripCols;
-  const int64_t panel_words = kPanelStripsI16 * strip_words, panel_params = kPanelStripsI16 * strip_params;
-  std::vector<int32_t> wbuf((p1 - p0) * panel_words);
-  std::vector<float> sw((p1 - p0) * panel_params), zt((p1 - p0) * panel_params);
-  for (int64_t p = p0; p < p1; ++p)
-    for (int s = 0; s < kPanelStripsI16 && p * panel_cols + s * kStripCols < N; ++s) {
-      const int64_t at = (p - p0) * panel_words + s * strip_words, pt = (p - p0) * panel_params + s * strip_params;
-      pack_strip_int8x(w, scale, bias, N, K, G, gs, p * panel_cols + s * kStripCols, wbuf.data() + at,
-                       sw.data() + pt, zt.data() + pt);
-    }
-  for (int64_t m0 = 0; m0 < M; m0 += kChunkRowsI16) {
-    const int64_t m1 = std::min(M, m0 + kChunkRowsI16);
-    for (int64_t p = p0; p < p1; ++p) {
-      const int32_t* wp = wbuf.data() + (p - p0) * panel_words;
-      const float *sp = sw.data() + (p - p0) * panel_params, *zp = zt.data() + (p - p0) * panel_params;
-      const int64_t n0 = p * panel_cols;
-      if (n0 + kStripCols < N)
-        int8x_rows<2>(xb, m0, m1, wp, sp, zp, strip_words, strip_params, y, N, n0);
-      else
-        int8x_rows<1>(xb, m0, m1, wp, sp, zp, strip_words, strip_params, y, N, n0);
-    }
-  }
+  run_panels<Int8xKernel>(xb, M, w, scale, bias, N, K, G, y, p0, p1);
 }
 
 }  // namespace
