@@ -118,6 +118,13 @@ inline void strip_qparams(const S* scale, const S* bias, int64_t N, int64_t G, i
   }
 }
 
+// One block's integer dots (dot, fp32, lane = column) into a strip row's totals in L1: tot += dot * (s * sx) + z * xsum,
+// with s/z the block's weight scales and zero terms (lanes) and sx/xsum the x row's block scale and sum.
+inline void add_block(float* tot, __m256 dot, __m256 s, __m256 z, float sx, float xsum) {
+  const __m256 t = _mm256_fmadd_ps(dot, _mm256_mul_ps(s, _mm256_set1_ps(sx)), _mm256_load_ps(tot));
+  _mm256_store_ps(tot, _mm256_fmadd_ps(z, _mm256_set1_ps(xsum), t));
+}
+
 // MR rows of one strip's totals into y [., N] at column c0, the columns past N left alone.
 template <int MR>
 inline void store_strip(const float (&tot)[MR][kStripCols], float* y, int64_t N, int64_t m0, int64_t c0) {
@@ -242,9 +249,7 @@ __attribute__((noinline)) void int16x_block(const Int16Pairs& xp, int64_t m0, co
 #pragma GCC unroll 4
       for (int r = 0; r < MR; ++r) {
         const int64_t at = (m0 + r) * xp.blocks + b;
-        __m256 t = _mm256_load_ps(tot[j][r]);
-        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][j]), _mm256_mul_ps(s, _mm256_set1_ps(xp.scale[at])), t);
-        _mm256_store_ps(tot[j][r], _mm256_fmadd_ps(z, _mm256_set1_ps(xp.sum[at]), t));
+        add_block(tot[j][r], _mm256_cvtepi32_ps(acc[r][j]), s, z, xp.scale[at], xp.sum[at]);
       }
     }
   }

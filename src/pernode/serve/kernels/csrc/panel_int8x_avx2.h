@@ -101,10 +101,7 @@ __attribute__((noinline)) void int8x_block(const Int8Blocks& xb, int64_t m0, con
 #pragma GCC unroll 4
       for (int r = 0; r < MR; ++r) {
         const int64_t at = (m0 + r) * xb.blocks + b;
-        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(acc[r][j], ones));
-        __m256 t = _mm256_load_ps(tot[j][r]);
-        t = _mm256_fmadd_ps(dot, _mm256_mul_ps(s, _mm256_set1_ps(xb.scale[at])), t);
-        _mm256_store_ps(tot[j][r], _mm256_fmadd_ps(z, _mm256_set1_ps(xb.sum[at]), t));
+        add_block(tot[j][r], _mm256_cvtepi32_ps(_mm256_madd_epi16(acc[r][j], ones)), s, z, xb.scale[at], xb.sum[at]);
       }
     }
   }
