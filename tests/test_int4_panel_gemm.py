@@ -86,10 +86,12 @@ def test_bad_shapes_are_refused_with_the_field():
 def test_layer_dispatch_runs_gemv_then_panel_then_gemm(monkeypatch):
     monkeypatch.setenv("PERNODE_PANEL_FROM_ROWS", "5")
     monkeypatch.setenv("PERNODE_GEMM_FROM_ROWS", "30")
+    monkeypatch.setenv("PERNODE_DECODE_INT8_ROWS", "40")
     forget_measurements()
     layer = _layer(SCHEMES["q4_1"], 256, 96)
     assert layer.panel_from_rows(torch.float32) == 5 and layer.gemm_from_rows(torch.float32) == 30
-    assert layer.kernel_switch_rows(torch.float32) == [5, 30]
+    assert layer.decode_int8_max_rows(torch.float32) == 40  # decode steps keep the panel to 40 rows (fused_decode)
+    assert layer.kernel_switch_rows(torch.float32) == [5, 30, 41]
     calls = []
     for name in ("_run_gemv", "_run_panel", "_run_gemm"):
         original = getattr(layer, name)
@@ -100,12 +102,17 @@ def test_layer_dispatch_runs_gemv_then_panel_then_gemm(monkeypatch):
     assert layer.gemv_quantizes_input(29) and not layer.gemv_quantizes_input(30)
 
 
-def test_the_panel_is_off_unless_asked_for(monkeypatch):
+def test_the_panel_is_measured_by_default_and_off_when_asked(monkeypatch):
     monkeypatch.delenv("PERNODE_PANEL_FROM_ROWS", raising=False)
     monkeypatch.setenv("PERNODE_GEMM_FROM_ROWS", "100000")
-    layer = _layer(SCHEMES["q4_1"], 128, 32)
+    forget_measurements()
+    layer = _layer(SCHEMES["q4_1"], 256, 96)
+    rows = layer.panel_from_rows(torch.float32)
+    assert 4 <= rows <= PANEL_MAX_ROWS or rows == NEVER
+    assert layer.gemm_from_rows(torch.float32) == 100000  # prompt chunks keep the GEMV/GEMM crossover
+    monkeypatch.setenv("PERNODE_PANEL_FROM_ROWS", "off")
+    layer.post_load()
     assert layer.panel_from_rows(torch.float32) == NEVER
-    assert layer.gemm_from_rows(torch.float32) == 100000
 
 
 def test_a_measured_panel_crossover_lies_in_the_decode_rows(monkeypatch):

@@ -148,6 +148,7 @@ def test_gemv_row_does_not_depend_on_the_rows_beside_it(monkeypatch, scheme, dty
     if load_kernel() is None:
         pytest.skip("C++ kernel unavailable")
     monkeypatch.setenv("PERNODE_GEMM_FROM_ROWS", "1000")  # no measured GEMM crossover in the way
+    monkeypatch.setenv("PERNODE_PANEL_FROM_ROWS", "off")  # the GEMV alone (the panel's rows: test_int4_panel_gemm)
     layer = _random_layer(scheme, 576, 200)
     x = torch.randn(13, 576, generator=torch.Generator().manual_seed(3)).to(dtype)
     alone = torch.cat([layer(x[i:i + 1]) for i in range(len(x))])

@@ -25,12 +25,11 @@ Other settings:
   PERNODE_GEMM_FROM_ROWS rows from which quantized linears run the GEMM instead of the GEMV (default: measured on
                          this CPU per layer shape, see kernels/gemm_dispatch.py)
   PERNODE_PANEL_FROM_ROWS off | measure | N: rows from which int4 linears with int8 x run the panel kernel
-                         instead of the GEMV (up to 64 rows); measure: the crossover measured per shape. Default:
-                         measure on AVX2 without AVX-512, where int8 x past 8 rows is for decode steps only; off
-                         on VNNI CPUs, where it would also take short prompts
-  PERNODE_DECODE_INT8_ROWS N: where int8 x is capped at 8 rows (AVX2 without VNNI), the rows up to which decode
-                         steps (no sequence with more than 8 query tokens) still quantize x (default: measured per
-                         layer shape against the float-x path; 8 keeps every step at the cap)
+                         instead of the GEMV (up to 64 rows: decode steps, and prompt chunks the GEMV would take);
+                         measure (default): the crossover measured per shape
+  PERNODE_DECODE_INT8_ROWS N: the rows up to which decode steps (no sequence with more than 8 query tokens) run
+                         the int8-x GEMV/panel kernels of int4 layers instead of the GEMM or float x (default:
+                         measured per layer shape against the float-x path, up to 64)
   PERNODE_REMEASURE_KERNELS 1: measure the GEMV/GEMM crossovers again and replace the cached ones (default 0)
   PERNODE_KERNEL_CACHE   folder of compiled kernels (default ~/.cache/pernode/kernels)
   PERNODE_COMPILE_CACHE  torch.compile's (inductor's) cache under --compile (default ~/.cache/pernode/inductor);
@@ -175,7 +174,7 @@ def gemm_from_rows() -> int | None:
 
 
 def decode_int8_rows() -> int | None:
-    """PERNODE_DECODE_INT8_ROWS: fixed rows up to which decode steps quantize x where int8 x is capped; None: measure."""
+    """PERNODE_DECODE_INT8_ROWS: fixed rows up to which decode steps run the int8-x kernels; None: measure."""
     return _rows_setting("PERNODE_DECODE_INT8_ROWS")
 
 
@@ -184,11 +183,11 @@ PANEL_OFF = 0  # panel_from_rows(): no panel kernel
 
 
 def panel_from_rows() -> int | None:
-    """PERNODE_PANEL_FROM_ROWS: unset: None, the CPU decides (kernels/quant_linear.QuantLinear.panel_from_rows);
+    """PERNODE_PANEL_FROM_ROWS: unset: None, measured (kernels/quant_linear.QuantLinear.panel_from_rows);
     "off": no panel kernel (PANEL_OFF); "measure": measure the GEMV/panel crossover (PANEL_MEASURE); an integer
-    >= 1: that crossover. On VNNI CPUs unset means off, because the panel's int8 activations would also take short
-    prompts (up to 64 tokens) off the bf16 GEMM, which flips near-tie greedy answers (the chat question "What is the
-    capital of France?")."""
+    >= 1: that crossover. Unset measures it too. The panel never takes a prompt chunk off the GEMM (its int8
+    activations would flip near-tie greedy answers, as the chat question "What is the capital of France?" showed):
+    QuantLinear.gemm_from_rows stays the GEMV's crossover."""
     value = _raw("PERNODE_PANEL_FROM_ROWS").strip().lower()
     if value == "":
         return None
@@ -202,7 +201,7 @@ def panel_from_rows() -> int | None:
         rows = 0
     if rows < 1:
         raise ValueError(f"PERNODE_PANEL_FROM_ROWS={value!r} is not allowed: allowed off, measure or an integer >= 1 "
-                         "(or unset: off)")
+                         "(or unset: measured)")
     return rows
 
 

@@ -49,7 +49,10 @@ def multiplies_int8_natively() -> bool:
     return has_vnni() or ("avx512f" not in cpu_flags() and all(flag in cpu_flags() for flag in AVX2_INT8_FLAGS))
 
 
-def multiplies_int16_gemm() -> bool:
-    """Whether int4 GEMMs have an integer path for int16 x here: AVX2 without AVX-512 (csrc/gemm_int4_int16x_avx2.h,
-    vpmaddwd). AVX-512 CPUs keep the dequantised-tile GEMM, in bf16 where they compute it natively."""
-    return "avx512f" not in cpu_flags() and all(flag in cpu_flags() for flag in AVX2_INT8_FLAGS)
+def multiplies_int16_gemm(num_bits: int = 4) -> bool:
+    """Whether GEMMs over `num_bits` weights have an integer path for int16 x here: int4 on AVX2 without AVX-512
+    (csrc/gemm_int4_int16x_avx2.h, vpmaddwd), int8 on AVX-512 VNNI (csrc/gemm_int8_int16x_avx512.h, vpdpwssd).
+    Elsewhere GEMMs dequantise tiles, in bf16 where the CPU computes it natively."""
+    if num_bits == 8:
+        return has_vnni()
+    return num_bits == 4 and "avx512f" not in cpu_flags() and all(flag in cpu_flags() for flag in AVX2_INT8_FLAGS)

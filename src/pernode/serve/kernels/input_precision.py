@@ -49,11 +49,12 @@ def int8_input_max_rows(num_bits: int, in_features: int, group_size: int | None)
 
 def int16_gemm_applies(num_bits: int, in_features: int, group_size: int | None) -> bool:
     """Whether the layer's GEMM (prefill chunks, large decode batches) quantizes x to int16 per 32 values and
-    multiplies the int4 weights as integers (csrc/gemm_int4_int16x_avx2.h): int4 layers whose blocks fit, on CPUs with
-    AVX2 but not AVX-512, unless PERNODE_GEMM_INPUT=float. Elsewhere, and for int8 weights, the GEMM dequantises
-    tiles and multiplies in x's dtype. int16 x errs by ~1e-5 of each block's largest |x|: the fp32 GEMM's numbers to
-    well within bf16's, where int8 x would flip the default model's near-tie chat answer."""
+    multiplies the weights as integers: int4 layers on CPUs with AVX2 but not AVX-512 (csrc/gemm_int4_int16x_avx2.h),
+    int8 layers (the Q8_0 lm_head) on AVX-512 VNNI (csrc/gemm_int8_int16x_avx512.h), where the blocks fit, unless
+    PERNODE_GEMM_INPUT=float. Elsewhere the GEMM dequantises tiles and multiplies in x's dtype. int16 x errs by ~1e-5
+    of each block's largest |x|: the fp32 GEMM's numbers to well within bf16's, where int8 x would flip the default
+    model's near-tie chat answer."""
     blocks_fit = in_features % ACT_BLOCK == 0 and (group_size or in_features) % ACT_BLOCK == 0
-    if num_bits != 4 or not blocks_fit or envs.gemm_input() is GemmInput.FLOAT:
+    if not blocks_fit or envs.gemm_input() is GemmInput.FLOAT:
         return False
-    return multiplies_int16_gemm()
+    return multiplies_int16_gemm(num_bits)

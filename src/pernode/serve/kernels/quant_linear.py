@@ -5,10 +5,11 @@ is the plain-torch result they are held to, and the fallback where they cannot b
 kernels by its row count, from the crossover measured for the layer's shape on this CPU (gemm_dispatch.py):
 decode-sized steps run the GEMV, which streams the packed weights (for int4 it quantizes x to int8 per 32-value
 block and multiplies integers with VNNI, as llama.cpp's Q8 activations do; int8 weights and
-`PERNODE_QUANT_INPUT=float` keep x in fp32; input_precision.py decides); with PERNODE_PANEL_FROM_ROWS set, or by
-default on AVX2 for the fused decoder's decode steps, int4 decode batches from a second (measured) crossover on, up to
-PANEL_MAX_ROWS rows, run `woq_panel_gemm`, the same int8-x products register-blocked over rows, so each weight is
-unpacked once per call instead of once per 8 rows; compute-bound steps (prefill chunks) run `woq_gemm`,
+`PERNODE_QUANT_INPUT=float` keep x in fp32; input_precision.py decides); int4 calls with int8 x from a second
+(measured) crossover on, up to PANEL_MAX_ROWS rows, run `woq_panel_gemm`, the same int8-x products register-blocked
+over rows, so each weight is unpacked once per call instead of once per 8 rows, and the fused decoder's decode steps
+keep them past the GEMM crossover for as long as they measured faster (decode_int8_max_rows); compute-bound steps
+(prefill chunks) run `woq_gemm`,
 dequantized tiles through a GEMM in the activations' dtype (bf16 on CPUs that compute it natively), or on CPUs with
 AVX2 but not AVX-512, for int4 layers, `woq_gemm_int16x`: x as int16 per 32 values, the nibbles multiplied as
 integers (int16_gemm_applies). W8A8 layers
@@ -26,7 +27,6 @@ from torch import nn
 from pernode import envs
 from pernode.envs import KernelChoice
 from pernode.quant_format import QuantScheme, dequantize, dequantize_float_min, pack_int4, unpack_int4
-from pernode.serve.kernels.cpu_features import multiplies_int16_gemm
 from pernode.serve.kernels.gemm_dispatch import NEVER, LinearShape, gemm_from_rows
 from pernode.serve.kernels.input_precision import (ACT_BLOCK, FLOAT_GEMV_MAX_ROWS, int8_input_max_rows,  # noqa: F401
                                                   int16_gemm_applies, quantize_input_blocks)
@@ -179,12 +179,11 @@ class QuantLinear(nn.Module):
         self._gemm_int16 = (torch.ops.pernode.woq_gemm_int16x
                             if self._op is not None and int16_gemm_applies(self.scheme.num_bits, self.in_features,
                                                                            self.scheme.group_size) else None)
-        # The panel kernel quantizes x whatever the rows: with VNNI, where every GEMV call does; on AVX2, where int8 x
-        # is capped, only for what takes int8 x anyway (calls within the cap, the fused decoder's decode steps).
-        self._panel_decode_only = 0 < self._int8_max_rows < NEVER and multiplies_int16_gemm()
+        # The panel kernel multiplies what the int8-x GEMV does (int4 weights where x is quantized: every GEMV call
+        # with VNNI, calls within the cap on AVX2) and serves decode-sized calls and the fused decoder's decode steps;
+        # prefill chunks keep the GEMV/GEMM crossover, so a prompt the GEMM takes keeps its float numbers.
         self._panel = (torch.ops.pernode.woq_panel_gemm
-                       if self._op is not None and self.scheme.num_bits == 4
-                       and (self._int8_max_rows == NEVER or self._panel_decode_only) else None)
+                       if self._op is not None and self.scheme.num_bits == 4 and self._int8_max_rows > 0 else None)
         layout = (self.scheme.num_bits, self.scheme.group_size or 0, envs.quant_threads())
         self._float_op_args = (self.qweight, self._scale, self._zero_term, *layout)
         self._op_args = self._float_op_args
@@ -205,12 +204,14 @@ class QuantLinear(nn.Module):
 
     def decode_int8_max_rows(self, dtype: torch.dtype) -> int:
         """Up to how many rows a decode step (no sequence with more than FLOAT_GEMV_MAX_ROWS query tokens: decodes
-        and speculative verification, models/fused_decode.py) quantizes x. Where int8 x is capped (AVX2), past the
-        cap for as long as the int8-x GEMV measured faster than the float-x path (GEMV or GEMM) for this shape, at
-        most DECODE_INT8_MAX_ROWS; PERNODE_DECODE_INT8_ROWS fixes it (up to PANEL_MAX_ROWS). Prefill chunks keep the
-        cap, so a prompt's numbers stay float. Elsewhere: the cap itself."""
+        and speculative verification, models/fused_decode.py) runs the int8-x kernels (the GEMV, from its crossover
+        the panel kernel) instead of the GEMM, where that is measured faster than the GEMM with float x, at most
+        PANEL_MAX_ROWS; where int8 x is capped (AVX2), past the cap for as long as it beats the float-x path (GEMV
+        or GEMM), at most DECODE_INT8_MAX_ROWS without the panel kernel. PERNODE_DECODE_INT8_ROWS fixes it (up to
+        PANEL_MAX_ROWS). Prefill chunks keep the GEMV/GEMM crossover (and the cap), so a prompt's numbers stay
+        float. Without int8 x: 0."""
         cap = self._int8_max_rows
-        if not 0 < cap < NEVER or self._op is None:
+        if cap == 0 or self._op is None:
             return cap
         rows = self._decode_int8_rows.get(dtype)
         if rows is None:
@@ -218,11 +219,14 @@ class QuantLinear(nn.Module):
             if rows is None and self.panel_from_rows(dtype) <= PANEL_MAX_ROWS:  # GEMV, then panel, against float x
                 rows = gemm_from_rows(self._shape(dtype, "int8-x gemv+panel/float x"), SOURCE, self._run_int8_decode,
                                       self._run_float_x, gemm_setting=False) - 1
-            elif rows is None:
+            elif rows is None and cap < NEVER:
                 rows = min(DECODE_INT8_MAX_ROWS, gemm_from_rows(self._shape(dtype, "int8-x gemv/float x"), SOURCE,
                                                                 self._run_int8_gemv, self._run_float_x,
                                                                 gemm_setting=False) - 1)
-            rows = self._decode_int8_rows[dtype] = max(cap, min(rows, PANEL_MAX_ROWS))
+            elif rows is None:  # every GEMV call has int8 x and there is no panel kernel: the GEMV's own crossover
+                rows = self.gemm_from_rows(dtype) - 1
+            floor = min(cap, self.gemm_from_rows(dtype) - 1)  # no fewer rows than other calls give the GEMV
+            rows = self._decode_int8_rows[dtype] = max(floor, min(rows, PANEL_MAX_ROWS))
         return rows
 
     @property
@@ -283,17 +287,14 @@ class QuantLinear(nn.Module):
     def panel_from_rows(self, dtype: torch.dtype) -> int:
         """Row count from which calls with int8 x of `dtype` run the panel kernel instead of the GEMV (up to
         PANEL_MAX_ROWS; NEVER where there is none, it never wins below that, or it is off). Unset
-        PERNODE_PANEL_FROM_ROWS: measured on AVX2 without AVX-512, where only calls with int8 x reach it (those within
-        the cap and the fused decoder's decode steps, csrc/panel_int8x_avx2.h); off with VNNI, where it would also
-        take short prompts from the bf16 GEMM (docs/threads.md)."""
+        PERNODE_PANEL_FROM_ROWS: measured. Prefill chunks reach it only below the GEMV/GEMM crossover, where their x
+        is int8 for the GEMV too; decode steps up to decode_int8_max_rows."""
         rows = self._panel_from_rows.get(dtype)
         if rows is None:
             setting = envs.panel_from_rows()
-            if setting is None:  # unset: measured where only int8-x calls can reach it (AVX2), else off
-                setting = envs.PANEL_MEASURE if self._panel_decode_only else envs.PANEL_OFF
             if self._panel is None or setting == envs.PANEL_OFF:
                 rows = NEVER
-            elif setting == envs.PANEL_MEASURE:  # both with int8 x: on AVX2 the float-x GEMV is another question
+            elif setting is None or setting == envs.PANEL_MEASURE:  # both with int8 x
                 rows = gemm_from_rows(self._shape(dtype, "gemv/panel"), SOURCE, self._run_int8_gemv, self._run_panel,
                                       gemm_setting=False)
             else:
@@ -303,16 +304,13 @@ class QuantLinear(nn.Module):
         return rows
 
     def gemm_from_rows(self, dtype: torch.dtype) -> int:
-        """Row count from which calls with x of `dtype` run the GEMM (measured once per shape, see gemm_dispatch)."""
+        """Row count from which calls with x of `dtype` run the GEMM (measured once per shape, see gemm_dispatch):
+        the GEMV against the GEMM, so prefill chunks past it keep the GEMM's float x whatever the panel kernel does
+        for decode steps (decode_int8_max_rows)."""
         rows = self._gemm_from_rows.get(dtype)
         if rows is None:
-            if self.panel_from_rows(dtype) == NEVER or self._panel_decode_only:  # prefill chunks keep float x
-                rows = gemm_from_rows(self._shape(dtype, "gemv/gemm"), SOURCE, self._run_gemv, self._run_gemm)
-            else:  # the decode kernel as it runs (GEMV, then panel) against the GEMM; past the panel's rows, the GEMM
-                rows = gemm_from_rows(self._shape(dtype, "gemv+panel/gemm"), SOURCE, self._run_decode,
-                                      self._run_gemm)
-                rows = min(rows, PANEL_MAX_ROWS + 1)
-            self._gemm_from_rows[dtype] = rows
+            rows = self._gemm_from_rows[dtype] = gemm_from_rows(self._shape(dtype, "gemv/gemm"), SOURCE,
+                                                                self._run_gemv, self._run_gemm)
         return rows
 
     def calibrate(self, dtype: torch.dtype) -> None:
@@ -337,9 +335,9 @@ class QuantLinear(nn.Module):
             switches.add(self.panel_from_rows(dtype))
         if self._int8_max_rows < NEVER:  # some calls run float x
             switches |= {FLOAT_GEMV_MAX_ROWS + 1} | ({self._int8_max_rows + 1} if self._int8_input else set())
-            decode_rows = self.decode_int8_max_rows(dtype)
-            if decode_rows > self._int8_max_rows:  # decode steps leave int8 x there
-                switches.add(decode_rows + 1)
+        decode_rows = self.decode_int8_max_rows(dtype)
+        if self._int8_input and decode_rows + 1 != gemm:  # decode steps leave the int8-x kernels there
+            switches.add(decode_rows + 1)
         return sorted(switches)
 
     def gemv_quantizes_input(self, rows: int, dtype: torch.dtype = torch.float32) -> bool:

@@ -2,11 +2,13 @@
 ops per layer: the same kernels in the same order, so the same numbers, without the per-op module calls, argument
 parsing and dispatch that cost ~130 us a layer at batch 1.
 
-One difference by design: where int8 x is capped at 8 rows (AVX2 without VNNI, quant_linear.int8_input_max_rows),
-a decode step here (no sequence with more than 8 query tokens: decodes, speculative verification) keeps int8 x up to
-each projection's `decode_int8_max_rows`, measured faster than float x there (from the measured panel crossover on, with
-the panel kernel, csrc/panel_int8x_avx2.h); prefill chunks keep the cap, and so do
-the per-op layers, which serve decode steps only under --compile, on CUDA or with a quantized KV cache.
+One difference by design: a decode step here (no sequence with more than 8 query tokens: decodes, speculative
+verification) runs each int4 projection's int8-x kernels (the GEMV, from its measured crossover the panel kernel,
+csrc/int4_panel_gemm.h) up to its `decode_int8_max_rows`, measured faster there than the GEMM with float x (or, where
+int8 x is capped at 8 rows, AVX2 without VNNI, than float x at all). A prompt chunk of more than 8 tokens keeps
+float x: the GEMM, even below the measured GEMV crossover where VNNI's GEMV would quantize x (int8 activations in a
+37-token chat prompt flip the default model's near-tie answer to "What is the capital of France?"). The per-op
+layers, which serve steps only under --compile, on CUDA or with a quantized KV cache, choose by rows alone.
 
 `FusedDecoder.for_model` says once whether a model's layers are all of a kind the op runs (int4/int8 weight-only
 or float projections on CPU, the C++ layer ops and attention kernel); `applies` says per step whether this step
@@ -115,8 +117,8 @@ class FusedDecoder:
 
     def _operands(self, dtype: torch.dtype, rows: int, decode: bool) -> tuple:
         # Where int8 x is capped (AVX2), the cap is FLOAT_GEMV_MAX_ROWS (quant_linear.int8_input_max_rows): one layout
-        # per row count up to it and one beyond. Decode steps keep int8 x further, up to each projection's own row
-        # count (QuantLinear.decode_int8_max_rows): one layout per row count up to the largest of those.
+        # per row count up to it and one beyond. Decode steps keep the int8-x kernels further, up to each projection's
+        # own row count (QuantLinear.decode_int8_max_rows): one layout per row count up to the largest of those.
         last = self._decode_int8_rows(dtype) if decode else FLOAT_GEMV_MAX_ROWS
         key = (dtype, min(rows, last + 1), decode)
         operands = self._weights.get(key)
@@ -125,8 +127,8 @@ class FusedDecoder:
         return operands
 
     def _decode_int8_rows(self, dtype: torch.dtype) -> int:
-        """The most rows at which any projection's decode steps still quantize x past FLOAT_GEMV_MAX_ROWS (that
-        value itself where none does, or where every call does)."""
+        """The most rows at which any projection's decode steps still run the int8-x kernels, at least
+        FLOAT_GEMV_MAX_ROWS."""
         rows = self._decode_rows.get(dtype)
         if rows is None:
             finite = [m.decode_int8_max_rows(dtype) for m in self.model.layers.modules() if type(m) is QuantLinear]
@@ -146,8 +148,10 @@ class FusedDecoder:
                     weights.append(proj.qweight)
                     gemm_rows = proj.gemm_from_rows(dtype)
                     int8_x = proj.quantizes_input(rows)
-                    if decode and not int8_x and rows <= proj.decode_int8_max_rows(dtype):
-                        int8_x, gemm_rows = True, max(gemm_rows, rows + 1)  # measured faster than float x or GEMM
+                    if decode and rows <= proj.decode_int8_max_rows(dtype):  # measured faster than float x or GEMM
+                        int8_x, gemm_rows = True, max(gemm_rows, rows + 1)
+                    elif not decode and int8_x and rows > FLOAT_GEMV_MAX_ROWS:  # a prompt chunk keeps float x
+                        gemm_rows = min(gemm_rows, rows)
                     args = proj.gemv_args(rows, int8_x)  # the GEMV's own qparams (fp16 for int8 x where exact)
                     scales.append(args[1])
                     zero_terms.append(args[2])

@@ -20,10 +20,12 @@
 #include <ATen/Parallel.h>
 
 #include "panel_int8x_avx2.h"  // the AVX2 counterpart
+#include "gemm_int8_int16x_avx512.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 namespace pernode {
@@ -300,19 +302,20 @@ at::Tensor woq_panel_gemm(const at::Tensor& x_in, const at::Tensor& w, const at:
 #endif
 }
 
-// y = x W^T for int4 W ([N, K/8] words) with x quantised to int16 per 32 values and multiplied as integers
-// (gemm_int4_int16x_avx2.h) where built (AVX2 without AVX-512); elsewhere the dequantised-tile GEMM (woq_gemm).
-// fp32 or bf16 x, y in x's dtype; scale/zero_term fp32 or fp16. num_threads == 1 runs on the caller's thread.
+// y = x W^T with x quantised to int16 per 32 values and multiplied as integers, for int4 W ([N, K/8] words) on AVX2
+// without AVX-512 (gemm_int4_int16x_avx2.h) and int8 W ([N, K]) on AVX-512 VNNI (gemm_int8_int16x_avx512.h);
+// elsewhere the dequantised-tile GEMM (woq_gemm). fp32 or bf16 x, y in x's dtype; scale/zero_term fp32 or fp16.
+// num_threads == 1 runs on the caller's thread.
 at::Tensor woq_gemm_int16x(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale_in,
                            const c10::optional<at::Tensor>& bias_in, int64_t group_size, int64_t num_threads) {
-#if defined(PERNODE_AVX2_INT16X_GEMM)
-  TORCH_CHECK(w.is_contiguous() && w.dim() == 2 && w.scalar_type() == at::kInt,
-              "woq_gemm_int16x: weight must be contiguous int4 words [N, K/8] (int32)");
+  const bool int8_weights = w.scalar_type() == at::kChar;
+  TORCH_CHECK(w.is_contiguous() && w.dim() == 2 && (w.scalar_type() == at::kInt || int8_weights),
+              "woq_gemm_int16x: weight must be contiguous int4 words [N, K/8] (int32) or int8 [N, K]");
   TORCH_CHECK(x_in.dim() == 2 && (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16),
               "woq_gemm_int16x: x must be 2-D float32 or bfloat16");
   const int64_t M = x_in.size(0), K = x_in.size(1), N = w.size(0);
   const int64_t gs = group_size > 0 ? group_size : K;
-  TORCH_CHECK(w.size(1) * 8 == K, "woq_gemm_int16x: weight shape does not match x");
+  TORCH_CHECK(w.size(1) * (int8_weights ? 1 : 8) == K, "woq_gemm_int16x: weight shape does not match x");
   TORCH_CHECK(K % 32 == 0 && gs % 32 == 0 && K % gs == 0,
               "woq_gemm_int16x: the input size and group size must be multiples of 32");
   auto scale = scale_in.to(at::kFloat).contiguous();
@@ -322,29 +325,43 @@ at::Tensor woq_gemm_int16x(const at::Tensor& x_in, const at::Tensor& w, const at
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.size(1) == G &&
                   (!bias.defined() || bias.sizes() == scale.sizes()),
               "woq_gemm_int16x: qparams must be [", N, ", ", G, "]");
+  const float* sp = scale.data_ptr<float>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  std::function<void(int64_t, int64_t)> run;  // panels [p0, p1) of 32 (AVX-512) or 16 (AVX2) output columns
+  int64_t panels = 0;
   std::vector<float> x_widened;
   at::Tensor x;
-  const float* xptr = fp32_rows(x_in, x, x_widened);  // quant_linear.h
-  Int16Pairs xp = int16_pairs_alloc(M, K);
-  if (num_threads == 1 || M < 64)
-    int16_pairs_rows(xptr, K, 0, M, xp);
-  else
-    at::parallel_for(0, M, 32, [&](int64_t m0, int64_t m1) { int16_pairs_rows(xptr, K, m0, m1, xp); });
   at::Tensor y32 = at::empty({M, N}, x_in.options().dtype(at::kFloat));
-  const int32_t* wp = w.data_ptr<int32_t>();
-  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  const int64_t panels = (N + kPanelStripsI16 * kStripCols - 1) / (kPanelStripsI16 * kStripCols);
-  auto run = [&](int64_t p0, int64_t p1) {
-    gemm_int4_int16x_avx2(xp, M, wp, scale.data_ptr<float>(), bp, N, K, G, y32.data_ptr<float>(), p0, p1);
-  };
+  float* yp = y32.data_ptr<float>();
+#if defined(PERNODE_AVX512_INT16X_GEMM)
+  Int16Rows xr;
+  if (int8_weights) {
+    xr = int16_rows(fp32_rows(x_in, x, x_widened), M, K);  // fp32_rows: quant_linear.h
+    const int8_t* wp = w.data_ptr<int8_t>();
+    panels = (N + kStripsW8 * kLanes - 1) / (kStripsW8 * kLanes);
+    run = [&, wp](int64_t p0, int64_t p1) { gemm_int8_int16x_avx512(xr, M, wp, sp, bp, N, K, G, yp, p0, p1); };
+  }
+#endif
+#if defined(PERNODE_AVX2_INT16X_GEMM)
+  Int16Pairs xp;
+  if (!int8_weights) {
+    const float* xptr = fp32_rows(x_in, x, x_widened);
+    xp = int16_pairs_alloc(M, K);
+    if (num_threads == 1 || M < 64)
+      int16_pairs_rows(xptr, K, 0, M, xp);
+    else
+      at::parallel_for(0, M, 32, [&](int64_t m0, int64_t m1) { int16_pairs_rows(xptr, K, m0, m1, xp); });
+    const int32_t* wp = w.data_ptr<int32_t>();
+    panels = (N + kPanelStripsI16 * kStripCols - 1) / (kPanelStripsI16 * kStripCols);
+    run = [&, wp](int64_t p0, int64_t p1) { gemm_int4_int16x_avx2(xp, M, wp, sp, bp, N, K, G, yp, p0, p1); };
+  }
+#endif
+  if (!run) return woq_gemm(x_in, w, scale_in, bias_in, int8_weights ? 8 : 4, group_size);  // no integer path here
   if (num_threads == 1)
     run(0, panels);
   else
     at::parallel_for(0, panels, 1, run);
   return x_in.scalar_type() == at::kBFloat16 ? y32.to(at::kBFloat16) : y32;
-#else
-  return woq_gemm(x_in, w, scale_in, bias_in, 4, group_size);
-#endif
 }
 
 }  // namespace
