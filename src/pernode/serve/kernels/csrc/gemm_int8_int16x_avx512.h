@@ -97,6 +97,10 @@ inline void transpose_16x16(__m512i (&r)[16]) {
 inline void pack_strip_w8(const int8_t* w, const float* scale, const float* bias, int64_t N, int64_t K, int64_t G,
                           int64_t n0, int32_t* dst, float* sw, float* zt) {
   const int64_t gs = K / G;
+  // the next strip's rows, requested while this one is transposed: 16 rows read a block at a time are 16 streams,
+  // more than the hardware prefetchers follow
+  for (int64_t n = n0 + 16; n < std::min(N, n0 + 32); ++n)
+    for (int64_t c = 0; c < K; c += 64) _mm_prefetch(reinterpret_cast<const char*>(w + n * K + c), _MM_HINT_T0);
   for (int64_t b = 0; b < K / 32; ++b) {
     __m512i r[16];
     for (int i = 0; i < 16; ++i)
@@ -104,10 +108,13 @@ inline void pack_strip_w8(const int8_t* w, const float* scale, const float* bias
                         : _mm512_setzero_si512();
     transpose_16x16(r);
     for (int p = 0; p < 16; ++p) _mm512_storeu_si512(dst + (b * kBlockPairs + p) * kLanes, r[p]);
+  }
+  const int rows = int(std::min<int64_t>(16, N - n0));
+  for (int64_t b = 0; b < K / 32; ++b) {  // qparams of the group holding block b, lane = row
+    const int64_t g = b * 32 / gs;
     for (int i = 0; i < 16; ++i) {
-      const int64_t n = n0 + i, at = n * G + b * 32 / gs;
-      sw[b * kLanes + i] = n < N ? scale[at] : 0.f;
-      zt[b * kLanes + i] = n < N && bias ? bias[at] : 0.f;
+      sw[b * kLanes + i] = i < rows ? scale[(n0 + i) * G + g] : 0.f;
+      zt[b * kLanes + i] = i < rows && bias ? bias[(n0 + i) * G + g] : 0.f;
     }
   }
 }
