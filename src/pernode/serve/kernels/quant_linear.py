@@ -10,9 +10,9 @@ block and multiplies integers with VNNI, as llama.cpp's Q8 activations do; int8 
 over rows, so each weight is unpacked once per call instead of once per 8 rows, and the fused decoder's decode steps
 keep them past the GEMM crossover for as long as they measured faster (decode_int8_max_rows); compute-bound steps
 (prefill chunks) run `woq_gemm`,
-dequantized tiles through a GEMM in the activations' dtype (bf16 on CPUs that compute it natively), or on CPUs with
-AVX2 but not AVX-512, for int4 layers, `woq_gemm_int16x`: x as int16 per 32 values, the nibbles multiplied as
-integers (int16_gemm_applies). W8A8 layers
+dequantized tiles through a GEMM in the activations' dtype (bf16 on CPUs that compute it natively), or
+`woq_gemm_int16x`, x as int16 per 32 values and the stored integers multiplied as such, for int4 layers on CPUs with
+AVX2 but not AVX-512 and for int8 layers (the Q8_0 lm_head) on AVX-512 VNNI (int16_gemm_applies). W8A8 layers
 (int8 activations too) are in w8a8_linear.py.
 """
 from __future__ import annotations

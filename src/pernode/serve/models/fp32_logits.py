@@ -6,7 +6,7 @@ capital of France?" with 'L' instead of 'The': -1.965 against -1.883 nats in fp3
 the lm_head (one per sequence in a step), so computing them in fp32 costs a few hundred kFLOP per row beyond bf16,
 and for a quantized lm_head (GGUF Q8_0) nothing more than the GEMV already streams: it keeps float activations (on
 AVX2, int16 per 32 values: the logits within ~2e-3 of fp32's on the default model, where int8 x moves them by ~0.09
-and flips the near-tie above).
+and flips the near-tie above; on AVX-512 VNNI its GEMM for many rows takes int16 x too, csrc/gemm_int8_int16x_avx512.h).
 Mixed precision's rule of an fp32 output layer (Micikevicius et al., "Mixed Precision Training", arXiv 1710.03740).
 """
 from __future__ import annotations
