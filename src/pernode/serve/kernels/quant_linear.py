@@ -229,6 +229,16 @@ class QuantLinear(nn.Module):
             rows = self._decode_int8_rows[dtype] = max(floor, min(rows, PANEL_MAX_ROWS))
         return rows
 
+    def step_kernels(self, dtype: torch.dtype, rows: int, decode: bool) -> tuple[bool, int]:
+        """(int8 x, GEMM from rows) for a fused-decoder step: decode steps keep the int8-x kernels to
+        decode_int8_max_rows; a prompt chunk past FLOAT_GEMV_MAX_ROWS tokens runs the GEMM (float x)."""
+        int8_x, gemm_rows = self.quantizes_input(rows), self.gemm_from_rows(dtype)
+        if decode and rows <= self.decode_int8_max_rows(dtype):  # measured faster than float x or the GEMM
+            return True, max(gemm_rows, rows + 1)
+        if not decode and int8_x and rows > FLOAT_GEMV_MAX_ROWS:
+            return int8_x, min(gemm_rows, rows)
+        return int8_x, gemm_rows
+
     @property
     def gemm_takes_int16(self) -> bool:
         """Whether this layer's GEMM quantizes x to int16 (int16_gemm_applies)."""

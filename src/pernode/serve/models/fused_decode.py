@@ -146,12 +146,7 @@ class FusedDecoder:
                 if type(proj) is QuantLinear:
                     s = proj.scheme
                     weights.append(proj.qweight)
-                    gemm_rows = proj.gemm_from_rows(dtype)
-                    int8_x = proj.quantizes_input(rows)
-                    if decode and rows <= proj.decode_int8_max_rows(dtype):  # measured faster than float x or GEMM
-                        int8_x, gemm_rows = True, max(gemm_rows, rows + 1)
-                    elif not decode and int8_x and rows > FLOAT_GEMV_MAX_ROWS:  # a prompt chunk keeps float x
-                        gemm_rows = min(gemm_rows, rows)
+                    int8_x, gemm_rows = proj.step_kernels(dtype, rows, decode)
                     args = proj.gemv_args(rows, int8_x)  # the GEMV's own qparams (fp16 for int8 x where exact)
                     scales.append(args[1])
                     zero_terms.append(args[2])

@@ -331,8 +331,7 @@ at::Tensor woq_gemm_int16x(const at::Tensor& x_in, const at::Tensor& w, const at
   int64_t panels = 0;
   std::vector<float> x_widened;
   at::Tensor x;
-  at::Tensor y32 = at::empty({M, N}, x_in.options().dtype(at::kFloat));
-  float* yp = y32.data_ptr<float>();
+  float* yp = nullptr;  // y, allocated once an integer path is chosen; the lambdas read it when they run
 #if defined(PERNODE_AVX512_INT16X_GEMM)
   Int16Rows xr;
   if (int8_weights) {
@@ -357,6 +356,8 @@ at::Tensor woq_gemm_int16x(const at::Tensor& x_in, const at::Tensor& w, const at
   }
 #endif
   if (!run) return woq_gemm(x_in, w, scale_in, bias_in, int8_weights ? 8 : 4, group_size);  // no integer path here
+  at::Tensor y32 = at::empty({M, N}, x_in.options().dtype(at::kFloat));
+  yp = y32.data_ptr<float>();
   if (num_threads == 1)
     run(0, panels);
   else
