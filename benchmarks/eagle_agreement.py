@@ -2,7 +2,8 @@
 chat workload's prompts (the same prompts and reply length as draft_agreement.py, so the figure sits beside a
 draft model's teacher-forced top-1): the target's greedy replies, then from every reply position the head drafts
 k tokens on its own features (its K/V over the prefix from the true features); draft j counts while drafts 1..j
-all equal the target's tokens. Load-independent (counts only).
+all equal the target's tokens, over the head's FR-Spec subset when its folder has a draft_vocab.json (as the
+engine drafts). Load-independent (counts only).
 
     nice -n 10 python benchmarks/eagle_agreement.py --head /work/artifacts/b12/eagle_head --num-prompts 16 \
         --max-tokens 64 --k 4
@@ -17,6 +18,7 @@ import torch
 from pernode import LLM, SamplingParams
 from pernode.config import DEFAULT_MODEL
 from pernode.jobs.speculative import chat_prompts
+from pernode.serve.engine.spec_decode.draft_vocab import read_draft_vocab
 from pernode.serve.engine.spec_decode.eagle_head import EagleHead
 from pernode.serve.models.loader import load_model
 from pernode.shrink.distill.eagle_training import teacher_forced_acceptance
@@ -43,7 +45,8 @@ def main() -> int:
         name, _, path = item.rpartition("=")
         head = EagleHead.load(path)
         with torch.no_grad():
-            rows[name or path] = teacher_forced_acceptance(head, model, seqs, starts, args.k)
+            rows[name or path] = teacher_forced_acceptance(head, model, seqs, starts, args.k,
+                                                           read_draft_vocab(path, model.config.vocab_size))
         print(name or path, json.dumps(rows[name or path]), flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

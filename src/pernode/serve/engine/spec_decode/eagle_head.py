@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "head.json"
 LAYER_TENSORS = ("input_norm", "qkv", "o", "post_norm", "gate_up", "down")
+LINEAR_NAMES = ("fc", "qkv", "o", "gate_up", "down")  # the projections (fc carries a bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -55,6 +56,15 @@ class EagleHead(nn.Module):
         self.post_norm = nn.Parameter(torch.ones(hidden))
         self.gate_up = nn.Parameter(torch.zeros(2 * intermediate, hidden))
         self.down = nn.Parameter(torch.zeros(hidden, intermediate))
+        self.serving: dict[str, nn.Module] | None = None  # eagle_serving.py: the projections as int8 layers
+
+    def project(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One of fc, qkv, o, gate_up, down on x: its serving-form layer when one is installed, else F.linear."""
+        if self.serving is not None:
+            return self.serving[name](x)
+        if name == "fc":
+            return self.fc(x.to(self.fc.weight.dtype))
+        return F.linear(x, getattr(self, name).to(x.dtype))
 
     # ---- building, saving, loading -------------------------------------------------------------------------------
 
@@ -123,37 +133,52 @@ class EagleHead(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------------------------------
 
+    def attention_inputs(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [B, heads, L, head_dim] of the layer's input x [B, L, d], rotated (k and v: the K/V cache's)."""
+        b, length, _ = x.shape
+        h = rms_norm(x, self.input_norm, self.eps)
+        q, k, v = self.project("qkv", h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = rotate(q.view(b, length, self.num_heads, self.head_dim).transpose(1, 2), cos, sin)
+        k = rotate(k.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        return q, k, v.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+               causal: bool = False) -> torch.Tensor:
+        """Attention of q over k/v (grouped K/V heads repeated) -> [B, L, heads * head_dim]."""
+        group = self.num_heads // self.num_kv_heads
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                             scale=self.head_dim ** -0.5)
+        return out.transpose(1, 2).flatten(2)
+
+    def after_attention(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The residual, o_proj and the SwiGLU MLP: the layer's output from its input x and the attention's."""
+        x = x + self.project("o", attended)
+        h = rms_norm(x, self.post_norm, self.eps)
+        gate, up = self.project("gate_up", h).split(self.intermediate, dim=-1)
+        return x + self.project("down", F.silu(gate) * up)
+
     def _layer(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: tuple | None, causal: bool
                ) -> tuple[torch.Tensor, tuple]:
         """The decoder layer on x [B, L, d]; `past` = (K, V) [B, kv_heads, P, head_dim] before these positions."""
-        b, length, _ = x.shape
-        h = rms_norm(x, self.input_norm, self.eps)
-        q, k, v = F.linear(h, self.qkv.to(h.dtype)).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rotate(q.view(b, length, self.num_heads, self.head_dim).transpose(1, 2), cos, sin)
-        k = rotate(k.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
-        v = v.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        length = x.shape[1]
+        q, k, v = self.attention_inputs(x, cos, sin)
         if past is not None:
             k, v = torch.cat((past[0].to(k.dtype), k), dim=2), torch.cat((past[1].to(v.dtype), v), dim=2)
-        group = self.num_heads // self.num_kv_heads
-        ke, ve = (k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)) if group > 1 else (k, v)
+        mask = None
         if causal and past is not None and length > 1:
-            p = ke.shape[2] - length  # queries see all of the past and the causal part of themselves
-            mask = torch.ones(length, ke.shape[2], dtype=torch.bool, device=x.device).tril(p)
-            out = F.scaled_dot_product_attention(q, ke, ve, attn_mask=mask, scale=self.head_dim ** -0.5)
-        else:
-            out = F.scaled_dot_product_attention(q, ke, ve, is_causal=causal and length > 1,
-                                                 scale=self.head_dim ** -0.5)
-        x = x + F.linear(out.transpose(1, 2).flatten(2), self.o.to(h.dtype))
-        h = rms_norm(x, self.post_norm, self.eps)
-        gate, up = F.linear(h, self.gate_up.to(h.dtype)).split(self.intermediate, dim=-1)
-        return x + F.linear(F.silu(gate) * up, self.down.to(h.dtype)), (k, v)
+            p = k.shape[2] - length  # queries see all of the past and the causal part of themselves
+            mask = torch.ones(length, k.shape[2], dtype=torch.bool, device=x.device).tril(p)
+        return self.after_attention(x, self.attend(q, k, v, mask, causal=causal and length > 1)), (k, v)
 
     def layer_output(self, features: torch.Tensor, next_embeds: torch.Tensor, positions: torch.Tensor,
                rotary_cos: torch.Tensor, rotary_sin: torch.Tensor, past: tuple | None = None
                ) -> tuple[torch.Tensor, tuple]:
         """features f_t [B, L, d] and embed(x_{t+1}) [B, L, d] at positions t [L] (the position of f_t) -> (the
         layer's output [B, L, d] before the target's final norm, its (K, V) including these positions)."""
-        x = self.fc(torch.cat((features, next_embeds.to(features.dtype)), dim=-1).to(self.fc.weight.dtype))
+        x = self.project("fc", torch.cat((features, next_embeds.to(features.dtype)), dim=-1))
         return self._layer(x, rotary_cos[positions], rotary_sin[positions], past, causal=True)
 
     def forward(self, features: torch.Tensor, next_embeds: torch.Tensor, positions: torch.Tensor,

@@ -29,6 +29,7 @@ from pernode.serve.engine.request import Request
 from pernode.serve.engine.spec_decode.adaptive import StepCostModel
 from pernode.serve.engine.spec_decode.draft_vocab import read_draft_vocab
 from pernode.serve.engine.spec_decode.eagle_head import EagleHead, dense_weight
+from pernode.serve.engine.spec_decode.eagle_serving import install_int8_projections, lm_head_rows
 from pernode.serve.engine.spec_decode.proposal import Proposal
 from pernode.serve.engine.spec_decode.rejection_sampler import ExtendedHistory, needs_per_position_processing
 from pernode.serve.kernels.dense_linear import Linear
@@ -60,7 +61,11 @@ class EagleProposer:
         self.vocab_ids = None if ids is None else torch.tensor(ids, dtype=torch.long, device=device)
         self.vocab_list = ids
         self.reduced_head = None
-        if ids is not None:  # the subset's rows of the target's lm_head (dequantized), on the dense GEMV
+        if device.type == "cpu":  # int8 GEMVs (eagle_serving.py); on CUDA the float weights run as they are
+            install_int8_projections(self.head)
+            if ids is not None:
+                self.reduced_head = lm_head_rows(target.lm_head, self.vocab_ids)
+        elif ids is not None:  # the subset's rows of the target's lm_head (dequantized)
             rows = dense_weight(target.lm_head)[self.vocab_ids.cpu()]
             self.reduced_head = Linear(rows.shape[1], len(ids), bias=False, device=device, dtype=dtype)
             with torch.no_grad():
@@ -120,7 +125,7 @@ class EagleProposer:
         h = h[0]
         normed = self.target.norm(h[-1:])
         if self.reduced_head is not None:  # FR-Spec: logits over the subset only
-            return self.reduced_head(normed.to(self.reduced_head.weight.dtype))[0].float(), normed, kv
+            return self.reduced_head(normed)[0].float(), normed, kv
         logits = sampled_logits(self.target.norm, self.target.lm_head, h[-1:])[0]
         return logits, normed, kv
 
