@@ -27,13 +27,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--draft", default="/work/artifacts/draft", help="draft model path (skipped when missing)")
+    p.add_argument("--eagle", default=None, help="EAGLE head folder (pernode draft-head) for the eagle proposer")
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--num-prompts", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--quick", action="store_true", help="2 prompts of 32 tokens at batch 1; 16 at the concurrency")
     p.add_argument("--skip-concurrency", action="store_true")
-    p.add_argument("--proposers", default="off,ngram,draft", help="which of off,ngram,draft to run")
+    p.add_argument("--proposers", default="off,ngram,draft", help="which of off,ngram,draft,eagle to run")
     p.add_argument("--workloads", default="chat,grounded", help="batch-1 workloads: chat,grounded")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -45,6 +46,8 @@ def main() -> int:
         proposers["draft"] = SpeculativeConfig("draft", k=args.k, draft_model=args.draft)
     else:
         print(f"draft model {args.draft!r} not found: the draft proposer is skipped", file=sys.stderr)
+    if args.eagle:
+        proposers["eagle"] = SpeculativeConfig("eagle", k=args.k, draft_model=args.eagle)
     proposers = {k: v for k, v in proposers.items() if k in args.proposers.split(",")}
     print(f"load average before: {load_average()}", flush=True)
     rows = measure_speculation(config, proposers, args.num_prompts, args.max_tokens,

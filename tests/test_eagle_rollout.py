@@ -1,7 +1,11 @@
 """Training-time test for the EAGLE head (shrink/distill/eagle_rollout.py): the unrolled depth-d prediction at
 position p is exactly the engine's d-th chained draft from t = p - d + 1 (its cache over true features to t, then
 its own predicted features), the mask's rows are never empty, and training unrolled lowers the deeper depths' loss
-too; the general chat prompts never repeat and never contain the benchmark's own."""
+too; the general chat prompts never repeat and never contain the benchmark's own; `pernode draft-head`'s training
+end to end on a tiny model, answering each prompt once across runs."""
+import json
+import os
+
 import pytest
 import torch
 
@@ -9,7 +13,7 @@ from pernode.measure.bench.datasets import CHAT_MIX
 from pernode.serve.engine.spec_decode.eagle_head import EagleHead
 from pernode.serve.models.loader import load_model
 from pernode.shrink.distill.eagle_rollout import rollout_mask, rollout_predictions
-from pernode.shrink.distill.eagle_training import EagleTrainingConfig, target_features, train_head
+from pernode.shrink.distill.eagle_training import EagleTrainingConfig, target_features, train_eagle_head, train_head
 from pernode.shrink.distill.general_prompts import general_chat_prompts
 from pernode.shrink.training_forward import hidden_states
 from test_spec_decode import target  # noqa: F401  (the module fixture: a tiny random model)
@@ -70,3 +74,22 @@ def test_general_chat_prompts_are_new_and_leave_the_benchmark_out():
                                            excluded=banned)
     assert all(not p.endswith(":\n\n") for p in general_chat_prompts(100, [], seed=1))  # no paragraph: form skipped
     assert len(general_chat_prompts(10**6, [], seed=0)) < 10**6  # the word lists run out: it stops
+
+
+def test_draft_head_end_to_end_reuses_the_reply_cache(target, tmp_path):  # noqa: F811
+    cache = str(tmp_path / "replies.json")
+    config = EagleTrainingConfig(teacher=target, out=str(tmp_path / "head"), chat_prompts=2, general_prompts=6,
+                                 chat_max_tokens=8, text_tokens=300, eval_prompts=2, seq_len=32, steps=3,
+                                 depth=2, token_weight=1.0, draft_vocab=64, replies_cache=cache, k_eval=2)
+    lines = []
+    details = train_eagle_head(config, log=lines.append, quiet=True, excluded_prompts=(CHAT_MIX[0][0],))
+    assert {"head.safetensors", "head.json", "draft_vocab.json"} <= set(os.listdir(tmp_path / "head"))
+    assert details["acceptance"]["positions"] > 0 and "ce_d2" in details["final_history"][-1]
+    with open(cache, encoding="utf-8") as f:
+        answered = json.load(f)["replies"]
+    assert len(answered) == 2 + 6 + 2 + 2  # training and held-out prompts, each answered once
+    lines.clear()
+    train_eagle_head(config, log=lines.append, quiet=True, excluded_prompts=(CHAT_MIX[0][0],))
+    assert any("12 of 12 prompts already answered" in line for line in lines)
+    with pytest.raises(ValueError, match="token_weight=-1"):
+        EagleTrainingConfig(teacher=target, out=str(tmp_path), token_weight=-1)

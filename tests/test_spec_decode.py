@@ -322,3 +322,17 @@ def test_draft_kv_is_paid_out_of_kv_cache_bytes(target, draft):
     allocated = sum(t.numel() * t.element_size() for pair in spec.runner.kv_caches for t in pair)
     allocated += sum(t.numel() * t.element_size() for pair in spec.speculator.proposer.kv_caches for t in pair)
     assert allocated == spec.kv_cache_bytes <= budget
+
+
+def test_plan_prices_an_eagle_head_request_by_request():
+    verify, head = StepCostModel(), StepCostModel()
+    for n in (1, 2, 4, 8, 16, 32, 64, 96, 128):
+        verify.record(n, 0.010 + 0.0001 * n)  # a batch's step: mostly its weights, a little per token
+    for n in (1, 2, 4):
+        head.record(n, 0.002)  # one head call costs its fixed 2 ms whatever it reads
+    # batch 1: one 2 ms call per proposed token is worth it at this acceptance
+    assert plan_num_tokens([0.9], 4, 0, verify, head, catch_up=[1.0], per_request=True)[0] > 0
+    # 32 requests: 32 calls of 2 ms per depth cost more than the verified tokens gain; priced as one batched
+    # forward (a draft model's rule) the same head would look nearly free
+    assert plan_num_tokens([0.5] * 32, 4, 0, verify, head, catch_up=[1.0] * 32, per_request=True) == [0] * 32
+    assert sum(plan_num_tokens([0.5] * 32, 4, 0, verify, head, catch_up=[1.0] * 32)) > 0

@@ -104,13 +104,18 @@ def add_parsers(sub) -> None:
                    help="JSON file keeping the served model's replies between runs (only new prompts are answered)")
     p.add_argument("--chat-max-tokens", type=int, default=96, help="tokens per reply")
     p.add_argument("--text-tokens", type=int, default=2000, help="pydoc/stdlib tokens beside the replies")
-    p.add_argument("--eval-prompts", type=int, default=12, help="held-out chat prompts for the acceptance figure")
+    p.add_argument("--eval-prompts", type=int, default=12,
+                   help="held-out chat prompts of each kind (stdlib modules; general with --general-prompts) for the "
+                        "acceptance figure")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--depth", type=int, default=1,
                    help="drafts unrolled on the head's own predictions in training (EAGLE-3's training-time test)")
     p.add_argument("--kd-weight", type=float, default=0.1, help="weight of the top-k KL beside the feature loss")
+    p.add_argument("--token-weight", type=float, default=0.0,
+                   help="weight of a cross-entropy to the served model's greedy token over the tokens the head "
+                        "drafts (--draft-vocab's, else all)")
     p.add_argument("--draft-vocab", type=int, default=0, metavar="N",
                    help="also write draft_vocab.json: the N tokens the replies and text use most (FR-Spec; 0: none)")
     p.add_argument("--k-eval", type=int, default=4, help="drafts chained in the teacher-forced acceptance")
@@ -188,7 +193,8 @@ def run_draft_head(args: argparse.Namespace) -> int:
                                  general_prompts=args.general_prompts, replies_cache=args.replies_cache,
                                  chat_max_tokens=args.chat_max_tokens, text_tokens=args.text_tokens,
                                  eval_prompts=args.eval_prompts, steps=args.steps, batch_size=args.batch_size,
-                                 lr=args.lr, depth=args.depth, kd_weight=args.kd_weight, draft_vocab=args.draft_vocab,
+                                 lr=args.lr, depth=args.depth, kd_weight=args.kd_weight,
+                                 token_weight=args.token_weight, draft_vocab=args.draft_vocab,
                                  k_eval=args.k_eval,
                                  seed=args.seed, threads=args.threads)
     # the benchmark's chat prompts are its evaluation set: never trained on

@@ -226,6 +226,7 @@ class LLMEngine:
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running, self.kv, self.scheduler.config.max_num_batched_tokens,
                                     self.max_model_len)
+        started = time.perf_counter()  # a speculative step's cost: scheduling to the tokens appended, all of it
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
@@ -235,7 +236,6 @@ class LLMEngine:
                 r.times.first_scheduled_s = now
                 self.prompt_tokens_total += r.num_prompt_tokens
         try:
-            started = time.perf_counter()
             masks = self.structured_outputs.start_masks(batch)  # computed while the forward pass runs
             prompt_positions = self.prompt_logprobs.positions(batch)
             if prompt_positions:
@@ -250,11 +250,13 @@ class LLMEngine:
                 result = self.sampler(logits, sampling, token_masks)
             else:
                 result = self.speculator.sample(logits, sampling, self.sampler, token_masks)
-                self.speculator.record_step(sum(batch.num_new_tokens), time.perf_counter() - started)
         except Exception as exc:  # one bad step fails its own requests; the engine keeps serving others
             log.exception("engine step failed; failing its %d requests", len(batch.requests))
             return outputs + self._fail(batch, f"{type(exc).__name__}: {exc}")
-        return outputs + self._update(batch, sampling, result)
+        outputs += self._update(batch, sampling, result)
+        if self.speculator is not None:  # what verifying more tokens costs includes appending and detokenizing them
+            self.speculator.record_step(sum(batch.num_new_tokens), time.perf_counter() - started)
+        return outputs
 
     def _update(self, batch: ScheduledBatch, sampling: list[Request], result: SampleResult) -> list[RequestOutput]:
         now = time.monotonic()

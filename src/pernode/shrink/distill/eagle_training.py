@@ -7,8 +7,10 @@ memory. The head learns f_{t+1} from (f_t, x_{t+1}) with smooth-L1 on the featur
 on the teacher's top-k tokens (both renormalised over those k: at T = 1 the gradient is within 0.3% of the exact
 KL's direction, docs/distillation.md, and only k rows of the frozen lm_head are multiplied per position, not 49k),
 with EAGLE's uniform noise on its input features; `depth` > 1 also unrolls the head on its own predictions
-(EAGLE-3's training-time test, eagle_rollout.py), so later drafts are trained on what they read. Batches and noise follow from (seed, step); the head is saved as
-safetensors + json at the end (a run is minutes: no resume).
+(EAGLE-3's training-time test, eagle_rollout.py), so later drafts are trained on what they read; and
+`token_weight` adds a cross-entropy to the teacher's greedy token over the tokens the head drafts (its FR-Spec
+subset). Batches and noise follow from (seed, step); the head is saved as safetensors + json at the end (a run is
+minutes: no resume; the replies, its slow part, are kept in `replies_cache`).
 
 Judged by `teacher_forced_acceptance`: on held-out chat replies, the head drafts k tokens from every position
 (chained on its own predictions, its K/V over the prefix built from the true features) and a draft token counts
@@ -49,7 +51,7 @@ class EagleTrainingConfig:
     draft_vocab: int = 0  # also write draft_vocab.json: the N tokens the replies and text use most (FR-Spec)
     chat_max_tokens: int = 96
     text_tokens: int = 2000  # pydoc/stdlib tokens beside the replies
-    eval_prompts: int = 12  # held-out stdlib modules' prompts, answered by the teacher
+    eval_prompts: int = 12  # held-out prompts of each kind (stdlib modules, general), answered by the teacher
     seq_len: int = 256
     top_k: int = 32
     steps: int = 150
@@ -72,6 +74,9 @@ class EagleTrainingConfig:
                           ("threads", 1), ("depth", 1), ("draft_vocab", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name}={getattr(self, name)} is out of range: allowed >= {low}")
+        for name in ("feature_weight", "kd_weight", "token_weight", "noise"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} is out of range: allowed >= 0")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr} is out of range: allowed > 0")
 
@@ -233,11 +238,11 @@ def teacher_forced_acceptance(head: EagleHead, model, sequences: list[list[int]]
     return out
 
 
-def chat_sequences(teacher: str, prompts: list[str], max_tokens: int, tokenizer, cache: str | None = None
-                   ) -> tuple[list[list[int]], list[int]]:
+def chat_sequences(teacher: str, prompts: list[str], max_tokens: int, tokenizer, cache: str | None = None,
+                   log=print) -> tuple[list[list[int]], list[int]]:
     """The served model's greedy replies (pernode's engine, default dtype, kept in `cache`); each sequence and
     where its reply starts."""
-    seqs = greedy_replies(teacher, prompts, max_tokens, cache=cache)
+    seqs = greedy_replies(teacher, prompts, max_tokens, cache=cache, log=log)
     starts = []
     for p in prompts:
         rendered = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
@@ -271,7 +276,7 @@ def train_eagle_head(config: EagleTrainingConfig, log=print, quiet: bool = False
     train_prompts, eval_prompts = training_prompts(config, excluded_prompts)
     log(f"the served model answers {len(train_prompts)} training and {len(eval_prompts)} held-out chat prompts")
     seqs, starts = chat_sequences(config.teacher, train_prompts + eval_prompts, config.chat_max_tokens, tok,
-                                  config.replies_cache)
+                                  config.replies_cache, log)
     replies, eval_seqs, eval_starts = seqs[:len(train_prompts)], seqs[len(train_prompts):], starts[len(train_prompts):]
     docs = list(replies)
     if config.text_tokens:
@@ -290,11 +295,15 @@ def train_eagle_head(config: EagleTrainingConfig, log=print, quiet: bool = False
     t0 = time.perf_counter()
     feats, teacher = target_features(model, windows, config.top_k, quiet=quiet)
     features_s = time.perf_counter() - t0
+    draft_ids = None
+    if config.draft_vocab:  # chosen before training: the token loss and the acceptance score over these tokens
+        draft_ids = select_draft_vocab(count_tokens(replies, docs[len(replies):]), config.draft_vocab,
+                                       model.config.vocab_size, special_token_ids(tok))
     head = EagleHead.from_target(model, -1, config.seed)
     t0 = time.perf_counter()
-    history = train_head(head, model, windows, feats, teacher, config, quiet=quiet)
+    history = train_head(head, model, windows, feats, teacher, config, quiet=quiet, draft_ids=draft_ids)
     train_s = time.perf_counter() - t0
-    after = teacher_forced_acceptance(head, model, eval_seqs, eval_starts, config.k_eval)
+    after = teacher_forced_acceptance(head, model, eval_seqs, eval_starts, config.k_eval, draft_ids)
     log(f"trained head: {after}")
     details = {"target": source.path, "training": asdict(config), "windows": windows.shape[0],
                "reply_tokens": sum(len(r) for r in replies), "features_s": round(features_s, 1),
@@ -303,13 +312,12 @@ def train_eagle_head(config: EagleTrainingConfig, log=print, quiet: bool = False
                        "model's greedy replies",
                "final_history": history[-5:], "elapsed_s": round(time.perf_counter() - started, 1)}
     head.save(config.out, details)
-    if config.draft_vocab:
-        ids = select_draft_vocab(count_tokens(replies, docs[len(replies):]), config.draft_vocab,
-                                 model.config.vocab_size, special_token_ids(tok))
-        write_draft_vocab(config.out, ids, {
+    if draft_ids is not None:
+        write_draft_vocab(config.out, draft_ids, {
             "source": f"token counts: the served model's greedy replies to {len(replies)} chat prompts (x4) and "
                       f"{len(docs) - len(replies)} training documents of pydoc/stdlib text",
-            "reply_coverage": round(coverage(ids, replies), 4), "heldout_coverage": round(coverage(ids, eval_seqs), 4)})
+            "reply_coverage": round(coverage(draft_ids, replies), 4),
+            "heldout_coverage": round(coverage(draft_ids, eval_seqs), 4)})
     with open(os.path.join(config.out, "history.json"), "w", encoding="utf-8") as f:
         json.dump(history, f)
     return details

@@ -85,7 +85,7 @@ def max_proposed_without_switching(num_rows: int, switch_rows: list[int]) -> int
 
 def plan_num_tokens(rates: list[float], k_max: int, num_other_tokens: int, verify: StepCostModel,
                     propose: StepCostModel, max_total: int = 1 << 30,
-                    catch_up: list[float] | None = None) -> list[int]:
+                    catch_up: list[float] | None = None, per_request: bool = False) -> list[int]:
     """Tokens to propose per request (0..k_max, at most `max_total` in all) maximising expected tokens per second
     of the step.
 
@@ -94,7 +94,10 @@ def plan_num_tokens(rates: list[float], k_max: int, num_other_tokens: int, verif
     proposer call by the tokens it proposes (prompt lookup). With it (a draft model), `propose` prices one draft
     forward by its token count, and `catch_up[i]` is what request i's first forward must read before it proposes
     (the tokens the target accepted since, or its whole prompt the first time): a plan costs that first forward
-    over every proposing request, then one forward per further depth over the requests proposing that deep."""
+    over every proposing request, then one forward per further depth over the requests proposing that deep.
+    `per_request` (an EAGLE head, which runs request after request): `propose` prices one head call by the pairs
+    it reads, and a plan costs, for each proposing request, a first call over its catch-up and one call of one pair
+    per further token."""
     base_tokens = len(rates) + num_other_tokens
     best_m, best_rate = 0, len(rates) / max(verify.predict(base_tokens), 1e-9)
     best_gains: list[tuple[float, float, int]] = []
@@ -108,7 +111,7 @@ def plan_num_tokens(rates: list[float], k_max: int, num_other_tokens: int, verif
     for requests in candidates:
         gains = sorted(((rates[i] ** j, -lag[i], i) for i in requests for j in range(1, k_max + 1)
                         if rates[i] > 0), reverse=True)[:max_total]
-        m, rate = _best_prefix(gains, len(rates), k_max, base_tokens, step_s, propose_s, catch_up)
+        m, rate = _best_prefix(gains, len(rates), k_max, base_tokens, step_s, propose_s, catch_up, per_request)
         if rate > best_rate:
             best_m, best_rate, best_gains = m, rate, gains
     plan = [0] * len(rates)
@@ -118,7 +121,7 @@ def plan_num_tokens(rates: list[float], k_max: int, num_other_tokens: int, verif
 
 
 def _best_prefix(gains: list[tuple[float, float, int]], num_requests: int, k_max: int, base_tokens: int,
-                 step_s, propose_s, catch_up: list[float] | None) -> tuple[int, float]:
+                 step_s, propose_s, catch_up: list[float] | None, per_request: bool = False) -> tuple[int, float]:
     """(m, expected tokens per second) of the fastest plan made of the first m of `gains`, m >= 1; `step_s` and
     `propose_s` price a step and a proposer call (or draft forward) by token count."""
     best_m, best_rate = 0, 0.0
@@ -134,6 +137,8 @@ def _best_prefix(gains: list[tuple[float, float, int]], num_requests: int, k_max
         deeper[d] += 1
         if catch_up is None:
             proposing = propose_s(m)
+        elif per_request:  # one more head call: the request's first (over its catch-up) or one chained pair
+            proposing = (proposing if m > 1 else 0.0) + propose_s(max(1, round(catch_up[i])) if d == 1 else 1)
         else:
             if d == 1:
                 first_forward += catch_up[i]

@@ -56,7 +56,9 @@ class EagleProposer:
         self.target = target
         self.dtype = dtype
         self.states: dict[str, _HeadState] = {}
-        self.forward_cost = StepCostModel()  # seconds of one head forward (and its lm_head) by tokens read
+        # seconds of one head call (its layer and lm_head) by the pairs it reads; the planner adds one call per
+        # proposing request and token (adaptive.plan_num_tokens, per_request)
+        self.forward_cost = StepCostModel()
         ids = read_draft_vocab(path, target.config.vocab_size)
         self.vocab_ids = None if ids is None else torch.tensor(ids, dtype=torch.long, device=device)
         self.vocab_list = ids
@@ -144,18 +146,18 @@ class EagleProposer:
         state.kv, state.done = kv, hi - state.first
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
-        read = hi - lo
-        past = kv
+        past, read = kv, hi - lo
         while True:
             token, q = self._sample(logits, request, tokens)
             tokens.append(token)
             if q is not None:
                 probs.append(q)
+            now = time.perf_counter()
+            self.forward_cost.record(read, now - started)  # this call, its sampling included
             if len(tokens) == k:
                 break
+            started, read = now, 1
             logits, f_prev, past = self._head_logits(f_prev, [token], [hi + len(tokens) - 1], past)
-            read += 1
-        self.forward_cost.record(read, time.perf_counter() - started)
         return Proposal(tokens, torch.stack(probs) if probs else None)
 
     def _sample(self, logits: torch.Tensor, request: Request, proposed: list[int]) -> tuple[int, torch.Tensor | None]:

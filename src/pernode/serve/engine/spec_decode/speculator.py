@@ -92,7 +92,8 @@ class Speculator:
             plan = plan_num_tokens([self.acceptance.rate(r.request_id) for r in decoding], k_max, other_tokens,
                                    self.verify_cost, self.propose_cost if draft is None else draft.forward_cost,
                                    max_total, None if draft is None else
-                                   [draft.catch_up_tokens(r, k_max) for r in decoding])
+                                   [draft.catch_up_tokens(r, k_max) for r in decoding],
+                                   per_request=isinstance(draft, EagleProposer))
         else:  # k each, as far as max_total goes
             plan = [min(k_max, max(0, max_total - i * k_max)) for i in range(len(decoding))]
         # never past max_tokens or max_model_len: those tokens would be thrown away (or have no position)
