@@ -93,30 +93,33 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=128, help="tokens per teacher reply")
     p.set_defaults(func=run_draft_vocab)
 
+    # The defaults are the best measured recipe (docs/distillation.md, "The EAGLE head on general chat"): about
+    # 40 minutes on a 2-core CPU with --threads 2, most of it answering the prompts (kept by --replies-cache).
     p = sub.add_parser("draft-head", help="train an EAGLE draft head on the served model's own features (for "
                                           "--speculative eagle=OUT)")
     add_model_argument(p, "the served model (the head reads its hidden states)")
     p.add_argument("--out", required=True, help="folder for head.safetensors + head.json")
-    p.add_argument("--chat-prompts", type=int, default=48, help="training chat prompts the served model answers")
-    p.add_argument("--general-prompts", type=int, default=0,
+    p.add_argument("--chat-prompts", type=int, default=128,
+                   help="training chat prompts about stdlib modules the served model answers")
+    p.add_argument("--general-prompts", type=int, default=1200,
                    help="general chat prompts the served model answers (facts, e-mails, summaries, code, ...)")
     p.add_argument("--replies-cache", default=None, metavar="FILE",
                    help="JSON file keeping the served model's replies between runs (only new prompts are answered)")
-    p.add_argument("--chat-max-tokens", type=int, default=96, help="tokens per reply")
-    p.add_argument("--text-tokens", type=int, default=2000, help="pydoc/stdlib tokens beside the replies")
+    p.add_argument("--chat-max-tokens", type=int, default=192, help="tokens per reply")
+    p.add_argument("--text-tokens", type=int, default=20000, help="pydoc/stdlib tokens beside the replies")
     p.add_argument("--eval-prompts", type=int, default=12,
                    help="held-out chat prompts of each kind (stdlib modules; general with --general-prompts) for the "
                         "acceptance figure")
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--depth", type=int, default=1,
+    p.add_argument("--depth", type=int, default=2,
                    help="drafts unrolled on the head's own predictions in training (EAGLE-3's training-time test)")
     p.add_argument("--kd-weight", type=float, default=0.1, help="weight of the top-k KL beside the feature loss")
-    p.add_argument("--token-weight", type=float, default=0.0,
+    p.add_argument("--token-weight", type=float, default=1.0,
                    help="weight of a cross-entropy to the served model's greedy token over the tokens the head "
                         "drafts (--draft-vocab's, else all)")
-    p.add_argument("--draft-vocab", type=int, default=0, metavar="N",
+    p.add_argument("--draft-vocab", type=int, default=8192, metavar="N",
                    help="also write draft_vocab.json: the N tokens the replies and text use most (FR-Spec; 0: none)")
     p.add_argument("--k-eval", type=int, default=4, help="drafts chained in the teacher-forced acceptance")
     p.add_argument("--seed", type=int, default=0)
