@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import os
 
+import torch
+
+from pernode.serve.engine.llm_engine import resolve_dtype
 from pernode.serve.llm import LLM
 from pernode.serve.sampling.params import SamplingParams
 
@@ -39,19 +42,18 @@ def greedy_replies(model: str, prompts: list[str], max_tokens: int, cache: str |
     engine, `dtype` or its default), in prompt order; replies already in `cache` are reused."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens} is out of range: allowed >= 1")
-    llm = None
     replies: dict[str, list[int]] = {}
     missing = list(prompts)
     key = None
-    if cache:
-        llm = LLM(model, dtype=dtype, enable_prefix_caching=True)
+    if cache:  # the key needs only the dtype the engine would pick: no engine is built when every reply is cached
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         key = {"model": os.path.abspath(model) if os.path.exists(model) else model,
-               "dtype": str(llm.engine.dtype), "max_tokens": max_tokens}
+               "dtype": str(resolve_dtype(dtype, device)), "max_tokens": max_tokens}
         replies = _load(cache, key)
         missing = [p for p in dict.fromkeys(prompts) if p not in replies]
         log(f"reply cache {cache}: {len(prompts) - len(missing)} of {len(prompts)} prompts already answered")
     if missing:
-        llm = llm or LLM(model, dtype=dtype, enable_prefix_caching=True)
+        llm = LLM(model, dtype=dtype, enable_prefix_caching=True)
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
         for start in range(0, len(missing), CHUNK):
             chunk = missing[start:start + CHUNK]

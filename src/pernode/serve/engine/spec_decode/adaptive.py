@@ -130,6 +130,7 @@ def _best_prefix(gains: list[tuple[float, float, int]], num_requests: int, k_max
     deeper = [0] * (k_max + 1)  # deeper[d]: requests proposing at least d tokens
     first_forward = 0.0
     later_forwards_s = 0.0  # the draft forwards at depth 2 and on, kept up to date as `deeper` grows
+    proposing = 0.0  # seconds of proposing the first m tokens
     for m, (gain, _, i) in enumerate(gains, start=1):
         expected += gain
         planned[i] += 1
@@ -138,7 +139,7 @@ def _best_prefix(gains: list[tuple[float, float, int]], num_requests: int, k_max
         if catch_up is None:
             proposing = propose_s(m)
         elif per_request:  # one more head call: the request's first (over its catch-up) or one chained pair
-            proposing = (proposing if m > 1 else 0.0) + propose_s(max(1, round(catch_up[i])) if d == 1 else 1)
+            proposing += propose_s(max(1, round(catch_up[i])) if d == 1 else 1)
         else:
             if d == 1:
                 first_forward += catch_up[i]
