@@ -14,6 +14,8 @@ import stat
 import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +43,10 @@ def private_state(monkeypatch, tmp_path):
 @pytest.fixture
 def sleeper():
     p = subprocess.Popen(["sleep", "60"])
+    # Popen returns after fork; /proc/<pid>/cmdline is empty until the child has exec'd `sleep`.
+    deadline = time.monotonic() + 10
+    while b"sleep" not in Path(f"/proc/{p.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.01)
     yield p
     if p.poll() is None:
         p.kill()
