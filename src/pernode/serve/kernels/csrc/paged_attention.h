@@ -33,6 +33,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "attention_bf16_dot.h"  // the decode path's products by vdpbf16ps where the CPU has it
 #include "attention_lanes.h"  // vf/vi (kLanes wide), loads, horizontal sums, exp
 
 namespace pernode {
@@ -51,7 +52,11 @@ constexpr int kPrefetchBlocks = 2;     // how far ahead K/V blocks are requested
 // head_dim columns whose accumulators stay in registers during o += p v: 4 rows x 4 vectors, half of AVX-512's 32
 // registers; 4 rows x 2 vectors, half of AVX2's 16
 constexpr int kPvColumns = kLanes == 16 ? 64 : 16;
-constexpr int kKeysPerPass = 8;        // keys whose scores are accumulated together in the row-vectorised path
+constexpr int kKeysPerPass = 8;
+// Keys (whole blocks) whose scores a decode item computes before one online-softmax update: the update's fixed cost
+// per row (a max, a sum, the exp of the rescale, o rescaled) is then paid per chunk, not per block, where at 16-token
+// blocks it was a quarter of the decode path's time. A chunk's K/V stays in L2 between its two passes.
+constexpr int kDecodeChunkKeys = 512;        // keys whose scores are accumulated together in the row-vectorised path
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // n rows of d elements, `stride` elements apart, widened to fp32 rows `ld` apart.
@@ -101,6 +106,7 @@ struct Problem {
   const int32_t* seq_lens;
   int hq, hkv, group, head_dim, block_size;
   int64_t q_elem_size;
+  bool q_bf16;  // query is bf16: with a bf16 cache, the decode scores can take it as it is (vdpbf16ps)
   float scale;
   const float* k_scale;  // [num_blocks, block_size, Hkv] for an int8 cache, else nullptr
   const float* v_scale;
@@ -124,22 +130,27 @@ struct Partials {
 // K and V blocks (prefill), partial dot products (decode); positions of the rows.
 struct Scratch {
   std::unique_ptr<float[]> mem;
-  float *q, *qt, *o, *s, *m, *l, *alpha, *k, *v, *tmp;
+  // qb: the decode rows' q as bf16 (half a float each); sd: a decode chunk's scores, pb: its probabilities as bf16
+  // pairs
+  float *q, *qt, *o, *s, *m, *l, *alpha, *k, *v, *tmp, *qb, *sd, *pb;
+  int decode_ld;  // floats per row of sd: a chunk of whole blocks, rounded up, and a vector of slack
   int32_t* pos;
   std::unique_ptr<int32_t[]> pos_mem;
 
   Scratch(int max_rows, int d, int bs) {
     const int mp = round_up(max_rows, kLanes), bsp = round_up(bs, kLanes);
+    decode_ld = round_up(std::max(1, kDecodeChunkKeys / bs) * bs, kLanes) + kLanes;
     const size_t sizes[] = {size_t(max_rows) * d, size_t(d) * mp, size_t(max_rows) * d,
                             size_t(mp) * bsp, size_t(mp), size_t(mp),
                             size_t(mp), size_t(bs) * d, size_t(bs) * d,
-                            size_t(kRowVectorMinRows) * kLanes * kLanes};
+                            size_t(kRowVectorMinRows) * kLanes * kLanes, size_t(kRowVectorMinRows) * d / 2,
+                            size_t(kRowVectorMinRows) * decode_ld, size_t(kRowVectorMinRows) * decode_ld / 2};
     size_t total = 0;
     for (size_t n : sizes) total += round_up(int(n), kLanes);
     mem.reset(new (std::align_val_t(64)) float[total]);
     float* p = mem.get();
-    float** slots[] = {&q, &qt, &o, &s, &m, &l, &alpha, &k, &v, &tmp};
-    for (int i = 0; i < 10; ++i) {
+    float** slots[] = {&q, &qt, &o, &s, &m, &l, &alpha, &k, &v, &tmp, &qb, &sd, &pb};
+    for (int i = 0; i < 13; ++i) {
       *slots[i] = p;
       p += round_up(int(sizes[i]), kLanes);
     }
@@ -369,12 +380,22 @@ void run_item(const Problem& P, const Item& it, Scratch& S, Partials& parts) {
   const int first_pos = seq_len - q_len + it.q_begin;  // absolute position of the tile's first query
   const int kv_len = first_pos + nq;  // keys any row of the tile can see
   const bool by_row = rows >= kRowVectorMinRows;
+#if defined(PERNODE_BF16_DOT)
+  constexpr bool kBf16Cache = std::is_same_v<T, c10::BFloat16> && kD % 32 == 0 && kD != 0;
+  const bool bf16_dot = kBf16Cache && P.q_bf16 && !by_row;
+  const bool bf16_pv = bf16_dot && kD % 64 == 0 && bs % 2 == 0;  // whole key pairs in every block
+  c10::BFloat16* qb = reinterpret_cast<c10::BFloat16*>(S.qb);
+  uint32_t* pb = reinterpret_cast<uint32_t*>(S.pb);
+#endif
 
   // Rows are (query i, group head g) -> r = i * G + g; a query's G heads are contiguous in `query`.
   const int64_t tok0 = P.query_start_loc[it.seq] + it.q_begin;
   for (int i = 0; i < nq; ++i) {
     const char* src = P.query + ((tok0 + i) * P.hq + int64_t(it.kv_head) * G) * d * P.q_elem_size;
     P.load_q(src, d, G, d, S.q + i * G * d, d);
+#if defined(PERNODE_BF16_DOT)
+    if (bf16_dot) std::memcpy(qb + i * G * d, src, sizeof(c10::BFloat16) * G * d);
+#endif
   }
   for (int r = 0; r < rows; ++r) {
     for (int j = 0; j < d; j += kLanes) vstore(S.q + r * d + j, vload(S.q + r * d + j) * P.scale);
@@ -403,7 +424,67 @@ void run_item(const Problem& P, const Item& it, Scratch& S, Partials& parts) {
   };
   for (int b = it.blk_begin; b < std::min(it.blk_end, it.blk_begin + kPrefetchBlocks); ++b) block_at(b).fetch_rows(0);
 
-  for (int b = it.blk_begin; b < it.blk_end; ++b) {
+  float ks[kMaxBlockSize], vs[kMaxBlockSize];  // a block's per-token scales (int8 cache)
+  auto load_scales = [&](int b, int nk) {
+    const int64_t at = int64_t(table[b]) * bs * P.hkv + it.kv_head;
+    for (int t = 0; t < nk; ++t) {
+      ks[t] = P.k_scale[at + int64_t(t) * P.hkv];
+      vs[t] = P.v_scale[at + int64_t(t) * P.hkv];
+    }
+  };
+
+  if (!by_row) {
+    // s[r][n]: a chunk's scores block after block, then one softmax update per row, then o += p v block by block.
+    const int chunk_blocks = std::max(1, kDecodeChunkKeys / bs), ld = S.decode_ld;
+    for (int b0 = it.blk_begin; b0 < it.blk_end && b0 * bs < kv_len; b0 += chunk_blocks) {
+      const int b1 = std::min({it.blk_end, b0 + chunk_blocks, (kv_len + bs - 1) / bs});
+      for (int b = b0, n = 0; b < b1; n += bs, ++b) {
+        const int nk = std::min(bs, kv_len - b * bs);
+        const T* k = k_cache + block_offset(b);
+        NextBlock next;
+        if (b + kPrefetchBlocks < it.blk_end) next = block_at(b + kPrefetchBlocks);
+#if defined(PERNODE_BF16_DOT)
+        if constexpr (kBf16Cache) {
+          if (bf16_dot) scores_by_key_bf16<kD>(qb, rows, P.scale, k, token_stride, nk, S.sd + n, ld, S.tmp, next);
+          else scores_by_key<kD, T>(S.q, rows, d, k, token_stride, nk, S.sd + n, ld, S.tmp, next);
+        } else {
+          scores_by_key<kD, T>(S.q, rows, d, k, token_stride, nk, S.sd + n, ld, S.tmp, next);
+        }
+#else
+        scores_by_key<kD, T>(S.q, rows, d, k, token_stride, nk, S.sd + n, ld, S.tmp, next);
+#endif
+        if (P.k_scale) {
+          load_scales(b, nk);
+          scale_columns(S.sd + n, rows, ld, ks, nk);
+        }
+      }
+      const int key0 = b0 * bs, n_keys = std::min((b1 - b0) * bs, kv_len - key0);
+      for (int r = 0; r < rows; ++r)
+        softmax_row(S.sd + r * ld, Scratch::round_up(n_keys, kLanes), std::min(n_keys, S.pos[r] - key0 + 1), S.m[r],
+                    S.l[r], S.o + r * d, d);
+#if defined(PERNODE_BF16_DOT)
+      if constexpr (kBf16Cache && kD % 64 == 0) {
+        if (bf16_pv) {
+          probability_pairs(S.sd, rows, ld, n_keys, pb);
+          for (int b = b0, n = 0; b < b1; n += bs, ++b)
+            pv_bf16<kD>(pb + n / 2, ld / 2, v_cache + block_offset(b), token_stride, std::min(bs, kv_len - b * bs),
+                        S.o, rows);
+          continue;
+        }
+      }
+#endif
+      for (int b = b0, n = 0; b < b1; n += bs, ++b) {
+        const int nk = std::min(bs, kv_len - b * bs);
+        if (P.v_scale) {  // after l took the sum of the unscaled p
+          load_scales(b, nk);
+          scale_columns(S.sd + n, rows, ld, vs, nk);
+        }
+        pv<kD, T>(S.sd + n, ld, 1, v_cache + block_offset(b), token_stride, nk, S.o, rows, d);
+      }
+    }
+  }
+
+  for (int b = it.blk_begin; by_row && b < it.blk_end; ++b) {
     const int key0 = b * bs;
     const int nk = std::min(bs, kv_len - key0);
     if (nk <= 0) break;
@@ -411,26 +492,7 @@ void run_item(const Problem& P, const Item& it, Scratch& S, Partials& parts) {
     const T* v = v_cache + block_offset(b);
     NextBlock next;
     if (b + kPrefetchBlocks < it.blk_end) next = block_at(b + kPrefetchBlocks);
-
-    float ks[kMaxBlockSize], vs[kMaxBlockSize];  // this block's per-token scales (int8 cache)
-    if (P.k_scale) {
-      const int64_t at = int64_t(table[b]) * bs * P.hkv + it.kv_head;
-      for (int t = 0; t < nk; ++t) {
-        ks[t] = P.k_scale[at + int64_t(t) * P.hkv];
-        vs[t] = P.v_scale[at + int64_t(t) * P.hkv];
-      }
-    }
-
-    if (!by_row) {
-      // s[r][t]: per-row softmax state, vectorised over keys.
-      scores_by_key<kD, T>(S.q, rows, d, k, token_stride, nk, S.s, bsp, S.tmp, next);
-      if (P.k_scale) scale_columns(S.s, rows, bsp, ks, nk);
-      for (int r = 0; r < rows; ++r)
-        softmax_row(S.s + r * bsp, bsp, std::min(nk, S.pos[r] - key0 + 1), S.m[r], S.l[r], S.o + r * d, d);
-      if (P.v_scale) scale_columns(S.s, rows, bsp, vs, nk);  // after l took the sum of the unscaled p
-      pv<kD, T>(S.s, bsp, 1, v, token_stride, nk, S.o, rows, d);
-      continue;
-    }
+    if (P.k_scale) load_scales(b, nk);
     // s[t][r]: softmax state vectorised over rows. Plenty of math per block here: one prefetch burst is fine.
     next.fetch_rows(0);
     const float *kf = reinterpret_cast<const float*>(k), *vf_ = reinterpret_cast<const float*>(v);
@@ -454,6 +516,10 @@ void run_item(const Problem& P, const Item& it, Scratch& S, Partials& parts) {
     pv<kD, float>(S.s, 1, mp, vf_, kv_stride, nk, S.o, rows, d);
   }
 
+#if defined(PERNODE_BF16_DOT)
+  if constexpr (kBf16Cache && kD % 64 == 0)
+    if (bf16_pv) unpermute_output<kD>(S.o, rows);
+#endif
   if (it.partial_row >= 0) {
     std::memcpy(parts.o.data() + it.partial_row * d, S.o, sizeof(float) * rows * d);
     std::memcpy(parts.m.data() + it.partial_row, S.m, sizeof(float) * rows);
@@ -581,6 +647,7 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& k_cache, c
   P.head_dim = d;
   P.block_size = bs;
   P.q_elem_size = q.element_size();
+  P.q_bf16 = q.scalar_type() == at::kBFloat16;
   P.scale = float(scale);
   P.k_scale = k_scale ? k_scale->data_ptr<float>() : nullptr;
   P.v_scale = v_scale ? v_scale->data_ptr<float>() : nullptr;
