@@ -7,7 +7,7 @@ the median of the per-round ratios. Usage (a baseline tree from any commit, e.g.
     python benchmarks/tree_ab.py --baseline /tmp/base/src --rounds 6 gemv-rows
 
 decode-step: the median CPU time (and wall time) of a batch-1 (or `--batch N`) greedy decode step of the default
-model (1 thread, 128-token prompts). On a busy box the CPU time is the figure to read: the wall time adds the waits for a core. gemv-rows: the int4 (Q4_1) GEMVs of one decoder pass of the default model's shapes (30 layers, weights streamed
+model (1 thread, 128-token prompts, or `--prompt-len N`). On a busy box the CPU time is the figure to read: the wall time adds the waits for a core. gemv-rows: the int4 (Q4_1) GEMVs of one decoder pass of the default model's shapes (30 layers, weights streamed
 from memory) at 1, 2, 4, 5, 8 and 16 rows with int8 activations, 1 thread, as multiples of the 1-row time.
 """
 from __future__ import annotations
@@ -26,14 +26,14 @@ GEMV_ROWS = (1, 2, 4, 5, 8, 16)
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # SmolLM2-135M: qkv, o, gate_up, down
 
 
-def decode_step(steps: int, batch: int = 1) -> dict:
+def decode_step(steps: int, batch: int = 1, prompt_len: int = 128) -> dict:
     import torch
     sys.path.insert(0, str(HERE.parent))
     from step_overhead import start_batch
     from pernode.config import EngineConfig
     from pernode.serve.engine.llm_engine import LLMEngine
-    engine = LLMEngine(EngineConfig(model="smollm2-135m", num_threads=1, kv_cache_bytes=256 * 2**20))
-    start_batch(engine, batch, 128, steps + 40, "ab")
+    engine = LLMEngine(EngineConfig(model="smollm2-135m", num_threads=1, kv_cache_bytes=1024 * 2**20))  # holds 32 requests of 384 + 100 tokens
+    start_batch(engine, batch, prompt_len, steps + 40, "ab")
     for _ in range(10):
         engine.step()
     times, cpu = [], []
@@ -76,9 +76,9 @@ def gemv_rows(repeats: int, layers: int = 30) -> dict:
     return {"decoder pass": out}
 
 
-def run_worker(src: str, what: str, batch: int) -> dict:
+def run_worker(src: str, what: str, batch: int, prompt_len: int) -> dict:
     env = dict(os.environ, PYTHONPATH=src, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(HERE), "--worker", what, "--batch", str(batch)], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(HERE), "--worker", what, "--batch", str(batch), "--prompt-len", str(prompt_len)], env=env, capture_output=True, text=True,
                           check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -90,10 +90,11 @@ def main(argv=None) -> int:
     p.add_argument("--candidate", default=str(HERE.parents[1] / "src"), help="the new tree's src folder")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--batch", type=int, default=1, help="decode-step: running requests in the step")
+    p.add_argument("--prompt-len", type=int, default=128, help="decode-step: prompt tokens per request")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(decode_step(60, args.batch) if args.what == "decode-step" else gemv_rows(9)))
+        print(json.dumps(decode_step(60, args.batch, args.prompt_len) if args.what == "decode-step" else gemv_rows(9)))
         return 0
     if not args.baseline:
         p.error("--baseline: the old tree's src folder is required")
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
     results: dict[str, list] = {"old": [], "new": []}
     for i in range(args.rounds):
         for name in (("old", "new") if i % 2 == 0 else ("new", "old")):
-            results[name].append(run_worker(trees[name], args.what, args.batch))
+            results[name].append(run_worker(trees[name], args.what, args.batch, args.prompt_len))
         load = os.getloadavg()[0]
         if args.what == "decode-step":
             o, n = results["old"][-1], results["new"][-1]

@@ -231,10 +231,11 @@ def test_write_kv_cache_round_trip(dtype):
 
 @pytest.mark.parametrize("block_size", [8, 15, 16, 32])
 @pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (16, 2, 128)], ids=["g3-d64", "g8-d128"])
-def test_kernel_bf16_decodes_over_chunks_and_odd_tails(kernel, block_size, hq, hkv, d):
-    # bf16 queries over a bf16 cache: decodes whose contexts span several score chunks (512 keys) and end mid-block,
-    # on odd keys and past NaN-filled slots, beside a split long context; even and odd block sizes.
-    seqs = [(1, 1), (7, 1), (513, 1), (1300, 1), (1025, 3), (2500, 1), (40, 20)]
+def test_kernel_bf16_over_chunks_and_odd_tails(kernel, block_size, hq, hkv, d):
+    # bf16 queries over a bf16 cache (on AVX512_BF16, the vdpbf16ps paths): decodes whose contexts span several score
+    # chunks (512 keys) and end mid-block, on odd keys and past NaN-filled slots, beside a long context and prefill
+    # chunks of odd lengths; even and odd block sizes.
+    seqs = [(1, 1), (7, 1), (513, 1), (1300, 1), (1025, 3), (2500, 1), (40, 20), (97, 97), (700, 151)]
     query, k_cache, v_cache, meta, scale = make_problem(seqs, hq, hkv, d, block_size, dtype=torch.bfloat16, seed=11)
     out = paged_attention_cpu(query, k_cache, v_cache, meta, scale)
     check(out, paged_attention_reference(query, k_cache, v_cache, meta, scale), torch.bfloat16)

@@ -130,8 +130,7 @@ struct Partials {
 // K and V blocks (prefill), partial dot products (decode); positions of the rows.
 struct Scratch {
   std::unique_ptr<float[]> mem;
-  // qb: the decode rows' q as bf16 (half a float each); sd: a decode chunk's scores, pb: its probabilities as bf16
-  // pairs
+  // qb: the rows' q as bf16 (half a float each); sd: a decode chunk's scores; pb: probabilities as bf16 pairs
   float *q, *qt, *o, *s, *m, *l, *alpha, *k, *v, *tmp, *qb, *sd, *pb;
   int decode_ld;  // floats per row of sd: a chunk of whole blocks, rounded up, and a vector of slack
   int32_t* pos;
@@ -143,8 +142,9 @@ struct Scratch {
     const size_t sizes[] = {size_t(max_rows) * d, size_t(d) * mp, size_t(max_rows) * d,
                             size_t(mp) * bsp, size_t(mp), size_t(mp),
                             size_t(mp), size_t(bs) * d, size_t(bs) * d,
-                            size_t(kRowVectorMinRows) * kLanes * kLanes, size_t(kRowVectorMinRows) * d / 2,
-                            size_t(kRowVectorMinRows) * decode_ld, size_t(kRowVectorMinRows) * decode_ld / 2};
+                            size_t(kRowVectorMinRows) * kLanes * kLanes, size_t(max_rows) * d / 2,
+                            size_t(kRowVectorMinRows) * decode_ld,
+                            std::max(size_t(kRowVectorMinRows) * decode_ld / 2, size_t(bsp / 2 + 1) * mp)};
     size_t total = 0;
     for (size_t n : sizes) total += round_up(int(n), kLanes);
     mem.reset(new (std::align_val_t(64)) float[total]);
@@ -384,6 +384,7 @@ void run_item(const Problem& P, const Item& it, Scratch& S, Partials& parts) {
   constexpr bool kBf16Cache = std::is_same_v<T, c10::BFloat16> && kD % 32 == 0 && kD != 0;
   const bool bf16_dot = kBf16Cache && P.q_bf16 && !by_row;
   const bool bf16_pv = bf16_dot && kD % 64 == 0 && bs % 2 == 0;  // whole key pairs in every block
+  const bool bf16_prefill = kBf16Cache && kD % 64 == 0 && P.q_bf16 && by_row;
   c10::BFloat16* qb = reinterpret_cast<c10::BFloat16*>(S.qb);
   uint32_t* pb = reinterpret_cast<uint32_t*>(S.pb);
 #endif
@@ -394,7 +395,7 @@ void run_item(const Problem& P, const Item& it, Scratch& S, Partials& parts) {
     const char* src = P.query + ((tok0 + i) * P.hq + int64_t(it.kv_head) * G) * d * P.q_elem_size;
     P.load_q(src, d, G, d, S.q + i * G * d, d);
 #if defined(PERNODE_BF16_DOT)
-    if (bf16_dot) std::memcpy(qb + i * G * d, src, sizeof(c10::BFloat16) * G * d);
+    if (bf16_dot || bf16_prefill) std::memcpy(qb + i * G * d, src, sizeof(c10::BFloat16) * G * d);
 #endif
   }
   for (int r = 0; r < rows; ++r) {
@@ -433,13 +434,14 @@ void run_item(const Problem& P, const Item& it, Scratch& S, Partials& parts) {
     }
   };
 
+  auto nk_of = [&](int b) { return std::min(bs, kv_len - b * bs); };
   if (!by_row) {
     // s[r][n]: a chunk's scores block after block, then one softmax update per row, then o += p v block by block.
     const int chunk_blocks = std::max(1, kDecodeChunkKeys / bs), ld = S.decode_ld;
     for (int b0 = it.blk_begin; b0 < it.blk_end && b0 * bs < kv_len; b0 += chunk_blocks) {
       const int b1 = std::min({it.blk_end, b0 + chunk_blocks, (kv_len + bs - 1) / bs});
       for (int b = b0, n = 0; b < b1; n += bs, ++b) {
-        const int nk = std::min(bs, kv_len - b * bs);
+        const int nk = nk_of(b);
         const T* k = k_cache + block_offset(b);
         NextBlock next;
         if (b + kPrefetchBlocks < it.blk_end) next = block_at(b + kPrefetchBlocks);
@@ -467,14 +469,14 @@ void run_item(const Problem& P, const Item& it, Scratch& S, Partials& parts) {
         if (bf16_pv) {
           probability_pairs(S.sd, rows, ld, n_keys, pb);
           for (int b = b0, n = 0; b < b1; n += bs, ++b)
-            pv_bf16<kD>(pb + n / 2, ld / 2, v_cache + block_offset(b), token_stride, std::min(bs, kv_len - b * bs),
-                        S.o, rows);
+            pv_bf16<kD>(pb + n / 2, ld / 2, 1, CacheValuePairs{v_cache + block_offset(b), token_stride, nk_of(b)},
+                        nk_of(b), S.o, rows);
           continue;
         }
       }
 #endif
       for (int b = b0, n = 0; b < b1; n += bs, ++b) {
-        const int nk = std::min(bs, kv_len - b * bs);
+        const int nk = nk_of(b);
         if (P.v_scale) {  // after l took the sum of the unscaled p
           load_scales(b, nk);
           scale_columns(S.sd + n, rows, ld, vs, nk);
@@ -495,6 +497,24 @@ void run_item(const Problem& P, const Item& it, Scratch& S, Partials& parts) {
     if (P.k_scale) load_scales(b, nk);
     // s[t][r]: softmax state vectorised over rows. Plenty of math per block here: one prefetch burst is fine.
     next.fetch_rows(0);
+#if defined(PERNODE_BF16_DOT)
+    if constexpr (kBf16Cache && kD % 64 == 0) {
+      if (bf16_prefill) {
+        uint32_t* qtp = reinterpret_cast<uint32_t*>(S.qt);
+        if (b == it.blk_begin) transpose_q_pairs(qb, d, rows, mp, d, qtp);
+        scores_by_row_bf16<kD, kKeysPerPass>(qtp, mp, k, token_stride, nk, P.scale, S.s);
+        softmax_rows(S.s, mp, nk, key0, S.pos, S.m, S.l, S.alpha);
+        for (int r = 0; r < rows; ++r)
+          if (S.alpha[r] != 1.0f)
+            for (int j = 0; j < d; j += kLanes) vstore(S.o + r * d + j, vload(S.o + r * d + j) * S.alpha[r]);
+        uint32_t* value_pairs = reinterpret_cast<uint32_t*>(S.v);
+        fill_value_pairs<kD>(v, token_stride, nk, value_pairs);
+        probability_pairs_by_row(S.s, mp, nk, pb);
+        pv_bf16<kD>(pb, 1, mp, BufferValuePairs{value_pairs, d}, nk, S.o, rows);
+        continue;
+      }
+    }
+#endif
     const float *kf = reinterpret_cast<const float*>(k), *vf_ = reinterpret_cast<const float*>(v);
     int64_t kv_stride = token_stride;
     if constexpr (!std::is_same_v<T, float>) {  // widened once, then reused by every row of the tile
@@ -518,7 +538,7 @@ void run_item(const Problem& P, const Item& it, Scratch& S, Partials& parts) {
 
 #if defined(PERNODE_BF16_DOT)
   if constexpr (kBf16Cache && kD % 64 == 0)
-    if (bf16_pv) unpermute_output<kD>(S.o, rows);
+    if (bf16_pv || bf16_prefill) unpermute_output<kD>(S.o, rows);
 #endif
   if (it.partial_row >= 0) {
     std::memcpy(parts.o.data() + it.partial_row * d, S.o, sizeof(float) * rows * d);
