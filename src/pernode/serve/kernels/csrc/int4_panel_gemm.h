@@ -79,6 +79,11 @@ void transpose_strip(const int32_t* w, int64_t N, int64_t K, int64_t n0, uint8_t
   static const int32_t zeros[4] = {0, 0, 0, 0};
   const int32_t* row[16];
   for (int i = 0; i < 16; ++i) row[i] = n0 + i < N ? w + (n0 + i) * words : nullptr;
+  // the next strip's rows, requested while this one is transposed: 16 rows read a block at a time are 16 streams,
+  // more than the hardware prefetchers follow
+  for (int64_t n = n0 + 16; n < std::min(N, n0 + 32); ++n)
+    for (int64_t c = 0; c < words * 4; c += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(w + n * words) + c, _MM_HINT_T0);
   // A_q holds rows 4q..4q+3, 4 words each (dword 4r + d). T = words {0,1} (or {2,3}) of rows 0-7 from (A0, A1);
   // then Z_d = word d of rows 0-15 from (T of A0/A1, T of A2/A3).
   const __m512i pick01 = _mm512_set_epi32(29, 25, 21, 17, 13, 9, 5, 1, 28, 24, 20, 16, 12, 8, 4, 0);
@@ -112,19 +117,38 @@ void transpose_strip(const int32_t* w, int64_t N, int64_t K, int64_t n0, uint8_t
 }
 
 // A strip's qparams per block, fp32: the scale and zero term of the group holding the block (lanes = rows; 0 past N).
-inline float qparam_value(const float* p, int64_t i) { return p[i]; }
-inline float qparam_value(const uint16_t* p, int64_t i) { return _cvtsh_ss(p[i]); }
+// 16 groups of the 16 rows at a time: loaded row by row (widened from fp16 where stored so), turned lane = row by a
+// 16 x 16 transpose (gemm_int8_int16x_avx512.h), each group's vector stored for its blocks. One scalar conversion and
+// store per value cost a third of a decode-sized call.
+inline __m512 load_qparams16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load_qparams16(const uint16_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
 
 template <typename S>
-void strip_qparams(const S* scale, const S* bias, int64_t N, int64_t G, int64_t gs, int64_t blocks, int64_t n0,
-                   float* sw, float* zt) {
-  for (int64_t i = 0; i < kPanelCols; ++i) {
-    const int64_t n = n0 + i;
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t at = n * G + b * kActBlock / gs;
-      const float s = n < N ? qparam_value(scale, at) : 0.f;
-      sw[b * kPanelCols + i] = s;
-      zt[b * kPanelCols + i] = n >= N ? 0.f : bias ? qparam_value(bias, at) : -8.f * s;
+void strip_qparam_rows(const S* p, int64_t N, int64_t G, int64_t n0, int64_t g0, __mmask16 groups,
+                       __m512i (&r)[16]) {
+  for (int i = 0; i < 16; ++i)
+    r[i] = n0 + i < N ? _mm512_castps_si512(load_qparams16(p + (n0 + i) * G + g0, groups)) : _mm512_setzero_si512();
+  transpose_16x16(r);  // r[g]: group g0 + g of the 16 rows
+}
+
+template <typename S>
+void strip_qparams(const S* scale, const S* bias, int64_t N, int64_t G, int64_t gs, int64_t n0, float* sw,
+                   float* zt) {
+  const int64_t blocks_per_group = gs / kActBlock;
+  const __m512 minus8 = _mm512_set1_ps(-8.f);
+  for (int64_t g0 = 0; g0 < G; g0 += 16) {
+    const int64_t ng = std::min<int64_t>(16, G - g0);
+    const __mmask16 groups = (__mmask16)(ng == 16 ? 0xFFFF : (1u << ng) - 1u);
+    __m512i s[16], z[16];
+    strip_qparam_rows(scale, N, G, n0, g0, groups, s);
+    if (bias) strip_qparam_rows(bias, N, G, n0, g0, groups, z);
+    for (int64_t g = 0; g < ng; ++g) {
+      const __m512 sv = _mm512_castsi512_ps(s[g]);
+      const __m512 zv = bias ? _mm512_castsi512_ps(z[g]) : _mm512_mul_ps(minus8, sv);
+      for (int64_t b = (g0 + g) * blocks_per_group; b < (g0 + g + 1) * blocks_per_group; ++b) {
+        _mm512_storeu_ps(sw + b * kPanelCols, sv);
+        _mm512_storeu_ps(zt + b * kPanelCols, zv);
+      }
     }
   }
 }
@@ -217,7 +241,7 @@ void panel_gemm_range(const PanelInput& pi, int64_t M, const int32_t* w, const S
     for (; strips < kPanelStrips && n0 + strips * kPanelCols < N; ++strips) {
       const int64_t ns = n0 + strips * kPanelCols;
       transpose_strip(w, N, K, ns, wbuf.data() + strips * strip_bytes);
-      strip_qparams(scale, bias, N, G, gs, blocks, ns, sw.data() + strips * strip_params,
+      strip_qparams(scale, bias, N, G, gs, ns, sw.data() + strips * strip_params,
                     zt.data() + strips * strip_params);
     }
     if (strips == kPanelStrips)
