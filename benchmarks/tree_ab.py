@@ -5,6 +5,7 @@ the median of the per-round ratios. Usage (a baseline tree from any commit, e.g.
 
     python benchmarks/tree_ab.py --baseline /tmp/base/src --rounds 6 decode-step
     python benchmarks/tree_ab.py --baseline /tmp/base/src --rounds 6 gemv-rows
+    python benchmarks/tree_ab.py --baseline /tmp/base/src --rounds 6 offline
 
 decode-step: the median CPU time (and wall time) of a batch-1 (or `--batch N`) greedy decode step of the default
 model (1 thread, 128-token prompts, or `--prompt-len N`). On a busy box the CPU time is the figure to read: the wall time adds the waits for a core. gemv-rows: the int4 (Q4_1) GEMVs of one decoder pass of the default model's shapes (30 layers, weights streamed
@@ -76,8 +77,23 @@ def gemv_rows(repeats: int, layers: int = 30) -> dict:
     return {"decoder pass": out}
 
 
+def offline(num_prompts: int = 48) -> dict:
+    from pernode.config import EngineConfig
+    from pernode.measure.bench.bench_offline import run_bench_offline
+    from pernode.measure.bench.config import OfflineBenchConfig
+    from pernode.serve.engine.llm_engine import LLMEngine
+    from pernode.serve.llm import LLM
+    from pernode.serve.models.registry import resolve_model
+    engine = LLMEngine(EngineConfig(model="smollm2-135m"))
+    (result,) = run_bench_offline(LLM.from_engine(engine), resolve_model("smollm2-135m"),
+                                  OfflineBenchConfig(num_prompts=num_prompts, peers=()))
+    return {"tok_s": result.output_tokens_per_s}
+
+
 def run_worker(src: str, what: str, batch: int, prompt_len: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=src, OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=src)
+    if what != "offline":  # one thread: the kernels' own time, not the thread team's
+        env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run([sys.executable, str(HERE), "--worker", what, "--batch", str(batch), "--prompt-len", str(prompt_len)], env=env, capture_output=True, text=True,
                           check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -85,7 +101,7 @@ def run_worker(src: str, what: str, batch: int, prompt_len: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("decode-step", "gemv-rows"))
+    p.add_argument("what", choices=("decode-step", "gemv-rows", "offline"))
     p.add_argument("--baseline", help="the old tree's src folder")
     p.add_argument("--candidate", default=str(HERE.parents[1] / "src"), help="the new tree's src folder")
     p.add_argument("--rounds", type=int, default=6)
@@ -94,7 +110,9 @@ def main(argv=None) -> int:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(decode_step(60, args.batch, args.prompt_len) if args.what == "decode-step" else gemv_rows(9)))
+        work = {"decode-step": lambda: decode_step(60, args.batch, args.prompt_len), "gemv-rows": lambda: gemv_rows(9),
+                "offline": offline}[args.what]
+        print(json.dumps(work()))
         return 0
     if not args.baseline:
         p.error("--baseline: the old tree's src folder is required")
@@ -109,6 +127,10 @@ def main(argv=None) -> int:
             print(f"round {i + 1}: wall old {o['step_ms']:.2f} ms, new {n['step_ms']:.2f} ms; CPU old "
                   f"{o['cpu_ms']:.2f} ms, new {n['cpu_ms']:.2f} ms, new/old {n['cpu_ms'] / o['cpu_ms']:.3f} "
                   f"(load {load:.2f})", flush=True)
+        elif args.what == "offline":
+            o, n = results["old"][-1]["tok_s"], results["new"][-1]["tok_s"]
+            print(f"round {i + 1}: output tok/s old {o:.1f}, new {n:.1f}, new/old {n / o:.3f} (load {load:.2f})",
+                  flush=True)
         else:
             print(f"round {i + 1} done (load {load:.2f})", flush=True)
     if args.what == "decode-step":
@@ -117,6 +139,12 @@ def main(argv=None) -> int:
             print(f"batch-{args.batch} decode step {label}, new/old median {statistics.median(ratios):.3f} over {len(ratios)} "
                   f"rounds (old median {statistics.median(r[key] for r in results['old']):.2f} ms, new "
                   f"{statistics.median(r[key] for r in results['new']):.2f} ms)")
+    elif args.what == "offline":
+        ratios = [n["tok_s"] / o["tok_s"] for o, n in zip(results["old"], results["new"])]
+        print(f"offline output tok/s, new/old median {statistics.median(ratios):.3f} over {len(ratios)} rounds "
+              f"(range {min(ratios):.3f}-{max(ratios):.3f}; old median "
+              f"{statistics.median(r['tok_s'] for r in results['old']):.1f}, new "
+              f"{statistics.median(r['tok_s'] for r in results['new']):.1f})")
     else:
         for name in ("old", "new"):
             for shape in results[name][0]:
