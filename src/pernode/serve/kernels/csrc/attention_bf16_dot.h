@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "attention_block_math.h"  // reduce_parked_scores
 #include "attention_lanes.h"
 
 namespace pernode {
@@ -54,11 +55,7 @@ void scores_by_key_bf16(const c10::BFloat16* q, int rows, float scale, const c10
         _mm512_storeu_ps(tmp + (r * kLanes + t) * kLanes, acc);
       }
     }
-    for (int r = 0; r < rows; ++r) {
-      float* tr = tmp + r * kLanes * kLanes;
-      for (int t = n; t < kLanes; ++t) vstore(tr + t * kLanes, vf{});
-      vstore(s + r * ld + c, reduce_lanes(tr) * scale);
-    }
+    reduce_parked_scores(tmp, rows, n, scale, s + c, ld);
   }
   next.fetch_rows(nk);
 }

@@ -57,6 +57,16 @@ struct NextBlock {
 
 // ---- decode path: few rows, vectorised over head_dim and keys ------------------------------------------------------
 
+// s[r * ld + t] = scale * (sum of the lanes of row r's partial-sum vector for key t), t < kLanes: the vectors that
+// the per-key paths parked in `tmp`, n of kLanes keys real (the rest zeroed first).
+inline void reduce_parked_scores(float* tmp, int rows, int n, float scale, float* s, int ld) {
+  for (int r = 0; r < rows; ++r) {
+    float* tr = tmp + r * kLanes * kLanes;
+    for (int t = n; t < kLanes; ++t) vstore(tr + t * kLanes, vf{});
+    vstore(s + r * ld, scale == 1.0f ? reduce_lanes(tr) : reduce_lanes(tr) * scale);
+  }
+}
+
 // s[r * ld + t] = q_r . k_t: per (row, key) a vector of partial sums, parked in `tmp` and reduced kLanes keys at a time.
 // K is read straight from the cache and widened in registers, once per key for all rows. The rows of the block ahead
 // are requested one per key: spread out, the requests overlap with the math instead of stalling on full miss buffers.
@@ -85,11 +95,7 @@ void scores_by_key(const float* q, int rows, int d_rt, const T* k, int64_t k_str
         }
       }
     }
-    for (int r = 0; r < rows; ++r) {
-      float* tr = tmp + r * kLanes * kLanes;
-      for (int t = n; t < kLanes; ++t) vstore(tr + t * kLanes, vf{});
-      vstore(s + r * ld + c, reduce_lanes(tr));
-    }
+    reduce_parked_scores(tmp, rows, n, 1.0f, s + c, ld);
   }
   next.fetch_rows(nk);
 }

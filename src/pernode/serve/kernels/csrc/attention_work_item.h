@@ -124,15 +124,21 @@ void run_item(const Problem& P, const Item& it, Scratch& S, Partials& parts) {
 
   // Rows are (query i, group head g) -> r = i * G + g; a query's G heads are contiguous in `query`.
   const int64_t tok0 = P.query_start_loc[it.seq] + it.q_begin;
+#if defined(PERNODE_BF16_DOT)
+  const bool bf16_q = bf16_dot || bf16_prefill;  // the vdpbf16ps paths read q as it is; the fp32 ones, widened
+#else
+  constexpr bool bf16_q = false;
+#endif
   for (int i = 0; i < nq; ++i) {
     const char* src = P.query + ((tok0 + i) * P.hq + int64_t(it.kv_head) * G) * d * P.q_elem_size;
-    P.load_q(src, d, G, d, S.q + i * G * d, d);
 #if defined(PERNODE_BF16_DOT)
-    if (bf16_dot || bf16_prefill) std::memcpy(qb + i * G * d, src, sizeof(c10::BFloat16) * G * d);
+    if (bf16_q) std::memcpy(qb + i * G * d, src, sizeof(c10::BFloat16) * G * d);
 #endif
+    if (!bf16_q) P.load_q(src, d, G, d, S.q + i * G * d, d);
   }
   for (int r = 0; r < rows; ++r) {
-    for (int j = 0; j < d; j += kLanes) vstore(S.q + r * d + j, vload(S.q + r * d + j) * P.scale);
+    if (!bf16_q)
+      for (int j = 0; j < d; j += kLanes) vstore(S.q + r * d + j, vload(S.q + r * d + j) * P.scale);
     S.pos[r] = first_pos + r / G;
   }
   for (int r = rows; r < mp; ++r) S.pos[r] = first_pos + nq - 1;  // padding rows mimic the last row
