@@ -69,6 +69,10 @@ def _fmt(v, digits: int = 1) -> str:
     return f"{v:.{digits}f}" if abs(v) >= 1 else f"{v:.4g}"
 
 
+def _ratio(v) -> str:
+    return "–" if v is None else f"{v:.3f}x"
+
+
 class Runner:
     """Runs each step as a `python -m pernode.cli` subprocess, printed and appended to commands.sh first."""
 
@@ -172,9 +176,11 @@ def validate(run: Runner, plan: str, profile: str, model_flags: list[str], num_p
     return out
 
 
-def row(shape: str, load: int, v: dict) -> str:
-    same, measured = v.get("predicted_same_trace") or {}, v.get("measured") or {}
-    errors, where = v.get("error_pct_same_trace") or {}, v.get("interval_position") or {}
+def row(shape: str, load: int, v: dict, which: str = "same_trace") -> str:
+    """One run's figures against its same-trace prediction, or with `which` "anchored" against the prediction at
+    the engine speed its speed anchor measured just before the run."""
+    same, measured = v.get(f"predicted_{which}") or {}, v.get("measured") or {}
+    errors, where = v.get(f"error_pct_{which}") or {}, v.get("interval_position") or {}
     cells = [shape, f"{load}%", f"{v['workload']['rate_rps']:.3g}", str(v["workload"]["num_prompts"])]
     for _, key in COLUMNS:
         err = errors.get(key)
@@ -188,12 +194,14 @@ def row(shape: str, load: int, v: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def table(results: list[tuple[str, int, dict]]) -> str:
+def table(results: list[tuple[str, int, dict]], which: str = "same_trace") -> str:
+    """The grid's table against the same-trace prediction, or the anchored one (runs without it left out)."""
+    label_of = {"same_trace": "same-trace", "anchored": "anchored"}[which]
     head = (["shape", "load", "req/s", "requests"]
-            + [f"{label}: same-trace / measured (error; range)" for label, _ in COLUMNS]
+            + [f"{label}: {label_of} / measured (error; range)" for label, _ in COLUMNS]
             + ["cores ours / others", "load avg before–after"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += [row(shape, load, v) for shape, load, v in results]
+    lines += [row(shape, load, v, which) for shape, load, v in results if v.get(f"predicted_{which}")]
     return "\n".join(lines)
 
 
@@ -220,8 +228,8 @@ def engine_busy_table(results: list[tuple[str, int, dict]]) -> str:
     """Each run's engine steps, measured by the server's step clock against the simulated replica on the same trace
     (jobs/validate/engine_busy.py): the step-time error before queueing magnifies it; runs without it left out."""
     lines = ["| run | steps: measured / predicted | busy s: measured wall / predicted | ms a step: measured / "
-             "predicted | waited ms a step (wall beyond the engine thread's CPU) | measured / predicted busy |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "predicted | waited ms a step (wall beyond the engine thread's CPU) | measured / predicted busy | "
+             "engine CPU / model, step by step: the anchor just before / the run |", "|---|---:|---:|---:|---:|---:|---:|"]
     for shape, load, v in results:
         busy = v.get("engine_busy") or {}
         m, p = busy.get("measured"), busy.get("predicted")
@@ -229,9 +237,11 @@ def engine_busy_table(results: list[tuple[str, int, dict]]) -> str:
             continue
         per = (f"{m['wall_per_step_ms']:.1f} / {p['wall_per_step_ms']:.1f}" if m.get("wall_per_step_ms")
                and p.get("wall_per_step_ms") else "–")
+        anchor = ((v.get("speed_anchor") or {}).get("engine_speed") or {}).get("cpu_ratio")
+        run = (v.get("engine_speed_run") or {}).get("cpu_ratio")
         lines.append(f"| {shape} {load}% | {m['steps']} / {p.get('steps') or '–'} | {m['wall_s']:.1f} / "
                      f"{p['busy_s']:.1f} | {per} | {m['waited_per_step_ms'] or 0:.2f} | "
-                     f"{busy['wall_over_predicted']:.3f}x |")
+                     f"{busy['wall_over_predicted']:.3f}x | {_ratio(anchor)} / {_ratio(run)} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -264,8 +274,9 @@ def rescore_recorded(folder: str, profiles: list[str], mixed_steps: bool = False
             before = json.load(f).get("error_pct_same_trace") or {}
         report = rescore(os.path.join(folder, name), profile, mixed_steps=mixed_steps)
         rescored.append((f"{shape} {path}", int(load), report))
-        after = report.get("error_pct_same_trace") or {}
-        for label, errs in (("before", before), ("after", after)):
+        after, anchored = report.get("error_pct_same_trace") or {}, report.get("error_pct_anchored")
+        rows = [("before", before), ("after", after)] + ([("after, anchored", anchored)] if anchored else [])
+        for label, errs in rows:
             cells = [f"{errs[k]:+.1f}%{' ✓' if abs(errs[k]) <= TARGETS[k] else ''}" if k in errs else "–"
                      for k in keys]
             lines.append(f"| {shape} {load}% | {path} | {label} | " + " | ".join(cells) + " |")
@@ -352,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     md = table(results)
     print(f"\nfidelity grid ({time.monotonic() - started:.0f} s; targets: p50s and goodput within 10%, p99s within "
           f"20%; ✓/✗ against them; range = where the measurement falls in the predicted range over seeds)\n")
+    if any(v.get("predicted_anchored") for _, _, v in results):
+        md += ("\n\nAgainst the prediction at the engine speed each run's speed anchor measured just before it:\n\n"
+               + table(results, "anchored"))
     parts = ttft_parts_table(results)
     if parts:
         md += "\n\nWhere TTFT goes:\n\n" + parts

@@ -12,7 +12,8 @@ import time
 from pernode.cli.options import add_engine_arguments, engine_config_from_args
 from pernode.cli.serve import add_server_arguments, settings_from_args
 from pernode.jobs.fleet_from_plan import fleet_spec_for_plan
-from pernode.jobs.validate import DEFAULT_DURATION_S, FleetPlacement, ValidateConfig, run_rescore, run_validate
+from pernode.jobs.validate import (ANCHOR_SECONDS, DEFAULT_DURATION_S, FleetPlacement, ValidateConfig, run_rescore,
+                                   run_validate)
 from pernode.price.planner import Plan
 from pernode.serve.deploy import (DEFAULT_APP_NAME, Autoscale, Deployment, FleetSpec, ProcessRecord, clear_state,
                                   connect, delete_application, deploy, describe_fleet, disconnect, log_file,
@@ -216,6 +217,9 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bench-out", default=None, help="also write the full bench serve result here")
     p.add_argument("--interval-seeds", type=int, default=5,
                    help="simulated runs of the measured size behind each predicted range (default 5)")
+    p.add_argument("--anchor-s", type=float, default=ANCHOR_SECONDS,
+                   help=f"seconds of the workload's arrivals sent just before the run, unscored, to time the node's "
+                        f"speed against the profile: the anchored prediction (default {ANCHOR_SECONDS:g}; 0: none)")
     g = p.add_argument_group("fleet (when not --base-url)")
     g.add_argument("--port", type=int, default=None, help="Serve's HTTP port (default: a free one)")
     g.add_argument("--num-cpus-per-replica", type=float, default=None)
@@ -238,7 +242,7 @@ def validate_config_from_args(args: argparse.Namespace) -> ValidateConfig:
                           num_prompts=args.num_prompts, seed=args.seed, input_len=args.input_len,
                           output_len=args.output_len, burstiness=args.burstiness, token_budget=args.token_budget,
                           out=args.out, bench_out=args.bench_out, placement=placement,
-                          interval_seeds=args.interval_seeds)
+                          interval_seeds=args.interval_seeds, anchor_s=args.anchor_s)
 
 
 def run_validate_command(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from pernode.jobs.validate.speed_anchor import ANCHOR_SECONDS
 from pernode.price.workload import LengthDist
 
 DEFAULT_DURATION_S = 120.0  # enough arrivals for a p99 at the rates a 2-core box takes
@@ -41,10 +42,13 @@ class ValidateConfig:
     bench_out: str | None = None  # the full bench serve result as JSON
     placement: FleetPlacement = FleetPlacement()
     interval_seeds: int = 5  # runs of the measured size simulated for the predicted range of each figure
+    anchor_s: float = ANCHOR_SECONDS  # arrivals of the speed anchor before the run (speed_anchor.py); 0: none
 
     def __post_init__(self) -> None:
         if self.num_prompts is not None and self.num_prompts < 1:
             raise ValueError(f"num_prompts={self.num_prompts}: allowed >= 1")
+        if not 0 <= self.anchor_s <= 600:
+            raise ValueError(f"anchor_s={self.anchor_s}: allowed 0 (no anchor) to 600 seconds")
         if self.interval_seeds < 1:
             raise ValueError(f"interval_seeds={self.interval_seeds}: allowed >= 1")
         if self.token_budget is not None and self.token_budget < 1:

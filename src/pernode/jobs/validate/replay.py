@@ -5,6 +5,9 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from pernode.measure.bench.arrivals import arrival_offsets_s
+from pernode.measure.bench.bench_result import BenchResult
+from pernode.measure.bench.bench_serve import build_requests
 from pernode.measure.bench.config import BenchConfig
 from pernode.price.workload import LengthDist, Workload
 from pernode.serve.models.registry import KNOWN_MODELS
@@ -50,6 +53,17 @@ class ReplayWorkload:
                            random_output_len=self.output_len, request_rate=self.rate_rps,
                            burstiness=self.burstiness, num_prompts=num_prompts, seed=seed, ignore_eos=True,
                            num_warmup=num_warmup, percentiles="50,90,99", slo=slo_text or None, tokenizer=tokenizer)
+
+
+def recorded_trace(bench: BenchConfig, result: BenchResult) -> dict[str, list]:
+    """The requests `bench` sent as the simulator replays them: arrival offsets, prompt tokens (the server's count
+    where it answered, else the bench's) and output tokens."""
+    requests = build_requests(bench)
+    offsets_s = arrival_offsets_s(len(requests), bench.request_rate, bench.burstiness, bench.seed)
+    counted = [row.prompt_tokens if row.success and row.prompt_tokens else req.prompt_len
+               for row, req in zip(result.per_request, requests)]
+    return {"offsets_s": [float(t) for t in offsets_s], "prompt_tokens": [int(n) for n in counted],
+            "output_tokens": [int(r.max_tokens) for r in requests]}
 
 
 def tokenizer_path(model: str) -> str | None:

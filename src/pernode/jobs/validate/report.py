@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pernode.jobs.validate.engine_busy import describe_engine_busy
+from pernode.jobs.validate.speed_anchor import describe_anchor
 from pernode.jobs.validate.ttft_parts import describe_ttft_parts
 from pernode.progress import output_console
 from pernode.jobs.validate.compare import METRICS
@@ -16,6 +17,7 @@ from pernode.jobs.validate.compare import METRICS
 def print_validation(report: dict, console: Console | None = None) -> None:
     console = console or output_console()
     same = report.get("predicted_same_trace")
+    anchored = report.get("predicted_anchored")
     w = report["workload"]
     t = Table(title=f"fleet validate: {report['replicas']} replicas x max batch {report['max_num_seqs']}, "
                     f"{w['rate_rps']:g} req/s, input {w['input_len']}, output {w['output_len']}, "
@@ -24,17 +26,22 @@ def print_validation(report: dict, console: Console | None = None) -> None:
     t.add_column("predicted (plan)", justify="right")
     if same:
         t.add_column("predicted (same trace)", justify="right")
+    if anchored:
+        t.add_column("predicted (anchored)", justify="right")
     t.add_column("measured", justify="right")
     t.add_column("error vs plan", justify="right")
     if same:
         t.add_column("error vs same trace", justify="right")
+    if anchored:
+        t.add_column("error vs anchored", justify="right")
     for m in METRICS:
         row = [m.label, _num(report["predicted"].get(m.key))]
-        if same:
-            row.append(_num(same.get(m.key)))
+        row += [_num(p.get(m.key)) for p in (same, anchored) if p]
         row += [_num(report["measured"].get(m.key)), _pct(report["error_pct"].get(m.key))]
         if same:
             row.append(_pct(report["error_pct_same_trace"].get(m.key)))
+        if anchored:
+            row.append(_pct(report["error_pct_anchored"].get(m.key)))
         t.add_row(*row)
     console.print(t)
     interval, where = report.get("predicted_interval") or {}, report.get("interval_position") or {}
@@ -70,7 +77,7 @@ def print_validation(report: dict, console: Console | None = None) -> None:
         console.print(line)
     for line in describe_ttft_parts(report.get("ttft_parts") or {}):
         console.print(f"where TTFT goes: {line}")
-    for line in describe_engine_busy(report.get("engine_busy") or {}):
+    for line in describe_engine_busy(report.get("engine_busy") or {}) + describe_anchor(report):
         console.print(line)
     cpu = report.get("cpu_cores_used") or {}
     if cpu:

@@ -2,7 +2,8 @@
 
 A validation JSON keeps the exact requests it sent (arrival offsets, prompt and output tokens) and what was measured.
 Rescoring replays that trace through the planner's simulator with the profile given, and sets the new prediction
-beside the same measurements: two step-time models, or two profiles of one node, compared on one real run.
+beside the same measurements: two step-time models, or two profiles of one node, compared on one real run. A run
+with a speed anchor has its engine speed set against the new profile, and its anchored prediction redone.
 `mixed_steps` predicts with the profile's measured mixed steps (price/step_time.py), off by default as in the planner.
 
 `serving_path_from_probe` replaces the profile's serving path (measured against a plain `pernode serve`) by what the
@@ -20,6 +21,7 @@ from pernode.jobs.validate.compare import (errors_pct, interval_positions, predi
                                            simulated_trace)
 from pernode.jobs.validate.engine_busy import engine_busy
 from pernode.jobs.validate.report import print_validation, write_report
+from pernode.jobs.validate.speed_anchor import anchored_prediction
 from pernode.jobs.validate.ttft_parts import ttft_parts
 from pernode.measure.profile.profile_schema import load_profile
 from pernode.price.fleet_plan import Plan
@@ -37,13 +39,13 @@ def rescore(report_path: str, profile_path: str, plan_path: str | None = None, i
                          f"without --profile or before traces were recorded; run the validation again")
     plan = Plan.load(plan_path or report["plan"])
     profile = load_profile(profile_path)
+    measured = report["measured"]
     if serving_path_from_probe:
         profile = _with_probed_serving_path(profile, report)
     budget = int(report["token_budget"])
     sim = simulated_trace(profile, plan, trace["offsets_s"], trace["prompt_tokens"], trace["output_tokens"], budget,
                           mixed_steps)
     same = summary_values(sim, plan.slo)
-    measured = report["measured"]
     out = dict(report)
     parts = report.get("ttft_parts")
     if isinstance(parts, dict):  # the measured split stays; the predicted one is the new model's
@@ -53,6 +55,11 @@ def rescore(report_path: str, profile_path: str, plan_path: str | None = None, i
     timing = report.get("server_timing_before_after")
     if isinstance(timing, list) and len(timing) == 2:  # the measured step clock stays; the predicted busy time is new
         out["engine_busy"] = engine_busy(timing[0], timing[1], sim)
+    anchor = report.get("speed_anchor")
+    if isinstance(anchor, dict) and isinstance(anchor.get("trace"), dict):  # the node's speed, against this profile
+        base = {k: v for k, v in anchor.items() if k != "engine_speed"}
+        out.update(anchored_prediction(base, report.get("run_steps"), profile, plan, trace, measured, budget,
+                                       mixed_steps))
     out.update({"profile": os.path.abspath(profile_path), "rescored_from": os.path.abspath(report_path),
                 "serving_path_from_probe": profile.get("serving_path") if serving_path_from_probe else None,
                 "mixed_steps": mixed_steps,

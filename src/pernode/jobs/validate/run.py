@@ -15,20 +15,22 @@ from dataclasses import dataclass
 from pernode.config import EngineConfig
 from pernode.jobs.fleet_from_plan import fleet_spec_for_plan, plan_replicas
 from pernode.jobs.validate.compare import (errors_pct, idle_probe_report, interval_positions, measured_from_bench,
-                                           predicted_from_plan, predicted_interval, predicted_same_trace,
+                                           predicted_from_plan, predicted_interval,
                                            replica_config, simulated_trace)
 from pernode.jobs.validate.config import ValidateConfig
 from pernode.jobs.validate.cpu_share import CpuShare
 from pernode.jobs.validate.engine_busy import engine_busy
 from pernode.jobs.validate.machine_split import split_machine
-from pernode.jobs.validate.replay import ReplayWorkload, tokenizer_path
+from pernode.jobs.validate.replay import ReplayWorkload, recorded_trace, tokenizer_path
 from pernode.jobs.validate.report import print_validation, write_report
+from pernode.jobs.validate.speed_anchor import anchor_requests, anchored_prediction
 from pernode.jobs.validate.ttft_parts import scrape_server_timing, ttft_parts
-from pernode.measure.bench.arrivals import arrival_offsets_s
-from pernode.measure.bench.bench_serve import build_requests, run_bench
+from pernode.measure.bench.server_timing import step_records
+from pernode.measure.bench.bench_serve import run_bench
 from pernode.measure.bench.bench_result import BenchResult
 from pernode.measure.bench.config import BenchConfig
 from pernode.measure.profile.profile_schema import Profile, load_profile
+from pernode.price.intervals import summary_values
 from pernode.price.planner import Plan
 from pernode.price.workload import LengthDist, Workload
 from pernode.serve.deploy import ROUTER_POLICY, LocalFleet, free_port
@@ -41,30 +43,56 @@ MIN_QUEUED_REQUESTS = 256
 
 @dataclass(frozen=True)
 class Measured:
-    """One pass against a fleet: the workload's bench config and result, the idle probe's result, and the cores
-    used during the workload."""
+    """One pass against a fleet: the workload's bench config and result, the idle probe's result, the speed
+    anchor's, and the cores used during the workload."""
 
     bench: BenchConfig
     result: BenchResult
     probe_result: BenchResult
     cpu_cores_used: dict
     server_timing: tuple[dict | None, dict | None] = (None, None)  # /metrics before and after the workload
+    anchor: dict | None = None  # the speed anchor's trace and step records (speed_anchor.py)
+    steps: list | None = None  # the server's step records over the workload
 
 
 def measure(url: str, workload: ReplayWorkload, plan: Plan, config: ValidateConfig, num_prompts: int,
             tokenizer: str | None) -> Measured:
-    """The idle probe first (it also warms every replica's HTTP path), then the plan's workload."""
+    """The idle probe first (it also warms every replica's HTTP path), the speed anchor, then the plan's
+    workload."""
     probe = dataclasses.replace(
         workload.bench_config(url, IDLE_PROBE_REQUESTS, config.seed + 1, plan.slo, tokenizer,
                               num_warmup=2 * plan_replicas(plan)), max_concurrency=1, no_progress=True)
     probe_result = run_bench(probe)
+    anchor = None
+    n_anchor = anchor_requests(workload.rate_rps, config.anchor_s)
+    if n_anchor:
+        anchor_bench = dataclasses.replace(
+            workload.bench_config(url, n_anchor, config.seed + 2, plan.slo, tokenizer, num_warmup=0),
+            no_progress=True)
+        first = _next_step(url)
+        anchor_result = run_bench(anchor_bench)
+        anchor = {"requests": n_anchor, "seed": anchor_bench.seed, "failed_requests": anchor_result.metrics.failed,
+                  "trace": recorded_trace(anchor_bench, anchor_result), "steps": _steps_from(url, first)}
     bench = dataclasses.replace(workload.bench_config(url, num_prompts, config.seed, plan.slo, tokenizer,
                                                       num_warmup=0), out=config.bench_out)
     before = scrape_server_timing(url)
+    first = _next_step(url)
     share = CpuShare()
     result = run_bench(bench)
     used = share.stop()
-    return Measured(bench, result, probe_result, used, (before, scrape_server_timing(url)))
+    return Measured(bench, result, probe_result, used, (before, scrape_server_timing(url)), anchor,
+                    _steps_from(url, first))
+
+
+def _next_step(url: str) -> int | None:
+    body = step_records(url)
+    return None if body is None else int(body["next"])
+
+
+def _steps_from(url: str, first: int | None) -> list | None:
+    """The server's step records from step `first` on (through Ray: the replica that answered)."""
+    body = None if first is None else step_records(url, after=first - 1)
+    return None if body is None else body["steps"]
 
 
 def run_validate(config: ValidateConfig, engine: EngineConfig) -> int:
@@ -131,6 +159,8 @@ def run_validate(config: ValidateConfig, engine: EngineConfig) -> int:
                                       [config.seed + k for k in range(config.interval_seeds)], budget)
         report["predicted_interval"] = interval
         report["interval_position"] = interval_positions(interval, observed)
+    else:
+        report.update({"speed_anchor": measured.anchor, "run_steps": measured.steps})
     report["idle_probe"] = idle_probe_report(measured.probe_result, profile)
     print_validation(report)
     if config.out:
@@ -142,22 +172,19 @@ def _same_trace(profile: Profile, plan: Plan, measured: Measured, token_budget: 
                 observed: dict) -> dict:
     """The same-trace prediction of the requests `measured.bench` sent, at the prompt lengths the server
     counted where it answered."""
-    bench = measured.bench
-    requests = build_requests(bench)
-    offsets_s = arrival_offsets_s(len(requests), bench.request_rate, bench.burstiness, bench.seed)
-    counted = [row.prompt_tokens if row.success and row.prompt_tokens else req.prompt_len
-               for row, req in zip(measured.result.per_request, requests)]
-    same = predicted_same_trace(profile, plan, requests, offsets_s, token_budget, counted)
-    sim = simulated_trace(profile, plan, offsets_s, counted, [r.max_tokens for r in requests], token_budget)
+    trace = recorded_trace(measured.bench, measured.result)
+    offsets_s, counted = trace["offsets_s"], trace["prompt_tokens"]
+    sim = simulated_trace(profile, plan, offsets_s, counted, trace["output_tokens"], token_budget)
+    same = summary_values(sim, plan.slo)
     parts = ttft_parts(*measured.server_timing, measured.result, sim,
                        replica_config(profile, plan, 1.0, token_budget).step_model.serving_request_s)
     busy = engine_busy(*measured.server_timing, sim)
+    anchored = (anchored_prediction(measured.anchor, measured.steps, profile, plan, trace, observed, token_budget)
+                if measured.anchor else {})
     # The trace itself, so that `pernode fleet rescore` can predict this run again from another profile or model.
-    trace = {"offsets_s": [float(t) for t in offsets_s], "prompt_tokens": [int(n) for n in counted],
-             "output_tokens": [int(r.max_tokens) for r in requests]}
-    return {"predicted_same_trace": same, "error_pct_same_trace": errors_pct(same, observed),
+    return {**anchored, "predicted_same_trace": same, "error_pct_same_trace": errors_pct(same, observed),
             "token_budget": token_budget, "same_trace_requests": trace, "ttft_parts": parts, "engine_busy": busy,
-            "server_timing_before_after": list(measured.server_timing)}
+            "server_timing_before_after": list(measured.server_timing), "run_steps": measured.steps}
 
 
 def _notes(plan: Plan, profile: Profile | None) -> list[str]:

@@ -55,3 +55,20 @@ def mean_s(before: dict, after: dict, key: str) -> float | None:
     """The mean of histogram `key` ('ttft' or 'queue') over what it observed between two readings."""
     n = after[f"{key}_count"] - before[f"{key}_count"]
     return (after[f"{key}_sum"] - before[f"{key}_sum"]) / n if n > 0 else None
+
+
+NO_STEPS_AFTER = 2**62  # asks /metrics/steps for its next index alone
+
+
+def step_records(base_url: str, after: int = NO_STEPS_AFTER, timeout_s: float = 30.0) -> dict | None:
+    """The server's GET /metrics/steps: {'next': the index its next step will have, 'steps': [[index, wall s, CPU s,
+    decodes, [[chunk tokens, prompt length], ...]], ...] after step `after`}; None when it has no such route (not a
+    `pernode serve`, or an older one)."""
+    try:
+        resp = httpx.get(f"{base_url.rstrip('/')}/metrics/steps", params={"after": after}, timeout=timeout_s)
+    except httpx.HTTPError:
+        return None
+    if resp.status_code != 200:
+        return None
+    body = resp.json()
+    return body if isinstance(body, dict) and isinstance(body.get("steps"), list) else None

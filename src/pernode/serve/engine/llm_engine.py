@@ -23,6 +23,7 @@ from pernode.serve.engine.scheduler import ScheduledBatch, Scheduler, SchedulerC
 from pernode.serve.engine.spec_decode import SpecDecodeStats, Speculator
 from pernode.serve.engine.spec_decode.draft_proposer import draft_kv_bytes_per_token
 from pernode.serve.engine.step_timer import decode_step_times_s, mixed_step_times_s
+from pernode.serve.engine.step_clock import StepShape, step_shape
 from pernode.serve.engine.stop_checker import check_stop
 from pernode.serve.engine.structured_outputs import StructuredOutputManager
 from pernode.serve.kernels.cpu_features import computes_bf16_natively
@@ -125,6 +126,7 @@ class LLMEngine:
         # samples 2..n of a group, held until the first sample's prompt blocks are cached
         self._held_samples: dict[str, list[Request]] = {}
         self._pending_outputs: list[RequestOutput] = []
+        self._last_shape: StepShape | None = None  # what the last step held (its step clock's records)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         log.info("model %s (%s) on %s in %s, loaded in %.1f s", self.model_config.name, source.format,
@@ -228,6 +230,7 @@ class LLMEngine:
                                     self.max_model_len)
         started = time.perf_counter()  # a speculative step's cost: scheduling to the tokens appended, all of it
         batch = self.scheduler.schedule()
+        self._last_shape = step_shape(batch) if batch else None
         if not batch:
             return outputs
         now = time.monotonic()
@@ -257,6 +260,10 @@ class LLMEngine:
         if self.speculator is not None:  # what verifying more tokens costs includes appending and detokenizing them
             self.speculator.record_step(sum(batch.num_new_tokens), time.perf_counter() - started)
         return outputs
+
+    def last_step_shape(self) -> StepShape | None:
+        """What the last step computed (None when it scheduled nothing)."""
+        return self._last_shape
 
     def _update(self, batch: ScheduledBatch, sampling: list[Request], result: SampleResult) -> list[RequestOutput]:
         now = time.monotonic()

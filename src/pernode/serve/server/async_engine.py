@@ -213,7 +213,8 @@ class AsyncEngine:
                             rejected.append((command.request_id, str(exc)))
                     else:
                         engine.abort_request(command.request_id)
-                outputs = self.step_clock.run(engine.step) if engine.has_unfinished_requests() else []
+                outputs = (self.step_clock.run(engine.step, engine.last_step_shape)
+                           if engine.has_unfinished_requests() else [])
                 now = time.monotonic()
                 stats = engine.stats()
                 with self._cond:

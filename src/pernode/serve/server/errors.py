@@ -111,7 +111,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}: see GET /v1/models, POST /v1/completions, " \
-                      f"POST /v1/chat/completions, POST /tokenize, POST /detokenize, GET /health, GET /metrics"
+                      f"POST /v1/chat/completions, POST /tokenize, POST /detokenize, GET /health, GET /metrics, " \
+                      f"GET /metrics/steps"
             return APIError(404, message, code="unknown_route").response()
         if exc.status_code == 405:
             return APIError(405, f"method {request.method} is not allowed on {request.url.path}",

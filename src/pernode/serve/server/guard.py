@@ -2,9 +2,10 @@
 
 In order: the Host header (on a loopback connection, only this machine's names, so a web page cannot reach the
 server through DNS rebinding), the Origin (a browser page from another site is refused unless allowed), the API
-key (every route but /health and /metrics, matched after the root path or mount prefix is stripped), a JSON
-Content-Type on request bodies (a page cannot send `text/plain` JSON without a CORS preflight), the declared body
-size, and the number of requests in flight, counted before any body is read: a full server answers 429 at once.
+key (every route but /health, /metrics and /metrics/steps, matched after the root path or mount prefix is
+stripped), a JSON Content-Type on request bodies (a page cannot send `text/plain` JSON without a CORS preflight), the
+declared body size, and the number of requests in flight, counted before any body is read: a full server answers
+429 at once.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from urllib.parse import urlsplit
 from pernode.serve.server.errors import APIError
 from pernode.serve.server.options import ServerSettings
 
-PUBLIC_ROUTES = ("/health", "/metrics")  # no API key, never refused for load: probes and scrapers need them
+PUBLIC_ROUTES = ("/health", "/metrics", "/metrics/steps")  # no API key, never refused for load: probes and scrapers need them
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 _BODY_METHODS = (b"POST", b"PUT", b"PATCH")
 RETRY_AFTER_S = 1
