@@ -33,12 +33,13 @@ from pernode.measure.profile.profile_schema import Profile, load_profile
 from pernode.price.intervals import summary_values
 from pernode.price.planner import Plan
 from pernode.price.workload import LengthDist, Workload
-from pernode.serve.deploy import ROUTER_POLICY, LocalFleet, free_port
+from pernode.serve.deploy import REPLICA_HEADER, ROUTER_POLICY, LocalFleet, free_port
 from pernode.serve.server.options import ServerSettings
 
 IDLE_PROBE_REQUESTS = 8  # one at a time before the run: the serving path's own latency, without queueing
 DEFAULT_TOKEN_BUDGET = 512  # the engine's default step budget on CPU
 MIN_QUEUED_REQUESTS = 256
+STEP_RECORD_TRIES = 32  # through Ray's router, to reach the replica whose step records a run started from
 
 
 @dataclass(frozen=True)
@@ -84,15 +85,25 @@ def measure(url: str, workload: ReplayWorkload, plan: Plan, config: ValidateConf
                     _steps_from(url, first))
 
 
-def _next_step(url: str) -> int | None:
-    body = step_records(url)
-    return None if body is None else int(body["next"])
+def _next_step(url: str) -> tuple[str | None, int] | None:
+    """(the replica that answered, the index of its next step); None without step records."""
+    body = step_records(url, replica_header=REPLICA_HEADER)
+    return None if body is None else (body["replica"], int(body["next"]))
 
 
-def _steps_from(url: str, first: int | None) -> list | None:
-    """The server's step records from step `first` on (through Ray: the replica that answered)."""
-    body = None if first is None else step_records(url, after=first - 1)
-    return None if body is None else body["steps"]
+def _steps_from(url: str, first: tuple[str | None, int] | None) -> list | None:
+    """The step records of the replica `first` names from its step index on. Through Ray each call reaches a
+    replica at random: ask again until the same one answers."""
+    if first is None:
+        return None
+    replica, index = first
+    for _ in range(STEP_RECORD_TRIES):
+        body = step_records(url, after=index - 1, replica_header=REPLICA_HEADER)
+        if body is None:
+            return None
+        if body["replica"] == replica:
+            return body["steps"]
+    return None
 
 
 def run_validate(config: ValidateConfig, engine: EngineConfig) -> int:

@@ -16,7 +16,8 @@ path's part of the model), the wall seconds are shown beside them.
 The anchor sends `anchor_requests` requests of the workload's shape at its rate, with a seed of its own (none is
 scored), before the run. Its ratio s is the node's speed of the moment; the anchored prediction is the run's
 same-trace prediction with the engine's step and prefill times scaled by s. The plain prediction stays beside it,
-and the run's own ratio says whether the speed held.
+and the run's own ratio says whether the speed held. Through Ray with several replicas the records are those of
+the replica that answered first (jobs/validate/run.py asks until the same one answers again).
 """
 from __future__ import annotations
 
