@@ -196,7 +196,7 @@ def row(shape: str, load: int, v: dict, which: str = "same_trace") -> str:
 
 def table(results: list[tuple[str, int, dict]], which: str = "same_trace") -> str:
     """The grid's table against the same-trace prediction, or the anchored one (runs without it left out)."""
-    label_of = {"same_trace": "same-trace", "anchored": "anchored"}[which]
+    label_of = {"same_trace": "same-trace", "anchored": "anchored", "at_run_speed": "at the run's speed"}[which]
     head = (["shape", "load", "req/s", "requests"]
             + [f"{label}: {label_of} / measured (error; range)" for label, _ in COLUMNS]
             + ["cores ours / others", "load avg before–after"])
@@ -275,7 +275,9 @@ def rescore_recorded(folder: str, profiles: list[str], mixed_steps: bool = False
         report = rescore(os.path.join(folder, name), profile, mixed_steps=mixed_steps)
         rescored.append((f"{shape} {path}", int(load), report))
         after, anchored = report.get("error_pct_same_trace") or {}, report.get("error_pct_anchored")
-        rows = [("before", before), ("after", after)] + ([("after, anchored", anchored)] if anchored else [])
+        at_run = report.get("error_pct_at_run_speed")
+        rows = ([("before", before), ("after", after)] + ([("after, anchored", anchored)] if anchored else [])
+                + ([("after, at the run's speed", at_run)] if at_run else []))
         for label, errs in rows:
             cells = [f"{errs[k]:+.1f}%{' ✓' if abs(errs[k]) <= TARGETS[k] else ''}" if k in errs else "–"
                      for k in keys]
@@ -366,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(v.get("predicted_anchored") for _, _, v in results):
         md += ("\n\nAgainst the prediction at the engine speed each run's speed anchor measured just before it:\n\n"
                + table(results, "anchored"))
+    if any(v.get("predicted_at_run_speed") for _, _, v in results):
+        md += ("\n\nAfter the fact, at the engine speed each run measured step by step (the node's drift taken out of "
+               "the error):\n\n" + table(results, "at_run_speed"))
     parts = ttft_parts_table(results)
     if parts:
         md += "\n\nWhere TTFT goes:\n\n" + parts

@@ -84,6 +84,10 @@ def test_a_node_that_runs_slower_than_its_profile_is_found_and_predicted_at_that
     assert out["engine_speed_run"]["cpu_ratio"] == pytest.approx(1.1)
     assert out["predicted_anchored"] == pytest.approx(measured)  # predicted at the speed the anchor measured
     assert all(abs(e) < 1e-9 for e in out["error_pct_anchored"].values() if e is not None)
+    at_run = predicted_for_trace(scaled_profile(prof, 1.1), p, run_trace["offsets_s"], run_trace["prompt_tokens"],
+                                 run_trace["output_tokens"], 512)
+    assert out["predicted_at_run_speed"] == pytest.approx(at_run)  # the node's drift during the run taken out
+    assert out["error_pct_at_run_speed"]["tpot_p50_ms"] > 0  # the run measured slower than 1.1x
     plain = predicted_for_trace(prof, p, run_trace["offsets_s"], run_trace["prompt_tokens"],
                                 run_trace["output_tokens"], 512)
     assert measured["tpot_p50_ms"] > 1.2 * plain["tpot_p50_ms"]
@@ -97,6 +101,7 @@ def test_no_step_records_no_anchored_prediction():
     p = _plan(prof)
     out = anchored_prediction({"trace": _trace(12, 1), "steps": None}, None, prof, p, _trace(20, 2), {}, 512)
     assert out["predicted_anchored"] is None and out["speed_anchor"]["engine_speed"] is None
+    assert out["predicted_at_run_speed"] is None and out["engine_speed_run"] is None
     assert describe_anchor(out) == []
 
 
@@ -163,3 +168,4 @@ def test_validate_against_a_real_server_records_the_anchor_and_rescore_refits_it
     again = rescore(str(tmp_path / "v.json"), profile_path)
     assert again["speed_anchor"]["engine_speed"] == pytest.approx(speed)
     assert again["predicted_anchored"] == pytest.approx(report["predicted_anchored"])
+    assert again["predicted_at_run_speed"] == pytest.approx(report["predicted_at_run_speed"])

@@ -18,6 +18,7 @@ def print_validation(report: dict, console: Console | None = None) -> None:
     console = console or output_console()
     same = report.get("predicted_same_trace")
     anchored = report.get("predicted_anchored")
+    at_run = report.get("predicted_at_run_speed")
     w = report["workload"]
     t = Table(title=f"fleet validate: {report['replicas']} replicas x max batch {report['max_num_seqs']}, "
                     f"{w['rate_rps']:g} req/s, input {w['input_len']}, output {w['output_len']}, "
@@ -34,6 +35,8 @@ def print_validation(report: dict, console: Console | None = None) -> None:
         t.add_column("error vs same trace", justify="right")
     if anchored:
         t.add_column("error vs anchored", justify="right")
+    if at_run:
+        t.add_column("error at the run's engine speed", justify="right")
     for m in METRICS:
         row = [m.label, _num(report["predicted"].get(m.key))]
         row += [_num(p.get(m.key)) for p in (same, anchored) if p]
@@ -42,6 +45,8 @@ def print_validation(report: dict, console: Console | None = None) -> None:
             row.append(_pct(report["error_pct_same_trace"].get(m.key)))
         if anchored:
             row.append(_pct(report["error_pct_anchored"].get(m.key)))
+        if at_run:
+            row.append(_pct(report["error_pct_at_run_speed"].get(m.key)))
         t.add_row(*row)
     console.print(t)
     interval, where = report.get("predicted_interval") or {}, report.get("interval_position") or {}

@@ -16,7 +16,8 @@ path's part of the model), the wall seconds are shown beside them.
 The anchor sends `anchor_requests` requests of the workload's shape at its rate, with a seed of its own (none is
 scored), before the run. Its ratio s is the node's speed of the moment; the anchored prediction is the run's
 same-trace prediction with the engine's step and prefill times scaled by s. The plain prediction stays beside it,
-and the run's own ratio says whether the speed held. Through Ray with several replicas the records are those of
+and the run's own ratio says whether the speed held: the same trace predicted at that ratio takes the node's drift
+out of the error and leaves the model's (after the fact, not a prediction). Through Ray with several replicas the records are those of
 the replica that answered first (jobs/validate/run.py asks until the same one answers again).
 """
 from __future__ import annotations
@@ -93,21 +94,27 @@ def trace_model(profile: Profile, plan: Plan, trace: dict, token_budget: int, mi
 
 def anchored_prediction(anchor: dict, run_steps: list | None, profile: Profile, plan: Plan, trace: dict,
                         measured: dict, token_budget: int, mixed_steps: bool = False) -> dict[str, Any]:
-    """The anchor's and the run's engine speed against `profile`, and the run's `trace` predicted at the anchor's:
+    """The anchor's and the run's engine speed against `profile`, and the run's `trace` predicted at each:
     {'speed_anchor': the anchor with its 'engine_speed', 'engine_speed_run', 'predicted_anchored',
-    'error_pct_anchored'}; the prediction is None when the anchor has no step records."""
+    'error_pct_anchored', 'predicted_at_run_speed', 'error_pct_at_run_speed'}; a prediction is None without the
+    step records it needs.
+
+    The anchored prediction is made before the run. The one at the run's own speed is not a prediction: it is the
+    model's error with the node's drift taken out (the run's engine CPU per step against the model, one number),
+    so that a miss can be told apart into the node having moved and the model being wrong."""
     speed = engine_speed(anchor.get("steps") or [], trace_model(profile, plan, anchor["trace"], token_budget,
                                                                  mixed_steps))
     run = engine_speed(run_steps or [], trace_model(profile, plan, trace, token_budget, mixed_steps))
-    out: dict[str, Any] = {"speed_anchor": {**anchor, "engine_speed": speed}, "engine_speed_run": run,
-                           "predicted_anchored": None, "error_pct_anchored": None}
-    if speed is not None:
-        lo, hi = SCALE_RANGE
-        scale = min(hi, max(lo, speed["cpu_ratio"]))
-        sim = simulated_trace(scaled_profile(profile, scale), plan, trace["offsets_s"], trace["prompt_tokens"],
-                              trace["output_tokens"], token_budget, mixed_steps)
-        out["predicted_anchored"] = summary_values(sim, plan.slo)
-        out["error_pct_anchored"] = errors_pct(out["predicted_anchored"], measured)
+    out: dict[str, Any] = {"speed_anchor": {**anchor, "engine_speed": speed}, "engine_speed_run": run}
+    for key, found in (("anchored", speed), ("at_run_speed", run)):
+        out[f"predicted_{key}"] = out[f"error_pct_{key}"] = None
+        if found is not None:
+            lo, hi = SCALE_RANGE
+            scale = min(hi, max(lo, found["cpu_ratio"]))
+            sim = simulated_trace(scaled_profile(profile, scale), plan, trace["offsets_s"], trace["prompt_tokens"],
+                                  trace["output_tokens"], token_budget, mixed_steps)
+            out[f"predicted_{key}"] = summary_values(sim, plan.slo)
+            out[f"error_pct_{key}"] = errors_pct(out[f"predicted_{key}"], measured)
     return out
 
 
