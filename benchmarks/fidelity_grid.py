@@ -54,8 +54,11 @@ class Shape:
 
 FULL_SHAPES = (
     # SLOs a chat or RAG product on this node could promise: tight enough that goodput is a test, not a count.
-    Shape("chat", "32:128", "16:32", "ttft_ms=3000,tpot_ms=300", "1,2,4,8,16,32,64", "16,32,64,128,256", 92, 64),
-    Shape("rag", "256:768", "16:48", "ttft_ms=6000,tpot_ms=400", "1,2,4,8,16,32", "128,256,512,768", 528, 32),
+    # every batch size up to 32 (the step time jumps between powers of two), then coarser
+    Shape("chat", "32:128", "16:32", "ttft_ms=3000,tpot_ms=300", ",".join(map(str, range(1, 33))) + ",48,64",
+          "16,32,64,128,256", 92, 64),
+    Shape("rag", "256:768", "16:48", "ttft_ms=6000,tpot_ms=400", ",".join(map(str, range(1, 33))),
+          "128,256,512,768", 528, 32),
 )
 QUICK_SHAPES = (
     Shape("chat", "16:32", "4:8", "ttft_ms=10000,tpot_ms=1000", "1,4", "16,64", 30, 4),

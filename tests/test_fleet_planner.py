@@ -288,3 +288,18 @@ def test_a_projection_is_labelled_by_its_source_hardware_not_its_whole_record():
     p = plan(proj, WORKLOAD, SLO_LOOSE, 2.0, num_requests=200, interval_seeds=1)
     assert p.profile_label == label and p.to_dict()["profile"]["projected_from"] == measured["hardware"]["name"]
     assert Plan.from_dict(json.loads(json.dumps(p.to_dict()))).profile_label == label
+
+
+def test_a_dip_in_the_measured_decode_curve_is_kept_but_the_tpot_limit_takes_the_envelope():
+    from pernode.price.max_batch import max_batch_size
+    from pernode.price.step_time import StepTimeModel
+
+    # as measured on an AVX-512 CPU: 4 rows step much slower than 3, 8 faster than 7
+    decode = [{"batch_size": b, "context_len": 512, "step_s": s, "output_tokens_per_s": b / s}
+              for b, s in ((1, 0.010), (3, 0.016), (4, 0.030), (7, 0.037), (8, 0.033), (9, 0.042))]
+    model = StepTimeModel.from_profile(toy_profile(decode=decode))
+    assert model.decode_step_s(8) == pytest.approx(0.033) and model.decode_step_s(7) == pytest.approx(0.037)
+    assert model.decode_step_s(2) == pytest.approx(0.013)  # linear between measured neighbours
+    # a 35 ms TPOT SLO: batch 8 alone would meet it, but a replica at max batch 8 also runs 7, which does not
+    mb = max_batch_size(model, 10**6, 100.0, tpot_slo_s=0.035)
+    assert (mb.batch_size, mb.tpot_limit) == (6, 6)

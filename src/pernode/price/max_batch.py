@@ -80,7 +80,7 @@ def max_batch_size(step_model: StepTimeModel, kv_max_tokens: int, mean_context_t
                    tpot_slo_s: float | None = None, token_budget: int | None = None, *,
                    mean_prompt_tokens: float | None = None, mean_output_tokens: float | None = None,
                    block_size: int = 1) -> MaxBatch:
-    """Largest b with decode_step_s(b) <= TPOT SLO and b requests' KV fitting in kv_max_tokens.
+    """Largest b with decode_step_s(b') <= TPOT SLO for every b' <= b, and b requests' KV fitting in kv_max_tokens.
 
     Given the mean prompt and output, the KV bound is the engine's own rule (`kv_blocks_held_mean`): blocks in
     the cache over blocks a request holds on average over its life. Without them, the older and conservative
@@ -98,14 +98,11 @@ def max_batch_size(step_model: StepTimeModel, kv_max_tokens: int, mean_context_t
         limit, limited_by = token_budget - 1, BatchLimit.TOKEN_BUDGET
     tpot_limit = None
     if tpot_slo_s is not None:
-        lo, hi = 0, max(limit, 0)
-        while lo < hi:  # largest b in [0, hi] with step <= slo; decode_step_s is non-decreasing
-            mid = (lo + hi + 1) // 2
-            if step_model.decode_step_s(mid) <= tpot_slo_s:
-                lo = mid
-            else:
-                hi = mid - 1
-        tpot_limit = lo
+        # largest b in [0, limit] whose step, and every smaller batch's, meets the SLO: the measured curve dips
+        # where the kernels' tiles fill, but a replica at max batch b also runs every batch below it
+        tpot_limit = 0
+        while tpot_limit < max(limit, 0) and step_model.decode_step_s(tpot_limit + 1) <= tpot_slo_s:
+            tpot_limit += 1
         if tpot_limit < limit:
             limit, limited_by = tpot_limit, BatchLimit.TPOT_SLO
     limit = max(limit, 0)

@@ -46,7 +46,7 @@ class StepTimeModel:
     """Piecewise-linear decode step time in batch size plus prompt tokens at a length-dependent rate."""
 
     decode_batch_sizes: np.ndarray  # float64, increasing
-    decode_step_s_points: np.ndarray  # float64, non-decreasing
+    decode_step_s_points: np.ndarray  # float64, as measured
     prefill_prompt_lens: np.ndarray  # float64, increasing
     prefill_tokens_per_s_points: np.ndarray
     decode_context_len: int | None = None  # the profile's context length the decode points were taken at
@@ -98,9 +98,10 @@ class StepTimeModel:
             points = [p for p in points if p[0] == chosen_ctx]
         elif contexts:
             chosen_ctx = contexts[0]
+        # As measured, dips included: the engine's kernels change tiles and paths with the row count, so a batch of
+        # 8 can step faster than one of 7 (a profile measures every batch size up to 32). The TPOT limit takes the
+        # running maximum instead (max_batch.py): a replica at max batch b runs every batch below it too.
         batch, step = _merge_duplicates([p[1] for p in points], [p[2] for p in points])
-        # A bigger batch never steps faster; measurement noise would otherwise make the TPOT limit jump about.
-        step = np.maximum.accumulate(step)
 
         lens, rates = [], []
         for i, row in enumerate(prefill_rows):

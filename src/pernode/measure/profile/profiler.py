@@ -27,8 +27,11 @@ log = logging.getLogger("pernode.profile")
 # prefill_passes: each prompt length is timed once per pass, the passes one after another, and the median kept
 QUICK = dict(batch_sizes=(1, 4, 16, 64), prompt_lens=(64, 256, 1024), context_len=256, decode_steps=4,
              prefill_passes=1)
-FULL = dict(batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256), prompt_lens=(64, 128, 256, 512, 1024, 2048),
-            context_len=512, decode_steps=8, prefill_passes=3)
+# Every batch size up to 32: the kernels change tiles and paths with the row count, and the step time jumps between
+# powers of two (on one AVX-512 CPU, 4 rows took 1.9x as long as 3, and 8 less than 7).
+DENSE_BATCH_SIZES = tuple(range(1, 33))
+FULL = dict(batch_sizes=DENSE_BATCH_SIZES + (48, 64, 96, 128, 192, 256),
+            prompt_lens=(64, 128, 256, 512, 1024, 2048), context_len=512, decode_steps=8, prefill_passes=3)
 
 
 def _random_prompt(engine: LLMEngine, n: int, g: torch.Generator) -> list[int]:
