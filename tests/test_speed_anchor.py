@@ -46,13 +46,18 @@ def test_anchor_size_follows_the_rate_within_bounds():
 
 
 def test_a_steps_engine_time_is_its_decode_step_and_its_chunks_at_their_prompts_rates():
-    prof = toy_profile(step_s=0.05)  # a flat 50 ms decode step, prefill at 10,000 tokens/s
-    model = trace_model(prof, _plan(prof), _trace(20, 1), 512, False)
-    assert engine_model_s(model, 8, [(64, 100)]) == pytest.approx(0.05 + 64 / 10_000)
-    assert engine_model_s(model, 0, [(512, 700), (100, 100)]) == pytest.approx(612 / 10_000)
-    speed = engine_speed([[0, 0.06, 0.055, 8, [[64, 100]]], [1, 0.05, 0.05, 8, []]], model)
+    prof = toy_profile(step_s=0.05, serving_path={"request_s": 0.0, "token_s": 0.0, "idle_start_s": 0.02})
+    model = trace_model(prof, _plan(prof), _trace(20, 1), 512, False)  # a flat 50 ms decode step, 10,000 prompt tok/s
+    assert engine_model_s(model, [0, 0.0, 0.0, 8, [[64, 100]]]) == pytest.approx(0.05 + 64 / 10_000)
+    assert engine_model_s(model, [0, 0.0, 0.0, 0, [[512, 700], [100, 100]], False]) == pytest.approx(612 / 10_000)
+    assert engine_model_s(model, [0, 0.0, 0.0, 0, [[100, 100]], True]) == pytest.approx(0.01 + 0.02)  # wakes idle
+    # decodes 10% slower than the model, prompts 20% faster
+    steps = [[0, 0.06, 0.055, 8, []], [1, 0.06, 0.055 + 0.8 * 0.0064, 8, [[64, 100]]]]
+    speed = engine_speed(steps, model)
     assert speed["steps"] == 2 and speed["model_s"] == pytest.approx(0.1064)
-    assert speed["cpu_ratio"] == pytest.approx(0.105 / 0.1064) and speed["wall_ratio"] == pytest.approx(0.11 / 0.1064)
+    assert speed["cpu_ratio"] == pytest.approx((0.11 + 0.8 * 0.0064) / 0.1064)
+    assert speed["wall_ratio"] == pytest.approx(0.12 / 0.1064)
+    assert speed["decode_ratio"] == pytest.approx(1.1) and speed["prefill_ratio"] == pytest.approx(0.8)
     assert engine_speed([], model) is None
 
 
@@ -61,13 +66,14 @@ def _plan(prof):
 
 
 def _records(profile: dict, p, trace: dict, ratio: float) -> list:
-    """Step records of an engine `ratio` times slower than `profile`: the simulated schedule's steps, each as
-    long as the model says times `ratio` (a decode step, then a step holding one whole prompt)."""
+    """Step records of an engine `ratio` times slower than `profile`: per request a step holding its whole prompt
+    and a decode step, each as long as the model says times `ratio`."""
     model = trace_model(profile, p, trace, 512, False)
     rows = []
-    for i, (prompt, output) in enumerate(zip(trace["prompt_tokens"], trace["output_tokens"])):
-        rows.append([2 * i, 0.0, ratio * engine_model_s(model, 0, [(prompt, prompt)]), 0, [[prompt, prompt]]])
-        rows.append([2 * i + 1, 0.0, ratio * engine_model_s(model, 1 + i % 7, []), 1 + i % 7, []])
+    for i, prompt in enumerate(trace["prompt_tokens"]):
+        for step in ([2 * i, 0.0, 0.0, 0, [[prompt, prompt]]], [2 * i + 1, 0.0, 0.0, 1 + i % 7, []]):
+            step[2] = ratio * engine_model_s(model, step)
+            rows.append(step)
     return rows
 
 
@@ -92,7 +98,7 @@ def test_a_node_that_runs_slower_than_its_profile_is_found_and_predicted_at_that
                                 run_trace["output_tokens"], 512)
     assert measured["tpot_p50_ms"] > 1.2 * plain["tpot_p50_ms"]
     anchor_line, run_line = describe_anchor(out)
-    assert "25.0% slower than its profile" in anchor_line and "scales the engine by 1.250" in anchor_line
+    assert "25.0% slower than its profile" in anchor_line and "decode steps by 1.250 and prefill by 1.250" in anchor_line
     assert "1.100x" in run_line and "10.0% slower" in run_line
 
 
@@ -125,6 +131,8 @@ def test_the_step_clock_keeps_each_steps_shape(tmp_path):
     assert [(s.decodes, s.chunks) for s in clock.records_from(0)] == [
         (0, ((16, 40),)), (0, ((16, 40),)), (0, ((8, 40),)), (1, ())]
     assert all(s.wall_s >= s.cpu_s * 0.5 > 0 for s in clock.records_from(0))
+    first, *rest = clock.records_from(0)
+    assert first.gap_s == 0.0 and all(s.gap_s > 0 and not s.from_idle for s in rest)
 
 
 def test_validate_against_a_real_server_records_the_anchor_and_rescore_refits_it(tmp_path, capsys):
@@ -160,6 +168,7 @@ def test_validate_against_a_real_server_records_the_anchor_and_rescore_refits_it
     assert sum(len(s[4]) for s in anchor["steps"]) == MIN_ANCHOR_REQUESTS
     assert sum(s[3] for s in anchor["steps"]) == 5 * MIN_ANCHOR_REQUESTS
     assert sum(s[3] for s in report["run_steps"]) == 5 * 16
+    assert anchor["steps"][0][5] and not anchor["steps"][1][5]  # the anchor's first step woke an idle engine
     speed = anchor["engine_speed"]
     assert speed["steps"] == len(anchor["steps"]) and speed["cpu_s"] > 0 and speed["model_s"] > 0
     assert report["engine_speed_run"]["steps"] == len(report["run_steps"])

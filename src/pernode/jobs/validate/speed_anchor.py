@@ -15,7 +15,8 @@ path's part of the model), the wall seconds are shown beside them.
 
 The anchor sends `anchor_requests` requests of the workload's shape at its rate, with a seed of its own (none is
 scored), before the run. Its ratio s is the node's speed of the moment; the anchored prediction is the run's
-same-trace prediction with the engine's step and prefill times scaled by s. The plain prediction stays beside it,
+same-trace prediction with the engine's decode steps and prefill times scaled by their own ratios (a shared host
+slows memory-bound decodes and compute-bound prefills by different amounts). The plain prediction stays beside it,
 and the run's own ratio says whether the speed held: the same trace predicted at that ratio takes the node's drift
 out of the error and leaves the model's (after the fact, not a prediction). Through Ray with several replicas the records are those of
 the replica that answered first (jobs/validate/run.py asks until the same one answers again).
@@ -47,43 +48,69 @@ def anchor_requests(rate_rps: float, seconds: float = ANCHOR_SECONDS) -> int:
     return int(min(MAX_ANCHOR_REQUESTS, max(MIN_ANCHOR_REQUESTS, math.ceil(rate_rps * seconds))))
 
 
-def scaled_profile(profile: Profile, scale: float) -> Profile:
-    """`profile` with the engine's measured times multiplied by `scale`: decode and mixed steps, prefill (its serving
-    path, measured apart, is left as it is)."""
+def scaled_profile(profile: Profile, decode_scale: float, prefill_scale: float | None = None) -> Profile:
+    """`profile` with the engine's measured decode steps multiplied by `decode_scale` and its prefill times by
+    `prefill_scale` (default: the same); mixed steps, decodes and a chunk at once, by their mean. Its serving path,
+    measured apart, is left as it is."""
+    prefill_scale = decode_scale if prefill_scale is None else prefill_scale
     out = copy.deepcopy(profile)
     for row in out.get("decode") or []:
-        row["step_s"] = row["step_s"] * scale
+        row["step_s"] = row["step_s"] * decode_scale
         if "output_tokens_per_s" in row:
-            row["output_tokens_per_s"] = row["output_tokens_per_s"] / scale
+            row["output_tokens_per_s"] = row["output_tokens_per_s"] / decode_scale
     for row in out.get("prefill") or []:
-        row["prefill_tokens_per_s"] = row["prefill_tokens_per_s"] / scale
+        row["prefill_tokens_per_s"] = row["prefill_tokens_per_s"] / prefill_scale
         if "ttft_s" in row:
-            row["ttft_s"] = row["ttft_s"] * scale
+            row["ttft_s"] = row["ttft_s"] * prefill_scale
     for row in out.get("mixed") or []:
-        row["step_s"] = row["step_s"] * scale
+        row["step_s"] = row["step_s"] * (decode_scale + prefill_scale) / 2.0
     return out
 
 
-def engine_model_s(model: StepTimeModel, decodes: int, chunks: Sequence[Sequence[int]]) -> float:
-    """The engine's time for one step's work in `model`, without the serving path: a decode step of `decodes`,
-    plus each (tokens, prompt length) chunk at that prompt's prefill rate, with the mixed-step factor the model has."""
+def _parts_s(model: StepTimeModel, step: Sequence) -> tuple[float, float]:
+    """(decode part, prompt part) of the engine's time for one recorded step in `model`, without the serving path:
+    a decode step of its decodes; each (tokens, prompt length) chunk at that prompt's prefill rate, with the
+    mixed-step factor the model has, and the idle start the simulator adds to a step that wakes an idle engine."""
+    decodes, chunks = int(step[3]), step[4]
+    from_idle = bool(step[5]) if len(step) > 5 else False
     prompt_tokens = sum(int(n) for n, _ in chunks)
+    decode_s = model.engine_decode_step_s(decodes)
     prefill_s = sum(int(n) * float(model.prefill_s_per_token(float(length))) for n, length in chunks)
-    return (model.engine_decode_step_s(decodes) + prefill_s) * model.mix_factor(decodes, prompt_tokens)
+    mix = model.mix_factor(decodes, prompt_tokens)
+    idle_s = model.idle_start_s if from_idle else 0.0
+    return decode_s * mix, prefill_s * mix + idle_s
+
+
+def engine_model_s(model: StepTimeModel, step: Sequence) -> float:
+    """The engine's time in `model` for one recorded step ([index, wall s, CPU s, decodes, chunks, from idle])."""
+    return sum(_parts_s(model, step))
 
 
 def engine_speed(steps: Sequence[Sequence], model: StepTimeModel) -> dict[str, Any] | None:
-    """The recorded `steps` ([index, wall s, CPU s, decodes, chunks]) against `model`: their summed CPU and wall
-    seconds, the model's seconds for the same work, and the ratios; None without steps."""
+    """The recorded `steps` against `model`: their summed CPU and wall seconds, the model's seconds for the same
+    work, the ratios, and the CPU ratio apart for decodes and prompts (memory-bound decode and compute-bound prefill
+    drift apart on a shared host): `decode_ratio` over the steps without a prompt chunk, `prefill_ratio` over the
+    prompt part of the others once their decodes are taken at the decode ratio. None without steps."""
     if not steps:
         return None
+    parts = [_parts_s(model, s) for s in steps]
     cpu = float(sum(s[2] for s in steps))
     wall = float(sum(s[1] for s in steps))
-    modelled = float(sum(engine_model_s(model, int(s[3]), s[4]) for s in steps))
+    modelled = float(sum(d + p for d, p in parts))
     if modelled <= 0:
         return None
-    return {"steps": len(steps), "cpu_s": cpu, "wall_s": wall, "model_s": modelled, "cpu_ratio": cpu / modelled,
-            "wall_ratio": wall / modelled}
+    ratio = cpu / modelled
+    pure = [(s[2], d) for s, (d, p) in zip(steps, parts) if p == 0.0]
+    decode_ratio = sum(c for c, _ in pure) / sum(d for _, d in pure) if pure and sum(d for _, d in pure) > 0 else ratio
+    mixed = [(s[2], d, p) for s, (d, p) in zip(steps, parts) if p > 0.0]
+    prompt_s = sum(p for _, _, p in mixed)
+    prefill_ratio = ((sum(c for c, _, _ in mixed) - decode_ratio * sum(d for _, d, _ in mixed)) / prompt_s
+                     if prompt_s > 0 else ratio)
+    # between two steps of a busy engine: the loop's own work (requests in, outputs out, metrics), not in the model
+    between = [s[6] for s in steps if len(s) > 6 and not s[5]]
+    return {"steps": len(steps), "cpu_s": cpu, "wall_s": wall, "model_s": modelled, "cpu_ratio": ratio,
+            "wall_ratio": wall / modelled, "decode_ratio": decode_ratio, "prefill_ratio": prefill_ratio,
+            "between_steps_ms": float(np.mean(between)) * 1e3 if between else None}
 
 
 def trace_model(profile: Profile, plan: Plan, trace: dict, token_budget: int, mixed_steps: bool) -> StepTimeModel:
@@ -110,8 +137,8 @@ def anchored_prediction(anchor: dict, run_steps: list | None, profile: Profile, 
         out[f"predicted_{key}"] = out[f"error_pct_{key}"] = None
         if found is not None:
             lo, hi = SCALE_RANGE
-            scale = min(hi, max(lo, found["cpu_ratio"]))
-            sim = simulated_trace(scaled_profile(profile, scale), plan, trace["offsets_s"], trace["prompt_tokens"],
+            decode, prefill = (min(hi, max(lo, found[k])) for k in ("decode_ratio", "prefill_ratio"))
+            sim = simulated_trace(scaled_profile(profile, decode, prefill), plan, trace["offsets_s"], trace["prompt_tokens"],
                                   trace["output_tokens"], token_budget, mixed_steps)
             out[f"predicted_{key}"] = summary_values(sim, plan.slo)
             out[f"error_pct_{key}"] = errors_pct(out[f"predicted_{key}"], measured)
@@ -126,11 +153,14 @@ def describe_anchor(report: dict) -> list[str]:
         lines.append(f"speed anchor ({len(anchor['trace']['offsets_s'])} requests of the workload just before the "
                      f"run, {speed['steps']} steps): the engine's CPU {speed['cpu_s']:.2f} s (wall {speed['wall_s']:.2f} "
                      f"s) against {speed['model_s']:.2f} s in the profile's model for the same steps: "
-                     f"{_faster_or_slower(speed['cpu_ratio'])}; the anchored prediction scales the engine by "
-                     f"{speed['cpu_ratio']:.3f}")
+                     f"{_faster_or_slower(speed['cpu_ratio'])}; the anchored prediction scales decode steps by "
+                     f"{speed['decode_ratio']:.3f} and prefill by {speed['prefill_ratio']:.3f}")
     if run:
         lines.append(f"during the run ({run['steps']} steps) the engine's CPU took {run['cpu_ratio']:.3f}x the model's "
-                     f"time for the same steps (wall {run['wall_ratio']:.3f}x): {_faster_or_slower(run['cpu_ratio'])}")
+                     f"time for the same steps (wall {run['wall_ratio']:.3f}x; decodes {run['decode_ratio']:.3f}x, "
+                     f"prompts {run['prefill_ratio']:.3f}x): {_faster_or_slower(run['cpu_ratio'])}"
+                     + (f"; {run['between_steps_ms']:.2f} ms a step between busy steps"
+                        if run.get("between_steps_ms") is not None else ""))
     return lines
 
 

@@ -63,9 +63,9 @@ NO_STEPS_AFTER = 2**62  # asks /metrics/steps for its next index alone
 def step_records(base_url: str, after: int = NO_STEPS_AFTER, replica_header: str | None = None,
                  timeout_s: float = 30.0) -> dict | None:
     """The server's GET /metrics/steps: {'next': the index its next step will have, 'steps': [[index, wall s, CPU s,
-    decodes, [[chunk tokens, prompt length], ...]], ...] after step `after`, and with `replica_header` 'replica':
-    that response header (which replica of a fleet answered)}; None when it has no such route (not a `pernode
-    serve`, or an older one)."""
+    decodes, [[chunk tokens, prompt length], ...], from idle, gap s], ...] after step `after`, and with
+    `replica_header` 'replica': that response header (which replica of a fleet answered)}; None when it has no such
+    route (not a `pernode serve`, or an older one)."""
     try:
         resp = httpx.get(f"{base_url.rstrip('/')}/metrics/steps", params={"after": after}, timeout=timeout_s)
     except httpx.HTTPError:

@@ -7,8 +7,8 @@ while it parses, tokenizes or streams). Neither shows in a profile that steps an
 clock over the same work tell whether serving slows the steps themselves (`benchmarks/engine_step_waits.py`).
 Reading two clocks per step costs about a microsecond; a step takes milliseconds.
 
-The clock also keeps the last `keep` steps one by one with what each held (its decodes, and each prompt chunk's
-tokens with the length of its prompt): set against a step-time model step by step, they give the engine's speed
+The clock also keeps the last `keep` steps one by one with what each held (its decodes, each prompt chunk's tokens
+with the length of its prompt, whether the engine was idle before it, and the time since the step before ended): set against a step-time model step by step, they give the engine's speed
 against its profile at any load, where summed busy time near capacity only says the engine was busy
 (jobs/validate/speed_anchor.py; the server's GET /metrics/steps).
 """
@@ -48,6 +48,8 @@ class StepRecord(NamedTuple):
     cpu_s: float
     decodes: int
     chunks: tuple[tuple[int, int], ...]
+    from_idle: bool  # the engine had nothing to run before it: its caches start cold
+    gap_s: float  # since the previous step ended: the loop's own work between steps, or waiting for requests
 
 
 class StepClock:
@@ -59,8 +61,10 @@ class StepClock:
         self._reading: tuple[int, float, float] = (0, 0.0, 0.0)
         self._records: deque[StepRecord] = deque(maxlen=keep)
         self._lock = threading.Lock()  # a reader copies the records while the stepping thread appends
+        self._last_end: float | None = None
 
-    def run(self, step: Callable[[], T], shape: Callable[[], StepShape | None] | None = None) -> T:
+    def run(self, step: Callable[[], T], shape: Callable[[], StepShape | None] | None = None,
+            from_idle: bool = False) -> T:
         """Run one step on the calling thread and count it; `shape`, read after the step, says what it held."""
         wall0, cpu0 = time.perf_counter(), time.thread_time()
         result = step()
@@ -68,9 +72,12 @@ class StepClock:
         steps, wall_s, cpu_s = self._reading
         self._reading = (steps + 1, wall_s + (wall1 - wall0), cpu_s + (cpu1 - cpu0))
         held = shape() if shape is not None else None
+        gap_s = wall0 - self._last_end if self._last_end is not None else 0.0
+        self._last_end = wall1
         if held is not None:
             with self._lock:
-                self._records.append(StepRecord(steps, wall1 - wall0, cpu1 - cpu0, held.decodes, held.chunks))
+                self._records.append(StepRecord(steps, wall1 - wall0, cpu1 - cpu0, held.decodes, held.chunks,
+                                                from_idle, gap_s))
         return result
 
     def reading(self) -> tuple[int, float, float]:

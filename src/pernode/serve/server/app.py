@@ -162,14 +162,16 @@ def build_app(engine_or_config: LLMEngine | EngineConfig, settings: ServerSettin
     @app.get("/metrics/steps")
     async def step_records(after: int = -1):
         """The engine's last steps one by one (serve/engine/step_clock.py): index, wall and CPU seconds, decodes,
-        prompt chunks as [tokens, prompt length]; those after step `after`. A validation reads its engine's speed
+        prompt chunks as [tokens, prompt length], whether it started an idle engine, seconds since the step before
+        ended; those after step `after`. A validation reads its engine's speed
         from them."""
         if state.async_engine is None:
             state.serving_or_503()
         clock = state.async_engine.step_clock
         rows = clock.records_from(after + 1)
         return {"next": clock.reading()[0],
-                "steps": [[r.index, r.wall_s, r.cpu_s, r.decodes, [list(c) for c in r.chunks]] for r in rows]}
+                "steps": [[r.index, r.wall_s, r.cpu_s, r.decodes, [list(c) for c in r.chunks], r.from_idle,
+                           r.gap_s] for r in rows]}
 
     @app.get("/v1/models")
     async def models():

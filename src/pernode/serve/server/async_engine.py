@@ -194,6 +194,7 @@ class AsyncEngine:
         engine = self.engine
         try:
             while True:
+                idle = not engine.has_unfinished_requests()  # the next step, if any, starts an idle engine
                 with self._cond:
                     while not (self._commands or self._stop or engine.has_unfinished_requests()):
                         self._cond.wait()
@@ -213,7 +214,7 @@ class AsyncEngine:
                             rejected.append((command.request_id, str(exc)))
                     else:
                         engine.abort_request(command.request_id)
-                outputs = (self.step_clock.run(engine.step, engine.last_step_shape)
+                outputs = (self.step_clock.run(engine.step, engine.last_step_shape, from_idle=idle)
                            if engine.has_unfinished_requests() else [])
                 now = time.monotonic()
                 stats = engine.stats()
