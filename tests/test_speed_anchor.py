@@ -15,7 +15,8 @@ from test_measure_profile import synthetic_profile
 
 from pernode.config import EngineConfig
 from pernode.jobs.validate import ValidateConfig, rescore, run_validate
-from pernode.jobs.validate.compare import predicted_for_trace
+from pernode.jobs.validate.compare import predicted_for_trace, simulated_trace
+from pernode.jobs.validate.request_agreement import describe_agreement, request_agreement
 from pernode.jobs.validate.speed_anchor import (MAX_ANCHOR_REQUESTS, MIN_ANCHOR_REQUESTS, anchor_requests,
                                                 anchored_prediction, describe_anchor, engine_model_s, engine_speed,
                                                 scaled_profile, trace_model)
@@ -85,7 +86,10 @@ def test_a_node_that_runs_slower_than_its_profile_is_found_and_predicted_at_that
     anchor = {"trace": anchor_trace, "steps": _records(prof, p, anchor_trace, 1.25)}
     measured = predicted_for_trace(slow, p, run_trace["offsets_s"], run_trace["prompt_tokens"],
                                    run_trace["output_tokens"], 512)
-    out = anchored_prediction(anchor, _records(prof, p, run_trace, 1.1), prof, p, run_trace, measured, 512)
+    real = simulated_trace(slow, p, run_trace["offsets_s"], run_trace["prompt_tokens"], run_trace["output_tokens"], 512)
+    requests = {m: [float(x) for x in getattr(real, m)] for m in ("ttft_s", "tpot_s", "e2e_s")}
+    out = anchored_prediction(anchor, _records(prof, p, run_trace, 1.1), prof, p, run_trace, measured, 512,
+                              requests=requests)
     assert out["speed_anchor"]["engine_speed"]["cpu_ratio"] == pytest.approx(1.25)
     assert out["engine_speed_run"]["cpu_ratio"] == pytest.approx(1.1)
     assert out["predicted_anchored"] == pytest.approx(measured)  # predicted at the speed the anchor measured
@@ -94,6 +98,16 @@ def test_a_node_that_runs_slower_than_its_profile_is_found_and_predicted_at_that
                                  run_trace["output_tokens"], 512)
     assert out["predicted_at_run_speed"] == pytest.approx(at_run)  # the node's drift during the run taken out
     assert out["error_pct_at_run_speed"]["tpot_p50_ms"] > 0  # the run measured slower than 1.1x
+    # request by request: each request's twin at the anchor's speed is the request itself; at 1.1x each is faster
+    exact, fast = out["request_agreement_anchored"], out["request_agreement_at_run_speed"]
+    assert exact["ttft_s"]["requests"] == exact["e2e_s"]["requests"] == 120
+    assert all(abs(exact[m][k]) < 1e-6 for m in ("ttft_s", "tpot_s", "e2e_s") for k in ("median_ms", "p10_ms",
+                                                                                      "p90_ms", "median_abs_pct"))
+    assert fast["tpot_s"]["p10_ms"] > 0 and 0 < fast["tpot_s"]["median_abs_pct"] < 100 * (1 - 1.1 / 1.25) + 1e-6
+    assert fast["e2e_s"]["median_ms"] > 0
+    assert request_agreement(real, {**requests, "tpot_s": requests["tpot_s"][:-1]}) is None  # not the same run
+    assert "at the run's engine speed, measured minus simulated: TTFT +" in describe_agreement(fast, "at the "
+                                                                                                 "run's engine speed")[0]
     plain = predicted_for_trace(prof, p, run_trace["offsets_s"], run_trace["prompt_tokens"],
                                 run_trace["output_tokens"], 512)
     assert measured["tpot_p50_ms"] > 1.2 * plain["tpot_p50_ms"]
@@ -173,8 +187,13 @@ def test_validate_against_a_real_server_records_the_anchor_and_rescore_refits_it
     assert speed["steps"] == len(anchor["steps"]) and speed["cpu_s"] > 0 and speed["model_s"] > 0
     assert report["engine_speed_run"]["steps"] == len(report["run_steps"])
     assert set(report["predicted_anchored"]) == set(report["predicted_same_trace"])
+    assert len(report["measured_requests"]["ttft_s"]) == 16 and all(t > 0 for t in report["measured_requests"]["ttft_s"])
+    assert report["request_agreement_same_trace"]["ttft_s"]["requests"] == 16
+    assert report["request_agreement_at_run_speed"]["e2e_s"]["requests"] == 16
     assert "speed anchor (12 requests" in capsys.readouterr().out
     again = rescore(str(tmp_path / "v.json"), profile_path)
     assert again["speed_anchor"]["engine_speed"] == pytest.approx(speed)
     assert again["predicted_anchored"] == pytest.approx(report["predicted_anchored"])
     assert again["predicted_at_run_speed"] == pytest.approx(report["predicted_at_run_speed"])
+    for metric, agreement in report["request_agreement_at_run_speed"].items():
+        assert again["request_agreement_at_run_speed"][metric] == pytest.approx(agreement)

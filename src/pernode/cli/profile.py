@@ -31,6 +31,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--context-len", type=int, default=None, help="context of the decode sweep, tokens")
     p.add_argument("--prefill-passes", type=int, default=None,
                    help="passes over the prompt lengths, the median per length kept (default 3; --quick 1)")
+    p.add_argument("--decode-passes", type=int, default=None,
+                   help="passes over the batch sizes, the median per batch size kept (default 3; --quick 1)")
     p.add_argument("--serve-results", nargs="*", help="bench serve JSON results to include (latency CDFs)")
     p.add_argument("--serving-path", nargs="?", const="serve", default=None, choices=SERVING_PATHS,
                    help="also measure HTTP, tokenizing and streaming per request and per token, on loopback with "
@@ -106,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         profile = run_profile(engine, quick=args.quick, batch_sizes=int_list(args.batch_sizes),
                               prompt_lens=int_list(args.prompt_lens), context_len=args.context_len,
-                              prefill_passes=args.prefill_passes)
+                              prefill_passes=args.prefill_passes, decode_passes=args.decode_passes)
     profile["serve_runs"].extend(serve_runs)
     if args.serving_path:  # paired against this engine: both halves of a pair see the same machine
         # the idle-start cost needs prefill points timed in this same run, on this machine as it is now

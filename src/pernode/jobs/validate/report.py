@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pernode.jobs.validate.engine_busy import describe_engine_busy
+from pernode.jobs.validate.request_agreement import describe_agreement
 from pernode.jobs.validate.speed_anchor import describe_anchor
 from pernode.jobs.validate.ttft_parts import describe_ttft_parts
 from pernode.progress import output_console
@@ -84,6 +85,9 @@ def print_validation(report: dict, console: Console | None = None) -> None:
         console.print(f"where TTFT goes: {line}")
     for line in describe_engine_busy(report.get("engine_busy") or {}) + describe_anchor(report):
         console.print(line)
+    for key, which in (("same_trace", "on the same trace"), ("at_run_speed", "at the run's engine speed")):
+        for line in describe_agreement(report.get(f"request_agreement_{key}"), which):
+            console.print(line)
     cpu = report.get("cpu_cores_used") or {}
     if cpu:
         who = "this command and its fleet" if not report["fleet"].get("base_url") else "this command"

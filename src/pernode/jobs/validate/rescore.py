@@ -21,6 +21,7 @@ from pernode.jobs.validate.compare import (errors_pct, interval_positions, predi
                                            simulated_trace)
 from pernode.jobs.validate.engine_busy import engine_busy
 from pernode.jobs.validate.report import print_validation, write_report
+from pernode.jobs.validate.request_agreement import request_agreement
 from pernode.jobs.validate.speed_anchor import anchored_prediction
 from pernode.jobs.validate.ttft_parts import ttft_parts
 from pernode.measure.profile.profile_schema import load_profile
@@ -46,7 +47,10 @@ def rescore(report_path: str, profile_path: str, plan_path: str | None = None, i
     sim = simulated_trace(profile, plan, trace["offsets_s"], trace["prompt_tokens"], trace["output_tokens"], budget,
                           mixed_steps)
     same = summary_values(sim, plan.slo)
+    requests = report.get("measured_requests")  # the client's latencies per request, in newer reports
     out = dict(report)
+    if isinstance(requests, dict):
+        out["request_agreement_same_trace"] = request_agreement(sim, requests)
     parts = report.get("ttft_parts")
     if isinstance(parts, dict):  # the measured split stays; the predicted one is the new model's
         step_model = replica_config(profile, plan, 1.0, budget).step_model
@@ -59,7 +63,7 @@ def rescore(report_path: str, profile_path: str, plan_path: str | None = None, i
     if isinstance(anchor, dict) and isinstance(anchor.get("trace"), dict):  # the node's speed, against this profile
         base = {k: v for k, v in anchor.items() if k != "engine_speed"}
         out.update(anchored_prediction(base, report.get("run_steps"), profile, plan, trace, measured, budget,
-                                       mixed_steps))
+                                       mixed_steps, requests if isinstance(requests, dict) else None))
     out.update({"profile": os.path.abspath(profile_path), "rescored_from": os.path.abspath(report_path),
                 "serving_path_from_probe": profile.get("serving_path") if serving_path_from_probe else None,
                 "mixed_steps": mixed_steps,

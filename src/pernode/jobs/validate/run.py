@@ -23,6 +23,7 @@ from pernode.jobs.validate.engine_busy import engine_busy
 from pernode.jobs.validate.machine_split import split_machine
 from pernode.jobs.validate.replay import ReplayWorkload, recorded_trace, tokenizer_path
 from pernode.jobs.validate.report import print_validation, write_report
+from pernode.jobs.validate.request_agreement import measured_requests, request_agreement
 from pernode.jobs.validate.speed_anchor import anchor_requests, anchored_prediction
 from pernode.jobs.validate.ttft_parts import scrape_server_timing, ttft_parts
 from pernode.measure.bench.server_timing import step_records
@@ -190,10 +191,12 @@ def _same_trace(profile: Profile, plan: Plan, measured: Measured, token_budget: 
     parts = ttft_parts(*measured.server_timing, measured.result, sim,
                        replica_config(profile, plan, 1.0, token_budget).step_model.serving_request_s)
     busy = engine_busy(*measured.server_timing, sim)
-    anchored = (anchored_prediction(measured.anchor, measured.steps, profile, plan, trace, observed, token_budget)
-                if measured.anchor else {})
+    requests = measured_requests(measured.result)
+    anchored = (anchored_prediction(measured.anchor, measured.steps, profile, plan, trace, observed, token_budget,
+                                    requests=requests) if measured.anchor else {})
     # The trace itself, so that `pernode fleet rescore` can predict this run again from another profile or model.
     return {**anchored, "predicted_same_trace": same, "error_pct_same_trace": errors_pct(same, observed),
+            "request_agreement_same_trace": request_agreement(sim, requests), "measured_requests": requests,
             "token_budget": token_budget, "same_trace_requests": trace, "ttft_parts": parts, "engine_busy": busy,
             "server_timing_before_after": list(measured.server_timing), "run_steps": measured.steps}
 

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pernode.jobs.validate.compare import errors_pct, replica_config, simulated_trace
+from pernode.jobs.validate.request_agreement import request_agreement
 from pernode.measure.profile.profile_schema import Profile
 from pernode.price.intervals import summary_values
 from pernode.price.planner import Plan
@@ -120,11 +121,13 @@ def trace_model(profile: Profile, plan: Plan, trace: dict, token_budget: int, mi
 
 
 def anchored_prediction(anchor: dict, run_steps: list | None, profile: Profile, plan: Plan, trace: dict,
-                        measured: dict, token_budget: int, mixed_steps: bool = False) -> dict[str, Any]:
+                        measured: dict, token_budget: int, mixed_steps: bool = False,
+                        requests: dict | None = None) -> dict[str, Any]:
     """The anchor's and the run's engine speed against `profile`, and the run's `trace` predicted at each:
     {'speed_anchor': the anchor with its 'engine_speed', 'engine_speed_run', 'predicted_anchored',
     'error_pct_anchored', 'predicted_at_run_speed', 'error_pct_at_run_speed'}; a prediction is None without the
-    step records it needs.
+    step records it needs. With the client's per-request latencies (`requests`, request_agreement.measured_requests)
+    each prediction is also compared request by request ('request_agreement_anchored', ..._at_run_speed).
 
     The anchored prediction is made before the run. The one at the run's own speed is not a prediction: it is the
     model's error with the node's drift taken out (the run's engine CPU per step against the model, one number),
@@ -142,6 +145,8 @@ def anchored_prediction(anchor: dict, run_steps: list | None, profile: Profile, 
                                   trace["output_tokens"], token_budget, mixed_steps)
             out[f"predicted_{key}"] = summary_values(sim, plan.slo)
             out[f"error_pct_{key}"] = errors_pct(out[f"predicted_{key}"], measured)
+            if requests:
+                out[f"request_agreement_{key}"] = request_agreement(sim, requests)
     return out
 
 

@@ -24,14 +24,16 @@ from pernode.serve.sampling.params import SamplingParams
 
 log = logging.getLogger("pernode.profile")
 
-# prefill_passes: each prompt length is timed once per pass, the passes one after another, and the median kept
+# prefill_passes / decode_passes: each prompt length / batch size is timed once per pass, the passes one after
+# another, and the median kept
 QUICK = dict(batch_sizes=(1, 4, 16, 64), prompt_lens=(64, 256, 1024), context_len=256, decode_steps=4,
-             prefill_passes=1)
+             prefill_passes=1, decode_passes=1)
 # Every batch size up to 32: the kernels change tiles and paths with the row count, and the step time jumps between
 # powers of two (on one AVX-512 CPU, 4 rows took 1.9x as long as 3, and 8 less than 7).
 DENSE_BATCH_SIZES = tuple(range(1, 33))
 FULL = dict(batch_sizes=DENSE_BATCH_SIZES + (48, 64, 96, 128, 192, 256),
-            prompt_lens=(64, 128, 256, 512, 1024, 2048), context_len=512, decode_steps=8, prefill_passes=3)
+            prompt_lens=(64, 128, 256, 512, 1024, 2048), context_len=512, decode_steps=8, prefill_passes=3,
+            decode_passes=3)
 
 
 def _random_prompt(engine: LLMEngine, n: int, g: torch.Generator) -> list[int]:
@@ -102,9 +104,37 @@ def memory_high_water_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def decode_medians_s(time_one_s: Callable[[int], float | None], batch_sizes: Sequence[int], passes: int,
+                     max_step_s: float, after_each: Callable[[], None] = lambda: None) -> dict[int, float]:
+    """{batch size: median decode step} over `passes` passes, each timing every batch size once in turn, as
+    prefill_medians_s does for prompts: one pass through the sizes takes seconds to minutes, and a node whose speed
+    drifts meanwhile would bend the curve (on a 2-core host a dense sweep put batch 1 12% slow against batch 4,
+    which is what a replica at low load mostly runs). The first pass stops at the first batch size the KV cache
+    cannot hold (None) or whose step takes longer than `max_step_s`, and later passes time the sizes it kept."""
+    samples: dict[int, list[float]] = {}
+    for b in batch_sizes:
+        step_s = time_one_s(b)
+        after_each()
+        if step_s is None:
+            log.info("batch %d does not fit the KV cache: sweep stops", b)
+            break
+        samples[b] = [step_s]
+        if step_s > max_step_s:
+            log.info("batch %d takes %.2f s per step (cap %.1f s): sweep stops", b, step_s, max_step_s)
+            break
+    for _ in range(max(passes, 1) - 1):
+        for b, got in samples.items():
+            step_s = time_one_s(b)
+            after_each()
+            if step_s is not None:
+                got.append(step_s)
+    return {b: statistics.median(v) for b, v in samples.items()}
+
+
 def run_profile(engine: LLMEngine, quick: bool = False, hardware: schema.HardwareSection | None = None, seed: int = 0,
                 batch_sizes=None, prompt_lens=None, context_len: int | None = None,
-                max_step_s: float = 5.0, prefill_passes: int | None = None) -> schema.Profile:
+                max_step_s: float = 5.0, prefill_passes: int | None = None,
+                decode_passes: int | None = None) -> schema.Profile:
     """Measure the node and return a validated profile dict (docs/profile_schema.md)."""
     plan = dict(QUICK if quick else FULL)
     if batch_sizes:
@@ -117,6 +147,10 @@ def run_profile(engine: LLMEngine, quick: bool = False, hardware: schema.Hardwar
         if prefill_passes < 1:
             raise ValueError(f"prefill_passes={prefill_passes}: allowed >= 1")
         plan["prefill_passes"] = prefill_passes
+    if decode_passes is not None:
+        if decode_passes < 1:
+            raise ValueError(f"decode_passes={decode_passes}: allowed >= 1")
+        plan["decode_passes"] = decode_passes
     g = torch.Generator().manual_seed(seed)
     dtype = str(engine.dtype).removeprefix("torch.")
     cfg = engine.model_config
@@ -129,18 +163,12 @@ def run_profile(engine: LLMEngine, quick: bool = False, hardware: schema.Hardwar
 
     decode, prefill, mixed = [], [], []
     with progress(transient=True) as bar:
-        task = bar.add_task("decode: TPOT vs batch", total=len(plan["batch_sizes"]))
-        for b in plan["batch_sizes"]:
-            step_s = time_decode_step_s(engine, b, ctx, plan["decode_steps"], g)
-            bar.advance(task)
-            if step_s is None:
-                log.info("batch %d at context %d does not fit the KV cache: sweep stops", b, ctx)
-                break
-            cost = decode_step_cost(cfg, [ctx] * b, wbytes, kvbytes)
-            decode.append(schema.decode_point(b, ctx, step_s, cost, hardware, dtype))
-            if step_s > max_step_s:
-                log.info("batch %d takes %.2f s per step (cap %.1f s): sweep stops", b, step_s, max_step_s)
-                break
+        passes = max(int(plan["decode_passes"]), 1)
+        task = bar.add_task("decode: TPOT vs batch", total=len(plan["batch_sizes"]) * passes)
+        for b, step_s in decode_medians_s(lambda n: time_decode_step_s(engine, n, ctx, plan["decode_steps"], g),
+                                          plan["batch_sizes"], passes, max_step_s, lambda: bar.advance(task)).items():
+            decode.append(schema.decode_point(b, ctx, step_s, decode_step_cost(cfg, [ctx] * b, wbytes, kvbytes),
+                                              hardware, dtype))
         passes = max(int(plan["prefill_passes"]), 1)
         task = bar.add_task("prefill: TTFT vs prompt length", total=len(prompt_lens) * passes)
         time_ttft_s(engine, 16, g)  # warm-up
