@@ -36,8 +36,8 @@ from pernode.measure.profile.serving_path_servers import wait_ready
 from pernode.serve.deploy import free_port
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fidelity_tables import (COLUMNS, TARGETS, engine_busy_table, request_table, table,  # noqa: E402
-                             ttft_parts_table)
+from fidelity_tables import (COLUMNS, TARGETS, engine_busy_table, measurement_spread_table,  # noqa: E402
+                             request_table, table, ttft_parts_table)
 
 
 @dataclass(frozen=True)
@@ -216,6 +216,9 @@ def rescore_recorded(folder: str, profiles: list[str], mixed_steps: bool = False
     requests = request_table(rescored)
     if requests:
         print("\nrequest by request (after), measured minus simulated:\n\n" + requests)
+    spread = measurement_spread_table(rescored)
+    if spread:
+        print("\nhow far each run pins down its own figures (its requests resampled):\n\n" + spread)
     return 0
 
 
@@ -307,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     requests = request_table(results)
     if requests:
         md += "\n\nRequest by request, measured minus simulated:\n\n" + requests
+    spread = measurement_spread_table(results)
+    if spread:
+        md += "\n\nHow far each run pins down its own figures (its requests resampled):\n\n" + spread
     print(md)
     with open(os.path.join(args.out_dir, "grid.md"), "w") as f:
         f.write(md + "\n")

@@ -108,3 +108,33 @@ def request_table(results: list[tuple[str, int, dict]]) -> str:
                      for m, _ in metrics]
             lines.append(f"| {shape} {load}% | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+SPREAD = (("ttft_s", 50, "TTFT p50"), ("tpot_s", 50, "TPOT p50"), ("ttft_s", 99, "TTFT p99"), ("tpot_s", 99, "TPOT p99"))
+
+
+def measurement_spread_table(results: list[tuple[str, int, dict]], resamples: int = 1000, seed: int = 0) -> str:
+    """How well each run pins down its own figures: the run's requests resampled with replacement (`resamples`
+    times), and the 5th-95th percentile range of each figure as a percent of the measured one. A prediction cannot
+    be shown closer than this; requests of one burst move together, so the true spread is wider still."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lines = ["| run | requests | " + " | ".join(f"{label}: 90% range, % of measured" for _, _, label in SPREAD) + " |",
+             "|---|---:|" + "---:|" * len(SPREAD)]
+    for shape, load, v in results:
+        got = v.get("measured_requests")
+        if not got:
+            continue
+        cells = []
+        for metric, q, _ in SPREAD:
+            x = np.asarray([t for t in got[metric] if t is not None], dtype=np.float64)
+            if x.size < 2:
+                cells.append("–")
+                continue
+            at = np.percentile(x, q)
+            draws = np.percentile(x[rng.integers(0, x.size, (resamples, x.size))], q, axis=1)
+            lo, hi = np.percentile(draws, (5, 95))
+            cells.append(f"{100 * (lo / at - 1):+.0f}% .. {100 * (hi / at - 1):+.0f}%")
+        lines.append(f"| {shape} {load}% | {len(got['ttft_s'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""

@@ -11,7 +11,10 @@ again on its own recorded trace (`pernode fleet rescore`), with
   --request-cpu-ms 2,5     the serving path's per-request work on the engine's core (serving_path.request_cpu_s),
                            added to the step each request is admitted in;
   --steps                  where the simulated replica spends its busy time: steps by running decodes, pure or
-                           with a prompt chunk (which decode batches and which model terms matter at each load).
+                           with a prompt chunk (which decode batches and which model terms matter at each load);
+  --at-run-speed           with --scale: each run predicted at its own measured engine speed times each scale, its
+                           figures beside the measured ones (how far a percent of speed moves each figure when the
+                           model is otherwise right).
 
     PYTHONPATH=src python benchmarks/rescore_what_ifs.py grid_ray --shape chat --path ray --scale 0.95,1.05 --steps
     PYTHONPATH=src python benchmarks/rescore_what_ifs.py grid_serve --shape chat --path serve \\
@@ -31,7 +34,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fidelity_grid import rescore_recorded  # noqa: E402 - a sibling script
 
-from pernode.jobs.validate.compare import replica_config  # noqa: E402
+from pernode.jobs.validate.compare import replica_config, simulated_trace  # noqa: E402
+from pernode.jobs.validate.speed_anchor import scaled_profile  # noqa: E402
+from pernode.price.intervals import summary_values  # noqa: E402
 from pernode.price.fleet_plan import Plan  # noqa: E402
 from pernode.price.simulator import simulate_fleet  # noqa: E402
 from pernode.price.workload import RequestTrace  # noqa: E402
@@ -89,6 +94,30 @@ def busy_time_shares(report_path: str, profile: dict, mixed_steps: bool, plan_pa
     return lines
 
 
+AT_RUN_SPEED_FIGURES = ("ttft_p50_ms", "tpot_p50_ms", "ttft_p99_ms", "tpot_p99_ms")
+
+
+def at_run_speed_sensitivity(report_path: str, profile: dict, scales: list[float]) -> list[str]:
+    """The report's run predicted at its own engine speed (engine_speed_run's decode and prefill ratios) times each
+    of `scales`, as markdown rows: the figures, then the measured ones."""
+    with open(report_path) as f:
+        report = json.load(f)
+    run, t = report.get("engine_speed_run"), report["same_trace_requests"]
+    if not run:
+        return []
+    plan = Plan.load(report["plan"])
+    name = os.path.basename(report_path)
+    rows = []
+    for scale in scales:
+        sim = simulated_trace(scaled_profile(profile, run["decode_ratio"] * scale, run["prefill_ratio"] * scale), plan,
+                              t["offsets_s"], t["prompt_tokens"], t["output_tokens"], int(report["token_budget"]))
+        got = summary_values(sim, plan.slo)
+        rows.append(f"| {name} | x{scale:g} | " + " | ".join(f"{got[k]:.1f}" for k in AT_RUN_SPEED_FIGURES) + " |")
+    measured = report["measured"]
+    rows.append(f"| {name} | measured | " + " | ".join(f"{measured[k]:.1f}" for k in AT_RUN_SPEED_FIGURES) + " |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("dir", help="a grid folder: p_SHAPE.json, plan_*.json and v_*/d_* validation JSON")
@@ -100,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mixed-steps", action="store_true")
     ap.add_argument("--request-cpu-ms", default="", help="comma-separated per-request serving CPU, ms, e.g. 2,5")
     ap.add_argument("--steps", action="store_true")
+    ap.add_argument("--at-run-speed", action="store_true")
     args = ap.parse_args(argv)
     profile_path = args.profile or os.path.join(args.dir, f"p_{args.shape}.json")
     with open(profile_path) as f:
@@ -111,6 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     scales = [float(x) for x in args.scale.split(",") if x.strip()] or [None]
     request_cpus = [float(x) for x in args.request_cpu_ms.split(",") if x.strip()] or [None]
     prefix = "v_" if args.path == "ray" else "d_"
+    if args.at_run_speed:
+        lines = ["| run | speed | " + " | ".join(AT_RUN_SPEED_FIGURES) + " |", "|---|---|" + "---:|" * 4]
+        for name in sorted(os.listdir(args.dir)):
+            if name.startswith(prefix + args.shape + "_") and name.endswith(".json"):
+                lines += at_run_speed_sensitivity(os.path.join(args.dir, name), profile, [1.0, *(x for x in scales
+                                                                                             if x and x != 1.0)])
+        print("\n".join(lines))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         for scale, request_cpu in [(a, b) for a in scales for b in request_cpus]:
             changed = variant(profile, scale, sweep, request_cpu)

@@ -68,3 +68,20 @@ def test_the_grid_tabulates_where_ttft_goes():
     text = grid.ttft_parts_table([("chat", 30, {"ttft_parts": parts}), ("chat", 60, {})])
     assert "| chat 30% | 200.0 / 160.0 (+40.0) | 10.0 / 2.0 (+8.0) | 30.0 / 18.0 (+12.0) |" in text
     assert "chat 60%" not in text and grid.ttft_parts_table([("chat", 60, {})]) == ""
+
+
+def test_the_grid_tabulates_each_run_request_by_request_and_how_well_it_pins_down_its_figures():
+    agreement = {m: {"requests": 40, "median_ms": d, "p10_ms": d - 5, "p90_ms": d + 5, "median_abs_pct": 4.0}
+                 for m, d in (("ttft_s", 12.5), ("tpot_s", -0.5), ("e2e_s", 30.0))}
+    text = grid.request_table([("rag", 60, {"request_agreement_at_run_speed": agreement}), ("chat", 30, {})])
+    assert "| rag 60% | at the run's speed | +12.5 (4.0%) | -0.5 (4.0%) | +30.0 (4.0%) |" in text
+    assert "chat 30%" not in text and grid.request_table([("chat", 30, {})]) == ""
+    # every request alike: resampling cannot move a figure; a spread of TPOTs moves its median
+    same = [0.1] * 40
+    spread = [0.01 * (k + 1) for k in range(40)]
+    text = grid.measurement_spread_table([("chat", 30, {"measured_requests": {"ttft_s": same, "tpot_s": spread}})])
+    row = text.splitlines()[2]
+    assert row.startswith("| chat 30% | 40 | +0% .. +0% |")
+    lo, hi = (int(x.strip().rstrip("%")) for x in row.split("|")[4].split(".."))
+    assert -40 < lo < -5 and 5 < hi < 40
+    assert grid.measurement_spread_table([("chat", 30, {})]) == ""

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pernode.serve.kernels.gemm_dispatch import NEVER, forget_measurements
-from pernode.serve.kernels.quant_linear import (PANEL_MAX_ROWS, QuantLinear, fp16_if_exact, load_kernel,
-                                                woq_linear_reference)
+from pernode.serve.kernels.quant_linear import (PANEL_MAX_ROWS, PANEL_MEASURED_MIN_ROWS, QuantLinear, fp16_if_exact,
+                                                load_kernel, woq_linear_reference)
 
 from int4_layers import SCHEMES, int4_layer
 
@@ -108,7 +108,7 @@ def test_the_panel_is_measured_by_default_and_off_when_asked(monkeypatch):
     forget_measurements()
     layer = _layer(SCHEMES["q4_1"], 256, 96)
     rows = layer.panel_from_rows(torch.float32)
-    assert 4 <= rows <= PANEL_MAX_ROWS or rows == NEVER
+    assert PANEL_MEASURED_MIN_ROWS <= rows <= PANEL_MAX_ROWS or rows == NEVER
     assert layer.gemm_from_rows(torch.float32) == 100000  # prompt chunks keep the GEMV/GEMM crossover
     monkeypatch.setenv("PERNODE_PANEL_FROM_ROWS", "off")
     layer.post_load()
@@ -120,7 +120,7 @@ def test_a_measured_panel_crossover_lies_in_the_decode_rows(monkeypatch):
     monkeypatch.setenv("PERNODE_GEMM_FROM_ROWS", "100000")
     forget_measurements()
     rows = _layer(SCHEMES["q4_1"], 256, 96).panel_from_rows(torch.float32)
-    assert 4 <= rows <= PANEL_MAX_ROWS or rows == NEVER
+    assert PANEL_MEASURED_MIN_ROWS <= rows <= PANEL_MAX_ROWS or rows == NEVER  # never within the GEMV's first pass
 
 
 def test_panel_serves_decode_sized_steps_only(monkeypatch):

@@ -40,6 +40,12 @@ QPARAM_BUFFERS = ("weight_scale", "weight_min")  # float qparams: kept in fp32 w
 # The int4 panel kernel (csrc/int4_panel_gemm.h) serves decode-sized steps only, as many rows as the fused decoder
 # stack takes (models/fused_decode.MAX_ROWS): prefill chunks keep the GEMM, and its bf16 activations' numbers.
 PANEL_MAX_ROWS = 64
+# Up to 8 rows the GEMV reads the weights once, as the panel kernel does. The crossover is timed on one layer called
+# over and over, whose weights then sit in L2, and there the panel's lighter compute wins from 4 rows; in a model's
+# step every layer's weights stream from memory and the GEMV won at 4-7 rows (the default model's decode step, 1
+# thread, Zen 4, panel from 9 rows against from 4, interleaved: 12 of 12 comparisons faster, by 2-35%) and tied at
+# 8. So a measured crossover starts the panel at the GEMV's second pass at the earliest.
+PANEL_MEASURED_MIN_ROWS = 9
 # Decode steps on a CPU that caps int8 x (AVX2) keep it up to the measured crossover with float x; with the panel
 # kernel off, at most for six GEMV passes of 8 rows: with the AVX2 GEMV of csrc/gemv_int8x_avx2.h, whole two-thread decode steps of the default
 # model took 0.73x the time of a 16-row cap at 24 sequences, 0.87x at 32 and 0.85-0.91x at 48 (docs/threads.md).
@@ -305,8 +311,8 @@ class QuantLinear(nn.Module):
             if self._panel is None or setting == envs.PANEL_OFF:
                 rows = NEVER
             elif setting is None or setting == envs.PANEL_MEASURE:  # both with int8 x
-                rows = gemm_from_rows(self._shape(dtype, "gemv/panel"), SOURCE, self._run_int8_gemv, self._run_panel,
-                                      gemm_setting=False)
+                rows = max(PANEL_MEASURED_MIN_ROWS, gemm_from_rows(
+                    self._shape(dtype, "gemv/panel"), SOURCE, self._run_int8_gemv, self._run_panel, gemm_setting=False))
             else:
                 rows = setting
             rows = rows if rows <= PANEL_MAX_ROWS else NEVER
