@@ -36,8 +36,9 @@ from pernode.measure.profile.serving_path_servers import wait_ready
 from pernode.serve.deploy import free_port
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fidelity_tables import (COLUMNS, TARGETS, engine_busy_table, measurement_spread_table,  # noqa: E402
-                             request_table, table, ttft_parts_table)
+# the tables are fidelity_tables.py's; the grid's tests reach them through this module too
+from fidelity_tables import (COLUMNS, TARGETS, measurement_spread_table, request_table,  # noqa: E402,F401
+                             side_tables, table, ttft_parts_table)
 
 
 @dataclass(frozen=True)
@@ -207,18 +208,8 @@ def rescore_recorded(folder: str, profiles: list[str], mixed_steps: bool = False
                      for k in keys]
             lines.append(f"| {shape} {load}% | {path} | {label} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
-    parts = ttft_parts_table(rescored)
-    if parts:
-        print("\nwhere TTFT goes (after):\n\n" + parts)
-    busy = engine_busy_table(rescored)
-    if busy:
-        print("\nthe engine's steps (after):\n\n" + busy)
-    requests = request_table(rescored)
-    if requests:
-        print("\nrequest by request (after), measured minus simulated:\n\n" + requests)
-    spread = measurement_spread_table(rescored)
-    if spread:
-        print("\nhow far each run pins down its own figures (its requests resampled):\n\n" + spread)
+    for title, md in side_tables(rescored):
+        print(f"\n{title} (after):\n\n{md}")
     return 0
 
 
@@ -301,18 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(v.get("predicted_at_run_speed") for _, _, v in results):
         md += ("\n\nAfter the fact, at the engine speed each run measured step by step (the node's drift taken out of "
                "the error):\n\n" + table(results, "at_run_speed"))
-    parts = ttft_parts_table(results)
-    if parts:
-        md += "\n\nWhere TTFT goes:\n\n" + parts
-    busy = engine_busy_table(results)
-    if busy:
-        md += "\n\nThe engine's steps, measured against the model:\n\n" + busy
-    requests = request_table(results)
-    if requests:
-        md += "\n\nRequest by request, measured minus simulated:\n\n" + requests
-    spread = measurement_spread_table(results)
-    if spread:
-        md += "\n\nHow far each run pins down its own figures (its requests resampled):\n\n" + spread
+    for title, table_md in side_tables(results):
+        md += f"\n\n{title}:\n\n{table_md}"
     print(md)
     with open(os.path.join(args.out_dir, "grid.md"), "w") as f:
         f.write(md + "\n")

@@ -138,3 +138,12 @@ def measurement_spread_table(results: list[tuple[str, int, dict]], resamples: in
             cells.append(f"{100 * (lo / at - 1):+.0f}% .. {100 * (hi / at - 1):+.0f}%")
         lines.append(f"| {shape} {load}% | {len(got['ttft_s'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def side_tables(results: list[tuple[str, int, dict]]) -> list[tuple[str, str]]:
+    """(title, markdown) of each table beside the error tables that has rows for `results`."""
+    tables = (("Where TTFT goes", ttft_parts_table), ("The engine's steps, measured against the model",
+                                                      engine_busy_table),
+              ("Request by request, measured minus simulated", request_table),
+              ("How far each run pins down its own figures (its requests resampled)", measurement_spread_table))
+    return [(title, md) for title, make in tables if (md := make(results))]
