@@ -108,8 +108,8 @@ def decode_medians_s(time_one_s: Callable[[int], float | None], batch_sizes: Seq
                      max_step_s: float, after_each: Callable[[], None] = lambda: None) -> dict[int, float]:
     """{batch size: median decode step} over `passes` passes, each timing every batch size once in turn, as
     prefill_medians_s does for prompts: one pass through the sizes takes seconds to minutes, and a node whose speed
-    drifts meanwhile would bend the curve (on a 2-core host a dense sweep put batch 1 12% slow against batch 4,
-    which is what a replica at low load mostly runs). The first pass stops at the first batch size the KV cache
+    drifts meanwhile bends the curve (on a 2-core host one pass caught batch 3 at 13.1 ms, as fast as batch 2, and a
+    run at low load then measured its 3-sequence steps at 1.41x the model against 0.93x at batch 1). The first pass stops at the first batch size the KV cache
     cannot hold (None) or whose step takes longer than `max_step_s`, and later passes time the sizes it kept."""
     samples: dict[int, list[float]] = {}
     for b in batch_sizes:
