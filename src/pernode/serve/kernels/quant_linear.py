@@ -42,9 +42,9 @@ QPARAM_BUFFERS = ("weight_scale", "weight_min")  # float qparams: kept in fp32 w
 PANEL_MAX_ROWS = 64
 # Up to 8 rows the GEMV reads the weights once, as the panel kernel does. The crossover is timed on one layer called
 # over and over, whose weights then sit in L2, and there the panel's lighter compute wins from 4 rows; in a model's
-# step every layer's weights stream from memory and the GEMV won at 4-7 rows (the default model's decode step, 1
-# thread, Zen 4, panel from 9 rows against from 4, interleaved: 12 of 12 comparisons faster, by 2-35%) and tied at
-# 8. So a measured crossover starts the panel at the GEMV's second pass at the earliest.
+# step every layer's weights stream from memory, and the default model's decode step (1 thread, Zen 4) took 1.20x,
+# 1.31x, 1.10x and 1.04x the time at 4-7 sequences with the panel from 4 rows, 1.02x at 8 (docs/threads.md,
+# benchmarks/decode_rows.py). So a measured crossover starts the panel at the GEMV's second pass at the earliest.
 PANEL_MEASURED_MIN_ROWS = 9
 # Decode steps on a CPU that caps int8 x (AVX2) keep it up to the measured crossover with float x; with the panel
 # kernel off, at most for six GEMV passes of 8 rows: with the AVX2 GEMV of csrc/gemv_int8x_avx2.h, whole two-thread decode steps of the default
