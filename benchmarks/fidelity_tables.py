@@ -1,8 +1,11 @@
 """The fidelity grid's markdown tables (benchmarks/fidelity_grid.py): each run's predictions against its
-measurement, where TTFT went, the engine's steps against the model, and the runs request by request."""
+measurement, where TTFT went, the engine's steps against the model, the runs request by request, and how far each
+run pins down its own figures."""
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 TARGETS = {"ttft_p50_ms": 10.0, "tpot_p50_ms": 10.0, "goodput_rps": 10.0, "ttft_p99_ms": 20.0, "tpot_p99_ms": 20.0}
 COLUMNS = (("TTFT p50 ms", "ttft_p50_ms"), ("TPOT p50 ms", "tpot_p50_ms"), ("goodput req/s", "goodput_rps"),
@@ -88,8 +91,6 @@ def engine_busy_table(results: list[tuple[str, int, dict]]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
-
-
 AGREEMENT = (("same_trace", "same trace"), ("at_run_speed", "at the run's speed"))
 
 
@@ -117,9 +118,6 @@ def measurement_spread_table(results: list[tuple[str, int, dict]], resamples: in
     """How well each run pins down its own figures: the run's requests resampled with replacement (`resamples`
     times), and the 5th-95th percentile range of each figure as a percent of the measured one. A prediction cannot
     be shown closer than this; requests of one burst move together, so the true spread is wider still."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
     lines = ["| run | requests | " + " | ".join(f"{label}: 90% range, % of measured" for _, _, label in SPREAD) + " |",
              "|---|---:|" + "---:|" * len(SPREAD)]
     for shape, load, v in results:
@@ -127,6 +125,7 @@ def measurement_spread_table(results: list[tuple[str, int, dict]], resamples: in
         if not got:
             continue
         cells = []
+        rng = np.random.default_rng(seed)  # per run: a run's range does not depend on the runs listed before it
         for metric, q, _ in SPREAD:
             x = np.asarray([t for t in got[metric] if t is not None], dtype=np.float64)
             if x.size < 2:
