@@ -152,6 +152,24 @@ QuantizedInput quantize_input_blocks(const float* x, int64_t M, int64_t K, int64
   return bits == 4 ? quantize_input_blocks_t<4>(x, M, K) : quantize_input_blocks_t<8>(x, M, K);
 }
 
+// Each row's sum of dequantized x over each weight group, zero-padded to a multiple of 16 groups: what a weight
+// row's zero term multiplies (sum_g bias[n, g] * sums[m, g]), summed once per call from the lanes' sums.
+struct GroupSums {
+  int64_t groups_padded = 0;
+  std::vector<float> sums;  // [M][groups_padded]
+};
+
+inline GroupSums group_sums(const QuantizedInput& qi, int64_t M, int64_t K, int64_t G, int64_t gs) {
+  const int64_t values_per_lane = qi.chunk_values / 16;
+  GroupSums out;
+  out.groups_padded = (G + 15) / 16 * 16;
+  out.sums.assign(M * out.groups_padded, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t l = 0; l * values_per_lane < K; ++l)
+      out.sums[m * out.groups_padded + l * values_per_lane / gs] += qi.lane_sum[m * qi.row_lanes + l];
+  return out;
+}
+
 // Per 64-byte chunk of a weight row: which 32-bit lanes are real, the first weight group it touches, how many
 // groups from there exist, and each lane's group relative to the first (to gather 16 lanes' scales in one permute).
 struct ChunkGroups {

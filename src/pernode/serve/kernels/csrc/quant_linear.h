@@ -55,26 +55,30 @@ namespace {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define PERNODE_VNNI 1
 // bits 4: w is int32 words, 16 per chunk; bits 8: w is int8, 64 per chunk (XOR 0x80 makes it unsigned, w + 128).
-// Per lane: y += scale * x_scale * dot(u, q) + zero_term * sum(x), all 16 lanes at once, so the zero-point and
-// offset terms cost one FMA per chunk instead of a scalar loop over groups per row.
+// Per lane: y += scale * x_scale * dot(u, q), all 16 lanes at once. The int4 offset without a zero point rides on
+// the x side (lane_offset); a zero term (zero points, GGUF's mins) is added per group after the chunks.
 // Group qparams as stored: fp32, or fp16 bits where they are exact in fp16 (GGUF's own scales and mins), which
 // halves their share of the bytes a decode step streams (a quarter of a Q4_1 layer's).
 inline __m512 load_qparams(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load_qparams(const uint16_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
 
+// With a zero term (bias: zero points, or GGUF's mins), its share sum_g bias[n, g] * xsum[m, g] is added once per
+// group after the chunk loop, from the groups' x sums (group_sums), rather than once per 16 lanes per x row in it:
+// the loop's per-row work is then the two products, a conversion and one FMA.
 template <int MB, int BITS, typename S>
-void gemv_vnni_rows(const QuantizedInput& qi, int64_t m0, const void* w, const S* scale, const S* bias,
-                    const ChunkGroups& cg, int64_t K, int64_t G, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+void gemv_vnni_rows(const QuantizedInput& qi, const GroupSums& gsum, int64_t m0, const void* w, const S* scale,
+                    const S* bias, const ChunkGroups& cg, int64_t K, int64_t G, float* y, int64_t ldy, int64_t n0,
+                    int64_t n1) {
   const __m512i nibble = _mm512_set1_epi8(0x0F), sign = _mm512_set1_epi8(char(0x80));
   const int64_t row_stride = BITS == 4 ? K / 2 : K;  // bytes per weight row
   const int8_t* xq[MB];
-  const float *sx[MB], *xs[MB], *xo[MB];
+  const float *sx[MB], *xo[MB], *xg[MB];
   PERNODE_UNROLL_ROWS
   for (int m = 0; m < MB; ++m) {
     xq[m] = qi.bytes.data() + (m0 + m) * qi.row_bytes;
     sx[m] = qi.lane_scale.data() + (m0 + m) * qi.row_lanes;
-    xs[m] = qi.lane_sum.data() + (m0 + m) * qi.row_lanes;
     xo[m] = qi.lane_offset.data() + (m0 + m) * qi.row_lanes;
+    xg[m] = bias ? gsum.sums.data() + (m0 + m) * gsum.groups_padded : nullptr;
   }
   for (int64_t n = n0; n < n1; ++n) {
     const char* wr = static_cast<const char*>(w) + n * row_stride;
@@ -108,8 +112,6 @@ void gemv_vnni_rows(const QuantizedInput& qi, int64_t m0, const void* w, const S
         }
         continue;
       }
-      __m512 zt = _mm512_permutexvar_ps(lane_group, load_qparams(br + cg.first[c], groups));
-      if (BITS == 8) zt = _mm512_fnmadd_ps(_mm512_set1_ps(128.f), sw, zt);  // undo the XOR's +128
       PERNODE_UNROLL_ROWS
       for (int m = 0; m < MB; ++m) {
         const int8_t* xc = xq[m] + c * (BITS == 4 ? 128 : 64);
@@ -117,8 +119,14 @@ void gemv_vnni_rows(const QuantizedInput& qi, int64_t m0, const void* w, const S
         if (BITS == 4) d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xc + 64));
         const __m512 s = _mm512_mul_ps(sw, _mm512_loadu_ps(sx[m] + c * 16));
         tot[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, tot[m]);
-        tot[m] = _mm512_fmadd_ps(zt, _mm512_loadu_ps(xs[m] + c * 16), tot[m]);
       }
+    }
+    for (int64_t g = 0; br && g < G; g += 16) {  // the zero term, 16 groups at a time
+      const __mmask16 real = __mmask16((1u << std::min<int64_t>(16, G - g)) - 1u);
+      __m512 zt = load_qparams(br + g, real);
+      if (BITS == 8) zt = _mm512_fnmadd_ps(_mm512_set1_ps(128.f), load_qparams(sr + g, real), zt);  // the XOR's +128
+      PERNODE_UNROLL_ROWS
+      for (int m = 0; m < MB; ++m) tot[m] = _mm512_fmadd_ps(zt, _mm512_loadu_ps(xg[m] + g), tot[m]);
     }
     PERNODE_UNROLL_ROWS
     for (int m = 0; m < MB; ++m) y[(m0 + m) * ldy + n] = _mm512_reduce_add_ps(tot[m]);
@@ -220,14 +228,15 @@ void gemv_float(const FloatInput& fi, int64_t M, int64_t K, int64_t bits, const 
 
 #if defined(PERNODE_VNNI)
 template <typename S>
-void gemv_vnni(const QuantizedInput& qi, int64_t M, int64_t K, int64_t bits, const at::Tensor& w, const S* sp,
-               const S* bp, const ChunkGroups& cg, int64_t G, float* yp, int64_t N, int64_t n0, int64_t n1) {
+void gemv_vnni(const QuantizedInput& qi, const GroupSums& gsum, int64_t M, int64_t K, int64_t bits,
+               const at::Tensor& w, const S* sp, const S* bp, const ChunkGroups& cg, int64_t G, float* yp, int64_t N,
+               int64_t n0, int64_t n1) {
   for (int64_t m0 = 0; m0 < M; m0 += kMaxGemvRows) {
     const int64_t mb = std::min(kMaxGemvRows, M - m0);
     const void* wp = w.data_ptr();
 #define PERNODE_VNNI_CASE(MBV)                                                                 \
-  if (bits == 4) gemv_vnni_rows<MBV, 4, S>(qi, m0, wp, sp, bp, cg, K, G, yp, N, n0, n1);       \
-  else gemv_vnni_rows<MBV, 8, S>(qi, m0, wp, sp, bp, cg, K, G, yp, N, n0, n1);
+  if (bits == 4) gemv_vnni_rows<MBV, 4, S>(qi, gsum, m0, wp, sp, bp, cg, K, G, yp, N, n0, n1); \
+  else gemv_vnni_rows<MBV, 8, S>(qi, gsum, m0, wp, sp, bp, cg, K, G, yp, N, n0, n1);
     switch (mb) {
       case 1: PERNODE_VNNI_CASE(1) break;
       case 2: PERNODE_VNNI_CASE(2) break;
@@ -303,6 +312,7 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
   std::function<void(int64_t, int64_t)> rows;
   FloatInput fi;
   QuantizedInput qi;
+  GroupSums gsum;
   std::unique_ptr<ChunkGroups> cg;
 #if defined(PERNODE_AVX2_INT8X)
   XBlocks plan;
@@ -320,12 +330,15 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
     qi = quantize_input_blocks(xptr, M, K, bits);
 #if defined(PERNODE_VNNI)
     cg = std::make_unique<ChunkGroups>(bits == 4 ? K / 8 : K / 4, bits == 4 ? 8 : 4, G, gs);
+    if (bias.defined()) gsum = group_sums(qi, M, K, G, gs);
     if (half_qparams) {
       const auto* sh = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
       const auto* bh = bias.defined() ? reinterpret_cast<const uint16_t*>(bias.data_ptr<at::Half>()) : nullptr;
-      rows = [&, sh, bh](int64_t n0, int64_t n1) { gemv_vnni(qi, M, K, bits, w, sh, bh, *cg, G, yp, N, n0, n1); };
+      rows = [&, sh, bh](int64_t n0, int64_t n1) {
+        gemv_vnni(qi, gsum, M, K, bits, w, sh, bh, *cg, G, yp, N, n0, n1);
+      };
     } else {
-      rows = [&](int64_t n0, int64_t n1) { gemv_vnni(qi, M, K, bits, w, sp, bp, *cg, G, yp, N, n0, n1); };
+      rows = [&](int64_t n0, int64_t n1) { gemv_vnni(qi, gsum, M, K, bits, w, sp, bp, *cg, G, yp, N, n0, n1); };
     }
 #else
 #if defined(PERNODE_AVX2_INT8X)
