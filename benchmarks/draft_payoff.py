@@ -7,7 +7,9 @@ recognised by its head.json) on the chat workload, in one run:
 - the speed-up predicted from them: mean accepted length L tokens per step that costs k draft steps and one
   verify step of k + 1 tokens, against one plain decode step per token:
       predicted = L * t_plain / (k * t_draft + t_verify)       (Leviathan et al., arXiv 2211.17192, sec. 3.4)
-  beside the speed-up measured directly (TPOT without / with).
+  beside the speed-up measured directly (TPOT without / with);
+- at these measured costs, the speed-up if the target accepted every proposed token, and the per-token acceptance
+  a draft would need for --target (default 1.3x), with L = (1 - a^(k+1)) / (1 - a) (the paper's eq. 1).
 
     PYTHONPATH=src .venv/bin/python benchmarks/draft_payoff.py --drafts new=/work/artifacts/draft \
         --num-prompts 8 --max-tokens 64 --k 1,2,3,4
@@ -31,6 +33,25 @@ from pernode.serve.engine.llm_engine import LLMEngine
 from pernode.serve.engine.spec_decode.eagle_head import HEAD_CONFIG
 from pernode.serve.llm import LLM
 from pernode.serve.sampling.params import SamplingParams
+
+
+def expected_length(acceptance: float, k: int) -> float:
+    """Tokens a step yields when each proposed token is accepted with this probability, independently, up to the
+    first rejection, plus the verify step's own token (Leviathan et al., eq. 1): (1 - a^(k+1)) / (1 - a)."""
+    return float(k + 1) if acceptance >= 1.0 else (1.0 - acceptance ** (k + 1)) / (1.0 - acceptance)
+
+
+def acceptance_needed(speedup: float, k: int, draft_cost: float, verify_cost: float) -> float | None:
+    """The per-token acceptance at which k draft steps and one verify step (each as a multiple of a plain decode
+    step) give this speed-up; None where even a draft the target always accepts falls short."""
+    step_cost = k * draft_cost + verify_cost
+    if expected_length(1.0, k) / step_cost < speedup:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(60):  # the length grows with the acceptance: bisect
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if expected_length(mid, k) / step_cost < speedup else (lo, mid)
+    return hi
 
 
 def load_average() -> str:
@@ -86,6 +107,8 @@ def main() -> int:
     p.add_argument("--k", default="4", help="proposal length(s), comma-separated: one engine per draft and k")
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--target", type=float, default=1.3,
+                   help="speed-up for which to print the acceptance a draft at these measured costs would need")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     config = EngineConfig(model=args.model, max_model_len=2048, kv_cache_bytes=128 * 2**20)  # many engines
@@ -136,14 +159,19 @@ def main() -> int:
                      "draft_to_target_cost": round(draft_token_s / plain, 3),
                      "verify_to_target_cost": round(verify_s / plain, 3),
                      "predicted_speedup": round(length * plain / per_step, 3),
+                     "speedup_if_all_accepted": round(expected_length(1.0, drafts[name][1]) * plain / per_step, 3),
+                     "acceptance_needed": acceptance_needed(args.target, drafts[name][1], draft_token_s / plain,
+                                                            verify_s / plain),
                      "spec_tpot_ms": round(1e3 * tpot, 2), "measured_speedup": round(plain / tpot, 3),
                      "greedy_identical": outputs[name] == outputs["off"]})
     print(f"{'draft':14s} {'accept':>6s} {'len':>5s} {'draft/target':>12s} {'verify/target':>13s} "
-          f"{'predicted':>9s} {'measured':>8s}")
+          f"{'predicted':>9s} {'measured':>8s} {'all accepted':>12s} {'needs for ' + str(args.target) + 'x':>14s}")
     for r in rows:
+        needed = "unreachable" if r["acceptance_needed"] is None else f"{r['acceptance_needed']:.3f}"
         print(f"{r['draft']:14s} {r['acceptance_rate']:6.3f} {r['mean_accepted_length']:5.2f} "
               f"{r['draft_to_target_cost']:12.3f} {r['verify_to_target_cost']:13.3f} {r['predicted_speedup']:8.2f}x "
-              f"{r['measured_speedup']:7.2f}x" + ("" if r["greedy_identical"] else "  OUTPUT DIFFERS"))
+              f"{r['measured_speedup']:7.2f}x {r['speedup_if_all_accepted']:11.2f}x {needed:>14s}"
+              + ("" if r["greedy_identical"] else "  OUTPUT DIFFERS"))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"rows": rows, "num_prompts": args.num_prompts, "max_tokens": args.max_tokens,
