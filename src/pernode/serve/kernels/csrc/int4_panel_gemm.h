@@ -279,7 +279,7 @@ at::Tensor woq_panel_gemm(const at::Tensor& x_in, const at::Tensor& w, const at:
   std::vector<float> x_widened;
   at::Tensor x;
   const float* xptr = fp32_rows(x_in, x, x_widened);  // quant_linear.h
-  const PanelInput pi = panel_input(quantize_input_blocks(xptr, M, K, 4), M, K);
+  const PanelInput pi = panel_input(quantize_input_blocks(xptr, M, K, 4, num_threads != 1), M, K);
   at::Tensor y32 = at::empty({M, N}, x_in.options().dtype(at::kFloat));
   float* yp = y32.data_ptr<float>();
   const int32_t* wp = w.data_ptr<int32_t>();
@@ -302,7 +302,7 @@ at::Tensor woq_panel_gemm(const at::Tensor& x_in, const at::Tensor& w, const at:
   std::vector<float> x_widened;
   at::Tensor x;
   const float* xptr = fp32_rows(x_in, x, x_widened);  // quant_linear.h
-  const QuantizedInput qi = quantize_input_blocks(xptr, M, K, 4);
+  const QuantizedInput qi = quantize_input_blocks(xptr, M, K, 4, num_threads != 1);
   const Int8Blocks xb = int8_blocks(qi, M, K);
   at::Tensor y32 = at::empty({M, N}, x_in.options().dtype(at::kFloat));
   const int32_t* wp = w.data_ptr<int32_t>();

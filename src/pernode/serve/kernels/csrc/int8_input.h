@@ -8,6 +8,8 @@
 #include <immintrin.h>
 #endif
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -79,8 +81,17 @@ inline void quantize_int4_block_avx2(const float* x, float* deq, QuantizedInput&
 
 // Quantizes x row by row, one 32-value block at a time; all index arithmetic is by compile-time powers of two
 // (this runs once per call on K values, and runtime divisions here once cost more than the GEMV itself).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+constexpr bool kKeepDequantized = false;  // every int8-x kernel multiplies the integers
+#else
+constexpr bool kKeepDequantized = true;
+#endif
+// From this many x rows a call that may use the intra-op threads quantizes its rows on them: at decode batches the
+// serial quantization left the other thread waiting (~3% of a 25-row two-thread step).
+constexpr int64_t kParallelInputRows = 8;
+
 template <int BITS>
-QuantizedInput quantize_input_blocks_t(const float* x, int64_t M, int64_t K) {
+QuantizedInput quantize_input_blocks_t(const float* x, int64_t M, int64_t K, bool parallel) {
   constexpr int64_t kChunkValues = BITS == 4 ? 128 : 64, kValuesPerLane = kChunkValues / 16;
   constexpr int64_t kChunkBytes = BITS == 4 ? 128 : 64;
   QuantizedInput qi;
@@ -92,64 +103,74 @@ QuantizedInput quantize_input_blocks_t(const float* x, int64_t M, int64_t K) {
   qi.lane_scale.assign(M * qi.row_lanes, 0.f);
   qi.lane_sum.assign(M * qi.row_lanes, 0.f);
   qi.lane_offset.assign(M * qi.row_lanes, 0.f);
-  qi.dequantized.resize(M * K);
+  // The dequantized copy serves only the float GEMV that stands in where VNNI is missing; a VNNI build writes
+  // each row's into one scratch row instead.
+  qi.dequantized.resize(kKeepDequantized ? M * K : 0);
   constexpr float kOffset = BITS == 4 ? 8.f : 128.f;
-  int8_t q[kActBlock];
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = x + m * K;
-    float* deq = qi.dequantized.data() + m * K;
-    for (int64_t k0 = 0; k0 < K; k0 += kActBlock) {
+  auto quantize_rows = [&](int64_t m_begin, int64_t m_end) {
+    int8_t q[kActBlock];
+    std::vector<float> scratch(kKeepDequantized ? 0 : K);
+    for (int64_t m = m_begin; m < m_end; ++m) {
+      const float* xr = x + m * K;
+      float* deq = kKeepDequantized ? qi.dequantized.data() + m * K : scratch.data();
+      for (int64_t k0 = 0; k0 < K; k0 += kActBlock) {
 #if defined(__AVX512F__)
-      const __m512 a = _mm512_loadu_ps(xr + k0), b = _mm512_loadu_ps(xr + k0 + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f, s = amax / 127.f;
-      // cvtps_epi32 rounds to nearest even (the default MXCSR mode), like std::nearbyint and torch.round;
-      // |x * inv| <= 127 up to one ulp, so the rounded values need no clamp.
-      const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inv)));
-      const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(inv)));
-      _mm_storeu_si128((__m128i*)q, _mm512_cvtepi32_epi8(qa));
-      _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtepi32_epi8(qb));
-      _mm512_storeu_ps(deq + k0, _mm512_mul_ps(_mm512_cvtepi32_ps(qa), _mm512_set1_ps(s)));
-      _mm512_storeu_ps(deq + k0 + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(qb), _mm512_set1_ps(s)));
+        const __m512 a = _mm512_loadu_ps(xr + k0), b = _mm512_loadu_ps(xr + k0 + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+        const float inv = amax > 0.f ? 127.f / amax : 0.f, s = amax / 127.f;
+        // cvtps_epi32 rounds to nearest even (the default MXCSR mode), like std::nearbyint and torch.round;
+        // |x * inv| <= 127 up to one ulp, so the rounded values need no clamp.
+        const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inv)));
+        const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(inv)));
+        _mm_storeu_si128((__m128i*)q, _mm512_cvtepi32_epi8(qa));
+        _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtepi32_epi8(qb));
+        _mm512_storeu_ps(deq + k0, _mm512_mul_ps(_mm512_cvtepi32_ps(qa), _mm512_set1_ps(s)));
+        _mm512_storeu_ps(deq + k0 + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(qb), _mm512_set1_ps(s)));
 #else
 #if defined(__AVX2__)
-      if (BITS == 4) {
-        quantize_int4_block_avx2(xr + k0, deq + k0, qi, m, k0);
-        continue;
-      }
+        if (BITS == 4) {
+          quantize_int4_block_avx2(xr + k0, deq + k0, qi, m, k0);
+          continue;
+        }
 #endif
-      float amax = 0.f;
-      for (int t = 0; t < kActBlock; ++t) amax = std::max(amax, std::fabs(xr[k0 + t]));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f, s = amax / 127.f;
-      for (int t = 0; t < kActBlock; ++t) {
-        q[t] = int8_t(std::max(-127.f, std::min(127.f, std::nearbyint(xr[k0 + t] * inv))));
-        deq[k0 + t] = float(q[t]) * s;
-      }
+        float amax = 0.f;
+        for (int t = 0; t < kActBlock; ++t) amax = std::max(amax, std::fabs(xr[k0 + t]));
+        const float inv = amax > 0.f ? 127.f / amax : 0.f, s = amax / 127.f;
+        for (int t = 0; t < kActBlock; ++t) {
+          q[t] = int8_t(std::max(-127.f, std::min(127.f, std::nearbyint(xr[k0 + t] * inv))));
+          deq[k0 + t] = float(q[t]) * s;
+        }
 #endif
-      const int64_t c = k0 / kChunkValues, r0 = k0 % kChunkValues;
-      int8_t* dst = qi.bytes.data() + m * qi.row_bytes + c * kChunkBytes;
-      const int64_t lane0 = m * qi.row_lanes + c * 16 + r0 / kValuesPerLane;
-      for (int t = 0; t < kActBlock; ++t) {
-        const int64_t r = r0 + t;
-        if (BITS == 4)  // lane i = word i of the chunk; value j of the word sits in byte 4i + j/2, nibble j%2
-          dst[(r & 1) * 64 + 4 * (r / 8) + (r % 8) / 2] = q[t];
-        else  // lane i holds values 4i..4i+3 in order
-          dst[r] = q[t];
-      }
-      for (int l = 0; l < kActBlock / kValuesPerLane; ++l) {  // a lane never straddles two blocks
-        int32_t sum = 0;
-        for (int t = 0; t < kValuesPerLane; ++t) sum += q[l * kValuesPerLane + t];
-        qi.lane_scale[lane0 + l] = s;
-        qi.lane_sum[lane0 + l] = float(sum) * s;
-        qi.lane_offset[lane0 + l] = -kOffset * float(sum) * s;
+        const int64_t c = k0 / kChunkValues, r0 = k0 % kChunkValues;
+        int8_t* dst = qi.bytes.data() + m * qi.row_bytes + c * kChunkBytes;
+        const int64_t lane0 = m * qi.row_lanes + c * 16 + r0 / kValuesPerLane;
+        for (int t = 0; t < kActBlock; ++t) {
+          const int64_t r = r0 + t;
+          if (BITS == 4)  // lane i = word i of the chunk; value j of the word sits in byte 4i + j/2, nibble j%2
+            dst[(r & 1) * 64 + 4 * (r / 8) + (r % 8) / 2] = q[t];
+          else  // lane i holds values 4i..4i+3 in order
+            dst[r] = q[t];
+        }
+        for (int l = 0; l < kActBlock / kValuesPerLane; ++l) {  // a lane never straddles two blocks
+          int32_t sum = 0;
+          for (int t = 0; t < kValuesPerLane; ++t) sum += q[l * kValuesPerLane + t];
+          qi.lane_scale[lane0 + l] = s;
+          qi.lane_sum[lane0 + l] = float(sum) * s;
+          qi.lane_offset[lane0 + l] = -kOffset * float(sum) * s;
+        }
       }
     }
-  }
+  };
+  if (parallel && M >= kParallelInputRows)  // rows are independent: the same bytes whichever thread writes them
+    at::parallel_for(0, M, kParallelInputRows / 2, quantize_rows);
+  else
+    quantize_rows(0, M);
   return qi;
 }
 
-QuantizedInput quantize_input_blocks(const float* x, int64_t M, int64_t K, int64_t bits) {
-  return bits == 4 ? quantize_input_blocks_t<4>(x, M, K) : quantize_input_blocks_t<8>(x, M, K);
+// `parallel`: the caller may use the intra-op threads (its num_threads is not 1).
+QuantizedInput quantize_input_blocks(const float* x, int64_t M, int64_t K, int64_t bits, bool parallel = false) {
+  return bits == 4 ? quantize_input_blocks_t<4>(x, M, K, parallel) : quantize_input_blocks_t<8>(x, M, K, parallel);
 }
 
 // Each row's sum of dequantized x over each weight group, zero-padded to a multiple of 16 groups: what a weight

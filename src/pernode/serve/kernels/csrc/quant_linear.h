@@ -327,7 +327,7 @@ at::Tensor woq_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
     fi = prepare_float_input(xptr, M, K, bits, G, gs, bp != nullptr || bits == 4);
     rows = [&](int64_t n0, int64_t n1) { gemv_float(fi, M, K, bits, w, sp, bp, G, gs, yp, N, n0, n1); };
   } else {
-    qi = quantize_input_blocks(xptr, M, K, bits);
+    qi = quantize_input_blocks(xptr, M, K, bits, num_threads != 1);
 #if defined(PERNODE_VNNI)
     cg = std::make_unique<ChunkGroups>(bits == 4 ? K / 8 : K / 4, bits == 4 ? 8 : 4, G, gs);
     if (bias.defined()) gsum = group_sums(qi, M, K, G, gs);
