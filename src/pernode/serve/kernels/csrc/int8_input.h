@@ -87,8 +87,9 @@ constexpr bool kKeepDequantized = false;  // every int8-x kernel multiplies the 
 constexpr bool kKeepDequantized = true;
 #endif
 // From this many x rows a call that may use the intra-op threads quantizes its rows on them: at decode batches the
-// serial quantization left the other thread waiting (~3% of a 25-row two-thread step).
-constexpr int64_t kParallelInputRows = 8;
+// serial quantization left the other thread waiting (3.5% of a 25-row two-thread step's samples). A row takes
+// ~0.3-0.8 us (K = 576-1536), a fork-join a microsecond or two, so fewer rows stay on the caller's thread.
+constexpr int64_t kParallelInputRows = 16;
 
 template <int BITS>
 QuantizedInput quantize_input_blocks_t(const float* x, int64_t M, int64_t K, bool parallel) {
