@@ -1,9 +1,9 @@
 """Decode step time at each batch size under kernel settings given as environment variables, the variants run in
 turn, round after round, so that the node's drift falls on all of them alike.
 
-Each variant is a fresh process (the kernel choices are read at load) on one thread, pinned with --cpu, timing
---steps synthetic decode steps per batch size at --context tokens, three passes over the batch sizes, the median
-kept. Prints each round's medians and, per batch size, each variant's median over rounds against the first's.
+Each variant is a fresh process (the kernel choices are read at load) on --threads threads (default 1), pinned with
+--cpu, timing --steps synthetic decode steps per batch size at --context tokens, three passes over the batch sizes,
+the median kept. Prints each round's medians and, per batch size, each variant's median over rounds against the first's.
 
     PYTHONPATH=src python benchmarks/decode_rows.py --batch-sizes 1,2,3,4,5,6,7,8,9,12 --rounds 2 \\
         --variant panel9=PERNODE_PANEL_FROM_ROWS=9 --variant panel4=PERNODE_PANEL_FROM_ROWS=4
@@ -18,11 +18,11 @@ import subprocess
 import sys
 
 
-def child(model: str, batch_sizes: list[int], context: int, steps: int) -> None:
+def child(model: str, batch_sizes: list[int], context: int, steps: int, threads: int) -> None:
     from pernode.config import EngineConfig
     from pernode.serve.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(model=model, device="cpu", num_threads=1, kv_cache_bytes=256 << 20))
+    engine = LLMEngine(EngineConfig(model=model, device="cpu", num_threads=threads, kv_cache_bytes=1 << 30))
     samples: dict[int, list[float]] = {b: [] for b in batch_sizes}
     for seed in range(3):
         for b in batch_sizes:
@@ -38,14 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=92)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--cpu", default="0", help="core to pin each variant to (taskset); '' for none")
+    ap.add_argument("--cpu", default="0", help="core(s) to pin each variant to (taskset); '' for none")
+    ap.add_argument("--threads", type=int, default=1, help="engine threads (pin to as many cores with --cpu)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=VAR=VALUE[,VAR=VALUE]",
                     help="a name and the environment it runs with; repeatable (default: one variant, as set)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
     if args.child:
-        child(args.model, batch_sizes, args.context, args.steps)
+        child(args.model, batch_sizes, args.context, args.steps, args.threads)
         return 0
     variants = []
     for item in args.variant or ["as-set="]:
@@ -57,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         for name, env in variants:
             out = subprocess.run([*pin, sys.executable, __file__, "--child", "--model", args.model, "--batch-sizes",
-                                  args.batch_sizes, "--context", str(args.context), "--steps", str(args.steps)],
-                                 env={**os.environ, "OMP_NUM_THREADS": "1", **env}, check=True, capture_output=True,
+                                  args.batch_sizes, "--context", str(args.context), "--steps", str(args.steps),
+                                  "--threads", str(args.threads)],
+                                 env={**os.environ, "OMP_NUM_THREADS": str(args.threads), **env}, check=True,
+                                 capture_output=True,
                                  text=True)
             got = {int(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
             results[name].append(got)
