@@ -79,8 +79,6 @@ inline void quantize_int4_block_avx2(const float* x, float* deq, QuantizedInput&
 }
 #endif
 
-// Quantizes x row by row, one 32-value block at a time; all index arithmetic is by compile-time powers of two
-// (this runs once per call on K values, and runtime divisions here once cost more than the GEMV itself).
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 constexpr bool kKeepDequantized = false;  // every int8-x kernel multiplies the integers
 #else
@@ -91,6 +89,8 @@ constexpr bool kKeepDequantized = true;
 // ~0.3-0.8 us (K = 576-1536), a fork-join a microsecond or two, so fewer rows stay on the caller's thread.
 constexpr int64_t kParallelInputRows = 16;
 
+// Quantizes x row by row, one 32-value block at a time; all index arithmetic is by compile-time powers of two
+// (this runs once per call on K values, and runtime divisions here once cost more than the GEMV itself).
 template <int BITS>
 QuantizedInput quantize_input_blocks_t(const float* x, int64_t M, int64_t K, bool parallel) {
   constexpr int64_t kChunkValues = BITS == 4 ? 128 : 64, kValuesPerLane = kChunkValues / 16;
