@@ -9,11 +9,10 @@ block and multiplies integers with VNNI, as llama.cpp's Q8 activations do; int8 
 (measured) crossover on, up to PANEL_MAX_ROWS rows, run `woq_panel_gemm`, the same int8-x products register-blocked
 over rows, so each weight is unpacked once per call instead of once per 8 rows, and the fused decoder's decode steps
 keep them past the GEMM crossover for as long as they measured faster (decode_int8_max_rows); compute-bound steps
-(prefill chunks) run `woq_gemm`,
-dequantized tiles through a GEMM in the activations' dtype (bf16 on CPUs that compute it natively), or
-`woq_gemm_int16x`, x as int16 per 32 values and the stored integers multiplied as such, for int4 layers on CPUs with
-AVX2 but not AVX-512 and for int8 layers (the Q8_0 lm_head) on AVX-512 VNNI (int16_gemm_applies). W8A8 layers
-(int8 activations too) are in w8a8_linear.py.
+(prefill chunks) run `woq_gemm`, dequantized tiles through a GEMM in the activations' dtype (bf16 on CPUs that
+compute it natively), or `woq_gemm_int16x`, x as int16 per 32 values and the stored integers multiplied as such, for
+int4 layers on AVX2 CPUs without AVX-512 and int8 layers (the Q8_0 lm_head) on AVX-512 VNNI (int16_gemm_applies).
+W8A8 layers (int8 activations too) are in w8a8_linear.py.
 """
 from __future__ import annotations
 
@@ -36,20 +35,18 @@ from pernode.serve.kernels.w8a8_linear import W8A8Linear
 SOURCE = "quant_linear.cpp"
 QPARAM_BUFFERS = ("weight_scale", "weight_min")  # float qparams: kept in fp32 whatever dtype the model runs in
 
-
-# The int4 panel kernel (csrc/int4_panel_gemm.h) serves decode-sized steps only, as many rows as the fused decoder
-# stack takes (models/fused_decode.MAX_ROWS): prefill chunks keep the GEMM, and its bf16 activations' numbers.
+# The int4 panel kernel (csrc/int4_panel_gemm.h) serves decode-sized steps only, up to the fused decoder stack's
+# rows (models/fused_decode.MAX_ROWS); prefill chunks keep the GEMM and its bf16 activations' numbers.
 PANEL_MAX_ROWS = 64
-# Up to 8 rows the GEMV reads the weights once, as the panel kernel does. The crossover is timed on one layer called
-# over and over, whose weights then sit in L2, and there the panel's lighter compute wins from 4 rows; in a model's
-# step every layer's weights stream from memory, and the default model's decode step (1 thread, Zen 4) took 1.20x,
-# 1.31x, 1.10x and 1.04x the time at 4-7 sequences with the panel from 4 rows, 1.02x at 8 (docs/threads.md,
-# benchmarks/decode_rows.py). So a measured crossover starts the panel at the GEMV's second pass at the earliest.
+# Timed on one layer with its weights warm in L2, the panel wins from 4 rows; in a model's step, weights streaming,
+# the default model's decode (1 thread, Zen 4) took 1.20x / 1.31x / 1.10x / 1.04x the time at 4-7 sequences with the
+# panel from 4 rows, 1.02x at 8 (docs/threads.md). So a measured crossover starts at the GEMV's second pass.
 PANEL_MEASURED_MIN_ROWS = 9
-# Decode steps on a CPU that caps int8 x (AVX2) keep it up to the measured crossover with float x; with the panel
-# kernel off, at most for six GEMV passes of 8 rows: with the AVX2 GEMV of csrc/gemv_int8x_avx2.h, whole two-thread decode steps of the default
-# model took 0.73x the time of a 16-row cap at 24 sequences, 0.87x at 32 and 0.85-0.91x at 48 (docs/threads.md).
+# Decode steps on a CPU that caps int8 x (AVX2) keep it up to the float-x crossover; without the panel kernel, at
+# most six 8-row GEMV passes (csrc/gemv_int8x_avx2.h): two-thread decode steps took 0.73x / 0.87x / 0.85-0.91x a
+# 16-row cap's time at 24 / 32 / 48 sequences (docs/threads.md).
 DECODE_INT8_MAX_ROWS = 6 * FLOAT_GEMV_MAX_ROWS
+
 
 def load_kernel() -> Callable | None:
     """`torch.ops.pernode.woq_linear`, building it if needed; None if it can't be built (or
@@ -98,12 +95,10 @@ def zero_term(scale: torch.Tensor, zero_point: torch.Tensor | None, num_bits: in
     float-min form (w = scale * (q + 2^(b-1)) + min) gives min itself for int4 (the kernel multiplies u = q + 8)
     and min + 128 * scale for int8 (it multiplies q)."""
     if weight_min is not None:
-        term = weight_min.float() if num_bits == 4 else weight_min.float() + 128.0 * scale.float()
-        return term.contiguous()
+        return (weight_min.float() if num_bits == 4 else weight_min.float() + 128.0 * scale.float()).contiguous()
     if zero_point is None:
         return None
-    offset = 8.0 if num_bits == 4 else 0.0
-    return (-(offset + zero_point.float()) * scale.float()).contiguous()
+    return (-((8.0 if num_bits == 4 else 0.0) + zero_point.float()) * scale.float()).contiguous()
 
 
 def fp16_if_exact(scale: torch.Tensor, term: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
