@@ -200,9 +200,10 @@ def rescore_recorded(folder: str, profiles: list[str], mixed_steps: bool = False
         report = rescore(os.path.join(folder, name), profile, mixed_steps=mixed_steps)
         rescored.append((f"{shape} {path}", int(load), report))
         after, anchored = report.get("error_pct_same_trace") or {}, report.get("error_pct_anchored")
-        at_run = report.get("error_pct_at_run_speed")
+        at_run, by_window = report.get("error_pct_at_run_speed"), report.get("error_pct_at_run_speed_by_window")
         rows = ([("before", before), ("after", after)] + ([("after, anchored", anchored)] if anchored else [])
-                + ([("after, at the run's speed", at_run)] if at_run else []))
+                + ([("after, at the run's speed", at_run)] if at_run else [])
+                + ([("after, at the run's speed by window", by_window)] if by_window else []))
         for label, errs in rows:
             cells = [f"{errs[k]:+.1f}%{' ✓' if abs(errs[k]) <= TARGETS[k] else ''}" if k in errs else "–"
                      for k in keys]
@@ -292,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(v.get("predicted_at_run_speed") for _, _, v in results):
         md += ("\n\nAfter the fact, at the engine speed each run measured step by step (the node's drift taken out of "
                "the error):\n\n" + table(results, "at_run_speed"))
+    if any(v.get("predicted_at_run_speed_by_window") for _, _, v in results):
+        md += ("\n\nAfter the fact, at the engine speed each run measured in each 10 s of it:\n\n"
+               + table(results, "at_run_speed_by_window"))
     for title, table_md in side_tables(results):
         md += f"\n\n{title}:\n\n{table_md}"
     print(md)

@@ -42,7 +42,8 @@ def row(shape: str, load: int, v: dict, which: str = "same_trace") -> str:
 
 def table(results: list[tuple[str, int, dict]], which: str = "same_trace") -> str:
     """The grid's table against the same-trace prediction, or the anchored one (runs without it left out)."""
-    label_of = {"same_trace": "same-trace", "anchored": "anchored", "at_run_speed": "at the run's speed"}[which]
+    label_of = {"same_trace": "same-trace", "anchored": "anchored", "at_run_speed": "at the run's speed",
+                "at_run_speed_by_window": "at the run's speed by window"}[which]
     head = (["shape", "load", "req/s", "requests"]
             + [f"{label}: {label_of} / measured (error; range)" for label, _ in COLUMNS]
             + ["cores ours / others", "load avg before–after"])
@@ -91,7 +92,8 @@ def engine_busy_table(results: list[tuple[str, int, dict]]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
-AGREEMENT = (("same_trace", "same trace"), ("at_run_speed", "at the run's speed"))
+AGREEMENT = (("same_trace", "same trace"), ("at_run_speed", "at the run's speed"),
+             ("at_run_speed_by_window", "at the run's speed by window"))
 
 
 def request_table(results: list[tuple[str, int, dict]]) -> str:

@@ -98,8 +98,9 @@ AT_RUN_SPEED_FIGURES = ("ttft_p50_ms", "tpot_p50_ms", "ttft_p99_ms", "tpot_p99_m
 
 
 def at_run_speed_sensitivity(report_path: str, profile: dict, scales: list[float]) -> list[str]:
-    """The report's run predicted at its own engine speed (engine_speed_run's decode and prefill ratios) times each
-    of `scales`, as markdown rows: the figures, then the measured ones."""
+    """The report's run predicted at its own engine speed (engine_speed_run's decode and prefill ratios, the prompts'
+    on the wall where the report has it) times each of `scales`, as markdown rows: the figures, then the measured
+    ones."""
     with open(report_path) as f:
         report = json.load(f)
     run, t = report.get("engine_speed_run"), report["same_trace_requests"]
@@ -108,8 +109,9 @@ def at_run_speed_sensitivity(report_path: str, profile: dict, scales: list[float
     plan = Plan.load(report["plan"])
     name = os.path.basename(report_path)
     rows = []
+    prefill = run.get("prefill_wall_ratio", run["prefill_ratio"])
     for scale in scales:
-        sim = simulated_trace(scaled_profile(profile, run["decode_ratio"] * scale, run["prefill_ratio"] * scale), plan,
+        sim = simulated_trace(scaled_profile(profile, run["decode_ratio"] * scale, prefill * scale), plan,
                               t["offsets_s"], t["prompt_tokens"], t["output_tokens"], int(report["token_budget"]))
         got = summary_values(sim, plan.slo)
         rows.append(f"| {name} | x{scale:g} | " + " | ".join(f"{got[k]:.1f}" for k in AT_RUN_SPEED_FIGURES) + " |")

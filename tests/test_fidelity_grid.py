@@ -30,6 +30,13 @@ def test_table_marks_each_figure_against_the_targets():
     assert "100.0 / 104.0 (+4.0% ✓; above)" in lines[2]  # TTFT p50 within 10%
     assert "100.0 / 115.0 (+15.0% ✗; above)" in lines[3]  # beyond 10%
     assert "50.0 / 50.0 (+0.0% ✓; inside)" in lines[2] and "| 1.90 / 0.05 | 0.40–1.80 |" in lines[2]
+    # the run's speed window by window: its own table, only of the runs that have it
+    v = _validation(4.0)
+    windowed = {**v, "predicted_at_run_speed_by_window": v["predicted_same_trace"],
+                "error_pct_at_run_speed_by_window": {**v["error_pct_same_trace"], "ttft_p50_ms": -12.0}}
+    md = grid.table([("chat", 30, windowed), ("rag", 90, _validation(15.0))], "at_run_speed_by_window")
+    assert "at the run's speed by window / measured" in md and len(md.splitlines()) == 3
+    assert "(-12.0% ✗; above)" in md.splitlines()[2]
 
 
 def test_dry_run_prints_the_pinned_commands(tmp_path, capsys):

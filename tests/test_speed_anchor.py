@@ -52,13 +52,19 @@ def test_a_steps_engine_time_is_its_decode_step_and_its_chunks_at_their_prompts_
     assert engine_model_s(model, [0, 0.0, 0.0, 8, [[64, 100]]]) == pytest.approx(0.05 + 64 / 10_000)
     assert engine_model_s(model, [0, 0.0, 0.0, 0, [[512, 700], [100, 100]], False]) == pytest.approx(612 / 10_000)
     assert engine_model_s(model, [0, 0.0, 0.0, 0, [[100, 100]], True]) == pytest.approx(0.01 + 0.02)  # wakes idle
-    # decodes 10% slower than the model, prompts 20% faster
-    steps = [[0, 0.06, 0.055, 8, []], [1, 0.06, 0.055 + 0.8 * 0.0064, 8, [[64, 100]]]]
+    # decodes 10% slower than the model, prompts 20% faster on the CPU; the prompt step also waited 1 ms for the
+    # serving threads beyond its decodes' share (none in this profile)
+    steps = [[0, 0.06, 0.055, 8, []], [1, 0.055 + 0.8 * 0.0064 + 0.001, 0.055 + 0.8 * 0.0064, 8, [[64, 100]]]]
     speed = engine_speed(steps, model)
     assert speed["steps"] == 2 and speed["model_s"] == pytest.approx(0.1064)
     assert speed["cpu_ratio"] == pytest.approx((0.11 + 0.8 * 0.0064) / 0.1064)
-    assert speed["wall_ratio"] == pytest.approx(0.12 / 0.1064)
+    assert speed["wall_ratio"] == pytest.approx((0.116 + 0.8 * 0.0064) / 0.1064)
     assert speed["decode_ratio"] == pytest.approx(1.1) and speed["prefill_ratio"] == pytest.approx(0.8)
+    assert speed["prefill_wall_ratio"] == pytest.approx(0.8 + 0.001 / 0.0064)
+    # a serving path that takes more of a decode step than the prompt step's wall holds: never below the CPU's
+    served = trace_model(toy_profile(step_s=0.05, serving_path={"request_s": 0.0, "token_s": 0.001}), _plan(prof),
+                         _trace(20, 1), 512, False)
+    assert engine_speed(steps, served)["prefill_wall_ratio"] == pytest.approx(engine_speed(steps, served)["prefill_ratio"])
     assert engine_speed([], model) is None
 
 
@@ -97,6 +103,9 @@ def test_a_node_that_runs_slower_than_its_profile_is_found_and_predicted_at_that
     at_run = predicted_for_trace(scaled_profile(prof, 1.1), p, run_trace["offsets_s"], run_trace["prompt_tokens"],
                                  run_trace["output_tokens"], 512)
     assert out["predicted_at_run_speed"] == pytest.approx(at_run)  # the node's drift during the run taken out
+    # the records carry no wall times or gaps, so the run is one window, at the run's own speed
+    assert out["engine_speed_run_windows"]["decode_ratio"] == pytest.approx((1.1,))
+    assert out["predicted_at_run_speed_by_window"] == pytest.approx(at_run)
     assert out["error_pct_at_run_speed"]["tpot_p50_ms"] > 0  # the run measured slower than 1.1x
     # request by request: each request's twin at the anchor's speed is the request itself; at 1.1x each is faster
     exact, fast = out["request_agreement_anchored"], out["request_agreement_at_run_speed"]
@@ -195,5 +204,8 @@ def test_validate_against_a_real_server_records_the_anchor_and_rescore_refits_it
     assert again["speed_anchor"]["engine_speed"] == pytest.approx(speed)
     assert again["predicted_anchored"] == pytest.approx(report["predicted_anchored"])
     assert again["predicted_at_run_speed"] == pytest.approx(report["predicted_at_run_speed"])
+    assert again["predicted_at_run_speed_by_window"] == pytest.approx(report["predicted_at_run_speed_by_window"])
+    windows = report["engine_speed_run_windows"]
+    assert len(windows["start_s"]) == len(windows["decode_ratio"]) >= 1 and windows["start_s"][0] == 0.0
     for metric, agreement in report["request_agreement_at_run_speed"].items():
         assert again["request_agreement_at_run_speed"][metric] == pytest.approx(agreement)

@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from pernode.config import DEFAULT_BLOCK_SIZE
+from pernode.price.node_speed import NodeSpeed
 from pernode.price.step_time import StepTimeModel
 from pernode.price.workload import RequestTrace
 from pernode.serve.engine.kv_cache_manager import KVCacheManager
@@ -46,6 +47,7 @@ class ReplicaConfig:
     token_budget: int = 2048  # vLLM's default max_num_batched_tokens with chunked prefill
     block_size: int = DEFAULT_BLOCK_SIZE
     enable_prefix_caching: bool = True  # effective only for traces that carry token ids
+    node_speed: NodeSpeed | None = None  # the engine's speed against the step model over time; None: as profiled
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -113,6 +115,7 @@ class Replica:
         self.config = config
         self.book = book
         self.step_model = config.step_model
+        self.speed = config.node_speed
         self.decode_s = [config.step_model.decode_step_s(b) for b in range(config.max_batch + 1)]
         self.engine_decode_s = [config.step_model.engine_decode_step_s(b) for b in range(config.max_batch + 1)]
         prefix_caching = config.enable_prefix_caching and book.prompt_token_ids is not None
@@ -178,10 +181,18 @@ class Replica:
             steps = self._decode_run_steps(batch.requests)
             open_to_arrivals = not self.scheduler.waiting and decodes < self.config.max_batch
         self.busy, self.batch = True, batch
+        decode_x, prefill_x = self.speed.at(t) if self.speed else (1.0, 1.0)
+        engine_decode_s, prefill_s = self.engine_decode_s[decodes], prefill_s * prefill_x
         step_s = self.decode_s[decodes] + prefill_s
+        if decode_x != 1.0:  # the engine's part only: the serving path's share was measured apart
+            step_s += (decode_x - 1.0) * engine_decode_s
+            engine_decode_s *= decode_x
         if decodes and prompt_tokens:
             mix = self.step_model.mix_factor(decodes, prompt_tokens)
-            step_s += (mix - 1.0) * (self.engine_decode_s[decodes] + prefill_s)
+            step_s += (mix - 1.0) * (engine_decode_s + prefill_s)
+        change_s = self.speed.next_change_s(t) if steps > 1 and self.speed else math.inf
+        if change_s < math.inf:  # a run of identical steps ends where the node's speed changes
+            steps = min(steps, max(1, math.ceil((change_s - t) / step_s - 1e-9)))
         # the serving path's per-request work (parsing, tokenizing, first and last chunks) on the engine's core
         step_s += admitted * getattr(self.step_model, "serving_admit_s", 0.0)
         if from_idle:  # its own first step: a run of identical steps would spread it over every step

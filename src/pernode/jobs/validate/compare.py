@@ -7,6 +7,7 @@ of the comparison and leaves the model's error.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -17,6 +18,7 @@ from pernode.measure.bench.bench_result import BenchResult
 from pernode.measure.bench.datasets import BenchRequest
 from pernode.measure.profile.profile_schema import Profile
 from pernode.price.fleet_result import FleetSimResult
+from pernode.price.node_speed import NodeSpeed
 from pernode.price.planner import Plan
 from pernode.price.replica import ReplicaConfig
 from pernode.price.simulator import simulate_fleet
@@ -77,11 +79,13 @@ def predicted_for_trace(profile: Profile, plan: Plan, offsets_s, prompt_tokens, 
 
 
 def simulated_trace(profile: Profile, plan: Plan, offsets_s, prompt_tokens, output_tokens, token_budget: int,
-                    mixed_steps: bool = False) -> FleetSimResult:
-    """The simulator's run of a recorded trace, request by request."""
+                    mixed_steps: bool = False, node_speed: NodeSpeed | None = None) -> FleetSimResult:
+    """The simulator's run of a recorded trace, request by request; with `node_speed`, at that speed over time."""
     prompt = np.asarray(prompt_tokens, dtype=np.int64)
     output = np.asarray(output_tokens, dtype=np.int64)
     replica = replica_config(profile, plan, float(prompt.mean() + output.mean() / 2.0), token_budget, mixed_steps)
+    if node_speed is not None:
+        replica = dataclasses.replace(replica, node_speed=node_speed)
     trace = RequestTrace(np.asarray(offsets_s, dtype=np.float64), prompt, output)
     return simulate_fleet(trace, replica, int(plan.replicas), ROUTER_POLICY)
 

@@ -20,6 +20,7 @@ def print_validation(report: dict, console: Console | None = None) -> None:
     same = report.get("predicted_same_trace")
     anchored = report.get("predicted_anchored")
     at_run = report.get("predicted_at_run_speed")
+    by_window = report.get("predicted_at_run_speed_by_window")
     w = report["workload"]
     t = Table(title=f"fleet validate: {report['replicas']} replicas x max batch {report['max_num_seqs']}, "
                     f"{w['rate_rps']:g} req/s, input {w['input_len']}, output {w['output_len']}, "
@@ -38,6 +39,8 @@ def print_validation(report: dict, console: Console | None = None) -> None:
         t.add_column("error vs anchored", justify="right")
     if at_run:
         t.add_column("error at the run's engine speed", justify="right")
+    if by_window:
+        t.add_column("error at its speed window by window", justify="right")
     for m in METRICS:
         row = [m.label, _num(report["predicted"].get(m.key))]
         row += [_num(p.get(m.key)) for p in (same, anchored) if p]
@@ -48,6 +51,8 @@ def print_validation(report: dict, console: Console | None = None) -> None:
             row.append(_pct(report["error_pct_anchored"].get(m.key)))
         if at_run:
             row.append(_pct(report["error_pct_at_run_speed"].get(m.key)))
+        if by_window:
+            row.append(_pct(report["error_pct_at_run_speed_by_window"].get(m.key)))
         t.add_row(*row)
     console.print(t)
     interval, where = report.get("predicted_interval") or {}, report.get("interval_position") or {}
@@ -85,7 +90,8 @@ def print_validation(report: dict, console: Console | None = None) -> None:
         console.print(f"where TTFT goes: {line}")
     for line in describe_engine_busy(report.get("engine_busy") or {}) + describe_anchor(report):
         console.print(line)
-    for key, which in (("same_trace", "on the same trace"), ("at_run_speed", "at the run's engine speed")):
+    for key, which in (("same_trace", "on the same trace"), ("at_run_speed", "at the run's engine speed"),
+                       ("at_run_speed_by_window", "at the run's engine speed window by window")):
         for line in describe_agreement(report.get(f"request_agreement_{key}"), which):
             console.print(line)
     cpu = report.get("cpu_cores_used") or {}

@@ -11,15 +11,18 @@ that batch, each chunk's tokens at its prompt's prefill rate), so their ratio is
 profile at any load. Summed busy time cannot say that near capacity: there the engine is busy all the time at any
 speed, and a slower engine only runs fewer, larger steps. The engine thread's CPU seconds are set against the model
 (the profile times the engine alone on its core; what the serving threads take from that core is the serving
-path's part of the model), the wall seconds are shown beside them.
+path's part of the model), the wall seconds are shown beside them. Prompt work is the exception: a prompt step of
+150-800 ms also carries the path's work for requests that arrive meanwhile, which no per-step term covers, so its
+ratio is taken on the step's wall time less the path's per-step part (`prefill_wall_ratio`, the one predicted with).
 
 The anchor sends `anchor_requests` requests of the workload's shape at its rate, with a seed of its own (none is
 scored), before the run. Its ratio s is the node's speed of the moment; the anchored prediction is the run's
 same-trace prediction with the engine's decode steps and prefill times scaled by their own ratios (a shared host
 slows memory-bound decodes and compute-bound prefills by different amounts). The plain prediction stays beside it,
-and the run's own ratio says whether the speed held: the same trace predicted at that ratio takes the node's drift
-out of the error and leaves the model's (after the fact, not a prediction). Through Ray with several replicas the records are those of
-the replica that answered first (jobs/validate/run.py asks until the same one answers again).
+and the run's own ratio says whether the speed held: the same trace predicted at that ratio, or at each 10 s window's
+own (price/node_speed.py), takes the node's drift out of the error and leaves the model's (after the fact, not a
+prediction). Through Ray with several replicas the records are those of the replica that answered first
+(jobs/validate/run.py asks until the same one answers again).
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from pernode.jobs.validate.compare import errors_pct, replica_config, simulated_
 from pernode.jobs.validate.request_agreement import request_agreement
 from pernode.measure.profile.profile_schema import Profile
 from pernode.price.intervals import summary_values
+from pernode.price.node_speed import NodeSpeed
 from pernode.price.planner import Plan
 from pernode.price.step_time import StepTimeModel
 
@@ -40,6 +44,8 @@ ANCHOR_SECONDS = 20.0  # of arrivals at the workload's rate: long enough to reac
 MIN_ANCHOR_REQUESTS = 12
 MAX_ANCHOR_REQUESTS = 200
 SCALE_RANGE = (0.5, 2.0)  # a node twice as slow or fast as its profile is another node: profile it again
+WINDOW_S = 10.0  # the run's speed window by window: the node moved 6-10% between windows this long (docs/fleet.md)
+MIN_WINDOW_STEPS = 10  # of a kind in a window, else the run's own ratio for that kind
 
 
 def anchor_requests(rate_rps: float, seconds: float = ANCHOR_SECONDS) -> int:
@@ -103,15 +109,57 @@ def engine_speed(steps: Sequence[Sequence], model: StepTimeModel) -> dict[str, A
     ratio = cpu / modelled
     pure = [(s[2], d) for s, (d, p) in zip(steps, parts) if p == 0.0]
     decode_ratio = sum(c for c, _ in pure) / sum(d for _, d in pure) if pure and sum(d for _, d in pure) > 0 else ratio
-    mixed = [(s[2], d, p) for s, (d, p) in zip(steps, parts) if p > 0.0]
+    mixed = [(s, d, p) for s, (d, p) in zip(steps, parts) if p > 0.0]
     prompt_s = sum(p for _, _, p in mixed)
-    prefill_ratio = ((sum(c for c, _, _ in mixed) - decode_ratio * sum(d for _, d, _ in mixed)) / prompt_s
-                     if prompt_s > 0 else ratio)
+    decodes_s = decode_ratio * sum(d for _, d, _ in mixed)
+    prefill_ratio = (sum(s[2] for s, _, _ in mixed) - decodes_s) / prompt_s if prompt_s > 0 else ratio
+    # The prompt work as it runs on the replica's core: its wall time less the serving path's per-step work for
+    # the streams in the step. A decode step's wall beyond its CPU is that per-step work; a prompt step of
+    # 150-800 ms also holds the path's work for the requests that arrive meanwhile, 1-3% of it (docs/fleet.md).
+    prompt_wall_s = sum(max(s[1], s[2]) - model.serving_decode_s(int(s[3])) for s, _, _ in mixed) - decodes_s
+    prefill_wall_ratio = max(prefill_ratio, prompt_wall_s / prompt_s) if prompt_s > 0 else prefill_ratio
     # between two steps of a busy engine: the loop's own work (requests in, outputs out, metrics), not in the model
     between = [s[6] for s in steps if len(s) > 6 and not s[5]]
     return {"steps": len(steps), "cpu_s": cpu, "wall_s": wall, "model_s": modelled, "cpu_ratio": ratio,
             "wall_ratio": wall / modelled, "decode_ratio": decode_ratio, "prefill_ratio": prefill_ratio,
+            "prefill_wall_ratio": prefill_wall_ratio,
             "between_steps_ms": float(np.mean(between)) * 1e3 if between else None}
+
+
+def step_start_times(steps: Sequence[Sequence], first_s: float) -> list[float]:
+    """When each recorded step started, in seconds on the trace's clock: the first at `first_s` (the wait before it
+    is the engine's idle time before the run, not part of it), each later one its gap after the one before ended."""
+    starts, t = [], first_s
+    for i, step in enumerate(steps):
+        if i:
+            t += float(step[6]) if len(step) > 6 else 0.0
+        starts.append(t)
+        t += float(step[1])
+    return starts
+
+
+def speed_by_window(steps: Sequence[Sequence], model: StepTimeModel, first_s: float,
+                    window_s: float = WINDOW_S) -> NodeSpeed | None:
+    """The engine's speed against `model` in each `window_s` of the run (from the steps that started in it), as the
+    simulator's NodeSpeed. A window with fewer than MIN_WINDOW_STEPS steps of a kind (decode-only steps, steps with
+    a prompt chunk) takes the whole run's ratio for that kind. None without steps."""
+    run = engine_speed(steps, model)
+    if run is None:
+        return None
+    starts = step_start_times(steps, first_s)
+    lo, hi = SCALE_RANGE
+    edges, decode, prefill = [], [], []
+    for k in range(int((starts[-1] - first_s) // window_s) + 1):
+        begin = first_s + k * window_s
+        inside = [s for s, t in zip(steps, starts) if begin <= t < begin + window_s]
+        found = engine_speed(inside, model) if inside else None
+        with_prompt = sum(1 for s in inside if s[4])
+        d = found["decode_ratio"] if found and len(inside) - with_prompt >= MIN_WINDOW_STEPS else run["decode_ratio"]
+        p = found["prefill_wall_ratio"] if found and with_prompt >= MIN_WINDOW_STEPS else run["prefill_wall_ratio"]
+        edges.append(0.0 if k == 0 else begin)  # the first window's speed also holds before the first step
+        decode.append(min(hi, max(lo, d)))
+        prefill.append(min(hi, max(lo, p)))
+    return NodeSpeed(tuple(edges), tuple(decode), tuple(prefill))
 
 
 def trace_model(profile: Profile, plan: Plan, trace: dict, token_budget: int, mixed_steps: bool) -> StepTimeModel:
@@ -129,24 +177,36 @@ def anchored_prediction(anchor: dict, run_steps: list | None, profile: Profile, 
     step records it needs. With the client's per-request latencies (`requests`, request_agreement.measured_requests)
     each prediction is also compared request by request ('request_agreement_anchored', ..._at_run_speed).
 
-    The anchored prediction is made before the run. The one at the run's own speed is not a prediction: it is the
-    model's error with the node's drift taken out (the run's engine CPU per step against the model, one number),
-    so that a miss can be told apart into the node having moved and the model being wrong."""
+    The anchored prediction is made before the run. The ones at the run's own speed are not predictions: they are
+    the model's error with the node's drift taken out (the run's engine CPU per step against the model: one number
+    for the run, and 'at_run_speed_by_window', each WINDOW_S of the run at its own, 'engine_speed_run_windows'), so
+    that a miss can be told apart into the node having moved and the model being wrong."""
     speed = engine_speed(anchor.get("steps") or [], trace_model(profile, plan, anchor["trace"], token_budget,
                                                                  mixed_steps))
-    run = engine_speed(run_steps or [], trace_model(profile, plan, trace, token_budget, mixed_steps))
-    out: dict[str, Any] = {"speed_anchor": {**anchor, "engine_speed": speed}, "engine_speed_run": run}
-    for key, found in (("anchored", speed), ("at_run_speed", run)):
+    model = trace_model(profile, plan, trace, token_budget, mixed_steps)
+    run = engine_speed(run_steps or [], model)
+    windows = (speed_by_window(run_steps or [], model, float(trace["offsets_s"][0]) + model.serving_request_s)
+               if run_steps else None)
+    out: dict[str, Any] = {"speed_anchor": {**anchor, "engine_speed": speed}, "engine_speed_run": run,
+                           "engine_speed_run_windows": None if windows is None else {
+                               "window_s": WINDOW_S, "start_s": windows.start_s, "decode_ratio": windows.decode,
+                               "prefill_ratio": windows.prefill}}
+    lo, hi = SCALE_RANGE
+    for key, found in (("anchored", speed), ("at_run_speed", run), ("at_run_speed_by_window", windows)):
         out[f"predicted_{key}"] = out[f"error_pct_{key}"] = None
-        if found is not None:
-            lo, hi = SCALE_RANGE
-            decode, prefill = (min(hi, max(lo, found[k])) for k in ("decode_ratio", "prefill_ratio"))
-            sim = simulated_trace(scaled_profile(profile, decode, prefill), plan, trace["offsets_s"], trace["prompt_tokens"],
-                                  trace["output_tokens"], token_budget, mixed_steps)
-            out[f"predicted_{key}"] = summary_values(sim, plan.slo)
-            out[f"error_pct_{key}"] = errors_pct(out[f"predicted_{key}"], measured)
-            if requests:
-                out[f"request_agreement_{key}"] = request_agreement(sim, requests)
+        if found is None:
+            continue
+        if isinstance(found, NodeSpeed):
+            at_profile, node_speed = profile, found
+        else:
+            decode, prefill = (min(hi, max(lo, found[k])) for k in ("decode_ratio", "prefill_wall_ratio"))
+            at_profile, node_speed = scaled_profile(profile, decode, prefill), None
+        sim = simulated_trace(at_profile, plan, trace["offsets_s"], trace["prompt_tokens"], trace["output_tokens"],
+                              token_budget, mixed_steps, node_speed)
+        out[f"predicted_{key}"] = summary_values(sim, plan.slo)
+        out[f"error_pct_{key}"] = errors_pct(out[f"predicted_{key}"], measured)
+        if requests:
+            out[f"request_agreement_{key}"] = request_agreement(sim, requests)
     return out
 
 
@@ -159,14 +219,25 @@ def describe_anchor(report: dict) -> list[str]:
                      f"run, {speed['steps']} steps): the engine's CPU {speed['cpu_s']:.2f} s (wall {speed['wall_s']:.2f} "
                      f"s) against {speed['model_s']:.2f} s in the profile's model for the same steps: "
                      f"{_faster_or_slower(speed['cpu_ratio'])}; the anchored prediction scales decode steps by "
-                     f"{speed['decode_ratio']:.3f} and prefill by {speed['prefill_ratio']:.3f}")
+                     f"{speed['decode_ratio']:.3f} and prefill by {_prefill(speed)}")
     if run:
         lines.append(f"during the run ({run['steps']} steps) the engine's CPU took {run['cpu_ratio']:.3f}x the model's "
                      f"time for the same steps (wall {run['wall_ratio']:.3f}x; decodes {run['decode_ratio']:.3f}x, "
-                     f"prompts {run['prefill_ratio']:.3f}x): {_faster_or_slower(run['cpu_ratio'])}"
+                     f"prompts {_prefill(run)}): {_faster_or_slower(run['cpu_ratio'])}"
                      + (f"; {run['between_steps_ms']:.2f} ms a step between busy steps"
                         if run.get("between_steps_ms") is not None else ""))
+    windows = report.get("engine_speed_run_windows")
+    if windows and len(windows["decode_ratio"]) > 1:
+        lines.append(f"window by window ({len(windows['decode_ratio'])} of {windows['window_s']:g} s) decodes ran "
+                     f"{min(windows['decode_ratio']):.3f}x-{max(windows['decode_ratio']):.3f}x the model and prompts "
+                     f"{min(windows['prefill_ratio']):.3f}x-{max(windows['prefill_ratio']):.3f}x")
     return lines
+
+
+def _prefill(speed: dict) -> str:
+    """The prompt ratio a prediction uses (on the replica's core, wall) and, when it differs, the CPU's alone."""
+    wall, cpu = speed.get("prefill_wall_ratio", speed["prefill_ratio"]), speed["prefill_ratio"]
+    return f"{wall:.3f}" + (f" (CPU alone {cpu:.3f})" if abs(wall - cpu) >= 5e-4 else "")
 
 
 def _faster_or_slower(ratio: float) -> str:
