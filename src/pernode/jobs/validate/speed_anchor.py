@@ -97,7 +97,8 @@ def engine_speed(steps: Sequence[Sequence], model: StepTimeModel) -> dict[str, A
     """The recorded `steps` against `model`: their summed CPU and wall seconds, the model's seconds for the same
     work, the ratios, and the CPU ratio apart for decodes and prompts (memory-bound decode and compute-bound prefill
     drift apart on a shared host): `decode_ratio` over the steps without a prompt chunk, `prefill_ratio` over the
-    prompt part of the others once their decodes are taken at the decode ratio. None without steps."""
+    prompt part of the others once their decodes are taken at the decode ratio, and `prefill_wall_ratio` the same
+    on their wall time less the serving path's per-step part (never below the CPU's). None without steps."""
     if not steps:
         return None
     parts = [_parts_s(model, s) for s in steps]
