@@ -7,7 +7,8 @@ import math
 
 import numpy as np
 
-TARGETS = {"ttft_p50_ms": 10.0, "tpot_p50_ms": 10.0, "goodput_rps": 10.0, "ttft_p99_ms": 20.0, "tpot_p99_ms": 20.0}
+from pernode.jobs.validate.verdict import TARGET_PCT as TARGETS
+
 COLUMNS = (("TTFT p50 ms", "ttft_p50_ms"), ("TPOT p50 ms", "tpot_p50_ms"), ("goodput req/s", "goodput_rps"),
            ("TTFT p99 ms", "ttft_p99_ms"), ("TPOT p99 ms", "tpot_p99_ms"))
 

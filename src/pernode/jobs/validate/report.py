@@ -11,6 +11,7 @@ from pernode.jobs.validate.engine_busy import describe_engine_busy
 from pernode.jobs.validate.request_agreement import describe_agreement
 from pernode.jobs.validate.speed_anchor import describe_anchor
 from pernode.jobs.validate.ttft_parts import describe_ttft_parts
+from pernode.jobs.validate.verdict import describe_verdicts
 from pernode.progress import output_console
 from pernode.jobs.validate.compare import METRICS
 
@@ -55,6 +56,8 @@ def print_validation(report: dict, console: Console | None = None) -> None:
             row.append(_pct(report["error_pct_at_run_speed_by_window"].get(m.key)))
         t.add_row(*row)
     console.print(t)
+    for line in describe_verdicts(report):
+        console.print(line)
     interval, where = report.get("predicted_interval") or {}, report.get("interval_position") or {}
     if interval:
         seeds = interval.get("seeds") or []
