@@ -199,7 +199,8 @@ def test_validate_against_a_real_server_records_the_anchor_and_rescore_refits_it
     assert len(report["measured_requests"]["ttft_s"]) == 16 and all(t > 0 for t in report["measured_requests"]["ttft_s"])
     assert report["request_agreement_same_trace"]["ttft_s"]["requests"] == 16
     assert report["request_agreement_at_run_speed"]["e2e_s"]["requests"] == 16
-    assert "speed anchor (12 requests" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "speed anchor (12 requests" in printed and "against the targets (" in printed
     again = rescore(str(tmp_path / "v.json"), profile_path)
     assert again["speed_anchor"]["engine_speed"] == pytest.approx(speed)
     assert again["predicted_anchored"] == pytest.approx(report["predicted_anchored"])
