@@ -242,21 +242,6 @@ def test_options_validate_and_parse(target, tmp_path):
         assert engine_config_from_args(args).speculative.k == 3
 
 
-def test_default_model_readme_prompts_identical(default_gguf_path):
-    """The packaged model: README prompts and a copy-this-code prompt, greedy, with and without prompt lookup."""
-    options = dict(num_blocks=64, max_model_len=256)
-    plain_llm = LLM(default_gguf_path, **options)
-    ask = "Repeat this code exactly:\n```python\ndef add(a, b):\n    return a + b\n```"
-    prompts = ["The capital of France is", "def fib(n):",
-               plain_llm.tokenizer.apply_chat_template([{"role": "user", "content": ask}], add_generation_prompt=True)]
-    # One at a time: where the measured GEMM crossover is as low as 4 rows (CPUs without AVX-512), three decoding
-    # requests leave no room below it for a proposed token, and speculation rightly declines every step.
-    plain = [ids(plain_llm.generate([p], greedy(12)))[0] for p in prompts]
-    spec = LLM(default_gguf_path, speculative="ngram,k=4,adaptive=false", **options)
-    assert [ids(spec.generate([p], greedy(12)))[0] for p in prompts] == plain
-    assert spec.engine.stats().spec_decode.num_draft_tokens > 0  # proposals were verified (acceptance: benchmark)
-
-
 def test_constrained_and_biased_requests_beside_speculating_ones(target):
     """Verification draws from the sampler's distribution without grammar masks, logit_bias or allowed_token_ids,
     so requests with those take one exact token per step while the rest of the batch speculates: every output

@@ -1,7 +1,7 @@
 """Speculative decoding on the default model (SmolLM2-135M GGUF, native Q4_1 weights, at the default dtype: bf16 where
 the CPU computes it natively, else fp32): greedy outputs are token-for-token those without speculation on the README
-prompts and 32 random prompts, with prompt lookup (k=4), with a draft model at every k from 1 to 4, and with an EAGLE
-head at k = 1 and 4.
+prompts, a copy-this-code prompt and 32 random prompts, with prompt lookup (k=4), with a draft model at every k from
+1 to 4, and with an EAGLE head at k = 1 and 4.
 
 Low-precision weights and activations leave near-ties among the logits, so any difference in how a verified position
 is computed (another attention path, another GEMV/GEMM kernel) flips tokens within a few dozen; exactness here holds
@@ -34,10 +34,13 @@ MAX_TOKENS = 10
 ENGINE = dict(max_model_len=256, max_num_batched_tokens=256)
 
 
+COPY_CODE = "Repeat this code exactly:\n```python\ndef add(a, b):\n    return a + b\n```\n"  # prompt lookup's case
+
+
 @pytest.fixture(scope="module")
 def prompts():
     # the random prompts' ids over the model's whole vocabulary; shorter ones keep the test fast
-    return README_PROMPTS + [p[:24] for p in random_prompts()]
+    return README_PROMPTS + [COPY_CODE] + [p[:24] for p in random_prompts()]
 
 
 def run(llm, prompts):

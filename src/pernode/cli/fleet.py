@@ -12,8 +12,8 @@ import time
 from pernode.cli.options import add_engine_arguments, engine_config_from_args
 from pernode.cli.serve import add_server_arguments, settings_from_args
 from pernode.jobs.fleet_from_plan import fleet_spec_for_plan
-from pernode.jobs.validate import (ANCHOR_SECONDS, DEFAULT_DURATION_S, FleetPlacement, ValidateConfig, run_rescore,
-                                   run_validate)
+from pernode.jobs.validate import (ANCHOR_SECONDS, DEFAULT_DURATION_S, MIN_ANCHOR_REQUESTS, FleetPlacement,
+                                   ValidateConfig, run_rescore, run_validate)
 from pernode.price.planner import Plan
 from pernode.serve.deploy import (DEFAULT_APP_NAME, Autoscale, Deployment, FleetSpec, ProcessRecord, clear_state,
                                   connect, delete_application, deploy, describe_fleet, disconnect, log_file,
@@ -219,7 +219,8 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
                    help="simulated runs of the measured size behind each predicted range (default 5)")
     p.add_argument("--anchor-s", type=float, default=ANCHOR_SECONDS,
                    help=f"seconds of the workload's arrivals sent just before the run, unscored, to time the node's "
-                        f"speed against the profile: the anchored prediction (default {ANCHOR_SECONDS:g}; 0: none)")
+                        f"speed against the profile: the anchored prediction (default {ANCHOR_SECONDS:g}, and at "
+                        f"least {MIN_ANCHOR_REQUESTS} requests; 0: none)")
     g = p.add_argument_group("fleet (when not --base-url)")
     g.add_argument("--port", type=int, default=None, help="Serve's HTTP port (default: a free one)")
     g.add_argument("--num-cpus-per-replica", type=float, default=None)

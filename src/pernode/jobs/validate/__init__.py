@@ -12,8 +12,8 @@ from pernode.jobs.validate.replay import ReplayWorkload
 from pernode.jobs.validate.report import print_validation
 from pernode.jobs.validate.rescore import rescore, run_rescore
 from pernode.jobs.validate.run import run_validate
-from pernode.jobs.validate.speed_anchor import ANCHOR_SECONDS
+from pernode.jobs.validate.speed_anchor import ANCHOR_SECONDS, MIN_ANCHOR_REQUESTS
 
-__all__ = ["ANCHOR_SECONDS", "DEFAULT_DURATION_S", "METRICS", "FleetPlacement", "ReplayWorkload", "ValidateConfig", "errors_pct",
-           "measured_from_bench", "predicted_from_plan", "predicted_same_trace", "print_validation", "rescore",
-           "run_rescore", "run_validate"]
+__all__ = ["ANCHOR_SECONDS", "DEFAULT_DURATION_S", "METRICS", "MIN_ANCHOR_REQUESTS", "FleetPlacement", "ReplayWorkload",
+           "ValidateConfig", "errors_pct", "measured_from_bench", "predicted_from_plan", "predicted_same_trace",
+           "print_validation", "rescore", "run_rescore", "run_validate"]
