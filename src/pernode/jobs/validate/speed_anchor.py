@@ -42,8 +42,7 @@ from pernode.price.step_time import StepTimeModel
 
 ANCHOR_SECONDS = 20.0  # of arrivals at the workload's rate: long enough to reach its steady batch
 # A dozen long-prompt requests are a sample of the workload too small to stand for it: the RAG grid's 12-14-request
-# anchors held 5-10% shorter decode contexts than their runs, and measured decodes faster in 8 of 9 runs; with 40
-# the contexts agreed within 2% and the anchored predictions were within target (docs/fleet.md).
+# anchors held 5-10% shorter decode contexts than their runs; with 40 they agree within 2% (docs/fleet.md).
 MIN_ANCHOR_REQUESTS = 40
 MAX_ANCHOR_REQUESTS = 200
 SCALE_RANGE = (0.5, 2.0)  # a node twice as slow or fast as its profile is another node: profile it again
