@@ -1,7 +1,7 @@
 """Speculative decoding on the default model (SmolLM2-135M GGUF, native Q4_1 weights, at the default dtype: bf16 where
 the CPU computes it natively, else fp32): greedy outputs are token-for-token those without speculation on the README
-prompts, a copy-this-code prompt and 32 random prompts, with prompt lookup (k=4), with a draft model at every k from
-1 to 4, and with an EAGLE head at k = 1 and 4.
+prompts, a copy-this-code prompt and 20 random prompts, with prompt lookup (k=4), with a draft model at k = 1, 2
+and 4, and with an EAGLE head at k = 1 and 4.
 
 Low-precision weights and activations leave near-ties among the logits, so any difference in how a verified position
 is computed (another attention path, another GEMV/GEMM kernel) flips tokens within a few dozen; exactness here holds
@@ -40,7 +40,7 @@ COPY_CODE = "Repeat this code exactly:\n```python\ndef add(a, b):\n    return a 
 @pytest.fixture(scope="module")
 def prompts():
     # the random prompts' ids over the model's whole vocabulary; shorter ones keep the test fast
-    return README_PROMPTS + [COPY_CODE] + [p[:24] for p in random_prompts()]
+    return README_PROMPTS + [COPY_CODE] + [p[:24] for p in random_prompts(count=20)]
 
 
 def run(llm, prompts):
@@ -59,8 +59,12 @@ def baseline(default_gguf_path, prompts):
 
 
 @pytest.fixture(scope="module")
-def draft_llm(default_gguf_path, default_model_source, tmp_path_factory):
-    teacher = build_model(default_model_source, "cpu", torch.float32)
+def teacher(default_model_source):
+    return build_model(default_model_source, "cpu", torch.float32)
+
+
+@pytest.fixture(scope="module")
+def draft_llm(default_gguf_path, default_model_source, teacher, tmp_path_factory):
     student, _ = build_student(teacher, StudentSpec(layers=(0, 1, 2)))
     folder = save_student(student, default_model_source, str(tmp_path_factory.mktemp("draft") / "draft"))
     write_draft_vocab(folder, list(range(4096)))  # a reduced head (FR-Spec): the draft's lm_head costs 1/12
@@ -82,7 +86,7 @@ def test_greedy_identical_with_prompt_lookup(default_gguf_path, prompts, baselin
     check_identical(LLM(default_gguf_path, speculative="ngram,k=4,adaptive=false", **ENGINE), prompts, baseline)
 
 
-@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("k", [1, 2, 4])
 def test_greedy_identical_with_draft(draft_llm, prompts, baseline, k):
     speculator = draft_llm.engine.speculator
     speculator.config = dataclasses.replace(speculator.config, k=k)
@@ -90,8 +94,7 @@ def test_greedy_identical_with_draft(draft_llm, prompts, baseline, k):
 
 
 @pytest.fixture(scope="module")
-def eagle_llm(default_gguf_path, default_model_source, tmp_path_factory):
-    teacher = build_model(default_model_source, "cpu", torch.float32)
+def eagle_llm(default_gguf_path, teacher, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("eagle") / "head")
     EagleHead.from_target(teacher, -1, seed=0).save(folder)
     return LLM(default_gguf_path, speculative=f"eagle={folder},k=4,adaptive=false", **ENGINE)

@@ -29,6 +29,7 @@ from pernode import SamplingParams
 from pernode.serve.deploy import free_port
 
 WORKLOAD = Workload(4.0, LengthDist.uniform(32, 128), LengthDist.fixed(24))
+ANCHOR = 12  # requests in the real-server test's anchor
 
 
 def _trace(n: int, seed: int) -> dict:
@@ -159,8 +160,11 @@ def test_the_step_clock_keeps_each_steps_shape(tmp_path):
     assert first.gap_s == 0.0 and all(s.gap_s > 0 and not s.from_idle for s in rest)
 
 
-def test_validate_against_a_real_server_records_the_anchor_and_rescore_refits_it(tmp_path, capsys):
+def test_validate_against_a_real_server_records_the_anchor_and_rescore_refits_it(tmp_path, capsys, monkeypatch):
     from tiny_model import write_tiny_model
+    from pernode.jobs.validate import speed_anchor
+
+    monkeypatch.setattr(speed_anchor, "MIN_ANCHOR_REQUESTS", ANCHOR)  # a short anchor: the floor is tested above
 
     folder = write_tiny_model(str(tmp_path / "tiny"))
     prof = synthetic_profile()  # a whole profile, as `pernode profile` writes it
@@ -186,11 +190,11 @@ def test_validate_against_a_real_server_records_the_anchor_and_rescore_refits_it
         proc.wait(30)
     report = json.loads((tmp_path / "v.json").read_text())
     anchor = report["speed_anchor"]
-    assert anchor["requests"] == MIN_ANCHOR_REQUESTS and anchor["failed_requests"] == 0
-    assert len(anchor["trace"]["offsets_s"]) == MIN_ANCHOR_REQUESTS
+    assert anchor["requests"] == ANCHOR and anchor["failed_requests"] == 0
+    assert len(anchor["trace"]["offsets_s"]) == ANCHOR
     # every anchor request prefilled (in one chunk: 16-32 tokens) and decoded 5 times
-    assert sum(len(s[4]) for s in anchor["steps"]) == MIN_ANCHOR_REQUESTS
-    assert sum(s[3] for s in anchor["steps"]) == 5 * MIN_ANCHOR_REQUESTS
+    assert sum(len(s[4]) for s in anchor["steps"]) == ANCHOR
+    assert sum(s[3] for s in anchor["steps"]) == 5 * ANCHOR
     assert sum(s[3] for s in report["run_steps"]) == 5 * 16
     assert anchor["steps"][0][5] and not anchor["steps"][1][5]  # the anchor's first step woke an idle engine
     speed = anchor["engine_speed"]
@@ -201,7 +205,7 @@ def test_validate_against_a_real_server_records_the_anchor_and_rescore_refits_it
     assert report["request_agreement_same_trace"]["ttft_s"]["requests"] == 16
     assert report["request_agreement_at_run_speed"]["e2e_s"]["requests"] == 16
     printed = capsys.readouterr().out
-    assert f"speed anchor ({MIN_ANCHOR_REQUESTS} requests" in printed and "against the targets (" in printed
+    assert f"speed anchor ({ANCHOR} requests" in printed and "against the targets (" in printed
     again = rescore(str(tmp_path / "v.json"), profile_path)
     assert again["speed_anchor"]["engine_speed"] == pytest.approx(speed)
     assert again["predicted_anchored"] == pytest.approx(report["predicted_anchored"])
