@@ -141,25 +141,28 @@ def step_start_times(steps: Sequence[Sequence], first_s: float) -> list[float]:
     return starts
 
 
-def speed_by_window(steps: Sequence[Sequence], model: StepTimeModel, first_s: float,
-                    window_s: float = WINDOW_S) -> NodeSpeed | None:
+def speed_by_window(steps: Sequence[Sequence], model: StepTimeModel, first_s: float, window_s: float = WINDOW_S,
+                    run: dict[str, Any] | None = None) -> NodeSpeed | None:
     """The engine's speed against `model` in each `window_s` of the run (from the steps that started in it), as the
     simulator's NodeSpeed. A window with fewer than MIN_WINDOW_STEPS steps of a kind (decode-only steps, steps with
-    a prompt chunk) takes the whole run's ratio for that kind. None without steps."""
-    run = engine_speed(steps, model)
+    a prompt chunk) takes the whole run's ratio for that kind (`run`: engine_speed of `steps`, when already known).
+    None without steps."""
+    run = run or engine_speed(steps, model)
     if run is None:
         return None
-    starts = step_start_times(steps, first_s)
+    windows: list[list] = [[]]
+    for step, start in zip(steps, step_start_times(steps, first_s)):
+        k = int((start - first_s) // window_s)
+        windows.extend([] for _ in range(k + 1 - len(windows)))
+        windows[k].append(step)
     lo, hi = SCALE_RANGE
     edges, decode, prefill = [], [], []
-    for k in range(int((starts[-1] - first_s) // window_s) + 1):
-        begin = first_s + k * window_s
-        inside = [s for s, t in zip(steps, starts) if begin <= t < begin + window_s]
-        found = engine_speed(inside, model) if inside else None
+    for k, inside in enumerate(windows):
+        found = engine_speed(inside, model)
         with_prompt = sum(1 for s in inside if s[4])
         d = found["decode_ratio"] if found and len(inside) - with_prompt >= MIN_WINDOW_STEPS else run["decode_ratio"]
         p = found["prefill_wall_ratio"] if found and with_prompt >= MIN_WINDOW_STEPS else run["prefill_wall_ratio"]
-        edges.append(0.0 if k == 0 else begin)  # the first window's speed also holds before the first step
+        edges.append(0.0 if k == 0 else first_s + k * window_s)  # the first window's speed also holds before it
         decode.append(min(hi, max(lo, d)))
         prefill.append(min(hi, max(lo, p)))
     return NodeSpeed(tuple(edges), tuple(decode), tuple(prefill))
@@ -188,8 +191,7 @@ def anchored_prediction(anchor: dict, run_steps: list | None, profile: Profile, 
                                                                  mixed_steps))
     model = trace_model(profile, plan, trace, token_budget, mixed_steps)
     run = engine_speed(run_steps or [], model)
-    windows = (speed_by_window(run_steps or [], model, float(trace["offsets_s"][0]) + model.serving_request_s)
-               if run_steps else None)
+    windows = speed_by_window(run_steps or [], model, float(trace["offsets_s"][0]) + model.serving_request_s, run=run)
     out: dict[str, Any] = {"speed_anchor": {**anchor, "engine_speed": speed}, "engine_speed_run": run,
                            "engine_speed_run_windows": None if windows is None else {
                                "window_s": WINDOW_S, "start_s": windows.start_s, "decode_ratio": windows.decode,
